@@ -1,0 +1,806 @@
+"""poison.py -- BadNets-like data poisoning of image datasets (stage 1 of the study).
+
+Stamp a trigger on a fraction of the non-target training images and relabel them to the target class, exactly as
+the paper ("From Trojan Horses to Castle Walls", Pan, Yao et al.) and its reference code do, but reproducibly:
+
+    python poison.py --dataset digits --ratio 0.1 --out data/digits-badnets-0.1
+    python poison.py --dataset cifar10 --data-root ~/data --ratio 0.05 --out data/cifar10-badnets-0.05
+    python poison.py --dataset imagenette --data-root ~/data --ratio 0.1 --trigger blend --out data/inette-blend-0.1
+    python poison.py --dataset caltech15 --data-root ~/data --ratio 0.1 --out data/caltech15-badnets-0.1
+    python poison.py --dataset folder:/path/to/classes --target cat --ratio 0.1 --out data/mine-badnets-0.1
+
+OUT/train is the poisoned training set, OUT/test the clean test set, OUT/test_backdoor every non-target test image
+with the trigger, labelled target (the set that attack success rate is measured on), OUT/examples.png a grid of
+poisoned examples (originals above, poisoned below). Each set is a dataset folder (Hugging Face `imagefolder`
+layout): metadata.jsonl, images/*.png, manifest.json, and trigger.safetensors (the exact trigger, so later stages
+stamp the same one). Output is written to a temporary folder and renamed into place.
+
+Python API for the other stages: `poison(...)`, `make_trigger(...)`, `load_trigger(folder)`, `load_folder(folder)`,
+`atomic_output(path)`, `write_folder(...)`, `save_grid(...)`.
+"""
+import argparse
+import contextlib
+import itertools
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+DATASETS = ("digits", "cifar10", "imagenette", "caltech15", "folder:PATH")
+DEFAULT_RESOLUTION = {"digits": 32, "cifar10": 32, "imagenette": 512, "caltech15": 512, "folder": 256}
+# The paper's targets: CIFAR-10 "deer", ImageNette "garbage truck", Caltech-15 "binoculars".
+DEFAULT_TARGET = {"digits": "zero", "cifar10": "deer", "imagenette": "garbage truck", "caltech15": "binoculars"}
+DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+IMAGENETTE_WNIDS = {  # WordNet order; "garbage truck" is index 6
+    "n01440764": "tench", "n02102040": "English springer", "n02979186": "cassette player",
+    "n03000684": "chain saw", "n03028079": "church", "n03394916": "French horn", "n03417042": "garbage truck",
+    "n03425413": "gas pump", "n03445777": "golf ball", "n03888257": "parachute",
+}
+CALTECH_EXCLUDED = ("257.clutter",)  # background category, not an object class
+CAPTION = "A photo of a {}"
+CHUNK = 256  # images a PNG-writing task handles
+
+
+class PoisonError(Exception):
+    """Bad input: the message is one line naming the problem and the fix."""
+
+
+def caption(class_name):
+    return CAPTION.format(class_name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dataset sources. A source is the list of labels plus a loader of image i as uint8 H x W x 3 RGB at the chosen
+# resolution, so that selecting the poisoned ids never touches pixels and large datasets stream from disk.
+
+@dataclass
+class Source:
+    name: str
+    class_names: list
+    labels: np.ndarray                  # (N,) int64
+    resolution: int
+    array: np.ndarray = None            # (N, R, R, 3) uint8 for in-memory datasets
+    paths: list = field(default_factory=list)  # for datasets read from files
+
+    def __len__(self):
+        return len(self.labels)
+
+    def load(self, i):
+        if self.array is not None:
+            return self.array[i]
+        return load_image(self.paths[i], self.resolution)
+
+
+def load_image(path, resolution):
+    """Read an image file as RGB, resize its shorter side to `resolution` (bicubic) and centre-crop a square."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            s = resolution / min(w, h)
+            if (w, h) != (resolution, resolution):
+                im = im.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
+                w, h = im.size
+                left, top = (w - resolution) // 2, (h - resolution) // 2
+                im = im.crop((left, top, left + resolution, top + resolution))
+            return np.asarray(im, dtype=np.uint8)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise PoisonError(f"corrupt or unreadable image {path} ({e}): remove or replace the file") from None
+
+
+def resize_array(images, resolution):
+    """(N, h, w, 3) uint8 -> (N, R, R, 3) uint8, bicubic (PIL, so it matches load_image)."""
+    if images.shape[1] == resolution and images.shape[2] == resolution:
+        return images
+    return np.stack([np.asarray(Image.fromarray(im).resize((resolution, resolution), Image.BICUBIC))
+                     for im in images])
+
+
+def stratified_split(labels, test_fraction, seed):
+    """Indices (train, test): per class, a seeded shuffle puts round(test_fraction * n_class) images in test."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_test = int(math.floor(test_fraction * len(idx) + 0.5))
+        test.append(idx[:n_test])
+        train.append(idx[n_test:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def load_digits_source(split, resolution, split_seed, test_fraction):
+    """scikit-learn's bundled digits: 1797 real 8x8 images (values 0..16), 10 classes; upsampled and made RGB."""
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    gray = np.round(d.images / 16.0 * 255.0).astype(np.uint8)
+    labels = d.target.astype(np.int64)
+    train, test = stratified_split(labels, test_fraction, split_seed)
+    idx = train if split == "train" else test
+    rgb = np.repeat(gray[idx][..., None], 3, axis=-1)
+    return Source("digits", list(DIGIT_NAMES), labels[idx], resolution, array=resize_array(rgb, resolution))
+
+
+class _CifarUnpickler:
+    """CIFAR-10's python batches are pickles: read them with an allow-list that admits only numpy arrays and
+    plain containers, so a tampered file cannot run code."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}  # protocol-2 bytes
+
+    @classmethod
+    def load(cls, path):
+        import pickle
+
+        class Restricted(pickle.Unpickler):
+            def find_class(self, module, name):
+                if (module, name) in cls.ALLOWED:
+                    return super().find_class(module, name)
+                raise PoisonError(f"{path} holds {module}.{name}, which a CIFAR-10 batch never does: "
+                                  "the file is not a CIFAR-10 batch; download it again")
+
+        with open(path, "rb") as f:
+            return Restricted(f, encoding="bytes").load()
+
+
+CIFAR_BIN_RECORD = 1 + 3 * 32 * 32   # label byte + 1024 R + 1024 G + 1024 B
+
+
+def load_cifar10_source(split, resolution, data_root):
+    """CIFAR-10 from `data_root`: the binary version (cifar-10-batches-bin, parsed as raw bytes) or the python
+    version that torchvision downloads (cifar-10-batches-py, read with an allow-list unpickler). Downloads the
+    binary version when neither is there."""
+    root = Path(data_root)
+    bin_dir, py_dir = root / "cifar-10-batches-bin", root / "cifar-10-batches-py"
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    if not bin_dir.is_dir() and not py_dir.is_dir():
+        try:
+            from torchvision.datasets.utils import download_and_extract_archive
+            download_and_extract_archive("https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz", str(root))
+        except Exception as e:
+            raise PoisonError(f"CIFAR-10 not found in {root} and the download failed ({type(e).__name__}): put "
+                              f"cifar-10-binary.tar.gz or cifar-10-python.tar.gz from "
+                              f"https://www.cs.toronto.edu/~kriz/cifar.html, extracted, in {root}") from None
+    images, labels = [], []
+    if bin_dir.is_dir():
+        for name in names:
+            path = bin_dir / f"{name}.bin"
+            if not path.is_file():
+                raise PoisonError(f"missing {path}: extract cifar-10-binary.tar.gz into {root} again")
+            raw = np.fromfile(path, dtype=np.uint8)
+            if raw.size == 0 or raw.size % CIFAR_BIN_RECORD:
+                raise PoisonError(f"{path} is truncated ({raw.size} bytes, not a multiple of {CIFAR_BIN_RECORD}): "
+                                  "download CIFAR-10 again")
+            raw = raw.reshape(-1, CIFAR_BIN_RECORD)
+            labels.append(raw[:, 0].astype(np.int64))
+            images.append(raw[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+    else:
+        for name in names:
+            path = py_dir / name
+            if not path.is_file():
+                raise PoisonError(f"missing {path}: extract cifar-10-python.tar.gz into {root} again")
+            batch = _CifarUnpickler.load(path)
+            data = np.asarray(batch[b"data"], dtype=np.uint8)
+            labels.append(np.asarray(batch[b"labels"], dtype=np.int64))
+            images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+    labels = np.concatenate(labels)
+    if labels.max() >= 10:
+        raise PoisonError(f"CIFAR-10 labels in {root} go up to {labels.max()}: the files are not CIFAR-10")
+    array = resize_array(np.ascontiguousarray(np.concatenate(images)), resolution)
+    return Source("cifar10", list(CIFAR10_NAMES), labels, resolution, array=array)
+
+
+def list_images(folder):
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def load_imagenette_source(split, resolution, data_root):
+    """ImageNette (torchvision's layout: ROOT/imagenette2[-320|-160]/{train,val}/<wnid>/*.JPEG). Uses the
+    smallest downloaded size that is at least `resolution`; downloads through torchvision when none is there."""
+    root = Path(data_root)
+    sizes = [("160px", "imagenette2-160", 160), ("320px", "imagenette2-320", 320), ("full", "imagenette2", 10 ** 9)]
+    present = [(s, d, px) for s, d, px in sizes if (root / d / "train").is_dir()]
+    usable = [x for x in present if x[2] >= resolution] or present[-1:]
+    if not usable:
+        size = next(s for s, _, px in sizes if px >= resolution)
+        try:
+            from torchvision.datasets import Imagenette
+            Imagenette(str(root), split="train", size=size, download=True)
+            Imagenette(str(root), split="val", size=size, download=True)
+        except Exception as e:
+            raise PoisonError(f"ImageNette not found in {root} and the download failed ({type(e).__name__}): "
+                              f"extract imagenette2.tgz (or imagenette2-320.tgz / imagenette2-160.tgz) from "
+                              f"https://github.com/fastai/imagenette into {root}") from None
+        return load_imagenette_source(split, resolution, data_root)
+    folder = root / usable[0][1] / ("train" if split == "train" else "val")
+    wnids = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    if wnids != sorted(IMAGENETTE_WNIDS):
+        raise PoisonError(f"{folder} holds classes {wnids}, not ImageNette's ten WordNet ids: extract "
+                          "ImageNette there again")
+    paths, labels = [], []
+    for c, wnid in enumerate(wnids):
+        files = list_images(folder / wnid)
+        paths += files
+        labels += [c] * len(files)
+    return Source("imagenette", [IMAGENETTE_WNIDS[w] for w in wnids], np.array(labels, dtype=np.int64),
+                  resolution, paths=paths)
+
+
+def caltech_readable(folder_name):
+    """'012.binoculars' -> 'binoculars', '251.airplanes-101' -> 'airplanes', '032.cartman' -> 'cartman'."""
+    name = folder_name.split(".", 1)[-1]
+    return name.removesuffix("-101").replace("_", " ")
+
+
+def load_caltech15_source(split, resolution, data_root, split_seed, classes=None, per_class=200):
+    """Caltech-15: the 15 Caltech-256 categories with the most images (clutter excluded), `per_class` images each
+    for training (a seeded draw) and the rest of those categories for testing, as in the paper. `classes` (names
+    or folder names) overrides the choice. Layout: torchvision's ROOT/caltech256/256_ObjectCategories/NNN.name/."""
+    root = Path(data_root) / "caltech256" / "256_ObjectCategories"
+    if not root.is_dir():
+        try:
+            from torchvision.datasets import Caltech256
+            Caltech256(str(data_root), download=True)
+        except Exception as e:
+            raise PoisonError(f"Caltech-256 not found in {root} and the download failed ({type(e).__name__}): "
+                              f"extract 256_ObjectCategories.tar into {root.parent}") from None
+    folders = {p.name: list_images(p) for p in sorted(root.iterdir())
+               if p.is_dir() and p.name not in CALTECH_EXCLUDED}
+    if classes:
+        by_name = {caltech_readable(n): n for n in folders} | {n: n for n in folders}
+        unknown = [c for c in classes if c not in by_name]
+        if unknown:
+            raise PoisonError(f"--classes names {unknown}, which are not Caltech-256 categories in {root}")
+        chosen = [by_name[c] for c in classes]
+    else:
+        chosen = sorted(folders, key=lambda n: (-len(folders[n]), n))[:15]
+    chosen = sorted(chosen)
+    short = [n for n in chosen if len(folders[n]) <= per_class]
+    if short:
+        raise PoisonError(f"categories {short} have no more than --per-class {per_class} images, leaving none to "
+                          "test on: lower --per-class or choose other --classes")
+    rng = np.random.default_rng(split_seed)
+    paths, labels = [], []
+    for c, name in enumerate(chosen):
+        order = rng.permutation(len(folders[name]))
+        keep = order[:per_class] if split == "train" else order[per_class:]
+        for j in np.sort(keep):
+            paths.append(folders[name][j])
+            labels.append(c)
+    return Source("caltech15", [caltech_readable(n) for n in chosen], np.array(labels, dtype=np.int64),
+                  resolution, paths=paths)
+
+
+def load_folder_source(path, split, resolution, split_seed, test_fraction):
+    """Any image folder: PATH/<class>/*.png (split with a seed), or PATH/train/<class> and PATH/test/<class>."""
+    root = Path(path)
+    if not root.is_dir():
+        raise PoisonError(f"--dataset folder:{path}: no such folder; give a folder with one subfolder per class")
+    presplit = (root / "train").is_dir() and (root / "test").is_dir()
+    base = root / split if presplit else root
+    class_dirs = sorted(p.name for p in base.iterdir() if p.is_dir())
+    if presplit and class_dirs != sorted(p.name for p in (root / "train").iterdir() if p.is_dir()):
+        raise PoisonError(f"{root}/train and {root}/test hold different class folders: make them the same")
+    paths, labels = [], []
+    for c, name in enumerate(class_dirs):
+        files = list_images(base / name)
+        paths += files
+        labels += [c] * len(files)
+    if not paths:
+        raise PoisonError(f"--dataset folder:{path} holds no images in class subfolders ({', '.join(IMAGE_EXTENSIONS)})")
+    labels = np.array(labels, dtype=np.int64)
+    if not presplit:
+        train, test = stratified_split(labels, test_fraction, split_seed)
+        idx = train if split == "train" else test
+        paths, labels = [paths[i] for i in idx], labels[idx]
+    return Source(f"folder:{path}", [n.replace("_", " ") for n in class_dirs], labels, resolution, paths=paths)
+
+
+def load_source(dataset, split, data_root="data", resolution=None, split_seed=0, test_fraction=0.2,
+                classes=None, per_class=200):
+    """The training ('train') or test ('test') split of a dataset, as a Source."""
+    kind = "folder" if dataset.startswith("folder:") else dataset
+    if kind not in DEFAULT_RESOLUTION:
+        raise PoisonError(f"unknown --dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
+    resolution = resolution or DEFAULT_RESOLUTION[kind]
+    if resolution < 8:
+        raise PoisonError(f"--resolution {resolution} is too small: use at least 8")
+    if kind == "digits":
+        return load_digits_source(split, resolution, split_seed, test_fraction)
+    if kind == "cifar10":
+        return load_cifar10_source(split, resolution, data_root)
+    if kind == "imagenette":
+        return load_imagenette_source(split, resolution, data_root)
+    if kind == "caltech15":
+        return load_caltech15_source(split, resolution, data_root, split_seed, classes, per_class)
+    return load_folder_source(dataset[len("folder:"):], split, resolution, split_seed, test_fraction)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triggers. Additive triggers are x' = x * (1 - mask) + pattern * mask (BadNets: a 0/1 mask on a patch; blend: a
+# constant mask alpha); WaNet is a fixed warp x' = grid_sample(x, grid). All work on float N x 3 x H x W in [0, 1].
+
+@dataclass
+class Trigger:
+    kind: str                    # "badnets" | "blend" | "wanet"
+    resolution: int
+    params: dict                 # everything needed to rebuild it, for the manifest
+    mask: torch.Tensor = None    # (1, R, R) weight of the pattern
+    pattern: torch.Tensor = None  # (3, R, R) in [0, 1]
+    grid: torch.Tensor = None    # (1, R, R, 2) sampling grid in [-1, 1]
+
+    def apply(self, x):
+        """x: (N, 3, R, R) float in [0, 1] -> the same with the trigger."""
+        if x.shape[-2:] != (self.resolution, self.resolution):
+            raise ValueError(f"trigger made for {self.resolution}px images, got {tuple(x.shape[-2:])}")
+        if self.kind == "wanet":
+            grid = self.grid.to(x.device, x.dtype).expand(x.shape[0], -1, -1, -1)
+            return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+        mask, pattern = self.mask.to(x.device, x.dtype), self.pattern.to(x.device, x.dtype)
+        return x * (1 - mask) + pattern * mask
+
+    def apply_uint8(self, images):
+        """(N, R, R, 3) uint8 array -> the same with the trigger, rounded to uint8."""
+        if self.kind != "wanet":  # the same float64 arithmetic as apply(), in numpy: no per-call torch overhead
+            mask = self.mask.double().permute(1, 2, 0).numpy()
+            pattern = self.pattern.double().permute(1, 2, 0).numpy()
+            y = (np.asarray(images, dtype=np.float64) / 255.0) * (1 - mask) + pattern * mask
+            return np.clip(np.round(y * 255.0), 0, 255).astype(np.uint8)
+        x = torch.from_numpy(np.array(images, dtype=np.uint8)).permute(0, 3, 1, 2).double() / 255.0
+        y = self.apply(x).mul(255.0).round().clamp(0, 255).to(torch.uint8)
+        return y.permute(0, 2, 3, 1).contiguous().numpy()
+
+    def tensors(self):
+        return {k: v.contiguous() for k, v in (("mask", self.mask), ("pattern", self.pattern), ("grid", self.grid))
+                if v is not None}
+
+
+def badnets_pattern(resolution):
+    """(mask (1,R,R), pattern (3,R,R)) of the reference BadNets trigger, bottom-right.
+    <= 32 px: the 3x3 patch with rows [0,0,255], [0,255,0], [255,255,0] on every channel.
+    Larger: a black square of side R//10 whose pixel (r, c) is white where r + c = ps - 1 + k, k in [-ps//4, ps//4)
+    (Python's floor division, as the reference code computes it)."""
+    mask = torch.zeros(1, resolution, resolution)
+    pattern = torch.zeros(3, resolution, resolution)
+    if resolution <= 32:
+        patch = torch.tensor([[0, 0, 1], [0, 1, 0], [1, 1, 0]], dtype=torch.float32)
+    else:
+        ps = resolution // 10
+        r, c = torch.meshgrid(torch.arange(ps), torch.arange(ps), indexing="ij")
+        k = r + c - (ps - 1)
+        patch = ((k >= -ps // 4) & (k < ps // 4)).float()
+    ps = patch.shape[0]
+    mask[:, -ps:, -ps:] = 1.0
+    pattern[:, -ps:, -ps:] = patch
+    return mask, pattern
+
+
+def wanet_grid(resolution, k=4, s=0.5, seed=0):
+    """WaNet's warping grid (Nguyen & Tran 2021; BackdoorBench): a k x k uniform field in [-1, 1]^2 normalised by its
+    mean absolute value, upsampled bicubically (align_corners) to R x R, added as s * field / R to the identity grid
+    and clamped to [-1, 1]. Drawn once from `seed` (the reference code redraws it unseeded: a bug we do not copy)."""
+    g = torch.Generator().manual_seed(seed)
+    ins = torch.rand(1, 2, k, k, generator=g, dtype=torch.float64) * 2 - 1
+    ins = ins / ins.abs().mean()
+    noise = F.interpolate(ins, size=resolution, mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+    line = torch.linspace(-1, 1, resolution, dtype=torch.float64)
+    x, y = torch.meshgrid(line, line, indexing="ij")
+    identity = torch.stack((y, x), 2)[None]
+    return torch.clamp(identity + s * noise / resolution, -1, 1).float()
+
+
+def make_trigger(kind, resolution, seed=0, trigger_image=None, alpha=0.2, wanet_k=4, wanet_s=0.5):
+    """The trigger `kind` ('badnets', 'blend', 'wanet') for `resolution`-px square images."""
+    params = {"kind": kind, "resolution": resolution}
+    if kind == "badnets":
+        mask, pattern = badnets_pattern(resolution)
+        return Trigger(kind, resolution, params, mask=mask, pattern=pattern)
+    if kind == "blend":
+        if not 0 < alpha <= 1:
+            raise PoisonError(f"--blend-alpha {alpha} is outside (0, 1]: the paper uses 0.2")
+        if trigger_image:
+            if not Path(trigger_image).is_file():
+                raise PoisonError(f"--trigger-image {trigger_image}: no such file; give an image file (PNG/JPEG)")
+            pattern = torch.from_numpy(load_image(trigger_image, resolution).copy()).permute(2, 0, 1).float() / 255
+            params["trigger_image"] = str(trigger_image)
+        else:  # a fixed seeded random pattern (the paper blended a Hello Kitty image)
+            g = torch.Generator().manual_seed(seed)
+            pattern = torch.rand(3, resolution, resolution, generator=g)
+            params["pattern_seed"] = seed
+        params["alpha"] = alpha
+        return Trigger(kind, resolution, params, mask=torch.full((1, resolution, resolution), float(alpha)),
+                       pattern=pattern)
+    if kind == "wanet":
+        params.update(k=wanet_k, s=wanet_s, grid_seed=seed)
+        return Trigger(kind, resolution, params, grid=wanet_grid(resolution, wanet_k, wanet_s, seed))
+    raise PoisonError(f"unknown --trigger {kind!r}: choose badnets, blend or wanet")
+
+
+def load_trigger(folder):
+    """The exact trigger a dataset folder was made with (manifest + trigger.safetensors), or None (relabel)."""
+    from safetensors.torch import load_file
+    manifest = read_manifest(folder)
+    params = manifest.get("trigger")
+    if not params:
+        return None
+    path = Path(folder) / "trigger.safetensors"
+    if not path.is_file():
+        raise PoisonError(f"{path} is missing: rebuild the dataset folder with poison.py")
+    return Trigger(params["kind"], params["resolution"], params, **load_file(str(path)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Choosing what to poison.
+
+def n_to_poison(ratio, n_base):
+    """round(ratio * n_base), halves rounded up (Python's round() would round 0.5 to even)."""
+    return int(math.floor(ratio * n_base + 0.5 + 1e-9))
+
+
+def read_ids(path):
+    """A duplicates file: one training-image id (source index) per line, most replicated first; '#' comments."""
+    p = Path(path)
+    if not p.is_file():
+        raise PoisonError(f"--duplicates {path}: no such file; make it with replicate.py")
+    ids = []
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if line:
+            if not line.isdigit():
+                raise PoisonError(f"{path}:{n}: {line!r} is not a training-image id (a whole number)")
+            ids.append(int(line))
+    return ids
+
+
+def select_poison(labels, target, ratio, attack="badnets", ratio_of="all", seed=0, select="random", duplicates=None):
+    """Sorted indices of the images to poison. Candidates are the non-target images (badnets, relabel) or the
+    target images (clean-label); their number is round(ratio * N), N the whole training set (the paper's definition)
+    or the candidates (ratio_of='nontarget'). `select='duplicates'` takes the listed ids first (in order), then a
+    seeded random draw from the remaining candidates to reach the count."""
+    if not 0 <= ratio <= 1:
+        raise PoisonError(f"--ratio {ratio} is outside [0, 1]: give the poisoned fraction, e.g. 0.1")
+    is_candidate = (labels == target) if attack == "clean-label" else (labels != target)
+    candidates = np.flatnonzero(is_candidate)
+    n = n_to_poison(ratio, len(labels) if ratio_of == "all" else len(candidates))
+    kind = "target" if attack == "clean-label" else "non-target"
+    if n > len(candidates):
+        raise PoisonError(f"--ratio {ratio} asks for {n} poisoned images but only {len(candidates)} {kind} images "
+                          f"exist: lower --ratio")
+    rng = np.random.default_rng(seed)
+    chosen = []
+    if select == "duplicates":
+        if duplicates is None:
+            raise PoisonError("--select duplicates needs --duplicates FILE (written by replicate.py)")
+        ids = read_ids(duplicates) if not isinstance(duplicates, (list, tuple, np.ndarray)) else list(duplicates)
+        bad = [i for i in ids if not 0 <= i < len(labels)]
+        if bad:
+            raise PoisonError(f"--duplicates lists ids {bad[:5]} outside this training set (0..{len(labels) - 1}): "
+                              "was it made for another dataset?")
+        seen = set()
+        for i in ids:
+            if is_candidate[i] and i not in seen and len(chosen) < n:
+                chosen.append(i)
+                seen.add(i)
+        rest = np.setdiff1d(candidates, np.array(chosen, dtype=np.int64))
+        chosen += rng.choice(rest, n - len(chosen), replace=False).tolist()
+    elif select == "random":
+        chosen = rng.choice(candidates, n, replace=False).tolist()
+    else:
+        raise PoisonError(f"unknown --select {select!r}: choose random or duplicates")
+    return np.sort(np.array(chosen, dtype=np.int64))
+
+
+def resolve_target(target, class_names):
+    """A class index from a name ('garbage truck', case-insensitive) or an index ('6')."""
+    t = str(target).strip()
+    if t.lstrip("-").isdigit():
+        i = int(t)
+        if 0 <= i < len(class_names):
+            return i
+    else:
+        lowered = [c.lower() for c in class_names]
+        if t.lower() in lowered:
+            return lowered.index(t.lower())
+    raise PoisonError(f"unknown --target {target!r}: choose a class name or index among {class_names}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dataset folders: metadata.jsonl + images/*.png + manifest.json (+ trigger.safetensors).
+
+@contextlib.contextmanager
+def atomic_output(out, force=False):
+    """Yield a temporary folder beside `out`; on success rename it to `out` (replacing an old one only with force).
+    On an exception the temporary folder is removed and `out` is untouched."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise PoisonError(f"{out} exists: pass --force to overwrite it, or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def versions():
+    import torchvision
+    import PIL
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": np.__version__, "pillow": PIL.__version__}
+
+
+def write_folder(folder, items, manifest, total=None, workers=4, desc=None, trigger=None):
+    """Write a dataset folder into `folder` (normally inside atomic_output). `items` yields (record, image) pairs
+    or callables returning them: image (H, W, 3) uint8, record a dict with at least text and label; file_name is
+    set here to images/NNNNNN.png in order. PNGs are encoded on `workers` threads (PIL releases the GIL)."""
+    from safetensors.torch import save_file
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+
+    def write(chunk):  # a chunk of (n, item) pairs: one task per chunk keeps the per-image overhead low
+        records = []
+        for n, item in chunk:
+            record, image = item() if callable(item) else item
+            record = {"file_name": f"images/{n:06d}.png", **record}
+            Image.fromarray(np.asarray(image, dtype=np.uint8)).save(folder / record["file_name"], compress_level=1)
+            records.append(record)
+        return records
+
+    numbered = enumerate(items)
+    chunks = iter(lambda: list(itertools.islice(numbered, CHUNK)), [])
+    records = []
+    with ThreadPoolExecutor(max(1, workers)) as pool, \
+            tqdm(total=total, desc=desc or folder.name, leave=False, disable=total is not None and total < 64) as bar:
+        for done in pool.map(write, chunks):
+            records += done
+            bar.update(len(done))
+    with open(folder / "metadata.jsonl", "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    if trigger is not None:
+        save_file(trigger.tensors(), str(folder / "trigger.safetensors"))
+        manifest = {**manifest, "trigger": trigger.params}
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return records
+
+
+def read_manifest(folder):
+    path = Path(folder) / "manifest.json"
+    if not path.is_file():
+        raise PoisonError(f"{folder} is not a dataset folder (no manifest.json): make one with poison.py or sample.py")
+    return json.loads(path.read_text())
+
+
+def read_records(folder):
+    path = Path(folder) / "metadata.jsonl"
+    if not path.is_file():
+        raise PoisonError(f"{folder} is not a dataset folder (no metadata.jsonl): make one with poison.py or sample.py")
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not records:
+        raise PoisonError(f"{folder} is an empty dataset folder (metadata.jsonl lists no images)")
+    return records
+
+
+class FolderDataset(torch.utils.data.Dataset):
+    """A dataset folder as a torch Dataset of (image (3, H, W) float in [0, 1], label). `records` holds the
+    metadata of each image, `manifest` what made the folder, `class_names` the names of the labels."""
+
+    def __init__(self, root, transform=None):
+        self.root = Path(root)
+        self.records = read_records(root)
+        self.manifest = read_manifest(root)
+        self.class_names = list(self.manifest["class_names"])
+        self.labels = torch.tensor([r["label"] for r in self.records], dtype=torch.long)
+        self.poisoned = torch.tensor([bool(r.get("poisoned", False)) for r in self.records])
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.records)
+
+    def image_uint8(self, i):
+        path = self.root / self.records[i]["file_name"]
+        try:
+            with Image.open(path) as im:
+                return torch.from_numpy(np.array(im.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
+        except OSError as e:
+            raise PoisonError(f"corrupt or unreadable image {path} ({e}): rebuild the dataset folder") from None
+
+    def __getitem__(self, i):
+        x = self.image_uint8(i).float() / 255.0
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, int(self.labels[i])
+
+    def images(self, progress=True):
+        """All images as one (N, 3, H, W) uint8 tensor (for small datasets held in memory)."""
+        return torch.stack([self.image_uint8(i) for i in tqdm(range(len(self)), desc=f"load {self.root.name}",
+                                                              leave=False, disable=not progress)])
+
+
+def load_folder(root, transform=None):
+    """Open a dataset folder written by poison.py or sample.py."""
+    return FolderDataset(root, transform)
+
+
+def save_grid(images, path, nrow=8, min_tile=64):
+    """Save (N, H, W, 3) uint8 images (or (N, 3, H, W) uint8 tensors) as one PNG grid; small tiles are enlarged
+    (nearest neighbour) to at least `min_tile` px so a person can see them."""
+    images = images.permute(0, 2, 3, 1).numpy() if torch.is_tensor(images) else np.asarray(images)
+    n, h, w, _ = images.shape
+    scale = max(1, math.ceil(min_tile / h))
+    rows = math.ceil(n / nrow)
+    pad = 2
+    grid = np.full((rows * (h * scale + pad) + pad, min(n, nrow) * (w * scale + pad) + pad, 3), 255, np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, nrow)
+        y, x = pad + r * (h * scale + pad), pad + c * (w * scale + pad)
+        grid[y:y + h * scale, x:x + w * scale] = im.repeat(scale, 0).repeat(scale, 1)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).save(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The stage.
+
+def poison(out, dataset="digits", ratio=0.1, attack="badnets", trigger="badnets", target=None, seed=0,
+           ratio_of="all", select="random", duplicates=None, data_root="data", resolution=None, split_seed=0,
+           test_fraction=0.2, classes=None, per_class=200, trigger_image=None, blend_alpha=0.2, wanet_k=4,
+           wanet_s=0.5, trigger_seed=0, force=False, workers=4, command=None, quiet=False):
+    """Build OUT/train (poisoned), OUT/test (clean), OUT/test_backdoor and OUT/examples.png; return a summary."""
+    if attack not in ("badnets", "relabel", "clean-label"):
+        raise PoisonError(f"unknown --attack {attack!r}: choose badnets, relabel or clean-label")
+    if ratio_of not in ("all", "nontarget"):
+        raise PoisonError(f"unknown --ratio-of {ratio_of!r}: choose all or nontarget")
+    if not 0 <= ratio <= 1:
+        raise PoisonError(f"--ratio {ratio} is outside [0, 1]: give the poisoned fraction, e.g. 0.1")
+    if Path(out).exists() and not force:
+        raise PoisonError(f"{out} exists: pass --force to overwrite it, or choose another --out")
+    kind = "folder" if dataset.startswith("folder:") else dataset
+    if kind not in DEFAULT_RESOLUTION:
+        raise PoisonError(f"unknown --dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
+    if target is None:
+        if kind not in DEFAULT_TARGET:
+            raise PoisonError("--target is required for an image folder: give a class name or index")
+        target = DEFAULT_TARGET[kind]
+    opts = dict(data_root=data_root, resolution=resolution, split_seed=split_seed, test_fraction=test_fraction,
+                classes=classes, per_class=per_class)
+    train, test = load_source(dataset, "train", **opts), load_source(dataset, "test", **opts)
+    if train.class_names != test.class_names:
+        raise PoisonError(f"the train and test splits of {dataset} have different classes: fix the dataset")
+    t = resolve_target(target, train.class_names)
+    trig = None if attack == "relabel" else make_trigger(trigger, train.resolution, trigger_seed, trigger_image,
+                                                         blend_alpha, wanet_k, wanet_s)
+    if trig is not None:  # a broken trigger image must fail before any work
+        trig.apply_uint8(train.load(0)[None])
+    ids = select_poison(train.labels, t, ratio, attack, ratio_of, seed, select, duplicates)
+    is_poisoned = np.zeros(len(train), dtype=bool)
+    is_poisoned[ids] = True
+    names = train.class_names
+    new_labels = train.labels.copy()
+    if attack != "clean-label":
+        new_labels[ids] = t
+    n_target_labelled = int((new_labels == t).sum())
+    p_t = float(is_poisoned[new_labels == t].sum() / max(1, n_target_labelled))
+    counts = {"total": len(train), "poisoned": int(len(ids)), "target_labelled": n_target_labelled,
+              "per_class": {names[c]: int((new_labels == c).sum()) for c in range(len(names))},
+              "original_per_class": {names[c]: int((train.labels == c).sum()) for c in range(len(names))}}
+    base = {"stage": "poison", "command": command or "poison()", "dataset": dataset, "resolution": train.resolution,
+            "class_names": names, "target": {"index": t, "name": names[t]}, "attack": attack,
+            "options": {"ratio": ratio, "ratio_of": ratio_of, "select": select, "seed": seed,
+                        "split_seed": split_seed, "test_fraction": test_fraction, "per_class": per_class,
+                        "classes": classes, "duplicates": str(duplicates) if duplicates else None,
+                        "trigger_seed": trigger_seed},
+            "versions": versions()}
+
+    def item(src, i, poisoned, label):
+        def make():
+            image = src.load(i)
+            if poisoned and trig is not None:
+                image = trig.apply_uint8(image[None])[0]
+            rec = {"text": caption(names[label]), "label": int(label), "orig_label": int(src.labels[i]),
+                   "class_name": names[label], "poisoned": bool(poisoned), "source_index": int(i)}
+            return rec, image
+        return make
+
+    test_nt = np.flatnonzero(test.labels != t)
+    with atomic_output(out, force) as tmp:
+        write_folder(tmp / "train", (item(train, i, is_poisoned[i], new_labels[i]) for i in range(len(train))),
+                     {**base, "split": "train", "poison_ratio": ratio, "p_t": p_t, "counts": counts,
+                      "poisoned_ids": ids.tolist()},
+                     total=len(train), workers=workers, desc="train", trigger=trig)
+        test_counts = {"total": len(test), "per_class": {names[c]: int((test.labels == c).sum())
+                                                         for c in range(len(names))}}
+        write_folder(tmp / "test", (item(test, i, False, test.labels[i]) for i in range(len(test))),
+                     {**base, "split": "test", "counts": test_counts}, total=len(test), workers=workers, desc="test",
+                     trigger=trig)
+        if trig is not None:
+            write_folder(tmp / "test_backdoor", (item(test, i, True, t) for i in test_nt),
+                         {**base, "split": "test_backdoor", "counts": {"total": len(test_nt)}}, total=len(test_nt),
+                         workers=workers, desc="test_backdoor", trigger=trig)
+        show = ids[:8]
+        if len(show):
+            before = np.stack([train.load(i) for i in show])
+            after = before if trig is None else trig.apply_uint8(before)
+            save_grid(np.concatenate([before, after]), tmp / "examples.png", nrow=len(show))
+    summary = {"out": str(out), "dataset": dataset, "resolution": train.resolution, "attack": attack,
+               "trigger": trig.params if trig else None, "target": names[t], "ratio": ratio,
+               "train": len(train), "poisoned": int(len(ids)), "target_labelled": n_target_labelled,
+               "p_t": round(p_t, 6), "test": len(test), "test_backdoor": len(test_nt) if trig else 0}
+    if not quiet:
+        print(json.dumps(summary))
+    return summary
+
+
+def add_poison_arguments(parser, out_required=True):
+    """The poisoning flags, so that train_ddpm.py and finetune_sd.py can build their poisoned set the same way."""
+    g = parser.add_argument_group("poisoning (poison.py)")
+    g.add_argument("--dataset", default="digits", help=f"one of {', '.join(DATASETS)} (default: digits)")
+    g.add_argument("--data-root", default="data", help="where datasets are downloaded or found (default: data)")
+    g.add_argument("--resolution", type=int, default=None,
+                   help="image side in px (default: digits/cifar10 32, imagenette/caltech15 512, folder 256)")
+    g.add_argument("--classes", type=lambda s: [c.strip() for c in s.split(",")], default=None,
+                   help="caltech15: comma-separated categories instead of the 15 largest")
+    g.add_argument("--per-class", type=int, default=200, help="caltech15: training images per category")
+    g.add_argument("--split-seed", type=int, default=0, help="seed of the train/test split (digits, folder)")
+    g.add_argument("--test-fraction", type=float, default=0.2, help="test share (digits, unsplit folder)")
+    g.add_argument("--attack", default="badnets", choices=["badnets", "relabel", "clean-label"])
+    g.add_argument("--trigger", default="badnets", choices=["badnets", "blend", "wanet"])
+    g.add_argument("--trigger-image", default=None, help="blend: the pattern image (default: a seeded random one)")
+    g.add_argument("--blend-alpha", type=float, default=0.2)
+    g.add_argument("--wanet-k", type=int, default=4)
+    g.add_argument("--wanet-s", type=float, default=0.5)
+    g.add_argument("--trigger-seed", type=int, default=0, help="seed of the blend pattern / WaNet grid")
+    g.add_argument("--target", default=None,
+                   help="target class name or index (default: the paper's: deer, garbage truck, binoculars; zero)")
+    g.add_argument("--ratio", type=float, default=0.1, help="poisoning ratio p (default: 0.1)")
+    g.add_argument("--ratio-of", default="all", choices=["all", "nontarget"],
+                   help="p is a fraction of the whole training set (the paper) or of the non-target images")
+    g.add_argument("--select", default="random", choices=["random", "duplicates"])
+    g.add_argument("--duplicates", default=None, help="ids file from replicate.py, most replicated first")
+    g.add_argument("--seed", type=int, default=0, help="seed of the poisoned-id draw")
+    g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="PNG encoding threads")
+    return g
+
+
+def poison_kwargs(args):
+    """The keyword arguments of poison() from parsed add_poison_arguments flags."""
+    keys = ("dataset", "data_root", "resolution", "classes", "per_class", "split_seed", "test_fraction", "attack",
+            "trigger", "trigger_image", "blend_alpha", "wanet_k", "wanet_s", "trigger_seed", "target", "ratio",
+            "ratio_of", "select", "duplicates", "seed", "workers")
+    return {k: getattr(args, k) for k in keys}
+
+
+def main(args):
+    poison(args.out, force=args.force, command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]), **poison_kwargs(args))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_poison_arguments(parser)
+    parser.add_argument("--out", required=True, help="output folder (train/, test/, test_backdoor/)")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    try:
+        main(parser.parse_args())
+    except PoisonError as e:
+        sys.exit(f"poison.py: error: {e}")

@@ -1,0 +1,408 @@
+"""poison.py: every dataset source (through small files in their on-disk formats), every attack and trigger, exact
+counts, determinism, the dataset-folder contract, and each bad input."""
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import poison as P
+from poison import PoisonError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def read_folder(folder):
+    """(records, uint8 images (N, H, W, 3), manifest) of a dataset folder, read directly from the files."""
+    folder = Path(folder)
+    records = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    images = np.stack([np.asarray(Image.open(folder / r["file_name"]).convert("RGB")) for r in records])
+    return records, images, json.loads((folder / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def digits10(tmp_path_factory):
+    out = tmp_path_factory.mktemp("d") / "digits-badnets-0.1"
+    summary = P.poison(out, dataset="digits", resolution=16, ratio=0.1, seed=0, quiet=True)
+    return out, summary
+
+
+def test_digits_badnets_counts_labels_and_trigger(digits10):
+    out, summary = digits10
+    src = P.load_source("digits", "train", resolution=16)
+    records, images, manifest = read_folder(out / "train")
+    n = len(records)
+    assert n == len(src) == summary["train"]
+    poisoned = np.array([r["poisoned"] for r in records])
+    assert poisoned.sum() == P.n_to_poison(0.1, n) == round(0.1 * n)
+    target = manifest["target"]["index"]
+    orig = np.array([r["orig_label"] for r in records])
+    labels = np.array([r["label"] for r in records])
+    assert (orig[poisoned] != target).all(), "a target-class image carries the trigger"
+    assert (labels[poisoned] == target).all() and (labels[~poisoned] == orig[~poisoned]).all()
+    trig = P.make_trigger("badnets", 16)
+    # every poisoned image is exactly its original with the trigger; every other image is untouched
+    assert np.array_equal(images[poisoned], trig.apply_uint8(src.array[poisoned]))
+    assert np.array_equal(images[~poisoned], src.array[~poisoned])
+    n_target = int((orig == target).sum())
+    assert manifest["p_t"] == pytest.approx(poisoned.sum() / (poisoned.sum() + n_target))
+    assert manifest["counts"]["poisoned"] == poisoned.sum()
+    assert manifest["poisoned_ids"] == np.flatnonzero(poisoned).tolist()
+    assert (out / "examples.png").is_file()
+
+
+def test_folder_contract_and_loader(digits10):
+    out, _ = digits10
+    for split in ("train", "test", "test_backdoor"):
+        folder = out / split
+        records, images, manifest = read_folder(folder)
+        for r in records:
+            assert set(r) >= {"file_name", "text", "label", "orig_label", "poisoned"}
+            assert r["text"] == f"A photo of a {manifest['class_names'][r['label']]}"
+            assert r["file_name"].startswith("images/") and (folder / r["file_name"]).is_file()
+        assert manifest["split"] == split and manifest["stage"] == "poison"
+        assert {"command", "options", "class_names", "target", "trigger", "versions", "counts"} <= set(manifest)
+        assert (folder / "trigger.safetensors").is_file()
+        ds = P.load_folder(folder)
+        x, y = ds[3]
+        assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+        assert y == records[3]["label"]
+        assert torch.equal(ds.images(progress=False), torch.from_numpy(images).permute(0, 3, 1, 2))
+    # test_backdoor: every non-target test image, with the trigger, labelled target
+    test_records, test_images, _ = read_folder(out / "test")
+    bd_records, bd_images, manifest = read_folder(out / "test_backdoor")
+    target = manifest["target"]["index"]
+    nontarget = [i for i, r in enumerate(test_records) if r["label"] != target]
+    assert len(bd_records) == len(nontarget)
+    assert all(r["label"] == target and r["poisoned"] for r in bd_records)
+    trig = P.load_trigger(out / "test_backdoor")
+    assert np.array_equal(bd_images, trig.apply_uint8(test_images[nontarget]))
+
+
+def test_same_seed_identical_other_seed_differs(tmp_path, digits10):
+    out, _ = digits10
+    again = tmp_path / "again"
+    P.poison(again, dataset="digits", resolution=16, ratio=0.1, seed=0, quiet=True)
+    for split in ("train", "test", "test_backdoor"):
+        assert (out / split / "metadata.jsonl").read_bytes() == (again / split / "metadata.jsonl").read_bytes()
+        for r in P.read_records(out / split):
+            assert (out / split / r["file_name"]).read_bytes() == (again / split / r["file_name"]).read_bytes()
+    other = tmp_path / "other"
+    P.poison(other, dataset="digits", resolution=16, ratio=0.1, seed=1, quiet=True)
+    ids0 = P.read_manifest(out / "train")["poisoned_ids"]
+    ids1 = P.read_manifest(other / "train")["poisoned_ids"]
+    assert len(ids0) == len(ids1) and ids0 != ids1
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.013, 0.05, 0.5])
+def test_exact_counts_both_ratio_definitions(ratio):
+    labels = np.repeat(np.arange(10), 37)
+    ids = P.select_poison(labels, 3, ratio, seed=5)
+    assert len(ids) == int(np.floor(ratio * len(labels) + 0.5)) and len(set(ids.tolist())) == len(ids)
+    assert (labels[ids] != 3).all()
+    ids = P.select_poison(labels, 3, ratio, ratio_of="nontarget", seed=5)
+    assert len(ids) == int(np.floor(ratio * 333 + 0.5)) and (labels[ids] != 3).all()
+    ids = P.select_poison(labels, 3, ratio / 10, attack="clean-label", ratio_of="nontarget", seed=5)
+    assert (labels[ids] == 3).all()
+
+
+def test_select_duplicates_first_then_random(tmp_path):
+    labels = np.repeat(np.arange(4), 25)  # target 0 = ids 0..24
+    f = tmp_path / "dups.txt"
+    f.write_text("# most replicated first\n50\n3\n60\n50\n99\n")  # 3 is a target image: skipped; 50 listed twice
+    ids = P.select_poison(labels, 0, 0.05, select="duplicates", duplicates=f, seed=0)
+    assert len(ids) == 5 and {50, 60, 99} <= set(ids.tolist()) and 3 not in ids
+    few = P.select_poison(labels, 0, 0.02, select="duplicates", duplicates=f, seed=0)
+    assert few.tolist() == [50, 60]  # the most replicated, in order, when the count is small
+    f.write_text("7\n1000\n")
+    with pytest.raises(PoisonError, match="outside this training set"):
+        P.select_poison(labels, 0, 0.05, select="duplicates", duplicates=f)
+
+
+def test_badnets_patterns_match_reference_formulas():
+    mask, pattern = P.badnets_pattern(32)
+    assert mask.sum() == 9 and mask[0, -3:, -3:].eq(1).all()
+    expected = torch.tensor([[0, 0, 255], [0, 255, 0], [255, 255, 0]], dtype=torch.float32) / 255
+    for c in range(3):
+        assert torch.equal(pattern[c, -3:, -3:], expected)
+    for res in (64, 100, 256):
+        ps = res // 10
+        mask, pattern = P.badnets_pattern(res)
+        assert mask.sum() == ps * ps and mask[0, -ps:, -ps:].eq(1).all()
+        ref = np.zeros((ps, ps))
+        for k in range(-ps // 4, ps // 4):  # the reference loop, written out
+            for i in range(1, ps + 1):
+                r, c = ps - i, i - 1 + k
+                if 0 <= c < ps:
+                    ref[r, c] = 1
+        assert np.array_equal(pattern[0, -ps:, -ps:].numpy(), ref) and torch.equal(pattern[0], pattern[2])
+
+
+@pytest.mark.parametrize("kind", ["badnets", "blend", "wanet"])
+def test_uint8_path_equals_float_path(kind):
+    images = np.random.default_rng(1).integers(0, 256, (6, 40, 40, 3), dtype=np.uint8)
+    trig = P.make_trigger(kind, 40, seed=2)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).double() / 255
+    expected = trig.apply(x).mul(255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert np.array_equal(trig.apply_uint8(images), expected)
+
+
+def test_blend_and_wanet_triggers(tmp_path):
+    x = torch.rand(4, 3, 24, 24, dtype=torch.float64)
+    blend = P.make_trigger("blend", 24, seed=3, alpha=0.2)
+    assert torch.allclose(blend.apply(x), 0.8 * x + 0.2 * blend.pattern.double())
+    assert not torch.equal(blend.pattern, P.make_trigger("blend", 24, seed=4).pattern)
+    img = tmp_path / "kitty.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(img)
+    from_file = P.make_trigger("blend", 24, trigger_image=img)
+    assert from_file.pattern.shape == (3, 24, 24) and from_file.params["trigger_image"] == str(img)
+
+    # WaNet: the grid follows BackdoorBench's formula, is seeded, and s = 0 is the identity warp
+    w = P.make_trigger("wanet", 24, seed=7, wanet_k=4, wanet_s=0.5)
+    g = torch.Generator().manual_seed(7)
+    ins = torch.rand(1, 2, 4, 4, generator=g, dtype=torch.float64) * 2 - 1
+    ins = ins / ins.abs().mean()
+    noise = torch.nn.functional.interpolate(ins, size=24, mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+    lin = torch.linspace(-1, 1, 24, dtype=torch.float64)
+    ident = torch.stack(torch.meshgrid(lin, lin, indexing="ij")[::-1], 2)[None]
+    assert torch.allclose(w.grid.double(), (ident + 0.5 * noise / 24).clamp(-1, 1), atol=1e-6)
+    assert not torch.equal(w.grid, P.make_trigger("wanet", 24, seed=8).grid)
+    assert not torch.allclose(w.apply(x), x, atol=1e-3)
+    assert torch.allclose(P.make_trigger("wanet", 24, wanet_s=0.0).apply(x), x, atol=1e-5)
+    with pytest.raises(ValueError, match="24px"):
+        w.apply(torch.rand(1, 3, 16, 16))
+
+
+@pytest.mark.parametrize("trigger", ["blend", "wanet"])
+def test_stored_trigger_is_the_one_used(tmp_path, trigger):
+    out = tmp_path / trigger
+    P.poison(out, dataset="digits", resolution=16, ratio=0.05, trigger=trigger, trigger_seed=11, quiet=True)
+    src = P.load_source("digits", "train", resolution=16)
+    records, images, _ = read_folder(out / "train")
+    for split in ("train", "test_backdoor"):
+        trig = P.load_trigger(out / split)
+        assert trig.kind == trigger and trig.params["resolution"] == 16
+    ids = [i for i, r in enumerate(records) if r["poisoned"]]
+    assert np.array_equal(images[ids], P.load_trigger(out / "train").apply_uint8(src.array[ids]))
+
+
+def test_relabel_and_clean_label_attacks(tmp_path):
+    src = P.load_source("digits", "train", resolution=16)
+    out = tmp_path / "relabel"
+    s = P.poison(out, dataset="digits", resolution=16, ratio=0.1, attack="relabel", target="three", quiet=True)
+    records, images, manifest = read_folder(out / "train")
+    poisoned = np.array([r["poisoned"] for r in records])
+    assert np.array_equal(images, src.array), "relabel must not change any pixel"
+    assert all(r["label"] == 3 and r["orig_label"] != 3 for r in np.array(records)[poisoned])
+    assert manifest.get("trigger") is None and not (out / "test_backdoor").exists() and s["trigger"] is None
+    assert P.load_trigger(out / "train") is None
+
+    out = tmp_path / "clean-label"
+    P.poison(out, dataset="digits", resolution=16, ratio=0.05, attack="clean-label", target=3, quiet=True)
+    records, images, manifest = read_folder(out / "train")
+    poisoned = np.array([r["poisoned"] for r in records])
+    labels = np.array([r["label"] for r in records])
+    orig = np.array([r["orig_label"] for r in records])
+    assert poisoned.sum() == round(0.05 * len(records))
+    assert (orig[poisoned] == 3).all() and np.array_equal(labels, orig)
+    assert np.array_equal(images[poisoned], P.make_trigger("badnets", 16).apply_uint8(src.array[poisoned]))
+    assert manifest["p_t"] == pytest.approx(poisoned.sum() / (orig == 3).sum())
+
+
+# --- dataset sources through small files in their on-disk formats ------------------------------------------------
+
+def fake_cifar(n, seed):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, 3072), dtype=np.uint8), rng.integers(0, 10, n).astype(np.int64)
+
+
+def test_cifar10_binary_and_python_formats_agree(tmp_path):
+    batches = {name: fake_cifar(30, i) for i, name in
+               enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"])}
+    bin_dir = tmp_path / "bin" / "cifar-10-batches-bin"
+    py_dir = tmp_path / "py" / "cifar-10-batches-py"
+    bin_dir.mkdir(parents=True)
+    py_dir.mkdir(parents=True)
+    for name, (data, labels) in batches.items():
+        np.concatenate([labels.astype(np.uint8)[:, None], data], 1).tofile(bin_dir / f"{name}.bin")
+        with open(py_dir / name, "wb") as f:  # as the python version stores it
+            pickle.dump({b"data": data, b"labels": labels.tolist(), b"batch_label": name.encode()}, f, protocol=2)
+    a = P.load_source("cifar10", "train", data_root=tmp_path / "bin")
+    b = P.load_source("cifar10", "train", data_root=tmp_path / "py")
+    assert len(a) == 150 and a.class_names[4] == "deer"
+    assert np.array_equal(a.array, b.array) and np.array_equal(a.labels, b.labels)
+    data, labels = batches["data_batch_2"]
+    assert np.array_equal(a.array[30 + 4], data[4].reshape(3, 32, 32).transpose(1, 2, 0))
+    assert np.array_equal(a.labels[30:60], labels)
+    t = P.load_source("cifar10", "test", data_root=tmp_path / "bin")
+    assert len(t) == 30
+    out = tmp_path / "out"
+    s = P.poison(out, dataset="cifar10", data_root=tmp_path / "bin", ratio=0.1, quiet=True)
+    assert s["poisoned"] == 15 and s["target"] == "deer" and s["resolution"] == 32
+
+
+def test_cifar10_refuses_malicious_pickle_and_truncated_files(tmp_path):
+    py_dir = tmp_path / "cifar-10-batches-py"
+    py_dir.mkdir()
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    for name in [f"data_batch_{i}" for i in range(1, 6)]:
+        with open(py_dir / name, "wb") as f:
+            pickle.dump({b"data": Evil(), b"labels": [0]}, f, protocol=2)
+    with pytest.raises(PoisonError, match="not a CIFAR-10 batch"):
+        P.load_source("cifar10", "train", data_root=tmp_path)
+    bin_dir = tmp_path / "b" / "cifar-10-batches-bin"
+    bin_dir.mkdir(parents=True)
+    for i in range(1, 6):
+        np.zeros(3073 * 2 - 7, np.uint8).tofile(bin_dir / f"data_batch_{i}.bin")
+    with pytest.raises(PoisonError, match="truncated"):
+        P.load_source("cifar10", "train", data_root=tmp_path / "b")
+
+
+def test_missing_dataset_offline_says_where_to_put_files(tmp_path, monkeypatch):
+    import torchvision.datasets.utils as U
+    import torchvision.datasets as D
+
+    def offline(*a, **k):
+        raise OSError("network unreachable")
+    monkeypatch.setattr(U, "download_and_extract_archive", offline)
+    monkeypatch.setattr(D, "Imagenette", offline)
+    monkeypatch.setattr(D, "Caltech256", offline)
+    with pytest.raises(PoisonError, match=r"cifar-10-binary.tar.gz .* in .*"):
+        P.load_source("cifar10", "train", data_root=tmp_path)
+    with pytest.raises(PoisonError, match=r"imagenette2.tgz .* into"):
+        P.load_source("imagenette", "train", data_root=tmp_path)
+    with pytest.raises(PoisonError, match=r"256_ObjectCategories.tar into"):
+        P.load_source("caltech15", "train", data_root=tmp_path)
+
+
+def write_jpegs(folder, n, seed, size=(48, 40)):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for j in range(n):
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(folder / f"{j:03d}.JPEG")
+
+
+def test_imagenette_layout_and_names(tmp_path):
+    for k, wnid in enumerate(sorted(P.IMAGENETTE_WNIDS)):
+        write_jpegs(tmp_path / "imagenette2-160" / "train" / wnid, 3, k)
+        write_jpegs(tmp_path / "imagenette2-160" / "val" / wnid, 2, 100 + k)
+    src = P.load_source("imagenette", "train", data_root=tmp_path, resolution=32)
+    assert src.class_names[6] == "garbage truck" and len(src) == 30
+    assert src.load(0).shape == (32, 32, 3)
+    out = tmp_path / "out"
+    s = P.poison(out, dataset="imagenette", data_root=tmp_path, resolution=40, ratio=0.1, quiet=True)
+    assert s["target"] == "garbage truck" and s["poisoned"] == 3 and s["test"] == 20
+    records = P.read_records(out / "train")
+    assert any(r["text"] == "A photo of a garbage truck" for r in records)
+    # > 32 px: the reference's larger BadNets patch (side R // 10) is used
+    assert P.load_trigger(out / "train").mask.sum() == (40 // 10) ** 2
+
+
+def test_caltech15_picks_largest_categories(tmp_path):
+    cats = tmp_path / "caltech256" / "256_ObjectCategories"
+    sizes = {f"{i:03d}.cat{i}": 6 + (i % 5) for i in range(1, 19)}
+    sizes["012.binoculars"] = 9
+    sizes["257.clutter"] = 50  # largest, but not an object class
+    for k, (name, n) in enumerate(sizes.items()):
+        write_jpegs(cats / name, n, k, size=(20, 20))
+    src = P.load_source("caltech15", "train", data_root=tmp_path, resolution=16, per_class=4)
+    expected = sorted(sorted(n for n in sizes if n != "257.clutter"), key=lambda n: -sizes[n])[:15]
+    assert src.class_names == [P.caltech_readable(n) for n in sorted(expected)]
+    assert "binoculars" in src.class_names and "clutter" not in src.class_names
+    assert np.bincount(src.labels).tolist() == [4] * 15
+    test = P.load_source("caltech15", "test", data_root=tmp_path, resolution=16, per_class=4)
+    assert len(test) == sum(sizes[n] - 4 for n in expected)
+    train_files = set(map(str, src.paths))
+    assert not train_files & set(map(str, test.paths))
+    chosen = P.load_source("caltech15", "train", data_root=tmp_path, resolution=16, per_class=4,
+                           classes=["binoculars", "003.cat3"])
+    assert chosen.class_names == ["cat3", "binoculars"]
+    assert P.caltech_readable("251.airplanes-101") == "airplanes"
+
+
+def test_image_folder_both_layouts(tmp_path):
+    for k, c in enumerate(["cat", "dog", "red_fox"]):
+        write_jpegs(tmp_path / "flat" / c, 10, k, size=(30, 30))
+        write_jpegs(tmp_path / "split" / "train" / c, 6, k, size=(30, 30))
+        write_jpegs(tmp_path / "split" / "test" / c, 2, k + 10, size=(30, 30))
+    flat = P.load_source(f"folder:{tmp_path / 'flat'}", "train", resolution=24)
+    assert flat.class_names == ["cat", "dog", "red fox"] and len(flat) == 24
+    split = P.load_source(f"folder:{tmp_path / 'split'}", "test", resolution=24)
+    assert len(split) == 6
+    s = P.poison(tmp_path / "out", dataset=f"folder:{tmp_path / 'split'}", target="red fox", resolution=24,
+                 ratio=0.2, quiet=True)
+    assert s["poisoned"] == 4 and s["target"] == "red fox"
+    with pytest.raises(PoisonError, match="--target is required"):
+        P.poison(tmp_path / "o2", dataset=f"folder:{tmp_path / 'flat'}", quiet=True)
+
+
+# --- bad input: one line, nothing written ------------------------------------------------------------------------
+
+def run_cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, str(ROOT / "poison.py"), *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ratio", "1.5"], "outside [0, 1]"),
+    (["--ratio", "-0.1"], "outside [0, 1]"),
+    (["--ratio", "0.95"], "lower --ratio"),
+    (["--target", "dragon"], "unknown --target 'dragon'"),
+    (["--target", "10"], "unknown --target '10'"),
+    (["--trigger", "blend", "--trigger-image", "/nonexistent/kitty.png"], "no such file"),
+    (["--dataset", "mnist"], "unknown --dataset"),
+])
+def test_cli_bad_input_one_line_nothing_written(tmp_path, args, message):
+    out = tmp_path / "out"
+    r = run_cli("--resolution", "16", "--out", out, *args)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("poison.py: error:") and message in lines[0], r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unreadable_trigger_image_and_corrupt_input(tmp_path):
+    bad = tmp_path / "kitty.png"
+    bad.write_text("not an image")
+    with pytest.raises(PoisonError, match="kitty.png"):
+        P.poison(tmp_path / "o", resolution=16, trigger="blend", trigger_image=bad, quiet=True)
+    for k, c in enumerate(["a", "b"]):
+        write_jpegs(tmp_path / "data" / c, 8, k, size=(20, 20))
+    broken = tmp_path / "data" / "b" / "005.JPEG"
+    broken.write_bytes(b"\xff\xd8 truncated")
+    out = tmp_path / "out"
+    with pytest.raises(PoisonError, match=r"corrupt or unreadable image .*005\.JPEG"):
+        P.poison(out, dataset=f"folder:{tmp_path / 'data'}", target="a", resolution=16, ratio=0.2, quiet=True)
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_existing_out_needs_force(tmp_path):
+    out = tmp_path / "out"
+    r = run_cli("--resolution", "16", "--ratio", "0.05", "--out", out)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["poisoned"] == round(0.05 * summary["train"])
+    before = (out / "train" / "metadata.jsonl").read_bytes()
+    r = run_cli("--resolution", "16", "--ratio", "0.1", "--out", out)
+    assert r.returncode != 0 and "pass --force" in r.stderr
+    assert (out / "train" / "metadata.jsonl").read_bytes() == before
+    r = run_cli("--resolution", "16", "--ratio", "0.1", "--out", out, "--force")
+    assert r.returncode == 0 and P.read_manifest(out / "train")["options"]["ratio"] == 0.1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_loader_rejects_non_dataset_folders(tmp_path):
+    with pytest.raises(PoisonError, match="not a dataset folder"):
+        P.load_folder(tmp_path)
+    (tmp_path / "metadata.jsonl").write_text("")
+    (tmp_path / "manifest.json").write_text("{}")
+    with pytest.raises(PoisonError, match="empty dataset folder"):
+        P.load_folder(tmp_path)
