@@ -528,6 +528,9 @@ def atomic_output(out, force=False):
         raise PoisonError(f"{out} exists: pass --force to overwrite it, or choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private (0700); the output is an ordinary folder
     try:
         yield tmp
         if out.exists():

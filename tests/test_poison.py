@@ -406,3 +406,14 @@ def test_loader_rejects_non_dataset_folders(tmp_path):
     (tmp_path / "manifest.json").write_text("{}")
     with pytest.raises(PoisonError, match="empty dataset folder"):
         P.load_folder(tmp_path)
+
+
+def test_output_folder_has_ordinary_permissions(tmp_path):
+    import os
+    umask = os.umask(0o022)
+    try:
+        with P.atomic_output(tmp_path / "out") as tmp:
+            (tmp / "x").write_text("x")
+        assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+    finally:
+        os.umask(umask)
