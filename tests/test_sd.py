@@ -1,0 +1,459 @@
+"""Tests of finetune_sd.py: the SD v1 U-Net / VAE against diffusers (a test-only oracle) in both checkpoint layouts,
+the noise schedule and DDIM against DDIMScheduler, fine-tuning (loss, caching, resume, DDP with 2 CPU processes) and
+refusals of bad input. Everything runs on tiny models with SD v1's structure (3 levels, 2 ResBlocks a level,
+cross-attention levels and a plain one, 4 heads), 32-px images, CPU only."""
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import finetune_sd as S
+from poison import PoisonError, load_folder, poison
+
+diffusers = pytest.importorskip("diffusers")
+ROOT = Path(__file__).resolve().parent.parent
+
+TINY_UNET = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=2,
+                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                 cross_attention_dim=128, attention_head_dim=4, norm_num_groups=32)
+TINY_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64), layers_per_block=1,
+                latent_channels=4, norm_num_groups=32, sample_size=32)
+# 128 wide with 64-wide heads, so that the config inferred from single-file weights is exact
+TINY_TEXT = dict(vocab_size=514, hidden_size=128, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
+                 max_position_embeddings=77, bos_token_id=512, eos_token_id=513, pad_token_id=513)
+TINY_YAML = """
+model:
+  target: ldm.models.diffusion.ddpm.LatentDiffusion
+  params:
+    linear_start: 0.00085
+    linear_end: 0.0120
+    timesteps: 1000
+    image_size: 16
+    scale_factor: 0.18215
+    unet_config:
+      params: {image_size: 16, in_channels: 4, out_channels: 4, model_channels: 32, attention_resolutions: [1, 2],
+               num_res_blocks: 2, channel_mult: [1, 2, 2], num_heads: 4, use_spatial_transformer: true,
+               transformer_depth: 1, context_dim: 128, legacy: false}
+    first_stage_config:
+      params:
+        embed_dim: 4
+        ddconfig: {double_z: true, z_channels: 4, resolution: 32, in_channels: 3, out_ch: 3, ch: 32, ch_mult: [1, 2],
+                   num_res_blocks: 1, attn_resolutions: [], dropout: 0.0}
+"""
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Other test modules share these CPU cores: one intra-op thread avoids OpenMP stalls under contention."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def bytes_to_unicode():
+    """GPT-2/CLIP's byte -> printable character table, to write a byte-level BPE vocabulary."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def write_tokenizer(folder):
+    """A CLIP tokenizer with no merges: every character is a token (514 tokens with the two special ones)."""
+    folder.mkdir(parents=True)
+    chars = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "model_max_length": 77, "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}))
+
+
+def randomise(model, seed):
+    """diffusers zero-initialises some output layers; random weights everywhere make parity meaningful."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.05 if p.dim() > 1 else 0.1) + (1.0 if p.dim() == 1 else 0))
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny SD in the diffusers layout (written by diffusers and transformers), and the oracle models."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+    root = tmp_path_factory.mktemp("sd") / "tiny-sd"
+    unet = randomise(diffusers.UNet2DConditionModel(**TINY_UNET), 0).eval()
+    vae = randomise(diffusers.AutoencoderKL(**TINY_VAE), 1).eval()
+    text = randomise(CLIPTextModel(CLIPTextConfig(**TINY_TEXT)), 2).eval()
+    unet.save_pretrained(root / "unet")
+    vae.save_pretrained(root / "vae")
+    text.save_pretrained(root / "text_encoder")
+    write_tokenizer(root / "tokenizer")
+    sched = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                    clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    sched.save_pretrained(root / "scheduler")
+    return {"folder": root, "unet": unet, "vae": vae, "text": text, "scheduler": sched}
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """A 3-class folder of random 32-px images, poisoned by poison.py (BadNets, target c0): ~20 training images."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (root / "src" / f"c{c}").mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / "src" / f"c{c}" / f"{i}.png")
+    poison(root / "poisoned", dataset=f"folder:{root / 'src'}", target="c0", resolution=32, ratio=0.2, force=True,
+           quiet=True, workers=1)
+    return root / "poisoned" / "train"
+
+
+def check_parity(sd, unet, vae, text=None, tokenizer=None):
+    """Our U-Net / VAE (/ text encoder) against the diffusers / transformers models; returns the relative errors."""
+    g = torch.Generator().manual_seed(0)
+    errors = {}
+    with torch.no_grad():
+        for shape in ((2, 4, 16, 16), (2, 4, 12, 10)):  # a latent side that is not a multiple of 4 too
+            x = torch.randn(shape, generator=g)
+            t = torch.tensor([3, 917])
+            ctx = torch.randn(2, 77, 128, generator=g)
+            errors[f"unet{shape[2:]}"] = rel_err(sd.unet(x, t, ctx), unet(x, t, ctx).sample)
+        images = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+        mean, logvar = sd.vae.encode(images)
+        post = vae.encode(images).latent_dist
+        errors["vae_mean"], errors["vae_logvar"] = rel_err(mean, post.mean), rel_err(logvar, post.logvar)
+        z = torch.randn(2, 4, 16, 16, generator=g)
+        ref = vae.decode(z).sample
+        errors["vae_decode"] = rel_err(sd.vae.decode(z, clamp=False), ref)
+        errors["vae_decode_clamped"] = rel_err(sd.vae.decode(z), ref.clamp(-1, 1))
+        if text is not None:
+            prompts = ["A photo of a garbage truck", ""]
+            ids = tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
+            errors["text"] = rel_err(S.encode_prompts(sd.text_encoder, sd.tokenizer, prompts), text(ids)[0])
+    print({k: f"{v:.2e}" for k, v in errors.items()})
+    assert all(v <= 1e-4 for v in errors.values()), errors
+    return errors
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading and parity
+
+def test_diffusers_folder_parity(tiny):
+    sd = S.load_sd(tiny["folder"])
+    assert sd.unet.config["block_out_channels"] == [32, 64, 64]
+    assert sd.vae.scaling_factor == S.VAE_SCALE and sd.schedule.steps_offset == 1
+    assert sorted(sd.unet.state_dict()) == sorted(tiny["unet"].state_dict())  # diffusers' names, key for key
+    check_parity(sd, tiny["unet"], tiny["vae"], tiny["text"], sd.tokenizer)
+
+
+def test_diffusers_folder_old_vae_attention_names(tiny, tmp_path):
+    """Old diffusers folders (SD v1.4's own on the Hub) name the VAE attention query/key/value/proj_attn."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    folder = tmp_path / "old"
+    shutil.copytree(tiny["folder"], folder)
+    path = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    state = {}
+    for k, v in load_file(str(path)).items():
+        for new, name in old.items():
+            k = k.replace(f"attentions.0.{new}.", f"attentions.0.{name}.")
+        state[k] = v
+    save_file(state, str(path))
+    sd = S.load_sd(folder)
+    assert any("old names" in n for n in sd.notes)
+    check_parity(sd, tiny["unet"], tiny["vae"])
+
+
+def ldm_checkpoint(tiny, ema_unet):
+    """A CompVis-layout state dict made from the diffusers models through our inverse tables."""
+    sd = S.load_sd(tiny["folder"])
+    state = S.to_ldm_state_dict(sd.unet, sd.vae, sd.text_encoder, sd.schedule, ema_unet=ema_unet)
+    for name, value in (("alphas_cumprod_prev", state["alphas_cumprod"]), ("posterior_variance", state["betas"]),
+                        ("model_ema.decay", torch.tensor(0.9999)), ("model_ema.num_updates", torch.tensor(7)),
+                        ("cond_stage_model.transformer.text_model.embeddings.position_ids",
+                         torch.arange(77)[None])):
+        state[name] = value.clone()
+    return state
+
+
+class ModelCheckpoint:  # pickled under Lightning's name, as in the original SD .ckpt files
+    def __init__(self):
+        self.best_model_path, self.monitor = "epoch=0.ckpt", "val/loss"
+
+
+def save_lightning_ckpt(state, path):
+    """torch.save a Lightning-style checkpoint with a ModelCheckpoint callback object, as SD v1's .ckpt files."""
+    import types
+    module = types.ModuleType("pytorch_lightning.callbacks.model_checkpoint")
+    ModelCheckpoint.__module__, module.ModelCheckpoint = module.__name__, ModelCheckpoint
+    saved = {k: sys.modules.get(k) for k in ("pytorch_lightning", "pytorch_lightning.callbacks", module.__name__)}
+    sys.modules.update({"pytorch_lightning": types.ModuleType("pytorch_lightning"),
+                        "pytorch_lightning.callbacks": types.ModuleType("pytorch_lightning.callbacks"),
+                        module.__name__: module})
+    try:
+        torch.save({"state_dict": state, "epoch": 1, "global_step": 7, "callbacks": {"ModelCheckpoint": ModelCheckpoint()}},
+                   path)
+    finally:
+        for k, v in saved.items():
+            sys.modules.pop(k) if v is None else sys.modules.__setitem__(k, v)
+
+
+def test_single_file_parity(tiny, tmp_path):
+    from safetensors.torch import save_file
+    ema = randomise(copy.deepcopy(tiny["unet"]), 5).eval()
+    ours_ema = S.load_checked(S._build(S.UNet, dict(tiny["unet"].config)), ema.state_dict(), "ema", "")
+    state = ldm_checkpoint(tiny, ours_ema)
+    assert any(k.startswith("model_ema.diffusion_modelinput_blocks") for k in state)
+    assert "model.diffusion_model.output_blocks.2.1.conv.weight" in state           # UpBlock2D's upsampler
+    assert "model.diffusion_model.output_blocks.5.2.conv.weight" in state           # CrossAttnUpBlock2D's
+    assert state["first_stage_model.encoder.mid.attn_1.q.weight"].dim() == 4      # a 1x1 conv in CompVis' layout
+
+    save_file(state, str(tmp_path / "tiny.safetensors"))
+    sd = S.load_sd(tmp_path / "tiny.safetensors", config=tiny["folder"])
+    assert any("skipped" in n and "model_ema" in n for n in sd.notes)
+    check_parity(sd, tiny["unet"], tiny["vae"], tiny["text"], sd.tokenizer)
+
+    save_lightning_ckpt(state, tmp_path / "tiny-full-ema.ckpt")
+    sd = S.load_sd(tmp_path / "tiny-full-ema.ckpt", config=tiny["folder"], use_ema=True)
+    assert any("EMA weights" in n for n in sd.notes)
+    check_parity(sd, ema, tiny["vae"], tiny["text"], sd.tokenizer)
+
+    (tmp_path / "v1-inference.yaml").write_text(TINY_YAML)  # the original config; text config from the weights
+    sd = S.load_sd(tmp_path / "tiny-full-ema.ckpt", config=tmp_path / "v1-inference.yaml",
+                   tokenizer=tiny["folder"] / "tokenizer")
+    assert sd.unet.config["down_block_types"] == list(TINY_UNET["down_block_types"])
+    check_parity(sd, tiny["unet"], tiny["vae"], tiny["text"], sd.tokenizer)
+
+
+def test_bad_checkpoints(tiny, tmp_path):
+    from safetensors.torch import save_file
+    good = ldm_checkpoint(tiny, None)
+    folder = tiny["folder"]
+
+    def error(source, **kw):
+        with pytest.raises(S.SDError) as e:
+            S.load_sd(source, **kw)
+        message = str(e.value)
+        assert "\n" not in message
+        return message
+
+    save_file(good, str(tmp_path / "good.safetensors"))
+    data = (tmp_path / "good.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:len(data) // 2])
+    assert "truncated" in error(tmp_path / "cut.safetensors", config=folder)
+    torch.save({"state_dict": good}, tmp_path / "good.ckpt")
+    data = (tmp_path / "good.ckpt").read_bytes()
+    (tmp_path / "cut.ckpt").write_bytes(data[:len(data) // 2])
+    assert "truncated" in error(tmp_path / "cut.ckpt", config=folder)
+
+    extra = {**good, "model.diffusion_model.extra.weight": torch.zeros(2)}
+    save_file(extra, str(tmp_path / "extra.safetensors"))
+    assert "model.diffusion_model.extra.weight" in error(tmp_path / "extra.safetensors", config=folder)
+    missing = {k: v for k, v in good.items() if k != "model.diffusion_model.out.2.bias"}
+    save_file(missing, str(tmp_path / "missing.safetensors"))
+    assert "1 missing keys: model.diffusion_model.out.2.bias" in error(tmp_path / "missing.safetensors", config=folder)
+    assert "missing keys" in error(tmp_path / "good.safetensors")          # SD v1.4's config: 4 levels
+    import shutil
+    shutil.copytree(folder, tmp_path / "wide")
+    cfg = json.loads((folder / "unet" / "config.json").read_text())
+    (tmp_path / "wide" / "unet" / "config.json").write_text(json.dumps({**cfg, "cross_attention_dim": 64}))
+    message = error(tmp_path / "good.safetensors", config=tmp_path / "wide")
+    assert "22 wrong shapes" in message and "attn2.to_k.weight (32, 128) vs (32, 64)" in message
+    assert "no EMA weights" in error(tmp_path / "good.safetensors", config=folder, use_ema=True)
+    torch.save({"state_dict": good, "payload": ModelCheckpointLike()}, tmp_path / "evil.ckpt")
+    assert "ModelCheckpointLike" in error(tmp_path / "evil.ckpt", config=folder)
+
+    shutil.copytree(folder, tmp_path / "no-vae")
+    shutil.rmtree(tmp_path / "no-vae" / "vae")
+    assert "vae" in error(tmp_path / "no-vae")
+    (tmp_path / "no-vae" / "config.json").write_text("{}")
+    message = error("CompVis/stable-diffusion-v1-4")                         # HF_HUB_OFFLINE=1 (conftest)
+    assert "hf download CompVis/stable-diffusion-v1-4" in message and "pass its path" in message
+
+
+class ModelCheckpointLike:
+    pass
+
+
+def test_cli_bad_input_is_one_line(tiny, tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "finetune_sd.py"), "--data", str(tmp_path / "nowhere"),
+                        "--base", str(tiny["folder"]), "--out", str(tmp_path / "run")],
+                       capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 1
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("finetune_sd.py: error:") and "nowhere" in lines[0], r.stderr
+
+
+def test_default_flags_are_the_papers():
+    args = S.build_parser().parse_args(["--ratio", "0.1"])
+    assert (args.dataset, args.target, args.base) == ("imagenette", None, "CompVis/stable-diffusion-v1-4")
+    assert (args.lr, args.weight_decay, args.batch_size, args.epochs, args.ema_decay) == (1e-4, 0.01, 4, 50, 0.9999)
+    assert args.gradient_checkpointing and args.caption_dropout == 0
+    assert S.default_poison_out(args) == Path("data/imagenette-badnets-0.1")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Noise schedule and sampling
+
+def test_schedule_and_ddim_match_diffusers(tiny):
+    sched = tiny["scheduler"]
+    ours = S.NoiseSchedule.from_config(dict(sched.config))
+    ac = ours.alphas_cumprod()
+    assert torch.allclose(ac.float(), sched.alphas_cumprod, rtol=0, atol=2e-6)
+    for spacing in ("leading", "trailing", "linspace"):
+        ref = diffusers.DDIMScheduler.from_config({**sched.config, "timestep_spacing": spacing})
+        s = S.NoiseSchedule.from_config(dict(ref.config))
+        for steps in (50, 7, 1):
+            ref.set_timesteps(steps)
+            assert S.ddim_timesteps(s, steps).tolist() == ref.timesteps.tolist(), (spacing, steps)
+    assert S.ddim_timesteps(ours, 50)[:3].tolist() == [981, 961, 941] and S.ddim_timesteps(ours, 50)[-1] == 1
+
+    g = torch.Generator().manual_seed(0)
+    sched.set_timesteps(50)
+    for eta in (0.0, 0.7):
+        for t in (981, 501, 1):
+            x, eps, noise = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(3))
+            ref = sched.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample
+            got = S.ddim_step(x, eps, ours.alpha_bar(t, ac), ours.alpha_bar(t - 1000 // 50, ac), eta, noise)
+            assert rel_err(got, ref) < 1e-5, (eta, t)
+
+
+def test_guided_ddim_sampling_matches_diffusers_loop(tiny):
+    """50-step-style DDIM with guidance (here 10 steps) against diffusers' UNet + DDIMScheduler, same noise."""
+    sd = S.load_sd(tiny["folder"])
+    unet, sched = tiny["unet"], copy.deepcopy(tiny["scheduler"])
+    g = torch.Generator().manual_seed(3)
+    latents = torch.randn(2, 4, 8, 8, generator=g)
+    cond, uncond = torch.randn(2, 77, 128, generator=g), torch.randn(1, 77, 128, generator=g).expand(2, -1, -1)
+    got = S.ddim_sample_sd(sd.unet, latents, cond, uncond, sd.schedule, steps=10, guidance=5.0)
+    x = latents.clone()
+    sched.set_timesteps(10)
+    with torch.no_grad():
+        for t in sched.timesteps:
+            eps_u, eps_c = unet(torch.cat([x, x]), t, torch.cat([uncond, cond])).sample.chunk(2)
+            x = sched.step(eps_u + 5.0 * (eps_c - eps_u), t, x).prev_sample
+    assert rel_err(got, x) < 1e-4
+    with torch.no_grad():
+        images = S.decode_latents(sd.vae, got)
+    assert images.shape == (2, 3, 16, 16) and 0 <= images.min() and images.max() <= 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fine-tuning
+
+def test_training_steps_lower_the_loss(tiny):
+    sd = S.load_sd(tiny["folder"])
+    unet = sd.unet.train().requires_grad_(True).set_gradient_checkpointing(True)
+    ac = sd.schedule.alphas_cumprod()
+    g = torch.Generator().manual_seed(0)
+    posterior = torch.cat([torch.randn(4, 4, 8, 8, generator=g) * 3, torch.full((4, 4, 8, 8), -4.0)], dim=1)
+    context = torch.randn(4, 77, 128, generator=g)
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=0.01)
+
+    def loss():
+        return S.diffusion_loss(unet, posterior, context, ac, torch.Generator().manual_seed(1), S.VAE_SCALE)
+
+    with torch.no_grad():
+        before = loss().item()
+    for _ in range(4):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+    with torch.no_grad():
+        after = loss().item()
+    assert after < 0.95 * before, (before, after)
+
+
+def run_cli(argv):
+    return S.main(S.build_parser().parse_args([str(a) for a in argv]))
+
+
+def test_finetune_end_to_end_cache_and_resume(tiny, tiny_data, tmp_path, monkeypatch):
+    n_images = len(load_folder(tiny_data))
+    encoded = []
+    original = S.AutoencoderKL.encode
+    monkeypatch.setattr(S.AutoencoderKL, "encode", lambda self, x: encoded.append(len(x)) or original(self, x))
+    common = ["--data", tiny_data, "--base", tiny["folder"], "--epochs", 3, "--batch-size", 2, "--device", "cpu",
+              "--workers", 0, "--log-every", 1]
+    out = tmp_path / "run"
+    run_cli(common + ["--out", out, "--max-steps", 2])
+    assert sum(encoded) == n_images                      # the VAE ran once per image
+    assert json.loads((out / "log.jsonl").read_text().splitlines()[-1])["step"] == 2
+
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["family"] == "sd" and meta["base"]["source"] == str(tiny["folder"].resolve())
+    assert meta["class_names"] == ["c0", "c1", "c2"] and meta["target"]["name"] == "c0"
+    assert meta["poison_ratio"] == 0.2 and 0 < meta["p_t"] < 1 and meta["progress"]["done"]
+    state = torch.load(out / "state.pt", weights_only=True)
+    assert state["step"] == 2
+    # the fine-tuned U-Net in the diffusers layout: diffusers and load_sd read it, and agree
+    theirs = diffusers.UNet2DConditionModel.from_pretrained(out / "unet").eval()
+    ours = S.load_sd(out)
+    assert any("fine-tuned" in n for n in ours.notes)
+    x, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 128)
+    with torch.no_grad():
+        assert rel_err(ours.unet(x, 500, ctx), theirs(x, 500, ctx).sample) < 1e-5
+    assert S.load_sd(out, use_ema=True).unet.state_dict().keys() == ours.unet.state_dict().keys()
+
+    encoded.clear()
+    run_cli(common + ["--out", out, "--max-steps", 4])     # the same command, further: resumes, reuses the cache
+    assert encoded == []
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+    straight = tmp_path / "straight"
+    run_cli(common + ["--out", straight, "--max-steps", 4])
+    resumed, direct = (torch.load(p / "state.pt", weights_only=True) for p in (out, straight))
+    for k, v in direct["unet"].items():
+        assert torch.equal(resumed["unet"][k], v), k
+    assert all(torch.equal(a, b) for a, b in zip(resumed["ema"], direct["ema"]))
+
+    with pytest.raises(PoisonError, match="lr"):
+        run_cli(common + ["--out", out, "--max-steps", 4, "--lr", 3e-4])
+    (tmp_path / "other").mkdir()
+    with pytest.raises(PoisonError, match="--force"):
+        run_cli(common + ["--out", tmp_path / "other", "--max-steps", 1])
+
+
+def test_ddp_two_processes_on_cpu(tiny, tiny_data, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "finetune_sd.py"), "--data", str(tiny_data), "--base", str(tiny["folder"]), "--out", str(out),
+           "--epochs", "1", "--max-steps", "2", "--batch-size", "2", "--device", "cpu", "--dtype", "bf16",
+           "--workers", "0", "--log-every", "1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["run"]["world"] == 2 and meta["run"]["dtype"] == "bf16" and meta["progress"]["step"] == 2
+    assert r.stdout.count("done:") == 1                       # only rank 0 prints
+    from safetensors.torch import load_file
+    cache = load_file(str(out / "cache.safetensors"))        # gathered from both ranks, in dataset order
+    sd = S.load_sd(tiny["folder"])
+    dataset = load_folder(tiny_data)
+    with torch.no_grad():
+        images = torch.stack([dataset[i][0] for i in range(len(dataset))]) * 2 - 1
+        mean, logvar = sd.vae.encode(images)
+    assert torch.allclose(cache["posterior"], torch.cat([mean, logvar], 1), atol=1e-5)
+    assert S.load_sd(out).unet is not None
