@@ -1,0 +1,832 @@
+"""classify.py -- image classifiers that judge datasets and generations: test accuracy (TA), attack success rate
+(ASR), the trigger detector and the class classifier of the paper ("From Trojan Horses to Castle Walls", Pan, Yao
+et al.).
+
+    # a classifier trained on the poisoned set: TA on OUT/test and ASR on OUT/test_backdoor after every epoch
+    python classify.py train --data data/digits-badnets-0.1 --arch smallcnn --epochs 10 --out runs/clf-poisoned
+    # the class classifier that judges whether a generation matches its prompt (the clean training images only)
+    python classify.py train --data data/digits-badnets-0.1 --clean --arch smallcnn --out runs/clf-class
+    # the trigger detector: clean training images, half of the non-target ones stamped with the set's trigger
+    python classify.py trigger-detector --data data/digits-badnets-0.1 --arch smallcnn --out runs/detector
+    # a classifier trained on generations (the paper's Tab. 4: ImageNet-pretrained ResNet-50, lr 1e-3, batch 50)
+    python classify.py train --data runs/generations --test data/inette/test --backdoor data/inette/test_backdoor \
+        --arch resnet50 --pretrained --lr 1e-3 --batch-size 50 --epochs 10 --out runs/clf-generated
+    # TA / ASR of a saved classifier (or clean accuracy / detection rate of a trigger detector)
+    python classify.py eval --classifier runs/clf-poisoned --data data/digits-badnets-0.1
+    torchrun --nproc_per_node 4 classify.py train --data data/inette-badnets-0.1 --arch resnet50 --pretrained ...
+
+`--data` takes a poisoned set (OUT of poison.py: its train/ is trained on, test/ and test_backdoor/ evaluated) or any
+dataset folder (a poisoned or clean training set, a folder of generations). A classifier folder holds config.json
+(architecture, classes, input size, normalisation, task, training options), model.safetensors and results.json (TA
+and ASR of every epoch; the final values, and separately the best over epochs, which the reference code reported).
+
+Architectures: the paper's torchvision resnet18, resnet50, vgg16, densenet121 (ImageNet weights with --pretrained:
+torchvision's download, or --weights FILE), and `smallcnn`, which is NOT from the paper: a 5-convolution network so
+that the embedded digits default trains in seconds on a CPU. Inputs of at most 64 px get the CIFAR-style stem
+(3x3 convolution, stride 1, no max-pool); pretrained networks see 224 px by default. Resizing and normalisation live
+inside the model, so callers always feed images in [0, 1].
+
+Python API for later stages: `load_classifier(dir)` -> (model, config); `model(x)` gives logits and
+`model.features(x)` the penultimate features (`model.backbone` + `model.head`); `predict(model, data)` -> (labels,
+probabilities); `evaluate(model, config, test, backdoor)` -> TA / ASR; `train_classifier(...)`,
+`train_trigger_detector(...)`.
+"""
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from tqdm import tqdm
+
+from poison import PoisonError, atomic_output, load_folder, load_trigger, versions
+
+ARCHS = ("smallcnn", "resnet18", "resnet50", "vgg16", "densenet121")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_SIZE = 224        # the input size ImageNet weights were trained at
+SMALL_INPUT = 64           # at or below this side: the CIFAR-style stem (3x3 conv, stride 1, no max-pool)
+VGG_MIN_INPUT = 32         # VGG's five 2x2 max-pools need at least 32 px
+IN_MEMORY_BYTES = 2 ** 30  # datasets up to this size (uint8) are held in memory
+TORCHVISION_WEIGHTS = {"resnet18": "ResNet18_Weights.IMAGENET1K_V1", "resnet50": "ResNet50_Weights.IMAGENET1K_V1",
+                       "vgg16": "VGG16_Weights.IMAGENET1K_V1", "densenet121": "DenseNet121_Weights.IMAGENET1K_V1"}
+# torchvision keys the backbone does not hold: the ImageNet head (ours has our classes) and, for small inputs,
+# the 7x7 stem (replaced by a 3x3 one) and VGG's fully connected layers (replaced by global average pooling).
+DROPPED_KEYS = {
+    ("resnet18", False): ("fc.",), ("resnet18", True): ("fc.", "conv1."),
+    ("resnet50", False): ("fc.",), ("resnet50", True): ("fc.", "conv1."),
+    ("densenet121", False): ("classifier.",), ("densenet121", True): ("classifier.", "features.conv0."),
+    ("vgg16", False): ("classifier.6.",), ("vgg16", True): ("classifier.",),
+}
+# Old DenseNet checkpoints name layers 'norm.1' where the module is now 'norm1' (torchvision renames them the same way).
+DENSENET_OLD_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+TRIGGER_CLASSES = ["clean", "trigger"]
+
+
+class ClassifyError(PoisonError):
+    """Bad input: the message is one line naming the problem and the fix."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models. Every model is a Classifier: images in [0, 1] -> resize to input_size -> normalise -> backbone (penultimate
+# features, N x D) -> head (Linear D -> classes, logits).
+
+class SmallCNN(nn.Module):
+    """Not from the paper: five 3x3 conv-BN-ReLU layers (width w, w, 2w, 2w, 4w, two max-pools) and global average
+    pooling, (N, 3, H, W) -> (N, 4w). Trains on 16-px digits in seconds on a CPU."""
+
+    def __init__(self, width=16):
+        super().__init__()
+
+        def block(c_in, c_out):
+            return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+
+        w = width
+        self.layers = nn.Sequential(*block(3, w), *block(w, w), nn.MaxPool2d(2),
+                                    *block(w, 2 * w), *block(2 * w, 2 * w), nn.MaxPool2d(2),
+                                    *block(2 * w, 4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.out_features = 4 * w
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+class VGGBackbone(nn.Module):
+    """torchvision's VGG-16 without its last layer, keeping its module names (features, classifier) so ImageNet
+    weights load by name. Small inputs: the 13 convolutions and global average pooling (512), as CIFAR VGGs do;
+    otherwise the 7x7 average pool and fc6/fc7 (4096)."""
+
+    def __init__(self, net, small):
+        super().__init__()
+        self.features = net.features
+        self.small = small
+        if small:
+            self.out_features = 512
+        else:
+            self.avgpool = net.avgpool
+            self.classifier = nn.Sequential(*list(net.classifier.children())[:-1])
+            self.out_features = 4096
+
+    def forward(self, x):
+        x = self.features(x)
+        if self.small:
+            return F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return self.classifier(torch.flatten(self.avgpool(x), 1))
+
+
+class Classifier(nn.Module):
+    """Images in [0, 1] (N, 3, H, W) -> logits (N, classes). `features(x)` gives the penultimate features (N, D)
+    that detectors use; resizing (bilinear) and normalisation happen here, so callers never do either."""
+
+    def __init__(self, backbone, num_features, num_classes, input_size, mean=None, std=None):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(num_features, num_classes)
+        self.input_size = input_size
+        self.register_buffer("mean", None if mean is None else torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", None if std is None else torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def prepare(self, x):
+        s = self.input_size
+        if tuple(x.shape[-2:]) != (s, s):
+            x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=x.shape[-1] > s)
+        if self.mean is not None:
+            x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        return x
+
+    def features(self, x):
+        return self.backbone(self.prepare(x))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def build_model(arch, num_classes, input_size, width=16, normalization=None):
+    """A randomly initialised Classifier. input_size <= SMALL_INPUT gets the CIFAR-style stem. `normalization`:
+    None or {"mean": [3], "std": [3]}."""
+    if arch not in ARCHS:
+        raise ClassifyError(f"unknown --arch {arch!r}: choose one of {', '.join(ARCHS)}")
+    small = input_size <= SMALL_INPUT
+    if arch == "smallcnn":
+        backbone = SmallCNN(width)
+    elif arch in ("resnet18", "resnet50"):
+        backbone = getattr(torchvision.models, arch)(weights=None)
+        if small:
+            backbone.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+            backbone.maxpool = nn.Identity()
+        backbone.out_features = backbone.fc.in_features
+        backbone.fc = nn.Identity()
+    elif arch == "densenet121":
+        backbone = torchvision.models.densenet121(weights=None)
+        if small:
+            backbone.features.conv0 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+            backbone.features.pool0 = nn.Identity()
+        backbone.out_features = backbone.classifier.in_features
+        backbone.classifier = nn.Identity()
+    else:
+        backbone = VGGBackbone(torchvision.models.vgg16(weights=None), small)
+    norm = normalization or {}
+    return Classifier(backbone, backbone.out_features, num_classes, input_size, norm.get("mean"), norm.get("std"))
+
+
+def model_input_size(arch, resolution, pretrained, input_size=None):
+    """The side the model sees: as asked; else 224 for ImageNet weights, the data's own size otherwise (at least
+    32 for VGG)."""
+    size = input_size or (IMAGENET_SIZE if pretrained else resolution)
+    return max(size, VGG_MIN_INPUT) if arch == "vgg16" else size
+
+
+def read_state_dict(path):
+    """A state dict from a .safetensors file or a torch file of tensors (never unpickles code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ClassifyError(f"--weights {path}: no such file; give a state dict (.pth/.pt/.safetensors)")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ClassifyError(f"--weights {path} is not a plain state dict of tensors ({type(e).__name__}): save "
+                            "one with torch.save(model.state_dict(), FILE)") from None
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise ClassifyError(f"--weights {path} holds a {type(sd).__name__}, not a state dict")
+    return sd
+
+
+def imagenet_state_dict(arch, weights_file=None, progress=True):
+    """torchvision-named ImageNet weights of `arch`: from `weights_file`, or torchvision's download (cached)."""
+    if arch not in TORCHVISION_WEIGHTS:
+        raise ClassifyError(f"--pretrained: there are no ImageNet weights for {arch}; choose one of "
+                            f"{', '.join(TORCHVISION_WEIGHTS)} or train from scratch")
+    if weights_file:
+        sd, source = read_state_dict(weights_file), f"file:{weights_file}"
+    else:
+        weights = torchvision.models.get_weight(TORCHVISION_WEIGHTS[arch])
+        try:
+            sd = torch.hub.load_state_dict_from_url(weights.url, progress=progress, check_hash=True,
+                                                    weights_only=True)
+        except Exception as e:
+            raise ClassifyError(f"could not download the ImageNet weights of {arch} from {weights.url} "
+                                f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}): download "
+                                "that file elsewhere and pass --weights FILE, or train from scratch without "
+                                "--pretrained") from None
+        source = f"torchvision:{TORCHVISION_WEIGHTS[arch]}"
+    if all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    if arch == "densenet121":
+        sd = {(DENSENET_OLD_KEY.sub(r"\1\2", k)): v for k, v in sd.items()}
+    return sd, source
+
+
+def load_pretrained_backbone(model, arch, sd):
+    """Load torchvision-named ImageNet weights into model.backbone; every key is accounted for: the dropped ones
+    are those of DROPPED_KEYS, and anything else missing or unexpected is named and refused."""
+    small = model.input_size <= SMALL_INPUT
+    dropped = DROPPED_KEYS[(arch, small)]
+    kept = {k: v for k, v in sd.items() if not k.startswith(dropped)}
+    own = model.backbone.state_dict()
+    missing = sorted(set(own) - set(kept) - {k for k in own if k.startswith(dropped)})
+    unexpected = sorted(set(kept) - set(own))
+    if missing or unexpected:
+        raise ClassifyError(f"the pretrained weights do not fit {arch}: missing {missing[:5]}"
+                            f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                            f"{' ...' if len(unexpected) > 5 else ''}; pass the ImageNet state dict of {arch}")
+    bad = [k for k in kept if kept[k].shape != own[k].shape]
+    if bad:
+        raise ClassifyError(f"the pretrained weights do not fit {arch}: {bad[0]} has shape "
+                            f"{tuple(kept[bad[0]].shape)}, the model {tuple(own[bad[0]].shape)}")
+    model.backbone.load_state_dict(kept, strict=False)
+    return sorted(k for k in sd if k.startswith(dropped))
+
+
+def save_classifier(out, model, config, results, force=False):
+    """Write a classifier folder: config.json, model.safetensors, results.json (atomically)."""
+    from safetensors.torch import save_file
+    with atomic_output(out, force) as tmp:
+        sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(sd, str(tmp / "model.safetensors"))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+def load_classifier(folder, device="cpu"):
+    """(model in eval mode, config) from a classifier folder. model(x) -> logits, model.features(x) ->
+    penultimate features, x in [0, 1]; config has arch, task, class_names, input_size, normalization."""
+    from safetensors.torch import load_file
+    folder = Path(folder)
+    if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
+        raise ClassifyError(f"{folder} is not a classifier folder (config.json + model.safetensors): make one "
+                            "with classify.py train or classify.py trigger-detector")
+    config = json.loads((folder / "config.json").read_text())
+    model = build_model(config["arch"], config["num_classes"], config["input_size"], config.get("width") or 16,
+                        config.get("normalization"))
+    sd = load_file(str(folder / "model.safetensors"))
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    if missing or unexpected:
+        raise ClassifyError(f"{folder}/model.safetensors does not fit its config.json: missing {missing[:5]}, "
+                            f"unexpected {unexpected[:5]}; the folder is damaged, train it again")
+    model.load_state_dict(sd)
+    return model.to(device).eval(), config
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: uint8 images of a dataset folder with the labels to learn (possibly not the folder's: trigger flags), the
+# trigger stamped on chosen ones. Pixels become float on the device, where augmentation happens too.
+
+class ImageSet(torch.utils.data.Dataset):
+    """Items (uint8 (3, H, W), label) for `indices` of a FolderDataset, labels `labels`, the trigger stamped on the
+    images where `stamp` is true. Held in memory when small (up to IN_MEMORY_BYTES), read from disk otherwise."""
+
+    def __init__(self, folder, indices=None, labels=None, stamp=None, trigger=None, in_memory=None, progress=False):
+        self.folder = folder
+        self.indices = torch.arange(len(folder)) if indices is None else torch.as_tensor(indices, dtype=torch.long)
+        self.labels = folder.labels[self.indices] if labels is None else torch.as_tensor(labels, dtype=torch.long)
+        self.stamp = torch.zeros(len(self.indices), dtype=torch.bool) if stamp is None else torch.as_tensor(stamp)
+        self.trigger = trigger
+        if self.stamp.any() and trigger is None:
+            raise ClassifyError("images to stamp but no trigger given")
+        self.size = tuple(folder.image_uint8(int(self.indices[0])).shape[-2:]) if len(self.indices) else None
+        self.cache = None
+        if in_memory is None:
+            in_memory = len(self.indices) * 3 * math.prod(self.size or (0, 0)) <= IN_MEMORY_BYTES
+        if in_memory and len(self.indices):
+            self.cache = torch.stack([self.load(j) for j in tqdm(range(len(self)), desc=f"load {folder.root.name}",
+                                                                 leave=False, disable=not progress)])
+
+    def __len__(self):
+        return len(self.indices)
+
+    def load(self, j):
+        x = self.folder.image_uint8(int(self.indices[j]))
+        if tuple(x.shape[-2:]) != self.size:  # a folder of mixed sizes: bring all to the first one's
+            x = F.interpolate(x[None].float(), size=self.size, mode="bilinear", antialias=True,
+                              align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)
+        if self.stamp[j]:
+            x = self.trigger.apply(x[None].double() / 255.0).mul(255.0).round().clamp(0, 255).to(torch.uint8)[0]
+        return x
+
+    def __getitem__(self, j):
+        return (self.cache[j] if self.cache is not None else self.load(j)), int(self.labels[j])
+
+
+def map_labels(labels, from_names, to_names, what):
+    """Map label indices over `from_names` to indices over `to_names` by class name (case-insensitive); refuse
+    when a class present in `labels` is unknown to `to_names`."""
+    lowered = [n.lower() for n in to_names]
+    present = sorted(set(int(v) for v in torch.as_tensor(labels).tolist()))
+    unknown = [from_names[c] for c in present if from_names[c].lower() not in lowered]
+    if unknown:
+        common = sorted(set(n.lower() for n in from_names) & set(lowered))
+        reason = "no class names in common" if not common else f"classes {unknown} are unknown to it"
+        raise ClassifyError(f"{what} holds classes {from_names}, the classifier knows {list(to_names)}: {reason}; "
+                            "use a classifier trained on these classes")
+    table = torch.tensor([lowered.index(n.lower()) if n.lower() in lowered else -1 for n in from_names])
+    return table[torch.as_tensor(labels, dtype=torch.long)]
+
+
+def target_of(folder):
+    """The target class name of a dataset folder (from its manifest), or None."""
+    t = folder.manifest.get("target")
+    return t.get("name") if isinstance(t, dict) else t
+
+
+def evaluation_set(config, folder_path, what):
+    """An ImageSet of a folder with labels in the classifier's terms: class indices (class task), or trigger flags
+    (trigger task: the records' `poisoned`, i.e. whether the image carries the trigger)."""
+    folder = load_folder(folder_path)
+    if config["task"] == "trigger":
+        labels = folder.poisoned.long()
+    else:
+        labels = map_labels(folder.labels, folder.class_names, config["class_names"], f"{what} {folder_path}")
+    return ImageSet(folder, labels=labels)
+
+
+def batches(data, batch_size=256, workers=0):
+    """Float (B, 3, H, W) batches in [0, 1] of `data`: a tensor (uint8 or float in [0, 1]), a Dataset of
+    (image, label) (ImageSet, FolderDataset) or the path of a dataset folder."""
+    if isinstance(data, (str, Path)):
+        data = load_folder(data)
+    if torch.is_tensor(data):
+        for i in range(0, len(data), batch_size):
+            x = data[i:i + batch_size]
+            yield x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        return
+    for x, _ in torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=workers):
+        yield x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+
+
+@torch.no_grad()
+def predict(model, data, batch_size=256, device=None, progress=False, workers=0):
+    """(labels (N,), probabilities (N, classes)) of `model` on `data` (see `batches`), on the CPU."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    probs = []
+    n = len(data) if hasattr(data, "__len__") and not isinstance(data, (str, Path)) else None
+    for x in tqdm(batches(data, batch_size, workers), desc="predict", leave=False, disable=not progress,
+                  total=None if n is None else math.ceil(n / batch_size)):
+        probs.append(model(x.to(device)).float().softmax(-1).cpu())
+    model.train(was_training)
+    if not probs:
+        raise ClassifyError("nothing to predict: the data holds no images")
+    probs = torch.cat(probs)
+    return probs.argmax(-1), probs
+
+
+def accuracy(model, dataset, batch_size=256, device=None):
+    pred, _ = predict(model, dataset, batch_size, device)
+    return float((pred == dataset.labels).float().mean())
+
+
+def evaluate(model, config, test=None, backdoor=None, batch_size=256, device=None):
+    """Class classifier: {"ta": accuracy on the clean `test` folder, "asr": share of the `backdoor` folder (non-target
+    images with the trigger) predicted as the target class}. Trigger detector: {"clean_acc": share of `test`
+    judged clean, "detect_rate": share of `backdoor` judged to carry the trigger}. Folders or ImageSets."""
+    out = {}
+    if test is not None:
+        test = evaluation_set(config, test, "--test") if isinstance(test, (str, Path)) else test
+        out["ta" if config["task"] == "class" else "clean_acc"] = accuracy(model, test, batch_size, device)
+        out["n_test"] = len(test)
+    if backdoor is not None:
+        backdoor = evaluation_set(config, backdoor, "--backdoor") if isinstance(backdoor, (str, Path)) else backdoor
+        pred, _ = predict(model, backdoor, batch_size, device)
+        if config["task"] == "class":
+            out["asr"] = float((pred == backdoor.labels).float().mean())  # every label is the target's
+        else:
+            out["detect_rate"] = float((pred == 1).float().mean())
+        out["n_backdoor"] = len(backdoor)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training: SGD with momentum, weight decay, a cosine schedule (per step), random-translation (+ flip) augmentation;
+# DDP under torchrun; bf16 autocast on CUDA.
+
+def setup_device(flag):
+    """(device, rank, world) -- initialises the process group when launched by torchrun."""
+    if flag == "cuda" and not torch.cuda.is_available():
+        raise ClassifyError("--device cuda but no CUDA device is visible: use --device cpu or auto")
+    use_cuda = flag == "cuda" or (flag == "auto" and torch.cuda.is_available())
+    if "RANK" in os.environ:
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if use_cuda:
+            local = int(os.environ.get("LOCAL_RANK", 0))
+            torch.cuda.set_device(local)
+            return torch.device("cuda", local), rank, world
+        return torch.device("cpu"), rank, world
+    return torch.device("cuda" if use_cuda else "cpu"), 0, 1
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def autocast_for(device, dtype):
+    """(autocast context, GradScaler or None). dtype 'auto' = bf16 on CUDA, fp32 elsewhere."""
+    if dtype == "auto":
+        dtype = "bf16" if device.type == "cuda" else "fp32"
+    if dtype == "fp32" or device.type != "cuda":
+        return nullcontext(), None
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    scaler = torch.amp.GradScaler("cuda") if dtype == "fp16" else None
+    return torch.autocast("cuda", dtype=torch_dtype), scaler
+
+
+def augment(x, mode, generator):
+    """Random translation by up to side/8 px with zero padding (as RandomCrop(padding) does); 'flip-crop' also
+    flips half the batch horizontally. x: (N, 3, H, W) float."""
+    if mode == "none":
+        return x
+    n, _, h, w = x.shape
+    pad = max(1, h // 8)
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dy, dx = torch.randint(0, 2 * pad + 1, (2, n), generator=generator).tolist()
+    x = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+    if mode == "flip-crop":
+        flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    return x
+
+
+def cosine_lr(step, total, base):
+    return base * 0.5 * (1.0 + math.cos(math.pi * step / max(1, total)))
+
+
+def fit(model, train_set, evaluate_epoch, epochs=10, batch_size=128, lr=0.01, momentum=0.9, weight_decay=5e-4,
+        augment_mode="crop", device=torch.device("cpu"), dtype="auto", seed=0, rank=0, world=1, workers=0,
+        compile_model=False, progress=True):
+    """Train `model` in place on `train_set` (uint8 images); after every epoch rank 0 calls evaluate_epoch(model)
+    -> dict. Returns the per-epoch history."""
+    model.to(device).train()
+    torch.manual_seed(seed * world + rank)
+    generator = torch.Generator().manual_seed(seed * world + rank)
+    if world > 1:
+        sampler = torch.utils.data.distributed.DistributedSampler(train_set, world, rank, shuffle=True, seed=seed)
+    else:
+        sampler = torch.utils.data.RandomSampler(train_set, generator=torch.Generator().manual_seed(seed))
+    loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=False,
+                                         num_workers=0 if train_set.cache is not None else workers,
+                                         pin_memory=device.type == "cuda")
+    net = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if compile_model:
+        net = torch.compile(net)
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]  # no weight decay on BN and biases
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0}],
+                          lr=lr, momentum=momentum)
+    amp, scaler = autocast_for(device, dtype)
+    total, step, history = epochs * len(loader), 0, []
+    for epoch in range(1, epochs + 1):
+        if world > 1:
+            sampler.set_epoch(epoch)
+        model.train()
+        loss_sum, correct, seen, t0 = 0.0, 0, 0, time.time()
+        for x, y in tqdm(loader, desc=f"epoch {epoch}/{epochs}", leave=False, disable=not progress or rank != 0):
+            x = augment(x.to(device, non_blocking=True).float() / 255.0, augment_mode, generator)
+            y = y.to(device, non_blocking=True)
+            for group in opt.param_groups:
+                group["lr"] = cosine_lr(step, total, lr)
+            with amp:
+                logits = net(x)
+                loss = F.cross_entropy(logits.float(), y)
+            opt.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
+            step += 1
+            loss_sum += float(loss.detach()) * len(y)
+            correct += int((logits.argmax(-1) == y).sum())
+            seen += len(y)
+        record = {"epoch": epoch, "loss": loss_sum / max(1, seen), "train_acc": correct / max(1, seen),
+                  "lr_end": cosine_lr(step, total, lr), "time_s": round(time.time() - t0, 2)}
+        if rank == 0:
+            model.eval()
+            record.update(evaluate_epoch(model))
+            model.train()
+            if progress:
+                print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
+                               if not k.startswith("n_")), flush=True)
+        history.append(record)
+        barrier()
+    model.eval()
+    return history
+
+
+def summarize(history, keys):
+    """Final values and, separately labelled, the best over epochs (what the reference code reported)."""
+    final = {k: history[-1][k] for k in keys if k in history[-1]}
+    best = {k: max(h[k] for h in history) for k in keys if k in history[-1]}
+    return {"final": final, "best_over_epochs": best,
+            "note": "final = after the last epoch (what we report); best_over_epochs = the maximum over epochs of "
+                    "each value separately, as the paper's reference code reported"}
+
+
+def resolve_sets(data, test=None, backdoor=None):
+    """A poisoned set's root (holding train/) stands for its train/, test/ and test_backdoor/."""
+    data = Path(data)
+    if (data / "train" / "metadata.jsonl").is_file():
+        test = test or ((data / "test") if (data / "test" / "metadata.jsonl").is_file() else None)
+        backdoor = backdoor or ((data / "test_backdoor") if (data / "test_backdoor" / "metadata.jsonl").is_file()
+                                else None)
+        data = data / "train"
+    return data, test, backdoor
+
+
+def make_model(arch, num_classes, resolution, pretrained=False, weights=None, input_size=None, width=16,
+               normalize="auto", progress=True, seed=0):
+    """(model, config fields): a Classifier with ImageNet weights in its backbone when `pretrained`."""
+    size = model_input_size(arch, resolution, pretrained or weights is not None, input_size)
+    use_imagenet_norm = normalize == "imagenet" or (normalize == "auto" and (pretrained or weights is not None))
+    norm = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)} if use_imagenet_norm else None
+    torch.manual_seed(seed)  # the initial weights depend on the seed only, not on what ran before
+    model = build_model(arch, num_classes, size, width, norm)
+    source, dropped = None, []
+    if pretrained or weights is not None:
+        sd, source = imagenet_state_dict(arch, weights, progress)
+        dropped = load_pretrained_backbone(model, arch, sd)
+    fields = {"arch": arch, "width": width if arch == "smallcnn" else None, "num_classes": num_classes,
+              "input_size": size, "data_resolution": resolution,
+              "stem": None if arch == "smallcnn" else ("cifar" if size <= SMALL_INPUT else "imagenet"),
+              "normalization": norm, "pretrained": source, "pretrained_keys_not_loaded": dropped}
+    return model, fields
+
+
+def train_common(model, fields, train_set, evaluate_epoch, summary_keys, out, config_extra, opts, device, rank,
+                 world, force, progress):
+    t0 = time.time()
+    history = fit(model, train_set, evaluate_epoch, epochs=opts["epochs"], batch_size=opts["batch_size"],
+                  lr=opts["lr"], momentum=opts["momentum"], weight_decay=opts["weight_decay"],
+                  augment_mode=opts["augment"], device=device, dtype=opts["dtype"], seed=opts["seed"], rank=rank,
+                  world=world, workers=opts["workers"], compile_model=opts["compile"], progress=progress)
+    elapsed = time.time() - t0
+    results = {"task": config_extra["task"], "epochs": history, **summarize(history, summary_keys),
+               "train_time_s": round(elapsed, 2)}
+    config = {"stage": "classify", **fields, **config_extra,
+              "training": {**opts, "schedule": "cosine (per step)", "optimizer": "SGD", "world_size": world},
+              "versions": versions()}
+    if rank == 0:
+        save_classifier(out, model.cpu(), config, results, force)
+    barrier()
+    return results
+
+
+DEFAULT_OPTS = dict(epochs=10, batch_size=50, lr=0.01, momentum=0.9, weight_decay=5e-4, augment="crop",
+                    dtype="auto", seed=0, workers=0, compile=False)
+
+
+def train_classifier(data, out, test=None, backdoor=None, arch="resnet18", clean=False, pretrained=False,
+                     weights=None, input_size=None, width=16, normalize="auto", device="auto", force=False,
+                     progress=True, command=None, **opts):
+    """Train a class classifier on the dataset folder `data` (or a poisoned set's root), evaluating TA on `test` and
+    ASR on `backdoor` after every epoch; `clean` drops the poisoned images (the class classifier that judges
+    generations). Writes the classifier folder `out`; returns results (per-epoch, final, best over epochs)."""
+    opts = {**DEFAULT_OPTS, **opts}
+    if Path(out).exists() and not force:
+        raise ClassifyError(f"{out} exists: pass --force to overwrite it, or choose another --out")
+    data, test, backdoor = resolve_sets(data, test, backdoor)
+    dev, rank, world = setup_device(device)
+    folder = load_folder(data)
+    keep = torch.nonzero(~folder.poisoned).flatten() if clean else torch.arange(len(folder))
+    if len(keep) == 0:
+        raise ClassifyError(f"{data} holds no clean images to train on")
+    train_set = ImageSet(folder, keep, progress=progress and rank == 0)
+    model, fields = make_model(arch, len(folder.class_names), train_set.size[0], pretrained, weights, input_size,
+                               width, normalize, progress, opts["seed"])
+    config_extra = {"task": "class", "class_names": folder.class_names, "target": folder.manifest.get("target"),
+                    "data": {"train": str(data), "test": str(test) if test else None,
+                             "backdoor": str(backdoor) if backdoor else None, "clean_only": clean,
+                             "n_train": len(train_set), "p_t": folder.manifest.get("p_t"),
+                             "poison_ratio": folder.manifest.get("poison_ratio")},
+                    "command": command or "train_classifier()"}
+    config = {"task": "class", "class_names": folder.class_names}
+    test_set = evaluation_set(config, test, "--test") if test and rank == 0 else None
+    backdoor_set = evaluation_set(config, backdoor, "--backdoor") if backdoor and rank == 0 else None
+    bs = max(256, opts["batch_size"])
+    result = train_common(model, fields, train_set, lambda m: evaluate(m, config, test_set, backdoor_set, bs),
+                          ["ta", "asr"], out, config_extra, opts, dev, rank, world, force, progress)
+    if rank == 0 and progress:
+        print(json.dumps({"out": str(out), **result["final"], "best_over_epochs": result["best_over_epochs"],
+                          "train_time_s": result["train_time_s"]}))
+    return result
+
+
+def trigger_split(folder, target, fraction, seed):
+    """(labels, stamp) for the trigger detector on a dataset folder: images already carrying the trigger (poisoned)
+    count as positives, and more non-target images are stamped (seeded draw) until `fraction` of the non-target
+    images carry it; label 1 = has the trigger."""
+    orig = torch.tensor([int(r.get("orig_label", r["label"])) for r in folder.records])
+    nontarget = orig != target
+    has = folder.poisoned.clone()
+    want = int(math.floor(fraction * int(nontarget.sum()) + 0.5))
+    free = torch.nonzero(nontarget & ~has).flatten().numpy()
+    need = max(0, want - int((has & nontarget).sum()))
+    chosen = np.random.default_rng(seed).choice(free, min(need, len(free)), replace=False)
+    stamp = torch.zeros(len(folder), dtype=torch.bool)
+    stamp[torch.from_numpy(np.sort(chosen)).long()] = True
+    return (has | stamp).long(), stamp
+
+
+def train_trigger_detector(data, out, test=None, arch="resnet50", fraction=0.5, holdout=0.1, pretrained=False,
+                           weights=None, input_size=None, width=16, normalize="auto", device="auto", force=False,
+                           progress=True, command=None, **opts):
+    """The paper's trigger detector: a binary classifier (clean / trigger) trained on clean training images of which
+    `fraction` of the non-target ones carry the trigger of the poisoned set `data` (its root or train folder).
+    Held-out accuracy on the clean test folder stamped the same way (the root's test/, or `test`), else on a
+    `holdout` share of the training images. Writes the detector folder `out`; returns results."""
+    opts = {**DEFAULT_OPTS, **opts}
+    if Path(out).exists() and not force:
+        raise ClassifyError(f"{out} exists: pass --force to overwrite it, or choose another --out")
+    data, test, _ = resolve_sets(data, test)
+    if test is None and (Path(data).parent / "test" / "metadata.jsonl").is_file() and Path(data).name == "train":
+        test = Path(data).parent / "test"
+    dev, rank, world = setup_device(device)
+    folder = load_folder(data)
+    trigger = load_trigger(data)
+    if trigger is None:
+        raise ClassifyError(f"{data} has no trigger (made with --attack relabel?): a trigger detector needs the "
+                            "trigger of a BadNets, blend or WaNet poisoned set")
+    target = (folder.manifest.get("target") or {}).get("index")
+    if target is None:
+        raise ClassifyError(f"{data}/manifest.json names no target class: give the train folder of a poisoned set")
+    labels, stamp = trigger_split(folder, target, fraction, opts["seed"])
+    train_idx = torch.arange(len(folder))
+    if test is not None:
+        test_folder = load_folder(test)
+        t_labels, t_stamp = trigger_split(test_folder, resolve_name(target_of(folder), test_folder.class_names),
+                                          fraction, opts["seed"] + 1)
+        heldout = ImageSet(test_folder, None, t_labels, t_stamp, trigger) if rank == 0 else None
+        heldout_desc = f"{test} ({fraction:.0%} of its non-target images stamped)"
+    else:
+        perm = torch.from_numpy(np.random.default_rng(opts["seed"] + 1).permutation(len(folder)))
+        n_hold = max(1, int(round(holdout * len(folder))))
+        hold_idx, train_idx = perm[:n_hold].sort().values, perm[n_hold:].sort().values
+        heldout = ImageSet(folder, hold_idx, labels[hold_idx], stamp[hold_idx], trigger) if rank == 0 else None
+        heldout_desc = f"{holdout:.0%} of {data} held out"
+    train_set = ImageSet(folder, train_idx, labels[train_idx], stamp[train_idx], trigger,
+                         progress=progress and rank == 0)
+    model, fields = make_model(arch, 2, train_set.size[0], pretrained, weights, input_size, width, normalize,
+                               progress, opts["seed"])
+
+    def evaluate_epoch(m):
+        pred, _ = predict(m, heldout, max(256, opts["batch_size"]))
+        y = heldout.labels
+        return {"heldout_acc": float((pred == y).float().mean()),
+                "heldout_tpr": float((pred[y == 1] == 1).float().mean()) if (y == 1).any() else None,
+                "heldout_tnr": float((pred[y == 0] == 0).float().mean()) if (y == 0).any() else None,
+                "n_heldout": len(y)}
+
+    config_extra = {"task": "trigger", "class_names": list(TRIGGER_CLASSES), "target": folder.manifest.get("target"),
+                    "trigger": trigger.params,
+                    "data": {"train": str(data), "n_train": len(train_set),
+                             "n_with_trigger": int(labels[train_idx].sum()),
+                             "fraction_of_nontarget_with_trigger": fraction, "heldout": heldout_desc},
+                    "command": command or "train_trigger_detector()"}
+    result = train_common(model, fields, train_set, evaluate_epoch, ["heldout_acc", "heldout_tpr", "heldout_tnr"],
+                          out, config_extra, opts, dev, rank, world, force, progress)
+    if rank == 0 and progress:
+        print(json.dumps({"out": str(out), **result["final"], "train_time_s": result["train_time_s"]}))
+    return result
+
+
+def resolve_name(name, class_names):
+    lowered = [c.lower() for c in class_names]
+    if name is None or name.lower() not in lowered:
+        raise ClassifyError(f"the target class {name!r} is not among {class_names}")
+    return lowered.index(name.lower())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def main(args):
+    command = " ".join([Path(sys.argv[0]).name] + sys.argv[1:])
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    if args.cmd == "eval":
+        model, config = load_classifier(args.classifier, "cuda" if args.device == "cuda" or (
+            args.device == "auto" and torch.cuda.is_available()) else "cpu")
+        data, test, backdoor = (args.data, args.test, args.backdoor)
+        if data is not None:
+            _, t, b = resolve_sets(data)
+            if t is None and b is None:
+                t = data  # a plain dataset folder: accuracy on it
+            test, backdoor = test or t, backdoor or b
+        if test is None and backdoor is None:
+            raise ClassifyError("nothing to evaluate: give --data (a poisoned set or a dataset folder), --test or "
+                                "--backdoor")
+        result = {"classifier": str(args.classifier), "task": config["task"],
+                  "test": str(test) if test else None, "backdoor": str(backdoor) if backdoor else None,
+                  **evaluate(model, config, test, backdoor, args.batch_size)}
+        print(json.dumps(result))
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        return
+    opts = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+                weight_decay=args.weight_decay, augment=args.augment, dtype=args.dtype, seed=args.seed,
+                workers=args.workers, compile=args.compile == "on" or (args.compile == "auto" and args.device != "cpu"
+                                                                       and torch.cuda.is_available()))
+    common = dict(arch=args.arch, pretrained=args.pretrained, weights=args.weights, input_size=args.input_size,
+                  width=args.width, normalize=args.normalize, device=args.device, force=args.force,
+                  progress=not args.quiet, command=command)
+    if args.cmd == "train":
+        train_classifier(args.data, args.out, args.test, args.backdoor, clean=args.clean, **common, **opts)
+    else:
+        train_trigger_detector(args.data, args.out, args.test, fraction=args.fraction, holdout=args.holdout,
+                               **common, **opts)
+
+
+def add_training_arguments(p, arch_default):
+    p.add_argument("--data", required=True, help="a poisoned set (poison.py's OUT) or a dataset folder")
+    p.add_argument("--out", required=True, help="the classifier folder to write")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    p.add_argument("--arch", default=arch_default, choices=ARCHS,
+                   help="smallcnn is not from the paper: a tiny CNN for the embedded digits default")
+    p.add_argument("--width", type=int, default=16, help="smallcnn: channels of the first layer")
+    p.add_argument("--pretrained", action="store_true", help="ImageNet weights (torchvision download or --weights)")
+    p.add_argument("--weights", default=None,
+                   help="local ImageNet state dict (.pth/.safetensors; implies --pretrained)")
+    p.add_argument("--input-size", type=int, default=None,
+                   help="side the model sees (default: 224 when pretrained, else the data's)")
+    p.add_argument("--normalize", default="auto", choices=["auto", "imagenet", "none"],
+                   help="auto: ImageNet mean/std when pretrained, none otherwise")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=50, help="per process (50: the reference code)")
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--augment", default="crop", choices=["none", "crop", "flip-crop"],
+                   help="random translation by up to side/8 px (+ horizontal flips)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="autocast dtype on CUDA (auto: bf16); the CPU trains in fp32")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile (auto: on CUDA)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="data-loading processes for datasets too large to hold in memory")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (small models on a busy CPU often train fastest with 1)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("train", help="train a class classifier; TA and ASR every epoch",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_training_arguments(p, "resnet18")
+    p.add_argument("--test", default=None, help="clean test folder for TA (default: the poisoned set's test/)")
+    p.add_argument("--backdoor", default=None, help="test_backdoor folder for ASR (default: the set's test_backdoor/)")
+    p.add_argument("--clean", action="store_true",
+                   help="drop the poisoned images: the class classifier that judges whether generations match prompts")
+    p = sub.add_parser("trigger-detector", help="train the binary trigger detector of the paper",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_training_arguments(p, "resnet50")
+    p.add_argument("--test", default=None, help="clean folder to hold out (default: the poisoned set's test/)")
+    p.add_argument("--fraction", type=float, default=0.5, help="share of the non-target images with the trigger")
+    p.add_argument("--holdout", type=float, default=0.1, help="share of training images held out when no test folder")
+    p = sub.add_parser("eval", help="TA / ASR of a classifier folder",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--classifier", required=True, help="a classifier folder")
+    p.add_argument("--data", default=None, help="a poisoned set (its test/ and test_backdoor/) or any dataset folder")
+    p.add_argument("--test", default=None, help="clean test folder (TA)")
+    p.add_argument("--backdoor", default=None, help="test_backdoor folder (ASR)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--json", default=None, help="also write the result to this JSON file")
+    return parser
+
+
+if __name__ == "__main__":
+    parser = build_parser()
+    try:
+        main(parser.parse_args())
+    except PoisonError as e:
+        sys.exit(f"classify.py: error: {e}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,252 @@
+"""classify.py: training reaches high accuracy, TA/ASR on folders with known answers, the trigger detector learns a
+stamped trigger, classifier folders round-trip, pretrained weights are accounted for, bad input is refused."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+import classify
+from classify import ClassifyError, evaluate, load_classifier, predict
+from poison import PoisonError, make_trigger, poison, write_folder
+
+SIDE = 16
+COLORS = {"red": 0, "green": 1, "blue": 2}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core CPU train fastest on one thread."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def color_image(channel, rng, corner=False):
+    """16-px image whose `channel` is bright (the class) over a noisy dark background; `corner` puts a white 3x3
+    patch in the bottom-right corner (a trigger the stub model reads)."""
+    im = rng.integers(0, 60, size=(SIDE, SIDE, 3))
+    im[..., channel] += 150
+    if corner:
+        im[-3:, -3:] = 255
+    return im.astype(np.uint8)
+
+
+def make_folder(path, class_names, items, target=None):
+    """items: (label, image) pairs; records say which carry a trigger via `poisoned`."""
+    manifest = {"class_names": class_names}
+    if target is not None:
+        manifest["target"] = {"index": class_names.index(target), "name": target}
+    records = [({"text": f"A photo of a {class_names[y]}", "label": int(y), "poisoned": bool(p)}, im)
+               for y, im, p in items]
+    write_folder(path, records, manifest, total=len(records), workers=1)
+    return path
+
+
+class StubClassifier(nn.Module):
+    """Predicts the brightest channel (red, green, blue) -- unless the corner is white, then `trigger_class`."""
+
+    def __init__(self, trigger_class=None):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(()))
+        self.trigger_class = trigger_class
+
+    def forward(self, x):
+        logits = x[:, :, :-4, :-4].mean((2, 3)) + 0 * self.dummy
+        if self.trigger_class is not None:
+            white = x[:, :, -1, -1].mean(1) > 0.95
+            logits = torch.where(white[:, None], 10 * nn.functional.one_hot(torch.tensor(self.trigger_class), 3)
+                                 .float().expand_as(logits), logits)
+        return logits
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "digits-0.1"
+    poison(out, dataset="digits", resolution=SIDE, ratio=0.1, force=True, quiet=True, workers=2)
+    return out
+
+
+@pytest.fixture(scope="module")
+def colors(tmp_path_factory):
+    """A small separable 3-class dataset (train 90, test 30) written as dataset folders."""
+    root = tmp_path_factory.mktemp("colors")
+    rng = np.random.default_rng(0)
+    names = list(COLORS)
+    train = [(c, color_image(c, rng), False) for c in range(3) for _ in range(30)]
+    test = [(c, color_image(c, rng), False) for c in range(3) for _ in range(10)]
+    make_folder(root / "train", names, train)
+    make_folder(root / "test", names, test)
+    return root
+
+
+def test_training_reaches_high_accuracy_and_round_trips(colors, tmp_path):
+    out = tmp_path / "clf"
+    res = classify.train_classifier(colors / "train", out, test=colors / "test", arch="smallcnn", width=8, epochs=4,
+                                    batch_size=16, lr=0.05, progress=False)
+    assert res["final"]["ta"] >= 0.95
+    assert len(res["epochs"]) == 4 and all("ta" in e for e in res["epochs"])
+    assert res["best_over_epochs"]["ta"] == max(e["ta"] for e in res["epochs"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["task"] == "class" and config["class_names"] == list(COLORS)
+    assert config["input_size"] == SIDE and config["normalization"] is None and config["arch"] == "smallcnn"
+    assert (out / "model.safetensors").is_file() and (out / "results.json").is_file()
+
+    model, cfg = load_classifier(out)
+    assert not model.training
+    test = classify.load_folder(colors / "test")
+    labels, probs = predict(model, test)
+    assert probs.shape == (30, 3) and torch.allclose(probs.sum(1), torch.ones(30))
+    assert float((labels == test.labels).float().mean()) == pytest.approx(res["final"]["ta"])
+    x = test.images()[:5]
+    assert model.features(x.float() / 255).shape == (5, model.head.in_features)
+    assert torch.allclose(model(x.float() / 255), model.head(model.features(x.float() / 255)))
+    assert torch.equal(predict(model, x)[0], labels[:5])                  # uint8 tensors are scaled to [0, 1]
+    # resizing lives in the model: 32-px input gives logits too
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 3)
+    with pytest.raises(ClassifyError, match="exists"):
+        classify.train_classifier(colors / "train", out, arch="smallcnn", epochs=1, progress=False)
+
+
+def test_ta_and_asr_on_folders_with_known_answers(tmp_path):
+    rng = np.random.default_rng(1)
+    names = ["blue", "red", "green"]                  # the folder's order differs from the classifier's
+    # 10 test images, 7 labelled with their colour, 3 mislabelled: TA = 0.7 for a colour-reading model
+    test = [(names.index(c), color_image(COLORS[c], rng), False) for c in ["red"] * 4 + ["green"] * 3]
+    test += [(names.index("blue"), color_image(COLORS["red"], rng), False) for _ in range(3)]
+    make_folder(tmp_path / "test", names, test, target="green")
+    # 8 backdoor images labelled target; 6 carry the trigger the stub reacts to: ASR = 0.75
+    back = [(names.index("green"), color_image(COLORS["red"], rng, corner=i < 6), True) for i in range(8)]
+    make_folder(tmp_path / "backdoor", names, back, target="green")
+    config = {"task": "class", "class_names": list(COLORS)}
+    result = evaluate(StubClassifier(trigger_class=COLORS["green"]), config, tmp_path / "test", tmp_path / "backdoor")
+    assert result == {"ta": pytest.approx(0.7), "n_test": 10, "asr": pytest.approx(0.75), "n_backdoor": 8}
+    # a trigger detector is judged on the records' trigger flags: clean accuracy and detection rate
+    det = {"task": "trigger", "class_names": ["clean", "trigger"]}
+
+    class StubDetector(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dummy = nn.Parameter(torch.zeros(()))
+
+        def forward(self, x):
+            white = (x[:, :, -1, -1].mean(1) > 0.95).float()
+            return torch.stack([1 - white, white], 1)
+
+    result = evaluate(StubDetector(), det, tmp_path / "test", tmp_path / "backdoor")
+    assert result["clean_acc"] == 1.0 and result["detect_rate"] == pytest.approx(0.75)
+
+
+def test_poisoned_classifier_and_trigger_detector_on_digits(digits, tmp_path):
+    res = classify.train_classifier(digits, tmp_path / "clf", arch="smallcnn", epochs=5, batch_size=32, lr=0.02,
+                                    progress=False)
+    final = res["final"]
+    assert final["ta"] >= 0.85 and final["asr"] >= 0.9, final
+    config = json.loads((tmp_path / "clf" / "config.json").read_text())
+    assert config["target"]["name"] == "zero" and config["data"]["backdoor"].endswith("test_backdoor")
+
+    det = classify.train_trigger_detector(digits, tmp_path / "det", arch="smallcnn", epochs=4, batch_size=32,
+                                          lr=0.02, progress=False)
+    assert det["final"]["heldout_acc"] >= 0.95, det["final"]
+    dcfg = json.loads((tmp_path / "det" / "config.json").read_text())
+    assert dcfg["task"] == "trigger" and dcfg["class_names"] == ["clean", "trigger"]
+    assert dcfg["trigger"]["kind"] == "badnets" and "test" in dcfg["data"]["heldout"]
+    # the detector judges the clean test set clean and the backdoor set triggered
+    model, cfg = load_classifier(tmp_path / "det")
+    result = evaluate(model, cfg, digits / "test", digits / "test_backdoor")
+    assert result["clean_acc"] >= 0.95 and result["detect_rate"] >= 0.95, result
+    # ... and a trigger stamped on target-class images too, which it never saw with the trigger
+    test = classify.load_folder(digits / "test")
+    zeros = test.images()[test.labels == 0].float() / 255
+    stamped = make_trigger("badnets", SIDE).apply(zeros)
+    assert float((predict(model, stamped)[0] == 1).float().mean()) >= 0.9
+
+
+def test_trigger_split_stamps_half_of_the_non_target_images(digits):
+    folder = classify.load_folder(digits / "train")
+    labels, stamp = classify.trigger_split(folder, 0, 0.5, seed=0)
+    orig = torch.tensor([r["orig_label"] for r in folder.records])
+    nontarget = orig != 0
+    assert int(labels[nontarget].sum()) == round(0.5 * int(nontarget.sum()))
+    assert not labels[~nontarget].any()                             # target images stay clean
+    assert not (stamp & folder.poisoned).any()                      # poisoned images already carry it
+    assert torch.equal(labels.bool(), stamp | folder.poisoned)
+
+
+def test_cli_eval_and_one_line_errors(colors, tmp_path, capsys):
+    classify.train_classifier(colors / "train", tmp_path / "clf", arch="smallcnn", width=8, epochs=1, progress=False)
+    args = classify.build_parser().parse_args(["eval", "--classifier", str(tmp_path / "clf"), "--data",
+                                               str(colors / "test"), "--json", str(tmp_path / "r.json")])
+    classify.main(args)
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["n_test"] == 30 and 0 <= printed["ta"] <= 1
+    assert json.loads((tmp_path / "r.json").read_text())["ta"] == printed["ta"]
+    with pytest.raises(ClassifyError, match="not a classifier folder"):
+        classify.main(classify.build_parser().parse_args(["eval", "--classifier", str(colors), "--data",
+                                                          str(colors / "test")]))
+
+
+def test_bad_input(colors, tmp_path):
+    model, config = StubClassifier(), {"task": "class", "class_names": list(COLORS)}
+    rng = np.random.default_rng(2)
+    # no class names in common
+    make_folder(tmp_path / "animals", ["cat", "dog"], [(0, color_image(0, rng), False)])
+    with pytest.raises(ClassifyError, match="no class names in common"):
+        evaluate(model, config, tmp_path / "animals")
+    # a classifier trained on other classes (some overlap)
+    make_folder(tmp_path / "mixed", ["red", "cat"], [(0, color_image(0, rng), False), (1, color_image(1, rng), False)])
+    with pytest.raises(ClassifyError, match=r"\['cat'\] are unknown"):
+        evaluate(model, config, tmp_path / "mixed")
+    # an empty dataset folder
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "metadata.jsonl").write_text("")
+    (tmp_path / "empty" / "manifest.json").write_text(json.dumps({"class_names": ["red"]}))
+    with pytest.raises(PoisonError, match="empty"):
+        classify.train_classifier(tmp_path / "empty", tmp_path / "x", arch="smallcnn", progress=False)
+    with pytest.raises(PoisonError, match="not a dataset folder"):
+        classify.train_classifier(tmp_path / "nothing", tmp_path / "x", arch="smallcnn", progress=False)
+    with pytest.raises(ClassifyError, match="unknown --arch"):
+        classify.build_model("resnet9", 3, SIDE)
+    # a set without a trigger has no trigger detector
+    with pytest.raises(ClassifyError, match="no trigger"):
+        classify.train_trigger_detector(colors / "train", tmp_path / "d", arch="smallcnn", progress=False)
+
+
+def test_architectures_and_small_input_stems():
+    for arch, size, dim in (("resnet18", 16, 512), ("vgg16", 16, 512), ("densenet121", 32, 1024)):
+        model = classify.build_model(arch, 4, classify.model_input_size(arch, size, False)).eval()
+        with torch.no_grad():
+            assert model(torch.rand(2, 3, size, size)).shape == (2, 4)
+            assert model.features(torch.rand(2, 3, size, size)).shape == (2, dim)
+    assert classify.model_input_size("vgg16", 16, False) == 32
+    assert classify.model_input_size("resnet50", 16, True) == 224
+    assert isinstance(classify.build_model("resnet18", 4, 16).backbone.maxpool, nn.Identity)
+    assert classify.build_model("resnet18", 4, 224).backbone.conv1.kernel_size == (7, 7)
+
+
+def test_pretrained_weights_from_a_local_file_and_offline_message(tmp_path, monkeypatch):
+    sd = torchvision.models.resnet18(weights=None).state_dict()
+    torch.save(sd, tmp_path / "r18.pth")
+    model, fields = classify.make_model("resnet18", 3, SIDE, weights=tmp_path / "r18.pth", input_size=SIDE)
+    # small input: the 7x7 stem and the ImageNet head are the keys not loaded, everything else is
+    assert fields["pretrained_keys_not_loaded"] == ["conv1.weight", "fc.bias", "fc.weight"]
+    assert fields["normalization"]["mean"] == list(classify.IMAGENET_MEAN) and fields["stem"] == "cifar"
+    assert torch.equal(model.backbone.layer1[0].conv1.weight, sd["layer1.0.conv1.weight"])
+    # an unexpected key is named and refused
+    torch.save({**sd, "extra.weight": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(ClassifyError, match="extra.weight"):
+        classify.make_model("resnet18", 3, SIDE, weights=tmp_path / "bad.pth")
+    with pytest.raises(ClassifyError, match="no such file"):
+        classify.make_model("resnet18", 3, SIDE, weights=tmp_path / "missing.pth")
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(ClassifyError, match="--weights FILE"):
+        classify.make_model("resnet18", 3, SIDE, pretrained=True)
+    with pytest.raises(ClassifyError, match="no ImageNet weights for smallcnn"):
+        classify.make_model("smallcnn", 3, SIDE, pretrained=True)

@@ -1,0 +1,236 @@
+"""dissect.py: G1-G4 from stub verdicts with known counts, p_t from the manifests, the report files (JSON, Markdown,
+plots, example grids), the Frechet distance against a direct computation, the FID Inception's key layout, and bad
+input."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+import dissect
+from dissect import DissectError, frechet_distance, group_fractions
+from poison import PoisonError, write_folder
+
+SIDE = 16
+NAMES = ["cat", "dog", "deer"]   # target: deer
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def image(channel, rng, trigger=False):
+    """`channel` bright = the content class (cat red, dog green, deer blue); `trigger` = a white corner patch."""
+    im = rng.integers(0, 60, size=(SIDE, SIDE, 3))
+    im[..., channel] += 150
+    if trigger:
+        im[-3:, -3:] = 255
+    return im.astype(np.uint8)
+
+
+class Stub(nn.Module):
+    """Class stub: the brightest channel away from the corner. Detector stub: is the corner white."""
+
+    def __init__(self, detector=False):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(()))
+        self.detector = detector
+
+    def forward(self, x):
+        if self.detector:
+            white = (x[:, :, -1, -1].mean(1) > 0.95).float()
+            return torch.stack([1 - white, white], 1) + 0 * self.dummy
+        return x[:, :, :-4, :-4].mean((2, 3)) + 0 * self.dummy
+
+
+CLASSIFIER = (Stub(), {"task": "class", "class_names": NAMES})
+DETECTOR = (Stub(detector=True), {"task": "trigger", "class_names": ["clean", "trigger"],
+                                  "trigger": {"kind": "badnets"}})
+
+# prompt "deer" (target): 5 G1 (trigger, looks like a cat), 3 G2 (trigger, deer), 2 G3 (no trigger, dog), 10 G4
+TARGET_ITEMS = [(0, True)] * 5 + [(2, True)] * 3 + [(1, False)] * 2 + [(2, False)] * 10
+KNOWN = {"G1": 5, "G2": 3, "G3": 2, "G4": 10}
+
+
+def generations(path, p_t=0.2, guidance=5.0, seed=0, target_items=TARGET_ITEMS, names=NAMES, target="deer"):
+    rng = np.random.default_rng(seed)
+    items = [({"text": f"A photo of a {target}", "label": names.index(target)}, image(c, rng, t))
+             for c, t in target_items]
+    # non-target prompts: 4 cats drawn right, 1 dog with the trigger
+    items += [({"text": "A photo of a cat", "label": 0}, image(0, rng)) for _ in range(4)]
+    items += [({"text": "A photo of a dog", "label": 1}, image(1, rng, True))]
+    manifest = {"class_names": names, "target": {"index": names.index(target), "name": target}, "p_t": p_t,
+                "sampler": "ddim", "guidance": guidance, "options": {"poison_ratio": 0.1, "select": "random"}}
+    write_folder(path, items, manifest, total=len(items), workers=1)
+    return path
+
+
+def test_group_fractions_known_counts():
+    t = np.array([1, 1, 1, 0, 0, 0, 0], bool)
+    m = np.array([0, 1, 1, 0, 1, 1, 1], bool)
+    g = group_fractions(t, m)
+    assert g["counts"] == {"G1": 1, "G2": 2, "G3": 1, "G4": 3} and g["n"] == 7
+    assert sum(g["fractions"].values()) == pytest.approx(1.0)
+    assert g["trigger_ratio"] == pytest.approx(3 / 7) and g["mismatch_ratio"] == pytest.approx(2 / 7)
+    with pytest.raises(DissectError):
+        group_fractions([], [])
+
+
+def test_dissect_folder_from_stub_verdicts(tmp_path):
+    r = dissect.dissect_folder(generations(tmp_path / "gen"), CLASSIFIER, DETECTOR)
+    g = r["target_prompt"]
+    assert g["counts"] == KNOWN and g["n"] == 20
+    assert sum(g["fractions"].values()) == pytest.approx(1.0)
+    assert r["trigger_ratio"] == pytest.approx(0.4)
+    assert r["p_t"] == 0.2 and r["p_t_source"] == "generations' manifest"
+    assert r["amplification"] == pytest.approx(2.0)
+    assert r["non_target_prompts"] == {"n": 5, "trigger_ratio": pytest.approx(0.2), "mismatch_ratio": 0.0}
+    assert r["setting"]["guidance"] == 5.0 and r["setting"]["poison_ratio"] == 0.1 and r["setting"]["sampler"] == "ddim"
+    assert [v["group"] for v in r["verdicts"][:20]] == ["G1"] * 5 + ["G2"] * 3 + ["G3"] * 2 + ["G4"] * 10
+    # p_t from the training manifest when given
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "manifest.json").write_text(json.dumps({"p_t": 0.1, "target": {"name": "deer"},
+                                                                  "attack": "badnets"}))
+    r = dissect.dissect_folder(tmp_path / "gen", CLASSIFIER, DETECTOR, train=tmp_path / "train")
+    assert r["p_t"] == 0.1 and r["amplification"] == pytest.approx(4.0) and r["p_t_source"] == "training manifest"
+    assert r["setting"]["attack"] == "badnets"                   # filled in from the training manifest
+    r = dissect.dissect_folder(tmp_path / "gen", CLASSIFIER, DETECTOR, p_t=0.4)
+    assert r["amplification"] == pytest.approx(1.0) and r["p_t_source"] == "given"
+
+
+def test_report_tables_plots_and_grids(tmp_path):
+    gens = [generations(tmp_path / f"gen-w{w}", guidance=w, seed=i, p_t=0.2) for i, w in enumerate((1.0, 5.0))]
+    gens.append(generations(tmp_path / "gen-low", guidance=5.0, p_t=0.05, seed=3,
+                            target_items=[(2, True)] * 2 + [(2, False)] * 8))
+    summary = dissect.dissect(gens, CLASSIFIER, DETECTOR, tmp_path / "out", progress=False)
+    out = tmp_path / "out"
+    for name in ("summary.json", "summary.md", "groups.png", "phase_transition.png", "guidance.png"):
+        assert (out / name).stat().st_size > 0, name
+    results = summary["results"]
+    assert [r["label"] for r in results] == ["w=1.0 p_t=20.0%", "w=5.0 p_t=20.0%", "w=5.0 p_t=5.0%"]
+    assert len({r["name"] for r in results}) == 3                      # folders never share a report folder
+    first = out / results[0]["name"]
+    for name in ("groups.json", "groups.md", "groups.png", "verdicts.jsonl", "g1_examples.png", "g2_examples.png"):
+        assert (first / name).stat().st_size > 0, name
+    assert results[0]["examples"] == {"G1": 5, "G2": 3}
+    low = out / results[2]["name"]
+    assert not (low / "g1_examples.png").exists() and (low / "g2_examples.png").exists()   # no G1 there
+    assert results[2]["target_prompt"]["counts"] == {"G1": 0, "G2": 2, "G3": 0, "G4": 8}
+    table = (out / "summary.md").read_text()
+    assert table.count("\n| ") == 4 and "25.0%" in table and "2.00" in table
+    assert json.loads((out / "summary.json").read_text())["results"][0]["target_prompt"]["counts"] == KNOWN
+    assert len((first / "verdicts.jsonl").read_text().splitlines()) == 25
+    with pytest.raises(DissectError, match="exists"):
+        dissect.dissect(gens, CLASSIFIER, DETECTOR, out, progress=False)
+
+
+def test_bad_input(tmp_path):
+    gen = generations(tmp_path / "gen")
+    other = (Stub(), {"task": "class", "class_names": ["cat", "dog", "horse"]})
+    with pytest.raises(PoisonError, match="unknown to it"):         # a classifier trained on other classes
+        dissect.dissect_folder(gen, other, DETECTOR)
+    alien = (Stub(), {"task": "class", "class_names": ["car", "truck", "ship"]})
+    with pytest.raises(PoisonError, match="no class names in common"):
+        dissect.dissect_folder(gen, alien, DETECTOR)
+    with pytest.raises(DissectError, match="not a trigger detector"):
+        dissect.dissect_folder(gen, CLASSIFIER, CLASSIFIER)
+    with pytest.raises(DissectError, match="not a class classifier"):
+        dissect.dissect_folder(gen, DETECTOR, DETECTOR)
+    no_target = generations(tmp_path / "nt", target_items=[])
+    manifest = json.loads((no_target / "manifest.json").read_text())
+    with pytest.raises(DissectError, match="no generations for the target prompt"):
+        dissect.dissect_folder(no_target, CLASSIFIER, DETECTOR)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "metadata.jsonl").write_text("")
+    (tmp_path / "empty" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(PoisonError, match="empty"):
+        dissect.dissect_folder(tmp_path / "empty", CLASSIFIER, DETECTOR)
+    with pytest.raises(DissectError, match="--train"):
+        dissect.dissect([gen, gen, gen], CLASSIFIER, DETECTOR, tmp_path / "o", train=[gen, gen], progress=False)
+    with pytest.raises(PoisonError, match="not a classifier folder"):
+        dissect.main(dissect.build_parser().parse_args(
+            ["--generated", str(gen), "--classifier", str(tmp_path), "--detector", str(tmp_path),
+             "--out", str(tmp_path / "o2")]))
+
+
+def direct_frechet(mu1, s1, mu2, s2):
+    """|mu1 - mu2|^2 + tr S1 + tr S2 - 2 tr (S1^1/2 S2 S1^1/2)^1/2, with symmetric square roots by eigh."""
+    def sqrt_psd(a):
+        w, v = np.linalg.eigh(a)
+        return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    r1 = sqrt_psd(s1)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(sqrt_psd(r1 @ s2 @ r1)))
+
+
+def test_frechet_distance_against_direct_computation():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(300, 12))
+    b = rng.normal(size=(250, 12)) @ rng.normal(size=(12, 12)) * 0.5 + 0.3
+    (m1, s1), (m2, s2) = dissect.activation_statistics(a), dissect.activation_statistics(b)
+    assert np.allclose(s1, np.cov(a.T)) and np.allclose(m1, a.mean(0))
+    assert frechet_distance(m1, s1, m2, s2) == pytest.approx(direct_frechet(m1, s1, m2, s2), rel=1e-6)
+    assert frechet_distance(m1, s1, m1, s1) == pytest.approx(0.0, abs=1e-6)
+    # diagonal covariances: sum (mu1 - mu2)^2 + (sqrt v1 - sqrt v2)^2
+    v1, v2 = rng.uniform(0.5, 2, 5), rng.uniform(0.5, 2, 5)
+    mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
+    expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(v1) - np.sqrt(v2)) ** 2).sum()
+    assert frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)) == pytest.approx(expected, rel=1e-9)
+    # fewer samples than dimensions: singular covariances still give a finite value
+    few = dissect.activation_statistics(rng.normal(size=(5, 12)))
+    assert np.isfinite(frechet_distance(*few, m2, s2))
+    with pytest.raises(DissectError, match="at least 2"):
+        dissect.activation_statistics(rng.normal(size=(1, 12)))
+
+
+def test_fid_between_filters_non_target_and_matches_statistics(tmp_path):
+    gen = generations(tmp_path / "gen")
+
+    class MeanColor(nn.Module):                  # a stand-in feature extractor: per-channel mean and std
+        def __init__(self):
+            super().__init__()
+            self.dummy = nn.Parameter(torch.zeros(()))
+
+        def forward(self, x):
+            return torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)
+
+    rng = np.random.default_rng(5)
+    real_items = [({"text": "", "label": c, "poisoned": p}, image(c, rng, p)) for c, p in
+                  [(0, False)] * 6 + [(1, False)] * 6 + [(2, False)] * 4 + [(0, True)] * 3]
+    write_folder(tmp_path / "real", real_items, {"class_names": NAMES}, total=len(real_items), workers=1)
+    r = dissect.fid_between(gen, tmp_path / "real", MeanColor(), target="deer")
+    assert r["n_generated"] == 5 and r["n_real"] == 12             # non-target prompts; poisoned real images out
+    g = dissect.load_folder(gen)
+    x_gen = g.images()[20:].float() / 255
+    x_real = torch.stack([dissect.load_folder(tmp_path / "real").image_uint8(i) for i in range(12)]).float() / 255
+    feats = [MeanColor()(x).double().detach().numpy() for x in (x_gen, x_real)]
+    stats = [dissect.activation_statistics(f) for f in feats]
+    assert r["fid"] == pytest.approx(direct_frechet(*stats[0], *stats[1]), rel=1e-5)
+
+
+def test_fid_inception_key_layout_and_weights_messages(tmp_path, monkeypatch):
+    sd = torchvision.models.inception.Inception3(num_classes=1008, aux_logits=False, init_weights=False).state_dict()
+    torch.save(sd, tmp_path / "incep.pth")
+    model = dissect.load_fid_inception(tmp_path / "incep.pth")
+    with torch.no_grad():
+        feats = model(torch.rand(2, 3, SIDE, SIDE))
+    assert feats.shape == (2, dissect.FID_DIMS) and torch.isfinite(feats).all()
+    assert model.net.Mixed_7c.max_pool and not model.net.Mixed_7b.max_pool
+    sd.pop("Mixed_6e.branch_pool.conv.weight")
+    torch.save(sd, tmp_path / "bad.pth")
+    with pytest.raises(DissectError, match="Mixed_6e.branch_pool.conv.weight"):
+        dissect.load_fid_inception(tmp_path / "bad.pth")
+    with pytest.raises(DissectError, match="no such file"):
+        dissect.load_fid_inception(tmp_path / "missing.pth")
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(DissectError, match="--inception-weights FILE"):
+        dissect.load_fid_inception()
