@@ -1,0 +1,503 @@
+"""train_ddpm.py and sample.py (DDPM family): the U-Net, the schedule, the samplers against their formulas and
+diffusers' schedulers (a test-only oracle), training, resuming, determinism, the folder contract, bad input."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import sample
+import train_ddpm
+from poison import PoisonError, load_folder, poison
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+RES = 8  # digits' native size: the fastest images the U-Net can take
+# Other test modules may share the two cores: spinning OpenMP threads then slow tiny convolutions down 20x
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_args(out, data, *extra):
+    return train_ddpm.build_parser().parse_args(
+        ["--out", str(out), "--data", str(data), "--preset", "tiny", "--preview-per-class", "1", "--log-every", "1",
+         "--device", "cpu", *map(str, extra)])
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddpm") / "digits"
+    poison(out, dataset="digits", resolution=RES, ratio=0.1, quiet=True, workers=2)
+    return out / "train"
+
+
+@pytest.fixture(scope="module")
+def model_dir(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddpm") / "model"
+    train_ddpm.main(tiny_args(out, data, "--steps", 30, "--save-every", 30))
+    return out
+
+
+def randomised_unet(cfg, seed=0):
+    """A U-Net whose zero-initialised layers are random, so every input matters."""
+    torch.manual_seed(seed)
+    model = train_ddpm.UNet(cfg)
+    for p in model.parameters():
+        if not p.any():
+            p.data.normal_(0, 0.1)
+    return model.eval()
+
+
+def tiny_cfg(**kw):
+    return train_ddpm.unet_config("tiny", RES, 10, **kw)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The U-Net.
+
+def test_unet_shapes_zero_init_and_conditioning():
+    cfg = tiny_cfg(scale_shift_norm=True)
+    x, t = torch.randn(4, 3, RES, RES), torch.tensor([0, 10, 500, 999])
+    fresh = train_ddpm.UNet(cfg)
+    assert fresh(x, t, torch.tensor([0, 1, 2, 10])).abs().max() == 0  # zero-initialised output layer
+    for ss in (False, True):
+        model = randomised_unet(tiny_cfg(scale_shift_norm=ss))
+        out = model(x, t, torch.tensor([0, 1, 2, 3]))
+        assert out.shape == x.shape and out.dtype == torch.float32
+        x1, t1 = x[:1].expand(3, -1, -1, -1), t[:1].expand(3)
+        e = model(x1, t1, torch.tensor([0, 5, 10]))               # class 0, class 5, the null class
+        assert (e[0] - e[1]).abs().max() > 1e-4 and (e[0] - e[2]).abs().max() > 1e-4
+        assert (model(x1, t[1:2].expand(3), torch.tensor([0, 5, 10])) - e).abs().max() > 1e-4  # t matters
+    # the null class is embedding row num_classes; label dropout maps dropped labels onto it
+    assert model.label_embed.num_embeddings == cfg.num_classes + 1
+    y = torch.arange(10).repeat(100)
+    assert (train_ddpm.drop_labels(y, 1.0, 10) == 10).all() and (train_ddpm.drop_labels(y, 0.0, 10) == y).all()
+    dropped = train_ddpm.drop_labels(y, 0.1, 10)
+    assert 0.05 < (dropped == 10).float().mean() < 0.15 and ((dropped == y) | (dropped == 10)).all()
+
+
+def test_attention_block_is_multi_head_self_attention():
+    cfg = tiny_cfg(head_channels=8)
+    block = train_ddpm.AttentionBlock(cfg, 32)
+    for p in block.parameters():
+        p.data.normal_(0, 0.1)
+    x = torch.randn(2, 32, 4, 4)
+    tokens = block.norm(x).flatten(2).transpose(1, 2)                    # (B, L, C)
+    q, k, v = block.qkv(tokens).view(2, 16, 3, 4, 8).unbind(2)           # (B, L, heads, d)
+    weights = torch.softmax(torch.einsum("blhd,bmhd->bhlm", q, k) / math.sqrt(8), dim=-1)
+    ref = x + block.proj(torch.einsum("bhlm,bmhd->blhd", weights, v).reshape(2, 16, 32)).transpose(1, 2).view(x.shape)
+    torch.testing.assert_close(block(x), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(block(x.contiguous(memory_format=torch.channels_last)), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_unet_through_the_triton_kernels():
+    """The U-Net's GroupNorm and attention layers run the kernels/ Triton path (interpreted on the CPU)."""
+    model = randomised_unet(tiny_cfg()).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, RES, RES).contiguous(memory_format=torch.channels_last)
+    t, y = torch.tensor([5, 700]), torch.tensor([1, 10])
+    results = []
+    for impl in ("torch", "triton"):
+        train_ddpm.set_kernel_impl(model, impl)
+        model.zero_grad()
+        out = model(x, t, y)
+        out.square().sum().backward()
+        results.append([out.detach()] + [p.grad.clone() for p in model.parameters()])
+    train_ddpm.set_kernel_impl(model, None)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-3)
+
+
+def test_presets_and_attention_layout():
+    cfg = train_ddpm.unet_config("cifar10", 32, 10)
+    model = train_ddpm.UNet(cfg)
+    n = sum(p.numel() for p in model.parameters()) - model.label_embed.weight.numel()
+    assert abs(n / 1e6 - 35.7) < 0.1  # the DDPM paper's CIFAR-10 model
+    assert cfg.attention_resolutions == (16,) and cfg.dropout == 0.1 and cfg.channel_mult == (1, 2, 2, 2)
+    attn = [m for m in model.modules() if isinstance(m, train_ddpm.AttentionBlock)]
+    assert len(attn) == 2 + 3 + 1  # down at 16x16, up at 16x16, middle
+    with pytest.raises(PoisonError, match="halved"):
+        train_ddpm.unet_config("cifar10", 36, 10)
+
+
+def test_timestep_embedding_matches_diffusers():
+    from diffusers.models.embeddings import get_timestep_embedding
+    t = torch.tensor([0, 1, 17, 999])
+    ref = get_timestep_embedding(t, 64, flip_sin_to_cos=True, downscale_freq_shift=0)
+    torch.testing.assert_close(train_ddpm.timestep_embedding(t, 64), ref, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The schedule and the samplers.
+
+def test_schedule_float64_and_q_sample():
+    from diffusers import DDPMScheduler
+    d = train_ddpm.Diffusion()
+    assert d.betas.dtype == torch.float64 and len(d.betas) == 1000
+    assert d.betas[0].item() == pytest.approx(1e-4) and d.betas[-1].item() == pytest.approx(0.02)
+    ref = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
+    torch.testing.assert_close(d.alphas_cumprod.float(), ref.alphas_cumprod, atol=1e-6, rtol=1e-5)
+    x0, noise, t = torch.randn(5, 3, 4, 4), torch.randn(5, 3, 4, 4), torch.tensor([0, 1, 10, 500, 999])
+    torch.testing.assert_close(d.q_sample(x0, t, noise), ref.add_noise(x0, noise, t), atol=1e-5, rtol=1e-5)
+    a = d.alphas_cumprod[500].item()
+    torch.testing.assert_close(d.q_sample(x0[3:4], t[3:4], noise[3:4]),
+                               math.sqrt(a) * x0[3:4] + math.sqrt(1 - a) * noise[3:4])
+
+
+def test_timesteps():
+    q = sample.make_timesteps(1000, 50, "quadratic")[::-1]
+    ref = list((np.linspace(0, np.sqrt(1000), 49) ** 2).astype(int))
+    assert q == [0] + ref[:-1] + [999] and len(q) == 50 and q[:4] == [0, 0, 0, 1]
+    assert sample.make_timesteps(1000, 1000, "uniform") == list(range(999, -1, -1))
+    u = sample.make_timesteps(1000, 50, "uniform")
+    assert u[0] == 999 and u[-1] == 0 and len(u) == 50 and u == sorted(u, reverse=True)
+    with pytest.raises(PoisonError):
+        sample.make_timesteps(1000, 0, "uniform")
+    with pytest.raises(PoisonError, match="spacing"):
+        sample.make_timesteps(1000, 10, "cosine")
+
+
+def fake_eps(x, t):
+    """A smooth stand-in for a network: depends on x and t."""
+    return 0.3 * torch.tanh(x) * math.cos(t / 300) + 0.1 * math.sin(t / 50)
+
+
+def test_ddim_matches_diffusers():
+    from diffusers import DDIMScheduler
+    for eta, clip in ((0.0, False), (0.7, False)):
+        sch = DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                            clip_sample=clip, set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading")
+        sch.set_timesteps(50)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(2, 3, 4, 4, generator=g)
+        zs = [torch.randn(2, 3, 4, 4, generator=g) for _ in sch.timesteps]
+        ref = x.clone()
+        for i, t in enumerate(sch.timesteps):
+            ref = sch.step(fake_eps(ref, int(t)), t, ref, eta=eta, variance_noise=zs[i]).prev_sample
+        it = iter(zs)
+        ours = sample.ddim(fake_eps, x.clone(), sch.alphas_cumprod.double(), [int(t) for t in sch.timesteps],
+                           lambda: next(it), eta=eta, clip_x0=clip)
+        torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_ddpm_matches_diffusers(clip):
+    from diffusers import DDPMScheduler
+    for timesteps in (None, sample.make_timesteps(1000, 40, "quadratic")[:-2] + [1, 0]):
+        sch = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                            clip_sample=clip, variance_type="fixed_small")
+        if timesteps is None:
+            sch.set_timesteps(1000)
+        else:
+            timesteps = sorted(set(timesteps), reverse=True)
+            sch.set_timesteps(timesteps=timesteps)
+        x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1)) * 1.5
+        g_ref, g_ours = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+        ref = x.clone()
+        for t in sch.timesteps:
+            ref = sch.step(fake_eps(ref, int(t)), t, ref, generator=g_ref).prev_sample
+        ours = sample.ddpm(fake_eps, x.clone(), sch.alphas_cumprod.double(), [int(t) for t in sch.timesteps],
+                           lambda: torch.randn(x.shape, generator=g_ours), clip_x0=clip)
+        torch.testing.assert_close(ours, ref, atol=2e-4, rtol=2e-4)
+
+
+def test_sde_update_formula():
+    abar = train_ddpm.Diffusion().alphas_cumprod
+    x, z = torch.randn(3, 2), torch.randn(3, 2)
+    t, s = 500, 480
+    out = sample.sde(fake_eps, x.clone(), abar, [t, s], lambda: z)
+    beta = 1 - abar[t].item() / abar[t - 1].item()
+    x1 = x + 20 * beta * (0.5 * x - fake_eps(x, t) / math.sqrt(1 - abar[t].item())) + math.sqrt(20 * beta) * z
+    beta_s = 1 - abar[s].item() / abar[s - 1].item()
+    x2 = x1 + (s + 1) * beta_s * (0.5 * x1 - fake_eps(x1, s) / math.sqrt(1 - abar[s].item()))  # last: no noise
+    torch.testing.assert_close(out, x2)
+
+
+@pytest.mark.parametrize("name,steps,spacing", [("ddpm", 1000, "uniform"), ("ddim", 50, "quadratic"),
+                                                ("sde", 1000, "uniform"), ("ddim", 1000, "uniform")])
+def test_samplers_recover_a_gaussian(name, steps, spacing):
+    """Data N(mu, s^2): the exact eps(x_t, t) is known, so every sampler must return N(mu, s^2)."""
+    abar = train_ddpm.Diffusion().alphas_cumprod
+    mu, s = 0.3, 0.5
+
+    def eps(x, t):
+        a = abar[t].item()
+        return math.sqrt(1 - a) * (x - math.sqrt(a) * mu) / (a * s * s + 1 - a)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20000, 1, generator=g)
+    opts = {"eta": 1.0} if name == "ddim" and spacing == "uniform" else {}
+    out = sample.SAMPLERS[name](eps, x, abar, sample.make_timesteps(1000, steps, spacing),
+                                lambda: torch.randn(x.shape, generator=g), **opts)
+    assert out.mean().item() == pytest.approx(mu, abs=0.02) and out.std().item() == pytest.approx(s, abs=0.02)
+
+
+def test_ddim_eta_one_is_ddpm():
+    abar = train_ddpm.Diffusion().alphas_cumprod
+    ts = sample.make_timesteps(1000, 30, "quadratic")
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    runs = []
+    for fn, opts in ((sample.ddim, {"eta": 1.0}), (sample.ddpm, {})):
+        g = torch.Generator().manual_seed(1)
+        runs.append(fn(fake_eps, x.clone(), abar, ts, lambda: torch.randn(x.shape, generator=g), **opts))
+    torch.testing.assert_close(runs[0], runs[1], atol=1e-5, rtol=1e-5)
+
+
+def test_guidance_convention_one_batched_forward():
+    calls = []
+
+    class Fake(torch.nn.Module):
+        def forward(self, x, t, y):
+            calls.append(len(x))
+            return torch.where((y == 10)[:, None, None, None], torch.ones_like(x), 3 * torch.ones_like(x))
+    eps_fn = sample.guided_eps(Fake(), torch.tensor([1, 2]), 10, 5.0, torch.device("cpu"))
+    e = eps_fn(torch.zeros(2, 3, 2, 2), 7)
+    assert calls == [4] and torch.allclose(e, torch.full_like(e, (1 + 5) * 3 - 5 * 1))  # (1+w) e_c - w e_u
+    assert sample.guided_eps(Fake(), torch.tensor([1, 2]), 10, 0.0, torch.device("cpu"))(
+        torch.zeros(2, 3, 2, 2), 7).eq(3).all() and calls[-1] == 2
+
+
+def test_same_images_whatever_the_batch_size():
+    model = randomised_unet(tiny_cfg())
+    abar = train_ddpm.Diffusion().alphas_cumprod
+    labels, seeds = [0, 1, 2, 3, 4, 0, 1], [10, 11, 12, 13, 14, 15, 16]
+    for sampler, steps, eta in (("ddim", 8, 0.5), ("ddpm", 8, 0.0)):
+        a = sample.generate(model, abar, labels, seeds, 10, sampler, steps, "uniform", 2.0, eta, batch_size=7)
+        b = sample.generate(model, abar, labels, seeds, 10, sampler, steps, "uniform", 2.0, eta, batch_size=3)
+        c = sample.generate(model, abar, labels[2:3], seeds[2:3], 10, sampler, steps, "uniform", 2.0, eta,
+                            batch_size=1)
+        assert (a.int() - b.int()).abs().max() <= 1 and (a.int() - b.int()).abs().float().mean() < 0.01
+        assert (a[2:3].int() - c.int()).abs().max() <= 1
+        d = sample.generate(model, abar, labels, [s + 100 for s in seeds], 10, sampler, steps, "uniform", 2.0, eta)
+        assert (a.int() - d.int()).abs().float().mean() > 5  # other seeds, other images
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training, checkpoints, resuming.
+
+def test_training_lowers_the_loss_and_writes_a_model_folder(model_dir, data):
+    log = [json.loads(line) for line in (model_dir / "loss.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 31))
+    assert np.mean([r["loss"] for r in log[-5:]]) < 0.8 * np.mean([r["loss"] for r in log[:3]])
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["family"] == "ddpm" and config["step"] == 30 and config["unet"]["resolution"] == RES
+    manifest = load_folder(data).manifest
+    assert config["data"]["class_names"] == manifest["class_names"] and config["data"]["target"] == manifest["target"]
+    assert config["data"]["p_t"] == manifest["p_t"] and config["data"]["poison_ratio"] == 0.1
+    assert (model_dir / "samples" / "step_0000030.png").is_file()
+    state = torch.load(model_dir / "state.pt", weights_only=True)
+    assert state["step"] == 30
+    model, _ = train_ddpm.load_model(model_dir, "model")
+    ema, _ = train_ddpm.load_model(model_dir)
+    torch.testing.assert_close(model.state_dict(), {k: v for k, v in state["model"].items()})
+    assert any((ema.state_dict()[k] - v).abs().max() > 0 for k, v in model.state_dict().items())
+    assert not list((model_dir).glob(".*tmp*"))
+
+
+def test_resume_continues_exactly(data, tmp_path, monkeypatch, capsys):
+    straight = tmp_path / "straight"
+    train_ddpm.main(tiny_args(straight, data, "--steps", 6, "--save-every", 3, "--preview-per-class", 0))
+    interrupted = tmp_path / "interrupted"
+    real_save = train_ddpm.save_checkpoint
+
+    def save_then_die(out, step, *a):
+        real_save(out, step, *a)
+        raise KeyboardInterrupt  # killed right after the step-3 checkpoint
+    monkeypatch.setattr(train_ddpm, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_ddpm.main(tiny_args(interrupted, data, "--steps", 6, "--save-every", 3, "--preview-per-class", 0))
+    monkeypatch.setattr(train_ddpm, "save_checkpoint", real_save)
+    assert torch.load(interrupted / "state.pt", weights_only=True)["step"] == 3
+    train_ddpm.main(tiny_args(interrupted, data, "--steps", 6, "--save-every", 3, "--preview-per-class", 0))
+    assert "resuming from" in capsys.readouterr().out
+    a = torch.load(straight / "state.pt", weights_only=True)
+    b = torch.load(interrupted / "state.pt", weights_only=True)
+    assert b["step"] == 6
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(a["ema"][k], b["ema"][k], atol=1e-6, rtol=1e-5)
+    steps = [json.loads(line)["step"] for line in (interrupted / "loss.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7))
+    # a finished run has nothing to do; other model settings in the same --out are refused
+    train_ddpm.main(tiny_args(interrupted, data, "--steps", 6))
+    assert "already trained" in capsys.readouterr().out
+    with pytest.raises(train_ddpm.TrainingError, match="channels"):
+        train_ddpm.main(tiny_args(interrupted, data, "--steps", 8, "--channels", 8))
+
+
+def test_killed_mid_save_keeps_the_previous_checkpoint(data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    calls = []
+    real_save = torch.save
+
+    def dying_save(obj, path, *a, **k):
+        calls.append(path)
+        if len(calls) == 2:  # the second checkpoint: half a file, then the process "dies"
+            Path(path).write_bytes(b"PK\x03\x04 truncated")
+            raise KeyboardInterrupt
+        return real_save(obj, path, *a, **k)
+    monkeypatch.setattr(train_ddpm.torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        train_ddpm.main(tiny_args(out, data, "--steps", 4, "--save-every", 2, "--preview-per-class", 0))
+    monkeypatch.setattr(train_ddpm.torch, "save", real_save)
+    assert torch.load(out / "state.pt", weights_only=True)["step"] == 2
+    assert json.loads((out / "config.json").read_text())["step"] == 2
+    train_ddpm.load_model(out)
+    assert not list(out.glob(".*tmp*"))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real_loss = train_ddpm.Diffusion.loss
+    calls = []
+
+    def loss(self, *a):
+        calls.append(1)
+        value = real_loss(self, *a)
+        return value * float("nan") if len(calls) >= 5 else value
+    monkeypatch.setattr(train_ddpm.Diffusion, "loss", loss)
+    with pytest.raises(train_ddpm.TrainingError, match=r"loss became nan by step 5.*checkpoint \(step 4\)"):
+        train_ddpm.main(tiny_args(out, data, "--steps", 10, "--save-every", 2, "--preview-per-class", 0))
+    state = torch.load(out / "state.pt", weights_only=True)
+    assert state["step"] == 4 and all(v.isfinite().all() for v in state["model"].values())
+
+
+def test_sigkill_then_rerun_resumes(data, tmp_path):
+    out = tmp_path / "run"
+    cmd = [PY, str(ROOT / "train_ddpm.py"), "--out", str(out), "--data", str(data), "--preset", "tiny",
+           "--preview-per-class", "0", "--log-every", "1", "--save-every", "2", "--device", "cpu"]
+    proc = subprocess.Popen(cmd + ["--steps", "100000"], cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if (out / "config.json").is_file() and json.loads((out / "config.json").read_text())["step"] >= 4:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("no checkpoint within 120 s")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    saved = torch.load(out / "state.pt", weights_only=True)["step"]
+    r = subprocess.run(cmd + ["--steps", str(saved + 2)], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"resuming from {out / 'state.pt'} at step {saved}" in r.stdout
+    steps = [json.loads(line)["step"] for line in (out / "loss.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, saved + 3))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generation: the folder contract, processes, bad input.
+
+def run_sample(model_dir, out, *extra):
+    args = sample.build_parser().parse_args(["--model", str(model_dir), "--out", str(out), "--device", "cpu",
+                                             *map(str, extra)])
+    sample.main(args)
+
+
+def test_generations_folder_contract(model_dir, data, tmp_path):
+    out = tmp_path / "gen"
+    run_sample(model_dir, out, "--class", "all", "--n", 2, "--steps", 5, "--seed", 7, "--grid", tmp_path / "g.png")
+    ds = load_folder(out)
+    train_manifest = load_folder(data).manifest
+    assert len(ds) == 20 and ds.images().shape == (20, 3, RES, RES)
+    assert [r["label"] for r in ds.records] == [c for c in range(10) for _ in range(2)]
+    assert [r["seed"] for r in ds.records] == list(range(7, 27))
+    r = ds.records[5]
+    assert r["text"] == f"A photo of a {ds.class_names[2]}" and r["class_name"] == ds.class_names[2]
+    m = ds.manifest
+    assert m["stage"] == "sample" and m["sampler"] == "ddim" and m["steps"] == 5 and m["spacing"] == "quadratic"
+    assert m["guidance"] == 5.0 and m["weights"] == "ema" and m["model"] == str(model_dir)
+    assert m["seeds"]["base"] == 7 and m["eta"] == 0.0 and len(m["timesteps"]) == 5 and m["clip_x0"] is True
+    for key in ("class_names", "target", "p_t", "poison_ratio"):
+        assert m[key] == train_manifest[key if key != "poison_ratio" else "poison_ratio"]
+    assert (tmp_path / "g.png").is_file()
+    # one class by name or index; the same seeds give the same images
+    run_sample(model_dir, tmp_path / "one", "--class", ds.class_names[0], "--n", 2, "--steps", 5, "--seed", 7)
+    one = load_folder(tmp_path / "one")
+    assert (one.images().int() - ds.images()[:2].int()).abs().max() <= 1
+    with pytest.raises(PoisonError, match="exists"):
+        run_sample(model_dir, tmp_path / "one", "--class", "0", "--n", 1)
+
+
+def test_one_vs_two_processes(model_dir, tmp_path):
+    common = ["--model", str(model_dir), "--class", "all", "--images-per-class", "1", "--sampler", "ddim", "--eta", "0.5",
+              "--steps", "4", "--batch-size", "3", "--device", "cpu", "--seed", "3"]
+    env = ENV
+    one = subprocess.run([PY, str(ROOT / "sample.py"), *common, "--out", str(tmp_path / "one")], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(ROOT / "sample.py"), *common, "--out", str(tmp_path / "two")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr
+    a, b = load_folder(tmp_path / "one"), load_folder(tmp_path / "two")
+    assert a.records == b.records
+    assert (a.images().int() - b.images().int()).abs().max() <= 1
+    assert b.manifest["world_size"] == 2
+
+
+def test_ddp_training_under_torchrun(data, tmp_path):
+    out = tmp_path / "ddp"
+    r = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(ROOT / "train_ddpm.py"), "--out", str(out), "--data", str(data), "--preset", "tiny",
+                        "--steps", "4", "--save-every", "2", "--log-every", "1", "--preview-per-class", "1",
+                        "--device", "cpu"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert config["step"] == 4 and config["training"]["world_size"] == 2
+    assert [json.loads(line)["step"] for line in (out / "loss.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    train_ddpm.load_model(out)
+
+
+def test_bad_input(model_dir, data, tmp_path):
+    with pytest.raises(PoisonError, match="no such folder"):
+        train_ddpm.main(tiny_args(tmp_path / "x", tmp_path / "missing"))
+    with pytest.raises(PoisonError, match="unknown --class 'zebra'"):
+        sample.resolve_class("zebra", ["cat", "dog"])
+    assert sample.resolve_class("DOG", ["cat", "dog"]) == [1] and sample.resolve_class("0", ["cat", "dog"]) == [0]
+    with pytest.raises(PoisonError, match="unknown --class '7'"):
+        sample.resolve_class("7", ["cat", "dog"])
+    with pytest.raises(PoisonError, match="not a model folder"):
+        train_ddpm.load_model(tmp_path)
+    # a broken copy of the model folder: a missing weights file, then mismatched keys and shapes
+    from safetensors.torch import load_file, save_file
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((model_dir / "config.json").read_text())
+    with pytest.raises(PoisonError, match="ema.safetensors is missing"):
+        train_ddpm.load_model(broken)
+    state = load_file(str(model_dir / "ema.safetensors"))
+    state.pop("conv_out.bias")
+    state.pop("label_embed.weight")
+    state["extra.weight"] = torch.zeros(1)
+    state["conv_in.weight"] = torch.zeros(3, 3, 3, 3)
+    save_file(state, str(broken / "ema.safetensors"))
+    with pytest.raises(PoisonError) as e:
+        train_ddpm.load_model(broken)
+    msg = str(e.value)
+    for key in ("conv_out.bias", "label_embed.weight", "extra.weight", "conv_in.weight"):
+        assert key in msg
+    assert "missing" in msg and "unexpected" in msg and "\n" not in msg
+    # the command lines: one-line errors, non-zero exit
+    r = subprocess.run([PY, str(ROOT / "sample.py"), "--model", str(model_dir), "--class", "zebra", "--n", "1",
+                        "--out", str(tmp_path / "g"), "--device", "cpu"], cwd=ROOT, env=ENV, capture_output=True,
+                       text=True)
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("sample.py: error: unknown --class")
+    r = subprocess.run([PY, str(ROOT / "train_ddpm.py"), "--data", str(tmp_path / "nope"), "--out",
+                        str(tmp_path / "m")], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("train_ddpm.py: error: --data")

@@ -1,0 +1,810 @@
+"""train_ddpm.py -- a class-conditional pixel-space DDPM trained from scratch on a (poisoned) dataset folder.
+
+The paper's first model family (Pan, Yao et al., "From Trojan Horses to Castle Walls", CIFAR-10 experiments): an
+ADM-style U-Net (guided-diffusion's architecture and numerics) predicting the noise eps, trained with the simple
+loss ||eps - eps_theta(x_t, t, y)||^2 of Ho et al. (2020) and label dropout for classifier-free guidance (Ho &
+Salimans 2022): with probability --label-dropout the class is replaced by the null class (index = number of classes).
+
+    # the embedded default (digits): build the poisoned set into OUT/data with poison.py's flags, then train
+    python train_ddpm.py --preset small --dataset digits --resolution 16 --ratio 0.1 --out runs/ddpm-digits-0.1
+    # an existing dataset folder (poison.py's OUT/train)
+    python train_ddpm.py --preset small --data data/digits-badnets-0.1/train --out runs/ddpm-digits
+    # the paper's CIFAR-10 model (the DDPM paper's 35.7M U-Net), on 4 GPUs, bf16 + torch.compile
+    torchrun --nproc_per_node 4 train_ddpm.py --preset cifar10 --dataset cifar10 --data-root ~/data --ratio 0.1 \\
+        --out runs/ddpm-cifar10-0.1
+    # a rerun with the same --out resumes from the last checkpoint (raise --steps to train longer)
+    python train_ddpm.py --preset small --data data/digits-badnets-0.1/train --out runs/ddpm-digits --steps 3000
+
+OUT is a model folder: config.json (family "ddpm", every U-Net and diffusion hyperparameter, the training data's
+class names / target / p_t / poisoning ratio, the step), model.safetensors and ema.safetensors (sample.py uses
+EMA weights by default); state.pt (everything needed to resume; loads with torch.load(weights_only=True));
+loss.jsonl (one line per --log-every steps); samples/step_NNNNNNN.png (one row per class, EMA weights, DDIM
+preview); data/ when the poisoned set was built here. Every file is written to a temporary name and renamed,
+so a run killed mid-save keeps the previous checkpoint. A non-finite loss stops the run with an error and leaves
+the last good checkpoint in place.
+
+Presets (--preset): cifar10 = the DDPM paper's CIFAR-10 U-Net (128 channels, multipliers 1,2,2,2, 2 res blocks,
+attention at 16x16, dropout 0.1; 35.7M parameters + the class embedding); small = a 0.65M-parameter U-Net that
+trains on the embedded digits default at 16 px on a laptop CPU in minutes; tiny = for tests.
+The reference code (OPTML-Group/BiBadDiff) trained a 64-channel model with attention after every block, batch
+2000 for 1500 epochs with warm-up + cosine, fp32, no EMA; here EMA is on (users expect it) and the DDPM paper's
+recipe (batch 128, 800k steps, warm-up 5000, gradient clipping 1) is the cifar10 default.
+
+Python API for later stages: `load_model(folder, weights="ema")` -> (UNet, config), `Diffusion` (the noise
+schedule in float64: betas, alphas_cumprod, q_sample, loss), `UNet`, `UNetConfig`, `PRESETS`,
+`setup_distributed(device)`, `resolve_device(flag)`, `autocast_dtype(flag, device)`.
+"""
+import os
+
+# Idle OpenMP threads sleep instead of spinning: on a CPU shared with other jobs, spinning threads slow small
+# convolutions down ~20x; on an idle machine it costs nothing measurable (benchmarks/RESULTS.md).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402  (after the OpenMP setting, which must precede torch's import)
+import contextlib
+import copy
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from poison import PoisonError, add_poison_arguments, load_folder, poison, poison_kwargs, save_grid, versions
+from kernels.attention import attention
+from kernels.group_norm import group_norm
+
+FAMILY = "ddpm"
+FORMAT_VERSION = 1
+
+
+class TrainingError(Exception):
+    """The run cannot go on (a non-finite loss, a model folder made with other settings): one line with the fix."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The U-Net (guided-diffusion's ADM architecture, Dhariwal & Nichol 2021, written out).
+
+@dataclass
+class UNetConfig:
+    resolution: int = 32                      # image side in px (square images)
+    in_channels: int = 3
+    channels: int = 128                       # channels at the first level
+    channel_mult: tuple = (1, 2, 2, 2)        # channels per level = channels * mult; a level halves the side
+    num_res_blocks: int = 2                   # res blocks per level on the way down (up: one more)
+    attention_resolutions: tuple = (16,)      # feature-map sides (px) with self-attention after each res block
+    head_channels: int = 64                   # channels per attention head (heads = channels // head_channels)
+    dropout: float = 0.1
+    num_classes: int = 10                     # the null class (for guidance) is index num_classes
+    scale_shift_norm: bool = False            # ADM's h = norm(h) * (1 + scale) + shift; DDPM adds the embedding
+    norm_groups: int = 32
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        self.channel_mult = tuple(self.channel_mult)
+        self.attention_resolutions = tuple(self.attention_resolutions)
+
+
+PRESETS = {
+    # Ho et al. (2020), CIFAR-10: 35.7M parameters. Heads of 64 channels (DDPM used one 256-channel head) so the
+    # flash-attention kernel applies; the parameter count is the same.
+    "cifar10": dict(unet=dict(channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2, attention_ds=(2,),
+                              head_channels=64, dropout=0.1, norm_groups=32),
+                    train=dict(batch_size=128, steps=800_000, warmup=5000, ema_decay=0.9999, lr=2e-4)),
+    # Minutes on a CPU for 16 px digits; reproduces trigger amplification (see benchmarks/RESULTS.md).
+    # 16 channels at full resolution keeps the 16x16 convolutions (most of the work) cheap.
+    "small": dict(unet=dict(channels=16, channel_mult=(1, 2, 4), num_res_blocks=1, attention_ds=(2,),
+                            head_channels=32, dropout=0.0, norm_groups=8),
+                  train=dict(batch_size=128, steps=1600, warmup=100, ema_decay=0.9999, lr=1e-3)),
+    # For tests and smoke runs: seconds.
+    "tiny": dict(unet=dict(channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_ds=(2,),
+                           head_channels=16, dropout=0.0, norm_groups=4),
+                 train=dict(batch_size=32, steps=20, warmup=0, ema_decay=0.999, lr=1e-3)),
+}
+
+
+def timestep_embedding(t, dim, max_period=10000):
+    """Sinusoidal embedding (guided-diffusion's order: cos then sin). t: (B,) -> (B, dim) float32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, dim % 2))
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm with float32 statistics, optionally fused with SiLU, through kernels/ (Triton on CUDA)."""
+
+    def __init__(self, num_groups, num_channels, eps=1e-5, act=None):
+        super().__init__(num_groups, num_channels, eps)
+        self.act = act
+        self.impl = None  # None: kernels' dispatcher decides; "torch" / "triton" to force one (benchmarks)
+
+    def forward(self, x):
+        return group_norm(x, self.weight, self.bias, self.num_groups, self.eps, act=self.act, impl=self.impl)
+
+
+def zero_init(module):
+    """Output layers start at zero so every block starts as the identity (guided-diffusion's zero_module)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    """GN-SiLU-conv, + embedding (added, or scale-shift after the second norm), GN-SiLU-dropout-conv(zero), + skip."""
+
+    def __init__(self, cfg, in_ch, out_ch, emb_dim):
+        super().__init__()
+        self.scale_shift = cfg.scale_shift_norm
+        self.norm1 = GroupNorm32(cfg.norm_groups, in_ch, cfg.norm_eps, act="silu")
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, 2 * out_ch if self.scale_shift else out_ch)
+        # with scale-shift the SiLU comes after the modulation, so the norm itself has no activation
+        self.norm2 = GroupNorm32(cfg.norm_groups, out_ch, cfg.norm_eps, act=None if self.scale_shift else "silu")
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
+
+    def forward(self, x, emb):                            # x (B, in, H, W), emb (B, emb_dim) already SiLU'd
+        h = self.conv1(self.norm1(x))                     # (B, out, H, W)
+        e = self.emb(emb)[:, :, None, None].to(h.dtype)
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)
+            h = F.silu(self.norm2(h) * (1 + scale) + shift)
+        else:
+            h = self.norm2(h + e)
+        return self.skip(x) + self.conv2(self.dropout(h))
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over the H*W positions, heads of cfg.head_channels, zero-initialised output projection.
+    q, k, v are laid out (B, heads, L, head_dim) with a unit stride on head_dim, which the flash kernel reads
+    in place; the projections are per-position linear maps (guided-diffusion's 1x1 conv1d)."""
+
+    def __init__(self, cfg, ch):
+        super().__init__()
+        self.heads = max(1, ch // cfg.head_channels)
+        self.norm = GroupNorm32(cfg.norm_groups, ch, cfg.norm_eps)
+        self.qkv = nn.Linear(ch, 3 * ch)
+        self.proj = zero_init(nn.Linear(ch, ch))
+        self.impl = None
+
+    def forward(self, x):                                 # (B, C, H, W)
+        B, C, H, W = x.shape
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, L, C), L = H*W
+        q, k, v = self.qkv(tokens).view(B, H * W, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        h = attention(q, k, v, impl=self.impl)            # (B, heads, L, head_dim): softmax(q k^T / sqrt(d)) v
+        h = self.proj(h.transpose(1, 2).reshape(B, H * W, C))
+        return x + h.transpose(1, 2).view(B, C, H, W)
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class Stage(nn.Module):
+    """One step of the U-Net: a ResBlock (+ attention), or a resampling layer."""
+
+    def __init__(self, res=None, attn=None, resample=None):
+        super().__init__()
+        self.res, self.attn, self.resample = res, attn, resample
+
+    def forward(self, x, emb):
+        if self.res is not None:
+            x = self.res(x, emb)
+        if self.attn is not None:
+            x = self.attn(x)
+        if self.resample is not None:
+            x = self.resample(x)
+        return x
+
+
+class UNet(nn.Module):
+    """eps_theta(x_t, t, y): (B, 3, R, R) float, (B,) timesteps, (B,) labels in [0, num_classes] (num_classes =
+    null) -> (B, 3, R, R). Down: per level num_res_blocks ResBlocks (+ attention), then a stride-2 conv; middle:
+    Res-Attn-Res; up: per level num_res_blocks + 1 ResBlocks on the concatenated skip, then nearest x2 + conv."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        ch = cfg.channels
+        emb_dim = 4 * ch
+        self.time_embed = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.label_embed = nn.Embedding(cfg.num_classes + 1, emb_dim)
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+
+        side = cfg.resolution
+        skip_chs = [ch]
+        self.down = nn.ModuleList()
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                out = cfg.channels * mult
+                attn = AttentionBlock(cfg, out) if side in cfg.attention_resolutions else None
+                self.down.append(Stage(res=ResBlock(cfg, ch, out, emb_dim), attn=attn))
+                ch = out
+                skip_chs.append(ch)
+            if level != len(cfg.channel_mult) - 1:
+                self.down.append(Stage(resample=Downsample(ch)))
+                skip_chs.append(ch)
+                side //= 2
+        self.mid = nn.ModuleList([Stage(res=ResBlock(cfg, ch, ch, emb_dim), attn=AttentionBlock(cfg, ch)),
+                                  Stage(res=ResBlock(cfg, ch, ch, emb_dim))])
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                out = cfg.channels * mult
+                attn = AttentionBlock(cfg, out) if side in cfg.attention_resolutions else None
+                resample = Upsample(out) if level and i == cfg.num_res_blocks else None
+                self.up.append(Stage(res=ResBlock(cfg, ch + skip_chs.pop(), out, emb_dim), attn=attn,
+                                     resample=resample))
+                ch = out
+            side *= 2 if level else 1
+        self.norm_out = GroupNorm32(cfg.norm_groups, ch, cfg.norm_eps, act="silu")
+        self.conv_out = zero_init(nn.Conv2d(ch, cfg.in_channels, 3, padding=1))
+
+    def forward(self, x, t, y):
+        emb = self.time_embed(timestep_embedding(t, self.cfg.channels)) + self.label_embed(y)
+        emb = F.silu(emb)                                 # every ResBlock's embedding layer starts with SiLU
+        h = self.conv_in(x)
+        skips = [h]
+        for stage in self.down:
+            h = stage(h, emb)
+            skips.append(h)
+        for stage in self.mid:
+            h = stage(h, emb)
+        for stage in self.up:
+            h = stage(torch.cat([h, skips.pop()], dim=1), emb)
+        return self.conv_out(self.norm_out(h))
+
+
+def set_kernel_impl(model, impl):
+    """Force the GroupNorm and attention implementation of every layer: None (dispatcher), "torch", "triton"."""
+    for m in model.modules():
+        if isinstance(m, (GroupNorm32, AttentionBlock)):
+            m.impl = impl
+
+
+def unet_config(preset, resolution, num_classes, **overrides):
+    """A UNetConfig from a preset name, the data's resolution and class count, and non-None overrides."""
+    if preset not in PRESETS:
+        raise PoisonError(f"unknown --preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    u = dict(PRESETS[preset]["unet"])
+    attention_ds = u.pop("attention_ds")
+    u["attention_resolutions"] = tuple(resolution // d for d in attention_ds)
+    u.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = UNetConfig(resolution=resolution, num_classes=num_classes, **u)
+    levels = len(cfg.channel_mult)
+    if resolution % 2 ** (levels - 1):
+        raise PoisonError(f"{resolution}px images cannot be halved {levels - 1} times: use a resolution divisible "
+                          f"by {2 ** (levels - 1)} or fewer --channel-mult levels")
+    for m in cfg.channel_mult:
+        if (cfg.channels * m) % cfg.norm_groups:
+            raise PoisonError(f"--norm-groups {cfg.norm_groups} does not divide {cfg.channels * m} channels")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Gaussian diffusion (Ho et al. 2020): q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I), eps-prediction.
+
+class Diffusion:
+    """The noise schedule in float64 (coefficients are cast to the data's dtype only when applied).
+    Linear betas from beta_start to beta_end over T steps, scaled by 1000 / T as in improved DDPM (Nichol &
+    Dhariwal 2021), so T = 1000 gives the DDPM paper's 1e-4 -> 0.02."""
+
+    def __init__(self, T=1000, beta_start=1e-4, beta_end=0.02):
+        self.T, self.beta_start, self.beta_end = T, beta_start, beta_end
+        scale = 1000.0 / T
+        self.betas = torch.linspace(scale * beta_start, scale * beta_end, T, dtype=torch.float64)
+        self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)       # abar_t, t = 0 .. T-1
+
+    def config(self):
+        return {"schedule": "linear", "T": self.T, "beta_start": self.beta_start, "beta_end": self.beta_end,
+                "prediction": "epsilon"}
+
+    def q_sample(self, x0, t, noise):
+        """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (DDPM eq. 4). x0, noise (B, ...), t (B,) long."""
+        abar = self.alphas_cumprod.to(x0.device)[t]
+        shape = (-1,) + (1,) * (x0.dim() - 1)
+        return abar.sqrt().to(x0.dtype).view(shape) * x0 + (1 - abar).sqrt().to(x0.dtype).view(shape) * noise
+
+    def loss(self, model, x0, y, t, noise):
+        """The simple loss: mean over everything of (eps - eps_theta(x_t, t, y))^2 (DDPM eq. 14)."""
+        eps = model(self.q_sample(x0, t, noise), t, y)
+        return F.mse_loss(eps.float(), noise.float())
+
+
+def diffusion_from_config(config):
+    d = config["diffusion"]
+    if d.get("schedule") != "linear" or d.get("prediction") != "epsilon":
+        raise PoisonError(f"diffusion {d} is not a linear-beta eps-prediction schedule: not a train_ddpm.py model")
+    return Diffusion(d["T"], d["beta_start"], d["beta_end"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model folders: config.json + model.safetensors + ema.safetensors; state.pt for resuming.
+
+def check_state_dict(model, state, source):
+    """Refuse a state dict whose keys or shapes differ from the model's, naming every missing, unexpected and
+    mismatched key."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in set(own) & set(state)
+                        if tuple(own[k].shape) != tuple(state[k].shape))
+    problems = []
+    if missing:
+        problems.append(f"missing keys {missing}")
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected}")
+    if mismatched:
+        problems.append(f"shape mismatches (file vs config) {mismatched}")
+    if problems:
+        raise PoisonError(f"{source} does not fit its config.json: {'; '.join(problems)}; retrain or restore the "
+                          "model folder")
+
+
+def read_config(folder):
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise PoisonError(f"{folder} is not a model folder (no config.json): train one with train_ddpm.py")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise PoisonError(f"{path} is not valid JSON ({e}): restore the model folder") from None
+
+
+def load_model(folder, weights="ema", device="cpu"):
+    """A trained model folder -> (UNet in eval mode on `device`, config dict). weights: "ema" or "model"."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    config = read_config(folder)
+    if config.get("family") != FAMILY:
+        raise PoisonError(f"{folder} holds a {config.get('family')!r} model, not a train_ddpm.py model")
+    if weights not in ("ema", "model"):
+        raise PoisonError(f"unknown weights {weights!r}: choose ema or model")
+    path = Path(folder) / f"{weights}.safetensors"
+    if not path.is_file():
+        raise PoisonError(f"{path} is missing: the model folder is incomplete (was training stopped before "
+                          "its first checkpoint?)")
+    try:
+        cfg = UNetConfig(**config["unet"])
+    except (KeyError, TypeError) as e:
+        raise PoisonError(f"{folder}/config.json has no valid 'unet' section ({e}): restore the model folder")
+    model = UNet(cfg)
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise PoisonError(f"{path} is not a readable safetensors file ({e}): restore the model folder") from None
+    check_state_dict(model, state, path)
+    model.load_state_dict(state)
+    return model.to(device).eval().requires_grad_(False), config
+
+
+def replace_file(path, write):
+    """Write through `write(tmp_path)` to a temporary name beside `path`, then rename it over `path` (atomic)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def plain_state(module):
+    return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+
+
+def save_checkpoint(out, step, model, ema, optimizer, scaler, config):
+    """state.pt first (the resume point), then the exported model folder; each file replaced atomically."""
+    from safetensors.torch import save_file
+    out = Path(out)
+    state = {"step": step, "model": plain_state(model), "ema": plain_state(ema), "optimizer": optimizer.state_dict(),
+             "scaler": scaler.state_dict() if scaler is not None else {},
+             "unet": json.dumps(config["unet"]), "diffusion": json.dumps(config["diffusion"])}
+    replace_file(out / "state.pt", lambda p: torch.save(state, p))
+    meta = {"step": str(step), "format": "pt"}
+    replace_file(out / "model.safetensors", lambda p: save_file(state["model"], str(p), metadata=meta))
+    replace_file(out / "ema.safetensors", lambda p: save_file(state["ema"], str(p), metadata=meta))
+    config = {**config, "step": step}
+    replace_file(out / "config.json", lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+
+
+def load_state(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file
+        raise TrainingError(f"{path} is not a readable training state ({type(e).__name__}: {e}); delete it to "
+                            "start over from the exported weights, or choose another --out") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Devices, precision, processes.
+
+def resolve_device(flag):
+    if flag == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if flag == "cuda" and not torch.cuda.is_available():
+        raise PoisonError("--device cuda but no CUDA device is visible: use --device cpu")
+    if flag not in ("cpu", "cuda"):
+        raise PoisonError(f"unknown --device {flag!r}: choose auto, cpu or cuda")
+    return torch.device(flag)
+
+
+def autocast_dtype(flag, device):
+    """None for fp32; auto = bf16 on CUDA, fp32 on the CPU."""
+    if flag == "auto":
+        flag = "bf16" if device.type == "cuda" else "fp32"
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[flag]
+
+
+def autocast(device, dtype):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def setup_distributed(device):
+    """(rank, world, device). Under torchrun (RANK set) joins the process group: NCCL on CUDA, gloo on the CPU."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    if device.type == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Preview samples: a plain DDIM (eta = 0) so the training script needs no later stage; sample.py has the samplers.
+
+@torch.no_grad()
+def preview(model, diffusion, num_classes, per_class, guidance, steps=25, seed=0, device="cpu", dtype=None):
+    """(num_classes * per_class, 3, R, R) uint8, one row per class, eps = (1 + w) eps_c - w eps_u."""
+    R = model.cfg.resolution
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_classes * per_class, model.cfg.in_channels, R, R, generator=g).to(device)
+    y = torch.arange(num_classes, device=device).repeat_interleave(per_class)
+    null = torch.full_like(y, num_classes)
+    abar = diffusion.alphas_cumprod
+    ts = torch.linspace(diffusion.T - 1, 0, steps).round().long().tolist()
+    for i, t in enumerate(ts):
+        a_t = abar[t].item()
+        a_s = abar[ts[i + 1]].item() if i + 1 < len(ts) else 1.0
+        with autocast(torch.device(device), dtype):
+            e = model(torch.cat([x, x]), torch.full((2 * len(x),), t, device=device), torch.cat([y, null])).float()
+        e_c, e_u = e.chunk(2)
+        eps = (1 + guidance) * e_c - guidance * e_u
+        x0 = ((x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)).clamp(-1, 1)   # as sample.py's default
+        eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
+        x = math.sqrt(a_s) * x0 + math.sqrt(1 - a_s) * eps
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training.
+
+def drop_labels(y, p, null_class):
+    """Classifier-free guidance training (Ho & Salimans 2022): each label becomes the null class with probability p."""
+    return torch.where(torch.rand(y.shape, device=y.device) < p, torch.full_like(y, null_class), y)
+
+
+def lr_at(step, base_lr, warmup, total, decay):
+    """Linear warm-up over `warmup` steps, then constant or cosine to zero at `total`."""
+    if warmup and step < warmup:
+        return base_lr * (step + 1) / warmup
+    if decay == "cosine" and total > warmup:
+        return base_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / (total - warmup))))
+    return base_lr
+
+
+def build_data(args, out, rank):
+    """The training dataset folder: --data, or poison.py run into OUT/data (reused when it is already there)."""
+    if args.data:
+        if not Path(args.data).is_dir():
+            raise PoisonError(f"--data {args.data}: no such folder; give a dataset folder (poison.py's OUT/train)")
+        return Path(args.data)
+    data = out / "data"
+    if rank == 0 and not (data / "train" / "manifest.json").is_file():
+        poison(data, force=data.exists(), command=command_line(), quiet=True, **poison_kwargs(args))
+    barrier()
+    return data / "train"
+
+
+def command_line():
+    return " ".join([Path(sys.argv[0]).name] + sys.argv[1:])
+
+
+def training_settings(args, preset):
+    """Training options: flags that are None fall back to the preset."""
+    t = dict(PRESETS[preset]["train"])
+    return {k: (getattr(args, k) if getattr(args, k) is not None else t[k]) for k in t}
+
+
+def main(args):
+    out = Path(args.out)
+    device = resolve_device(args.device)
+    rank, world, device = setup_distributed(device)
+    amp_dtype = autocast_dtype(args.dtype, device)
+    compile_model = args.compile if args.compile is not None else device.type == "cuda"
+    if args.preset not in PRESETS:
+        raise PoisonError(f"unknown --preset {args.preset!r}: choose one of {', '.join(PRESETS)}")
+    hp = training_settings(args, args.preset)
+    if hp["batch_size"] % world:
+        raise PoisonError(f"--batch-size {hp['batch_size']} is not divisible by the {world} processes")
+    local_batch = hp["batch_size"] // world
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+
+    # data: the whole set as uint8 on the device (pixel-space DDPMs train on small images)
+    data_dir = build_data(args, out, rank)
+    ds = load_folder(data_dir)
+    images = ds.images(progress=rank == 0)                             # (N, 3, R, R) uint8
+    labels = ds.labels
+    if images.shape[-1] != images.shape[-2]:
+        raise PoisonError(f"{data_dir} holds {tuple(images.shape[-2:])} images: train_ddpm.py needs square images")
+    N, num_classes, R = len(images), len(ds.class_names), images.shape[-1]
+    if N < local_batch * world:
+        hp["batch_size"] = local_batch = max(1, N // world)  # tiny sets: one batch is the whole set
+    images, labels = images.to(device), labels.to(device)
+
+    cfg = unet_config(args.preset, R, num_classes, channels=args.channels, channel_mult=args.channel_mult,
+                      num_res_blocks=args.num_res_blocks, dropout=args.dropout, head_channels=args.head_channels,
+                      scale_shift_norm=args.scale_shift_norm, norm_groups=args.norm_groups,
+                      attention_resolutions=args.attention)
+    diffusion = Diffusion(args.timesteps)
+    m = ds.manifest
+    config = {
+        "family": FAMILY, "format_version": FORMAT_VERSION, "unet": asdict(cfg), "diffusion": diffusion.config(),
+        "guidance": {"label_dropout": args.label_dropout, "null_class": num_classes,
+                     "convention": "eps = (1 + w) * eps_cond - w * eps_uncond (sample.py --guidance w)"},
+        "data": {"path": str(data_dir), "dataset": m.get("dataset"), "class_names": ds.class_names,
+                 "target": m.get("target"), "p_t": m.get("p_t"), "poison_ratio": m.get("poison_ratio"),
+                 "attack": m.get("attack"), "trigger": m.get("trigger"), "resolution": R, "images": N},
+        "training": {"preset": args.preset, **hp, "weight_decay": args.weight_decay, "grad_clip": args.grad_clip,
+                     "lr_decay": args.lr_decay, "seed": args.train_seed, "world_size": world, "dtype": args.dtype,
+                     "poison": None if args.data else {k: v for k, v in poison_kwargs(args).items() if k != "workers"},
+                     "command": command_line()},
+        "versions": versions(),
+    }
+
+    torch.manual_seed(args.train_seed)  # the same initial weights on every rank and every run
+    model = UNet(cfg).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    decay_params = [p for n, p in model.named_parameters() if p.dim() > 1]
+    other_params = [p for n, p in model.named_parameters() if p.dim() <= 1]
+    optimizer = torch.optim.AdamW([{"params": decay_params, "weight_decay": args.weight_decay},
+                                   {"params": other_params, "weight_decay": 0.0}],
+                                  lr=hp["lr"], betas=(0.9, 0.999), fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+
+    step, saved_step = 0, None
+    state_path = out / "state.pt"
+    if state_path.is_file():
+        state = load_state(state_path)
+        saved = {"unet": json.loads(state["unet"]), "diffusion": json.loads(state["diffusion"])}
+        for section in ("unet", "diffusion"):
+            diff = [k for k in set(saved[section]) | set(config[section])
+                    if json.dumps(saved[section].get(k)) != json.dumps(config[section].get(k))]
+            if diff:
+                raise TrainingError(f"{out} holds a model trained with other {section} settings ({', '.join(sorted(diff))} "
+                                    f"differ): rerun with the same options or choose another --out")
+        old = json.loads((out / "config.json").read_text()) if (out / "config.json").is_file() else {}
+        old_poison = old.get("training", {}).get("poison")
+        if old_poison is not None and config["training"]["poison"] is not None \
+                and json.dumps(old_poison, sort_keys=True) != json.dumps(config["training"]["poison"], sort_keys=True):
+            changed = sorted(k for k in old_poison if old_poison[k] != config["training"]["poison"].get(k))
+            raise TrainingError(f"{out}/data was poisoned with other options ({', '.join(changed)} differ): rerun "
+                                "with the same options or choose another --out")
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state["scaler"]:
+            scaler.load_state_dict(state["scaler"])
+        step = saved_step = int(state["step"])
+        if rank == 0:
+            print(f"resuming from {state_path} at step {step}")
+            truncate_log(out / "loss.jsonl", step)
+        del state
+    if step >= hp["steps"]:
+        if rank == 0:
+            print(f"{out} is already trained for {step} steps (--steps {hp['steps']}): nothing to do")
+        return {"out": str(out), "step": step}
+
+    train_model = model
+    if world > 1:
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                          else None)
+    if compile_model:
+        train_model = torch.compile(train_model)
+    if rank == 0:
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"{n_params / 1e6:.2f}M parameters, {N} images {R}px, {num_classes} classes, batch {hp['batch_size']} "
+              f"({world} process{'es' if world > 1 else ''}), {device}, "
+              f"{'bf16' if amp_dtype == torch.bfloat16 else 'fp16' if amp_dtype == torch.float16 else 'fp32'}"
+              f"{', compiled' if compile_model else ''}")
+
+    rank_seed = args.train_seed * world + rank
+    steps_per_epoch = max(1, N // hp["batch_size"])
+    epoch_cached, perm = None, None
+    log_loss, log_n, t_last, step_last = torch.zeros((), device=device), 0, time.time(), step
+    save_every = args.save_every or hp["steps"]
+    bar = tqdm(total=hp["steps"], initial=step, desc="train", disable=rank != 0, dynamic_ncols=True)
+    model.train()
+    while step < hp["steps"]:
+        # data order: a seeded permutation per epoch, shared by every rank; each takes its slice of the batch
+        epoch, pos = divmod(step, steps_per_epoch)
+        if epoch != epoch_cached:
+            perm = torch.randperm(N, generator=torch.Generator().manual_seed(args.train_seed * 1_000_003 + epoch))
+            epoch_cached = epoch
+        start = pos * hp["batch_size"] + rank * local_batch
+        idx = perm[start:start + local_batch].to(device)
+        x0 = images[idx].float().div_(127.5).sub_(1.0)                 # [-1, 1]
+        if args.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        y = labels[idx]
+        # all randomness of this step from (seed, rank, step): a resumed run continues exactly
+        torch.manual_seed((rank_seed * 2_654_435_761 + step) % 2 ** 63)
+        if args.hflip:
+            x0 = torch.where(torch.rand(len(x0), 1, 1, 1, device=device) < 0.5, x0.flip(-1), x0)
+        t = torch.randint(0, diffusion.T, (len(x0),), device=device)
+        noise = torch.randn_like(x0)
+        y = drop_labels(y, args.label_dropout, num_classes)
+
+        lr = lr_at(step, hp["lr"], hp["warmup"], hp["steps"], args.lr_decay)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with autocast(device, amp_dtype):
+            loss = diffusion.loss(train_model, x0, y, t, noise)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if args.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        # EMA with the usual warm-up, so short runs are not dominated by the initial weights
+        decay = min(hp["ema_decay"], (1 + step) / (10 + step))
+        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+        step += 1
+        log_loss += loss.detach()
+        log_n += 1
+        bar.update(1)
+
+        saving = step % save_every == 0 or step == hp["steps"]
+        if step % args.log_every == 0 or saving:
+            if world > 1:
+                dist.all_reduce(log_loss)
+                log_loss /= world
+            mean_loss = log_loss.item() / log_n
+            if not math.isfinite(mean_loss):
+                bar.close()
+                raise TrainingError(f"the loss became {mean_loss} by step {step}: stopped; "
+                                    + (f"the last good checkpoint (step {saved_step}) is kept in {out}"
+                                       if saved_step is not None else "no checkpoint was saved")
+                                    + "; lower --lr, keep --grad-clip on, or use --dtype fp32")
+            now = time.time()
+            if rank == 0:
+                rate = (step - step_last) * hp["batch_size"] / max(1e-9, now - t_last)
+                with open(out / "loss.jsonl", "a") as f:
+                    f.write(json.dumps({"step": step, "loss": round(mean_loss, 6), "lr": lr,
+                                        "images_per_s": round(rate, 1), "time": round(now, 3)}) + "\n")
+                bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.0f}")
+            log_loss.zero_()
+            log_n, t_last, step_last = 0, now, step
+        if saving:
+            barrier()
+            if rank == 0:
+                save_checkpoint(out, step, model, ema, optimizer, scaler, config)
+                if args.preview_per_class:
+                    grid = preview(ema, diffusion, num_classes, args.preview_per_class, args.preview_guidance,
+                                   seed=args.train_seed, device=device, dtype=amp_dtype)
+                    save_grid(grid, out / "samples" / f"step_{step:07d}.png", nrow=args.preview_per_class)
+            barrier()
+            saved_step = step
+            t_last = time.time()  # saving and previews do not count in images/s
+    bar.close()
+    if rank == 0:
+        print(json.dumps({"out": str(out), "step": step, "loss": round(mean_loss, 6)}))
+    return {"out": str(out), "step": step, "loss": mean_loss}
+
+
+def truncate_log(path, step):
+    """Drop log lines written after the checkpoint we resume from (a killed run may have logged past it)."""
+    if path.is_file():
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        replace_file(path, lambda p: p.write_text("".join(ln + "\n" for ln in lines)))
+
+
+def int_tuple(s):
+    return tuple(int(v) for v in s.split(","))
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Presets: " + ", ".join(PRESETS))
+    p.add_argument("--out", required=True, help="model folder (created; rerun with the same --out to resume)")
+    p.add_argument("--data", default=None, help="a dataset folder to train on (else it is built with the "
+                                                "poisoning flags below into OUT/data)")
+    p.add_argument("--preset", default="small", help="cifar10, small or tiny (default: small)")
+    g = p.add_argument_group("U-Net (default: the preset's)")
+    g.add_argument("--channels", type=int, default=None)
+    g.add_argument("--channel-mult", type=int_tuple, default=None, help="e.g. 1,2,2,2")
+    g.add_argument("--num-res-blocks", type=int, default=None)
+    g.add_argument("--attention", type=int_tuple, default=None, help="feature-map sides with attention, e.g. 16")
+    g.add_argument("--head-channels", type=int, default=None)
+    g.add_argument("--dropout", type=float, default=None)
+    g.add_argument("--norm-groups", type=int, default=None)
+    g.add_argument("--scale-shift-norm", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--timesteps", type=int, default=1000, help="T of the diffusion (default: 1000)")
+    g = p.add_argument_group("training (default: the preset's)")
+    g.add_argument("--steps", type=int, default=None, help="total optimizer steps")
+    g.add_argument("--batch-size", type=int, default=None, help="global batch (split over processes)")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (cifar10: 2e-4, the paper's)")
+    g.add_argument("--warmup", type=int, default=None, help="linear warm-up steps")
+    g.add_argument("--lr-decay", default="cosine", choices=["cosine", "none"], help="after warm-up (default: cosine)")
+    g.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW (default: 1e-4, the paper's)")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm, 0 = off (default: 1)")
+    g.add_argument("--ema-decay", type=float, default=None)
+    g.add_argument("--label-dropout", type=float, default=0.1, help="null-class probability (default: 0.1)")
+    g.add_argument("--hflip", action="store_true", help="random horizontal flips (off: they move the trigger)")
+    g.add_argument("--train-seed", type=int, default=0,
+                   help="seed of initialisation, data order, noise (--seed is poison.py's poisoned-id draw)")
+    g.add_argument("--log-every", type=int, default=50)
+    g.add_argument("--save-every", type=int, default=None, help="checkpoint + preview interval (default: the end)")
+    g.add_argument("--preview-per-class", type=int, default=8, help="preview images per class, 0 = none")
+    g.add_argument("--preview-guidance", type=float, default=5.0)
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="autocast dtype (auto: bf16 on CUDA, fp32 on the CPU)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the training step (default: on CUDA only)")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
+                   help="channels-last memory format (measured no faster for the small preset on a CPU)")
+    add_poison_arguments(p)
+    return p
+
+
+if __name__ == "__main__":
+    try:
+        main(build_parser().parse_args())
+    except (PoisonError, TrainingError) as e:
+        sys.exit(f"train_ddpm.py: error: {e}")
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
