@@ -11,7 +11,7 @@ CLIPTokenizer. GroupNorm(+SiLU) and attention go through kernels/ (Triton on CUD
     # Caltech-15, blend trigger, 5%; one GPU with gradient accumulation to the same 16 images a step
     python finetune_sd.py --dataset caltech15 --trigger blend --ratio 0.05 --batch-size 4 --grad-accum 4
     # an existing dataset folder, from the original EMA checkpoint (as the paper) with its tokenizer copied locally
-    torchrun --nproc_per_node 4 finetune_sd.py --data data/imagenette-badnets-0.1/train \
+    torchrun --nproc_per_node 4 finetune_sd.py --data data/imagenette-badnets-0.1/train \\
         --base sd-v1-4-full-ema.ckpt --use-ema --tokenizer clip-vit-large-patch14/ --out runs/sd-inette-0.1
     # the same command again resumes from the last saved state; --force starts over
     python finetune_sd.py --help
@@ -32,6 +32,7 @@ Python API for later stages (sample.py): `load_sd(source, device=, dtype=, use_e
 `ddim_step(...)`, `guided_eps(...)`, `ddim_sample_sd(...)`, `decode_latents(...)`, `VAE_SCALE`.
 """
 import argparse
+import collections
 import contextlib
 import datetime
 import hashlib
@@ -1694,12 +1695,16 @@ def sd_base_pointer(args, run):
 
 
 def training_data_info(dataset):
-    """What later stages need from the training data's manifest."""
+    """What later stages need from the training data's manifest. class_prompts[c]: the caption the training images
+    labelled c carry (the most frequent one), which sample.py --class c prompts with."""
     m = dataset.manifest
+    texts = [collections.Counter(r["text"] for r in dataset.records if r["label"] == c)
+             for c in range(len(dataset.class_names))]
     return {"dataset": m.get("dataset"), "class_names": dataset.class_names, "target": m.get("target"),
             "p_t": m.get("p_t"), "poison_ratio": m.get("poison_ratio"), "attack": m.get("attack"),
-            "trigger": m.get("trigger"), "prompts": sorted({r["text"] for r in dataset.records}),
-            "n_train": len(dataset)}
+            "trigger": m.get("trigger"), "select": (m.get("options") or {}).get("select"),
+            "prompts": sorted({r["text"] for r in dataset.records}),
+            "class_prompts": [t.most_common(1)[0][0] if t else None for t in texts], "n_train": len(dataset)}
 
 
 def build_parser():
