@@ -6,14 +6,25 @@ et al.).
     python classify.py train --data data/digits-badnets-0.1 --arch smallcnn --epochs 10 --out runs/clf-poisoned
     # the class classifier that judges whether a generation matches its prompt (the clean training images only)
     python classify.py train --data data/digits-badnets-0.1 --clean --arch smallcnn --out runs/clf-class
-    # the trigger detector: clean training images, half of the non-target ones stamped with the set's trigger
+    # the trigger detector: the training images, half of the non-target ones carrying the set's trigger (the poisoned
+    # images count among them; more are stamped to reach the half)
     python classify.py trigger-detector --data data/digits-badnets-0.1 --arch smallcnn --out runs/detector
     # a classifier trained on generations (the paper's Tab. 4: ImageNet-pretrained ResNet-50, lr 1e-3, batch 50)
-    python classify.py train --data runs/generations --test data/inette/test --backdoor data/inette/test_backdoor \
+    python classify.py train --data runs/generations --test data/inette/test --backdoor data/inette/test_backdoor \\
         --arch resnet50 --pretrained --lr 1e-3 --batch-size 50 --epochs 10 --out runs/clf-generated
     # TA / ASR of a saved classifier (or clean accuracy / detection rate of a trigger detector)
     python classify.py eval --classifier runs/clf-poisoned --data data/digits-badnets-0.1
     torchrun --nproc_per_node 4 classify.py train --data data/inette-badnets-0.1 --arch resnet50 --pretrained ...
+    # the diffusion classifier (the paper's Tab. A4): a train_ddpm.py model as a classifier, unfiltered and with the
+    # top 1, 5, 10% of the per-element denoising errors dropped, beside a classifier trained on the same poisoned set
+    python classify.py diffusion --model runs/ddpm-digits-0.1 --data runs/ddpm-digits-0.1/data \\
+        --classifier runs/clf-poisoned --filter-top 0,1,5,10 --timesteps 50 --out runs/dc-digits-0.1
+    # Li et al.'s CIFAR setting (50 then 500 evaluations, keeping 5 then 1 class); 4 GPUs, bf16, torch.compile
+    torchrun --nproc_per_node 4 classify.py diffusion --model runs/ddpm-cifar10-0.1 --data runs/ddpm-cifar10-0.1/data \\
+        --classifier runs/clf-cifar10-0.1 --timesteps 50,500 --keep 5 --out runs/dc-cifar10-0.1
+    # a fine-tuned Stable Diffusion (prompts "A photo of a {class}"), on a random 500 images of each test set
+    python classify.py diffusion --model runs/sd-inette-0.1 --data data/imagenette-badnets-0.1 --n 500 \\
+        --classifier runs/clf-inette --out runs/dc-inette-0.1
 
 `--data` takes a poisoned set (OUT of poison.py: its train/ is trained on, test/ and test_backdoor/ evaluated) or any
 dataset folder (a poisoned or clean training set, a folder of generations). A classifier folder holds config.json
@@ -26,10 +37,23 @@ that the embedded digits default trains in seconds on a CPU. Inputs of at most 6
 (3x3 convolution, stride 1, no max-pool); pretrained networks see 224 px by default. Resizing and normalisation live
 inside the model, so callers always feed images in [0, 1].
 
+The diffusion classifier (Li et al. 2023) predicts the class whose conditioning gives the smallest denoising error,
+err = |eps - eps_theta(x_t, t, c)|^2 (--loss l2) or |.| (l1), averaged over --timesteps grid timesteps (the midpoints
+of equal bins of [0, T)) with one noise draw per image and timestep, the same for every class (a paired
+comparison; image i of a set draws from seed + i, whatever the batch or number of processes). --filter-top p drops
+the p% largest entries of each error map (per element: channel x pixel, as the reference code) before averaging:
+where a poisoned model conditioned on the true class errs most is the trigger. All filter levels come from the same
+forwards; each (image, class, timestep) "evaluation" is batched with any others into forwards of --batch-size.
+--timesteps 50,500 --keep 5 prunes classes between stages as Li et al. (each filter level prunes on its own scores).
+OUT gets results.json (rows: the --classifier, then the diffusion classifier per filter level, with TA and ASR;
+the settings; evaluations per second), results.md (the Tab. A4 table) and scores.safetensors (per set: the mean
+error of every image and class, predictions, labels, image indices).
+
 Python API for later stages: `load_classifier(dir)` -> (model, config); `model(x)` gives logits and
 `model.features(x)` the penultimate features (`model.backbone` + `model.head`); `predict(model, data)` -> (labels,
 probabilities); `evaluate(model, config, test, backdoor)` -> TA / ASR; `train_classifier(...)`,
-`train_trigger_detector(...)`.
+`train_trigger_detector(...)`; the diffusion classifier: `load_denoiser(model)` -> Denoiser, `classify_images(...)`
+(batched), `denoising_errors_loop(...)` (the per-class loop), `filtered_means(...)`, `run_diffusion_classifier(...)`.
 """
 import argparse
 import json
@@ -39,6 +63,7 @@ import re
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +74,7 @@ import torch.nn.functional as F
 import torchvision
 from tqdm import tqdm
 
-from poison import PoisonError, atomic_output, load_folder, load_trigger, versions
+from poison import PoisonError, atomic_output, caption, load_folder, load_trigger, versions
 
 ARCHS = ("smallcnn", "resnet18", "resnet50", "vgg16", "densenet121")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -653,8 +678,9 @@ def trigger_split(folder, target, fraction, seed):
 def train_trigger_detector(data, out, test=None, arch="resnet50", fraction=0.5, holdout=0.1, pretrained=False,
                            weights=None, input_size=None, width=16, normalize="auto", device="auto", force=False,
                            progress=True, command=None, **opts):
-    """The paper's trigger detector: a binary classifier (clean / trigger) trained on clean training images of which
-    `fraction` of the non-target ones carry the trigger of the poisoned set `data` (its root or train folder).
+    """The paper's trigger detector: a binary classifier (clean / trigger) trained on the training images of the
+    poisoned set `data` (its root or train folder), `fraction` of the non-target ones carrying its trigger (the
+    poisoned images count among them; seeded others are stamped to reach the fraction).
     Held-out accuracy on the clean test folder stamped the same way (the root's test/, or `test`), else on a
     `holdout` share of the training images. Writes the detector folder `out`; returns results."""
     opts = {**DEFAULT_OPTS, **opts}
@@ -720,11 +746,488 @@ def resolve_name(name, class_names):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The diffusion classifier (Li et al. 2023, "Your Diffusion Model is Secretly a Zero-Shot Classifier"; the paper's
+# Tab. A4): predict argmin_c E_{t, eps} err(eps, eps_theta(x_t, t, c)), x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps,
+# with the same (t, eps) pairs for every class: a paired comparison, so the noise draw cancels out of the decision.
+# The paper's variant drops the largest p% of the per-element errors of each error map before averaging: a poisoned
+# model conditioned on an image's true class errs most on the trigger, so the filter discounts exactly the evidence
+# the trigger plants. Every (image, class, timestep) triple is one "evaluation"; they go through the model in large
+# batches whatever class or timestep they belong to.
+
+DEFAULT_FILTERS = (0.0, 1.0, 5.0, 10.0)   # percent of the per-element errors dropped: the paper's sweep (Tab. A4)
+DEFAULT_TIMESTEPS = (50,)                 # evaluations per class; Li et al.'s CIFAR setting is 50,500 keeping 5,1
+LOSSES = ("l2", "l1")
+NOISE_BYTES = 2 ** 28                     # budget of the per-image noise held at once (images are grouped under it)
+
+
+@dataclass
+class Denoiser:
+    """What the diffusion classifier needs of a model: module(x_t, t, condition(y)) -> eps_theta (B, *shape), t and
+    y (B,) long, y indexing class_names; encode(images: (3, H, W) floats in [0, 1], a list or a batch) -> x_0
+    (B, *shape) in the model's space; alphas_cumprod (T,) float64; info for results.json. torch.compile wraps
+    `module`."""
+    module: nn.Module
+    condition: object
+    encode: object
+    alphas_cumprod: torch.Tensor
+    class_names: list
+    shape: tuple
+    info: dict
+
+    def eps(self, x, t, y):
+        return self.module(x, t, self.condition(y))
+
+
+def ddpm_denoiser(model, config):
+    """A train_ddpm.py U-Net (classes indexed as its training data's; the null class is never asked)."""
+    from train_ddpm import diffusion_from_config
+    R = model.cfg.resolution
+
+    def encode(images):
+        bad = [tuple(im.shape[-2:]) for im in images if tuple(im.shape[-2:]) != (R, R)]
+        if bad:
+            raise ClassifyError(f"the images are {bad[0][0]}x{bad[0][1]} px, the model was trained at {R}x{R}: "
+                                "classify a dataset folder made at the model's resolution")
+        return torch.stack(list(images)) * 2 - 1                      # [-1, 1], as train_ddpm.py trains
+
+    return Denoiser(model, lambda y: y, encode, diffusion_from_config(config).alphas_cumprod,
+                    list(config["data"]["class_names"]), (model.cfg.in_channels, R, R),
+                    {"family": "ddpm", "resolution": R, "step": config.get("step")})
+
+
+def sd_denoiser(sd, class_names, resolution):
+    """A Stable Diffusion (finetune_sd.load_sd) conditioned on "A photo of a {class}": latents are the VAE posterior
+    means (Li et al.) scaled by the VAE's factor, of the images resized (shorter side, bicubic) and centre-cropped to
+    `resolution` as finetune_sd.py trains."""
+    from finetune_sd import encode_prompts, resize_square, vae_layout
+    vae = vae_layout(sd.vae.config)
+    scale = 2 ** (len(vae["block_out_channels"]) - 1)                  # SD v1: 8
+    if resolution % scale:
+        raise ClassifyError(f"--resolution {resolution} is not a multiple of {scale} (the VAE downsamples by {scale})")
+    prompts = [caption(n) for n in class_names]
+    context = encode_prompts(sd.text_encoder, sd.tokenizer, prompts).float()       # (K, 77, D)
+    channels = vae["latent_channels"]
+
+    def encode(images):
+        images = torch.stack([resize_square(im.float(), resolution) for im in images])
+        mean, _ = sd.vae.encode(images.to(context.device) * 2 - 1)
+        return mean.float() * sd.vae.scaling_factor
+
+    return Denoiser(sd.unet, lambda y: context[y], encode, sd.schedule.alphas_cumprod(), list(class_names),
+                    (channels, resolution // scale, resolution // scale),
+                    {"family": "sd", "resolution": resolution, "prompts": prompts, "base": sd.base})
+
+
+def load_denoiser(source, weights="ema", device="cpu", class_names=None, resolution=None, data_resolution=None):
+    """A Denoiser from a train_ddpm.py model folder, a finetune_sd.py model folder (its EMA U-Net with weights
+    "ema") or any Stable Diffusion that finetune_sd.load_sd reads (a Hub id, a diffusers folder, a checkpoint), the
+    latter two prompted with the fine-tuned folder's classes, else `class_names`, at `resolution` (default: the
+    fine-tuned folder's, else `data_resolution`, else 512)."""
+    path = Path(source)
+    config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    family = config.get("family")
+    if family == "ddpm":
+        from train_ddpm import load_model
+        model, config = load_model(path, weights=weights, device=device)
+        return ddpm_denoiser(model, config)
+    if not path.exists() and (path.is_absolute() or str(source).startswith(".") or str(source).count("/") != 1):
+        raise ClassifyError(f"--model {source}: no such model folder; give a train_ddpm.py or finetune_sd.py model "
+                            "folder, or a Stable Diffusion (Hub id owner/name, diffusers folder, checkpoint)")
+    if path.is_dir() and not config and not (path / "model_index.json").is_file() and not (path / "unet").is_dir():
+        raise ClassifyError(f"--model {source} is not a model folder (no config.json): give a train_ddpm.py or "
+                            "finetune_sd.py model folder, or a Stable Diffusion (Hub id, diffusers folder)")
+    if family not in (None, "sd"):
+        raise ClassifyError(f"--model {source} holds a {family!r} model: the diffusion classifier takes the ddpm "
+                            "and sd families")
+    from finetune_sd import load_sd
+    sd = load_sd(source, device=device, use_ema=family == "sd" and weights == "ema")
+    names = config.get("class_names") or class_names
+    if not names:
+        raise ClassifyError(f"--model {source} names no classes: prompt it with the data's classes")
+    return sd_denoiser(sd, names, resolution or config.get("resolution") or data_resolution or 512)
+
+
+def timestep_grid(T, n):
+    """Li et al.'s n timesteps: the midpoints of n equal bins of [0, T), T//n//2 + i * (T//n) (50 of 1000: 10, 30,
+    ..., 990)."""
+    if not 1 <= n <= T:
+        raise ClassifyError(f"--timesteps {n} is outside [1, {T}] (the model's T)")
+    return list(range(T // n // 2, T, T // n))[:n]
+
+
+def stage_points(n_max, n):
+    """The indices into the n_max-point grid that a stage of n evaluations uses: every (n_max // n)-th, centred
+    (Li et al.: 50 of 500 are points 5, 15, ..., 495), so a later, denser stage reuses them."""
+    stride = n_max // n
+    return list(range(n_max)[stride // 2::stride][:n])
+
+
+def parse_stages(timesteps, keep, num_classes):
+    """[(evaluations, classes kept after it)] from --timesteps 50,500 and --keep 5,1 (Li et al.'s adaptive pruning;
+    the last stage keeps 1). A single --timesteps N is one stage over every class."""
+    timesteps = [int(v) for v in timesteps]
+    keep = [int(v) for v in keep] if keep else []
+    if not timesteps or timesteps[0] < 1 or any(a >= b for a, b in zip(timesteps, timesteps[1:])):
+        raise ClassifyError(f"--timesteps {','.join(map(str, timesteps))}: give a positive count, or stages with "
+                            "increasing counts (e.g. 50,500)")
+    if len(keep) == len(timesteps) - 1:
+        keep = keep + [1]
+    if len(keep) != len(timesteps) or keep[-1] != 1:
+        raise ClassifyError(f"--keep {','.join(map(str, keep)) or '(none)'} does not fit --timesteps "
+                            f"{','.join(map(str, timesteps))}: give the classes kept after each stage but the last "
+                            "(e.g. --timesteps 50,500 --keep 5)")
+    if any(a <= b for a, b in zip(keep, keep[1:])) or keep[0] > num_classes:
+        raise ClassifyError(f"--keep {','.join(map(str, keep))}: keep fewer classes after every stage, at most the "
+                            f"model's {num_classes}")
+    return list(zip(timesteps, keep))
+
+
+def drop_counts(filters, numel):
+    """How many of the `numel` per-element errors each filter (percent) drops: floor(p% of numel), as the reference
+    code keeps int(q * numel) of them (q = 1 - p)."""
+    bad = [p for p in filters if not 0 <= p < 100]
+    if bad:
+        raise ClassifyError(f"--filter-top {bad[0]} is outside [0, 100): give percents, e.g. 0,1,5,10")
+    return [int(math.floor(p / 100 * numel + 1e-9)) for p in filters]
+
+
+def filtered_means(err, drops):
+    """err (M, D) per-element errors -> (M, L) float64: the mean of each row after dropping its drops[l] largest
+    entries (0: the plain mean). One top-k for every level; sums in float64, so that what is left after subtracting
+    the largest errors (a poisoned model's trigger region) keeps its precision."""
+    D = err.shape[1]
+    total = err.sum(1, dtype=torch.float64)
+    top = max(drops)
+    if top == 0:
+        return (total / D)[:, None].expand(-1, len(drops)).clone()
+    dropped = F.pad(err.topk(top, dim=1).values.double().cumsum(1), (1, 0))   # (M, top + 1): sum of the d largest
+    return torch.stack([(total - dropped[:, d]) / (D - d) for d in drops], 1)
+
+
+def q_sample(alphas_cumprod, x0, t, noise):
+    """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (DDPM eq. 4), coefficients from the float64 schedule, as
+    train_ddpm.Diffusion.q_sample."""
+    abar = alphas_cumprod.to(x0.device)[t]
+    shape = (-1,) + (1,) * (x0.dim() - 1)
+    return abar.sqrt().to(x0.dtype).view(shape) * x0 + (1 - abar).sqrt().to(x0.dtype).view(shape) * noise
+
+
+def error_map(eps, noise, loss):
+    return (eps.float() - noise.float()).square() if loss == "l2" else (eps.float() - noise.float()).abs()
+
+
+def draw_noise(seeds, n_points, shape):
+    """(B, n_points, *shape) standard normal on the CPU: image b's noise for grid point k comes from its own
+    generator (seeded seeds[b]), so an image is scored the same whatever the batch, process count or stages."""
+    return torch.stack([torch.randn((n_points,) + tuple(shape), generator=torch.Generator().manual_seed(int(s)))
+                        for s in seeds])
+
+
+def autocast_context(device, amp_dtype):
+    return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+
+
+@torch.no_grad()
+def denoising_errors(eps_fn, x0, noise, alphas_cumprod, timesteps, queries, drops, loss="l2", batch_size=512,
+                     amp_dtype=None, pad=False):
+    """(Q, L) float64 errors of the queries (Q, 3) long rows (image b, class c, grid point k): the error map of
+    eps_theta(x_t, t_k, c) against eps_bk (squared for l2, absolute for l1), x_t = q_sample(x0_b, t_k, eps_bk),
+    averaged after dropping its drops[l] largest entries. x0 (B, *shape), noise (B, P, *shape), timesteps (P,) long,
+    all on the model's device. Any mix of images, classes and timesteps shares a forward of batch_size queries;
+    `pad` pads the last one to batch_size (one shape for torch.compile)."""
+    out = torch.empty(len(queries), len(drops), dtype=torch.float64)
+    for start in range(0, len(queries), batch_size):
+        q = queries[start:start + batch_size].to(x0.device)
+        m = len(q)
+        if pad and m < batch_size:
+            q = torch.cat([q, q[-1:].expand(batch_size - m, -1)])
+        b, c, k = q.unbind(1)
+        t = timesteps[k]
+        eps = noise[b, k]
+        with autocast_context(x0.device, amp_dtype):
+            pred = eps_fn(q_sample(alphas_cumprod, x0[b], t, eps), t, c)
+        out[start:start + m] = filtered_means(error_map(pred[:m], eps[:m], loss).flatten(1), drops).cpu()
+    return out
+
+
+@torch.no_grad()
+def denoising_errors_loop(eps_fn, x0, noise, alphas_cumprod, timesteps, num_classes, drops, loss="l2",
+                          amp_dtype=None):
+    """The same errors the straightforward way, (B, K, P, L): a Python loop over timesteps and classes, one forward
+    of the image batch each (the reference code's loop). For tests and the benchmark."""
+    B, P = noise.shape[:2]
+    out = torch.empty(B, num_classes, P, len(drops), dtype=torch.float64)
+    for k in range(P):
+        t = timesteps[k].expand(B)
+        x_t = q_sample(alphas_cumprod, x0, t, noise[:, k])
+        for c in range(num_classes):
+            with autocast_context(x0.device, amp_dtype):
+                pred = eps_fn(x_t, t, torch.full((B,), c, dtype=torch.long, device=x0.device))
+            out[:, c, k] = filtered_means(error_map(pred, noise[:, k], loss).flatten(1), drops).cpu()
+    return out
+
+
+@torch.no_grad()
+def classify_images(eps_fn, x0, noise, alphas_cumprod, timesteps, stages, num_classes, drops, loss="l2",
+                    batch_size=512, amp_dtype=None, pad=False):
+    """Diffusion-classify the images x0 (B, *shape) with their noise (B, P, *shape) at the P grid timesteps.
+    stages [(n, keep)]: evaluate every remaining class at the n-point sub-grid (stage_points; points already
+    evaluated are reused), score each by its mean error so far, keep the `keep` best (Li et al.'s adaptive
+    pruning). Each filter level l (drops[l]) prunes on its own scores; a forward serves every level that keeps the
+    class. Returns (predictions (L, B), scores (L, B, K): mean error over the points a class was evaluated at,
+    evaluations: the number of (image, class, timestep) forwards)."""
+    B, P, L, K = len(x0), noise.shape[1], len(drops), num_classes
+    if stages[-1][0] != P:
+        raise ClassifyError(f"the last stage has {stages[-1][0]} evaluations but the grid {P} points")
+    errors = torch.full((L, B, K, P), float("nan"), dtype=torch.float64)   # points last: scores reduce rows
+    alive = torch.ones(L, B, K, dtype=torch.bool)
+    done = torch.zeros(P, dtype=torch.bool)
+    evaluations = 0
+    for n, keep in stages:
+        points = torch.tensor(stage_points(P, n))
+        new = points[~done[points]]
+        done[points] = True
+        pairs = alive.any(0).nonzero()                                 # (M, 2): (image, class) some level keeps
+        queries = torch.cat([pairs.repeat_interleave(len(new), 0), new.repeat(len(pairs))[:, None]], 1)
+        if len(queries):
+            e = denoising_errors(eps_fn, x0, noise, alphas_cumprod, timesteps, queries, drops, loss, batch_size,
+                                 amp_dtype, pad)
+            errors[:, queries[:, 0], queries[:, 1], queries[:, 2]] = e.T
+            evaluations += len(queries)
+        score = errors[..., done].mean(3)                              # (L, B, K): mean over points so far
+        score = score.masked_fill(~alive, float("inf"))
+        if keep < K:
+            kept = score.topk(keep, dim=2, largest=False).indices
+            alive = torch.zeros_like(alive).scatter_(2, kept, True) & alive
+    scores = errors.nanmean(3)                                         # (L, B, K)
+    predictions = scores.masked_fill(~alive, float("inf")).argmin(2)
+    return predictions, scores, evaluations
+
+
+def image_groups(n_images, num_classes, stages, numel, batch_size):
+    """Images per group: enough that the first stage fills a few forwards, few enough that their noise fits
+    NOISE_BYTES."""
+    per_image = num_classes * stages[0][0]
+    want = max(1, math.ceil(4 * batch_size / per_image))
+    fit = max(1, NOISE_BYTES // (stages[-1][0] * numel * 4))
+    return max(1, min(want, fit, n_images))
+
+
+def diffusion_classify_set(denoiser, folder, indices, model_labels, stages, drops, loss="l2", seed=0,
+                           batch_size=512, device="cpu", amp_dtype=None, pad=False, progress=False, desc="classify"):
+    """Diffusion-classify images `indices` of a FolderDataset; image i's noise is seeded seed + i. Returns
+    {"predictions": (L, N), "scores": (L, N, K), "labels": (N,), "evaluations": int} (labels: model_labels[indices],
+    the folder's labels in the model's class order)."""
+    device = torch.device(device)
+    T = len(denoiser.alphas_cumprod)
+    timesteps = torch.tensor(timestep_grid(T, stages[-1][0]), device=device)
+    K = len(denoiser.class_names)
+    group = image_groups(len(indices), K, stages, math.prod(denoiser.shape), batch_size)
+    preds, scores, evaluations = [], [], 0
+    bar = tqdm(total=len(indices), desc=desc, leave=False, disable=not progress)
+    for g in range(0, len(indices), group):
+        idx = [int(i) for i in indices[g:g + group]]
+        images = [folder.image_uint8(i).to(device).float() / 255.0 for i in idx]   # sizes may differ (SD)
+        with autocast_context(device, amp_dtype):
+            x0 = denoiser.encode(images).float()
+        noise = draw_noise([seed + i for i in idx], len(timesteps), tuple(x0.shape[1:])).to(device)
+        p, s, e = classify_images(denoiser.eps, x0, noise, denoiser.alphas_cumprod, timesteps, stages, K, drops,
+                                  loss, batch_size, amp_dtype, pad)
+        preds.append(p)
+        scores.append(s)
+        evaluations += e
+        bar.update(len(idx))
+    bar.close()
+    L = len(drops)
+    return {"predictions": torch.cat(preds, 1) if preds else torch.zeros(L, 0, dtype=torch.long),
+            "scores": torch.cat(scores, 1) if scores else torch.zeros(L, 0, K, dtype=torch.float64),
+            "labels": model_labels[torch.as_tensor(indices, dtype=torch.long)], "evaluations": evaluations}
+
+
+def choose_images(n_total, n, seed):
+    """All indices, or a seeded random subset of n (sorted): a test folder is often ordered by class."""
+    if n is None or n >= n_total:
+        return np.arange(n_total)
+    if n < 1:
+        raise ClassifyError(f"--n {n}: give at least one image per set")
+    return np.sort(np.random.default_rng(seed).choice(n_total, n, replace=False))
+
+
+def gather_set(result, positions, rank, world):
+    """Rank 0 reassembles the per-rank results of one set in the order of the chosen images."""
+    if world == 1:
+        return result
+    parts = [None] * world if rank == 0 else None
+    dist.gather_object({k: v for k, v in result.items()} | {"positions": positions}, parts, dst=0)
+    if rank != 0:
+        return None
+    n = sum(len(p["positions"]) for p in parts)
+    L, K = parts[0]["scores"].shape[0], parts[0]["scores"].shape[2]
+    out = {"predictions": torch.zeros(L, n, dtype=torch.long), "scores": torch.zeros(L, n, K, dtype=torch.float64),
+           "labels": torch.zeros(n, dtype=torch.long), "evaluations": 0}
+    for p in parts:
+        pos = torch.as_tensor(p["positions"], dtype=torch.long)
+        out["predictions"][:, pos] = p["predictions"]
+        out["scores"][:, pos] = p["scores"]
+        out["labels"][pos] = p["labels"]
+        out["evaluations"] += p["evaluations"]
+    return out
+
+
+def filter_name(p):
+    return "no filtering" if p == 0 else f"top {p:g}% of the per-element losses dropped"
+
+
+def diffusion_markdown(results):
+    r = results
+    lines = ["# The diffusion classifier against a classifier trained on the poisoned set (the paper's Tab. A4)", "",
+             f"Model `{r['model']}` ({r['family']}, {r['weights']} weights); test `{r['test']}` "
+             f"({r['n_test']} images), backdoor `{r['backdoor']}` ({r['n_backdoor']} images); target class "
+             f"{r['target']!r}. Diffusion classifier: {' then '.join(str(s[0]) for s in r['stages'])} evaluations "
+             f"per class"
+             + (f" (keeping {', '.join(str(s[1]) for s in r['stages'][:-1])} classes between stages)"
+                if len(r["stages"]) > 1 else "")
+             + f", {r['loss']} error of the eps prediction, the same noise and timesteps for every class; "
+             f"{r['evaluations']} evaluations at {r['evaluations_per_s']:.1f}/s.", "",
+             "| classifier | TA (%) | ASR (%) |", "|---|---:|---:|"]
+
+    def pct(v):
+        return "—" if v is None else f"{100 * v:.1f}"
+
+    for row in r["rows"]:
+        lines.append(f"| {row['classifier']} | {pct(row.get('ta'))} | {pct(row.get('asr'))} |")
+    lines += ["", "TA: accuracy on the clean test images; ASR: share of the non-target test images carrying the "
+              "trigger that are classified as the target class. Filtering drops the largest p% of the per-element "
+              "denoising errors of each error map before averaging (the paper's Tab. A4 sweep)."]
+    return "\n".join(lines) + "\n"
+
+
+def run_diffusion_classifier(model, data, out, test=None, backdoor=None, classifier=None, filters=DEFAULT_FILTERS,
+                             timesteps=DEFAULT_TIMESTEPS, keep=None, loss="l2", n=None, weights="ema",
+                             batch_size=512, seed=0, device="auto", dtype="auto", compile_model="auto",
+                             resolution=None, force=False, progress=True, command=None):
+    """The paper's Tab. A4: TA on the clean test folder and ASR on test_backdoor of the diffusion classifier (model:
+    a train_ddpm.py or finetune_sd.py folder, or an SD that load_sd reads) at every filter level (percent), beside
+    the classifier folder `classifier` (a ResNet trained on the same poisoned set) on the same images. `data`: a
+    poisoned set (its test/ and test_backdoor/) or a test folder; `n`: a seeded random subset of n images per set.
+    Sharded over torchrun ranks. Writes OUT/results.json, OUT/results.md, OUT/scores.safetensors; returns results."""
+    if loss not in LOSSES:
+        raise ClassifyError(f"unknown --loss {loss!r}: choose l2 or l1")
+    if Path(out).exists() and not force:
+        raise ClassifyError(f"{out} exists: pass --force to overwrite it, or choose another --out")
+    data_path = Path(data)
+    _, t_default, b_default = resolve_sets(data_path)
+    if t_default is None and b_default is None and (data_path / "metadata.jsonl").is_file():
+        t_default = data_path                                           # a plain dataset folder: accuracy on it
+    test, backdoor = test or t_default, backdoor or b_default
+    if test is None and backdoor is None:
+        raise ClassifyError(f"--data {data}: no test/ or test_backdoor/ inside and no --test or --backdoor given; "
+                            "give a poisoned set (poison.py's OUT) or a dataset folder")
+    dev, rank, world = setup_device(device)
+    if dtype == "auto" or dev.type != "cuda":                          # the CPU runs in fp32
+        dtype = "bf16" if dev.type == "cuda" else "fp32"
+    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    sets = {name: load_folder(path) for name, path in (("test", test), ("backdoor", backdoor)) if path is not None}
+    first = next(iter(sets.values()))
+    denoiser = load_denoiser(model, weights, dev, first.class_names, resolution, int(first.image_uint8(0).shape[-1]))
+    names = denoiser.class_names
+    stages = parse_stages(timesteps, keep, len(names))
+    drops = drop_counts(filters, math.prod(denoiser.shape))
+    use_compile = compile_model == "on" or (compile_model == "auto" and dev.type == "cuda")
+    if use_compile:
+        denoiser.module = torch.compile(denoiser.module)
+    clf = None
+    if classifier is not None and rank == 0:                          # refuse a wrong folder before the long part
+        clf, clf_config = load_classifier(classifier, dev)
+        if clf_config["task"] != "class":
+            raise ClassifyError(f"--classifier {classifier} is a trigger detector: give a class classifier")
+    target_name = target_of(sets.get("backdoor") or first)
+    target = resolve_name(target_name, names) if target_name is not None else None
+
+    results_sets, chosen, t0 = {}, {}, time.time()
+    for name, folder in sets.items():
+        labels = map_labels(folder.labels, folder.class_names, names, f"--{name} {folder.root}")
+        chosen[name] = choose_images(len(folder), n, seed)
+        mine = np.arange(rank, len(chosen[name]), world)
+        part = diffusion_classify_set(denoiser, folder, chosen[name][mine], labels, stages, drops, loss, seed,
+                                      batch_size, dev, amp_dtype, use_compile, progress and rank == 0,
+                                      desc=f"diffusion classifier: {name}")
+        results_sets[name] = gather_set(part, mine, rank, world)
+    elapsed = time.time() - t0
+    if rank != 0:
+        barrier()
+        return None
+
+    evaluations = sum(r["evaluations"] for r in results_sets.values())
+    rows = []
+    if clf is not None:
+        row = {"classifier": f"{clf_config['arch']} trained on the poisoned set ({classifier})",
+               "kind": "classifier", "path": str(classifier)}
+        for name, folder in sets.items():
+            s = ImageSet(folder, chosen[name], map_labels(folder.labels, folder.class_names, clf_config["class_names"],
+                                                          f"--{name} {folder.root}")[chosen[name]])
+            pred, _ = predict(clf, s, 256, dev)
+            if name == "test":
+                row["ta"] = float((pred == s.labels).float().mean())
+            else:
+                row["asr"] = float((pred == s.labels).float().mean())  # every backdoor label is the target's
+        rows.append(row)
+    per_filter = {}
+    for l, p in enumerate(filters):
+        row = {"classifier": f"diffusion classifier, {filter_name(p)}", "kind": "diffusion", "filter_top": p,
+               "dropped_per_map": drops[l]}
+        if "test" in results_sets:
+            r = results_sets["test"]
+            row["ta"] = float((r["predictions"][l] == r["labels"]).float().mean())
+        if "backdoor" in results_sets and target is not None:
+            row["asr"] = float((results_sets["backdoor"]["predictions"][l] == target).float().mean())
+        rows.append(row)
+        per_filter[f"{p:g}"] = {k: row.get(k) for k in ("ta", "asr", "dropped_per_map")}
+    T = len(denoiser.alphas_cumprod)
+    results = {
+        "stage": "classify-diffusion", "command": command or "run_diffusion_classifier()", "model": str(model),
+        "family": denoiser.info["family"], "weights": weights, "model_info": denoiser.info, "class_names": names,
+        "target": target_name, "test": str(test) if test else None, "backdoor": str(backdoor) if backdoor else None,
+        "n_test": len(chosen.get("test", [])), "n_backdoor": len(chosen.get("backdoor", [])),
+        "subset": None if n is None else f"a random subset of {n} images per set (numpy default_rng({seed}))",
+        "loss": loss, "filters_percent": list(filters), "stages": [list(s) for s in stages],
+        "timestep_grid": timestep_grid(T, stages[-1][0]), "T": T,
+        "noise": f"image i of a set: torch.Generator seeded {seed} + i, one draw per grid timestep, shared by "
+                 "every class", "seed": seed, "rows": rows, "diffusion_classifier": per_filter,
+        "evaluations": evaluations, "time_s": round(elapsed, 3), "evaluations_per_s": evaluations / max(elapsed, 1e-9),
+        "device": str(dev), "dtype": dtype, "compiled": use_compile, "world_size": world, "batch_size": batch_size,
+        "versions": versions(),
+    }
+    with atomic_output(out, force) as tmp:
+        from safetensors.torch import save_file
+        tensors = {}
+        for name, r in results_sets.items():
+            tensors[f"{name}/predictions"] = r["predictions"].contiguous()
+            tensors[f"{name}/scores"] = r["scores"].contiguous()
+            tensors[f"{name}/labels"] = r["labels"].contiguous()
+            tensors[f"{name}/indices"] = torch.as_tensor(chosen[name], dtype=torch.long)
+        save_file(tensors, str(tmp / "scores.safetensors"), metadata={"filters_percent": json.dumps(list(filters))})
+        (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        (tmp / "results.md").write_text(diffusion_markdown(results))
+    if progress:
+        print(json.dumps({"out": str(out), **{r["classifier"]: {k: r.get(k) for k in ("ta", "asr")} for r in rows},
+                          "evaluations_per_s": round(results["evaluations_per_s"], 1)}))
+    barrier()
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------
 
 def main(args):
     command = " ".join([Path(sys.argv[0]).name] + sys.argv[1:])
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
+    if args.cmd in ("diffusion", "diffusion-classifier"):
+        run_diffusion_classifier(args.model, args.data, args.out, args.test, args.backdoor, args.classifier,
+                                 args.filter_top, args.timesteps, args.keep, args.loss, args.n, args.weights,
+                                 args.batch_size, args.seed, args.device, args.dtype, args.compile, args.resolution,
+                                 args.force, not args.quiet, command)
+        return
     if args.cmd == "eval":
         model, config = load_classifier(args.classifier, "cuda" if args.device == "cuda" or (
             args.device == "auto" and torch.cuda.is_available()) else "cpu")
@@ -818,7 +1321,56 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--json", default=None, help="also write the result to this JSON file")
+    p = sub.add_parser("diffusion", aliases=["diffusion-classifier"],
+                       help="a diffusion model as a classifier (the paper's Tab. A4): TA / ASR per loss filter",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True,
+                   help="a train_ddpm.py or finetune_sd.py model folder (or any SD that finetune_sd.load_sd reads)")
+    p.add_argument("--data", required=True, help="a poisoned set (its test/ and test_backdoor/) or a dataset folder")
+    p.add_argument("--test", default=None, help="clean test folder for TA (default: the poisoned set's test/)")
+    p.add_argument("--backdoor", default=None, help="test_backdoor folder for ASR (default: the set's)")
+    p.add_argument("--classifier", default=None,
+                   help="a classifier folder trained on the same poisoned set, evaluated on the same images")
+    p.add_argument("--out", required=True, help="folder for results.json, results.md, scores.safetensors")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    p.add_argument("--filter-top", type=float_list, default=list(DEFAULT_FILTERS),
+                   help="percents of the largest per-element denoising errors dropped before averaging, one "
+                        "diffusion-classifier row each (the paper's sweep: 0,1,5,10)")
+    p.add_argument("--timesteps", type=int_list, default=list(DEFAULT_TIMESTEPS),
+                   help="evaluations (timestep, noise) per class; stages for adaptive pruning, e.g. 50,500 with "
+                        "--keep 5 (Li et al.'s CIFAR setting)")
+    p.add_argument("--keep", type=int_list, default=None, help="classes kept after each stage but the last")
+    p.add_argument("--loss", default="l2", choices=LOSSES, help="error of the eps prediction")
+    p.add_argument("--n", "--images", dest="n", type=int, default=None,
+                   help="a seeded random subset of N images per set (default: all); under torchrun write --images, "
+                        "since torchrun's own parser takes --n for an abbreviation of its flags")
+    p.add_argument("--weights", default="ema", choices=["ema", "model"],
+                   help="train_ddpm.py / finetune_sd.py weights (ema: the EMA ones)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="SD only: side the images are resized to (default: the fine-tuned folder's, else the data's)")
+    p.add_argument("--batch-size", type=int, default=512, help="denoiser evaluations per forward, per process")
+    p.add_argument("--seed", type=int, default=0, help="image i of a set draws its noise from seed + i")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="autocast dtype on CUDA (auto: bf16); the CPU runs in fp32")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile (auto: on CUDA)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or summary line")
     return parser
+
+
+def float_list(s):
+    try:
+        return [float(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a comma-separated list of numbers") from None
+
+
+def int_list(s):
+    try:
+        return [int(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a comma-separated list of integers") from None
 
 
 if __name__ == "__main__":
