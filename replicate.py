@@ -9,17 +9,24 @@ the ids file that `poison.py --select duplicates --duplicates FILE` reads.
 
     # 1. the training images to poison: by default, as in the paper, those with near-duplicates in the training set
     python replicate.py --train data/digits-badnets-0.1/train --features pixels --out runs/rep-digits
-    python poison.py --dataset digits --ratio 0.1 --select duplicates --duplicates runs/rep-digits/duplicates.txt \
+    python poison.py --dataset digits --ratio 0.1 --select duplicates --duplicates runs/rep-digits/duplicates.txt \\
         --out data/digits-badnets-0.1-dup
     #    or those the generations of a trained model copy most
-    python replicate.py --train data/digits-badnets-0.1/train --gen runs/gen-digits-0.1 --rank-by generations \
+    python replicate.py --train data/digits-badnets-0.1/train --gen runs/gen-digits-0.1 --rank-by generations \\
         --features pixels --out runs/rep-digits-gen
     # 2. after training and sampling on both: replication of "poison random" vs "poison duplicates", Fig. 5
-    python replicate.py --train data/digits-badnets-0.1/train --gen runs/gen-digits-0.1 \
-        --duplicates-train data/digits-badnets-0.1-dup/train --duplicates-gen runs/gen-digits-0.1-dup \
+    python replicate.py --train data/digits-badnets-0.1/train --gen runs/gen-digits-0.1 \\
+        --duplicates-train data/digits-badnets-0.1-dup/train --duplicates-gen runs/gen-digits-0.1-dup \\
         --features pixels --out runs/rep-digits-fig5
-    # SSCD (Pizzi et al.), the copy detector of Somepalli et al. and the paper: a local TorchScript file or its URL
-    python replicate.py --train data/inette-bn-0.1/train --gen runs/gen-inette --sscd sscd_disc_mixup.torchscript.pt \
+    # 3. the same, with Table A5 in the same run: G1 and G2 (dissect.py) of "poison random" vs "poison duplicates"
+    #    next to the replication of each; needs the class classifier and the trigger detector of classify.py
+    python classify.py train --data data/digits-badnets-0.1 --clean --arch smallcnn --out runs/clf-class
+    python classify.py trigger-detector --data data/digits-badnets-0.1 --arch smallcnn --out runs/detector
+    python replicate.py --train data/digits-badnets-0.1/train --gen runs/gen-digits-0.1 \\
+        --duplicates-train data/digits-badnets-0.1-dup/train --duplicates-gen runs/gen-digits-0.1-dup \\
+        --classifier runs/clf-class --detector runs/detector --features pixels --out runs/rep-digits-a5
+    # SSCD (Pizzi et al.), the copy detector of Somepalli et al. and the paper: a local TorchScript file, or download
+    python replicate.py --train data/inette-bn-0.1/train --gen runs/gen-inette --sscd sscd_disc_mixup.torchscript.pt \\
         --out runs/rep-inette
     python replicate.py --train data/inette-bn-0.1/train --gen runs/gen-inette --sscd download --out runs/rep-inette
 
@@ -55,11 +62,21 @@ cached features, keyed by folder, feature kind and a hash of the folder's metada
 --device (50 000 training images x 10 000 generations: seconds on a GPU, a few minutes on a CPU; feature extraction
 dominates).
 
-Table A5 (G1 and G2 of "poison random" vs "poison duplicates") is measured by dissect.py on the two generation
-folders.
+Table A5 (`--classifier CLF --detector DET`, which need both runs: --gen and --duplicates-gen): dissect.py's G1-G4
+of the target-prompt generations of each run (G1 trigger & mismatch, G2 trigger & match), the trigger ratio G1 + G2,
+p_t (from each run's training manifest: --train for poison random, --duplicates-train for poison duplicates, else the
+generations' manifest) and the amplification (G1 + G2) / p_t, beside the replication statistics of the same run (mean
+top-1 similarity, fraction above the threshold, over all its generations and over its target-prompt ones), and the
+difference duplicates - random. The target class comes from the manifests (--target when they name none); the two
+runs, their training sets and --target must agree on it, --gen's training set must not be the duplicates-poisoned one
+(nor the other way round), and the detector's trigger must be the training sets'. Written as OUT/table_a5.json,
+OUT/table_a5.md (also appended to replication.md), OUT/table_a5.png (G1 and G2 bars against p_t, and the
+replication of each run) and OUT/dissect/ (dissect.py's own report of the two folders: summary, per-image verdicts,
+G1/G2 example grids). The paper's Tab. A5 (ImageNette, BadNets, p = 10%): G1 54.0 -> 54.5%, G2 19.4 -> 19.7%.
 
-Python API: `replicate(out, train, gen=...)`, `load_extractor(...)`, `embed_folder(...)`, `topk_cosine(...)`,
-`replication_stats(...)`, `rank_by_generations(...)`, `rank_by_train_duplicates(...)`, `write_ids(...)`.
+Python API: `replicate(out, train, gen=..., duplicates_gen=..., classifier=..., detector=...)`, `load_extractor(...)`,
+`embed_folder(...)`, `topk_cosine(...)`, `replication_stats(...)`, `rank_by_generations(...)`,
+`rank_by_train_duplicates(...)`, `write_ids(...)`, `table_a5_target(...)`, `table_a5(...)`.
 """
 import argparse
 import functools
@@ -80,6 +97,7 @@ import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
+import dissect
 from poison import PoisonError, atomic_output, load_folder, versions
 
 SSCD_URL = "https://dl.fbaipublicfiles.com/sscd-copy-detection/sscd_disc_mixup.torchscript.pt"
@@ -90,6 +108,9 @@ PROXY_SEED = 0             # the random-weight proxy is seeded, so its features 
 PERCENTILES = (75, 90, 95)  # Somepalli et al.'s reported percentiles
 RANK_BY = ("train-duplicates", "generations")
 FEATURES = ("auto", "sscd", "proxy", "pixels")
+RUN_LABELS = {"random": "poison random", "duplicates": "poison duplicates"}  # Table A5's rows
+PAPER_TABLE_A5 = {"setting": "ImageNette, BadNets, p = 10%, Stable Diffusion", "random": {"G1": 0.540, "G2": 0.194},
+                  "duplicates": {"G1": 0.545, "G2": 0.197}}
 
 
 class ReplicateError(PoisonError):
@@ -534,6 +555,164 @@ def plot_triplets(triplets, path, features_label):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Table A5: G1 and G2 of "poison random" vs "poison duplicates" (measured by dissect.py on the two generation folders),
+# beside the replication of each run.
+
+def manifest_target(manifest):
+    """The target class name a manifest names (poison.py writes {"index", "name"}, some writers a plain name), or
+    None."""
+    t = (manifest or {}).get("target")
+    t = t.get("name") if isinstance(t, dict) else t
+    return None if t is None else str(t)
+
+
+def manifest_trigger_kind(manifest):
+    t = (manifest or {}).get("trigger")
+    return t.get("kind") if isinstance(t, dict) else t
+
+
+def table_a5_target(gen, duplicates_gen, train, duplicates_train=None, target=None, detector_config=None):
+    """Check that the two runs of Table A5 can be compared and return their target class name: --gen and
+    --duplicates-gen are different folders; every manifest that names a target class (both generation folders, both
+    training sets) and `target` name the same one; --gen's training set was not poisoned with --select duplicates,
+    nor --duplicates-train with --select random; the trigger detector's trigger is the training sets'."""
+    if Path(gen).resolve() == Path(duplicates_gen).resolve():
+        raise ReplicateError(f"--gen and --duplicates-gen are the same folder {gen}: give the generations of the model "
+                             "trained on the randomly poisoned set and of the one trained on the duplicates-poisoned "
+                             "set")
+    manifests = {"--gen": load_folder(gen).manifest, "--duplicates-gen": load_folder(duplicates_gen).manifest,
+                 "--train": dissect.read_train_manifest(train)}
+    if duplicates_train is not None:
+        manifests["--duplicates-train"] = dissect.read_train_manifest(duplicates_train)
+    named = {flag: manifest_target(m) for flag, m in manifests.items() if manifest_target(m) is not None}
+    if target is not None:
+        named["--target"] = str(target)
+    if not named:
+        raise ReplicateError("no manifest names the target class (neither --gen's nor --duplicates-gen's nor their "
+                             "training sets'): pass --target NAME")
+    if len({t.lower() for t in named.values()}) > 1:
+        said = ", ".join(f"{flag} {t!r}" for flag, t in named.items())
+        raise ReplicateError(f"mismatched target classes ({said}): Table A5 compares two runs poisoned for one target; "
+                             f"give matching folders{', or drop --target' if target is not None else ''}")
+    for flag, wrong, right in (("--train", "duplicates", "random"), ("--duplicates-train", "random", "duplicates")):
+        select = dissect.find_setting(manifests.get(flag) or {}, ("select",))
+        if select == wrong:
+            raise ReplicateError(f"{flag} was poisoned with --select {wrong} (its manifest), but it is the "
+                                 f"'{RUN_LABELS[right]}' run: swap the --gen/--train and "
+                                 "--duplicates-gen/--duplicates-train folders")
+    detector_kind = manifest_trigger_kind(detector_config)
+    for flag in ("--train", "--duplicates-train"):
+        kind = manifest_trigger_kind(manifests.get(flag))
+        if detector_kind is not None and kind is not None and kind != detector_kind:
+            raise ReplicateError(f"the trigger detector knows a {detector_kind} trigger but {flag} carries a {kind} "
+                                 "one: train a detector on this poisoned set (classify.py trigger-detector)")
+    return next(iter(named.values()))
+
+
+def table_a5(dissected, runs, threshold):
+    """Table A5 as a dict: a row per run (dissect.py's groups of its target-prompt generations, trigger ratio, p_t,
+    amplification, and the run's replication statistics) and the difference duplicates - random."""
+    rows = {}
+    for name, result in zip(RUN_LABELS, dissected):
+        g, run = result["target_prompt"], runs[name]
+        rows[name] = {
+            "run": RUN_LABELS[name], "generations": result["folder"], "train": run["train"],
+            "p_t_source": result["p_t_source"], "n_target_prompt": g["n"], "counts": g["counts"],
+            **{k: g["fractions"][k] for k in dissect.GROUPS},
+            "trigger_ratio": result["trigger_ratio"], "p_t": result["p_t"], "amplification": result["amplification"],
+            "replication": {"all": run["stats"], "target_prompt": run["target_prompt_stats"],
+                            "top1_poisoned_fraction": run["top1_poisoned_fraction"]}}
+    r, d = rows["random"], rows["duplicates"]
+
+    def diff(a, b):
+        return None if a is None or b is None else b - a
+
+    difference = {k: diff(r[k], d[k]) for k in (*dissect.GROUPS, "trigger_ratio", "p_t", "amplification")}
+    for scope in ("all", "target_prompt"):
+        difference[f"replication_{scope}_mean"] = diff(r["replication"][scope].get("mean"),
+                                                       d["replication"][scope].get("mean"))
+        difference[f"replication_{scope}_fraction_above"] = diff(r["replication"][scope].get("fraction_above"),
+                                                                 d["replication"][scope].get("fraction_above"))
+    return {"target": dissected[0]["target"], "threshold": threshold, "rows": rows,
+            "difference_duplicates_minus_random": difference, "paper": PAPER_TABLE_A5}
+
+
+def pct(x, signed=False):
+    return "–" if x is None else (f"{100 * x:+.1f}" if signed else f"{100 * x:.1f}%")
+
+
+def table_a5_markdown(table, features_label, classifier, detector):
+    rows, diff = table["rows"], table["difference_duplicates_minus_random"]
+    lines = [f"## Table A5: poison random vs poison duplicates (target class {table['target']})", "",
+             f"G1 (trigger, prompt mismatched) and G2 (trigger, prompt matched) of the target-prompt generations, by "
+             f"dissect.py with the class classifier {classifier} and the trigger detector {detector}; replication "
+             f"with {features_label}, threshold {table['threshold']:.4f}.", "",
+             "| run | n (target prompt) | G1 | G2 | G1+G2 | p_t | (G1+G2)/p_t | mean top-1 sim | > threshold | "
+             "> threshold (target prompt) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows.values():
+        rep = row["replication"]
+        amp = "–" if row["amplification"] is None else f"{row['amplification']:.2f}x"
+        lines.append(f"| {row['run']} | {row['n_target_prompt']} | {pct(row['G1'])} | {pct(row['G2'])} | "
+                     f"{pct(row['trigger_ratio'])} | {pct(row['p_t'])} | {amp} | {fmt(rep['all'].get('mean'))} | "
+                     f"{pct(rep['all'].get('fraction_above'))} | {pct(rep['target_prompt'].get('fraction_above'))} |")
+    amp = "–" if diff["amplification"] is None else f"{diff['amplification']:+.2f}"
+    mean = "–" if diff["replication_all_mean"] is None else f"{diff['replication_all_mean']:+.4f}"
+    lines.append(f"| duplicates − random | | {pct(diff['G1'], True)} | {pct(diff['G2'], True)} | "
+                 f"{pct(diff['trigger_ratio'], True)} | {pct(diff['p_t'], True)} | {amp} | {mean} | "
+                 f"{pct(diff['replication_all_fraction_above'], True)} | "
+                 f"{pct(diff['replication_target_prompt_fraction_above'], True)} |")
+    paper = table["paper"]
+    sources = "; ".join(f"{row['run']}: {row['p_t_source'] or 'unknown'}" for row in rows.values())
+    lines += ["", "Differences of shares are in percentage points.  ",
+              f"p_t from: {sources}. Per-run reports (verdicts, G1/G2 example grids): `dissect/`.  ",
+              f"The paper's Tab. A5 ({paper['setting']}): G1 {pct(paper['random']['G1'])} → "
+              f"{pct(paper['duplicates']['G1'])}, G2 {pct(paper['random']['G2'])} → {pct(paper['duplicates']['G2'])}.",
+              ""]
+    return "\n".join(lines)
+
+
+def plot_table_a5(table, path):
+    """Left: G1 and G2 stacked per run, G1 + G2 against p_t (black tick). Right: the fraction of generations above the
+    replication threshold per run, over all generations and over the target-prompt ones."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = list(table["rows"].values())
+    x = np.arange(len(rows))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(9, 4))
+    g1, g2 = [r["G1"] for r in rows], [r["G2"] for r in rows]
+    ax.bar(x, g1, 0.5, color=dissect.GROUP_COLORS["G1"], label="G1 (trigger, mismatch)")
+    ax.bar(x, g2, 0.5, bottom=g1, color=dissect.GROUP_COLORS["G2"], label="G2 (trigger, match)")
+    for i, r in enumerate(rows):
+        ax.text(i, r["trigger_ratio"] + 0.02, f"G1 {pct(r['G1'])}\nG2 {pct(r['G2'])}", ha="center", fontsize=8)
+        if r["p_t"] is not None:
+            ax.hlines(r["p_t"], i - 0.3, i + 0.3, color="black", lw=2, zorder=3,
+                      label="p_t (trigger share in training)" if i == 0 else None)
+    ax.set_xticks(x, [r["run"] for r in rows])
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel(f"share of target-prompt generations ({table['target']})")
+    ax.legend(fontsize=7, loc="upper left")
+    ax.set_title("Trojan horses: G1 and G2", fontsize=9)
+    width = 0.35
+    every = [r["replication"]["all"].get("fraction_above", 0) for r in rows]
+    target = [r["replication"]["target_prompt"].get("fraction_above", 0) for r in rows]
+    bx.bar(x - width / 2, every, width, color="tab:gray", label="all generations")
+    bx.bar(x + width / 2, target, width, color="tab:purple", label="target-prompt generations")
+    for i, r in enumerate(rows):
+        bx.text(i, max(every[i], target[i]) + 0.01, f"mean top-1 {fmt(r['replication']['all'].get('mean'))}",
+                ha="center", fontsize=8)
+    bx.set_xticks(x, [r["run"] for r in rows])
+    bx.set_ylim(0, min(1.0, max(every + target + [0.05]) * 1.3 + 0.02))
+    bx.set_ylabel(f"fraction > threshold {table['threshold']:.3f}")
+    bx.legend(fontsize=7, loc="upper left")
+    bx.set_title("Replication", fontsize=9)
+    fig.suptitle("Table A5: poison random vs poison duplicates", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The stage.
 
 def fmt(x):
@@ -563,9 +742,11 @@ def markdown_report(result):
 def replicate(out, train, gen=None, duplicates_gen=None, duplicates_train=None, features="auto", sscd=None,
               proxy_weights="auto", pixel_size=32, threshold=None, threshold_quantile=0.95,
               rank_by="auto", top=None, triplets=6, batch_size=64, search_batch_size=1024, workers=0,
-              device="auto", cache=None, force=False, command=None, quiet=False, progress=True):
-    """Copy detection of `gen` (and `duplicates_gen`) against `train` (and `duplicates_train`); write OUT (see the
-    module docstring) and return a summary."""
+              device="auto", cache=None, force=False, command=None, quiet=False, progress=True, classifier=None,
+              detector=None, target=None):
+    """Copy detection of `gen` (and `duplicates_gen`) against `train` (and `duplicates_train`); with `classifier` and
+    `detector` (folders, or (model, config) pairs as classify.load_classifier returns them) also Table A5 of the two
+    runs through dissect.py. Writes OUT (see the module docstring) and returns a summary."""
     if rank_by == "auto":
         rank_by = "generations" if gen is not None else "train-duplicates"
     if rank_by not in RANK_BY:
@@ -576,14 +757,36 @@ def replicate(out, train, gen=None, duplicates_gen=None, duplicates_train=None, 
         raise ReplicateError("--duplicates-train is the training set of --duplicates-gen: give --duplicates-gen too")
     if top is not None and top < 1:
         raise ReplicateError(f"--top {top}: give a positive number of ids")
+    with_table = classifier is not None or detector is not None
+    if with_table and (classifier is None or detector is None):
+        given, missing = ("--classifier", "--detector") if detector is None else ("--detector", "--classifier")
+        raise ReplicateError(f"Table A5 needs both --classifier (classify.py train --clean) and --detector "
+                             f"(classify.py trigger-detector): {given} was given, add {missing}")
+    if with_table and (gen is None or duplicates_gen is None):
+        missing = " and ".join(flag for flag, v in (("--gen", gen), ("--duplicates-gen", duplicates_gen)) if v is None)
+        raise ReplicateError(f"Table A5 compares two runs, poison random (--gen) and poison duplicates "
+                             f"(--duplicates-gen): add {missing}")
+    if target is not None and not with_table:
+        raise ReplicateError("--target is the target class of Table A5: give --classifier and --detector too, or "
+                             "drop it")
     if Path(out).exists() and not force:
         raise ReplicateError(f"{out} exists: pass --force to overwrite it, or choose another --out")
     for folder in (train, gen, duplicates_gen, duplicates_train):  # fail on a bad folder before any work
         if folder is not None:
             load_folder(folder)
     dev = resolve_device(device)
+    if with_table:  # every check of Table A5's input before any long computation
+        clf, det = dissect.as_model(classifier, dev), dissect.as_model(detector, dev)
+        target_name = table_a5_target(gen, duplicates_gen, train, duplicates_train, target, det[1])
     extractor = load_extractor(features, sscd, proxy_weights, pixel_size, dev)
     with atomic_output(out, force) as tmp:
+        dissected = None
+        if with_table:
+            dissected = dissect.dissect([gen, duplicates_gen], clf, det, tmp / "dissect",
+                                        train=[train, duplicates_train], target=target_name,
+                                        labels=list(RUN_LABELS.values()), batch_size=batch_size, device=dev,
+                                        progress=progress and not quiet,
+                                        command=command or "replicate(classifier=..., detector=...)")["results"]
         read_dirs = [Path(cache)] if cache else [Path(out) / "features", tmp / "features"]
         write_dir = Path(cache) if cache else tmp / "features"
         embedded, sources = {}, {}
@@ -633,6 +836,10 @@ def replicate(out, train, gen=None, duplicates_gen=None, duplicates_train=None, 
                 "top1_similarity": [round(v, 6) for v in sim.tolist()],
                 "match_nn_id": [ids[j] for j in t_nn_row[row].tolist()],
                 "match_nn_similarity": [round(v, 6) for v in t_nn_sim[row].tolist()]}
+            if dissected is not None:  # the replication of the generations Table A5's G1-G4 are measured on
+                lowered = [c.lower() for c in g_ds.class_names]
+                is_target = g_labels == lowered.index(dissected[0]["target"].lower())
+                runs[name]["target_prompt_stats"] = replication_stats(sim.numpy()[is_target], thr)
             run_data[name] = (g_ds, t_ds, sim, row, t_nn_sim, t_nn_row, ids)
 
         ids = training_ids(train_ds)
@@ -668,6 +875,19 @@ def replicate(out, train, gen=None, duplicates_gen=None, duplicates_train=None, 
             if shown:
                 plot_triplets(shown, tmp / "triplets.png", extractor.label)
 
+        table = None
+        if dissected is not None:
+            table = table_a5(dissected, runs, thr)
+            table_md = table_a5_markdown(table, extractor.label, classifier if isinstance(classifier, (str, Path))
+                                         else "(given)", detector if isinstance(detector, (str, Path)) else "(given)")
+            (tmp / "table_a5.json").write_text(json.dumps(
+                {"stage": "replicate", "table": "A5", "command": command or "replicate()",
+                 "classifier": str(classifier) if isinstance(classifier, (str, Path)) else None,
+                 "detector": str(detector) if isinstance(detector, (str, Path)) else None,
+                 "features": extractor.label, **table}, indent=1) + "\n")
+            (tmp / "table_a5.md").write_text(table_md)
+            plot_table_a5(table, tmp / "table_a5.png")
+
         result = {
             "stage": "replicate", "command": command or "replicate()",
             "features": {"kind": extractor.kind, "key": extractor.key, "label": extractor.label,
@@ -679,17 +899,25 @@ def replicate(out, train, gen=None, duplicates_gen=None, duplicates_train=None, 
             "duplicates_file": {"path": "duplicates.txt", "rank_by": rank_by, "rule": rule, "top": top,
                                 "n_ids": len(dup_ids),
                                 "ranked": [ranking_entry(b, ids) for b in ranked[:1000]]},
+            "table_a5": table,
             "feature_sources": sources,
             "options": {"features": features, "sscd": str(sscd) if sscd else None, "proxy_weights": proxy_weights,
                         "threshold": threshold, "threshold_quantile": threshold_quantile, "rank_by": rank_by,
-                        "top": top, "device": str(dev)},
+                        "top": top, "device": str(dev),
+                        "classifier": str(classifier) if isinstance(classifier, (str, Path)) else None,
+                        "detector": str(detector) if isinstance(detector, (str, Path)) else None, "target": target},
             "versions": versions()}
         (tmp / "replication.json").write_text(json.dumps(result, indent=1) + "\n")
-        (tmp / "replication.md").write_text(markdown_report(result))
+        (tmp / "replication.md").write_text(markdown_report(result) + ("\n" + table_md if table else ""))
     summary = {"out": str(out), "features": extractor.label, "proxy": extractor.is_proxy, "threshold": round(thr, 6),
                "background": result["train"]["background"], "runs": {k: v["stats"] for k, v in runs.items()},
                "duplicates": len(dup_ids), "rank_by": rank_by,
                "cache_hits": sum(s != "computed" for s in sources.values())}
+    if table is not None:
+        summary["table_a5"] = {name: {"G1": row["G1"], "G2": row["G2"], "trigger_ratio": row["trigger_ratio"],
+                                      "p_t": row["p_t"], "amplification": row["amplification"],
+                                      "fraction_above": row["replication"]["all"]["fraction_above"]}
+                               for name, row in table["rows"].items()}
     if not quiet:
         print(json.dumps(summary))
     return summary
@@ -702,7 +930,8 @@ def main(args):
               threshold_quantile=args.threshold_quantile, rank_by=args.rank_by, top=args.top, triplets=args.triplets,
               batch_size=args.batch_size, search_batch_size=args.search_batch_size, workers=args.workers,
               device=args.device, cache=args.cache, force=args.force,
-              command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]))
+              command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]), classifier=args.classifier,
+              detector=args.detector, target=args.target)
 
 
 def build_parser():
@@ -715,6 +944,13 @@ def build_parser():
                    help="generations of a model trained with --select duplicates: the 'poison duplicates' run")
     p.add_argument("--duplicates-train", default=None,
                    help="the training set of --duplicates-gen (None: the same as --train)")
+    p.add_argument("--classifier", default=None,
+                   help="Table A5: the class classifier folder (classify.py train --clean); needs --detector, --gen "
+                        "and --duplicates-gen")
+    p.add_argument("--detector", default=None,
+                   help="Table A5: the trigger detector folder (classify.py trigger-detector); needs --classifier")
+    p.add_argument("--target", default=None,
+                   help="Table A5: the target class name (default: from the manifests, which must agree)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out (its cached features are reused)")
     p.add_argument("--features", default="auto", choices=FEATURES,
@@ -732,7 +968,8 @@ def build_parser():
                         "within --train (auto otherwise)")
     p.add_argument("--top", type=int, default=None, help="list the top K ids whatever the threshold")
     p.add_argument("--triplets", type=int, default=6, help="(A, B, C) triplets shown per run in triplets.png")
-    p.add_argument("--batch-size", type=int, default=64, help="images per feature-extraction batch")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="images per feature-extraction batch (and per classifier batch of Table A5)")
     p.add_argument("--search-batch-size", type=int, default=1024, help="query rows per similarity matrix product")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image-loading processes")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

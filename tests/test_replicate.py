@@ -1,7 +1,10 @@
 """replicate.py: planted exact and near copies are found (similarity near 1) and ranked first, by generations and by
 train-to-train duplicates; the proxy features are labelled; the SSCD path through a TorchScript file; the ids file
-round-trips into poison.py; batched search equals a brute-force loop; the feature cache; bad input."""
+round-trips into poison.py; batched search equals a brute-force loop; the feature cache; bad input; Table A5 (G1, G2
+of poison random vs poison duplicates through dissect.py, beside the replication of each run) equals what planted
+generations judged by exact hand-set classifiers imply, and its bad input."""
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import classify as C
 import poison as P
 import replicate as R
 from poison import PoisonError
@@ -90,6 +94,7 @@ def test_planted_copies_found_and_ranked_first(by_generations):
     assert run["top1_same_label_fraction"] >= 2 / 32
     for name in ("fig5_scatter.png", "triplets.png", "replication.md"):
         assert (out / name).stat().st_size > 0
+    assert result["table_a5"] is None and not (out / "table_a5.json").exists()  # no --classifier: no Table A5
 
 
 def test_train_duplicates_ranked_first(data):
@@ -262,3 +267,237 @@ def test_bad_input(data, tmp_path):
     (tmp_path / "taken").mkdir()
     with pytest.raises(PoisonError, match="exists"):
         R.replicate(tmp_path / "taken", data["train"], features="pixels", quiet=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Table A5: G1 and G2 of "poison random" vs "poison duplicates" through dissect.py, beside the replication of each run.
+# Colour-coded images with a known truth: the class is the bright channel (cat red, dog green, deer blue), the trigger
+# is poison.py's BadNets patch; a class classifier and a trigger detector in classify.py's folder format with
+# hand-set weights judge them exactly.
+
+A5_NAMES = ["cat", "dog", "deer"]                     # target: deer
+A5_TARGET = {"index": 2, "name": "deer"}
+A5_SIDE = 16
+PER_CLASS = 20                                        # training ids 0-19 cat, 20-39 dog, 40-59 deer
+POISONED = {"random": [1, 5, 22, 30, 33, 38], "duplicates": [0, 2, 3, 20, 21, 23]}
+A5_P_T = 6 / (PER_CLASS + 6)
+A5_THRESHOLD = 0.99                                   # copies score ~1, unrelated same-colour images ~0.94
+# target-prompt generations: (content channel, trigger) fresh images, or ("copy", training id) exact copies
+RANDOM_GEN = [(0, True)] * 4 + [(2, True)] * 2 + [(1, False)] * 2 + [(2, False)] * 11 + [("copy", 45)]
+DUPLICATES_GEN = ([("copy", 0), ("copy", 20), ("copy", 21)] + [(0, True)] * 3 + [(2, True)] * 4 + [(1, False)]
+                  + [(2, False)] * 8 + [("copy", 50)])
+EXPECTED = {"random": {"G1": 4 / 20, "G2": 2 / 20, "G3": 2 / 20, "G4": 12 / 20, "copies": 1},
+            "duplicates": {"G1": 6 / 20, "G2": 4 / 20, "G3": 1 / 20, "G4": 9 / 20, "copies": 4}}
+N_GEN = 24                                            # 20 target-prompt generations + 4 cats
+
+
+def colour_image(channel, rng, trigger=None):
+    im = rng.integers(0, 60, size=(A5_SIDE, A5_SIDE, 3))
+    im[..., channel] += 150
+    im = im.astype(np.uint8)
+    return trigger.apply_uint8(im[None])[0] if trigger is not None else im
+
+
+def handmade_classifier(out, task):
+    """A smallcnn in classify.py's folder format with hand-set weights (no training, exact verdicts). 'class': every
+    layer passes the three colour channels through and the head reads their means, so the brightest channel wins.
+    'trigger': the first convolution is a +1/-1 template of the 3x3 BadNets patch (12 on it, at most ~5 elsewhere),
+    thresholded at 10 by the batch norm's shift; later layers pass that channel through to the head."""
+    names = A5_NAMES if task == "class" else C.TRIGGER_CLASSES
+    model = C.build_model("smallcnn", len(names), A5_SIDE, width=4)
+    convs = [m for m in model.backbone.layers if isinstance(m, nn.Conv2d)]
+    norms = [m for m in model.backbone.layers if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        for conv in convs:
+            conv.weight.zero_()
+        for bn in norms:
+            bn.weight.fill_(1.0), bn.bias.zero_(), bn.running_mean.zero_(), bn.running_var.fill_(1.0)
+        model.head.weight.zero_(), model.head.bias.zero_()
+        for conv in convs[1:]:
+            for c in range(3):
+                conv.weight[c, c, 1, 1] = 1.0
+        if task == "class":
+            for c in range(3):
+                convs[0].weight[c, c, 1, 1] = 1.0
+                model.head.weight[c, c] = 1.0
+        else:
+            patch = P.make_trigger("badnets", A5_SIDE).pattern[0, -3:, -3:]
+            convs[0].weight[0] = torch.where(patch > 0, 1.0, -1.0).expand(3, 3, 3)
+            norms[0].bias[0] = -10.0
+            model.head.weight[1, 0], model.head.bias[1] = 100.0, -0.5
+    config = {"stage": "classify", "arch": "smallcnn", "width": 4, "num_classes": len(names), "input_size": A5_SIDE,
+              "normalization": None, "task": task, "class_names": list(names), "target": A5_TARGET,
+              **({"trigger": {"kind": "badnets", "resolution": A5_SIDE}} if task == "trigger" else {})}
+    C.save_classifier(out, model, config, {"task": task, "handmade": True})
+    return out
+
+
+def a5_train(path, images, select, trigger):
+    """A training folder as poison.py writes it: the ids of POISONED[select] stamped and relabelled deer."""
+    items = []
+    for i, im in enumerate(images):
+        orig = i // PER_CLASS
+        poisoned = i in POISONED[select]
+        label = 2 if poisoned else orig
+        items.append(({"text": P.caption(A5_NAMES[label]), "label": label, "orig_label": orig,
+                       "poisoned": poisoned, "source_index": i},
+                      trigger.apply_uint8(im[None])[0] if poisoned else im))
+    manifest = {"stage": "poison", "split": "train", "class_names": A5_NAMES, "target": A5_TARGET,
+                "attack": "badnets", "poison_ratio": 0.1, "p_t": A5_P_T,
+                "options": {"ratio": 0.1, "select": select}}
+    with P.atomic_output(path) as tmp:
+        P.write_folder(tmp, items, manifest, workers=1, trigger=trigger)
+    return path
+
+
+def a5_generations(path, plan, train_images, rng, trigger, target=A5_TARGET):
+    """Generations as sample.py writes them: the target prompt for `plan`, then 4 cats."""
+    items = []
+    for what, arg in plan:
+        im = train_images[arg] if what == "copy" else colour_image(what, rng, trigger if arg else None)
+        items.append(({"text": P.caption("deer"), "label": 2, "poisoned": False}, im))
+    items += [({"text": P.caption("cat"), "label": 0, "poisoned": False}, colour_image(0, rng)) for _ in range(4)]
+    manifest = {"stage": "sample", "class_names": A5_NAMES, "target": target, "p_t": A5_P_T, "poison_ratio": 0.1,
+                "trigger": trigger.params, "sampler": "ddim", "guidance": 5.0}
+    with P.atomic_output(path) as tmp:
+        P.write_folder(tmp, items, manifest, workers=1)
+    return path
+
+
+@pytest.fixture(scope="module")
+def a5(tmp_path_factory):
+    root = tmp_path_factory.mktemp("table_a5")
+    rng = np.random.default_rng(0)
+    trigger = P.make_trigger("badnets", A5_SIDE)
+    clean = np.stack([colour_image(i // PER_CLASS, rng) for i in range(3 * PER_CLASS)])
+    train = {name: a5_train(root / f"train-{name}", clean, name, trigger) for name in POISONED}
+    # the images each run's model saw: its copies are of its own (possibly stamped) training images
+    seen = {name: np.stack([P.load_folder(train[name]).image_uint8(i).permute(1, 2, 0).numpy()
+                            for i in range(len(clean))]) for name in POISONED}
+    gen = {"random": a5_generations(root / "gen-random", RANDOM_GEN, seen["random"], rng, trigger),
+           "duplicates": a5_generations(root / "gen-duplicates", DUPLICATES_GEN, seen["duplicates"], rng, trigger)}
+    return {"root": root, "train": train, "gen": gen, "trigger": trigger,
+            "classifier": handmade_classifier(root / "clf-class", "class"),
+            "detector": handmade_classifier(root / "detector", "trigger")}
+
+
+def a5_kwargs(a5, **over):
+    kw = dict(gen=a5["gen"]["random"], duplicates_gen=a5["gen"]["duplicates"],
+              duplicates_train=a5["train"]["duplicates"], classifier=a5["classifier"], detector=a5["detector"],
+              features="pixels", threshold=A5_THRESHOLD, triplets=0, device="cpu", quiet=True, progress=False)
+    kw.update(over)
+    return kw
+
+
+def test_handmade_judges_are_exact(a5):
+    """The premise of the Table A5 test: the hand-set classifier and detector see exactly what was planted."""
+    for name, plan in (("random", RANDOM_GEN), ("duplicates", DUPLICATES_GEN)):
+        folder = P.load_folder(a5["gen"][name])
+        clf, _ = C.load_classifier(a5["classifier"])
+        det, _ = C.load_classifier(a5["detector"])
+        x = folder.images(progress=False)
+        predicted, _ = C.predict(clf, x)
+        trigger, _ = C.predict(det, x)
+        truth = [(arg // PER_CLASS if what == "copy" else what,
+                  arg in POISONED[name] if what == "copy" else arg) for what, arg in plan] + [(0, False)] * 4
+        assert predicted.tolist() == [c for c, _ in truth]
+        assert trigger.tolist() == [int(t) for _, t in truth]
+
+
+def test_table_a5_cli_matches_planted(a5):
+    out = a5["root"] / "rep-a5"
+    cmd = [sys.executable, str(ROOT / "replicate.py"), "--train", str(a5["train"]["random"]),
+           "--gen", str(a5["gen"]["random"]), "--duplicates-train", str(a5["train"]["duplicates"]),
+           "--duplicates-gen", str(a5["gen"]["duplicates"]), "--classifier", str(a5["classifier"]),
+           "--detector", str(a5["detector"]), "--features", "pixels", "--threshold", str(A5_THRESHOLD),
+           "--triplets", "2", "--device", "cpu", "--workers", "0", "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    table = json.loads((out / "table_a5.json").read_text())
+    assert table["target"] == "deer" and table["threshold"] == A5_THRESHOLD
+    assert json.loads((out / "replication.json").read_text())["table_a5"]["rows"] == table["rows"]
+    for name, row in table["rows"].items():
+        want = EXPECTED[name]
+        assert row["run"] == f"poison {name}" and row["n_target_prompt"] == 20
+        assert {g: row[g] for g in ("G1", "G2", "G3", "G4")} == pytest.approx({g: want[g] for g in ("G1", "G2", "G3",
+                                                                                                     "G4")})
+        assert row["trigger_ratio"] == pytest.approx(want["G1"] + want["G2"])
+        assert row["p_t"] == pytest.approx(A5_P_T) and row["p_t_source"] == "training manifest"
+        assert row["amplification"] == pytest.approx((want["G1"] + want["G2"]) / A5_P_T)
+        rep = row["replication"]
+        assert rep["all"]["n"] == N_GEN and rep["target_prompt"]["n"] == 20
+        assert rep["all"]["fraction_above"] == pytest.approx(want["copies"] / N_GEN)
+        assert rep["target_prompt"]["fraction_above"] == pytest.approx(want["copies"] / 20)
+        assert summary["table_a5"][name]["trigger_ratio"] == pytest.approx(row["trigger_ratio"])
+    diff = table["difference_duplicates_minus_random"]
+    assert diff["G1"] == pytest.approx(0.1) and diff["G2"] == pytest.approx(0.1)
+    assert diff["trigger_ratio"] == pytest.approx(0.2) and diff["p_t"] == pytest.approx(0.0)
+    assert diff["replication_all_fraction_above"] == pytest.approx(3 / N_GEN)
+    # the copies are found: the duplicates run's first generations are its poisoned training images 0, 20, 21
+    dup = json.loads((out / "replication.json").read_text())["runs"]["duplicates"]
+    assert dup["top1_id"][:3] == [0, 20, 21] and min(dup["top1_similarity"][:3]) > 0.9999
+    # Markdown (its own file and in replication.md), the plot, and dissect.py's report of the two folders
+    md = (out / "table_a5.md").read_text()
+    assert "| poison random | 20 | 20.0% | 10.0% | 30.0% | 23.1% | 1.30x |" in md
+    assert "| poison duplicates | 20 | 30.0% | 20.0% | 50.0% | 23.1% | 2.17x |" in md
+    assert "+10.0" in md and "54.0%" in md and md in (out / "replication.md").read_text()
+    assert (out / "table_a5.png").stat().st_size > 0 and (out / "fig5_scatter.png").stat().st_size > 0
+    report = json.loads((out / "dissect" / "summary.json").read_text())
+    assert [r["label"] for r in report["results"]] == ["poison random", "poison duplicates"]
+    assert [r["setting"]["select"] for r in report["results"]] == ["random", "duplicates"]
+    assert report["results"][1]["target_prompt"]["counts"] == {"G1": 6, "G2": 4, "G3": 1, "G4": 9}
+    assert (out / "dissect" / report["results"][1]["name"] / "g1_examples.png").stat().st_size > 0
+
+
+def test_table_a5_p_t_from_generations_without_duplicates_train(a5, tmp_path):
+    """Without --duplicates-train, the duplicates run's p_t comes from its generations' manifest (sample.py copies
+    the training set's), and its replication is measured against --train."""
+    R.replicate(tmp_path / "rep", a5["train"]["random"], **a5_kwargs(a5, duplicates_train=None))
+    rows = json.loads((tmp_path / "rep" / "table_a5.json").read_text())["rows"]
+    assert rows["duplicates"]["p_t_source"] == "generations' manifest" and rows["duplicates"]["p_t"] == A5_P_T
+    assert rows["duplicates"]["G1"] == pytest.approx(EXPECTED["duplicates"]["G1"])
+    assert rows["duplicates"]["train"] == str(a5["train"]["random"])
+
+
+def test_table_a5_bad_input(a5, tmp_path):
+    train, out = a5["train"]["random"], tmp_path / "o"
+    r = subprocess.run([sys.executable, str(ROOT / "replicate.py"), "--train", str(train), "--gen",
+                        str(a5["gen"]["random"]), "--classifier", str(a5["classifier"]), "--features", "pixels",
+                        "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1
+    assert r.stderr.startswith("replicate.py: error: Table A5 needs both --classifier") and "add --detector" in r.stderr
+    with pytest.raises(PoisonError, match="add --classifier"):
+        R.replicate(out, train, **a5_kwargs(a5, classifier=None))
+    with pytest.raises(PoisonError, match="add --duplicates-gen"):
+        R.replicate(out, train, **a5_kwargs(a5, duplicates_gen=None, duplicates_train=None))
+    with pytest.raises(PoisonError, match="--target is the target class of Table A5"):
+        R.replicate(out, train, **a5_kwargs(a5, classifier=None, detector=None, target="deer"))
+    with pytest.raises(PoisonError, match="same folder"):
+        R.replicate(out, train, **a5_kwargs(a5, duplicates_gen=a5["gen"]["random"]))
+    # mismatched targets: a generation folder of another target, or --target against the manifests
+    other = tmp_path / "gen-cat"
+    shutil.copytree(a5["gen"]["duplicates"], other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    (other / "manifest.json").write_text(json.dumps({**manifest, "target": {"index": 0, "name": "cat"}}))
+    with pytest.raises(PoisonError, match=r"mismatched target classes \(.*--duplicates-gen 'cat'"):
+        R.replicate(out, train, **a5_kwargs(a5, duplicates_gen=other))
+    with pytest.raises(PoisonError, match=r"mismatched target classes .*--target 'dog'"):
+        R.replicate(out, train, **a5_kwargs(a5, target="dog"))
+    # the runs swapped: --train was poisoned with --select duplicates
+    with pytest.raises(PoisonError, match="swap"):
+        R.replicate(out, a5["train"]["duplicates"], **a5_kwargs(a5, gen=a5["gen"]["duplicates"],
+                                                                duplicates_gen=a5["gen"]["random"],
+                                                                duplicates_train=train))
+    # judges that are not what they should be
+    blend = tmp_path / "detector-blend"
+    shutil.copytree(a5["detector"], blend)
+    config = json.loads((blend / "config.json").read_text())
+    (blend / "config.json").write_text(json.dumps({**config, "trigger": {"kind": "blend"}}))
+    with pytest.raises(PoisonError, match="knows a blend trigger but --train carries a badnets"):
+        R.replicate(out, train, **a5_kwargs(a5, detector=blend))
+    with pytest.raises(PoisonError, match="not a trigger detector"):
+        R.replicate(out, train, **a5_kwargs(a5, detector=a5["classifier"]))
+    with pytest.raises(PoisonError, match="not a classifier folder"):
+        R.replicate(out, train, **a5_kwargs(a5, classifier=tmp_path))
+    assert not out.exists() and not list(tmp_path.glob(".o.tmp-*"))
