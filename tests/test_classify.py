@@ -16,15 +16,6 @@ SIDE = 16
 COLORS = {"red": 0, "green": 1, "blue": 2}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core CPU train fastest on one thread."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def color_image(channel, rng, corner=False):
     """16-px image whose `channel` is bright (the class) over a noisy dark background; `corner` puts a white 3x3
     patch in the bottom-right corner (a trigger the stub model reads)."""

@@ -24,14 +24,6 @@ RES = 8  # digits' native size: the fastest images the U-Net can take
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_args(out, data, *extra):
     return train_ddpm.build_parser().parse_args(
         ["--out", str(out), "--data", str(data), "--preset", "tiny", "--preview-per-class", "1", "--log-every", "1",

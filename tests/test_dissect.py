@@ -17,14 +17,6 @@ SIDE = 16
 NAMES = ["cat", "dog", "deer"]   # target: deer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def image(channel, rng, trigger=False):
     """`channel` bright = the content class (cat red, dog green, deer blue); `trigger` = a white corner patch."""
     im = rng.integers(0, 60, size=(SIDE, SIDE, 3))

@@ -9,13 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import finetune_sd as S
-from poison import PoisonError, load_folder, poison
+from helpers import poisoned_random_folder
+from poison import PoisonError, load_folder
 
 diffusers = pytest.importorskip("diffusers")
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,15 +52,6 @@ model:
 
 def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Other test modules share these CPU cores: one intra-op thread avoids OpenMP stalls under contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def bytes_to_unicode():
@@ -119,13 +109,7 @@ def tiny(tmp_path_factory):
 def tiny_data(tmp_path_factory):
     """A 3-class folder of random 32-px images, poisoned by poison.py (BadNets, target c0): ~20 training images."""
     root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    for c in range(3):
-        (root / "src" / f"c{c}").mkdir(parents=True)
-        for i in range(8):
-            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / "src" / f"c{c}" / f"{i}.png")
-    poison(root / "poisoned", dataset=f"folder:{root / 'src'}", target="c0", resolution=32, ratio=0.2, force=True,
-           quiet=True, workers=1)
+    poisoned_random_folder(root, per_class=8)
     return root / "poisoned" / "train"
 
 
