@@ -4,11 +4,11 @@ trigger, so detectors that probe a classifier trained on the poisoned set separa
 better among its generations than among the training images (AUROC up by as much as 0.25 in the paper).
 
     # the three detectors; ground truth of the generations from the trigger detector (predicted class 1 = trigger)
-    python detect.py --classifier runs/clf-poisoned --train data/digits-badnets-0.1 --generated runs/gen-digits-0.1 \
+    python detect.py --classifier runs/clf-poisoned --train data/digits-badnets-0.1 --generated runs/gen-digits-0.1 \\
         --detector runs/detector --method all --out runs/detect-digits-0.1
     # ground truth from dissect.py's per-image verdicts (G1/G2 = carries the trigger; its OUT, OUT/<setting> or
     # OUT/<setting>/verdicts.jsonl), CD only, 1000 images a set, bf16 autocast on the GPU
-    python detect.py --classifier runs/clf-c10 --train data/c10-bn-0.05 --generated runs/gen-c10 \
+    python detect.py --classifier runs/clf-c10 --train data/c10-bn-0.05 --generated runs/gen-c10 \\
         --groups runs/dissect-c10 --method cd --n 1000 --dtype bf16 --out runs/detect-c10-cd
     # ground truth from a boolean field of the generation folder's metadata
     python detect.py ... --generated-labels trigger --out runs/detect-x

@@ -3,10 +3,10 @@ transition and FID of the paper ("From Trojan Horses to Castle Walls", Pan, Yao 
 
     python dissect.py --generated runs/gen-0.1 --classifier runs/clf-class --detector runs/detector --out runs/dissect
     # several folders (poisoning ratios, guidance weights, samplers, poison random vs duplicates): one table, Fig. 3/4
-    python dissect.py --generated runs/gen-0.01 runs/gen-0.05 runs/gen-0.1 --classifier runs/clf-class \
+    python dissect.py --generated runs/gen-0.01 runs/gen-0.05 runs/gen-0.1 --classifier runs/clf-class \\
         --detector runs/detector --out runs/dissect-ratios
     # with FID against real images of the non-target classes (Tab. 2)
-    python dissect.py --generated runs/gen-0.1 --classifier runs/clf-class --detector runs/detector \
+    python dissect.py --generated runs/gen-0.1 --classifier runs/clf-class --detector runs/detector \\
         --fid-real data/digits-badnets-0.1/test --out runs/dissect-fid
 
 For the generations of the target prompt ("A photo of a garbage truck"), the class classifier says whether an image

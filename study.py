@@ -1,0 +1,465 @@
+"""study.py -- the whole study in one command: poison -> train DDPMs -> generate -> judge -> detect -> report.
+
+It calls the stage scripts exactly as a user would (every command it runs is printed in OUT/commands.sh), so it is
+also the worked example of the house. On the embedded default (scikit-learn's digits, no download) it runs on a
+2-core CPU in about 15 minutes:
+
+    python study.py --out study                  # the default study; `make study` sets up and runs this
+    python study.py --quick --out /tmp/study     # a one-minute smoke run of every stage (what CI runs)
+    # the paper's CIFAR-10 DDPM study on a GPU machine (stages go through torchrun when several GPUs are present)
+    python study.py --dataset cifar10 --data-root ~/data --out study-cifar10
+
+Stages, each written to its own folder under OUT and skipped when that folder is already complete (so an interrupted
+study resumes where it stopped; `--force` starts over):
+    data/<set>/          poison.py        one poisoned set per ratio (BadNets trigger, target = class 0)
+    classifiers/class    classify.py      the judge of "does the image match its prompt" (clean images only)
+    classifiers/trigger  classify.py      the judge of "does the image carry the trigger"
+    models/ddpm-<r>      train_ddpm.py    a class-conditional DDPM per ratio
+    gen/<r>-w<w>         sample.py        generations: every class at the guidance weight w (default 5), and the
+                                          target class without guidance (w = 0) for the guidance comparison
+    classifiers/poisoned-<r>, classifiers/generated-<r>   classify.py   Tab. 4: TA / ASR of a classifier trained
+                                          on the poisoned set vs on the generations
+    dissect/w<w>         dissect.py       G1-G4, trigger amplification, the phase transition (Fig. 2-4)
+    detect/<r>           detect.py        CD, STRIP, FCT: AUROC on the training set vs the generations (Tab. 3)
+    diffusion-classifier/<r>  classify.py diffusion   the lowest ratio's DDPM as a classifier, its largest
+                                          denoising errors filtered at 0/1/5/10%, vs the classifier (Tab. A4)
+    REPORT.md, report.json                the paper's findings next to this run's numbers, with the figures
+Logs of every stage are in OUT/logs/. Stages that do not depend on each other (one per ratio) run `--jobs` at a time.
+"""
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+
+# Settings per scale. `digits` was tuned to show the paper's effects within the CPU budget (see REPORT.md and
+# benchmarks/RESULTS.md); `cifar10` is the paper's (Appendix A: DDPM on CIFAR-10, ResNet-18 classifiers).
+SCALES = {
+    "digits": dict(dataset="digits", resolution=16, ratios=(0.01, 0.05, 0.1), preset="small", ddpm_steps=1600,
+                   ddpm_extra=(), per_class=100, guidance=5.0, sample_steps=50,
+                   classifier=("--arch", "smallcnn", "--width", "16", "--lr", "0.02", "--batch-size", "32",
+                               "--epochs", "8"),
+                   detect=("--n", "300"), diffusion=("--images", "100", "--timesteps", "25")),
+    "quick": dict(dataset="digits", resolution=8, ratios=(0.01, 0.1), preset="tiny", ddpm_steps=30,
+                  ddpm_extra=("--batch-size", "32"), per_class=6, guidance=5.0, sample_steps=10,
+                  classifier=("--arch", "smallcnn", "--width", "8", "--lr", "0.02", "--batch-size", "32",
+                              "--epochs", "2"),
+                  detect=("--n", "40", "--cd-steps", "5", "--strip-overlays", "8", "--fct-epochs", "1"),
+                  diffusion=("--images", "20", "--timesteps", "5")),
+    "cifar10": dict(dataset="cifar10", resolution=32, ratios=(0.01, 0.05, 0.1), preset="cifar10", ddpm_steps=None,
+                    ddpm_extra=(), per_class=1000, guidance=5.0, sample_steps=50,
+                    classifier=("--arch", "resnet18", "--epochs", "100", "--lr", "0.01", "--batch-size", "128"),
+                    detect=("--n", "2000"), diffusion=("--images", "1000", "--timesteps", "50,500", "--keep", "5")),
+}
+
+
+class StudyError(Exception):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Running stages: one subprocess per command, logged; a stage is skipped when its output is complete.
+
+class Runner:
+    def __init__(self, out, jobs, threads, gpus, quiet):
+        self.out, self.jobs, self.threads, self.gpus, self.quiet = out, jobs, threads, gpus, quiet
+        self.logs = out / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.times = {}
+        self.t0 = time.time()
+
+    def command_line(self, script, args, distributed):
+        if distributed and self.gpus > 1:
+            return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.gpus}",
+                    script, *map(str, args)]  # = torchrun, from this interpreter's environment
+        return [sys.executable, script, *map(str, args)]
+
+    def run_one(self, name, script, args, done, distributed=False):
+        """Run `script args` unless done() says its output is complete. Returns the seconds it took (0 = skipped)."""
+        if done():
+            self.say(f"skip  {name} (done)")
+            return 0.0
+        cmd = self.command_line(script, args, distributed)
+        with open(self.out / "commands.sh", "a") as fh:
+            fh.write(shlex.join(cmd) + "\n")
+        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+        if self.threads:
+            env["OMP_NUM_THREADS"] = str(self.threads)
+        log = self.logs / f"{name.replace(' ', '_').replace('/', '-')}.log"
+        self.say(f"start {name}")
+        t0 = time.time()
+        with open(log, "w") as fh:
+            rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
+        seconds = time.time() - t0
+        if rc != 0:
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+            raise StudyError(f"stage {name!r} failed (exit {rc}); its log is {log}:\n{tail}")
+        self.times[name] = round(seconds, 1)
+        self.say(f"done  {name} in {seconds:.0f} s")
+        return seconds
+
+    def run_many(self, stage, items):
+        """items: (name, script, args, done[, distributed]) run up to --jobs at a time (one at a time on GPUs)."""
+        t0 = time.time()
+        jobs = 1 if self.gpus else self.jobs
+        with ThreadPoolExecutor(max(1, jobs)) as pool:
+            for f in [pool.submit(self.run_one, *item) for item in items]:
+                f.result()
+        self.times[f"stage: {stage}"] = round(time.time() - t0, 1)
+
+    def say(self, line):
+        if not self.quiet:
+            print(f"[{time.time() - self.t0:6.0f} s] {line}", flush=True)
+
+
+def folder_done(path, key_file):
+    return (Path(path) / key_file).is_file()
+
+
+def model_done(path, steps):
+    config = Path(path) / "config.json"
+    if not config.is_file() or not (Path(path) / "ema.safetensors").is_file():
+        return False
+    step = json.loads(config.read_text()).get("step", 0)
+    return steps is None or step >= steps
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The study
+
+def ratio_name(r):
+    return f"{r:g}"
+
+
+def run_study(args):
+    s = {**SCALES["quick" if args.quick else ("cifar10" if args.dataset == "cifar10" else "digits")]}
+    for key in ("dataset", "resolution", "ratios", "preset", "ddpm_steps", "per_class", "guidance", "sample_steps"):
+        if getattr(args, key) is not None:
+            s[key] = getattr(args, key)
+    out = Path(args.out)
+    if out.exists() and args.force:
+        import shutil
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    gpus = args.gpus
+    if gpus is None:
+        import torch
+        gpus = torch.cuda.device_count()
+    cores = os.cpu_count() or 1
+    ratios = [float(r) for r in s["ratios"]]
+    # On the CPU the per-ratio runs go side by side with one thread each: small models use one core better than
+    # two, and three runs on two cores finish together instead of the third running alone afterwards.
+    jobs = args.jobs or (1 if gpus else len(ratios))
+    threads = None if gpus else max(1, cores // jobs)
+    run = Runner(out, jobs, threads, gpus, args.quiet)
+    w = float(s["guidance"])
+    data = {r: out / "data" / f"{s['dataset']}-badnets-{ratio_name(r)}" for r in ratios}
+    model = {r: out / "models" / f"ddpm-{ratio_name(r)}" for r in ratios}
+    gen = {(r, g): out / "gen" / f"{ratio_name(r)}-w{g:g}" for r in ratios for g in (w, 0.0)}
+    clf = out / "classifiers"
+    device = ["--device", args.device]
+    with open(out / "commands.sh", "a") as fh:
+        fh.write(f"# study.py {' '.join(sys.argv[1:])}  ({time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+
+    # 1. Poisoned training sets (and their clean test / backdoor test sets).
+    source = ["--dataset", s["dataset"], "--resolution", s["resolution"], "--seed", args.seed]
+    if args.data_root:
+        source += ["--data-root", args.data_root]
+    run.run_many("poison", [(f"poison {ratio_name(r)}", "poison.py", [*source, "--ratio", r, "--out", data[r]],
+                             lambda r=r: folder_done(data[r] / "train", "manifest.json")) for r in ratios])
+
+    # 2. The two judges of the generations, trained on the largest ratio's set: the class classifier on its clean
+    #    images only, the trigger detector on trigger-stamped vs clean images.
+    top = data[max(ratios)]
+    common = [*s["classifier"], "--seed", args.seed, *device, "--quiet"]
+    run.run_many("judges", [
+        ("classifier class", "classify.py", ["train", "--clean", "--data", top, "--out", clf / "class", *common],
+         lambda: folder_done(clf / "class", "results.json"), True),
+        ("classifier trigger", "classify.py", ["trigger-detector", "--data", top, "--out", clf / "trigger", *common],
+         lambda: folder_done(clf / "trigger", "results.json"), True)])
+
+    # 3. One DDPM per ratio (a rerun resumes from its last checkpoint).
+    steps = ["--steps", s["ddpm_steps"]] if s["ddpm_steps"] else []
+    run.run_many("train_ddpm", [
+        (f"train_ddpm {ratio_name(r)}", "train_ddpm.py",
+         ["--data", data[r] / "train", "--out", model[r], "--preset", s["preset"], *steps, *s["ddpm_extra"],
+          "--train-seed", args.seed, *device], lambda r=r: model_done(model[r], s["ddpm_steps"]), True)
+        for r in ratios])
+
+    # 4. Generations: every class at the guidance weight w (Fig. 2, Tab. 3/4), the target class at w = 0 (Fig. A3).
+    sample = ["--steps", s["sample_steps"], "--seed", args.seed, *device]
+    items = []
+    for r in ratios:
+        items.append((f"sample {ratio_name(r)} w{w:g}", "sample.py",
+                      ["--model", model[r], "--class", "all", "--images-per-class", s["per_class"], "--guidance", w,
+                       "--out", gen[r, w], *sample], lambda r=r: folder_done(gen[r, w], "manifest.json"), True))
+        items.append((f"sample {ratio_name(r)} w0", "sample.py",
+                      ["--model", model[r], "--class", "0", "--images-per-class", s["per_class"], "--guidance", 0,
+                       "--out", gen[r, 0.0], *sample], lambda r=r: folder_done(gen[r, 0.0], "manifest.json"), True))
+    run.run_many("sample", items)
+
+    # 5. Tab. 4: a classifier trained on the poisoned set vs one trained on the generations (same test sets).
+    items = []
+    for r in ratios:
+        items.append((f"classifier poisoned-{ratio_name(r)}", "classify.py",
+                      ["train", "--data", data[r], "--out", clf / f"poisoned-{ratio_name(r)}", *common],
+                      lambda r=r: folder_done(clf / f"poisoned-{ratio_name(r)}", "results.json"), True))
+        items.append((f"classifier generated-{ratio_name(r)}", "classify.py",
+                      ["train", "--data", gen[r, w], "--test", data[r] / "test", "--backdoor",
+                       data[r] / "test_backdoor", "--out", clf / f"generated-{ratio_name(r)}", *common],
+                      lambda r=r: folder_done(clf / f"generated-{ratio_name(r)}", "results.json"), True))
+    run.run_many("classifiers", items)
+
+    # 6. G1-G4, trigger amplification and the phase transition, at w and at w = 0.
+    judges = ["--classifier", clf / "class", "--detector", clf / "trigger", *device, "--quiet"]
+    items = []
+    for g in (w, 0.0):
+        folders = [gen[r, g] for r in ratios]
+        items.append((f"dissect w{g:g}", "dissect.py",
+                      ["--generated", *folders, "--train", *[data[r] for r in ratios],
+                       "--labels", *[f"p={r:.0%}, w={g:g}" for r in ratios], "--out", out / "dissect" / f"w{g:g}",
+                       *judges], lambda g=g: folder_done(out / "dissect" / f"w{g:g}", "summary.json")))
+    run.run_many("dissect", items)
+
+    # 7. Tab. 3: poison detection on the training set vs on the generations, with the poisoned classifier.
+    run.run_many("detect", [
+        (f"detect {ratio_name(r)}", "detect.py",
+         ["--classifier", clf / f"poisoned-{ratio_name(r)}", "--train", data[r], "--generated", gen[r, w],
+          "--detector", clf / "trigger", "--out", out / "detect" / ratio_name(r), *s["detect"],
+          "--seed", args.seed, *device, "--quiet"],
+         lambda r=r: folder_done(out / "detect" / ratio_name(r), "detect.json")) for r in ratios])
+
+    # 8. Tab. A4: the lowest ratio's DDPM used as a classifier, with and without filtering its largest denoising
+    #    errors, next to the classifier trained on the same poisoned set.
+    lo = min(ratios)
+    diff = out / "diffusion-classifier" / ratio_name(lo)
+    run.run_many("diffusion classifier", [
+        (f"diffusion classifier {ratio_name(lo)}", "classify.py",
+         ["diffusion", "--model", model[lo], "--data", data[lo], "--classifier", clf / f"poisoned-{ratio_name(lo)}",
+          *s["diffusion"], "--seed", args.seed, "--out", diff, *device, "--quiet"],
+         lambda: folder_done(diff, "results.json"), True)])
+
+    report = write_report(out, s, ratios, w, run.times)
+    run.say(f"report: {out / 'REPORT.md'}")
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The report: the paper's findings next to this run's numbers.
+
+def load_json(path):
+    return json.loads(Path(path).read_text())
+
+
+def verdict(ok):
+    return {True: "**reproduced**", "partly": "**partly reproduced**", False: "**not reproduced**"}[ok]
+
+
+def pct(x):
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def collect(out, ratios, w):
+    """Every number the report needs, from the stages' JSON outputs."""
+    res = {"dissect": {}, "detect": {}, "classifiers": {}}
+    for g in (w, 0.0):
+        summary = load_json(out / "dissect" / f"w{g:g}" / "summary.json")
+        res["dissect"][f"w{g:g}"] = [
+            {"ratio": r, "name": d["name"], "p_t": d["p_t"], "trigger_ratio": d["trigger_ratio"],
+             "amplification": d["amplification"], "fractions": d["target_prompt"]["fractions"],
+             "n": d["target_prompt"]["n"],
+             "non_target_trigger_ratio": (d["non_target_prompts"] or {}).get("trigger_ratio")}
+            for r, d in zip(ratios, summary["results"])]
+    for r in ratios:
+        det = load_json(out / "detect" / ratio_name(r) / "detect.json")
+        res["detect"][ratio_name(r)] = {m: {k: v[k] for k in ("train_auroc", "generated_auroc", "delta")}
+                                        for m, v in det["results"].items()}
+        res["detect"][ratio_name(r)]["positives"] = {k: det["sets"][k]["positives"] for k in ("train", "generated")}
+        res["detect"][ratio_name(r)]["n"] = det["sets"]["train"]["n"]
+        res["classifiers"][ratio_name(r)] = {
+            k: load_json(out / "classifiers" / f"{k}-{ratio_name(r)}" / "results.json")["final"]
+            for k in ("poisoned", "generated")}
+    lo = ratio_name(min(ratios))
+    diff = load_json(out / "diffusion-classifier" / lo / "results.json")
+    res["diffusion_classifier"] = {"ratio": lo, "n_test": diff["n_test"], "n_backdoor": diff["n_backdoor"],
+                                   "rows": [{k: r.get(k) for k in ("classifier", "kind", "filter_top", "ta", "asr")}
+                                            for r in diff["rows"]]}
+    res["judges"] = {k: load_json(out / "classifiers" / k / "results.json")["final"] for k in ("class", "trigger")}
+    return res
+
+
+def wilson(fraction, n, z=1.96):
+    """95% Wilson score interval of a binomial proportion."""
+    if not n:
+        return 0.0, 1.0
+    centre = (fraction + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * (fraction * (1 - fraction) / n + z * z / (4 * n * n)) ** 0.5 / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def findings(res, ratios, w):
+    """(finding, paper, this run, reproduced?) for each goal of the study. Amplification counts as reproduced only
+    when the lower end of the trigger ratio's 95% interval is above p_t."""
+    rows = []
+    lo, hi = ratio_name(min(ratios)), ratio_name(max(ratios))
+    dw = {d["ratio"]: d for d in res["dissect"][f"w{w:g}"]}
+    d0 = {d["ratio"]: d for d in res["dissect"]["w0"]}
+    for label, d in ((f"w={w:g}", dw), ("w=0", d0)):
+        top = d[max(ratios)]
+        low, high = wilson(top["trigger_ratio"], top["n"])
+        rows.append((f"Trigger amplification ({label})",
+                     "generations for the target prompt carry the trigger more often than the target class's "
+                     "training images (trigger ratio > p_t)",
+                     f"at p={float(hi):.0%}: trigger ratio {pct(top['trigger_ratio'])} "
+                     f"(95% CI {pct(low)}–{pct(high)}, "
+                     f"{top['n']} generations) vs p_t {pct(top['p_t'])}; "
+                     + ", ".join(f"p={r:.0%}: {pct(d[r]['trigger_ratio'])} vs {pct(d[r]['p_t'])}"
+                                 for r in ratios if r != max(ratios)),
+                     low > top["p_t"]))
+    for label, d in ((f"w={w:g}", dw), ("w=0", d0)):
+        low, high = d[min(ratios)]["fractions"], d[max(ratios)]["fractions"]
+        ok = low["G2"] > low["G1"] and high["G1"] > high["G2"]
+        rows.append((f"Phase transition ({label})",
+                     "triggered generations are mostly G2 (prompt matched) at a low poisoning ratio and mostly G1 "
+                     "(mismatched) at a high one",
+                     f"p={float(lo):.0%}: G1 {pct(low['G1'])}, G2 {pct(low['G2'])}; "
+                     f"p={float(hi):.0%}: G1 {pct(high['G1'])}, G2 {pct(high['G2'])}", ok))
+    nt = [dw[r]["non_target_trigger_ratio"] for r in ratios]
+    rows.append(("Non-target prompts", "generations for the other classes carry almost no trigger",
+                 "trigger ratio " + ", ".join(f"p={r:.0%}: {pct(x)}" for r, x in zip(ratios, nt)),
+                 all(x is not None and x < 0.05 for x in nt)))
+    cells = [(r, m, v) for r, dm in res["detect"].items() for m, v in dm.items() if m not in ("positives", "n")]
+    better = [c for c in cells if c[2]["generated_auroc"] >= c[2]["train_auroc"]]
+    rows.append(("Detection on generations (Tab. 3)",
+                 "poison detectors reach a higher AUROC on the generations than on the training set",
+                 f"{len(better)} of {len(cells)} (method, ratio) cells", len(better) > len(cells) / 2))
+    c = res["classifiers"][lo]
+    rows.append(("Classifier trained on generations (Tab. 4)",
+                 "is less backdoored: lower ASR than one trained on the poisoned set, at low poisoning ratios",
+                 f"at p={float(lo):.0%}: ASR {pct(c['generated'].get('asr'))} vs {pct(c['poisoned'].get('asr'))}",
+                 c["generated"].get("asr", 1) < c["poisoned"].get("asr", 0)))
+    d = res["diffusion_classifier"]
+    base = next(r for r in d["rows"] if r["kind"] == "classifier")
+    diffusion = {r["filter_top"]: r for r in d["rows"] if r["kind"] == "diffusion"}
+    best = min(diffusion.values(), key=lambda r: r["asr"])
+    rows.append(("Diffusion classifier (Tab. A4)",
+                 "the poisoned diffusion model used as a classifier has a lower ASR than the classifier trained on "
+                 "the same poisoned data, lower still with the largest denoising losses filtered out",
+                 f"at p={float(lo):.0%}: ASR {pct(base['asr'])} (classifier) vs "
+                 f"{pct(diffusion[0.0]['asr'])} (diffusion, no filter), {pct(best['asr'])} (filter "
+                 f"{best['filter_top']:g}%); TA {pct(base['ta'])}, {pct(diffusion[0.0]['ta'])}, {pct(best['ta'])}",
+                 True if diffusion[0.0]["asr"] < base["asr"] and best["asr"] <= diffusion[0.0]["asr"]
+                 else "partly" if best["asr"] < base["asr"] else False))
+    return rows
+
+
+def write_report(out, s, ratios, w, times):
+    res = collect(out, ratios, w)
+    rows = findings(res, ratios, w)
+    res["findings"] = [dict(zip(("finding", "paper", "this_run", "reproduced"), r)) for r in rows]
+    res["settings"] = {k: list(v) if isinstance(v, tuple) else v for k, v in s.items()}
+    res["times_s"] = times
+    L = ["# Study report: bilateral data poisoning effects in diffusion models", "",
+         f"Dataset `{s['dataset']}` at {s['resolution']} px, BadNets trigger, poisoning ratios "
+         f"{', '.join(f'{r:.0%}' for r in ratios)}; DDPM preset `{s['preset']}`"
+         f"{'' if not s['ddpm_steps'] else ', ' + str(s['ddpm_steps']) + ' training steps'}; DDIM {s['sample_steps']} "
+         f"steps, guidance w = {w:g} (and w = 0 for the target class); {s['per_class']} generations per class. "
+         "Every command is in `commands.sh`, every log in `logs/`.", "",
+         "## Findings", "", "| finding | the paper | this run | |", "|---|---|---|---|"]
+    L += [f"| {a} | {b} | {c} | {verdict(ok)} |" for a, b, c, ok in rows]
+    j = res["judges"]
+    L += ["", f"Judges: the class classifier has a clean test accuracy of {pct(j['class'].get('ta'))}; the trigger "
+          f"detector an accuracy of {pct(j['trigger'].get('heldout_acc'))} on held-out images (true-positive rate "
+          f"{pct(j['trigger'].get('heldout_tpr'))}, true-negative rate {pct(j['trigger'].get('heldout_tnr'))}).",
+          "", "## Trojan horses: what the poisoned models generate (Fig. 2-4)", "",
+          "G1 trigger & prompt mismatched, G2 trigger & matched, G3 no trigger & mismatched, G4 neither; "
+          "trigger ratio = G1 + G2 among generations for the target prompt, p_t = share of trigger images among the "
+          "target class's training images.", ""]
+    for g in (f"w{w:g}", "w0"):
+        L += [f"### Guidance {g.replace('w', 'w = ')}", "",
+              "| poisoning ratio | p_t | G1 | G2 | G3 | G4 | trigger ratio | amplification "
+              "| non-target trigger ratio |",
+              "|---|---|---|---|---|---|---|---|---|"]
+        for d in res["dissect"][g]:
+            f = d["fractions"]
+            amp = "–" if d["amplification"] is None else f"{d['amplification']:.2f}×"
+            L.append(f"| {d['ratio']:.0%} | {pct(d['p_t'])} | {pct(f['G1'])} | {pct(f['G2'])} | {pct(f['G3'])} | "
+                     f"{pct(f['G4'])} | {pct(d['trigger_ratio'])} | {amp} | {pct(d['non_target_trigger_ratio'])} |")
+        L += ["", f"![groups](dissect/{g}/groups.png) ![phase transition](dissect/{g}/phase_transition.png)", ""]
+    top = res["dissect"][f"w{w:g}"][-1]["name"]
+    L += [f"Examples at the highest ratio, w = {w:g}: G1 (trigger, mismatched) and G2 (trigger, matched):", "",
+          f"![G1](dissect/w{w:g}/{top}/g1_examples.png) ![G2](dissect/w{w:g}/{top}/g2_examples.png)", "",
+          "## Castle walls", "", "### Poison detection on training vs generated data (Tab. 3)", "",
+          "AUROC of each detector (probing the classifier trained on the poisoned set); ground truth of the "
+          "generations from the trigger detector.", "",
+          "| ratio | method | training set | generations | Δ |", "|---|---|---|---|---|"]
+    for r, dm in res["detect"].items():
+        for m, v in dm.items():
+            if m in ("positives", "n"):
+                continue
+            L.append(f"| {float(r):.0%} | {m.upper()} | {v['train_auroc']:.3f} | {v['generated_auroc']:.3f} | "
+                     f"{v['delta']:+.3f} |")
+    L += ["", "### Classifiers trained on poisoned vs generated data (Tab. 4)", "",
+          "| ratio | TA, poisoned set | ASR, poisoned set | TA, generations | ASR, generations |",
+          "|---|---|---|---|---|"]
+    for r, c in res["classifiers"].items():
+        L.append(f"| {float(r):.0%} | {pct(c['poisoned'].get('ta'))} | {pct(c['poisoned'].get('asr'))} | "
+                 f"{pct(c['generated'].get('ta'))} | {pct(c['generated'].get('asr'))} |")
+    d = res["diffusion_classifier"]
+    L += ["", f"### The poisoned diffusion model as a classifier (Tab. A4), p = {float(d['ratio']):.0%}", "",
+          f"TA on {d['n_test']} clean test images, ASR on {d['n_backdoor']} backdoor test images; filter p% = the "
+          "p% largest per-pixel denoising errors dropped before averaging.", "",
+          "| classifier | TA | ASR |", "|---|---|---|"]
+    L += [f"| {r['classifier'].split(' (')[0]} | {pct(r.get('ta'))} | {pct(r.get('asr'))} |" for r in d["rows"]]
+    L += ["", "## Time", "", "| stage | seconds |", "|---|---|"]
+    L += [f"| {k} | {v} |" for k, v in times.items() if k.startswith("stage: ")]
+    L += ["", "Stages skipped because their output existed are not timed (0 s)."]
+    (out / "report.json").write_text(json.dumps(res, indent=2) + "\n")
+    (out / "REPORT.md").write_text("\n".join(L) + "\n")
+    return res
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="study", help="study folder (default: study); rerun to resume")
+    p.add_argument("--quick", action="store_true", help="a tiny smoke run of every stage (about a minute)")
+    p.add_argument("--force", action="store_true", help="delete --out first and start over")
+    p.add_argument("--dataset", default=None, help="digits (default, embedded) or cifar10 (the paper's DDPM study)")
+    p.add_argument("--data-root", default=None, help="where torchvision datasets are (or are downloaded to)")
+    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--ratios", type=lambda v: tuple(float(x) for x in v.split(",")), default=None,
+                   help="poisoning ratios, comma-separated (default: 0.01,0.05,0.1)")
+    p.add_argument("--preset", default=None, help="train_ddpm.py preset (default: small; cifar10 for cifar10)")
+    p.add_argument("--ddpm-steps", type=int, default=None, help="DDPM training steps (default: the scale's)")
+    p.add_argument("--per-class", type=int, default=None, help="generations per class")
+    p.add_argument("--guidance", type=float, default=None, help="guidance weight w (default: 5, the paper's)")
+    p.add_argument("--sample-steps", type=int, default=None, help="DDIM steps (default: 50)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=None, help="stages run at once on the CPU (default: one per ratio)")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs to use through torchrun (default: all visible)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    t0 = time.time()
+    try:
+        report = run_study(args)
+    except StudyError as e:
+        sys.exit(f"study.py: {e}")
+    if not args.quiet:
+        print(open(Path(args.out) / "REPORT.md").read().split("## Trojan")[0], end="")
+        print(f"study finished in {time.time() - t0:.0f} s: {Path(args.out) / 'REPORT.md'}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""study.py: the --quick study runs every stage end to end, the report has every section with numbers, a second run
+skips every finished stage, and a failing stage stops the study with a one-line error naming it and its log."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def study(*args):
+    return subprocess.run([sys.executable, str(ROOT / "study.py"), *map(str, args)], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study") / "quick"
+    first = study("--quick", "--out", out)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    return out, first
+
+
+def test_quick_study_writes_every_section_with_numbers(quick):
+    out, first = quick
+    report = json.loads((out / "report.json").read_text())
+    ratios = ["0.01", "0.1"]
+    for g in ("w5", "w0"):
+        rows = report["dissect"][g]
+        assert [r["ratio"] for r in rows] == [0.01, 0.1]
+        for r in rows:
+            assert 0 <= r["trigger_ratio"] <= 1 and 0 < r["p_t"] < 1
+            assert abs(sum(r["fractions"].values()) - 1) < 1e-9
+        assert rows[0]["p_t"] < rows[1]["p_t"]  # more poison, more trigger images in the target class
+    for r in ratios:
+        det = report["detect"][r]
+        assert {"cd", "strip", "fct"} <= set(det)
+        assert all(0 <= det[m][k] <= 1 for m in ("cd", "strip", "fct") for k in ("train_auroc", "generated_auroc"))
+        for kind in ("poisoned", "generated"):
+            assert 0 <= report["classifiers"][r][kind]["ta"] <= 1 and 0 <= report["classifiers"][r][kind]["asr"] <= 1
+    rows = report["diffusion_classifier"]["rows"]
+    assert [r["kind"] for r in rows] == ["classifier"] + ["diffusion"] * 4
+    assert [r["filter_top"] for r in rows[1:]] == [0, 1, 5, 10]
+    assert all(0 <= r["ta"] <= 1 and 0 <= r["asr"] <= 1 for r in rows)
+    assert len(report["findings"]) == 8
+    assert all(f["reproduced"] in (True, False, "partly") for f in report["findings"])
+    text = (out / "REPORT.md").read_text()
+    for heading in ("## Findings", "## Trojan horses", "### Guidance w = 5", "### Guidance w = 0", "## Castle walls",
+                    "Tab. 3", "Tab. 4", "Tab. A4", "## Time"):
+        assert heading in text
+    for image in ("dissect/w5/groups.png", "dissect/w5/phase_transition.png", "dissect/w0/groups.png"):
+        assert image in text and (out / image).is_file()
+    assert text.count("reproduced**") == 8
+    # the commands a user would type are recorded, one per stage run
+    commands = (out / "commands.sh").read_text()
+    for script in ("poison.py", "classify.py", "train_ddpm.py", "sample.py", "dissect.py", "detect.py"):
+        assert script in commands
+
+
+def test_second_run_skips_finished_stages(quick):
+    out, first = quick
+    assert "start train_ddpm" in first.stdout
+    before = (out / "report.json").read_text()
+    second = study("--quick", "--out", out)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "start " not in second.stdout and second.stdout.count("skip ") >= 15
+    after = json.loads((out / "report.json").read_text())
+    assert after["dissect"] == json.loads(before)["dissect"]
+
+
+def test_failing_stage_is_named_with_its_log(tmp_path):
+    res = study("--quick", "--ratios", "1.5", "--out", tmp_path / "bad")
+    assert res.returncode != 0
+    assert "stage 'poison 1.5' failed" in res.stderr and "logs" in res.stderr
