@@ -41,21 +41,36 @@ ROOT = Path(__file__).resolve().parent
 # Settings per scale. `digits` was tuned to show the paper's effects within the CPU budget (see REPORT.md and
 # benchmarks/RESULTS.md); `cifar10` is the paper's (Appendix A: DDPM on CIFAR-10, ResNet-18 classifiers).
 SCALES = {
-    "digits": dict(dataset="digits", resolution=16, ratios=(0.01, 0.05, 0.1), preset="small", ddpm_steps=1600,
+    "digits": dict(family="ddpm", dataset="digits", resolution=16, ratios=(0.01, 0.05, 0.1), preset="small",
+                   ddpm_steps=1600,
                    ddpm_extra=(), per_class=100, guidance=5.0, sample_steps=50,
                    classifier=("--arch", "smallcnn", "--width", "16", "--lr", "0.02", "--batch-size", "32",
                                "--epochs", "8"),
                    detect=("--n", "300"), diffusion=("--images", "100", "--timesteps", "25")),
-    "quick": dict(dataset="digits", resolution=8, ratios=(0.01, 0.1), preset="tiny", ddpm_steps=30,
+    "quick": dict(family="ddpm", dataset="digits", resolution=8, ratios=(0.01, 0.1), preset="tiny", ddpm_steps=30,
                   ddpm_extra=("--batch-size", "32"), per_class=6, guidance=5.0, sample_steps=10,
                   classifier=("--arch", "smallcnn", "--width", "8", "--lr", "0.02", "--batch-size", "32",
                               "--epochs", "2"),
                   detect=("--n", "40", "--cd-steps", "5", "--strip-overlays", "8", "--fct-epochs", "1"),
                   diffusion=("--images", "20", "--timesteps", "5")),
-    "cifar10": dict(dataset="cifar10", resolution=32, ratios=(0.01, 0.05, 0.1), preset="cifar10", ddpm_steps=None,
+    "cifar10": dict(family="ddpm", dataset="cifar10", resolution=32, ratios=(0.01, 0.05, 0.1), preset="cifar10",
+                    ddpm_steps=None,
                     ddpm_extra=(), per_class=1000, guidance=5.0, sample_steps=50,
                     classifier=("--arch", "resnet18", "--epochs", "100", "--lr", "0.01", "--batch-size", "128"),
                     detect=("--n", "2000"), diffusion=("--images", "1000", "--timesteps", "50,500", "--keep", "5")),
+    # Stable Diffusion v1.4 fine-tuned on ImageNette (or Caltech-15) at 512 px, the paper's Sec. 4-5 setting; the
+    # paper's Tab. A4 (diffusion classifier) is a CIFAR-10 experiment, so this family skips it.
+    "sd": dict(family="sd", dataset="imagenette", resolution=512, ratios=(0.01, 0.05, 0.1), ddpm_steps=None,
+               sd_extra=(), per_class=100, guidance=5.0, sample_steps=50,
+               classifier=("--arch", "resnet50", "--pretrained", "--epochs", "10", "--lr", "0.001",
+                           "--batch-size", "50"),
+               detect=("--n", "1000"), diffusion=None),
+    "quick-sd": dict(family="sd", dataset="digits", resolution=32, ratios=(0.01, 0.1), ddpm_steps=2,
+                     sd_extra=("--batch-size", "2", "--epochs", "1"), per_class=4, guidance=5.0, sample_steps=4,
+                     classifier=("--arch", "smallcnn", "--width", "8", "--lr", "0.02", "--batch-size", "32",
+                                 "--epochs", "2"),
+                     detect=("--n", "20", "--cd-steps", "5", "--strip-overlays", "8", "--fct-epochs", "1"),
+                     diffusion=None),
 }
 
 
@@ -71,7 +86,7 @@ class Runner:
         self.out, self.jobs, self.threads, self.gpus, self.quiet = out, jobs, threads, gpus, quiet
         self.logs = out / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
-        self.times = {}
+        self.times, self.failed = {}, {}
         self.t0 = time.time()
 
     def command_line(self, script, args, distributed):
@@ -80,8 +95,9 @@ class Runner:
                     script, *map(str, args)]  # = torchrun, from this interpreter's environment
         return [sys.executable, script, *map(str, args)]
 
-    def run_one(self, name, script, args, done, distributed=False):
-        """Run `script args` unless done() says its output is complete. Returns the seconds it took (0 = skipped)."""
+    def run_one(self, name, script, args, done, distributed=False, optional=False):
+        """Run `script args` unless done() says its output is complete. Returns the seconds it took (0 = skipped).
+        A failing stage stops the study, unless `optional`: then its last error line goes into the report."""
         if done():
             self.say(f"skip  {name} (done)")
             return 0.0
@@ -98,14 +114,20 @@ class Runner:
             rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
         seconds = time.time() - t0
         if rc != 0:
-            tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+            lines = log.read_text(errors="replace").splitlines()
+            if optional:
+                self.failed[name] = lines[-1] if lines else f"exit {rc}"
+                self.say(f"fail  {name} (its log: {log}); the study goes on")
+                return seconds
+            tail = "\n".join(lines[-15:])
             raise StudyError(f"stage {name!r} failed (exit {rc}); its log is {log}:\n{tail}")
         self.times[name] = round(seconds, 1)
         self.say(f"done  {name} in {seconds:.0f} s")
         return seconds
 
     def run_many(self, stage, items):
-        """items: (name, script, args, done[, distributed]) run up to --jobs at a time (one at a time on GPUs)."""
+        """items: (name, script, args, done[, distributed[, optional]]) run up to --jobs at a time (one at a time on
+        GPUs)."""
         t0 = time.time()
         jobs = 1 if self.gpus else self.jobs
         with ThreadPoolExecutor(max(1, jobs)) as pool:
@@ -120,6 +142,11 @@ class Runner:
 
 def folder_done(path, key_file):
     return (Path(path) / key_file).is_file()
+
+
+def sd_done(path):
+    config = Path(path) / "config.json"
+    return config.is_file() and ((json.loads(config.read_text()).get("progress") or {}).get("done") is True)
 
 
 def model_done(path, steps):
@@ -138,7 +165,12 @@ def ratio_name(r):
 
 
 def run_study(args):
-    s = {**SCALES["quick" if args.quick else ("cifar10" if args.dataset == "cifar10" else "digits")]}
+    sd = args.family == "sd" or (args.family is None and args.dataset in ("imagenette", "caltech15"))
+    scale = ("quick-sd" if sd else "quick") if args.quick else ("sd" if sd else args.dataset or "digits")
+    if scale not in SCALES:
+        raise StudyError(f"--dataset {args.dataset}: the study knows digits and cifar10 (DDPM), imagenette and "
+                         "caltech15 (Stable Diffusion, --family sd); the stage scripts take any dataset")
+    s = {**SCALES[scale]}
     for key in ("dataset", "resolution", "ratios", "preset", "ddpm_steps", "per_class", "guidance", "sample_steps"):
         if getattr(args, key) is not None:
             s[key] = getattr(args, key)
@@ -158,10 +190,12 @@ def run_study(args):
     jobs = args.jobs or (1 if gpus else len(ratios))
     threads = None if gpus else max(1, cores // jobs)
     run = Runner(out, jobs, threads, gpus, args.quiet)
-    w = float(s["guidance"])
+    family = s["family"]
+    # The guidance weight, and its "no guidance" value: the DDPM family's w = 0, SD's scale s = 1 (sample.py).
+    w, none = float(s["guidance"]), (1.0 if family == "sd" else 0.0)
     data = {r: out / "data" / f"{s['dataset']}-badnets-{ratio_name(r)}" for r in ratios}
-    model = {r: out / "models" / f"ddpm-{ratio_name(r)}" for r in ratios}
-    gen = {(r, g): out / "gen" / f"{ratio_name(r)}-w{g:g}" for r in ratios for g in (w, 0.0)}
+    model = {r: out / "models" / f"{family}-{ratio_name(r)}" for r in ratios}
+    gen = {(r, g): out / "gen" / f"{ratio_name(r)}-w{g:g}" for r in ratios for g in (w, none)}
     clf = out / "classifiers"
     device = ["--device", args.device]
     with open(out / "commands.sh", "a") as fh:
@@ -184,24 +218,33 @@ def run_study(args):
         ("classifier trigger", "classify.py", ["trigger-detector", "--data", top, "--out", clf / "trigger", *common],
          lambda: folder_done(clf / "trigger", "results.json"), True)])
 
-    # 3. One DDPM per ratio (a rerun resumes from its last checkpoint).
-    steps = ["--steps", s["ddpm_steps"]] if s["ddpm_steps"] else []
-    run.run_many("train_ddpm", [
-        (f"train_ddpm {ratio_name(r)}", "train_ddpm.py",
-         ["--data", data[r] / "train", "--out", model[r], "--preset", s["preset"], *steps, *s["ddpm_extra"],
-          "--train-seed", args.seed, *device], lambda r=r: model_done(model[r], s["ddpm_steps"]), True)
-        for r in ratios])
+    # 3. One diffusion model per ratio (a rerun resumes from its last checkpoint): a DDPM trained from scratch, or
+    #    Stable Diffusion's U-Net fine-tuned from --base.
+    if family == "ddpm":
+        steps = ["--steps", s["ddpm_steps"]] if s["ddpm_steps"] else []
+        run.run_many("train_ddpm", [
+            (f"train_ddpm {ratio_name(r)}", "train_ddpm.py",
+             ["--data", data[r] / "train", "--out", model[r], "--preset", s["preset"], *steps, *s["ddpm_extra"],
+              "--train-seed", args.seed, *device], lambda r=r: model_done(model[r], s["ddpm_steps"]), True)
+            for r in ratios])
+    else:
+        steps = ["--max-steps", s["ddpm_steps"]] if s["ddpm_steps"] else []
+        run.run_many("finetune_sd", [
+            (f"finetune_sd {ratio_name(r)}", "finetune_sd.py",
+             ["--data", data[r] / "train", "--base", args.base, "--out", model[r], *steps, *s["sd_extra"],
+              "--train-seed", args.seed, *device], lambda r=r: sd_done(model[r]), True) for r in ratios])
 
-    # 4. Generations: every class at the guidance weight w (Fig. 2, Tab. 3/4), the target class at w = 0 (Fig. A3).
+    # 4. Generations: every class at the guidance weight (Fig. 2, Tab. 3/4), the target class without guidance
+    #    (Fig. A3).
     sample = ["--steps", s["sample_steps"], "--seed", args.seed, *device]
     items = []
     for r in ratios:
         items.append((f"sample {ratio_name(r)} w{w:g}", "sample.py",
                       ["--model", model[r], "--class", "all", "--images-per-class", s["per_class"], "--guidance", w,
                        "--out", gen[r, w], *sample], lambda r=r: folder_done(gen[r, w], "manifest.json"), True))
-        items.append((f"sample {ratio_name(r)} w0", "sample.py",
-                      ["--model", model[r], "--class", "0", "--images-per-class", s["per_class"], "--guidance", 0,
-                       "--out", gen[r, 0.0], *sample], lambda r=r: folder_done(gen[r, 0.0], "manifest.json"), True))
+        items.append((f"sample {ratio_name(r)} w{none:g}", "sample.py",
+                      ["--model", model[r], "--class", "0", "--images-per-class", s["per_class"], "--guidance", none,
+                       "--out", gen[r, none], *sample], lambda r=r: folder_done(gen[r, none], "manifest.json"), True))
     run.run_many("sample", items)
 
     # 5. Tab. 4: a classifier trained on the poisoned set vs one trained on the generations (same test sets).
@@ -216,36 +259,39 @@ def run_study(args):
                       lambda r=r: folder_done(clf / f"generated-{ratio_name(r)}", "results.json"), True))
     run.run_many("classifiers", items)
 
-    # 6. G1-G4, trigger amplification and the phase transition, at w and at w = 0.
+    # 6. G1-G4, trigger amplification and the phase transition, with and without guidance.
     judges = ["--classifier", clf / "class", "--detector", clf / "trigger", *device, "--quiet"]
+    sym = "s" if family == "sd" else "w"
     items = []
-    for g in (w, 0.0):
+    for g in (w, none):
         folders = [gen[r, g] for r in ratios]
         items.append((f"dissect w{g:g}", "dissect.py",
                       ["--generated", *folders, "--train", *[data[r] for r in ratios],
-                       "--labels", *[f"p={r:.0%}, w={g:g}" for r in ratios], "--out", out / "dissect" / f"w{g:g}",
+                       "--labels", *[f"p={r:.0%}, {sym}={g:g}" for r in ratios], "--out", out / "dissect" / f"w{g:g}",
                        *judges], lambda g=g: folder_done(out / "dissect" / f"w{g:g}", "summary.json")))
     run.run_many("dissect", items)
 
-    # 7. Tab. 3: poison detection on the training set vs on the generations, with the poisoned classifier.
+    # 7. Tab. 3: poison detection on the training set vs on the generations, with the poisoned classifier. Optional:
+    #    when no generation (or every one) carries the trigger, the AUROC on the generations is undefined.
     run.run_many("detect", [
         (f"detect {ratio_name(r)}", "detect.py",
          ["--classifier", clf / f"poisoned-{ratio_name(r)}", "--train", data[r], "--generated", gen[r, w],
           "--detector", clf / "trigger", "--out", out / "detect" / ratio_name(r), *s["detect"],
           "--seed", args.seed, *device, "--quiet"],
-         lambda r=r: folder_done(out / "detect" / ratio_name(r), "detect.json")) for r in ratios])
+         lambda r=r: folder_done(out / "detect" / ratio_name(r), "detect.json"), False, True) for r in ratios])
 
     # 8. Tab. A4: the lowest ratio's DDPM used as a classifier, with and without filtering its largest denoising
     #    errors, next to the classifier trained on the same poisoned set.
     lo = min(ratios)
     diff = out / "diffusion-classifier" / ratio_name(lo)
-    run.run_many("diffusion classifier", [
-        (f"diffusion classifier {ratio_name(lo)}", "classify.py",
-         ["diffusion", "--model", model[lo], "--data", data[lo], "--classifier", clf / f"poisoned-{ratio_name(lo)}",
-          *s["diffusion"], "--seed", args.seed, "--out", diff, *device, "--quiet"],
-         lambda: folder_done(diff, "results.json"), True)])
+    if s["diffusion"] is not None:
+        run.run_many("diffusion classifier", [
+            (f"diffusion classifier {ratio_name(lo)}", "classify.py",
+             ["diffusion", "--model", model[lo], "--data", data[lo], "--classifier",
+              clf / f"poisoned-{ratio_name(lo)}", *s["diffusion"], "--seed", args.seed, "--out", diff, *device,
+              "--quiet"], lambda: folder_done(diff, "results.json"), True)])
 
-    report = write_report(out, s, ratios, w, run.times)
+    report = write_report(out, s, ratios, (w, none, sym), run.times, run.failed)
     run.say(f"report: {out / 'REPORT.md'}")
     return report
 
@@ -265,10 +311,12 @@ def pct(x):
     return "–" if x is None else f"{100 * x:.1f}%"
 
 
-def collect(out, ratios, w):
+def collect(out, ratios, guidance, failed):
     """Every number the report needs, from the stages' JSON outputs."""
-    res = {"dissect": {}, "detect": {}, "classifiers": {}}
-    for g in (w, 0.0):
+    w, none, sym = guidance
+    res = {"guidance": {"symbol": sym, "guided": w, "unguided": none}, "dissect": {}, "detect": {},
+           "classifiers": {}}
+    for g in (w, none):
         summary = load_json(out / "dissect" / f"w{g:g}" / "summary.json")
         res["dissect"][f"w{g:g}"] = [
             {"ratio": r, "name": d["name"], "p_t": d["p_t"], "trigger_ratio": d["trigger_ratio"],
@@ -277,19 +325,26 @@ def collect(out, ratios, w):
              "non_target_trigger_ratio": (d["non_target_prompts"] or {}).get("trigger_ratio")}
             for r, d in zip(ratios, summary["results"])]
     for r in ratios:
-        det = load_json(out / "detect" / ratio_name(r) / "detect.json")
-        res["detect"][ratio_name(r)] = {m: {k: v[k] for k in ("train_auroc", "generated_auroc", "delta")}
-                                        for m, v in det["results"].items()}
-        res["detect"][ratio_name(r)]["positives"] = {k: det["sets"][k]["positives"] for k in ("train", "generated")}
-        res["detect"][ratio_name(r)]["n"] = det["sets"]["train"]["n"]
+        path = out / "detect" / ratio_name(r) / "detect.json"
+        if path.is_file():
+            det = load_json(path)
+            res["detect"][ratio_name(r)] = {
+                "methods": {m: {k: v[k] for k in ("train_auroc", "generated_auroc", "delta")}
+                            for m, v in det["results"].items()},
+                "positives": {k: det["sets"][k]["positives"] for k in ("train", "generated")},
+                "n": det["sets"]["train"]["n"]}
+        else:
+            res["detect"][ratio_name(r)] = {"error": failed.get(f"detect {ratio_name(r)}", "not run")}
         res["classifiers"][ratio_name(r)] = {
             k: load_json(out / "classifiers" / f"{k}-{ratio_name(r)}" / "results.json")["final"]
             for k in ("poisoned", "generated")}
     lo = ratio_name(min(ratios))
-    diff = load_json(out / "diffusion-classifier" / lo / "results.json")
-    res["diffusion_classifier"] = {"ratio": lo, "n_test": diff["n_test"], "n_backdoor": diff["n_backdoor"],
-                                   "rows": [{k: r.get(k) for k in ("classifier", "kind", "filter_top", "ta", "asr")}
-                                            for r in diff["rows"]]}
+    res["diffusion_classifier"] = None
+    if (out / "diffusion-classifier" / lo / "results.json").is_file():
+        diff = load_json(out / "diffusion-classifier" / lo / "results.json")
+        res["diffusion_classifier"] = {
+            "ratio": lo, "n_test": diff["n_test"], "n_backdoor": diff["n_backdoor"],
+            "rows": [{k: r.get(k) for k in ("classifier", "kind", "filter_top", "ta", "asr")} for r in diff["rows"]]}
     res["judges"] = {k: load_json(out / "classifiers" / k / "results.json")["final"] for k in ("class", "trigger")}
     return res
 
@@ -303,14 +358,18 @@ def wilson(fraction, n, z=1.96):
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def findings(res, ratios, w):
+def findings(res, ratios, guidance):
     """(finding, paper, this run, reproduced?) for each goal of the study. Amplification counts as reproduced only
-    when the lower end of the trigger ratio's 95% interval is above p_t."""
+    when the lower end of the trigger ratio's 95% interval is above p_t and the trigger detector is trustworthy on
+    generations: under 5% "triggers" among the non-target prompts' generations, which have none to learn."""
     rows = []
     lo, hi = ratio_name(min(ratios)), ratio_name(max(ratios))
+    w, none, sym = guidance
     dw = {d["ratio"]: d for d in res["dissect"][f"w{w:g}"]}
-    d0 = {d["ratio"]: d for d in res["dissect"]["w0"]}
-    for label, d in ((f"w={w:g}", dw), ("w=0", d0)):
+    d0 = {d["ratio"]: d for d in res["dissect"][f"w{none:g}"]}
+    labels = ((f"{sym}={w:g}", dw), (f"{sym}={none:g}", d0))
+    false_positive = dw[max(ratios)]["non_target_trigger_ratio"]  # the judge's "triggers" where there are none
+    for label, d in labels:
         top = d[max(ratios)]
         low, high = wilson(top["trigger_ratio"], top["n"])
         rows.append((f"Trigger amplification ({label})",
@@ -320,9 +379,10 @@ def findings(res, ratios, w):
                      f"(95% CI {pct(low)}–{pct(high)}, "
                      f"{top['n']} generations) vs p_t {pct(top['p_t'])}; "
                      + ", ".join(f"p={r:.0%}: {pct(d[r]['trigger_ratio'])} vs {pct(d[r]['p_t'])}"
-                                 for r in ratios if r != max(ratios)),
-                     low > top["p_t"]))
-    for label, d in ((f"w={w:g}", dw), ("w=0", d0)):
+                                 for r in ratios if r != max(ratios))
+                     + f"; the trigger detector's false positives (non-target prompts): {pct(false_positive)}",
+                     low > top["p_t"] and false_positive is not None and false_positive < 0.05))
+    for label, d in labels:
         low, high = d[min(ratios)]["fractions"], d[max(ratios)]["fractions"]
         ok = low["G2"] > low["G1"] and high["G1"] > high["G2"]
         rows.append((f"Phase transition ({label})",
@@ -334,7 +394,7 @@ def findings(res, ratios, w):
     rows.append(("Non-target prompts", "generations for the other classes carry almost no trigger",
                  "trigger ratio " + ", ".join(f"p={r:.0%}: {pct(x)}" for r, x in zip(ratios, nt)),
                  all(x is not None and x < 0.05 for x in nt)))
-    cells = [(r, m, v) for r, dm in res["detect"].items() for m, v in dm.items() if m not in ("positives", "n")]
+    cells = [(r, m, v) for r, dm in res["detect"].items() for m, v in dm.get("methods", {}).items()]
     better = [c for c in cells if c[2]["generated_auroc"] >= c[2]["train_auroc"]]
     rows.append(("Detection on generations (Tab. 3)",
                  "poison detectors reach a higher AUROC on the generations than on the training set",
@@ -345,6 +405,8 @@ def findings(res, ratios, w):
                  f"at p={float(lo):.0%}: ASR {pct(c['generated'].get('asr'))} vs {pct(c['poisoned'].get('asr'))}",
                  c["generated"].get("asr", 1) < c["poisoned"].get("asr", 0)))
     d = res["diffusion_classifier"]
+    if d is None:
+        return rows
     base = next(r for r in d["rows"] if r["kind"] == "classifier")
     diffusion = {r["filter_top"]: r for r in d["rows"] if r["kind"] == "diffusion"}
     best = min(diffusion.values(), key=lambda r: r["asr"])
@@ -359,17 +421,21 @@ def findings(res, ratios, w):
     return rows
 
 
-def write_report(out, s, ratios, w, times):
-    res = collect(out, ratios, w)
-    rows = findings(res, ratios, w)
+def write_report(out, s, ratios, guidance, times, failed=None):
+    res = collect(out, ratios, guidance, failed or {})
+    rows = findings(res, ratios, guidance)
+    w, none, sym = guidance
     res["findings"] = [dict(zip(("finding", "paper", "this_run", "reproduced"), r)) for r in rows]
     res["settings"] = {k: list(v) if isinstance(v, tuple) else v for k, v in s.items()}
     res["times_s"] = times
     L = ["# Study report: bilateral data poisoning effects in diffusion models", "",
          f"Dataset `{s['dataset']}` at {s['resolution']} px, BadNets trigger, poisoning ratios "
-         f"{', '.join(f'{r:.0%}' for r in ratios)}; DDPM preset `{s['preset']}`"
-         f"{'' if not s['ddpm_steps'] else ', ' + str(s['ddpm_steps']) + ' training steps'}; DDIM {s['sample_steps']} "
-         f"steps, guidance w = {w:g} (and w = 0 for the target class); {s['per_class']} generations per class. "
+         f"{', '.join(f'{r:.0%}' for r in ratios)}; "
+         + (f"DDPM preset `{s['preset']}`" if s["family"] == "ddpm" else "Stable Diffusion fine-tuned")
+         + f"{'' if not s['ddpm_steps'] else ', ' + str(s['ddpm_steps']) + ' training steps'}; "
+         f"DDIM {s['sample_steps']} steps, guidance {sym} = {w:g} (and {sym} = {none:g}, no guidance, for the "
+         f"target class); "
+         f"{s['per_class']} generations per class. "
          "Every command is in `commands.sh`, every log in `logs/`.", "",
          "## Findings", "", "| finding | the paper | this run | |", "|---|---|---|---|"]
     L += [f"| {a} | {b} | {c} | {verdict(ok)} |" for a, b, c, ok in rows]
@@ -381,8 +447,8 @@ def write_report(out, s, ratios, w, times):
           "G1 trigger & prompt mismatched, G2 trigger & matched, G3 no trigger & mismatched, G4 neither; "
           "trigger ratio = G1 + G2 among generations for the target prompt, p_t = share of trigger images among the "
           "target class's training images.", ""]
-    for g in (f"w{w:g}", "w0"):
-        L += [f"### Guidance {g.replace('w', 'w = ')}", "",
+    for g, value in ((f"w{w:g}", w), (f"w{none:g}", none)):
+        L += [f"### Guidance {sym} = {value:g}", "",
               "| poisoning ratio | p_t | G1 | G2 | G3 | G4 | trigger ratio | amplification "
               "| non-target trigger ratio |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -393,16 +459,16 @@ def write_report(out, s, ratios, w, times):
                      f"{pct(f['G4'])} | {pct(d['trigger_ratio'])} | {amp} | {pct(d['non_target_trigger_ratio'])} |")
         L += ["", f"![groups](dissect/{g}/groups.png) ![phase transition](dissect/{g}/phase_transition.png)", ""]
     top = res["dissect"][f"w{w:g}"][-1]["name"]
-    L += [f"Examples at the highest ratio, w = {w:g}: G1 (trigger, mismatched) and G2 (trigger, matched):", "",
+    L += [f"Examples at the highest ratio, {sym} = {w:g}: G1 (trigger, mismatched) and G2 (trigger, matched):", "",
           f"![G1](dissect/w{w:g}/{top}/g1_examples.png) ![G2](dissect/w{w:g}/{top}/g2_examples.png)", "",
           "## Castle walls", "", "### Poison detection on training vs generated data (Tab. 3)", "",
           "AUROC of each detector (probing the classifier trained on the poisoned set); ground truth of the "
           "generations from the trigger detector.", "",
           "| ratio | method | training set | generations | Δ |", "|---|---|---|---|---|"]
     for r, dm in res["detect"].items():
-        for m, v in dm.items():
-            if m in ("positives", "n"):
-                continue
+        if "error" in dm:
+            L.append(f"| {float(r):.0%} | – | undefined: {dm['error']} | | |")
+        for m, v in dm.get("methods", {}).items():
             L.append(f"| {float(r):.0%} | {m.upper()} | {v['train_auroc']:.3f} | {v['generated_auroc']:.3f} | "
                      f"{v['delta']:+.3f} |")
     L += ["", "### Classifiers trained on poisoned vs generated data (Tab. 4)", "",
@@ -412,11 +478,15 @@ def write_report(out, s, ratios, w, times):
         L.append(f"| {float(r):.0%} | {pct(c['poisoned'].get('ta'))} | {pct(c['poisoned'].get('asr'))} | "
                  f"{pct(c['generated'].get('ta'))} | {pct(c['generated'].get('asr'))} |")
     d = res["diffusion_classifier"]
-    L += ["", f"### The poisoned diffusion model as a classifier (Tab. A4), p = {float(d['ratio']):.0%}", "",
-          f"TA on {d['n_test']} clean test images, ASR on {d['n_backdoor']} backdoor test images; filter p% = the "
-          "p% largest per-pixel denoising errors dropped before averaging.", "",
-          "| classifier | TA | ASR |", "|---|---|---|"]
-    L += [f"| {r['classifier'].split(' (')[0]} | {pct(r.get('ta'))} | {pct(r.get('asr'))} |" for r in d["rows"]]
+    L += ["", "### The poisoned diffusion model as a classifier (Tab. A4)", ""]
+    if d is None:
+        L += ["Not run for this model family (the paper's Tab. A4 is a CIFAR-10 DDPM experiment); "
+              "`classify.py diffusion` takes Stable Diffusion models too."]
+    else:
+        L += [f"p = {float(d['ratio']):.0%}. TA on {d['n_test']} clean test images, ASR on {d['n_backdoor']} "
+              "backdoor test images; filter p% = the p% largest per-pixel denoising errors dropped before "
+              "averaging.", "", "| classifier | TA | ASR |", "|---|---|---|"]
+        L += [f"| {r['classifier'].split(' (')[0]} | {pct(r.get('ta'))} | {pct(r.get('asr'))} |" for r in d["rows"]]
     L += ["", "## Time", "", "| stage | seconds |", "|---|---|"]
     L += [f"| {k} | {v} |" for k, v in times.items() if k.startswith("stage: ")]
     L += ["", "Stages skipped because their output existed are not timed (0 s)."]
@@ -430,13 +500,21 @@ def build_parser():
     p.add_argument("--out", default="study", help="study folder (default: study); rerun to resume")
     p.add_argument("--quick", action="store_true", help="a tiny smoke run of every stage (about a minute)")
     p.add_argument("--force", action="store_true", help="delete --out first and start over")
-    p.add_argument("--dataset", default=None, help="digits (default, embedded) or cifar10 (the paper's DDPM study)")
+    p.add_argument("--dataset", default=None, help="digits (default, embedded), cifar10 (the paper's DDPM study), "
+                   "imagenette or caltech15 (the paper's Stable Diffusion study)")
+    p.add_argument("--family", default=None, choices=["ddpm", "sd"],
+                   help="diffusion models: ddpm (train_ddpm.py) or sd (finetune_sd.py; default for imagenette and "
+                        "caltech15)")
+    p.add_argument("--base", default="CompVis/stable-diffusion-v1-4",
+                   help="sd: the base model finetune_sd.py starts from (Hub id, diffusers folder or checkpoint)")
     p.add_argument("--data-root", default=None, help="where torchvision datasets are (or are downloaded to)")
     p.add_argument("--resolution", type=int, default=None)
     p.add_argument("--ratios", type=lambda v: tuple(float(x) for x in v.split(",")), default=None,
                    help="poisoning ratios, comma-separated (default: 0.01,0.05,0.1)")
     p.add_argument("--preset", default=None, help="train_ddpm.py preset (default: small; cifar10 for cifar10)")
-    p.add_argument("--ddpm-steps", type=int, default=None, help="DDPM training steps (default: the scale's)")
+    p.add_argument("--train-steps", "--ddpm-steps", dest="ddpm_steps", type=int, default=None,
+                   help="optimizer steps of each model (train_ddpm.py --steps, finetune_sd.py --max-steps; default: "
+                        "the scale's)")
     p.add_argument("--per-class", type=int, default=None, help="generations per class")
     p.add_argument("--guidance", type=float, default=None, help="guidance weight w (default: 5, the paper's)")
     p.add_argument("--sample-steps", type=int, default=None, help="DDIM steps (default: 50)")

@@ -37,7 +37,7 @@ def test_quick_study_writes_every_section_with_numbers(quick):
             assert abs(sum(r["fractions"].values()) - 1) < 1e-9
         assert rows[0]["p_t"] < rows[1]["p_t"]  # more poison, more trigger images in the target class
     for r in ratios:
-        det = report["detect"][r]
+        det = report["detect"][r]["methods"]
         assert {"cd", "strip", "fct"} <= set(det)
         assert all(0 <= det[m][k] <= 1 for m in ("cd", "strip", "fct") for k in ("train_auroc", "generated_auroc"))
         for kind in ("poisoned", "generated"):
@@ -76,3 +76,36 @@ def test_failing_stage_is_named_with_its_log(tmp_path):
     res = study("--quick", "--ratios", "1.5", "--out", tmp_path / "bad")
     assert res.returncode != 0
     assert "stage 'poison 1.5' failed" in res.stderr and "logs" in res.stderr
+
+
+def test_quick_sd_study_runs_through_finetune_sd(tmp_path):
+    """The Stable Diffusion family: finetune_sd.py and SD sampling in place of train_ddpm.py, on a tiny local SD."""
+    diffusers = pytest.importorskip("diffusers")
+    from transformers import CLIPTextConfig, CLIPTextModel
+    from test_sd import TINY_TEXT, TINY_UNET, TINY_VAE, randomise, write_tokenizer
+    base = tmp_path / "tiny-sd"
+    for i, (name, model) in enumerate((("unet", diffusers.UNet2DConditionModel(**TINY_UNET)),
+                                       ("vae", diffusers.AutoencoderKL(**TINY_VAE)),
+                                       ("text_encoder", CLIPTextModel(CLIPTextConfig(**TINY_TEXT))))):
+        randomise(model, i).save_pretrained(base / name)
+    write_tokenizer(base / "tokenizer")
+    diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                            set_alpha_to_one=False, steps_offset=1).save_pretrained(base / "scheduler")
+    out = tmp_path / "study-sd"
+    res = study("--quick", "--family", "sd", "--base", base, "--out", out)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    commands = (out / "commands.sh").read_text()
+    assert "finetune_sd.py" in commands and "train_ddpm.py" not in commands
+    report = json.loads((out / "report.json").read_text())
+    assert report["guidance"] == {"symbol": "s", "guided": 5.0, "unguided": 1.0}  # SD's scale: s = 1 is unguided
+    assert set(report["dissect"]) == {"w5", "w1"} and report["diffusion_classifier"] is None
+    manifest = json.loads((out / "gen" / "0.1-w1" / "manifest.json").read_text())
+    assert manifest["guidance_sd_scale"] == 1.0
+    text = (out / "REPORT.md").read_text()
+    assert "### Guidance s = 5" in text and "### Guidance s = 1" in text and "Not run for this model family" in text
+    assert len(report["findings"]) == 7
+    # a random tiny SD makes noise that the trigger detector calls all triggered (or none): the generations' AUROC is
+    # undefined, which the report says instead of stopping the study
+    for r in ("0.01", "0.1"):
+        det = report["detect"][r]
+        assert "methods" in det or ("AUROC" in det["error"] and f"| {float(r):.0%} | – | undefined: " in text)
