@@ -8,15 +8,18 @@ also the worked example of the house. On the embedded default (scikit-learn's di
     python study.py --quick --out /tmp/study     # a one-minute smoke run of every stage (what CI runs)
     # the paper's CIFAR-10 DDPM study on a GPU machine (stages go through torchrun when several GPUs are present)
     python study.py --dataset cifar10 --data-root ~/data --out study-cifar10
+    # the paper's Stable Diffusion v1.4 study (finetune_sd.py in place of train_ddpm.py; --base a local copy offline)
+    python study.py --dataset imagenette --data-root ~/data --out study-inette
 
 Stages, each written to its own folder under OUT and skipped when that folder is already complete (so an interrupted
 study resumes where it stopped; `--force` starts over):
-    data/<set>/          poison.py        one poisoned set per ratio (BadNets trigger, target = class 0)
+    data/<set>/          poison.py        one poisoned set per ratio (BadNets trigger, poison.py's target: digits
+                                          "zero", CIFAR-10 "deer", ImageNette "garbage truck", Caltech-15 "binoculars")
     classifiers/class    classify.py      the judge of "does the image match its prompt" (clean images only)
     classifiers/trigger  classify.py      the judge of "does the image carry the trigger"
-    models/ddpm-<r>      train_ddpm.py    a class-conditional DDPM per ratio
+    models/<family>-<r>  train_ddpm.py    a class-conditional DDPM per ratio (--family sd: finetune_sd.py, SD v1)
     gen/<r>-w<w>         sample.py        generations: every class at the guidance weight w (default 5), and the
-                                          target class without guidance (w = 0) for the guidance comparison
+                                          target class without guidance (w = 0; SD's scale s = 1) to compare
     classifiers/poisoned-<r>, classifiers/generated-<r>   classify.py   Tab. 4: TA / ASR of a classifier trained
                                           on the poisoned set vs on the generations
     dissect/w<w>         dissect.py       G1-G4, trigger amplification, the phase transition (Fig. 2-4)
@@ -208,6 +211,8 @@ def run_study(args):
     run.run_many("poison", [(f"poison {ratio_name(r)}", "poison.py", [*source, "--ratio", r, "--out", data[r]],
                              lambda r=r: folder_done(data[r] / "train", "manifest.json")) for r in ratios])
 
+    target = load_json(data[max(ratios)] / "train" / "manifest.json")["target"]  # poison.py's default per dataset
+
     # 2. The two judges of the generations, trained on the largest ratio's set: the class classifier on its clean
     #    images only, the trigger detector on trigger-stamped vs clean images.
     top = data[max(ratios)]
@@ -243,7 +248,8 @@ def run_study(args):
                       ["--model", model[r], "--class", "all", "--images-per-class", s["per_class"], "--guidance", w,
                        "--out", gen[r, w], *sample], lambda r=r: folder_done(gen[r, w], "manifest.json"), True))
         items.append((f"sample {ratio_name(r)} w{none:g}", "sample.py",
-                      ["--model", model[r], "--class", "0", "--images-per-class", s["per_class"], "--guidance", none,
+                      ["--model", model[r], "--class", target["index"], "--images-per-class", s["per_class"],
+                       "--guidance", none,
                        "--out", gen[r, none], *sample], lambda r=r: folder_done(gen[r, none], "manifest.json"), True))
     run.run_many("sample", items)
 
