@@ -45,30 +45,30 @@ ROOT = Path(__file__).resolve().parent
 # benchmarks/RESULTS.md); `cifar10` is the paper's (Appendix A: DDPM on CIFAR-10, ResNet-18 classifiers).
 SCALES = {
     "digits": dict(family="ddpm", dataset="digits", resolution=16, ratios=(0.01, 0.05, 0.1), preset="small",
-                   ddpm_steps=1600,
+                   train_steps=1600,
                    ddpm_extra=(), per_class=100, guidance=5.0, sample_steps=50,
                    classifier=("--arch", "smallcnn", "--width", "16", "--lr", "0.02", "--batch-size", "32",
                                "--epochs", "8"),
                    detect=("--n", "300"), diffusion=("--images", "100", "--timesteps", "25")),
-    "quick": dict(family="ddpm", dataset="digits", resolution=8, ratios=(0.01, 0.1), preset="tiny", ddpm_steps=30,
+    "quick": dict(family="ddpm", dataset="digits", resolution=8, ratios=(0.01, 0.1), preset="tiny", train_steps=30,
                   ddpm_extra=("--batch-size", "32"), per_class=6, guidance=5.0, sample_steps=10,
                   classifier=("--arch", "smallcnn", "--width", "8", "--lr", "0.02", "--batch-size", "32",
                               "--epochs", "2"),
                   detect=("--n", "40", "--cd-steps", "5", "--strip-overlays", "8", "--fct-epochs", "1"),
                   diffusion=("--images", "20", "--timesteps", "5")),
     "cifar10": dict(family="ddpm", dataset="cifar10", resolution=32, ratios=(0.01, 0.05, 0.1), preset="cifar10",
-                    ddpm_steps=None,
+                    train_steps=None,
                     ddpm_extra=(), per_class=1000, guidance=5.0, sample_steps=50,
                     classifier=("--arch", "resnet18", "--epochs", "100", "--lr", "0.01", "--batch-size", "128"),
                     detect=("--n", "2000"), diffusion=("--images", "1000", "--timesteps", "50,500", "--keep", "5")),
     # Stable Diffusion v1.4 fine-tuned on ImageNette (or Caltech-15) at 512 px, the paper's Sec. 4-5 setting; the
     # paper's Tab. A4 (diffusion classifier) is a CIFAR-10 experiment, so this family skips it.
-    "sd": dict(family="sd", dataset="imagenette", resolution=512, ratios=(0.01, 0.05, 0.1), ddpm_steps=None,
+    "sd": dict(family="sd", dataset="imagenette", resolution=512, ratios=(0.01, 0.05, 0.1), train_steps=None,
                sd_extra=(), per_class=100, guidance=5.0, sample_steps=50,
                classifier=("--arch", "resnet50", "--pretrained", "--epochs", "10", "--lr", "0.001",
                            "--batch-size", "50"),
                detect=("--n", "1000"), diffusion=None),
-    "quick-sd": dict(family="sd", dataset="digits", resolution=32, ratios=(0.01, 0.1), ddpm_steps=2,
+    "quick-sd": dict(family="sd", dataset="digits", resolution=32, ratios=(0.01, 0.1), train_steps=2,
                      sd_extra=("--batch-size", "2", "--epochs", "1"), per_class=4, guidance=5.0, sample_steps=4,
                      classifier=("--arch", "smallcnn", "--width", "8", "--lr", "0.02", "--batch-size", "32",
                                  "--epochs", "2"),
@@ -153,12 +153,14 @@ def sd_done(path):
     return config.is_file() and ((json.loads(config.read_text()).get("progress") or {}).get("done") is True)
 
 
-def model_done(path, steps):
+def model_done(path, steps=None):
+    """A train_ddpm.py model folder trained to `steps` (default: the steps its own run aims at); a checkpoint of an
+    interrupted run is not done, so train_ddpm.py is called again and resumes it."""
     config = Path(path) / "config.json"
     if not config.is_file() or not (Path(path) / "ema.safetensors").is_file():
         return False
-    step = json.loads(config.read_text()).get("step", 0)
-    return steps is None or step >= steps
+    config = json.loads(config.read_text())
+    return config.get("step", 0) >= (steps or config["training"]["steps"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -175,7 +177,7 @@ def run_study(args):
         raise StudyError(f"--dataset {args.dataset}: the study knows digits and cifar10 (DDPM), imagenette and "
                          "caltech15 (Stable Diffusion, --family sd); the stage scripts take any dataset")
     s = {**SCALES[scale]}
-    for key in ("dataset", "resolution", "ratios", "preset", "ddpm_steps", "per_class", "guidance", "sample_steps"):
+    for key in ("dataset", "resolution", "ratios", "preset", "train_steps", "per_class", "guidance", "sample_steps"):
         if getattr(args, key) is not None:
             s[key] = getattr(args, key)
     out = Path(args.out)
@@ -227,14 +229,14 @@ def run_study(args):
     # 3. One diffusion model per ratio (a rerun resumes from its last checkpoint): a DDPM trained from scratch, or
     #    Stable Diffusion's U-Net fine-tuned from --base.
     if family == "ddpm":
-        steps = ["--steps", s["ddpm_steps"]] if s["ddpm_steps"] else []
+        steps = ["--steps", s["train_steps"]] if s["train_steps"] else []
         run.run_many("train_ddpm", [
             (f"train_ddpm {ratio_name(r)}", "train_ddpm.py",
              ["--data", data[r] / "train", "--out", model[r], "--preset", s["preset"], *steps, *s["ddpm_extra"],
-              "--train-seed", args.seed, *device], lambda r=r: model_done(model[r], s["ddpm_steps"]), True)
+              "--train-seed", args.seed, *device], lambda r=r: model_done(model[r], s["train_steps"]), True)
             for r in ratios])
     else:
-        steps = ["--max-steps", s["ddpm_steps"]] if s["ddpm_steps"] else []
+        steps = ["--max-steps", s["train_steps"]] if s["train_steps"] else []
         run.run_many("finetune_sd", [
             (f"finetune_sd {ratio_name(r)}", "finetune_sd.py",
              ["--data", data[r] / "train", "--base", args.base, "--out", model[r], *steps, *s["sd_extra"],
@@ -440,7 +442,7 @@ def write_report(out, s, ratios, guidance, times, failed=None):
          f"Dataset `{s['dataset']}` at {s['resolution']} px, BadNets trigger, poisoning ratios "
          f"{', '.join(f'{r:.0%}' for r in ratios)}; "
          + (f"DDPM preset `{s['preset']}`" if s["family"] == "ddpm" else "Stable Diffusion fine-tuned")
-         + f"{'' if not s['ddpm_steps'] else ', ' + str(s['ddpm_steps']) + ' training steps'}; "
+         + f"{'' if not s['train_steps'] else ', ' + str(s['train_steps']) + ' training steps'}; "
          f"DDIM {s['sample_steps']} steps, guidance {sym} = {w:g} (and {sym} = {none:g}, no guidance, for the "
          f"target class); "
          f"{s['per_class']} generations per class. "
@@ -520,7 +522,7 @@ def build_parser():
     p.add_argument("--ratios", type=lambda v: tuple(float(x) for x in v.split(",")), default=None,
                    help="poisoning ratios, comma-separated (default: 0.01,0.05,0.1)")
     p.add_argument("--preset", default=None, help="train_ddpm.py preset (default: small; cifar10 for cifar10)")
-    p.add_argument("--train-steps", "--ddpm-steps", dest="ddpm_steps", type=int, default=None,
+    p.add_argument("--train-steps", dest="train_steps", type=int, default=None,
                    help="optimizer steps of each model (train_ddpm.py --steps, finetune_sd.py --max-steps; default: "
                         "the scale's)")
     p.add_argument("--per-class", type=int, default=None, help="generations per class")

@@ -109,3 +109,15 @@ def test_quick_sd_study_runs_through_finetune_sd(tmp_path):
     for r in ("0.01", "0.1"):
         det = report["detect"][r]
         assert "methods" in det or ("AUROC" in det["error"] and f"| {float(r):.0%} | – | undefined: " in text)
+
+
+def test_an_interrupted_model_is_not_done(tmp_path):
+    """A checkpoint short of its run's steps is resumed, not skipped, also when the scale leaves the steps to the
+    preset (--train-steps not given)."""
+    import study as S
+    (tmp_path / "ema.safetensors").write_bytes(b"")
+    config = {"step": 500, "training": {"steps": 1600}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert not S.model_done(tmp_path) and not S.model_done(tmp_path, 800) and S.model_done(tmp_path, 500)
+    (tmp_path / "config.json").write_text(json.dumps({**config, "step": 1600}))
+    assert S.model_done(tmp_path) and not S.model_done(tmp_path, 2000)
