@@ -13,8 +13,8 @@ better among its generations than among the training images (AUROC up by as much
     # ground truth from a boolean field of the generation folder's metadata
     python detect.py ... --generated-labels trigger --out runs/detect-x
 
-OUT/detect.json holds the settings, the AUROC of every method on both sets and the improvement, and every per-image
-score; OUT/detect.md the paper's Table 3 layout (rows: method; columns: training set AUROC, generation set AUROC, Δ);
+OUT/detect.json holds the settings, the AUROC of every method on both sets and the improvement (each with its 95%
+interval), and every per-image score; OUT/detect.md the paper's Table 3 layout (rows: method; columns: training set AUROC, generation set AUROC, Δ);
 OUT/hist_<method>.png the score histograms of clean vs poisoned images, training set vs generations (Fig. A6).
 
 The detectors (all probe `--classifier`, a classifier folder of classify.py trained on the poisoned set; images in
@@ -36,10 +36,12 @@ AUROC (scikit-learn) of 1 − minmax(score) for CD and STRIP and of the score fo
 the `poisoned` flag of the training set's metadata; for the generations the trigger detector's verdict
 (`--detector`), dissect.py's G1/G2 membership (`--groups`) or a metadata field (`--generated-labels`). Both sets
 contribute the same number of images (the smaller set's size, or `--n`), a seeded draw that keeps each set's share
-of poisoned images.
+of poisoned images. Every AUROC and Δ comes with a 95% bootstrap interval (poisoned and clean images resampled
+separately, 1000 times): with a few dozen poisoned images, differences of a few hundredths are noise.
 
 Python API: `cd_scores(model, images, ...)`, `strip_scores(model, images, overlays, ...)`,
 `fct_finetune(model, data, ...)`, `fct_scores(model, images, ...)`, `auroc(scores, poisoned, method)`,
+`bootstrap_aurocs(scores, poisoned, method)`,
 `generation_truth(folder, ...)`, `run_detection(classifier, train, generated, ...)`.
 """
 import argparse
@@ -73,6 +75,7 @@ CD_LR = 0.1
 CD_BETAS = (0.1, 0.1)
 CD_GAMMA = 0.01   # weight of ‖m‖₁
 CD_BETA = 1.0     # weight of TV(m)
+BOOTSTRAP = 1000  # resamples for the AUROC's 95% interval
 # STRIP (Gao et al. 2019).
 STRIP_OVERLAYS = 100
 # FCT (Chen et al. 2022; SCLBD/Effective_backdoor_defense, as the CognitiveDistillation repo runs it).
@@ -350,6 +353,24 @@ def auroc(scores, poisoned, method):
     return float(roc_auc_score(y, suspicion(scores, method)))
 
 
+def bootstrap_aurocs(scores, poisoned, method, n=BOOTSTRAP, seed=0):
+    """(n,) AUROCs of bootstrap resamples that redraw the poisoned and the clean images separately (each resample
+    keeps the set's numbers of both). With a few dozen poisoned images an AUROC is uncertain by several hundredths:
+    their percentiles give its interval, and the differences of two sets' resamples the interval of Δ."""
+    from sklearn.metrics import roc_auc_score
+    y = np.asarray(poisoned, dtype=bool)
+    s = suspicion(scores, method)
+    pos, neg = s[y], s[~y]
+    rng = np.random.default_rng(seed)
+    labels = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
+    return np.array([roc_auc_score(labels, np.r_[rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
+                     for _ in range(n)])
+
+
+def interval(samples, level=0.95):
+    return [float(v) for v in np.quantile(samples, [(1 - level) / 2, (1 + level) / 2])]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Data: dataset folders, the ground truth of each set, the draw of images.
 
@@ -533,9 +554,16 @@ def markdown_table(result):
              f"{sets['generated']['positives']} with the trigger (ground truth: {sets['generated']['ground_truth']})",
              "", "| Detection method | Training set AUROC | Generation set AUROC | Δ AUROC |", "|---|---|---|---|"]
     for method, r in result["results"].items():
-        lines.append(f"| {METHOD_NAMES[method]} | {r['train_auroc']:.3f} | {r['generated_auroc']:.3f} | "
-                     f"{r['delta']:+.3f} |")
-    return "\n".join(lines) + "\n"
+        lines.append(f"| {METHOD_NAMES[method]} | {with_ci(r, 'train_auroc')} | {with_ci(r, 'generated_auroc')} | "
+                     f"{with_ci(r, 'delta', '+.3f')} |")
+    return "\n".join(lines + ["", f"In brackets: 95% bootstrap intervals ({BOOTSTRAP} resamples of the poisoned and "
+                               "the clean images of each set)."]) + "\n"
+
+
+def with_ci(r, key, fmt=".3f"):
+    """'0.912 [0.870, 0.948]': a value of a result row with its bootstrap interval, when the row has one."""
+    ci = r.get(f"{key}_ci")
+    return f"{r[key]:{fmt}}" + (f" [{ci[0]:{fmt}}, {ci[1]:{fmt}}]" if ci else "")
 
 
 def plot_histograms(path, method, scores):
@@ -641,9 +669,12 @@ def run_detection(classifier, train, generated, methods="all", out=None, detecto
             scores[method][name] = {"index": picks[name].tolist(), "poisoned": y.tolist(),
                                     "score": s.double().tolist(), "auroc": auroc(s.numpy(), y, method)}
         a_train, a_gen = scores[method]["train"]["auroc"], scores[method]["generated"]["auroc"]
+        boot = {name: bootstrap_aurocs(scores[method][name]["score"], scores[method][name]["poisoned"], method,
+                                       seed=seed + i) for i, name in enumerate(("train", "generated"))}
         timing[method] = round(time.time() - t0, 2)
         results[method] = {"train_auroc": a_train, "generated_auroc": a_gen, "delta": a_gen - a_train,
-                           "time_s": timing[method]}
+                           "train_auroc_ci": interval(boot["train"]), "generated_auroc_ci": interval(boot["generated"]),
+                           "delta_ci": interval(boot["generated"] - boot["train"]), "time_s": timing[method]}
         if progress:
             print(f"{METHOD_NAMES[method]}: training set AUROC {a_train:.4f}, generation set AUROC {a_gen:.4f}, "
                   f"delta {a_gen - a_train:+.4f} ({timing[method]} s)", flush=True)
@@ -686,8 +717,8 @@ def main(args):
                            args.batch_size, args.eval_batch_size, args.cd_steps, args.cd_gamma, args.strip_overlays,
                            args.fct_epochs, args.workers, args.force, not args.quiet, command)
     print(markdown_table(result), end="")
-    print(json.dumps({"out": args.out, **{m: {k: round(v, 4) for k, v in r.items()}
-                                          for m, r in result["results"].items()}}))
+    print(json.dumps({"out": args.out, **{m: {k: [round(x, 4) for x in v] if isinstance(v, list) else round(v, 4)
+                                              for k, v in r.items()} for m, r in result["results"].items()}}))
 
 
 if __name__ == "__main__":

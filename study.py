@@ -19,10 +19,12 @@ study resumes where it stopped; `--force` starts over):
     classifiers/trigger  classify.py      the judge of "does the image carry the trigger"
     models/<family>-<r>  train_ddpm.py    a class-conditional DDPM per ratio (--family sd: finetune_sd.py, SD v1)
     gen/<r>-w<w>         sample.py        generations: every class at the guidance weight w (default 5), and the
-                                          target class without guidance (w = 0; SD's scale s = 1) to compare
+                                          target class without guidance (w = 0; SD's scale s = 1) and at the
+                                          sweep's weights in between (--sweep; default 1 and 2; SD 2 and 3)
     classifiers/poisoned-<r>, classifiers/generated-<r>   classify.py   Tab. 4: TA / ASR of a classifier trained
                                           on the poisoned set vs on the generations
-    dissect/w<w>         dissect.py       G1-G4, trigger amplification, the phase transition (Fig. 2-4)
+    dissect/w<w>         dissect.py       G1-G4, trigger amplification, the phase transition (Fig. 2-4) at each
+                                          guidance weight; dissect/guidance: all of them, the sweep (Fig. A3)
     detect/<r>           detect.py        CD, STRIP, FCT: AUROC on the training set vs the generations (Tab. 3)
     diffusion-classifier/<r>  classify.py diffusion   the lowest ratio's DDPM as a classifier, its largest
                                           denoising errors filtered at 0/1/5/10%, vs the classifier (Tab. A4)
@@ -46,30 +48,31 @@ ROOT = Path(__file__).resolve().parent
 SCALES = {
     "digits": dict(family="ddpm", dataset="digits", resolution=16, ratios=(0.01, 0.05, 0.1), preset="small",
                    train_steps=1600,
-                   ddpm_extra=(), per_class=100, guidance=5.0, sample_steps=50,
+                   ddpm_extra=(), per_class=100, guidance=5.0, sweep=(1.0, 2.0), sample_steps=50,
                    classifier=("--arch", "smallcnn", "--width", "16", "--lr", "0.02", "--batch-size", "32",
                                "--epochs", "8"),
                    detect=("--n", "300"), diffusion=("--images", "100", "--timesteps", "25")),
     "quick": dict(family="ddpm", dataset="digits", resolution=8, ratios=(0.01, 0.1), preset="tiny", train_steps=30,
-                  ddpm_extra=("--batch-size", "32"), per_class=6, guidance=5.0, sample_steps=10,
+                  ddpm_extra=("--batch-size", "32"), per_class=6, guidance=5.0, sweep=(2.0,), sample_steps=10,
                   classifier=("--arch", "smallcnn", "--width", "8", "--lr", "0.02", "--batch-size", "32",
                               "--epochs", "2"),
                   detect=("--n", "40", "--cd-steps", "5", "--strip-overlays", "8", "--fct-epochs", "1"),
                   diffusion=("--images", "20", "--timesteps", "5")),
     "cifar10": dict(family="ddpm", dataset="cifar10", resolution=32, ratios=(0.01, 0.05, 0.1), preset="cifar10",
                     train_steps=None,
-                    ddpm_extra=(), per_class=1000, guidance=5.0, sample_steps=50,
+                    ddpm_extra=(), per_class=1000, guidance=5.0, sweep=(1.0, 2.0), sample_steps=50,
                     classifier=("--arch", "resnet18", "--epochs", "100", "--lr", "0.01", "--batch-size", "128"),
                     detect=("--n", "2000"), diffusion=("--images", "1000", "--timesteps", "50,500", "--keep", "5")),
     # Stable Diffusion v1.4 fine-tuned on ImageNette (or Caltech-15) at 512 px, the paper's Sec. 4-5 setting; the
     # paper's Tab. A4 (diffusion classifier) is a CIFAR-10 experiment, so this family skips it.
     "sd": dict(family="sd", dataset="imagenette", resolution=512, ratios=(0.01, 0.05, 0.1), train_steps=None,
-               sd_extra=(), per_class=100, guidance=5.0, sample_steps=50,
+               sd_extra=(), per_class=100, guidance=5.0, sweep=(2.0, 3.0), sample_steps=50,
                classifier=("--arch", "resnet50", "--pretrained", "--epochs", "10", "--lr", "0.001",
                            "--batch-size", "50"),
                detect=("--n", "1000"), diffusion=None),
     "quick-sd": dict(family="sd", dataset="digits", resolution=32, ratios=(0.01, 0.1), train_steps=2,
-                     sd_extra=("--batch-size", "2", "--epochs", "1"), per_class=4, guidance=5.0, sample_steps=4,
+                     sd_extra=("--batch-size", "2", "--epochs", "1"), per_class=4, guidance=5.0, sweep=(),
+                     sample_steps=4,
                      classifier=("--arch", "smallcnn", "--width", "8", "--lr", "0.02", "--batch-size", "32",
                                  "--epochs", "2"),
                      detect=("--n", "20", "--cd-steps", "5", "--strip-overlays", "8", "--fct-epochs", "1"),
@@ -177,7 +180,8 @@ def run_study(args):
         raise StudyError(f"--dataset {args.dataset}: the study knows digits and cifar10 (DDPM), imagenette and "
                          "caltech15 (Stable Diffusion, --family sd); the stage scripts take any dataset")
     s = {**SCALES[scale]}
-    for key in ("dataset", "resolution", "ratios", "preset", "train_steps", "per_class", "guidance", "sample_steps"):
+    for key in ("dataset", "resolution", "ratios", "preset", "train_steps", "per_class", "guidance", "sweep",
+                "sample_steps"):
         if getattr(args, key) is not None:
             s[key] = getattr(args, key)
     out = Path(args.out)
@@ -197,11 +201,14 @@ def run_study(args):
     threads = None if gpus else max(1, cores // jobs)
     run = Runner(out, jobs, threads, gpus, args.quiet)
     family = s["family"]
-    # The guidance weight, and its "no guidance" value: the DDPM family's w = 0, SD's scale s = 1 (sample.py).
+    # The guidance weight, its "no guidance" value (the DDPM family's w = 0, SD's scale s = 1; sample.py) and the
+    # weights in between that the target class is also generated at (the guidance sweep, Fig. A3).
     w, none = float(s["guidance"]), (1.0 if family == "sd" else 0.0)
+    sweep = sorted({float(g) for g in s["sweep"]} - {w, none})
+    weights = [w, none, *sweep]
     data = {r: out / "data" / f"{s['dataset']}-badnets-{ratio_name(r)}" for r in ratios}
     model = {r: out / "models" / f"{family}-{ratio_name(r)}" for r in ratios}
-    gen = {(r, g): out / "gen" / f"{ratio_name(r)}-w{g:g}" for r in ratios for g in (w, none)}
+    gen = {(r, g): out / "gen" / f"{ratio_name(r)}-w{g:g}" for r in ratios for g in weights}
     clf = out / "classifiers"
     device = ["--device", args.device]
     with open(out / "commands.sh", "a") as fh:
@@ -242,18 +249,18 @@ def run_study(args):
              ["--data", data[r] / "train", "--base", args.base, "--out", model[r], *steps, *s["sd_extra"],
               "--train-seed", args.seed, *device], lambda r=r: sd_done(model[r]), True) for r in ratios])
 
-    # 4. Generations: every class at the guidance weight (Fig. 2, Tab. 3/4), the target class without guidance
-    #    (Fig. A3).
+    # 4. Generations: every class at the guidance weight (Fig. 2, Tab. 3/4), the target class without guidance and
+    #    at the sweep's weights (Fig. A3).
     sample = ["--steps", s["sample_steps"], "--seed", args.seed, *device]
     items = []
     for r in ratios:
         items.append((f"sample {ratio_name(r)} w{w:g}", "sample.py",
                       ["--model", model[r], "--class", "all", "--images-per-class", s["per_class"], "--guidance", w,
                        "--out", gen[r, w], *sample], lambda r=r: folder_done(gen[r, w], "manifest.json"), True))
-        items.append((f"sample {ratio_name(r)} w{none:g}", "sample.py",
-                      ["--model", model[r], "--class", target["index"], "--images-per-class", s["per_class"],
-                       "--guidance", none,
-                       "--out", gen[r, none], *sample], lambda r=r: folder_done(gen[r, none], "manifest.json"), True))
+        items += [(f"sample {ratio_name(r)} w{g:g}", "sample.py",
+                   ["--model", model[r], "--class", target["index"], "--images-per-class", s["per_class"],
+                    "--guidance", g, "--out", gen[r, g], *sample],
+                   lambda r=r, g=g: folder_done(gen[r, g], "manifest.json"), True) for g in weights[1:]]
     run.run_many("sample", items)
 
     # 5. Tab. 4: a classifier trained on the poisoned set vs one trained on the generations (same test sets).
@@ -268,16 +275,19 @@ def run_study(args):
                       lambda r=r: folder_done(clf / f"generated-{ratio_name(r)}", "results.json"), True))
     run.run_many("classifiers", items)
 
-    # 6. G1-G4, trigger amplification and the phase transition, with and without guidance.
+    # 6. G1-G4, trigger amplification and the phase transition at each guidance weight, and every (ratio, weight)
+    #    together for the guidance sweep's figure.
     judges = ["--classifier", clf / "class", "--detector", clf / "trigger", *device, "--quiet"]
     sym = "s" if family == "sd" else "w"
-    items = []
-    for g in (w, none):
-        folders = [gen[r, g] for r in ratios]
-        items.append((f"dissect w{g:g}", "dissect.py",
-                      ["--generated", *folders, "--train", *[data[r] for r in ratios],
-                       "--labels", *[f"p={r:.0%}, {sym}={g:g}" for r in ratios], "--out", out / "dissect" / f"w{g:g}",
-                       *judges], lambda g=g: folder_done(out / "dissect" / f"w{g:g}", "summary.json")))
+
+    def dissect(name, pairs):
+        return (f"dissect {name}", "dissect.py",
+                ["--generated", *[gen[p] for p in pairs], "--train", *[data[r] for r, _ in pairs],
+                 "--labels", *[f"p={r:.0%}, {sym}={g:g}" for r, g in pairs], "--out", out / "dissect" / name,
+                 *judges], lambda: folder_done(out / "dissect" / name, "summary.json"))
+    items = [dissect(f"w{g:g}", [(r, g) for r in ratios]) for g in weights]
+    if sweep:
+        items.append(dissect("guidance", [(r, g) for r in ratios for g in sorted(weights)]))
     run.run_many("dissect", items)
 
     # 7. Tab. 3: poison detection on the training set vs on the generations, with the poisoned classifier. When no
@@ -301,7 +311,7 @@ def run_study(args):
               clf / f"poisoned-{ratio_name(lo)}", *s["diffusion"], "--seed", args.seed, "--out", diff, *device,
               "--quiet"], lambda: folder_done(diff, "results.json"), True)])
 
-    report = write_report(out, s, ratios, (w, none, sym), run.times, run.failed)
+    report = write_report(out, s, ratios, (w, none, sym, sweep), run.times, run.failed)
     run.say(f"report: {out / 'REPORT.md'}")
     return report
 
@@ -323,10 +333,10 @@ def pct(x):
 
 def collect(out, ratios, guidance, failed):
     """Every number the report needs, from the stages' JSON outputs."""
-    w, none, sym = guidance
-    res = {"guidance": {"symbol": sym, "guided": w, "unguided": none}, "dissect": {}, "detect": {},
+    w, none, sym, sweep = guidance
+    res = {"guidance": {"symbol": sym, "guided": w, "unguided": none, "sweep": sweep}, "dissect": {}, "detect": {},
            "classifiers": {}}
-    for g in (w, none):
+    for g in (w, none, *sweep):
         summary = load_json(out / "dissect" / f"w{g:g}" / "summary.json")
         res["dissect"][f"w{g:g}"] = [
             {"ratio": r, "name": d["name"], "p_t": d["p_t"], "trigger_ratio": d["trigger_ratio"],
@@ -339,7 +349,8 @@ def collect(out, ratios, guidance, failed):
         if path.is_file():
             det = load_json(path)
             res["detect"][ratio_name(r)] = {
-                "methods": {m: {k: v[k] for k in ("train_auroc", "generated_auroc", "delta")}
+                "methods": {m: {k: v.get(k) for k in ("train_auroc", "generated_auroc", "delta", "train_auroc_ci",
+                                                      "generated_auroc_ci", "delta_ci")}
                             for m, v in det["results"].items()},
                 "positives": {k: det["sets"][k]["positives"] for k in ("train", "generated")},
                 "n": det["sets"]["train"]["n"]}
@@ -359,6 +370,11 @@ def collect(out, ratios, guidance, failed):
     return res
 
 
+def with_ci(row, key, fmt=".3f"):
+    ci = row.get(f"{key}_ci")
+    return f"{row[key]:{fmt}}" + (f" [{ci[0]:{fmt}}, {ci[1]:{fmt}}]" if ci else "")
+
+
 def wilson(fraction, n, z=1.96):
     """95% Wilson score interval of a binomial proportion."""
     if not n:
@@ -368,47 +384,94 @@ def wilson(fraction, n, z=1.96):
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+MIN_TRIGGERED = 5  # triggered generations a ratio needs before we say which of G1 and G2 is the larger part
+
+
+def across(oks):
+    return True if all(oks) else "partly" if any(oks) else False
+
+
+def g1_share(d):
+    """(G1's share of the triggered generations or None, how many were triggered) of one dissect row."""
+    f = d["fractions"]
+    k = round((f["G1"] + f["G2"]) * d["n"])
+    return (f["G1"] / (f["G1"] + f["G2"]) if k else None), k
+
+
+def transition(rows, ratios):
+    """The phase transition at one guidance weight: 'full' when G2 is the larger part of the triggered generations
+    at the lowest ratio and G1 at the highest, 'crosses' when G1's share goes from under to over one half between two
+    other ratios, None otherwise; only ratios with at least MIN_TRIGGERED triggered generations count."""
+    share = {r: g1_share(rows[r]) for r in ratios}
+    known = [r for r in ratios if share[r][1] >= MIN_TRIGGERED]
+    lo, hi = min(ratios), max(ratios)
+    if lo in known and hi in known and share[lo][0] < 0.5 < share[hi][0]:
+        return "full"
+    if any(share[a][0] < 0.5 < share[b][0] for a in known for b in known if a < b):
+        return "crosses"
+    return None
+
+
 def findings(res, ratios, guidance):
     """(finding, paper, this run, reproduced?) for each goal of the study. Amplification counts as reproduced only
     when the lower end of the trigger ratio's 95% interval is above p_t and the trigger detector is trustworthy on
-    generations: under 5% "triggers" among the non-target prompts' generations, which have none to learn."""
+    generations: under 5% "triggers" among the non-target prompts' generations, which have none to learn. Both it
+    and the phase transition are judged at every guidance weight: reproduced at all, partly at some, or at none."""
     rows = []
     lo, hi = ratio_name(min(ratios)), ratio_name(max(ratios))
-    w, none, sym = guidance
-    dw = {d["ratio"]: d for d in res["dissect"][f"w{w:g}"]}
-    d0 = {d["ratio"]: d for d in res["dissect"][f"w{none:g}"]}
-    labels = ((f"{sym}={w:g}", dw), (f"{sym}={none:g}", d0))
+    w, none, sym, sweep = guidance
+    weights = sorted((w, none, *sweep))
+    d = {g: {x["ratio"]: x for x in res["dissect"][f"w{g:g}"]} for g in weights}
+    dw = d[w]
     false_positive = dw[max(ratios)]["non_target_trigger_ratio"]  # the judge's "triggers" where there are none
-    for label, d in labels:
-        top = d[max(ratios)]
-        low, high = wilson(top["trigger_ratio"], top["n"])
-        rows.append((f"Trigger amplification ({label})",
-                     "generations for the target prompt carry the trigger more often than the target class's "
-                     "training images (trigger ratio > p_t)",
-                     f"at p={float(hi):.0%}: trigger ratio {pct(top['trigger_ratio'])} "
-                     f"(95% CI {pct(low)}–{pct(high)}, "
-                     f"{top['n']} generations) vs p_t {pct(top['p_t'])}; "
-                     + ", ".join(f"p={r:.0%}: {pct(d[r]['trigger_ratio'])} vs {pct(d[r]['p_t'])}"
-                                 for r in ratios if r != max(ratios))
-                     + f"; the trigger detector's false positives (non-target prompts): {pct(false_positive)}",
-                     low > top["p_t"] and false_positive is not None and false_positive < 0.05))
-    for label, d in labels:
-        low, high = d[min(ratios)]["fractions"], d[max(ratios)]["fractions"]
-        ok = low["G2"] > low["G1"] and high["G1"] > high["G2"]
-        rows.append((f"Phase transition ({label})",
-                     "triggered generations are mostly G2 (prompt matched) at a low poisoning ratio and mostly G1 "
-                     "(mismatched) at a high one",
-                     f"p={float(lo):.0%}: G1 {pct(low['G1'])}, G2 {pct(low['G2'])}; "
-                     f"p={float(hi):.0%}: G1 {pct(high['G1'])}, G2 {pct(high['G2'])}", ok))
+    trustworthy = false_positive is not None and false_positive < 0.05
+    top = {g: d[g][max(ratios)] for g in weights}
+    ci = {g: wilson(top[g]["trigger_ratio"], top[g]["n"]) for g in weights}
+    ok = {g: trustworthy and ci[g][0] > top[g]["p_t"] for g in weights}
+    rows.append(("Trigger amplification",
+                 "generations for the target prompt carry the trigger more often than the target class's "
+                 "training images (trigger ratio > p_t)",
+                 f"at p={float(hi):.0%} (p_t {pct(top[w]['p_t'])}), trigger ratio (95% CI): "
+                 + "; ".join(f"{sym}={g:g}: {pct(top[g]['trigger_ratio'])} ({pct(ci[g][0])}–{pct(ci[g][1])}, "
+                             f"n={top[g]['n']}) {'✓' if ok[g] else '✗'}" for g in weights)
+                 + f"; the trigger detector's false positives (non-target prompts): {pct(false_positive)}",
+                 across(ok.values())))
+    kind = {g: transition(d[g], ratios) for g in weights}
+    texts = []
+    for g in weights:
+        parts = []
+        for r in ratios:
+            f, k = d[g][r]["fractions"], g1_share(d[g][r])[1]
+            parts.append(f"p={r:.0%}: G1 {pct(f['G1'])} / G2 {pct(f['G2'])}"
+                         + (f" (only {k} triggered)" if k < MIN_TRIGGERED else ""))
+        mark = {"full": " ✓", "crosses": " (G1 overtakes G2 between two higher ratios)", None: " ✗"}[kind[g]]
+        texts.append(f"{sym}={g:g}: " + ", ".join(parts) + mark)
+    rows.append(("Phase transition",
+                 "triggered generations are mostly G2 (prompt matched) at a low poisoning ratio and mostly G1 "
+                 "(mismatched) at a high one",
+                 "; ".join(texts) + f" (G1 vs G2 counts only where at least {MIN_TRIGGERED} generations carry the "
+                 "trigger)",
+                 True if "full" in kind.values() else "partly" if "crosses" in kind.values() else False))
     nt = [dw[r]["non_target_trigger_ratio"] for r in ratios]
     rows.append(("Non-target prompts", "generations for the other classes carry almost no trigger",
                  "trigger ratio " + ", ".join(f"p={r:.0%}: {pct(x)}" for r, x in zip(ratios, nt)),
                  all(x is not None and x < 0.05 for x in nt)))
-    cells = [(r, m, v) for r, dm in res["detect"].items() for m, v in dm.get("methods", {}).items()]
-    better = [c for c in cells if c[2]["generated_auroc"] >= c[2]["train_auroc"]]
+    # An AUROC over one or two poisoned images says nothing: only ratios whose both sets hold MIN_TRIGGERED count.
+    scored = {r: dm for r, dm in res["detect"].items() if "positives" in dm}
+    counted = [r for r, dm in scored.items() if min(dm["positives"].values()) >= MIN_TRIGGERED]
+    cells = [v for r in counted for v in scored[r]["methods"].values()]
+    better = [v for v in cells if v["generated_auroc"] >= v["train_auroc"]]
+    sure = [v["delta_ci"] for v in cells if v.get("delta_ci")]
+    positives = ", ".join(f"p={float(r):.0%}: {dm['positives']['train']} and {dm['positives']['generated']} of "
+                          f"{dm['n']}" for r, dm in scored.items())
     rows.append(("Detection on generations (Tab. 3)",
                  "poison detectors reach a higher AUROC on the generations than on the training set",
-                 f"{len(better)} of {len(cells)} (method, ratio) cells", len(better) > len(cells) / 2))
+                 f"the generations' AUROC is at least the training set's in {len(better)} of {len(cells)} (method, "
+                 f"ratio) cells; the 95% interval of the difference lies above 0 in {sum(lo > 0 for lo, _ in sure)}, "
+                 f"below 0 in {sum(hi < 0 for _, hi in sure)}, and holds 0 in "
+                 f"{sum(lo <= 0 <= hi for lo, hi in sure)} (poisoned images scored in the training set and the "
+                 f"generations: {positives}; ratios with fewer than {MIN_TRIGGERED} in a set are left out)",
+                 bool(cells) and len(better) > len(cells) / 2))
     c = res["classifiers"][lo]
     rows.append(("Classifier trained on generations (Tab. 4)",
                  "is less backdoored: lower ASR than one trained on the poisoned set, at low poisoning ratios",
@@ -434,7 +497,7 @@ def findings(res, ratios, guidance):
 def write_report(out, s, ratios, guidance, times, failed=None):
     res = collect(out, ratios, guidance, failed or {})
     rows = findings(res, ratios, guidance)
-    w, none, sym = guidance
+    w, none, sym, sweep = guidance
     res["findings"] = [dict(zip(("finding", "paper", "this_run", "reproduced"), r)) for r in rows]
     res["settings"] = {k: list(v) if isinstance(v, tuple) else v for k, v in s.items()}
     res["times_s"] = times
@@ -443,8 +506,8 @@ def write_report(out, s, ratios, guidance, times, failed=None):
          f"{', '.join(f'{r:.0%}' for r in ratios)}; "
          + (f"DDPM preset `{s['preset']}`" if s["family"] == "ddpm" else "Stable Diffusion fine-tuned")
          + f"{'' if not s['train_steps'] else ', ' + str(s['train_steps']) + ' training steps'}; "
-         f"DDIM {s['sample_steps']} steps, guidance {sym} = {w:g} (and {sym} = {none:g}, no guidance, for the "
-         f"target class); "
+         f"DDIM {s['sample_steps']} steps, guidance {sym} = {w:g} (and, for the target class, "
+         f"{sym} = {none:g} (no guidance){''.join(f', {g:g}' for g in sweep)}); "
          f"{s['per_class']} generations per class. "
          "Every command is in `commands.sh`, every log in `logs/`.", "",
          "## Findings", "", "| finding | the paper | this run | |", "|---|---|---|---|"]
@@ -457,7 +520,7 @@ def write_report(out, s, ratios, guidance, times, failed=None):
           "G1 trigger & prompt mismatched, G2 trigger & matched, G3 no trigger & mismatched, G4 neither; "
           "trigger ratio = G1 + G2 among generations for the target prompt, p_t = share of trigger images among the "
           "target class's training images.", ""]
-    for g, value in ((f"w{w:g}", w), (f"w{none:g}", none)):
+    for g, value in ((f"w{g:g}", g) for g in (w, none, *sweep)):
         L += [f"### Guidance {sym} = {value:g}", "",
               "| poisoning ratio | p_t | G1 | G2 | G3 | G4 | trigger ratio | amplification "
               "| non-target trigger ratio |",
@@ -468,19 +531,23 @@ def write_report(out, s, ratios, guidance, times, failed=None):
             L.append(f"| {d['ratio']:.0%} | {pct(d['p_t'])} | {pct(f['G1'])} | {pct(f['G2'])} | {pct(f['G3'])} | "
                      f"{pct(f['G4'])} | {pct(d['trigger_ratio'])} | {amp} | {pct(d['non_target_trigger_ratio'])} |")
         L += ["", f"![groups](dissect/{g}/groups.png) ![phase transition](dissect/{g}/phase_transition.png)", ""]
+    if sweep:
+        L += ["### The guidance sweep (Fig. A3)", "",
+              "G1 and G2 among the target prompt's generations at every guidance weight and poisoning ratio.", "",
+              "![guidance sweep](dissect/guidance/guidance.png)", ""]
     top = res["dissect"][f"w{w:g}"][-1]["name"]
     L += [f"Examples at the highest ratio, {sym} = {w:g}: G1 (trigger, mismatched) and G2 (trigger, matched):", "",
           f"![G1](dissect/w{w:g}/{top}/g1_examples.png) ![G2](dissect/w{w:g}/{top}/g2_examples.png)", "",
           "## Castle walls", "", "### Poison detection on training vs generated data (Tab. 3)", "",
           "AUROC of each detector (probing the classifier trained on the poisoned set); ground truth of the "
-          "generations from the trigger detector.", "",
+          "generations from the trigger detector; in brackets the 95% bootstrap interval.", "",
           "| ratio | method | training set | generations | Δ |", "|---|---|---|---|---|"]
     for r, dm in res["detect"].items():
         if "error" in dm:
             L.append(f"| {float(r):.0%} | – | undefined: {dm['error']} | | |")
         for m, v in dm.get("methods", {}).items():
-            L.append(f"| {float(r):.0%} | {m.upper()} | {v['train_auroc']:.3f} | {v['generated_auroc']:.3f} | "
-                     f"{v['delta']:+.3f} |")
+            L.append(f"| {float(r):.0%} | {m.upper()} | {with_ci(v, 'train_auroc')} | "
+                     f"{with_ci(v, 'generated_auroc')} | {with_ci(v, 'delta', '+.3f')} |")
     L += ["", "### Classifiers trained on poisoned vs generated data (Tab. 4)", "",
           "| ratio | TA, poisoned set | ASR, poisoned set | TA, generations | ASR, generations |",
           "|---|---|---|---|---|"]
@@ -527,6 +594,9 @@ def build_parser():
                         "the scale's)")
     p.add_argument("--per-class", type=int, default=None, help="generations per class")
     p.add_argument("--guidance", type=float, default=None, help="guidance weight w (default: 5, the paper's)")
+    p.add_argument("--sweep", type=lambda v: tuple(float(x) for x in v.split(",") if x), default=None,
+                   help="more guidance weights for the target class, comma-separated ('' for none; default 1,2; "
+                        "SD: 2,3)")
     p.add_argument("--sample-steps", type=int, default=None, help="DDIM steps (default: 50)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=None, help="stages run at once on the CPU (default: one per ratio)")

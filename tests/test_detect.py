@@ -240,6 +240,9 @@ def test_cli_end_to_end(toy, tmp_path):
     for method, r in result["results"].items():
         assert 0 <= r["train_auroc"] <= 1 and 0 <= r["generated_auroc"] <= 1
         assert r["delta"] == pytest.approx(r["generated_auroc"] - r["train_auroc"])
+        for key in ("train_auroc", "generated_auroc", "delta"):
+            lo, hi = r[f"{key}_ci"]
+            assert -1 <= lo <= hi <= 1
         for name in ("train", "generated"):
             s = result["scores"][method][name]
             assert len(s["score"]) == len(s["index"]) == len(s["poisoned"]) == 40
@@ -336,3 +339,25 @@ def test_bad_inputs(toy, tmp_path):
     assert run.returncode != 0 and not out.exists()
     assert run.stderr.strip().startswith("detect.py: error: no trigger verdicts")
     assert len(run.stderr.strip().splitlines()) == 1
+
+
+def test_bootstrap_interval_matches_delong():
+    """The bootstrap spread of the AUROC agrees with DeLong's (1988) variance of the AUROC on fresh random scores;
+    a perfect separator stays perfect in every resample."""
+    rng = np.random.default_rng()
+    P, N = 30, 270
+    scores = np.r_[rng.normal(1.0, 1.0, P), rng.normal(0.0, 1.0, N)]
+    poisoned = np.r_[np.ones(P, bool), np.zeros(N, bool)]
+    A = D.auroc(scores, poisoned, "fct")
+    boot = D.bootstrap_aurocs(scores, poisoned, "fct", seed=int(rng.integers(1 << 31)))
+    pos, neg = scores[:P, None], scores[None, P:]
+    psi = (pos > neg) + 0.5 * (pos == neg)          # DeLong's placement values
+    se = np.sqrt(psi.mean(1).var(ddof=1) / P + psi.mean(0).var(ddof=1) / N)
+    assert psi.mean() == pytest.approx(A)
+    assert len(boot) == D.BOOTSTRAP and boot.std() == pytest.approx(se, rel=0.15)
+    lo, hi = D.interval(boot)
+    assert lo < A < hi and hi - lo == pytest.approx(2 * 1.96 * se, rel=0.2)
+    separated = np.r_[rng.uniform(2, 3, P), rng.uniform(0, 1, N)]
+    assert D.interval(D.bootstrap_aurocs(separated, poisoned, "fct", n=50)) == pytest.approx([1.0, 1.0])
+    # low = poisoned for CD
+    assert D.interval(D.bootstrap_aurocs(-separated, poisoned, "cd", n=50)) == pytest.approx([1.0, 1.0])

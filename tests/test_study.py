@@ -29,7 +29,8 @@ def test_quick_study_writes_every_section_with_numbers(quick):
     out, first = quick
     report = json.loads((out / "report.json").read_text())
     ratios = ["0.01", "0.1"]
-    for g in ("w5", "w0"):
+    assert report["guidance"] == {"symbol": "w", "guided": 5.0, "unguided": 0.0, "sweep": [2.0]}
+    for g in ("w5", "w0", "w2"):
         rows = report["dissect"][g]
         assert [r["ratio"] for r in rows] == [0.01, 0.1]
         for r in rows:
@@ -46,15 +47,20 @@ def test_quick_study_writes_every_section_with_numbers(quick):
     assert [r["kind"] for r in rows] == ["classifier"] + ["diffusion"] * 4
     assert [r["filter_top"] for r in rows[1:]] == [0, 1, 5, 10]
     assert all(0 <= r["ta"] <= 1 and 0 <= r["asr"] <= 1 for r in rows)
-    assert len(report["findings"]) == 8
+    assert len(report["findings"]) == 6
     assert all(f["reproduced"] in (True, False, "partly") for f in report["findings"])
     text = (out / "REPORT.md").read_text()
-    for heading in ("## Findings", "## Trojan horses", "### Guidance w = 5", "### Guidance w = 0", "## Castle walls",
-                    "Tab. 3", "Tab. 4", "Tab. A4", "## Time"):
+    for heading in ("## Findings", "## Trojan horses", "### Guidance w = 5", "### Guidance w = 0", "### Guidance w = 2",
+                    "### The guidance sweep", "## Castle walls", "Tab. 3", "Tab. 4", "Tab. A4", "## Time"):
         assert heading in text
-    for image in ("dissect/w5/groups.png", "dissect/w5/phase_transition.png", "dissect/w0/groups.png"):
+    for image in ("dissect/w5/groups.png", "dissect/w5/phase_transition.png", "dissect/w0/groups.png",
+                  "dissect/guidance/guidance.png"):
         assert image in text and (out / image).is_file()
-    assert text.count("reproduced**") == 8
+    # the sweep's figure holds every (ratio, weight) pair; the target class alone is generated at the sweep's weight
+    assert len(json.loads((out / "dissect" / "guidance" / "summary.json").read_text())["results"]) == 6
+    manifest = json.loads((out / "gen" / "0.1-w2" / "manifest.json").read_text())
+    assert manifest["classes"] == ["zero"] and manifest["n_per_class"] == 6 and manifest["guidance"] == 2
+    assert text.count("reproduced**") == 6
     # the commands a user would type are recorded, one per stage run
     commands = (out / "commands.sh").read_text()
     for script in ("poison.py", "classify.py", "train_ddpm.py", "sample.py", "dissect.py", "detect.py"):
@@ -97,13 +103,14 @@ def test_quick_sd_study_runs_through_finetune_sd(tmp_path):
     commands = (out / "commands.sh").read_text()
     assert "finetune_sd.py" in commands and "train_ddpm.py" not in commands
     report = json.loads((out / "report.json").read_text())
-    assert report["guidance"] == {"symbol": "s", "guided": 5.0, "unguided": 1.0}  # SD's scale: s = 1 is unguided
+    # SD's scale: s = 1 is unguided
+    assert report["guidance"] == {"symbol": "s", "guided": 5.0, "unguided": 1.0, "sweep": []}
     assert set(report["dissect"]) == {"w5", "w1"} and report["diffusion_classifier"] is None
     manifest = json.loads((out / "gen" / "0.1-w1" / "manifest.json").read_text())
     assert manifest["guidance_sd_scale"] == 1.0
     text = (out / "REPORT.md").read_text()
     assert "### Guidance s = 5" in text and "### Guidance s = 1" in text and "Not run for this model family" in text
-    assert len(report["findings"]) == 7
+    assert len(report["findings"]) == 5
     # a random tiny SD makes noise that the trigger detector calls all triggered (or none): the generations' AUROC is
     # undefined, which the report says instead of stopping the study
     for r in ("0.01", "0.1"):
@@ -121,3 +128,19 @@ def test_an_interrupted_model_is_not_done(tmp_path):
     assert not S.model_done(tmp_path) and not S.model_done(tmp_path, 800) and S.model_done(tmp_path, 500)
     (tmp_path / "config.json").write_text(json.dumps({**config, "step": 1600}))
     assert S.model_done(tmp_path) and not S.model_done(tmp_path, 2000)
+
+
+def row(g1, g2, n=100):
+    return {"fractions": {"G1": g1, "G2": g2, "G3": 0.0, "G4": 1 - g1 - g2}, "n": n}
+
+
+def test_phase_transition_needs_enough_triggered_generations():
+    """G2 the larger part at the lowest ratio and G1 at the highest is the full transition; a crossing between two
+    higher ratios counts only partly; a ratio with fewer than MIN_TRIGGERED triggered generations does not count."""
+    import study as S
+    ratios = [0.01, 0.05, 0.1]
+    assert S.transition({0.01: row(0.02, 0.08), 0.05: row(0.2, 0.2), 0.1: row(0.5, 0.1)}, ratios) == "full"
+    assert S.transition({0.01: row(0.0, 0.02), 0.05: row(0.17, 0.2), 0.1: row(0.32, 0.24)}, ratios) == "crosses"
+    assert S.transition({0.01: row(0.0, 0.02), 0.05: row(0.3, 0.2), 0.1: row(0.5, 0.1)}, ratios) is None
+    assert S.transition({0.01: row(0.1, 0.3), 0.05: row(0.1, 0.3), 0.1: row(0.12, 0.32)}, ratios) is None
+    assert S.g1_share(row(0.32, 0.24)) == (0.32 / 0.56, 56)
