@@ -387,10 +387,6 @@ def wilson(fraction, n, z=1.96):
 MIN_TRIGGERED = 5  # triggered generations a ratio needs before we say which of G1 and G2 is the larger part
 
 
-def across(oks):
-    return True if all(oks) else "partly" if any(oks) else False
-
-
 def g1_share(d):
     """(G1's share of the triggered generations or None, how many were triggered) of one dissect row."""
     f = d["fractions"]
@@ -415,8 +411,9 @@ def transition(rows, ratios):
 def findings(res, ratios, guidance):
     """(finding, paper, this run, reproduced?) for each goal of the study. Amplification counts as reproduced only
     when the lower end of the trigger ratio's 95% interval is above p_t and the trigger detector is trustworthy on
-    generations: under 5% "triggers" among the non-target prompts' generations, which have none to learn. Both it
-    and the phase transition are judged at every guidance weight: reproduced at all, partly at some, or at none."""
+    generations: under 5% "triggers" among the non-target prompts' generations, which have none to learn. It is
+    reproduced when it holds at the highest ratio at every guidance weight, partly when it holds somewhere. The phase
+    transition is reproduced when it shows in full at some weight, partly when G1 overtakes G2 between two ratios."""
     rows = []
     lo, hi = ratio_name(min(ratios)), ratio_name(max(ratios))
     w, none, sym, sweep = guidance
@@ -428,14 +425,18 @@ def findings(res, ratios, guidance):
     top = {g: d[g][max(ratios)] for g in weights}
     ci = {g: wilson(top[g]["trigger_ratio"], top[g]["n"]) for g in weights}
     ok = {g: trustworthy and ci[g][0] > top[g]["p_t"] for g in weights}
+    lower = {g: [r for r in ratios if r != max(ratios) and trustworthy
+                 and wilson(d[g][r]["trigger_ratio"], d[g][r]["n"])[0] > d[g][r]["p_t"]] for g in weights}
+    elsewhere = "; ".join(f"{sym}={g:g}: " + ", ".join(f"p={r:.0%}" for r in lower[g]) for g in weights if lower[g])
     rows.append(("Trigger amplification",
                  "generations for the target prompt carry the trigger more often than the target class's "
                  "training images (trigger ratio > p_t)",
                  f"at p={float(hi):.0%} (p_t {pct(top[w]['p_t'])}), trigger ratio (95% CI): "
                  + "; ".join(f"{sym}={g:g}: {pct(top[g]['trigger_ratio'])} ({pct(ci[g][0])}–{pct(ci[g][1])}, "
                              f"n={top[g]['n']}) {'✓' if ok[g] else '✗'}" for g in weights)
+                 + f"; at lower ratios, the 95% CI lies above p_t at {elsewhere or 'none'}"
                  + f"; the trigger detector's false positives (non-target prompts): {pct(false_positive)}",
-                 across(ok.values())))
+                 True if all(ok.values()) else "partly" if any(ok.values()) or elsewhere else False))
     kind = {g: transition(d[g], ratios) for g in weights}
     texts = []
     for g in weights:
