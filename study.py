@@ -395,17 +395,16 @@ def g1_share(d):
 
 
 def transition(rows, ratios):
-    """The phase transition at one guidance weight: 'full' when G2 is the larger part of the triggered generations
-    at the lowest ratio and G1 at the highest, 'crosses' when G1's share goes from under to over one half between two
-    other ratios, None otherwise; only ratios with at least MIN_TRIGGERED triggered generations count."""
+    """The phase transition at one guidance weight: ('full', lowest, highest ratio) when G2 is the larger part of the
+    triggered generations at the lowest ratio and G1 at the highest; ('crosses', a, b) when G1's share goes from under
+    to over one half between two neighbouring ratios a < b; None otherwise. Only ratios with at least MIN_TRIGGERED
+    triggered generations count (and are neighbours)."""
     share = {r: g1_share(rows[r]) for r in ratios}
-    known = [r for r in ratios if share[r][1] >= MIN_TRIGGERED]
+    known = sorted(r for r in ratios if share[r][1] >= MIN_TRIGGERED)
     lo, hi = min(ratios), max(ratios)
     if lo in known and hi in known and share[lo][0] < 0.5 < share[hi][0]:
-        return "full"
-    if any(share[a][0] < 0.5 < share[b][0] for a in known for b in known if a < b):
-        return "crosses"
-    return None
+        return "full", lo, hi
+    return next((("crosses", a, b) for a, b in zip(known, known[1:]) if share[a][0] < 0.5 < share[b][0]), None)
 
 
 def findings(res, ratios, guidance):
@@ -445,14 +444,16 @@ def findings(res, ratios, guidance):
             f, k = d[g][r]["fractions"], g1_share(d[g][r])[1]
             parts.append(f"p={r:.0%}: G1 {pct(f['G1'])} / G2 {pct(f['G2'])}"
                          + (f" (only {k} triggered)" if k < MIN_TRIGGERED else ""))
-        mark = {"full": " ✓", "crosses": " (G1 overtakes G2 between two higher ratios)", None: " ✗"}[kind[g]]
+        mark = (" ✗" if kind[g] is None else " ✓" if kind[g][0] == "full" else
+                f" (G1 overtakes G2 between p={kind[g][1]:.0%} and p={kind[g][2]:.0%})")
         texts.append(f"{sym}={g:g}: " + ", ".join(parts) + mark)
     rows.append(("Phase transition",
                  "triggered generations are mostly G2 (prompt matched) at a low poisoning ratio and mostly G1 "
                  "(mismatched) at a high one",
                  "; ".join(texts) + f" (G1 vs G2 counts only where at least {MIN_TRIGGERED} generations carry the "
                  "trigger)",
-                 True if "full" in kind.values() else "partly" if "crosses" in kind.values() else False))
+                 True if any(k and k[0] == "full" for k in kind.values()) else
+                 "partly" if any(kind.values()) else False))
     nt = [dw[r]["non_target_trigger_ratio"] for r in ratios]
     rows.append(("Non-target prompts", "generations for the other classes carry almost no trigger",
                  "trigger ratio " + ", ".join(f"p={r:.0%}: {pct(x)}" for r, x in zip(ratios, nt)),

@@ -139,8 +139,11 @@ def test_phase_transition_needs_enough_triggered_generations():
     higher ratios counts only partly; a ratio with fewer than MIN_TRIGGERED triggered generations does not count."""
     import study as S
     ratios = [0.01, 0.05, 0.1]
-    assert S.transition({0.01: row(0.02, 0.08), 0.05: row(0.2, 0.2), 0.1: row(0.5, 0.1)}, ratios) == "full"
-    assert S.transition({0.01: row(0.0, 0.02), 0.05: row(0.17, 0.2), 0.1: row(0.32, 0.24)}, ratios) == "crosses"
+    assert S.transition({0.01: row(0.02, 0.08), 0.05: row(0.2, 0.2), 0.1: row(0.5, 0.1)}, ratios) == ("full", 0.01, 0.1)
+    assert S.transition({0.01: row(0.0, 0.02), 0.05: row(0.17, 0.2), 0.1: row(0.32, 0.24)},
+                        ratios) == ("crosses", 0.05, 0.1)
+    assert S.transition({0.01: row(0.1, 0.3), 0.05: row(0.3, 0.1), 0.1: row(0.12, 0.32)},
+                        ratios) == ("crosses", 0.01, 0.05)
     assert S.transition({0.01: row(0.0, 0.02), 0.05: row(0.3, 0.2), 0.1: row(0.5, 0.1)}, ratios) is None
     assert S.transition({0.01: row(0.1, 0.3), 0.05: row(0.1, 0.3), 0.1: row(0.12, 0.32)}, ratios) is None
     assert S.g1_share(row(0.32, 0.24)) == (0.32 / 0.56, 56)
