@@ -15,7 +15,8 @@ Stages, each written to its own folder under OUT and skipped when that folder is
 study resumes where it stopped; `--force` starts over):
     data/<set>/          poison.py        one poisoned set per ratio (BadNets trigger, poison.py's target: digits
                                           "zero", CIFAR-10 "deer", ImageNette "garbage truck", Caltech-15 "binoculars")
-    classifiers/class    classify.py      the judge of "does the image match its prompt" (clean images only)
+    data/<set>-clean/    poison.py        the same split unpoisoned (ratio 0), which the two judges learn from
+    classifiers/class    classify.py      the judge of "does the image match its prompt"
     classifiers/trigger  classify.py      the judge of "does the image carry the trigger"
     models/<family>-<r>  train_ddpm.py    a class-conditional DDPM per ratio (--family sd: finetune_sd.py, SD v1)
     gen/<r>-w<w>         sample.py        generations: every class at the guidance weight w (default 5), and the
@@ -214,24 +215,28 @@ def run_study(args):
     with open(out / "commands.sh", "a") as fh:
         fh.write(f"# study.py {' '.join(sys.argv[1:])}  ({time.strftime('%Y-%m-%d %H:%M:%S')})\n")
 
-    # 1. Poisoned training sets (and their clean test / backdoor test sets).
+    # 1. Poisoned training sets (and their clean test / backdoor test sets), and the same split unpoisoned (ratio 0)
+    #    for the judges.
     source = ["--dataset", s["dataset"], "--resolution", s["resolution"], "--seed", args.seed]
     if args.data_root:
         source += ["--data-root", args.data_root]
+    clean = out / "data" / f"{s['dataset']}-clean"
     run.run_many("poison", [(f"poison {ratio_name(r)}", "poison.py", [*source, "--ratio", r, "--out", data[r]],
-                             lambda r=r: folder_done(data[r] / "train", "manifest.json")) for r in ratios])
+                             lambda r=r: folder_done(data[r] / "train", "manifest.json")) for r in ratios]
+                 + [("poison clean", "poison.py", [*source, "--ratio", 0, "--out", clean],
+                     lambda: folder_done(clean / "train", "manifest.json"))])
 
     target = load_json(data[max(ratios)] / "train" / "manifest.json")["target"]  # poison.py's default per dataset
 
-    # 2. The two judges of the generations, trained on the largest ratio's set: the class classifier on its clean
-    #    images only, the trigger detector on trigger-stamped vs clean images.
-    top = data[max(ratios)]
+    # 2. The two judges of the generations, trained on the unpoisoned set as in the paper's code (so every ratio,
+    #    and every study on the same split, is judged alike): the class classifier, and the trigger detector on
+    #    trigger-stamped vs clean images.
     common = [*s["classifier"], "--seed", args.seed, *device, "--quiet"]
     run.run_many("judges", [
-        ("classifier class", "classify.py", ["train", "--clean", "--data", top, "--out", clf / "class", *common],
+        ("classifier class", "classify.py", ["train", "--clean", "--data", clean, "--out", clf / "class", *common],
          lambda: folder_done(clf / "class", "results.json"), True),
-        ("classifier trigger", "classify.py", ["trigger-detector", "--data", top, "--out", clf / "trigger", *common],
-         lambda: folder_done(clf / "trigger", "results.json"), True)])
+        ("classifier trigger", "classify.py", ["trigger-detector", "--data", clean, "--out", clf / "trigger",
+                                               *common], lambda: folder_done(clf / "trigger", "results.json"), True)])
 
     # 3. One diffusion model per ratio (a rerun resumes from its last checkpoint): a DDPM trained from scratch, or
     #    Stable Diffusion's U-Net fine-tuned from --base.
@@ -252,15 +257,15 @@ def run_study(args):
     # 4. Generations: every class at the guidance weight (Fig. 2, Tab. 3/4), the target class without guidance and
     #    at the sweep's weights (Fig. A3).
     sample = ["--steps", s["sample_steps"], "--seed", args.seed, *device]
-    items = []
-    for r in ratios:
-        items.append((f"sample {ratio_name(r)} w{w:g}", "sample.py",
-                      ["--model", model[r], "--class", "all", "--images-per-class", s["per_class"], "--guidance", w,
-                       "--out", gen[r, w], *sample], lambda r=r: folder_done(gen[r, w], "manifest.json"), True))
-        items += [(f"sample {ratio_name(r)} w{g:g}", "sample.py",
-                   ["--model", model[r], "--class", target["index"], "--images-per-class", s["per_class"],
-                    "--guidance", g, "--out", gen[r, g], *sample],
-                   lambda r=r, g=g: folder_done(gen[r, g], "manifest.json"), True) for g in weights[1:]]
+    # The long runs (every class) go first, so that the short ones fill the cores at the end.
+    items = [(f"sample {ratio_name(r)} w{w:g}", "sample.py",
+              ["--model", model[r], "--class", "all", "--images-per-class", s["per_class"], "--guidance", w,
+               "--out", gen[r, w], *sample], lambda r=r: folder_done(gen[r, w], "manifest.json"), True)
+             for r in ratios]
+    items += [(f"sample {ratio_name(r)} w{g:g}", "sample.py",
+               ["--model", model[r], "--class", target["index"], "--images-per-class", s["per_class"],
+                "--guidance", g, "--out", gen[r, g], *sample],
+               lambda r=r, g=g: folder_done(gen[r, g], "manifest.json"), True) for r in ratios for g in weights[1:]]
     run.run_many("sample", items)
 
     # 5. Tab. 4: a classifier trained on the poisoned set vs one trained on the generations (same test sets).
