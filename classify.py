@@ -475,9 +475,14 @@ def autocast_for(device, dtype):
     return torch.autocast("cuda", dtype=torch_dtype), scaler
 
 
+NOISE_MAX = 0.5  # 'crop-noise': the largest standard deviation of the added noise (images in [0, 1])
+
+
 def augment(x, mode, generator):
     """Random translation by up to side/8 px with zero padding (as RandomCrop(padding) does); 'flip-crop' also
-    flips half the batch horizontally. x: (N, 3, H, W) float."""
+    flips half the batch horizontally; 'crop-noise' adds Gaussian noise to half the batch, each image its own
+    standard deviation up to NOISE_MAX (clamped to [0, 1]), labels unchanged: a judge of generations then learns that
+    noise, which failed generations are full of, is neither a trigger nor its absence. x: (N, 3, H, W) float."""
     if mode == "none":
         return x
     n, _, h, w = x.shape
@@ -488,6 +493,12 @@ def augment(x, mode, generator):
     if mode == "flip-crop":
         flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    if mode == "crop-noise":
+        sigma = torch.rand(n, generator=generator) * NOISE_MAX * (torch.rand(n, generator=generator) < 0.5)
+        device_generator = torch.Generator(x.device).manual_seed(
+            int(torch.randint(2 ** 62, (1,), generator=generator)))  # the noise is drawn where the images are
+        noise = torch.randn(x.shape, generator=device_generator, device=x.device)
+        x = (x + sigma.to(x.device)[:, None, None, None] * noise).clamp(0, 1)
     return x
 
 
@@ -1281,8 +1292,9 @@ def add_training_arguments(p, arch_default):
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--augment", default="crop", choices=["none", "crop", "flip-crop"],
-                   help="random translation by up to side/8 px (+ horizontal flips)")
+    p.add_argument("--augment", default="crop", choices=["none", "crop", "flip-crop", "crop-noise"],
+                   help="random translation by up to side/8 px (+ horizontal flips, or + Gaussian noise on half the "
+                        "images: for judges of generations)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],

@@ -230,13 +230,15 @@ def run_study(args):
 
     # 2. The two judges of the generations, trained on the unpoisoned set as in the paper's code (so every ratio,
     #    and every study on the same split, is judged alike): the class classifier, and the trigger detector on
-    #    trigger-stamped vs clean images.
+    #    trigger-stamped vs clean images, half of them noised in training so that the noise of failed generations
+    #    does not pass for a trigger (without it, 2-4% of the non-target prompts' generations did, by seed).
     common = [*s["classifier"], "--seed", args.seed, *device, "--quiet"]
     run.run_many("judges", [
         ("classifier class", "classify.py", ["train", "--clean", "--data", clean, "--out", clf / "class", *common],
          lambda: folder_done(clf / "class", "results.json"), True),
         ("classifier trigger", "classify.py", ["trigger-detector", "--data", clean, "--out", clf / "trigger",
-                                               *common], lambda: folder_done(clf / "trigger", "results.json"), True)])
+                                               *common, "--augment", "crop-noise"],
+         lambda: folder_done(clf / "trigger", "results.json"), True)])
 
     # 3. One diffusion model per ratio (a rerun resumes from its last checkpoint): a DDPM trained from scratch, or
     #    Stable Diffusion's U-Net fine-tuned from --base.
@@ -448,7 +450,7 @@ def findings(res, ratios, guidance):
         for r in ratios:
             f, k = d[g][r]["fractions"], g1_share(d[g][r])[1]
             parts.append(f"p={r:.0%}: G1 {pct(f['G1'])} / G2 {pct(f['G2'])}"
-                         + (f" (only {k} triggered)" if k < MIN_TRIGGERED else ""))
+                         + (" (none triggered)" if k == 0 else f" (only {k} triggered)" if k < MIN_TRIGGERED else ""))
         mark = (" ✗" if kind[g] is None else " ✓" if kind[g][0] == "full" else
                 f" (G1 overtakes G2 between p={kind[g][1]:.0%} and p={kind[g][2]:.0%})")
         texts.append(f"{sym}={g:g}: " + ", ".join(parts) + mark)

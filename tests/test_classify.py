@@ -241,3 +241,21 @@ def test_pretrained_weights_from_a_local_file_and_offline_message(tmp_path, monk
         classify.make_model("resnet18", 3, SIDE, pretrained=True)
     with pytest.raises(ClassifyError, match="no ImageNet weights for smallcnn"):
         classify.make_model("smallcnn", 3, SIDE, pretrained=True)
+
+
+def test_crop_noise_augmentation_noises_half_the_images():
+    """'crop-noise' = the random translation, then Gaussian noise on about half the images, each with its own
+    standard deviation up to NOISE_MAX, clamped to [0, 1]; the same seed gives the same batch."""
+    seed = int(torch.randint(1 << 30, (1,)))
+    x = torch.full((400, 3, 16, 16), 0.5)
+    out = classify.augment(x, "crop-noise", torch.Generator().manual_seed(seed))
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    # a translated constant image holds only the constant and the zero padding; a noised one holds other values
+    plain = ((out == 0.5) | (out == 0)).flatten(1).all(1)
+    assert 0.4 < (~plain).float().mean() < 0.6
+    inside = out[~plain][:, :, 6:10, 6:10]      # the centre, never padding: the noise unclamped here mostly
+    assert inside.std(dim=(1, 2, 3)).max() < classify.NOISE_MAX * 1.15
+    assert inside.std(dim=(1, 2, 3)).mean() > classify.NOISE_MAX / 4
+    same = classify.augment(x, "crop-noise", torch.Generator().manual_seed(seed))
+    assert torch.equal(out, same)
+    assert torch.equal(classify.augment(x, "none", torch.Generator()), x)
