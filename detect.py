@@ -15,7 +15,8 @@ better among its generations than among the training images (AUROC up by as much
 
 OUT/detect.json holds the settings, the AUROC of every method on both sets and the improvement (each with its 95%
 interval), and every per-image score; OUT/detect.md the paper's Table 3 layout (rows: method; columns: training set
-AUROC, generation set AUROC, Δ); OUT/hist_<method>.png the score histograms of clean vs poisoned images, training set vs generations (Fig. A6).
+AUROC, generation set AUROC, Δ); OUT/hist_<method>.png the score histograms of clean vs poisoned images, training
+set vs generations (Fig. A6).
 
 The detectors (all probe `--classifier`, a classifier folder of classify.py trained on the poisoned set; images in
 [0, 1], resizing and normalisation inside the model, so every pass of a detector sees the same normalisation):
