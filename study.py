@@ -428,17 +428,18 @@ def findings(res, ratios, guidance):
     dw = d[w]
     false_positive = dw[max(ratios)]["non_target_trigger_ratio"]  # the judge's "triggers" where there are none
     trustworthy = false_positive is not None and false_positive < 0.05
+    ci = {(g, r): wilson(d[g][r]["trigger_ratio"], d[g][r]["n"]) for g in weights for r in ratios}
+    amplified = {(g, r): trustworthy and ci[g, r][0] > d[g][r]["p_t"] for g in weights for r in ratios}
     top = {g: d[g][max(ratios)] for g in weights}
-    ci = {g: wilson(top[g]["trigger_ratio"], top[g]["n"]) for g in weights}
-    ok = {g: trustworthy and ci[g][0] > top[g]["p_t"] for g in weights}
-    lower = {g: [r for r in ratios if r != max(ratios) and trustworthy
-                 and wilson(d[g][r]["trigger_ratio"], d[g][r]["n"])[0] > d[g][r]["p_t"]] for g in weights}
+    ok = {g: amplified[g, max(ratios)] for g in weights}
+    lower = {g: [r for r in ratios if r != max(ratios) and amplified[g, r]] for g in weights}
     elsewhere = "; ".join(f"{sym}={g:g}: " + ", ".join(f"p={r:.0%}" for r in lower[g]) for g in weights if lower[g])
     rows.append(("Trigger amplification",
                  "generations for the target prompt carry the trigger more often than the target class's "
                  "training images (trigger ratio > p_t)",
                  f"at p={float(hi):.0%} (p_t {pct(top[w]['p_t'])}), trigger ratio (95% CI): "
-                 + "; ".join(f"{sym}={g:g}: {pct(top[g]['trigger_ratio'])} ({pct(ci[g][0])}–{pct(ci[g][1])}, "
+                 + "; ".join(f"{sym}={g:g}: {pct(top[g]['trigger_ratio'])} ({pct(ci[g, max(ratios)][0])}–"
+                             f"{pct(ci[g, max(ratios)][1])}, "
                              f"n={top[g]['n']}) {'✓' if ok[g] else '✗'}" for g in weights)
                  + f"; at lower ratios, the 95% CI lies above p_t at {elsewhere or 'none'}"
                  + f"; the trigger detector's false positives (non-target prompts): {pct(false_positive)}",
@@ -476,9 +477,9 @@ def findings(res, ratios, guidance):
     rows.append(("Detection on generations (Tab. 3)",
                  "poison detectors reach a higher AUROC on the generations than on the training set",
                  f"the generations' AUROC is at least the training set's in {len(better)} of {len(cells)} (method, "
-                 f"ratio) cells; the 95% interval of the difference lies above 0 in {sum(lo > 0 for lo, _ in sure)}, "
-                 f"below 0 in {sum(hi < 0 for _, hi in sure)}, and holds 0 in "
-                 f"{sum(lo <= 0 <= hi for lo, hi in sure)} (poisoned images scored in the training set and the "
+                 f"ratio) cells; the 95% interval of the difference lies above 0 in {sum(a > 0 for a, _ in sure)}, "
+                 f"below 0 in {sum(b < 0 for _, b in sure)}, and holds 0 in "
+                 f"{sum(a <= 0 <= b for a, b in sure)} (poisoned images scored in the training set and the "
                  f"generations: {positives}; ratios with fewer than {MIN_TRIGGERED} in a set are left out)",
                  bool(cells) and len(better) > len(cells) / 2))
     c = res["classifiers"][lo]
