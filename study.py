@@ -26,9 +26,9 @@ study resumes where it stopped; `--force` starts over):
                                           on the poisoned set vs on the generations
     dissect/w<w>         dissect.py       G1-G4, trigger amplification, the phase transition (Fig. 2-4) at each
                                           guidance weight; dissect/guidance: all of them, the sweep (Fig. A3)
-    detect/<r>           detect.py        CD, STRIP, FCT: AUROC on the training set vs the generations (Tab. 3)
     diffusion-classifier/<r>  classify.py diffusion   the lowest ratio's DDPM as a classifier, its largest
                                           denoising errors filtered at 0/1/5/10%, vs the classifier (Tab. A4)
+    detect/<r>           detect.py        CD, STRIP, FCT: AUROC on the training set vs the generations (Tab. 3)
     REPORT.md, report.json                the paper's findings next to this run's numbers, with the figures
 Logs of every stage are in OUT/logs/. Stages that do not depend on each other (one per ratio) run `--jobs` at a time.
 """
@@ -297,26 +297,24 @@ def run_study(args):
         items.append(dissect("guidance", [(r, g) for r in ratios for g in sorted(weights)]))
     run.run_many("dissect", items)
 
-    # 7. Tab. 3: poison detection on the training set vs on the generations, with the poisoned classifier. When no
-    #    generation (or every one) carries the trigger, the AUROC on the generations is undefined: reported, not fatal.
-    run.run_many("detect", [
-        (f"detect {ratio_name(r)}", "detect.py",
-         ["--classifier", clf / f"poisoned-{ratio_name(r)}", "--train", data[r], "--generated", gen[r, w],
-          "--detector", clf / "trigger", "--out", out / "detect" / ratio_name(r), *s["detect"],
-          "--seed", args.seed, *device, "--quiet"],
-         lambda r=r: folder_done(out / "detect" / ratio_name(r), "detect.json"), False, "an AUROC needs")
-        for r in ratios])
-
-    # 8. Tab. A4: the lowest ratio's DDPM used as a classifier, with and without filtering its largest denoising
-    #    errors, next to the classifier trained on the same poisoned set.
+    # 7. Tab. A4: the lowest ratio's DDPM used as a classifier, with and without filtering its largest denoising
+    #    errors, next to the classifier trained on the same poisoned set; it runs beside the detection stages.
     lo = min(ratios)
     diff = out / "diffusion-classifier" / ratio_name(lo)
-    if s["diffusion"] is not None:
-        run.run_many("diffusion classifier", [
-            (f"diffusion classifier {ratio_name(lo)}", "classify.py",
-             ["diffusion", "--model", model[lo], "--data", data[lo], "--classifier",
-              clf / f"poisoned-{ratio_name(lo)}", *s["diffusion"], "--seed", args.seed, "--out", diff, *device,
-              "--quiet"], lambda: folder_done(diff, "results.json"), True)])
+    items = [] if s["diffusion"] is None else [
+        (f"diffusion classifier {ratio_name(lo)}", "classify.py",
+         ["diffusion", "--model", model[lo], "--data", data[lo], "--classifier", clf / f"poisoned-{ratio_name(lo)}",
+          *s["diffusion"], "--seed", args.seed, "--out", diff, *device, "--quiet"],
+         lambda: folder_done(diff, "results.json"), True)]
+    # 8. Tab. 3: poison detection on the training set vs on the generations, with the poisoned classifier. When no
+    #    generation (or every one) carries the trigger, the AUROC on the generations is undefined: reported, not fatal.
+    items += [(f"detect {ratio_name(r)}", "detect.py",
+               ["--classifier", clf / f"poisoned-{ratio_name(r)}", "--train", data[r], "--generated", gen[r, w],
+                "--detector", clf / "trigger", "--out", out / "detect" / ratio_name(r), *s["detect"],
+                "--seed", args.seed, *device, "--quiet"],
+               lambda r=r: folder_done(out / "detect" / ratio_name(r), "detect.json"), False, "an AUROC needs")
+              for r in ratios]
+    run.run_many("detect, diffusion classifier", items)
 
     report = write_report(out, s, ratios, (w, none, sym, sweep), run.times, run.failed)
     run.say(f"report: {out / 'REPORT.md'}")
