@@ -23,6 +23,8 @@ OUT is a dataset folder (metadata.jsonl, images/*.png, manifest.json): image i i
 with --prompt: that prompt, `label` the class whose caption it is, -1 if none) and made from seed `seed` = --seed + i
 alone; its initial noise and every noise drawn later come from its own generator, so it is the same image whatever
 --batch-size and however many processes share the work (up to floating-point differences between batch shapes).
+Seeds are consecutive, so runs at --seed 0 and --seed 1 share all but one image: independent replicates need
+seeds further apart than their image count (e.g. --seed 0, 100000, 200000).
 --n images are made per class (--class all: class after class) or per prompt. The manifest records the model,
 weights, sampler, steps, timesteps, guidance and its convention, seeds, and copies class_names, target, p_t,
 poison_ratio of the training data and its poison selection (`select`: random | duplicates) so later stages (dissect.py)
@@ -582,7 +584,8 @@ def build_parser():
                    help="clip the predicted x_0 to [-1, 1] at every step (DDPM family, default: on, as "
                         "guided-diffusion and diffusers; --no-clip-x0 is the reference code's sampler exactly; "
                         "SD never clips its latents)")
-    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    p.add_argument("--seed", type=int, default=0,
+                   help="image i uses seed + i (so runs meant to be independent need seeds more images apart)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per forward pass, per process (default: 256 DDPM family, 16 SD)")
     p.add_argument("--resolution", type=int, default=None,

@@ -35,6 +35,7 @@ Logs of every stage are in OUT/logs/. Stages that do not depend on each other (o
 import argparse
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -144,8 +145,9 @@ class Runner:
         self.times[f"stage: {stage}"] = round(time.time() - t0, 1)
 
     def say(self, line):
-        if not self.quiet:
-            print(f"[{time.time() - self.t0:6.0f} s] {line}", flush=True)
+        if not self.quiet:  # one write per line: stages report from several threads at once
+            sys.stdout.write(f"[{time.time() - self.t0:6.0f} s] {line}\n")
+            sys.stdout.flush()
 
 
 def folder_done(path, key_file):
@@ -551,8 +553,10 @@ def write_report(out, s, ratios, guidance, times, failed=None):
           "generations from the trigger detector; in brackets the 95% bootstrap interval.", "",
           "| ratio | method | training set | generations | Δ |", "|---|---|---|---|---|"]
     for r, dm in res["detect"].items():
-        if "error" in dm:
-            L.append(f"| {float(r):.0%} | – | undefined: {dm['error']} | | |")
+        if "error" in dm:  # detect.py's error line names every folder; the table keeps its gist
+            m = re.search(r"\b(every|no) image of \S+ carries the trigger", dm["error"])
+            why = f"{m.group(1)} generation carries the trigger" if m else dm["error"]
+            L.append(f"| {float(r):.0%} | – | undefined: {why} (`logs/detect_{r}.log`) | | |")
         for m, v in dm.get("methods", {}).items():
             L.append(f"| {float(r):.0%} | {m.upper()} | {with_ci(v, 'train_auroc')} | "
                      f"{with_ci(v, 'generated_auroc')} | {with_ci(v, 'delta', '+.3f')} |")
