@@ -554,8 +554,8 @@ def write_report(out, s, ratios, guidance, times, failed=None):
           "| ratio | method | training set | generations | Δ |", "|---|---|---|---|---|"]
     for r, dm in res["detect"].items():
         if "error" in dm:  # detect.py's error line names every folder; the table keeps its gist
-            m = re.search(r"\b(every|no) image of \S+ carries the trigger", dm["error"])
-            why = f"{m.group(1)} generation carries the trigger" if m else dm["error"]
+            hit = re.search(r"\b(every|no) image of \S+ carries the trigger", dm["error"])
+            why = f"{hit.group(1)} generation carries the trigger" if hit else dm["error"]
             L.append(f"| {float(r):.0%} | – | undefined: {why} (`logs/detect_{r}.log`) | | |")
         for m, v in dm.get("methods", {}).items():
             L.append(f"| {float(r):.0%} | {m.upper()} | {with_ci(v, 'train_auroc')} | "
