@@ -14,7 +14,9 @@ matches its prompt and the trigger detector whether it carries the trigger:
     G1 trigger, prompt mismatched   G2 trigger, matched   G3 no trigger, mismatched   G4 neither.
 The trigger ratio G1 + G2 is set against p_t, the share of trigger images among the training images labelled target
 (trigger amplification, reported as the ratio (G1 + G2) / p_t). p_t comes from --train (a training folder, a poisoned
-set or a manifest.json) when given, else from the generations' manifest.
+set or a manifest.json) when given, else from the generations' manifest. For a patch trigger (BadNets) it also counts
+the target prompt's generations that copy the patch pixel-exactly: the detector, a CNN, also calls blurred copies
+triggered, and the count tells a memorised trigger from a half-learnt one.
 
 OUT/summary.json, OUT/summary.md (one row a folder), OUT/groups.png (stacked bars, Fig. 2(a)), OUT/phase_transition.png
 (G1 and G2 against p_t, Fig. 3/4), OUT/guidance.png (when the guidance weight varies, Fig. A3), and per folder
@@ -43,13 +45,17 @@ import torchvision
 from tqdm import tqdm
 
 from classify import ImageSet, batches, load_classifier, map_labels, predict
-from poison import PoisonError, atomic_output, load_folder, save_grid
+from poison import PoisonError, atomic_output, load_folder, make_trigger, save_grid
 
 GROUPS = ("G1", "G2", "G3", "G4")
 GROUP_MEANING = {"G1": "trigger, prompt mismatched", "G2": "trigger, prompt matched",
                  "G3": "no trigger, prompt mismatched", "G4": "no trigger, prompt matched"}
 GROUP_COLORS = {"G1": "#d62728", "G2": "#ff7f0e", "G3": "#1f77b4", "G4": "#2ca02c"}
 EXAMPLES = 32  # images in each example grid
+# A generation copies a patch trigger pixel-exactly when the mean absolute difference between it and the pattern,
+# over the patch and on [0, 1], is at most this: a clean 16-px digit's black corner is 0.44 from the BadNets patch,
+# a memorised copy 0.00-0.01, a blurred copy that the trigger detector still calls triggered 0.14-0.6.
+EXACT_ERROR = 0.1
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
 FID_SIZE = 299
@@ -67,6 +73,34 @@ class DissectError(PoisonError):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Groups.
+
+def patch_trigger(params, size):
+    """The (mask, pattern) of a patch trigger (BadNets) from a detector's trigger parameters, when the images are
+    of its resolution; None for triggers spread over the whole image (blend, WaNet) or unknown ones."""
+    if not params or params.get("kind") != "badnets" or params.get("resolution") is None:
+        return None
+    if size != (params["resolution"],) * 2:
+        return None
+    trigger = make_trigger("badnets", params["resolution"])
+    return trigger.mask[0] > 0.5, trigger.pattern
+
+
+def patch_errors(images, indices, trigger):
+    """Per image of `images` (an ImageSet) at `indices`: the mean absolute difference, on [0, 1], between the image
+    and the trigger's pattern over its patch (0 = a pixel-exact copy)."""
+    mask, pattern = trigger
+    want = pattern[:, mask].double()
+    return np.array([(images[int(i)][0][:, mask].double() / 255 - want).abs().mean().item() for i in indices])
+
+
+def exact_copies(errors, has_trigger):
+    """How many of the generations (and of those the trigger detector calls triggered) copy the patch exactly."""
+    exact = errors <= EXACT_ERROR
+    return {"max_error": EXACT_ERROR, "n": int(len(errors)), "exact": int(exact.sum()),
+            "ratio": float(exact.mean()) if len(errors) else None,
+            "triggered": int(has_trigger.sum()), "exact_of_triggered": int((exact & has_trigger).sum()),
+            "median_error_triggered": float(np.median(errors[has_trigger])) if has_trigger.any() else None}
+
 
 def group_fractions(has_trigger, matches):
     """G1-G4 of a set of generations from per-image verdicts (bool arrays): counts, fractions (summing to one), the
@@ -165,6 +199,12 @@ def dissect_folder(generated, classifier, detector, p_t=None, target=None, train
         raise DissectError(f"{folder.root} holds no generations for the target prompt "
                            f"({folder.class_names[target_index]}): generate some for the target class")
     groups = group_fractions(has_trigger[is_target], matches[is_target])
+    trigger = patch_trigger(det_cfg.get("trigger"), images.size)
+    errors = None
+    if trigger is not None:  # the trigger detector also calls blurred copies triggered: count the exact ones
+        errors = np.full(len(folder), np.nan)
+        errors[is_target] = patch_errors(images, np.flatnonzero(is_target), trigger)
+        groups["exact_trigger"] = exact_copies(errors[is_target], has_trigger[is_target])
     non_target = None
     if (~is_target).any():
         nt = group_fractions(has_trigger[~is_target], matches[~is_target])
@@ -179,7 +219,8 @@ def dissect_folder(generated, classifier, detector, p_t=None, target=None, train
     clf_names = clf_cfg["class_names"]
     verdicts = [{"file_name": r["file_name"], "prompt": folder.class_names[int(prompt[i])],
                  "predicted": clf_names[int(predicted[i])], "trigger": bool(has_trigger[i]),
-                 "group": group_of(bool(has_trigger[i]), bool(matches[i])) if is_target[i] else None}
+                 "group": group_of(bool(has_trigger[i]), bool(matches[i])) if is_target[i] else None,
+                 **({"patch_error": round(float(errors[i]), 4)} if errors is not None and is_target[i] else {})}
                 for i, r in enumerate(folder.records)]
     return {"folder": str(folder.root), "target": folder.class_names[target_index], "setting": setting,
             "p_t": None if p_t is None else float(p_t), "p_t_source": p_t_source,
@@ -384,6 +425,11 @@ def folder_markdown(r):
     lines += ["", f"trigger ratio G1+G2 = {pct(r['trigger_ratio'])}, "
               f"p_t = {pct(r['p_t'])} ({r['p_t_source'] or 'unknown'}), "
               f"amplification (G1+G2)/p_t = {amp}"]
+    ex = g.get("exact_trigger")
+    if ex:
+        lines += [f"pixel-exact copies of the trigger patch (mean absolute error <= {ex['max_error']:g}): "
+                  f"{ex['exact']} of {ex['n']} target-prompt generations; {ex['exact_of_triggered']} of the "
+                  f"{ex['triggered']} the trigger detector calls triggered"]
     if r["non_target_prompts"]:
         nt = r["non_target_prompts"]
         lines += [f"non-target prompts: {nt['n']} generations, trigger ratio {pct(nt['trigger_ratio'])}, "
@@ -393,19 +439,22 @@ def folder_markdown(r):
 
 def summary_markdown(results):
     head = ("| setting | p | p_t | guidance | sampler | select | n | G1 | G2 | G3 | G4 | G1+G2 | (G1+G2)/p_t | "
-            "FID |")
+            "pixel-exact | FID |")
     lines = ["# Generations of the target prompt: G1 trigger & mismatch, G2 trigger & match, G3 mismatch, "
-             "G4 neither", "", head, "|" + "---|" * 3 + "---:|" + "---|" * 2 + "---:|" * 8]
+             "G4 neither", "", f"pixel-exact: generations that copy the trigger patch to within {EXACT_ERROR:g} "
+             "mean absolute error (patch triggers only)", "", head, "|" + "---|" * 3 + "---:|" + "---|" * 2
+             + "---:|" * 9]
     for r in results:
         s, g = r["setting"], r["target_prompt"]
         amp = "-" if r["amplification"] is None else f"{r['amplification']:.2f}"
         fid = "-" if not r.get("fid") else f"{r['fid']['fid']:.3f}"
         p = "-" if s.get("poison_ratio") is None else f"{100 * float(s['poison_ratio']):g}%"
         w = s.get("guidance") if s.get("guidance") is not None else "-"
+        ex = g.get("exact_trigger")
         lines.append(f"| {r['label']} | {p} | {pct(r['p_t'])} | {w} "
                      f"| {s.get('sampler') or '-'} | {s.get('select') or '-'} | {g['n']} | "
                      + " | ".join(pct(g["fractions"][k]) for k in GROUPS)
-                     + f" | {pct(r['trigger_ratio'])} | {amp} | {fid} |")
+                     + f" | {pct(r['trigger_ratio'])} | {amp} | {pct(ex['ratio']) if ex else '-'} | {fid} |")
     return "\n".join(lines) + "\n"
 
 

@@ -349,7 +349,8 @@ def collect(out, ratios, guidance, failed):
             {"ratio": r, "name": d["name"], "p_t": d["p_t"], "trigger_ratio": d["trigger_ratio"],
              "amplification": d["amplification"], "fractions": d["target_prompt"]["fractions"],
              "n": d["target_prompt"]["n"],
-             "non_target_trigger_ratio": (d["non_target_prompts"] or {}).get("trigger_ratio")}
+             "non_target_trigger_ratio": (d["non_target_prompts"] or {}).get("trigger_ratio"),
+             "exact_trigger": d["target_prompt"].get("exact_trigger")}
             for r, d in zip(ratios, summary["results"])]
     for r in ratios:
         path = out / "detect" / ratio_name(r) / "detect.json"
@@ -439,8 +440,10 @@ def findings(res, ratios, guidance):
                  "training images (trigger ratio > p_t)",
                  f"at p={float(hi):.0%} (p_t {pct(top[w]['p_t'])}), trigger ratio (95% CI): "
                  + "; ".join(f"{sym}={g:g}: {pct(top[g]['trigger_ratio'])} ({pct(ci[g, max(ratios)][0])}–"
-                             f"{pct(ci[g, max(ratios)][1])}, "
-                             f"n={top[g]['n']}) {'✓' if ok[g] else '✗'}" for g in weights)
+                             f"{pct(ci[g, max(ratios)][1])}, n={top[g]['n']}"
+                             + (f"; pixel-exact {pct(top[g]['exact_trigger']['ratio'])}"
+                                if top[g].get("exact_trigger") else "")
+                             + f") {'✓' if ok[g] else '✗'}" for g in weights)
                  + f"; at lower ratios, the 95% CI lies above p_t at {elsewhere or 'none'}"
                  + f"; the trigger detector's false positives (non-target prompts): {pct(false_positive)}",
                  True if all(ok.values()) else "partly" if any(ok.values()) or elsewhere else False))
@@ -450,8 +453,10 @@ def findings(res, ratios, guidance):
         parts = []
         for r in ratios:
             f, k = d[g][r]["fractions"], g1_share(d[g][r])[1]
+            ex = d[g][r].get("exact_trigger")
             parts.append(f"p={r:.0%}: G1 {pct(f['G1'])} / G2 {pct(f['G2'])}"
-                         + (" (none triggered)" if k == 0 else f" (only {k} triggered)" if k < MIN_TRIGGERED else ""))
+                         + (" (none triggered)" if k == 0 else f" (only {k} triggered)" if k < MIN_TRIGGERED else
+                            f" ({ex['exact_of_triggered']} of {k} pixel-exact)" if ex else ""))
         mark = (" ✗" if kind[g] is None else " ✓" if kind[g][0] == "full" else
                 f" (G1 overtakes G2 between p={kind[g][1]:.0%} and p={kind[g][2]:.0%})")
         texts.append(f"{sym}={g:g}: " + ", ".join(parts) + mark)
@@ -523,23 +528,29 @@ def write_report(out, s, ratios, guidance, times, failed=None):
          "## Findings", "", "| finding | the paper | this run | |", "|---|---|---|---|"]
     L += [f"| {a} | {b} | {c} | {verdict(ok)} |" for a, b, c, ok in rows]
     j = res["judges"]
+    limit = next((d["exact_trigger"]["max_error"] for rows in res["dissect"].values() for d in rows
+                  if d.get("exact_trigger")), None)
     L += ["", f"Judges: the class classifier has a clean test accuracy of {pct(j['class'].get('ta'))}; the trigger "
           f"detector an accuracy of {pct(j['trigger'].get('heldout_acc'))} on held-out images (true-positive rate "
           f"{pct(j['trigger'].get('heldout_tpr'))}, true-negative rate {pct(j['trigger'].get('heldout_tnr'))}).",
           "", "## Trojan horses: what the poisoned models generate (Fig. 2-4)", "",
           "G1 trigger & prompt mismatched, G2 trigger & matched, G3 no trigger & mismatched, G4 neither; "
           "trigger ratio = G1 + G2 among generations for the target prompt, p_t = share of trigger images among the "
-          "target class's training images.", ""]
+          "target class's training images."
+          + ("" if limit is None else " The trigger detector also calls blurred copies of the trigger triggered; "
+             "pixel-exact trigger = generations for the target prompt that copy the trigger's patch to within "
+             f"{limit:g} mean absolute error, as a memorised trigger does."), ""]
     for g, value in ((f"w{g:g}", g) for g in (w, none, *sweep)):
         L += [f"### Guidance {sym} = {value:g}", "",
               "| poisoning ratio | p_t | G1 | G2 | G3 | G4 | trigger ratio | amplification "
-              "| non-target trigger ratio |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| pixel-exact trigger | non-target trigger ratio |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
         for d in res["dissect"][g]:
-            f = d["fractions"]
+            f, ex = d["fractions"], d.get("exact_trigger")
             amp = "–" if d["amplification"] is None else f"{d['amplification']:.2f}×"
             L.append(f"| {d['ratio']:.0%} | {pct(d['p_t'])} | {pct(f['G1'])} | {pct(f['G2'])} | {pct(f['G3'])} | "
-                     f"{pct(f['G4'])} | {pct(d['trigger_ratio'])} | {amp} | {pct(d['non_target_trigger_ratio'])} |")
+                     f"{pct(f['G4'])} | {pct(d['trigger_ratio'])} | {amp} | {pct(ex['ratio']) if ex else '–'} | "
+                     f"{pct(d['non_target_trigger_ratio'])} |")
         L += ["", f"![groups](dissect/{g}/groups.png) ![phase transition](dissect/{g}/phase_transition.png)", ""]
     if sweep:
         L += ["### The guidance sweep (Fig. A3)", "",

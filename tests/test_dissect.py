@@ -122,6 +122,58 @@ def test_report_tables_plots_and_grids(tmp_path):
         dissect.dissect(gens, CLASSIFIER, DETECTOR, out, progress=False)
 
 
+class CornerStub(nn.Module):
+    """Trigger detector stub: the 3x3 corner is brighter than 0.3 on average (exact and blurred copies alike)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        bright = (x[:, :, -3:, -3:].mean((1, 2, 3)) > 0.3).float()
+        return torch.stack([1 - bright, bright], 1) + 0 * self.dummy
+
+
+def test_pixel_exact_trigger_copies(tmp_path):
+    """Exact BadNets copies, blurred copies and clean images: the detector stub calls both kinds of copies triggered;
+    only the exact ones count as pixel-exact, and each image's error matches a direct computation on the PNGs."""
+    from PIL import Image
+    from poison import make_trigger
+
+    rng = np.random.default_rng(0)
+    trigger = make_trigger("badnets", SIDE)
+    clean = rng.integers(0, 40, size=(12, SIDE, SIDE, 3)).astype(np.uint8)
+    clean[:, 4:12, 5:11] = 200
+    stamped = trigger.apply_uint8(clean)
+    blurred = clean.copy()   # half the pattern over a grey corner: still bright, 0.2-0.3 away from the pattern
+    blurred[:, -3:, -3:] = (0.5 * stamped[:, -3:, -3:] + 77).astype(np.uint8)
+    kinds = ["exact"] * 4 + ["blurred"] * 3 + ["clean"] * 5
+    pick = {"exact": stamped, "blurred": blurred, "clean": clean}
+    items = [({"text": "A photo of a deer", "label": 2}, pick[k][i]) for i, k in enumerate(kinds)]
+    items += [({"text": "A photo of a cat", "label": 0}, stamped[0])]      # non-target prompts are not counted
+    manifest = {"class_names": NAMES, "target": {"index": 2, "name": "deer"}, "p_t": 0.2}
+    gen = tmp_path / "gen"
+    write_folder(gen, items, manifest, total=len(items), workers=1)
+    detector = (CornerStub(), {"task": "trigger", "class_names": ["clean", "trigger"],
+                               "trigger": {"kind": "badnets", "resolution": SIDE}})
+    r = dissect.dissect_folder(gen, CLASSIFIER, detector)
+    ex = r["target_prompt"]["exact_trigger"]
+    assert (ex["n"], ex["exact"], ex["triggered"], ex["exact_of_triggered"]) == (12, 4, 7, 4)
+    assert ex["ratio"] == pytest.approx(4 / 12) and ex["median_error_triggered"] == 0.0   # 4 of the 7 are exact
+    want = trigger.pattern[:, -3:, -3:].permute(1, 2, 0).double().numpy()
+    for v in r["verdicts"][:12]:
+        x = np.asarray(Image.open(gen / v["file_name"]).convert("RGB"), dtype=np.float64)[-3:, -3:] / 255
+        assert v["patch_error"] == pytest.approx(np.abs(x - want).mean(), abs=1e-4)
+    assert [v["patch_error"] <= dissect.EXACT_ERROR for v in r["verdicts"][:12]] == [k == "exact" for k in kinds]
+    assert "patch_error" not in r["verdicts"][12]
+    assert "33.3%" in dissect.summary_markdown([{**r, "label": "x"}])
+    assert "4 of 12 target-prompt generations; 4 of the 7" in dissect.folder_markdown({**r, "label": "x"})
+    # triggers spread over the image (blend, WaNet), or another resolution: no count
+    for params in ({"kind": "blend", "resolution": SIDE}, {"kind": "badnets", "resolution": 32}):
+        r = dissect.dissect_folder(gen, CLASSIFIER, (CornerStub(), {**detector[1], "trigger": params}))
+        assert "exact_trigger" not in r["target_prompt"] and "patch_error" not in r["verdicts"][0]
+
+
 def test_bad_input(tmp_path):
     gen = generations(tmp_path / "gen")
     other = (Stub(), {"task": "class", "class_names": ["cat", "dog", "horse"]})

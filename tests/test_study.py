@@ -37,6 +37,9 @@ def test_quick_study_writes_every_section_with_numbers(quick):
         for r in rows:
             assert 0 <= r["trigger_ratio"] <= 1 and 0 < r["p_t"] < 1
             assert abs(sum(r["fractions"].values()) - 1) < 1e-9
+            ex = r["exact_trigger"]  # pixel-exact copies of the BadNets patch, among them the triggered ones
+            assert ex["n"] == r["n"] and ex["triggered"] == round(r["trigger_ratio"] * r["n"])
+            assert 0 <= ex["exact_of_triggered"] <= min(ex["exact"], ex["triggered"]) and ex["exact"] <= ex["n"]
         assert rows[0]["p_t"] < rows[1]["p_t"]  # more poison, more trigger images in the target class
     for r in ratios:
         det = report["detect"][r]["methods"]
@@ -62,6 +65,8 @@ def test_quick_study_writes_every_section_with_numbers(quick):
     manifest = json.loads((out / "gen" / "0.1-w2" / "manifest.json").read_text())
     assert manifest["classes"] == ["zero"] and manifest["n_per_class"] == 6 and manifest["guidance"] == 2
     assert text.count("reproduced**") == 6
+    assert "| pixel-exact trigger |" in text and "mean absolute error" in text
+    assert "; pixel-exact " in report["findings"][0]["this_run"]   # beside the detector's trigger ratio
     # the commands a user would type are recorded, one per stage run
     commands = (out / "commands.sh").read_text()
     for script in ("poison.py", "classify.py", "train_ddpm.py", "sample.py", "dissect.py", "detect.py"):
