@@ -15,8 +15,8 @@ matches its prompt and the trigger detector whether it carries the trigger:
 The trigger ratio G1 + G2 is set against p_t, the share of trigger images among the training images labelled target
 (trigger amplification, reported as the ratio (G1 + G2) / p_t). p_t comes from --train (a training folder, a poisoned
 set or a manifest.json) when given, else from the generations' manifest. For a patch trigger (BadNets) it also counts
-the target prompt's generations that copy the patch pixel-exactly: the detector, a CNN, also calls blurred copies
-triggered, and the count tells a memorised trigger from a half-learnt one.
+the target prompt's generations that copy the patch (mean absolute difference over it at most 0.2): the detector, a
+CNN, also calls faint resemblances triggered, and the count tells a learnt trigger from a half-learnt one.
 
 OUT/summary.json, OUT/summary.md (one row a folder), OUT/groups.png (stacked bars, Fig. 2(a)), OUT/phase_transition.png
 (G1 and G2 against p_t, Fig. 3/4), OUT/guidance.png (when the guidance weight varies, Fig. A3), and per folder
@@ -52,10 +52,12 @@ GROUP_MEANING = {"G1": "trigger, prompt mismatched", "G2": "trigger, prompt matc
                  "G3": "no trigger, prompt mismatched", "G4": "no trigger, prompt matched"}
 GROUP_COLORS = {"G1": "#d62728", "G2": "#ff7f0e", "G3": "#1f77b4", "G4": "#2ca02c"}
 EXAMPLES = 32  # images in each example grid
-# A generation copies a patch trigger pixel-exactly when the mean absolute difference between it and the pattern,
-# over the patch and on [0, 1], is at most this: a clean 16-px digit's black corner is 0.44 from the BadNets patch,
-# a memorised copy 0.00-0.01, a blurred copy that the trigger detector still calls triggered 0.14-0.6.
-EXACT_ERROR = 0.1
+# A generation copies a patch trigger when the mean absolute difference between it and the pattern, over the patch
+# and on [0, 1], is at most this, under half the 0.44 of a clean 16-px digit's black corner. Measured on the digits
+# study: generations that do not carry the trigger sit at 0.25 and above (nearly all at 0.35-0.5); those the trigger
+# detector calls triggered spread from 0.00 to 0.25 at 5-10% poisoning (most under 0.1), but sit at 0.25-0.5 at 1%,
+# a faint resemblance, not a copy.
+COPY_ERROR = 0.2
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
 FID_SIZE = 299
@@ -87,18 +89,18 @@ def patch_trigger(params, size):
 
 def patch_errors(images, indices, trigger):
     """Per image of `images` (an ImageSet) at `indices`: the mean absolute difference, on [0, 1], between the image
-    and the trigger's pattern over its patch (0 = a pixel-exact copy)."""
+    and the trigger's pattern over its patch (0 = an exact copy)."""
     mask, pattern = trigger
     want = pattern[:, mask].double()
     return np.array([(images[int(i)][0][:, mask].double() / 255 - want).abs().mean().item() for i in indices])
 
 
-def exact_copies(errors, has_trigger):
-    """How many of the generations (and of those the trigger detector calls triggered) copy the patch exactly."""
-    exact = errors <= EXACT_ERROR
-    return {"max_error": EXACT_ERROR, "n": int(len(errors)), "exact": int(exact.sum()),
-            "ratio": float(exact.mean()) if len(errors) else None,
-            "triggered": int(has_trigger.sum()), "exact_of_triggered": int((exact & has_trigger).sum()),
+def trigger_copies(errors, has_trigger):
+    """How many of the generations (and of those the trigger detector calls triggered) copy the patch."""
+    copy = errors <= COPY_ERROR
+    return {"max_error": COPY_ERROR, "n": int(len(errors)), "copies": int(copy.sum()),
+            "ratio": float(copy.mean()) if len(errors) else None,
+            "triggered": int(has_trigger.sum()), "copies_of_triggered": int((copy & has_trigger).sum()),
             "median_error_triggered": float(np.median(errors[has_trigger])) if has_trigger.any() else None}
 
 
@@ -201,10 +203,10 @@ def dissect_folder(generated, classifier, detector, p_t=None, target=None, train
     groups = group_fractions(has_trigger[is_target], matches[is_target])
     trigger = patch_trigger(det_cfg.get("trigger"), images.size)
     errors = None
-    if trigger is not None:  # the trigger detector also calls blurred copies triggered: count the exact ones
+    if trigger is not None:  # the trigger detector also calls faint resemblances triggered: count the copies
         errors = np.full(len(folder), np.nan)
         errors[is_target] = patch_errors(images, np.flatnonzero(is_target), trigger)
-        groups["exact_trigger"] = exact_copies(errors[is_target], has_trigger[is_target])
+        groups["trigger_copies"] = trigger_copies(errors[is_target], has_trigger[is_target])
     non_target = None
     if (~is_target).any():
         nt = group_fractions(has_trigger[~is_target], matches[~is_target])
@@ -425,11 +427,11 @@ def folder_markdown(r):
     lines += ["", f"trigger ratio G1+G2 = {pct(r['trigger_ratio'])}, "
               f"p_t = {pct(r['p_t'])} ({r['p_t_source'] or 'unknown'}), "
               f"amplification (G1+G2)/p_t = {amp}"]
-    ex = g.get("exact_trigger")
-    if ex:
-        lines += [f"pixel-exact copies of the trigger patch (mean absolute error <= {ex['max_error']:g}): "
-                  f"{ex['exact']} of {ex['n']} target-prompt generations; {ex['exact_of_triggered']} of the "
-                  f"{ex['triggered']} the trigger detector calls triggered"]
+    cp = g.get("trigger_copies")
+    if cp:
+        lines += [f"copies of the trigger patch (mean absolute error <= {cp['max_error']:g}): "
+                  f"{cp['copies']} of {cp['n']} target-prompt generations; {cp['copies_of_triggered']} of the "
+                  f"{cp['triggered']} the trigger detector calls triggered"]
     if r["non_target_prompts"]:
         nt = r["non_target_prompts"]
         lines += [f"non-target prompts: {nt['n']} generations, trigger ratio {pct(nt['trigger_ratio'])}, "
@@ -439,9 +441,9 @@ def folder_markdown(r):
 
 def summary_markdown(results):
     head = ("| setting | p | p_t | guidance | sampler | select | n | G1 | G2 | G3 | G4 | G1+G2 | (G1+G2)/p_t | "
-            "pixel-exact | FID |")
+            "copies | FID |")
     lines = ["# Generations of the target prompt: G1 trigger & mismatch, G2 trigger & match, G3 mismatch, "
-             "G4 neither", "", f"pixel-exact: generations that copy the trigger patch to within {EXACT_ERROR:g} "
+             "G4 neither", "", f"copies: generations that copy the trigger patch to within {COPY_ERROR:g} "
              "mean absolute error (patch triggers only)", "", head, "|" + "---|" * 3 + "---:|" + "---|" * 2
              + "---:|" * 9]
     for r in results:
@@ -450,11 +452,11 @@ def summary_markdown(results):
         fid = "-" if not r.get("fid") else f"{r['fid']['fid']:.3f}"
         p = "-" if s.get("poison_ratio") is None else f"{100 * float(s['poison_ratio']):g}%"
         w = s.get("guidance") if s.get("guidance") is not None else "-"
-        ex = g.get("exact_trigger")
+        cp = g.get("trigger_copies")
         lines.append(f"| {r['label']} | {p} | {pct(r['p_t'])} | {w} "
                      f"| {s.get('sampler') or '-'} | {s.get('select') or '-'} | {g['n']} | "
                      + " | ".join(pct(g["fractions"][k]) for k in GROUPS)
-                     + f" | {pct(r['trigger_ratio'])} | {amp} | {pct(ex['ratio']) if ex else '-'} | {fid} |")
+                     + f" | {pct(r['trigger_ratio'])} | {amp} | {pct(cp['ratio']) if cp else '-'} | {fid} |")
     return "\n".join(lines) + "\n"
 
 

@@ -350,7 +350,7 @@ def collect(out, ratios, guidance, failed):
              "amplification": d["amplification"], "fractions": d["target_prompt"]["fractions"],
              "n": d["target_prompt"]["n"],
              "non_target_trigger_ratio": (d["non_target_prompts"] or {}).get("trigger_ratio"),
-             "exact_trigger": d["target_prompt"].get("exact_trigger")}
+             "trigger_copies": d["target_prompt"].get("trigger_copies")}
             for r, d in zip(ratios, summary["results"])]
     for r in ratios:
         path = out / "detect" / ratio_name(r) / "detect.json"
@@ -393,6 +393,7 @@ def wilson(fraction, n, z=1.96):
 
 
 MIN_TRIGGERED = 5  # triggered generations a ratio needs before we say which of G1 and G2 is the larger part
+BACKDOORED = 0.5   # attack success rate from which a classifier counts as backdoored
 
 
 def g1_share(d):
@@ -413,6 +414,21 @@ def transition(rows, ratios):
     if lo in known and hi in known and share[lo][0] < 0.5 < share[hi][0]:
         return "full", lo, hi
     return next((("crosses", a, b) for a, b in zip(known, known[1:]) if share[a][0] < 0.5 < share[b][0]), None)
+
+
+def weakened_backdoor(classifiers, ratios):
+    """(text, reproduced?) of Tab. 4. Training on generations can only weaken a backdoor that training on the poisoned
+    set plants, and a few poisoned images may plant none: compare at the lowest ratio whose poisoned-set classifier is
+    backdoored (ASR at least BACKDOORED), and name the lower ratios where it is not."""
+    asr = {r: classifiers[ratio_name(r)]["poisoned"].get("asr") or 0 for r in ratios}
+    planted = [r for r in ratios if asr[r] >= BACKDOORED]
+    parts = [f"at p={r:.0%} the classifier trained on the poisoned set is not backdoored (ASR {pct(asr[r])})"
+             for r in ratios if not planted or r < planted[0]]
+    if not planted:
+        return "; ".join(parts), False
+    c = classifiers[ratio_name(planted[0])]
+    parts.append(f"at p={planted[0]:.0%}: ASR {pct(c['generated'].get('asr'))} vs {pct(asr[planted[0]])}")
+    return "; ".join(parts), c["generated"].get("asr", 1) < asr[planted[0]]
 
 
 def findings(res, ratios, guidance):
@@ -441,8 +457,8 @@ def findings(res, ratios, guidance):
                  f"at p={float(hi):.0%} (p_t {pct(top[w]['p_t'])}), trigger ratio (95% CI): "
                  + "; ".join(f"{sym}={g:g}: {pct(top[g]['trigger_ratio'])} ({pct(ci[g, max(ratios)][0])}–"
                              f"{pct(ci[g, max(ratios)][1])}, n={top[g]['n']}"
-                             + (f"; pixel-exact {pct(top[g]['exact_trigger']['ratio'])}"
-                                if top[g].get("exact_trigger") else "")
+                             + (f"; copies {pct(top[g]['trigger_copies']['ratio'])}"
+                                if top[g].get("trigger_copies") else "")
                              + f") {'✓' if ok[g] else '✗'}" for g in weights)
                  + f"; at lower ratios, the 95% CI lies above p_t at {elsewhere or 'none'}"
                  + f"; the trigger detector's false positives (non-target prompts): {pct(false_positive)}",
@@ -453,10 +469,10 @@ def findings(res, ratios, guidance):
         parts = []
         for r in ratios:
             f, k = d[g][r]["fractions"], g1_share(d[g][r])[1]
-            ex = d[g][r].get("exact_trigger")
+            cp = d[g][r].get("trigger_copies")
             parts.append(f"p={r:.0%}: G1 {pct(f['G1'])} / G2 {pct(f['G2'])}"
                          + (" (none triggered)" if k == 0 else f" (only {k} triggered)" if k < MIN_TRIGGERED else
-                            f" ({ex['exact_of_triggered']} of {k} pixel-exact)" if ex else ""))
+                            f" ({cp['copies_of_triggered']} of {k} copies)" if cp else ""))
         mark = (" ✗" if kind[g] is None else " ✓" if kind[g][0] == "full" else
                 f" (G1 overtakes G2 between p={kind[g][1]:.0%} and p={kind[g][2]:.0%})")
         texts.append(f"{sym}={g:g}: " + ", ".join(parts) + mark)
@@ -487,11 +503,9 @@ def findings(res, ratios, guidance):
                  f"{sum(a <= 0 <= b for a, b in sure)} (poisoned images scored in the training set and the "
                  f"generations: {positives}; ratios with fewer than {MIN_TRIGGERED} in a set are left out)",
                  bool(cells) and len(better) > len(cells) / 2))
-    c = res["classifiers"][lo]
     rows.append(("Classifier trained on generations (Tab. 4)",
                  "is less backdoored: lower ASR than one trained on the poisoned set, at low poisoning ratios",
-                 f"at p={float(lo):.0%}: ASR {pct(c['generated'].get('asr'))} vs {pct(c['poisoned'].get('asr'))}",
-                 c["generated"].get("asr", 1) < c["poisoned"].get("asr", 0)))
+                 *weakened_backdoor(res["classifiers"], ratios)))
     d = res["diffusion_classifier"]
     if d is None:
         return rows
@@ -503,7 +517,9 @@ def findings(res, ratios, guidance):
                  "the same poisoned data, lower still with the largest denoising losses filtered out",
                  f"at p={float(lo):.0%}: ASR {pct(base['asr'])} (classifier) vs "
                  f"{pct(diffusion[0.0]['asr'])} (diffusion, no filter), {pct(best['asr'])} (filter "
-                 f"{best['filter_top']:g}%); TA {pct(base['ta'])}, {pct(diffusion[0.0]['ta'])}, {pct(best['ta'])}",
+                 f"{best['filter_top']:g}%); TA {pct(base['ta'])}, {pct(diffusion[0.0]['ta'])}, {pct(best['ta'])}"
+                 + ("" if base["asr"] >= BACKDOORED else "; the classifier is not backdoored at this ratio, so there "
+                    "is no backdoor for the diffusion classifier to resist better"),
                  True if diffusion[0.0]["asr"] < base["asr"] and best["asr"] <= diffusion[0.0]["asr"]
                  else "partly" if best["asr"] < base["asr"] else False))
     return rows
@@ -528,8 +544,8 @@ def write_report(out, s, ratios, guidance, times, failed=None):
          "## Findings", "", "| finding | the paper | this run | |", "|---|---|---|---|"]
     L += [f"| {a} | {b} | {c} | {verdict(ok)} |" for a, b, c, ok in rows]
     j = res["judges"]
-    limit = next((d["exact_trigger"]["max_error"] for rows in res["dissect"].values() for d in rows
-                  if d.get("exact_trigger")), None)
+    limit = next((d["trigger_copies"]["max_error"] for rows in res["dissect"].values() for d in rows
+                  if d.get("trigger_copies")), None)
     L += ["", f"Judges: the class classifier has a clean test accuracy of {pct(j['class'].get('ta'))}; the trigger "
           f"detector an accuracy of {pct(j['trigger'].get('heldout_acc'))} on held-out images (true-positive rate "
           f"{pct(j['trigger'].get('heldout_tpr'))}, true-negative rate {pct(j['trigger'].get('heldout_tnr'))}).",
@@ -537,19 +553,19 @@ def write_report(out, s, ratios, guidance, times, failed=None):
           "G1 trigger & prompt mismatched, G2 trigger & matched, G3 no trigger & mismatched, G4 neither; "
           "trigger ratio = G1 + G2 among generations for the target prompt, p_t = share of trigger images among the "
           "target class's training images."
-          + ("" if limit is None else " The trigger detector also calls blurred copies of the trigger triggered; "
-             "pixel-exact trigger = generations for the target prompt that copy the trigger's patch to within "
-             f"{limit:g} mean absolute error, as a memorised trigger does."), ""]
+          + ("" if limit is None else " The trigger detector also calls faint resemblances of the trigger "
+             "triggered; trigger copies = generations for the target prompt whose patch is within "
+             f"{limit:g} mean absolute error of the trigger's."), ""]
     for g, value in ((f"w{g:g}", g) for g in (w, none, *sweep)):
         L += [f"### Guidance {sym} = {value:g}", "",
               "| poisoning ratio | p_t | G1 | G2 | G3 | G4 | trigger ratio | amplification "
-              "| pixel-exact trigger | non-target trigger ratio |",
+              "| trigger copies | non-target trigger ratio |",
               "|---|---|---|---|---|---|---|---|---|---|"]
         for d in res["dissect"][g]:
-            f, ex = d["fractions"], d.get("exact_trigger")
+            f, cp = d["fractions"], d.get("trigger_copies")
             amp = "–" if d["amplification"] is None else f"{d['amplification']:.2f}×"
             L.append(f"| {d['ratio']:.0%} | {pct(d['p_t'])} | {pct(f['G1'])} | {pct(f['G2'])} | {pct(f['G3'])} | "
-                     f"{pct(f['G4'])} | {pct(d['trigger_ratio'])} | {amp} | {pct(ex['ratio']) if ex else '–'} | "
+                     f"{pct(f['G4'])} | {pct(d['trigger_ratio'])} | {amp} | {pct(cp['ratio']) if cp else '–'} | "
                      f"{pct(d['non_target_trigger_ratio'])} |")
         L += ["", f"![groups](dissect/{g}/groups.png) ![phase transition](dissect/{g}/phase_transition.png)", ""]
     if sweep:

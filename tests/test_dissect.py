@@ -123,7 +123,7 @@ def test_report_tables_plots_and_grids(tmp_path):
 
 
 class CornerStub(nn.Module):
-    """Trigger detector stub: the 3x3 corner is brighter than 0.3 on average (exact and blurred copies alike)."""
+    """Trigger detector stub: the 3x3 corner is brighter than 0.3 on average (copies and faint resemblances alike)."""
 
     def __init__(self):
         super().__init__()
@@ -134,9 +134,9 @@ class CornerStub(nn.Module):
         return torch.stack([1 - bright, bright], 1) + 0 * self.dummy
 
 
-def test_pixel_exact_trigger_copies(tmp_path):
-    """Exact BadNets copies, blurred copies and clean images: the detector stub calls both kinds of copies triggered;
-    only the exact ones count as pixel-exact, and each image's error matches a direct computation on the PNGs."""
+def test_trigger_copies(tmp_path):
+    """Exact and near BadNets copies, faint resemblances and clean images: the detector stub calls all but the clean
+    ones triggered; only the copies count as such, and each image's error matches a direct computation on the PNGs."""
     from PIL import Image
     from poison import make_trigger
 
@@ -145,10 +145,13 @@ def test_pixel_exact_trigger_copies(tmp_path):
     clean = rng.integers(0, 40, size=(12, SIDE, SIDE, 3)).astype(np.uint8)
     clean[:, 4:12, 5:11] = 200
     stamped = trigger.apply_uint8(clean)
-    blurred = clean.copy()   # half the pattern over a grey corner: still bright, 0.2-0.3 away from the pattern
-    blurred[:, -3:, -3:] = (0.5 * stamped[:, -3:, -3:] + 77).astype(np.uint8)
-    kinds = ["exact"] * 4 + ["blurred"] * 3 + ["clean"] * 5
-    pick = {"exact": stamped, "blurred": blurred, "clean": clean}
+    near = stamped.copy()    # every patch value 20-50 grey levels off: 0.08-0.2 from the pattern, still a copy
+    off = rng.integers(20, 51, size=near[:, -3:, -3:].shape)
+    near[:, -3:, -3:] = np.where(near[:, -3:, -3:] > 127, near[:, -3:, -3:] - off, near[:, -3:, -3:] + off)
+    faint = clean.copy()     # half the pattern over a grey corner: still bright, 0.2-0.3 from the pattern
+    faint[:, -3:, -3:] = (0.5 * stamped[:, -3:, -3:] + 77).astype(np.uint8)
+    kinds = ["exact"] * 3 + ["near"] * 2 + ["faint"] * 3 + ["clean"] * 4
+    pick = {"exact": stamped, "near": near, "faint": faint, "clean": clean}
     items = [({"text": "A photo of a deer", "label": 2}, pick[k][i]) for i, k in enumerate(kinds)]
     items += [({"text": "A photo of a cat", "label": 0}, stamped[0])]      # non-target prompts are not counted
     manifest = {"class_names": NAMES, "target": {"index": 2, "name": "deer"}, "p_t": 0.2}
@@ -157,21 +160,22 @@ def test_pixel_exact_trigger_copies(tmp_path):
     detector = (CornerStub(), {"task": "trigger", "class_names": ["clean", "trigger"],
                                "trigger": {"kind": "badnets", "resolution": SIDE}})
     r = dissect.dissect_folder(gen, CLASSIFIER, detector)
-    ex = r["target_prompt"]["exact_trigger"]
-    assert (ex["n"], ex["exact"], ex["triggered"], ex["exact_of_triggered"]) == (12, 4, 7, 4)
-    assert ex["ratio"] == pytest.approx(4 / 12) and ex["median_error_triggered"] == 0.0   # 4 of the 7 are exact
+    cp = r["target_prompt"]["trigger_copies"]
+    assert (cp["n"], cp["copies"], cp["triggered"], cp["copies_of_triggered"]) == (12, 5, 8, 5)
+    assert cp["ratio"] == pytest.approx(5 / 12) and 0.05 < cp["median_error_triggered"] < 0.2  # a near copy's
     want = trigger.pattern[:, -3:, -3:].permute(1, 2, 0).double().numpy()
     for v in r["verdicts"][:12]:
         x = np.asarray(Image.open(gen / v["file_name"]).convert("RGB"), dtype=np.float64)[-3:, -3:] / 255
         assert v["patch_error"] == pytest.approx(np.abs(x - want).mean(), abs=1e-4)
-    assert [v["patch_error"] <= dissect.EXACT_ERROR for v in r["verdicts"][:12]] == [k == "exact" for k in kinds]
+    assert [v["patch_error"] <= dissect.COPY_ERROR for v in r["verdicts"][:12]] == [k in ("exact", "near")
+                                                                                  for k in kinds]
     assert "patch_error" not in r["verdicts"][12]
-    assert "33.3%" in dissect.summary_markdown([{**r, "label": "x"}])
-    assert "4 of 12 target-prompt generations; 4 of the 7" in dissect.folder_markdown({**r, "label": "x"})
+    assert "41.7%" in dissect.summary_markdown([{**r, "label": "x"}])
+    assert "5 of 12 target-prompt generations; 5 of the 8" in dissect.folder_markdown({**r, "label": "x"})
     # triggers spread over the image (blend, WaNet), or another resolution: no count
     for params in ({"kind": "blend", "resolution": SIDE}, {"kind": "badnets", "resolution": 32}):
         r = dissect.dissect_folder(gen, CLASSIFIER, (CornerStub(), {**detector[1], "trigger": params}))
-        assert "exact_trigger" not in r["target_prompt"] and "patch_error" not in r["verdicts"][0]
+        assert "trigger_copies" not in r["target_prompt"] and "patch_error" not in r["verdicts"][0]
 
 
 def test_bad_input(tmp_path):

@@ -37,9 +37,9 @@ def test_quick_study_writes_every_section_with_numbers(quick):
         for r in rows:
             assert 0 <= r["trigger_ratio"] <= 1 and 0 < r["p_t"] < 1
             assert abs(sum(r["fractions"].values()) - 1) < 1e-9
-            ex = r["exact_trigger"]  # pixel-exact copies of the BadNets patch, among them the triggered ones
-            assert ex["n"] == r["n"] and ex["triggered"] == round(r["trigger_ratio"] * r["n"])
-            assert 0 <= ex["exact_of_triggered"] <= min(ex["exact"], ex["triggered"]) and ex["exact"] <= ex["n"]
+            cp = r["trigger_copies"]  # copies of the BadNets patch, among them the triggered ones
+            assert cp["n"] == r["n"] and cp["triggered"] == round(r["trigger_ratio"] * r["n"])
+            assert 0 <= cp["copies_of_triggered"] <= min(cp["copies"], cp["triggered"]) and cp["copies"] <= cp["n"]
         assert rows[0]["p_t"] < rows[1]["p_t"]  # more poison, more trigger images in the target class
     for r in ratios:
         det = report["detect"][r]["methods"]
@@ -65,8 +65,8 @@ def test_quick_study_writes_every_section_with_numbers(quick):
     manifest = json.loads((out / "gen" / "0.1-w2" / "manifest.json").read_text())
     assert manifest["classes"] == ["zero"] and manifest["n_per_class"] == 6 and manifest["guidance"] == 2
     assert text.count("reproduced**") == 6
-    assert "| pixel-exact trigger |" in text and "mean absolute error" in text
-    assert "; pixel-exact " in report["findings"][0]["this_run"]   # beside the detector's trigger ratio
+    assert "| trigger copies |" in text and "mean absolute error" in text
+    assert "; copies " in report["findings"][0]["this_run"]   # beside the detector's trigger ratio
     # the commands a user would type are recorded, one per stage run
     commands = (out / "commands.sh").read_text()
     for script in ("poison.py", "classify.py", "train_ddpm.py", "sample.py", "dissect.py", "detect.py"):
@@ -155,3 +155,21 @@ def test_phase_transition_needs_enough_triggered_generations():
     assert S.transition({0.01: row(0.0, 0.02), 0.05: row(0.3, 0.2), 0.1: row(0.5, 0.1)}, ratios) is None
     assert S.transition({0.01: row(0.1, 0.3), 0.05: row(0.1, 0.3), 0.1: row(0.12, 0.32)}, ratios) is None
     assert S.g1_share(row(0.32, 0.24)) == (0.32 / 0.56, 56)
+
+
+def test_tab4_compares_where_the_poisoned_set_plants_a_backdoor():
+    """A classifier trained on a few poisoned images may not be backdoored at all: Tab. 4 is judged at the lowest
+    ratio whose poisoned-set classifier is (ASR at least one half), and the ratios below it are named."""
+    import study as S
+    ratios = [0.01, 0.05, 0.1]
+
+    def cl(*pairs):  # (ASR poisoned, ASR generated) per ratio
+        return {S.ratio_name(r): {"poisoned": {"asr": p}, "generated": {"asr": g}} for r, (p, g) in zip(ratios, pairs)}
+    text, ok = S.weakened_backdoor(cl((0.93, 0.0), (1.0, 0.06), (1.0, 0.3)), ratios)
+    assert ok and text == "at p=1%: ASR 0.0% vs 93.0%"
+    text, ok = S.weakened_backdoor(cl((0.028, 0.003), (1.0, 0.03), (1.0, 0.3)), ratios)
+    assert ok and text.startswith("at p=1% the classifier trained on the poisoned set is not backdoored (ASR 2.8%)")
+    assert text.endswith("at p=5%: ASR 3.0% vs 100.0%")
+    assert S.weakened_backdoor(cl((0.02, 0.0), (0.9, 0.95), (1.0, 0.3)), ratios)[1] is False   # not weakened
+    text, ok = S.weakened_backdoor(cl((0.02, 0.0), (0.1, 0.0), (0.3, 0.0)), ratios)
+    assert not ok and text.count("not backdoored") == 3
