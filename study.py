@@ -544,7 +544,7 @@ def write_report(out, s, ratios, guidance, times, failed=None):
          "## Findings", "", "| finding | the paper | this run | |", "|---|---|---|---|"]
     L += [f"| {a} | {b} | {c} | {verdict(ok)} |" for a, b, c, ok in rows]
     j = res["judges"]
-    limit = next((d["trigger_copies"]["max_error"] for rows in res["dissect"].values() for d in rows
+    limit = next((d["trigger_copies"]["max_error"] for weight in res["dissect"].values() for d in weight
                   if d.get("trigger_copies")), None)
     L += ["", f"Judges: the class classifier has a clean test accuracy of {pct(j['class'].get('ta'))}; the trigger "
           f"detector an accuracy of {pct(j['trigger'].get('heldout_acc'))} on held-out images (true-positive rate "
