@@ -55,8 +55,8 @@ EXAMPLES = 32  # images in each example grid
 # A generation copies a patch trigger when the mean absolute difference between it and the pattern, over the patch
 # and on [0, 1], is at most this, under half the 0.44 of a clean 16-px digit's black corner. Measured on the digits
 # study: generations that do not carry the trigger sit at 0.25 and above (nearly all at 0.35-0.5); those the trigger
-# detector calls triggered spread from 0.00 to 0.25 at 5-10% poisoning (most under 0.1), but sit at 0.25-0.5 at 1%,
-# a faint resemblance, not a copy.
+# detector calls triggered at 5-10% poisoning sit at 0.00-0.38, 95% of them at most 0.2 (79% at most 0.1); at 1%,
+# 95% of them sit at 0.25-0.6: a faint resemblance, not a copy.
 COPY_ERROR = 0.2
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
