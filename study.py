@@ -26,8 +26,9 @@ study resumes where it stopped; `--force` starts over):
                                           on the poisoned set vs on the generations
     dissect/w<w>         dissect.py       G1-G4, trigger amplification, the phase transition (Fig. 2-4) at each
                                           guidance weight; dissect/guidance: all of them, the sweep (Fig. A3)
-    diffusion-classifier/<r>  classify.py diffusion   the lowest ratio's DDPM as a classifier, its largest
-                                          denoising errors filtered at 0/1/5/10%, vs the classifier (Tab. A4)
+    diffusion-classifier/<r>  classify.py diffusion   a DDPM as a classifier, its largest denoising errors
+                                          filtered at 0/1/5/10%, vs the classifier trained on its poisoned set
+                                          (Tab. A4), at the lowest ratio where that classifier is backdoored
     detect/<r>           detect.py        CD, STRIP, FCT: AUROC on the training set vs the generations (Tab. 3)
     REPORT.md, report.json                the paper's findings next to this run's numbers, with the figures
 Logs of every stage are in OUT/logs/. Stages that do not depend on each other (one per ratio) run `--jobs` at a time.
@@ -299,13 +300,16 @@ def run_study(args):
         items.append(dissect("guidance", [(r, g) for r in ratios for g in sorted(weights)]))
     run.run_many("dissect", items)
 
-    # 7. Tab. A4: the lowest ratio's DDPM used as a classifier, with and without filtering its largest denoising
-    #    errors, next to the classifier trained on the same poisoned set; it runs beside the detection stages.
-    lo = min(ratios)
-    diff = out / "diffusion-classifier" / ratio_name(lo)
+    # 7. Tab. A4: a DDPM used as a classifier, with and without filtering its largest denoising errors, next to the
+    #    classifier trained on the same poisoned set, at the lowest ratio where that classifier is backdoored (a
+    #    classifier without a backdoor leaves nothing to resist); it runs beside the detection stages.
+    poisoned = {ratio_name(r): {"poisoned": load_json(clf / f"poisoned-{ratio_name(r)}" / "results.json")["final"]}
+                for r in ratios}
+    a4 = (backdoored_ratios(poisoned, ratios) or ratios)[0]
+    diff = out / "diffusion-classifier" / ratio_name(a4)
     items = [] if s["diffusion"] is None else [
-        (f"diffusion classifier {ratio_name(lo)}", "classify.py",
-         ["diffusion", "--model", model[lo], "--data", data[lo], "--classifier", clf / f"poisoned-{ratio_name(lo)}",
+        (f"diffusion classifier {ratio_name(a4)}", "classify.py",
+         ["diffusion", "--model", model[a4], "--data", data[a4], "--classifier", clf / f"poisoned-{ratio_name(a4)}",
           *s["diffusion"], "--seed", args.seed, "--out", diff, *device, "--quiet"],
          lambda: folder_done(diff, "results.json"), True)]
     # 8. Tab. 3: poison detection on the training set vs on the generations, with the poisoned classifier. When no
@@ -367,12 +371,12 @@ def collect(out, ratios, guidance, failed):
         res["classifiers"][ratio_name(r)] = {
             k: load_json(out / "classifiers" / f"{k}-{ratio_name(r)}" / "results.json")["final"]
             for k in ("poisoned", "generated")}
-    lo = ratio_name(min(ratios))
+    a4 = ratio_name((backdoored_ratios(res["classifiers"], ratios) or ratios)[0])  # where run_study ran Tab. A4
     res["diffusion_classifier"] = None
-    if (out / "diffusion-classifier" / lo / "results.json").is_file():
-        diff = load_json(out / "diffusion-classifier" / lo / "results.json")
+    if (out / "diffusion-classifier" / a4 / "results.json").is_file():
+        diff = load_json(out / "diffusion-classifier" / a4 / "results.json")
         res["diffusion_classifier"] = {
-            "ratio": lo, "n_test": diff["n_test"], "n_backdoor": diff["n_backdoor"],
+            "ratio": a4, "n_test": diff["n_test"], "n_backdoor": diff["n_backdoor"],
             "rows": [{k: r.get(k) for k in ("classifier", "kind", "filter_top", "ta", "asr")} for r in diff["rows"]]}
     res["judges"] = {k: load_json(out / "classifiers" / k / "results.json")["final"] for k in ("class", "trigger")}
     return res
@@ -416,12 +420,18 @@ def transition(rows, ratios):
     return next((("crosses", a, b) for a, b in zip(known, known[1:]) if share[a][0] < 0.5 < share[b][0]), None)
 
 
+def backdoored_ratios(classifiers, ratios):
+    """The ratios whose classifier trained on the poisoned set is backdoored (ASR at least BACKDOORED), lowest
+    first. classifiers: {ratio_name: {"poisoned": its results}}."""
+    return [r for r in ratios if (classifiers[ratio_name(r)]["poisoned"].get("asr") or 0) >= BACKDOORED]
+
+
 def weakened_backdoor(classifiers, ratios):
     """(text, reproduced?) of Tab. 4. Training on generations can only weaken a backdoor that training on the poisoned
     set plants, and a few poisoned images may plant none: compare at the lowest ratio whose poisoned-set classifier is
     backdoored (ASR at least BACKDOORED), and name the lower ratios where it is not."""
     asr = {r: classifiers[ratio_name(r)]["poisoned"].get("asr") or 0 for r in ratios}
-    planted = [r for r in ratios if asr[r] >= BACKDOORED]
+    planted = backdoored_ratios(classifiers, ratios)
     parts = [f"at p={r:.0%} the classifier trained on the poisoned set is not backdoored (ASR {pct(asr[r])})"
              for r in ratios if not planted or r < planted[0]]
     if not planted:
@@ -438,7 +448,7 @@ def findings(res, ratios, guidance):
     reproduced when it holds at the highest ratio at every guidance weight, partly when it holds somewhere. The phase
     transition is reproduced when it shows in full at some weight, partly when G1 overtakes G2 between two ratios."""
     rows = []
-    lo, hi = ratio_name(min(ratios)), ratio_name(max(ratios))
+    hi = ratio_name(max(ratios))
     w, none, sym, sweep = guidance
     weights = sorted((w, none, *sweep))
     d = {g: {x["ratio"]: x for x in res["dissect"][f"w{g:g}"]} for g in weights}
@@ -515,7 +525,10 @@ def findings(res, ratios, guidance):
     rows.append(("Diffusion classifier (Tab. A4)",
                  "the poisoned diffusion model used as a classifier has a lower ASR than the classifier trained on "
                  "the same poisoned data, lower still with the largest denoising losses filtered out",
-                 f"at p={float(lo):.0%}: ASR {pct(base['asr'])} (classifier) vs "
+                 f"at p={float(d['ratio']):.0%}"
+                 + ("" if float(d["ratio"]) == min(ratios) else " (the lowest ratio whose classifier trained on "
+                    "the poisoned set is backdoored)")
+                 + f": ASR {pct(base['asr'])} (classifier) vs "
                  f"{pct(diffusion[0.0]['asr'])} (diffusion, no filter), {pct(best['asr'])} (filter "
                  f"{best['filter_top']:g}%); TA {pct(base['ta'])}, {pct(diffusion[0.0]['ta'])}, {pct(best['ta'])}"
                  + ("" if base["asr"] >= BACKDOORED else "; the classifier is not backdoored at this ratio, so there "

@@ -47,6 +47,10 @@ def test_quick_study_writes_every_section_with_numbers(quick):
         assert all(0 <= det[m][k] <= 1 for m in ("cd", "strip", "fct") for k in ("train_auroc", "generated_auroc"))
         for kind in ("poisoned", "generated"):
             assert 0 <= report["classifiers"][r][kind]["ta"] <= 1 and 0 <= report["classifiers"][r][kind]["asr"] <= 1
+    # Tab. A4 ran where the poisoned set backdoors its classifier (or at the lowest ratio when it nowhere does)
+    import study as S
+    a4 = S.ratio_name((S.backdoored_ratios(report["classifiers"], [0.01, 0.1]) or [0.01])[0])
+    assert report["diffusion_classifier"]["ratio"] == a4 and os.listdir(out / "diffusion-classifier") == [a4]
     rows = report["diffusion_classifier"]["rows"]
     assert [r["kind"] for r in rows] == ["classifier"] + ["diffusion"] * 4
     assert [r["filter_top"] for r in rows[1:]] == [0, 1, 5, 10]
@@ -158,13 +162,17 @@ def test_phase_transition_needs_enough_triggered_generations():
 
 
 def test_tab4_compares_where_the_poisoned_set_plants_a_backdoor():
-    """A classifier trained on a few poisoned images may not be backdoored at all: Tab. 4 is judged at the lowest
-    ratio whose poisoned-set classifier is (ASR at least one half), and the ratios below it are named."""
+    """A classifier trained on a few poisoned images may not be backdoored at all: Tab. 4 (and Tab. A4's stage) is
+    judged at the lowest ratio whose poisoned-set classifier is (ASR at least one half), and the ratios below it are
+    named."""
     import study as S
     ratios = [0.01, 0.05, 0.1]
 
     def cl(*pairs):  # (ASR poisoned, ASR generated) per ratio
         return {S.ratio_name(r): {"poisoned": {"asr": p}, "generated": {"asr": g}} for r, (p, g) in zip(ratios, pairs)}
+    assert S.backdoored_ratios(cl((0.93, 0.0), (0.4, 0.0), (0.5, 0.3)), ratios) == [0.01, 0.1]
+    assert S.backdoored_ratios(cl((0.028, 0.0), (1.0, 0.0), (1.0, 0.3)), ratios) == [0.05, 0.1]
+    assert S.backdoored_ratios(cl((0.0, 0.0), (None, 0.0), (0.49, 0.3)), ratios) == []
     text, ok = S.weakened_backdoor(cl((0.93, 0.0), (1.0, 0.06), (1.0, 0.3)), ratios)
     assert ok and text == "at p=1%: ASR 0.0% vs 93.0%"
     text, ok = S.weakened_backdoor(cl((0.028, 0.003), (1.0, 0.03), (1.0, 0.3)), ratios)
