@@ -141,14 +141,39 @@ class Runner:
         t0 = time.time()
         jobs = 1 if self.gpus else self.jobs
         with ThreadPoolExecutor(max(1, jobs)) as pool:
-            for f in [pool.submit(self.run_one, *item) for item in items]:
-                f.result()
+            futures = [pool.submit(self.run_one, *item) for item in items]
+            try:
+                for f in futures:
+                    f.result()
+            except BaseException:  # a failed stage stops the study: the queued ones do not start
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
         self.times[f"stage: {stage}"] = round(time.time() - t0, 1)
 
     def say(self, line):
         if not self.quiet:  # one write per line: stages report from several threads at once
             sys.stdout.write(f"[{time.time() - self.t0:6.0f} s] {line}\n")
             sys.stdout.flush()
+
+
+def write_atomic(path, text):
+    """Write `text` to a temporary name beside `path`, then rename it into place."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def check_settings(path, settings):
+    """Record the study's settings in `path` on its first run; refuse a rerun with other ones."""
+    if not path.is_file():
+        write_atomic(path, json.dumps(settings, indent=2) + "\n")
+        return
+    old = json.loads(path.read_text())
+    changed = [f"{k} {old.get(k)} -> {settings.get(k)}" for k in sorted(set(old) | set(settings))
+               if json.dumps(old.get(k)) != json.dumps(settings.get(k))]
+    if changed:
+        raise StudyError(f"{path.parent} holds a study made with other settings ({'; '.join(changed)}): rerun with "
+                         f"its flags (in {path.name}), choose another --out, or pass --force to start over")
 
 
 def folder_done(path, key_file):
@@ -177,6 +202,11 @@ def ratio_name(r):
     return f"{r:g}"
 
 
+def ratio_pct(r):
+    """A poisoning ratio in per cent, as many digits as it has: 0.01 -> 1%, 0.005 -> 0.5%."""
+    return f"{100 * float(r):g}%"
+
+
 def run_study(args):
     sd = args.family == "sd" or (args.family is None and args.dataset in ("imagenette", "caltech15"))
     scale = ("quick-sd" if sd else "quick") if args.quick else ("sd" if sd else args.dataset or "digits")
@@ -188,17 +218,30 @@ def run_study(args):
                 "sample_steps"):
         if getattr(args, key) is not None:
             s[key] = getattr(args, key)
-    out = Path(args.out)
+    s["ratios"] = sorted(set(s["ratios"]))  # the findings compare the lowest ratio with higher ones
+    # The stages run in the repository (cwd=ROOT), so every path handed to them is absolute.
+    out = Path(args.out).resolve()
+    data_root = str(Path(args.data_root).expanduser().resolve()) if args.data_root else None
+    base = str(Path(args.base).expanduser().resolve()) if Path(args.base).expanduser().exists() else args.base
+    if out.exists() and not out.is_dir():
+        raise StudyError(f"--out {out} is a file: give a folder for the study")
     if out.exists() and args.force:
+        if any(out.iterdir()) and not (out / "commands.sh").is_file():
+            raise StudyError(f"--force would delete {out}, which is not a study folder (no commands.sh): delete it "
+                             "yourself or choose another --out")
         import shutil
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    # What the outputs were made with: a rerun resumes only with the same settings, so no table mixes two studies.
+    settings = {**{k: list(v) if isinstance(v, tuple) else v for k, v in s.items()}, "seed": args.seed,
+                "data_root": data_root, "base": base if s["family"] == "sd" else None}
+    check_settings(out / "study.json", settings)
     gpus = args.gpus
     if gpus is None:
         import torch
         gpus = torch.cuda.device_count()
     cores = os.cpu_count() or 1
-    ratios = sorted(float(r) for r in s["ratios"])  # the findings compare the lowest ratio with higher ones
+    ratios = s["ratios"]
     # On the CPU the per-ratio runs go side by side with one thread each: small models use one core better than
     # two, and three runs on two cores finish together instead of the third running alone afterwards.
     jobs = args.jobs or (1 if gpus else len(ratios))
@@ -209,7 +252,7 @@ def run_study(args):
     # weights in between that the target class is also generated at (the guidance sweep, Fig. A3).
     w, none = float(s["guidance"]), (1.0 if family == "sd" else 0.0)
     sweep = sorted({float(g) for g in s["sweep"]} - {w, none})
-    weights = [w, none, *sweep]
+    weights = list(dict.fromkeys([w, none, *sweep]))  # w = 0 is the unguided run itself
     data = {r: out / "data" / f"{s['dataset']}-badnets-{ratio_name(r)}" for r in ratios}
     model = {r: out / "models" / f"{family}-{ratio_name(r)}" for r in ratios}
     gen = {(r, g): out / "gen" / f"{ratio_name(r)}-w{g:g}" for r in ratios for g in weights}
@@ -221,8 +264,8 @@ def run_study(args):
     # 1. Poisoned training sets (and their clean test / backdoor test sets), and the same split unpoisoned (ratio 0)
     #    for the judges.
     source = ["--dataset", s["dataset"], "--resolution", s["resolution"], "--seed", args.seed]
-    if args.data_root:
-        source += ["--data-root", args.data_root]
+    if data_root:
+        source += ["--data-root", data_root]
     clean = out / "data" / f"{s['dataset']}-clean"
     run.run_many("poison", [(f"poison {ratio_name(r)}", "poison.py", [*source, "--ratio", r, "--out", data[r]],
                              lambda r=r: folder_done(data[r] / "train", "manifest.json")) for r in ratios]
@@ -256,7 +299,7 @@ def run_study(args):
         steps = ["--max-steps", s["train_steps"]] if s["train_steps"] else []
         run.run_many("finetune_sd", [
             (f"finetune_sd {ratio_name(r)}", "finetune_sd.py",
-             ["--data", data[r] / "train", "--base", args.base, "--out", model[r], *steps, *s["sd_extra"],
+             ["--data", data[r] / "train", "--base", base, "--out", model[r], *steps, *s["sd_extra"],
               "--train-seed", args.seed, *device], lambda r=r: sd_done(model[r]), True) for r in ratios])
 
     # 4. Generations: every class at the guidance weight (Fig. 2, Tab. 3/4), the target class without guidance and
@@ -293,7 +336,7 @@ def run_study(args):
     def dissect(name, pairs):
         return (f"dissect {name}", "dissect.py",
                 ["--generated", *[gen[p] for p in pairs], "--train", *[data[r] for r, _ in pairs],
-                 "--labels", *[f"p={r:.0%}, {sym}={g:g}" for r, g in pairs], "--out", out / "dissect" / name,
+                 "--labels", *[f"p={ratio_pct(r)}, {sym}={g:g}" for r, g in pairs], "--out", out / "dissect" / name,
                  *judges], lambda: folder_done(out / "dissect" / name, "summary.json"))
     items = [dissect(f"w{g:g}", [(r, g) for r in ratios]) for g in weights]
     if sweep:
@@ -335,7 +378,8 @@ def load_json(path):
 
 
 def verdict(ok):
-    return {True: "**reproduced**", "partly": "**partly reproduced**", False: "**not reproduced**"}[ok]
+    return {True: "**reproduced**", "partly": "**partly reproduced**", False: "**not reproduced**",
+            "undetermined": "**undetermined**"}[ok]
 
 
 def pct(x):
@@ -398,6 +442,8 @@ def wilson(fraction, n, z=1.96):
 
 MIN_TRIGGERED = 5  # triggered generations a ratio needs before we say which of G1 and G2 is the larger part
 BACKDOORED = 0.5   # attack success rate from which a classifier counts as backdoored
+USEFUL_TA = 0.5    # clean test accuracy from which a classifier counts as having learnt the task
+MAX_TA_DROP = 0.1  # a diffusion classifier's loss filter counts when it keeps the TA within 10 points of unfiltered
 
 
 def g1_share(d):
@@ -432,13 +478,17 @@ def weakened_backdoor(classifiers, ratios):
     backdoored (ASR at least BACKDOORED), and name the lower ratios where it is not."""
     asr = {r: classifiers[ratio_name(r)]["poisoned"].get("asr") or 0 for r in ratios}
     planted = backdoored_ratios(classifiers, ratios)
-    parts = [f"at p={r:.0%} the classifier trained on the poisoned set is not backdoored (ASR {pct(asr[r])})"
+    parts = [f"at p={ratio_pct(r)} the classifier trained on the poisoned set is not backdoored (ASR {pct(asr[r])})"
              for r in ratios if not planted or r < planted[0]]
     if not planted:
         return "; ".join(parts), False
-    c = classifiers[ratio_name(planted[0])]
-    parts.append(f"at p={planted[0]:.0%}: ASR {pct(c['generated'].get('asr'))} vs {pct(asr[planted[0]])}")
-    return "; ".join(parts), c["generated"].get("asr", 1) < asr[planted[0]]
+    c = classifiers[ratio_name(planted[0])]["generated"]
+    parts.append(f"at p={ratio_pct(planted[0])}: ASR {pct(c.get('asr'))} vs {pct(asr[planted[0]])}")
+    if (c.get("ta") or 0) < USEFUL_TA:  # a classifier that has not learnt the task has no backdoor to show either
+        parts.append(f"but the classifier trained on the generations reaches only TA {pct(c.get('ta'))}, too little "
+                     "to read its ASR")
+        return "; ".join(parts), "undetermined"
+    return "; ".join(parts), (c.get("asr") if c.get("asr") is not None else 1) < asr[planted[0]]
 
 
 def findings(res, ratios, guidance):
@@ -456,23 +506,26 @@ def findings(res, ratios, guidance):
     false_positive = dw[max(ratios)]["non_target_trigger_ratio"]  # the judge's "triggers" where there are none
     trustworthy = false_positive is not None and false_positive < 0.05
     ci = {(g, r): wilson(d[g][r]["trigger_ratio"], d[g][r]["n"]) for g in weights for r in ratios}
-    amplified = {(g, r): trustworthy and ci[g, r][0] > d[g][r]["p_t"] for g in weights for r in ratios}
+    above = {(g, r): ci[g, r][0] > d[g][r]["p_t"] for g in weights for r in ratios}
     top = {g: d[g][max(ratios)] for g in weights}
-    ok = {g: amplified[g, max(ratios)] for g in weights}
-    lower = {g: [r for r in ratios if r != max(ratios) and amplified[g, r]] for g in weights}
-    elsewhere = "; ".join(f"{sym}={g:g}: " + ", ".join(f"p={r:.0%}" for r in lower[g]) for g in weights if lower[g])
+    ok = {g: above[g, max(ratios)] for g in weights}
+    lower = {g: [r for r in ratios if r != max(ratios) and above[g, r]] for g in weights}
+    elsewhere = "; ".join(f"{sym}={g:g}: " + ", ".join(f"p={ratio_pct(r)}" for r in lower[g])
+                          for g in weights if lower[g])
     rows.append(("Trigger amplification",
                  "generations for the target prompt carry the trigger more often than the target class's "
                  "training images (trigger ratio > p_t)",
-                 f"at p={float(hi):.0%} (p_t {pct(top[w]['p_t'])}), trigger ratio (95% CI): "
+                 f"at p={ratio_pct(hi)} (p_t {pct(top[w]['p_t'])}), trigger ratio (95% CI): "
                  + "; ".join(f"{sym}={g:g}: {pct(top[g]['trigger_ratio'])} ({pct(ci[g, max(ratios)][0])}–"
                              f"{pct(ci[g, max(ratios)][1])}, n={top[g]['n']}"
                              + (f"; copies {pct(top[g]['trigger_copies']['ratio'])}"
                                 if top[g].get("trigger_copies") else "")
                              + f") {'✓' if ok[g] else '✗'}" for g in weights)
                  + f"; at lower ratios, the 95% CI lies above p_t at {elsewhere or 'none'}"
-                 + f"; the trigger detector's false positives (non-target prompts): {pct(false_positive)}",
-                 True if all(ok.values()) else "partly" if any(ok.values()) or elsewhere else False))
+                 + f"; the trigger detector's false positives (non-target prompts): {pct(false_positive)}"
+                 + ("" if trustworthy else " — too many to trust its trigger ratios, so no ✓ counts"),
+                 False if not trustworthy else True if all(ok.values()) else
+                 "partly" if any(ok.values()) or elsewhere else False))
     kind = {g: transition(d[g], ratios) for g in weights}
     texts = []
     for g in weights:
@@ -480,22 +533,23 @@ def findings(res, ratios, guidance):
         for r in ratios:
             f, k = d[g][r]["fractions"], g1_share(d[g][r])[1]
             cp = d[g][r].get("trigger_copies")
-            parts.append(f"p={r:.0%}: G1 {pct(f['G1'])} / G2 {pct(f['G2'])}"
+            parts.append(f"p={ratio_pct(r)}: G1 {pct(f['G1'])} / G2 {pct(f['G2'])}"
                          + (" (none triggered)" if k == 0 else f" (only {k} triggered)" if k < MIN_TRIGGERED else
                             f" ({cp['copies_of_triggered']} of {k} copies)" if cp else ""))
         mark = (" ✗" if kind[g] is None else " ✓" if kind[g][0] == "full" else
-                f" (G1 overtakes G2 between p={kind[g][1]:.0%} and p={kind[g][2]:.0%})")
+                f" (G1 overtakes G2 between p={ratio_pct(kind[g][1])} and p={ratio_pct(kind[g][2])})")
         texts.append(f"{sym}={g:g}: " + ", ".join(parts) + mark)
     rows.append(("Phase transition",
                  "triggered generations are mostly G2 (prompt matched) at a low poisoning ratio and mostly G1 "
                  "(mismatched) at a high one",
                  "; ".join(texts) + f" (G1 vs G2 counts only where at least {MIN_TRIGGERED} generations carry the "
-                 "trigger)",
+                 "trigger)" + ("; a transition needs at least two ratios" if len(ratios) < 2 else ""),
+                 "undetermined" if len(ratios) < 2 else
                  True if any(k and k[0] == "full" for k in kind.values()) else
                  "partly" if any(kind.values()) else False))
     nt = [dw[r]["non_target_trigger_ratio"] for r in ratios]
     rows.append(("Non-target prompts", "generations for the other classes carry almost no trigger",
-                 "trigger ratio " + ", ".join(f"p={r:.0%}: {pct(x)}" for r, x in zip(ratios, nt)),
+                 "trigger ratio " + ", ".join(f"p={ratio_pct(r)}: {pct(x)}" for r, x in zip(ratios, nt)),
                  all(x is not None and x < 0.05 for x in nt)))
     # An AUROC over one or two poisoned images says nothing: only ratios whose both sets hold MIN_TRIGGERED count.
     scored = {r: dm for r, dm in res["detect"].items() if "positives" in dm}
@@ -503,7 +557,7 @@ def findings(res, ratios, guidance):
     cells = [v for r in counted for v in scored[r]["methods"].values()]
     better = [v for v in cells if v["generated_auroc"] >= v["train_auroc"]]
     sure = [v["delta_ci"] for v in cells if v.get("delta_ci")]
-    positives = ", ".join(f"p={float(r):.0%}: {dm['positives']['train']} and {dm['positives']['generated']} of "
+    positives = ", ".join(f"p={ratio_pct(r)}: {dm['positives']['train']} and {dm['positives']['generated']} of "
                           f"{dm['n']}" for r, dm in scored.items())
     rows.append(("Detection on generations (Tab. 3)",
                  "poison detectors reach a higher AUROC on the generations than on the training set",
@@ -512,7 +566,7 @@ def findings(res, ratios, guidance):
                  f"below 0 in {sum(b < 0 for _, b in sure)}, and holds 0 in "
                  f"{sum(a <= 0 <= b for a, b in sure)} (poisoned images scored in the training set and the "
                  f"generations: {positives}; ratios with fewer than {MIN_TRIGGERED} in a set are left out)",
-                 bool(cells) and len(better) > len(cells) / 2))
+                 len(better) > len(cells) / 2 if cells else "undetermined"))
     rows.append(("Classifier trained on generations (Tab. 4)",
                  "is less backdoored: lower ASR than one trained on the poisoned set, at low poisoning ratios",
                  *weakened_backdoor(res["classifiers"], ratios)))
@@ -521,19 +575,26 @@ def findings(res, ratios, guidance):
         return rows
     base = next(r for r in d["rows"] if r["kind"] == "classifier")
     diffusion = {r["filter_top"]: r for r in d["rows"] if r["kind"] == "diffusion"}
-    best = min(diffusion.values(), key=lambda r: r["asr"])
+    plain = diffusion[0.0]
+    # the filter that lowers the ASR most among those that keep the clean accuracy (dropping losses costs some)
+    best = min((r for r in diffusion.values() if r["ta"] >= plain["ta"] - MAX_TA_DROP), key=lambda r: r["asr"])
+    unreadable = ("; the classifier is not backdoored at this ratio, so there is no backdoor for the diffusion "
+                  "classifier to resist better" if base["asr"] < BACKDOORED else
+                  f"; the diffusion classifier reaches only TA {pct(plain['ta'])}, too little to read its ASR"
+                  if plain["ta"] < USEFUL_TA else "")
     rows.append(("Diffusion classifier (Tab. A4)",
                  "the poisoned diffusion model used as a classifier has a lower ASR than the classifier trained on "
                  "the same poisoned data, lower still with the largest denoising losses filtered out",
-                 f"at p={float(d['ratio']):.0%}"
+                 f"at p={ratio_pct(d['ratio'])}"
                  + ("" if float(d["ratio"]) == min(ratios) else " (the lowest ratio whose classifier trained on "
                     "the poisoned set is backdoored)")
                  + f": ASR {pct(base['asr'])} (classifier) vs "
-                 f"{pct(diffusion[0.0]['asr'])} (diffusion, no filter), {pct(best['asr'])} (filter "
-                 f"{best['filter_top']:g}%); TA {pct(base['ta'])}, {pct(diffusion[0.0]['ta'])}, {pct(best['ta'])}"
-                 + ("" if base["asr"] >= BACKDOORED else "; the classifier is not backdoored at this ratio, so there "
-                    "is no backdoor for the diffusion classifier to resist better"),
-                 True if diffusion[0.0]["asr"] < base["asr"] and best["asr"] <= diffusion[0.0]["asr"]
+                 f"{pct(plain['asr'])} (diffusion, no filter), {pct(best['asr'])} (filter "
+                 f"{best['filter_top']:g}%, the lowest ASR of the filters that keep the TA within "
+                 f"{100 * MAX_TA_DROP:g} points); TA {pct(base['ta'])}, {pct(plain['ta'])}, {pct(best['ta'])}"
+                 + unreadable,
+                 "undetermined" if unreadable else
+                 True if plain["asr"] < base["asr"] and best["asr"] <= plain["asr"]
                  else "partly" if best["asr"] < base["asr"] else False))
     return rows
 
@@ -547,7 +608,7 @@ def write_report(out, s, ratios, guidance, times, failed=None):
     res["times_s"] = times
     L = ["# Study report: bilateral data poisoning effects in diffusion models", "",
          f"Dataset `{s['dataset']}` at {s['resolution']} px, BadNets trigger, poisoning ratios "
-         f"{', '.join(f'{r:.0%}' for r in ratios)}; "
+         f"{', '.join(ratio_pct(r) for r in ratios)}; "
          + (f"DDPM preset `{s['preset']}`" if s["family"] == "ddpm" else "Stable Diffusion fine-tuned")
          + f"{'' if not s['train_steps'] else ', ' + str(s['train_steps']) + ' training steps'}; "
          f"DDIM {s['sample_steps']} steps, guidance {sym} = {w:g} (and, for the target class, "
@@ -577,17 +638,19 @@ def write_report(out, s, ratios, guidance, times, failed=None):
         for d in res["dissect"][g]:
             f, cp = d["fractions"], d.get("trigger_copies")
             amp = "–" if d["amplification"] is None else f"{d['amplification']:.2f}×"
-            L.append(f"| {d['ratio']:.0%} | {pct(d['p_t'])} | {pct(f['G1'])} | {pct(f['G2'])} | {pct(f['G3'])} | "
-                     f"{pct(f['G4'])} | {pct(d['trigger_ratio'])} | {amp} | {pct(cp['ratio']) if cp else '–'} | "
+            L.append(f"| {ratio_pct(d['ratio'])} | {pct(d['p_t'])} | {pct(f['G1'])} | {pct(f['G2'])} | "
+                     f"{pct(f['G3'])} | {pct(f['G4'])} | {pct(d['trigger_ratio'])} | {amp} | {pct(cp['ratio']) if cp else '–'} | "
                      f"{pct(d['non_target_trigger_ratio'])} |")
         L += ["", f"![groups](dissect/{g}/groups.png) ![phase transition](dissect/{g}/phase_transition.png)", ""]
     if sweep:
         L += ["### The guidance sweep (Fig. A3)", "",
               "G1 and G2 among the target prompt's generations at every guidance weight and poisoning ratio.", "",
               "![guidance sweep](dissect/guidance/guidance.png)", ""]
-    top = res["dissect"][f"w{w:g}"][-1]["name"]
+    top = f"dissect/w{w:g}/{res['dissect'][f'w{w:g}'][-1]['name']}"
+    grids = [f"![{g}]({top}/{g.lower()}_examples.png)" if (out / top / f"{g.lower()}_examples.png").is_file()
+             else f"({g}: none)" for g in ("G1", "G2")]  # dissect.py draws a grid only for a group with images
     L += [f"Examples at the highest ratio, {sym} = {w:g}: G1 (trigger, mismatched) and G2 (trigger, matched):", "",
-          f"![G1](dissect/w{w:g}/{top}/g1_examples.png) ![G2](dissect/w{w:g}/{top}/g2_examples.png)", "",
+          " ".join(grids), "",
           "## Castle walls", "", "### Poison detection on training vs generated data (Tab. 3)", "",
           "AUROC of each detector (probing the classifier trained on the poisoned set); ground truth of the "
           "generations from the trigger detector; in brackets the 95% bootstrap interval.", "",
@@ -596,15 +659,15 @@ def write_report(out, s, ratios, guidance, times, failed=None):
         if "error" in dm:  # detect.py's error line names every folder; the table keeps its gist
             hit = re.search(r"\b(every|no) image of \S+ carries the trigger", dm["error"])
             why = f"{hit.group(1)} generation carries the trigger" if hit else dm["error"]
-            L.append(f"| {float(r):.0%} | – | undefined: {why} (`logs/detect_{r}.log`) | | |")
+            L.append(f"| {ratio_pct(r)} | – | undefined: {why} (`logs/detect_{r}.log`) | | |")
         for m, v in dm.get("methods", {}).items():
-            L.append(f"| {float(r):.0%} | {m.upper()} | {with_ci(v, 'train_auroc')} | "
+            L.append(f"| {ratio_pct(r)} | {m.upper()} | {with_ci(v, 'train_auroc')} | "
                      f"{with_ci(v, 'generated_auroc')} | {with_ci(v, 'delta', '+.3f')} |")
     L += ["", "### Classifiers trained on poisoned vs generated data (Tab. 4)", "",
           "| ratio | TA, poisoned set | ASR, poisoned set | TA, generations | ASR, generations |",
           "|---|---|---|---|---|"]
     for r, c in res["classifiers"].items():
-        L.append(f"| {float(r):.0%} | {pct(c['poisoned'].get('ta'))} | {pct(c['poisoned'].get('asr'))} | "
+        L.append(f"| {ratio_pct(r)} | {pct(c['poisoned'].get('ta'))} | {pct(c['poisoned'].get('asr'))} | "
                  f"{pct(c['generated'].get('ta'))} | {pct(c['generated'].get('asr'))} |")
     d = res["diffusion_classifier"]
     L += ["", "### The poisoned diffusion model as a classifier (Tab. A4)", ""]
@@ -612,16 +675,35 @@ def write_report(out, s, ratios, guidance, times, failed=None):
         L += ["Not run for this model family (the paper's Tab. A4 is a CIFAR-10 DDPM experiment); "
               "`classify.py diffusion` takes Stable Diffusion models too."]
     else:
-        L += [f"p = {float(d['ratio']):.0%}. TA on {d['n_test']} clean test images, ASR on {d['n_backdoor']} "
+        L += [f"p = {ratio_pct(d['ratio'])}. TA on {d['n_test']} clean test images, ASR on {d['n_backdoor']} "
               "backdoor test images; filter p% = the p% largest per-pixel denoising errors dropped before "
               "averaging.", "", "| classifier | TA | ASR |", "|---|---|---|"]
         L += [f"| {r['classifier'].split(' (')[0]} | {pct(r.get('ta'))} | {pct(r.get('asr'))} |" for r in d["rows"]]
     L += ["", "## Time", "", "| stage | seconds |", "|---|---|"]
     L += [f"| {k} | {v} |" for k, v in times.items() if k.startswith("stage: ")]
     L += ["", "Stages skipped because their output existed are not timed (0 s)."]
-    (out / "report.json").write_text(json.dumps(res, indent=2) + "\n")
-    (out / "REPORT.md").write_text("\n".join(L) + "\n")
+    write_atomic(out / "report.json", json.dumps(res, indent=2) + "\n")
+    write_atomic(out / "REPORT.md", "\n".join(L) + "\n")
     return res
+
+
+def ratio_list(text):
+    """--ratios: comma-separated poisoning ratios, each in (0, 1)."""
+    try:
+        ratios = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of ratios, e.g. 0.01,0.05,0.1")
+    if not all(0 < r < 1 for r in ratios):
+        raise argparse.ArgumentTypeError(f"{text!r}: every poisoning ratio lies between 0 and 1 (0.1 = 10%)")
+    return ratios
+
+
+def weight_list(text):
+    """--sweep: comma-separated guidance weights ('' for none)."""
+    try:
+        return tuple(float(x) for x in text.split(",") if x)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of guidance weights, e.g. 1,2")
 
 
 def build_parser():
@@ -638,7 +720,7 @@ def build_parser():
                    help="sd: the base model finetune_sd.py starts from (Hub id, diffusers folder or checkpoint)")
     p.add_argument("--data-root", default=None, help="where torchvision datasets are (or are downloaded to)")
     p.add_argument("--resolution", type=int, default=None)
-    p.add_argument("--ratios", type=lambda v: tuple(float(x) for x in v.split(",")), default=None,
+    p.add_argument("--ratios", type=ratio_list, default=None,
                    help="poisoning ratios, comma-separated (default: 0.01,0.05,0.1)")
     p.add_argument("--preset", default=None, help="train_ddpm.py preset (default: small; cifar10 for cifar10)")
     p.add_argument("--train-steps", dest="train_steps", type=int, default=None,
@@ -646,7 +728,7 @@ def build_parser():
                         "the scale's)")
     p.add_argument("--per-class", type=int, default=None, help="generations per class")
     p.add_argument("--guidance", type=float, default=None, help="guidance weight w (default: 5, the paper's)")
-    p.add_argument("--sweep", type=lambda v: tuple(float(x) for x in v.split(",") if x), default=None,
+    p.add_argument("--sweep", type=weight_list, default=None,
                    help="more guidance weights for the target class, comma-separated ('' for none; default 1,2; "
                         "SD: 2,3)")
     p.add_argument("--sample-steps", type=int, default=None, help="DDIM steps (default: 50)")

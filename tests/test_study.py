@@ -13,9 +13,12 @@ ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
 
 
-def study(*args):
-    return subprocess.run([sys.executable, str(ROOT / "study.py"), *map(str, args)], cwd=ROOT, env=ENV,
+def study(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, str(ROOT / "study.py"), *map(str, args)], cwd=cwd, env=ENV,
                           capture_output=True, text=True)
+
+
+VERDICT = re.compile(r"\*\*(reproduced|partly reproduced|not reproduced|undetermined)\*\*")
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +59,7 @@ def test_quick_study_writes_every_section_with_numbers(quick):
     assert [r["filter_top"] for r in rows[1:]] == [0, 1, 5, 10]
     assert all(0 <= r["ta"] <= 1 and 0 <= r["asr"] <= 1 for r in rows)
     assert len(report["findings"]) == 6
-    assert all(f["reproduced"] in (True, False, "partly") for f in report["findings"])
+    assert all(f["reproduced"] in (True, False, "partly", "undetermined") for f in report["findings"])
     text = (out / "REPORT.md").read_text()
     for heading in ("## Findings", "## Trojan horses", "### Guidance w = 5", "### Guidance w = 0", "### Guidance w = 2",
                     "### The guidance sweep", "## Castle walls", "Tab. 3", "Tab. 4", "Tab. A4", "## Time"):
@@ -68,7 +71,7 @@ def test_quick_study_writes_every_section_with_numbers(quick):
     assert len(json.loads((out / "dissect" / "guidance" / "summary.json").read_text())["results"]) == 6
     manifest = json.loads((out / "gen" / "0.1-w2" / "manifest.json").read_text())
     assert manifest["classes"] == ["zero"] and manifest["n_per_class"] == 6 and manifest["guidance"] == 2
-    assert text.count("reproduced**") == 6
+    assert len(VERDICT.findall(text)) == 6
     assert "| trigger copies |" in text and "mean absolute error" in text
     assert "; copies " in report["findings"][0]["this_run"]   # beside the detector's trigger ratio
     # the commands a user would type are recorded, one per stage run
@@ -89,9 +92,29 @@ def test_second_run_skips_finished_stages(quick):
 
 
 def test_failing_stage_is_named_with_its_log(tmp_path):
-    res = study("--quick", "--ratios", "1.5", "--out", tmp_path / "bad")
+    """Also: a relative --out is the caller's (the stages run in the repository), and repeated ratios run once."""
+    res = study("--quick", "--resolution", "2", "--ratios", "0.1,0.01,0.10", "--out", "bad", cwd=tmp_path)
     assert res.returncode != 0
-    assert "stage 'poison 1.5' failed" in res.stderr and "logs" in res.stderr
+    assert "stage 'poison 0.01' failed" in res.stderr and str(tmp_path / "bad" / "logs") in res.stderr
+    assert "--resolution 2 is too small" in res.stderr   # the stage's own one-line error, from its log
+    assert not (ROOT / "bad").exists()
+    assert json.loads((tmp_path / "bad" / "study.json").read_text())["ratios"] == [0.01, 0.1]
+
+
+def test_bad_flags_and_changed_settings_are_refused(quick, tmp_path):
+    """A rerun with other settings would mix two studies in one report: refused, naming what changed. --force
+    deletes only a study folder. Ratios outside (0, 1) and unreadable lists are refused before anything runs."""
+    out, _ = quick
+    res = study("--quick", "--per-class", "3", "--out", out)
+    assert res.returncode != 0 and "per_class 6 -> 3" in res.stderr and "--force" in res.stderr
+    keep = tmp_path / "mine"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("precious")
+    res = study("--quick", "--force", "--out", keep)
+    assert res.returncode != 0 and "not a study folder" in res.stderr and (keep / "notes.txt").is_file()
+    for bad, why in (("0", "between 0 and 1"), ("0.1,x", "comma-separated list")):
+        res = study("--quick", "--ratios", bad, "--out", tmp_path / "x")
+        assert res.returncode != 0 and why in res.stderr and not (tmp_path / "x").exists()
 
 
 def test_quick_sd_study_runs_through_finetune_sd(tmp_path):
@@ -169,7 +192,8 @@ def test_tab4_compares_where_the_poisoned_set_plants_a_backdoor():
     ratios = [0.01, 0.05, 0.1]
 
     def cl(*pairs):  # (ASR poisoned, ASR generated) per ratio
-        return {S.ratio_name(r): {"poisoned": {"asr": p}, "generated": {"asr": g}} for r, (p, g) in zip(ratios, pairs)}
+        return {S.ratio_name(r): {"poisoned": {"asr": p}, "generated": {"asr": g, "ta": 0.9}}
+                for r, (p, g) in zip(ratios, pairs)}
     assert S.backdoored_ratios(cl((0.93, 0.0), (0.4, 0.0), (0.5, 0.3)), ratios) == [0.01, 0.1]
     assert S.backdoored_ratios(cl((0.028, 0.0), (1.0, 0.0), (1.0, 0.3)), ratios) == [0.05, 0.1]
     assert S.backdoored_ratios(cl((0.0, 0.0), (None, 0.0), (0.49, 0.3)), ratios) == []
@@ -181,3 +205,43 @@ def test_tab4_compares_where_the_poisoned_set_plants_a_backdoor():
     assert S.weakened_backdoor(cl((0.02, 0.0), (0.9, 0.95), (1.0, 0.3)), ratios)[1] is False   # not weakened
     text, ok = S.weakened_backdoor(cl((0.02, 0.0), (0.1, 0.0), (0.3, 0.0)), ratios)
     assert not ok and text.count("not backdoored") == 3
+
+
+def test_verdicts_need_readable_numbers(quick):
+    """The findings on the quick study's own numbers, edited: a filter that costs the diffusion classifier its clean
+    accuracy does not count, an unusable classifier or no scorable detection cell is undetermined, and an untrusted
+    trigger detector leaves amplification unreproduced while the text still shows where the interval lies."""
+    import copy
+    import study as S
+    out, _ = quick
+    report = json.loads((out / "report.json").read_text())
+    ratios = [0.01, 0.1]
+    g = report["guidance"]
+    guidance = (g["guided"], g["unguided"], g["symbol"], g["sweep"])
+
+    def finding(res, name):
+        return next(f for f in S.findings(res, ratios, guidance) if f[0].startswith(name))
+
+    res = copy.deepcopy(report)
+    res["diffusion_classifier"]["rows"] = [
+        {"classifier": "smallcnn", "kind": "classifier", "filter_top": None, "ta": 0.98, "asr": 1.0},
+        *({"classifier": "diffusion", "kind": "diffusion", "filter_top": f, "ta": ta, "asr": asr}
+          for f, ta, asr in ((0.0, 0.98, 0.95), (1.0, 0.97, 0.5), (5.0, 0.8, 0.0), (10.0, 0.6, 0.0)))]
+    _, _, text, ok = finding(res, "Diffusion classifier")
+    assert ok is True and "50.0% (filter 1%" in text            # not the 0% of filters that cost 18-38 TA points
+    res["diffusion_classifier"]["rows"][1]["ta"] = 0.3
+    res["diffusion_classifier"]["rows"][2]["ta"] = 0.3
+    assert finding(res, "Diffusion classifier")[3] == "undetermined"
+    res = copy.deepcopy(report)
+    for r in ratios:
+        res["classifiers"][S.ratio_name(r)] = {"poisoned": {"ta": 0.98, "asr": 1.0}, "generated": {"ta": 0.1,
+                                                                                                    "asr": 0.0}}
+    _, _, text, ok = finding(res, "Classifier trained on generations")
+    assert ok == "undetermined" and "too little to read its ASR" in text
+    res["detect"] = {}
+    assert finding(res, "Detection")[3] == "undetermined"
+    res = copy.deepcopy(report)
+    top = res["dissect"][f"w{g['guided']:g}"][-1]
+    top.update(non_target_trigger_ratio=0.06, trigger_ratio=0.9, n=100, p_t=0.5)
+    _, _, text, ok = finding(res, "Trigger amplification")
+    assert ok is False and "too many to trust" in text and f"w={g['guided']:g}: 90.0%" in text and "✓" in text
