@@ -112,6 +112,9 @@ def resize_array(images, resolution):
 
 def stratified_split(labels, test_fraction, seed):
     """Indices (train, test): per class, a seeded shuffle puts round(test_fraction * n_class) images in test."""
+    if not 0 < test_fraction < 1:
+        raise PoisonError(f"--test-fraction {test_fraction} is outside (0, 1): give the share of images held out "
+                          "for testing, e.g. 0.2")
     rng = np.random.default_rng(seed)
     train, test = [], []
     for c in np.unique(labels):
@@ -119,7 +122,11 @@ def stratified_split(labels, test_fraction, seed):
         n_test = int(math.floor(test_fraction * len(idx) + 0.5))
         test.append(idx[:n_test])
         train.append(idx[n_test:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+    train, test = np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+    if not len(train) or not len(test):  # a fraction near 0 or 1 rounds to nothing on small classes
+        raise PoisonError(f"--test-fraction {test_fraction} leaves no {'test' if len(train) else 'training'} images "
+                          f"of {len(labels)}: give a share nearer 0.5")
+    return train, test
 
 
 def load_digits_source(split, resolution, split_seed, test_fraction):
@@ -752,6 +759,30 @@ def poison(out, dataset="digits", ratio=0.1, attack="badnets", trigger="badnets"
     if not quiet:
         print(json.dumps(summary))
     return summary
+
+
+def options_differences(manifest, kw):
+    """The poisoning options (sorted names) in which a poisoned set's manifest differs from poison() keyword
+    arguments `kw` (poison_kwargs), compared as the manifest records them (a target by name or index, a default
+    resolution resolved), so a set built earlier with other flags is not reused by mistake."""
+    kind = "folder" if kw["dataset"].startswith("folder:") else kw["dataset"]
+    recorded_target = manifest.get("target") or {}
+    target = kw["target"] if kw["target"] is not None else DEFAULT_TARGET.get(kind)
+    trig = manifest.get("trigger") or {}
+    pairs = {"dataset": (manifest.get("dataset"), kw["dataset"]), "attack": (manifest.get("attack"), kw["attack"]),
+             "resolution": (manifest.get("resolution"), kw["resolution"] or DEFAULT_RESOLUTION.get(kind)),
+             "trigger": (trig.get("kind"), None if kw["attack"] == "relabel" else kw["trigger"])}
+    if target is not None:
+        pairs["target"] = (str(target).strip().lower() in (str(recorded_target.get("name")).lower(),
+                                                           str(recorded_target.get("index"))), True)
+    for k, v in (manifest.get("options") or {}).items():  # ratio, seed, select, split, ... as poison() records them
+        pairs[k] = (v, str(kw[k]) if k == "duplicates" and kw.get(k) else kw.get(k))
+    if trig.get("kind") == "blend":
+        pairs["blend_alpha"] = (trig.get("alpha"), kw["blend_alpha"])
+        pairs["trigger_image"] = (trig.get("trigger_image"), str(kw["trigger_image"]) if kw["trigger_image"] else None)
+    if trig.get("kind") == "wanet":
+        pairs["wanet_k"], pairs["wanet_s"] = (trig.get("k"), kw["wanet_k"]), (trig.get("s"), kw["wanet_s"])
+    return sorted(k for k, (have, want) in pairs.items() if have != want)
 
 
 def add_poison_arguments(parser, out_required=True):

@@ -417,6 +417,9 @@ def plan_ddpm(args, model, alphas_cumprod, config, weights, device, dtype):
         raise PoisonError(f"--resolution {args.resolution}: this DDPM was trained at {model.cfg.resolution} px only")
     T = len(alphas_cumprod)
     guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
+    if guidance != 0 and (config.get("guidance") or {}).get("label_dropout") == 0:
+        raise PoisonError(f"{args.model} was trained with --label-dropout 0, so its null class never learned the "
+                          f"unconditional eps that --guidance {guidance:g} needs: sample with --guidance 0")
     clip_x0 = True if args.clip_x0 is None else args.clip_x0
     steps = args.steps or (50 if args.sampler == "ddim" else T)
     spacing = args.spacing or ("quadratic" if args.sampler == "ddim" else "uniform")
@@ -493,6 +496,8 @@ def main(args):
     out = Path(args.out)
     if out.exists() and not args.force:
         raise PoisonError(f"{out} exists: pass --force to overwrite it, or choose another --out")
+    if args.grid and Path(args.grid).exists() and not args.force:
+        raise PoisonError(f"{args.grid} exists: pass --force to overwrite it, or choose another --grid")
     if args.n < 1:
         raise PoisonError(f"--n {args.n}: give at least one image per class or prompt")
     if args.sampler not in SAMPLERS:
@@ -548,7 +553,11 @@ def main(args):
         if args.grid:
             per = min(args.n, 8)
             pick = [j * args.n + k for j in range(len(jobs)) for k in range(per)]
-            save_grid(images[pick], args.grid, nrow=per)
+            # written beside it and renamed, as --out; the temporary name keeps the suffix PIL takes the format from
+            grid = Path(args.grid)
+            tmp = grid.with_name(f".tmp-{os.getpid()}-{grid.name}")
+            save_grid(images[pick], tmp, nrow=per)
+            os.replace(tmp, grid)
         print(json.dumps({"out": str(out), "images": len(labels), "groups": len(jobs), "classes": len(manifest["classes"]),
                           "family": family,
                           "sampler": args.sampler, "steps": manifest["steps"], "guidance": manifest["guidance"]}))
@@ -593,7 +602,7 @@ def build_parser():
     p.add_argument("--config", default=None, help="SD single-file checkpoints: as finetune_sd.py --config")
     p.add_argument("--tokenizer", default=None, help="SD single-file checkpoints: as finetune_sd.py --tokenizer")
     p.add_argument("--out", required=True, help="output dataset folder")
-    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out (and --grid)")
     p.add_argument("--grid", default=None, help="also save a PNG grid (up to 8 per class or prompt) to this file")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],

@@ -12,23 +12,26 @@ Salimans 2022): with probability --label-dropout the class is replaced by the nu
     # the paper's CIFAR-10 model (the DDPM paper's 35.7M U-Net), on 4 GPUs, bf16 + torch.compile
     torchrun --nproc_per_node 4 train_ddpm.py --preset cifar10 --dataset cifar10 --data-root ~/data --ratio 0.1 \\
         --out runs/ddpm-cifar10-0.1
-    # a rerun with the same --out resumes from the last checkpoint (raise --steps to train longer)
-    python train_ddpm.py --preset small --data data/digits-badnets-0.1/train --out runs/ddpm-digits --steps 3000
+    # a rerun with the same --out resumes from the last checkpoint (other settings are refused; --force starts
+    # over); raising --steps trains longer when the rate is constant (--lr-decay none: cosine ends at --steps)
+    python train_ddpm.py --preset small --data data/digits-badnets-0.1/train --out runs/ddpm-digits --lr-decay none \\
+        --steps 3000
 
 OUT is a model folder: config.json (family "ddpm", every U-Net and diffusion hyperparameter, the training data's
 class names / target / p_t / poisoning ratio, the step), model.safetensors and ema.safetensors (sample.py uses
 EMA weights by default); state.pt (everything needed to resume; loads with torch.load(weights_only=True));
-loss.jsonl (one line per --log-every steps); samples/step_NNNNNNN.png (one row per class, EMA weights, DDIM
-preview); data/ when the poisoned set was built here. Every file is written to a temporary name and renamed,
-so a run killed mid-save keeps the previous checkpoint. A non-finite loss stops the run with an error and leaves
-the last good checkpoint in place.
+loss.jsonl (one line per --log-every steps; a fresh start empties it); samples/step_NNNNNNN.png (one row per
+class, EMA weights, DDIM preview); data/ when the poisoned set was built here. Every file is written to a temporary
+name and renamed, so a run killed mid-save keeps the previous checkpoint, and --force replaces an old model only at
+its first checkpoint. A non-finite loss stops the run with an error and leaves the last good checkpoint in place.
 
 Presets (--preset): cifar10 = the DDPM paper's CIFAR-10 U-Net (128 channels, multipliers 1,2,2,2, 2 res blocks,
 attention at 16x16, dropout 0.1; 35.7M parameters + the class embedding); small = a 0.65M-parameter U-Net that
 trains on the embedded digits default at 16 px on a laptop CPU in minutes; tiny = for tests.
 The reference code (OPTML-Group/BiBadDiff) trained a 64-channel model with attention after every block, batch
 2000 for 1500 epochs with warm-up + cosine, fp32, no EMA; here EMA is on (users expect it) and the DDPM paper's
-recipe (batch 128, 800k steps, warm-up 5000, gradient clipping 1) is the cifar10 default.
+recipe (batch 128, 800k steps, warm-up 5000, gradient clipping 1) is the cifar10 default, with a checkpoint every
+10k steps (small and tiny: at the end).
 
 Python API for later stages: `load_model(folder, weights="ema")` -> (UNet, config), `Diffusion` (the noise
 schedule in float64: betas, alphas_cumprod, q_sample, loss), `UNet`, `UNetConfig`, `PRESETS`,
@@ -56,7 +59,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from poison import PoisonError, add_poison_arguments, load_folder, poison, poison_kwargs, save_grid, versions
+from poison import (PoisonError, add_poison_arguments, load_folder, options_differences, poison, poison_kwargs,
+                    read_manifest, save_grid, versions)
 from kernels.attention import attention
 from kernels.group_norm import group_norm
 
@@ -96,17 +100,19 @@ PRESETS = {
     # flash-attention kernel applies; the parameter count is the same.
     "cifar10": dict(unet=dict(channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2, attention_ds=(2,),
                               head_channels=64, dropout=0.1, norm_groups=32),
-                    train=dict(batch_size=128, steps=800_000, warmup=5000, ema_decay=0.9999, lr=2e-4)),
+                    train=dict(batch_size=128, steps=800_000, warmup=5000, ema_decay=0.9999, lr=2e-4,
+                               save_every=10_000)),  # days of training: a crash loses at most 10k steps
     # Minutes on a CPU for 16 px digits (study.py's default). 16 channels at full resolution keeps the 16x16
     # convolutions (most of the work) cheap. For a fixed budget, more updates beat bigger batches: 1600 steps of 64
     # at lr 2e-3 leave far less residual noise in the samples than 800 of 128 at 1e-3 (benchmarks/RESULTS.md).
     "small": dict(unet=dict(channels=16, channel_mult=(1, 2, 4), num_res_blocks=1, attention_ds=(2,),
                             head_channels=32, dropout=0.0, norm_groups=8),
-                  train=dict(batch_size=64, steps=1600, warmup=100, ema_decay=0.9999, lr=2e-3)),
+                  train=dict(batch_size=64, steps=1600, warmup=100, ema_decay=0.9999, lr=2e-3,
+                             save_every=None)),  # None: at the end
     # For tests and smoke runs: seconds.
     "tiny": dict(unet=dict(channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_ds=(2,),
                            head_channels=16, dropout=0.0, norm_groups=4),
-                 train=dict(batch_size=32, steps=20, warmup=0, ema_decay=0.999, lr=1e-3)),
+                 train=dict(batch_size=32, steps=20, warmup=0, ema_decay=0.999, lr=1e-3, save_every=None)),
 }
 
 
@@ -436,9 +442,10 @@ def save_checkpoint(out, step, model, ema, optimizer, scaler, config):
 def load_state(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file
-        raise TrainingError(f"{path} is not a readable training state ({type(e).__name__}: {e}); delete it to "
-                            "start over from the exported weights, or choose another --out") from None
+    except Exception as e:  # a truncated or foreign file; torch's own message runs to many lines: keep the first
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise TrainingError(f"{path} is not a readable training state ({type(e).__name__}: {reason}): pass --force "
+                            "to train a new model over it, or choose another --out") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -527,14 +534,23 @@ def lr_at(step, base_lr, warmup, total, decay):
 
 
 def build_data(args, out, rank):
-    """The training dataset folder: --data, or poison.py run into OUT/data (reused when it is already there)."""
+    """The training dataset folder: --data, or poison.py run into OUT/data (reused when it is already there and was
+    made with the same poisoning flags; rebuilt with --force)."""
     if args.data:
         if not Path(args.data).is_dir():
             raise PoisonError(f"--data {args.data}: no such folder; give a dataset folder (poison.py's OUT/train)")
         return Path(args.data)
     data = out / "data"
-    if rank == 0 and not (data / "train" / "manifest.json").is_file():
-        poison(data, force=data.exists(), command=command_line(), quiet=True, **poison_kwargs(args))
+    kwargs = poison_kwargs(args)
+    # every rank compares (so all of them stop on a mismatch); the manifest, not config.json, since a run killed
+    # before its first checkpoint leaves OUT/data without a config.json
+    built = (data / "train" / "manifest.json").is_file()
+    differ = options_differences(read_manifest(data / "train"), kwargs) if built else []
+    if differ and not args.force:
+        raise TrainingError(f"{data} was poisoned with other options ({', '.join(differ)} differ): rerun with the "
+                            "same options, choose another --out, or pass --force to rebuild it and train a new model")
+    if rank == 0 and (not built or differ):
+        poison(data, force=data.exists(), command=command_line(), quiet=True, **kwargs)
     barrier()
     return data / "train"
 
@@ -549,6 +565,22 @@ def training_settings(args, preset):
     return {k: (getattr(args, k) if getattr(args, k) is not None else t[k]) for k in t}
 
 
+# Settings a resumed run may change: how long it runs (--steps: see main), how, and where its data lies. The
+# poisoning flags are compared with OUT/data's manifest instead (build_data).
+RESUMABLE = {"data": {"path"}, "training": {"steps", "save_every", "world_size", "dtype", "command", "poison"}}
+
+
+def setting_differences(saved, config):
+    """'section.key' of each setting that differs between a saved config and this run's (sections unet, diffusion,
+    data, training, guidance; keys an older config lacks are not compared), other than the RESUMABLE ones."""
+    diff = []
+    for section in ("unet", "diffusion", "data", "training", "guidance"):
+        old, new = saved.get(section) or {}, config[section]
+        diff += [f"{section}.{k}" for k in old if k not in RESUMABLE.get(section, ())
+                 and json.dumps(old[k], sort_keys=True) != json.dumps(new.get(k), sort_keys=True)]
+    return sorted(diff)
+
+
 def main(args):
     out = Path(args.out)
     device = resolve_device(args.device)
@@ -557,6 +589,12 @@ def main(args):
     compile_model = args.compile if args.compile is not None else device.type == "cuda"
     if args.preset not in PRESETS:
         raise PoisonError(f"unknown --preset {args.preset!r}: choose one of {', '.join(PRESETS)}")
+    if not 0 <= args.label_dropout < 1:
+        raise PoisonError(f"--label-dropout {args.label_dropout} is outside [0, 1): give the null-class probability, "
+                          "e.g. 0.1 (0: no classifier-free guidance)")
+    for flag, every in (("--log-every", args.log_every), ("--save-every", args.save_every)):
+        if every is not None and every < 1:
+            raise PoisonError(f"{flag} {every}: give an interval of at least 1 step")
     hp = training_settings(args, args.preset)
     if hp["batch_size"] % world:
         raise PoisonError(f"--batch-size {hp['batch_size']} is not divisible by the {world} processes")
@@ -572,8 +610,9 @@ def main(args):
     if images.shape[-1] != images.shape[-2]:
         raise PoisonError(f"{data_dir} holds {tuple(images.shape[-2:])} images: train_ddpm.py needs square images")
     N, num_classes, R = len(images), len(ds.class_names), images.shape[-1]
-    if N < local_batch * world:
-        hp["batch_size"] = local_batch = max(1, N // world)  # tiny sets: one batch is the whole set
+    if N < local_batch * world:  # tiny sets: one batch is the whole set (what divides evenly over the processes)
+        local_batch = max(1, N // world)
+        hp["batch_size"] = local_batch * world
     images, labels = images.to(device), labels.to(device)
 
     cfg = unet_config(args.preset, R, num_classes, channels=args.channels, channel_mult=args.channel_mult,
@@ -590,7 +629,8 @@ def main(args):
                  "target": m.get("target"), "p_t": m.get("p_t"), "poison_ratio": m.get("poison_ratio"),
                  "attack": m.get("attack"), "trigger": m.get("trigger"), "resolution": R, "images": N},
         "training": {"preset": args.preset, **hp, "weight_decay": args.weight_decay, "grad_clip": args.grad_clip,
-                     "lr_decay": args.lr_decay, "seed": args.train_seed, "world_size": world, "dtype": args.dtype,
+                     "lr_decay": args.lr_decay, "seed": args.train_seed, "hflip": args.hflip, "world_size": world,
+                     "dtype": args.dtype,
                      "poison": None if args.data else {k: v for k, v in poison_kwargs(args).items() if k != "workers"},
                      "command": command_line()},
         "versions": versions(),
@@ -609,33 +649,43 @@ def main(args):
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
 
     step, saved_step = 0, None
-    state_path = out / "state.pt"
-    if state_path.is_file():
+    state_path, config_path = out / "state.pt", out / "config.json"
+    saved = read_config(out) if config_path.is_file() and not args.force else {}
+    if state_path.is_file() and not args.force:
         state = load_state(state_path)
-        saved = {"unet": json.loads(state["unet"]), "diffusion": json.loads(state["diffusion"])}
-        for section in ("unet", "diffusion"):
-            diff = [k for k in set(saved[section]) | set(config[section])
-                    if json.dumps(saved[section].get(k)) != json.dumps(config[section].get(k))]
-            if diff:
-                raise TrainingError(f"{out} holds a model trained with other {section} settings ({', '.join(sorted(diff))} "
-                                    f"differ): rerun with the same options or choose another --out")
-        old = json.loads((out / "config.json").read_text()) if (out / "config.json").is_file() else {}
-        old_poison = old.get("training", {}).get("poison")
-        if old_poison is not None and config["training"]["poison"] is not None \
-                and json.dumps(old_poison, sort_keys=True) != json.dumps(config["training"]["poison"], sort_keys=True):
-            changed = sorted(k for k in old_poison if old_poison[k] != config["training"]["poison"].get(k))
-            raise TrainingError(f"{out}/data was poisoned with other options ({', '.join(changed)} differ): rerun "
-                                "with the same options or choose another --out")
+        # the weights' own U-Net and diffusion settings, the rest from the config.json saved beside them
+        saved.update(unet=json.loads(state["unet"]), diffusion=json.loads(state["diffusion"]))
+        diff = setting_differences(saved, config)
+        if diff:
+            raise TrainingError(f"{out} holds a model trained with other settings ({', '.join(diff)} differ): rerun "
+                                "with the same options, choose another --out, or pass --force to train a new one "
+                                "over it")
+        step = saved_step = int(state["step"])
+        planned = saved.get("training", {}).get("steps", hp["steps"])
+        if args.lr_decay == "cosine" and hp["steps"] != planned and step < hp["steps"]:
+            # lr_at decays to zero at --steps: another --steps mid-run moves the curve (raised, the rate climbs
+            # back from near zero), so the run would match neither schedule
+            raise TrainingError(f"{out} follows a cosine learning-rate schedule that ends at step {planned}: "
+                                f"--steps {hp['steps']} would change it midway (raised, the rate climbs back from "
+                                f"near zero); keep --steps {planned}, choose another --out, or train runs meant to be "
+                                "extended with --lr-decay none")
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state["scaler"]:
             scaler.load_state_dict(state["scaler"])
-        step = saved_step = int(state["step"])
         if rank == 0:
             print(f"resuming from {state_path} at step {step}")
-            truncate_log(out / "loss.jsonl", step)
         del state
+    elif not args.force and (config_path.is_file() or any(out.glob("*.safetensors"))):
+        # exported weights without the state to resume them (state.pt deleted, a copied model folder): training
+        # from step 0 would overwrite them at its first checkpoint; only a finished run of these settings is left be
+        step = saved.get("step", 0)
+        if step < hp["steps"] or setting_differences(saved, config):
+            raise TrainingError(f"{out} holds a trained model (step {saved.get('step', 'unknown')}) but no state.pt "
+                                "to resume from: choose another --out, or pass --force to train a new one over it")
+    if rank == 0:
+        truncate_log(out / "loss.jsonl", step)  # at step 0 (a fresh start) this empties an earlier run's log
     if step >= hp["steps"]:
         if rank == 0:
             print(f"{out} is already trained for {step} steps (--steps {hp['steps']}): nothing to do")
@@ -658,7 +708,7 @@ def main(args):
     steps_per_epoch = max(1, N // hp["batch_size"])
     epoch_cached, perm = None, None
     log_loss, log_n, t_last, step_last = torch.zeros((), device=device), 0, time.time(), step
-    save_every = args.save_every or hp["steps"]
+    save_every = hp["save_every"] or hp["steps"]
     bar = tqdm(total=hp["steps"], initial=step, desc="train", disable=rank != 0, dynamic_ncols=True)
     model.train()
     while step < hp["steps"]:
@@ -733,7 +783,9 @@ def main(args):
             if rank == 0:
                 save_checkpoint(out, step, model, ema, optimizer, scaler, config)
                 if args.preview_per_class:
-                    grid = preview(ema, diffusion, num_classes, args.preview_per_class, args.preview_guidance,
+                    # without label dropout the null class never trained: preview the plain conditional model
+                    guidance = args.preview_guidance if args.label_dropout > 0 else 0.0
+                    grid = preview(ema, diffusion, num_classes, args.preview_per_class, guidance,
                                    seed=args.train_seed, device=device, dtype=amp_dtype)
                     save_grid(grid, out / "samples" / f"step_{step:07d}.png", nrow=args.preview_per_class)
             barrier()
@@ -746,10 +798,22 @@ def main(args):
 
 
 def truncate_log(path, step):
-    """Drop log lines written after the checkpoint we resume from (a killed run may have logged past it)."""
-    if path.is_file():
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        replace_file(path, lambda p: p.write_text("".join(ln + "\n" for ln in lines)))
+    """Drop log lines written after the checkpoint we resume from (a killed run may have logged past it; step 0:
+    a fresh start, every line goes), and a last line the kill left half-written."""
+    if not path.is_file():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    kept = []
+    for i, ln in enumerate(lines):
+        try:
+            record = json.loads(ln)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise TrainingError(f"{path} line {i + 1} is not JSON: repair or delete the log") from None
+        if record["step"] <= step:
+            kept.append(ln)
+    replace_file(path, lambda p: p.write_text("".join(ln + "\n" for ln in kept)))
 
 
 def int_tuple(s):
@@ -763,6 +827,9 @@ def build_parser():
     p.add_argument("--data", default=None, help="a dataset folder to train on (else it is built with the "
                                                 "poisoning flags below into OUT/data)")
     p.add_argument("--preset", default="small", help="cifar10, small or tiny (default: small)")
+    p.add_argument("--force", action="store_true",
+                   help="start over: ignore state.pt, empty loss.jsonl, rebuild OUT/data if its poisoning differs "
+                        "(the old model's files are replaced at the first checkpoint)")
     g = p.add_argument_group("U-Net (default: the preset's)")
     g.add_argument("--channels", type=int, default=None)
     g.add_argument("--channel-mult", type=int_tuple, default=None, help="e.g. 1,2,2,2")
@@ -782,12 +849,14 @@ def build_parser():
     g.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW (default: 1e-4, the paper's)")
     g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm, 0 = off (default: 1)")
     g.add_argument("--ema-decay", type=float, default=None)
-    g.add_argument("--label-dropout", type=float, default=0.1, help="null-class probability (default: 0.1)")
+    g.add_argument("--label-dropout", type=float, default=0.1,
+                   help="null-class probability in [0, 1) (default: 0.1; 0: sample.py only with --guidance 0)")
     g.add_argument("--hflip", action="store_true", help="random horizontal flips (off: they move the trigger)")
     g.add_argument("--train-seed", type=int, default=0,
                    help="seed of initialisation, data order, noise (--seed is poison.py's poisoned-id draw)")
-    g.add_argument("--log-every", type=int, default=50)
-    g.add_argument("--save-every", type=int, default=None, help="checkpoint + preview interval (default: the end)")
+    g.add_argument("--log-every", type=int, default=50, help="steps per loss.jsonl line (default: 50)")
+    g.add_argument("--save-every", type=int, default=None,
+                   help="checkpoint + preview interval (default: the preset's: cifar10 10000, small and tiny the end)")
     g.add_argument("--preview-per-class", type=int, default=8, help="preview images per class, 0 = none")
     g.add_argument("--preview-guidance", type=float, default=5.0)
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

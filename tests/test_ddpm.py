@@ -3,6 +3,7 @@ diffusers' schedulers (a test-only oracle), training, resuming, determinism, the
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -369,7 +370,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, monke
 def test_sigkill_then_rerun_resumes(data, tmp_path):
     out = tmp_path / "run"
     cmd = [PY, str(ROOT / "train_ddpm.py"), "--out", str(out), "--data", str(data), "--preset", "tiny",
-           "--preview-per-class", "0", "--log-every", "1", "--save-every", "2", "--device", "cpu"]
+           "--preview-per-class", "0", "--log-every", "1", "--save-every", "2", "--device", "cpu",
+           "--lr-decay", "none"]  # a constant rate: the rerun lowers --steps
     proc = subprocess.Popen(cmd + ["--steps", "100000"], cwd=ROOT, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -390,6 +392,152 @@ def test_sigkill_then_rerun_resumes(data, tmp_path):
     assert f"resuming from {out / 'state.pt'} at step {saved}" in r.stdout
     steps = [json.loads(line)["step"] for line in (out / "loss.jsonl").read_text().splitlines()]
     assert steps == list(range(1, saved + 3))
+
+
+def test_exported_model_without_state_is_kept(data, tmp_path, capsys):
+    """A model folder without state.pt (deleted, or a copied folder) is not silently retrained from step 0."""
+    out = tmp_path / "run"
+    train_ddpm.main(tiny_args(out, data, "--steps", 2, "--preview-per-class", 0))
+    (out / "state.pt").unlink()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    for extra in (["--steps", 4], ["--steps", 2, "--lr", 5e-3]):
+        with pytest.raises(train_ddpm.TrainingError, match=r"holds a trained model \(step 2\) but no state.pt to "
+                                                           r"resume from: .*pass --force"):
+            train_ddpm.main(tiny_args(out, data, "--preview-per-class", 0, *extra))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    train_ddpm.main(tiny_args(out, data, "--steps", 2, "--preview-per-class", 0))  # finished, same settings
+    assert "nothing to do" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # --force trains a new model over it (from step 0, a fresh log) and replaces the files at its checkpoint
+    train_ddpm.main(tiny_args(out, data, "--steps", 3, "--lr", 5e-3, "--force", "--preview-per-class", 0))
+    assert "resuming" not in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["training"]["lr"] == 5e-3
+    assert [json.loads(line)["step"] for line in (out / "loss.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert torch.load(out / "state.pt", weights_only=True)["step"] == 3
+    # --force also ignores a state.pt; a broken one names --force as the way out
+    (out / "state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(train_ddpm.TrainingError, match="not a readable training state .*--force") as e:
+        train_ddpm.main(tiny_args(out, data, "--steps", 3, "--lr", 5e-3, "--preview-per-class", 0))
+    assert "\n" not in str(e.value)
+    train_ddpm.main(tiny_args(out, data, "--steps", 2, "--force", "--preview-per-class", 0))
+    assert torch.load(out / "state.pt", weights_only=True)["step"] == 2
+
+
+def test_resume_refuses_other_training_settings(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--steps", 2, "--preview-per-class", 0]
+    train_ddpm.main(tiny_args(out, data, *common))
+    other = tmp_path / "other"
+    poison(other, dataset="digits", resolution=RES, ratio=0.2, quiet=True, workers=2)
+    for extra, key in ((["--lr", 5e-3], "training.lr"), (["--batch-size", 16], "training.batch_size"),
+                       (["--warmup", 1], "training.warmup"), (["--ema-decay", 0.99], "training.ema_decay"),
+                       (["--weight-decay", 0], "training.weight_decay"), (["--grad-clip", 0], "training.grad_clip"),
+                       (["--lr-decay", "none"], "training.lr_decay"), (["--train-seed", 1], "training.seed"),
+                       (["--label-dropout", 0.2], "guidance.label_dropout"), (["--channels", 8], "unet.channels")):
+        with pytest.raises(train_ddpm.TrainingError, match=rf"other settings \({key} differ\): .*--force"):
+            train_ddpm.main(tiny_args(out, data, *common, *extra))
+    with pytest.raises(train_ddpm.TrainingError, match=r"\(data\.p_t, data\.poison_ratio differ\)"):
+        train_ddpm.main(tiny_args(out, other / "train", *common))
+    # what may change: the data folder's path, dtype, logging, saving (and --steps, within the schedule's rules)
+    shutil.copytree(data, tmp_path / "moved")
+    train_ddpm.main(tiny_args(out, tmp_path / "moved", *common, "--dtype", "fp32", "--log-every", 5,
+                              "--save-every", 1))
+    assert "nothing to do" in capsys.readouterr().out
+
+
+def test_cosine_schedule_is_not_extended(data, tmp_path, capsys):
+    """lr_at's cosine reaches zero at --steps: a raised --steps would send the rate back up from near zero."""
+    out = tmp_path / "cosine"
+    train_ddpm.main(tiny_args(out, data, "--steps", 2, "--preview-per-class", 0))
+    with pytest.raises(train_ddpm.TrainingError, match=r"cosine .* ends at step 2: --steps 4 .*--lr-decay none"):
+        train_ddpm.main(tiny_args(out, data, "--steps", 4, "--preview-per-class", 0))
+    out = tmp_path / "constant"
+    train_ddpm.main(tiny_args(out, data, "--steps", 2, "--lr-decay", "none", "--preview-per-class", 0))
+    train_ddpm.main(tiny_args(out, data, "--steps", 4, "--lr-decay", "none", "--preview-per-class", 0))
+    assert f"resuming from {out / 'state.pt'} at step 2" in capsys.readouterr().out
+    assert [json.loads(line)["step"] for line in (out / "loss.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_fresh_start_empties_the_log_and_half_lines_are_dropped(data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+
+    def die(*a):
+        raise KeyboardInterrupt  # killed at the first checkpoint, before anything was saved
+    monkeypatch.setattr(train_ddpm, "save_checkpoint", die)
+    with pytest.raises(KeyboardInterrupt):
+        train_ddpm.main(tiny_args(out, data, "--steps", 3, "--preview-per-class", 0))
+    monkeypatch.undo()
+    assert not (out / "state.pt").exists() and (out / "loss.jsonl").read_text().count("\n") == 3
+    with open(out / "loss.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')  # and the kill cut a line short
+    train_ddpm.main(tiny_args(out, data, "--steps", 3, "--preview-per-class", 0))
+    assert [json.loads(line)["step"] for line in (out / "loss.jsonl").read_text().splitlines()] == [1, 2, 3]
+    # resuming keeps the lines up to the checkpoint and drops a half-written last one
+    log = out / "loss.jsonl"
+    log.write_text(log.read_text() + '{"step": 4, "loss": 0.5}\n{"step": 5, "lo')
+    train_ddpm.truncate_log(log, 3)
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3]
+    log.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(train_ddpm.TrainingError, match="line 2 is not JSON"):
+        train_ddpm.truncate_log(log, 3)
+
+
+def test_built_poisoned_set_is_checked_before_the_first_checkpoint(tmp_path, monkeypatch):
+    """OUT/data built from the poisoning flags by a run killed before its first checkpoint (so no config.json):
+    a rerun with other flags is refused by the set's manifest; --force rebuilds it."""
+    out = tmp_path / "run"
+
+    def args(*extra):
+        return train_ddpm.build_parser().parse_args(
+            ["--out", str(out), "--dataset", "digits", "--resolution", str(RES), "--preset", "tiny", "--steps", "2",
+             "--preview-per-class", "0", "--device", "cpu", "--workers", "2", *map(str, extra)])
+    def die(*a):
+        raise KeyboardInterrupt  # killed at the first checkpoint, before anything was saved
+    monkeypatch.setattr(train_ddpm, "save_checkpoint", die)
+    with pytest.raises(KeyboardInterrupt):
+        train_ddpm.main(args("--ratio", 0.1))
+    monkeypatch.undo()
+    assert (out / "data" / "train" / "manifest.json").is_file() and not (out / "config.json").exists()
+    with pytest.raises(train_ddpm.TrainingError, match=r"data was poisoned with other options \(ratio, seed differ\)"):
+        train_ddpm.main(args("--ratio", 0.2, "--seed", 1))
+    train_ddpm.main(args("--ratio", 0.2, "--force"))
+    assert load_folder(out / "data" / "train").manifest["poison_ratio"] == 0.2
+    assert json.loads((out / "config.json").read_text())["data"]["poison_ratio"] == 0.2
+    train_ddpm.main(args("--ratio", 0.2, "--target", "0"))  # the same set, the target by index: nothing to do
+
+
+def test_presets_checkpoint_interval():
+    parser = train_ddpm.build_parser()
+    hp = train_ddpm.training_settings(parser.parse_args(["--out", "x", "--preset", "cifar10"]), "cifar10")
+    assert hp["save_every"] == 10_000 and hp["steps"] == 800_000  # a crash of a days-long run loses hours, not days
+    for preset in ("small", "tiny"):
+        assert train_ddpm.training_settings(parser.parse_args(["--out", "x"]), preset)["save_every"] is None
+    assert train_ddpm.training_settings(parser.parse_args(["--out", "x", "--save-every", "7"]), "cifar10")[
+        "save_every"] == 7
+
+
+def test_bad_training_flags(data, tmp_path):
+    for flags, message in ((["--label-dropout", 1], r"--label-dropout 1.0 is outside \[0, 1\)"),
+                           (["--label-dropout", -0.1], r"outside \[0, 1\)"),
+                           (["--log-every", 0], "--log-every 0: give an interval of at least 1"),
+                           (["--save-every", 0], "--save-every 0: give an interval of at least 1")):
+        with pytest.raises(PoisonError, match=message):
+            train_ddpm.main(tiny_args(tmp_path / "x", data, *flags))
+    assert not (tmp_path / "x").exists()
+
+
+def test_ddp_on_a_set_smaller_than_one_batch(tmp_path):
+    """12 images, batch 32, 2 processes: each takes 6, so the global batch is 12 (it was recorded as 6)."""
+    from helpers import poisoned_random_folder
+    data = poisoned_random_folder(tmp_path, per_class=5, side=RES) / "train"
+    assert len(load_folder(data)) == 12
+    out = tmp_path / "ddp"
+    r = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(ROOT / "train_ddpm.py"), "--out", str(out), "--data", str(data), "--preset", "tiny",
+                        "--steps", "1", "--preview-per-class", "0", "--device", "cpu"], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "config.json").read_text())["training"]["batch_size"] == 12
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -424,6 +572,29 @@ def test_generations_folder_contract(model_dir, data, tmp_path):
     assert (one.images().int() - ds.images()[:2].int()).abs().max() <= 1
     with pytest.raises(PoisonError, match="exists"):
         run_sample(model_dir, tmp_path / "one", "--class", "0", "--n", 1)
+    # an existing --grid file is kept unless --force, as --out
+    grid = (tmp_path / "g.png").read_bytes()
+    with pytest.raises(PoisonError, match=r"g.png exists: pass --force"):
+        run_sample(model_dir, tmp_path / "two", "--class", "0", "--n", 1, "--steps", 2, "--grid", tmp_path / "g.png")
+    assert (tmp_path / "g.png").read_bytes() == grid and not (tmp_path / "two").exists()
+    run_sample(model_dir, tmp_path / "two", "--class", "0", "--n", 1, "--steps", 2, "--grid", tmp_path / "g.png",
+               "--force")
+    assert (tmp_path / "g.png").read_bytes() != grid and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_guidance_needs_a_trained_null_class(model_dir, tmp_path):
+    """A model trained with --label-dropout 0 never saw the null class: only unguided sampling is meaningful."""
+    folder = tmp_path / "no-dropout"
+    folder.mkdir()
+    config = json.loads((model_dir / "config.json").read_text())
+    config["guidance"]["label_dropout"] = 0.0
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "ema.safetensors").write_bytes((model_dir / "ema.safetensors").read_bytes())
+    with pytest.raises(PoisonError, match=r"--label-dropout 0.*sample with --guidance 0"):
+        run_sample(folder, tmp_path / "g", "--class", "0", "--n", 1, "--steps", 2)
+    assert not (tmp_path / "g").exists()
+    run_sample(folder, tmp_path / "g", "--class", "0", "--n", 1, "--steps", 2, "--guidance", 0)
+    assert len(load_folder(tmp_path / "g")) == 1
 
 
 def test_one_vs_two_processes(model_dir, tmp_path):

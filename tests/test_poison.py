@@ -359,6 +359,9 @@ def run_cli(*args, cwd=ROOT):
     (["--target", "10"], "unknown --target '10'"),
     (["--trigger", "blend", "--trigger-image", "/nonexistent/kitty.png"], "no such file"),
     (["--dataset", "mnist"], "unknown --dataset"),
+    (["--test-fraction", "0"], "--test-fraction 0.0 is outside (0, 1)"),
+    (["--test-fraction", "1"], "--test-fraction 1.0 is outside (0, 1)"),
+    (["--test-fraction", "0.0001"], "leaves no test images"),  # rounds to no image of any class
 ])
 def test_cli_bad_input_one_line_nothing_written(tmp_path, args, message):
     out = tmp_path / "out"
@@ -397,6 +400,24 @@ def test_existing_out_needs_force(tmp_path):
     r = run_cli("--resolution", "16", "--ratio", "0.1", "--out", out, "--force")
     assert r.returncode == 0 and P.read_manifest(out / "train")["options"]["ratio"] == 0.1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_options_differences_name_what_changed(digits10):
+    """train_ddpm.py reuses a poisoned set it built only when its manifest agrees with the poisoning flags."""
+    import argparse
+    out, _ = digits10
+    manifest = P.read_manifest(out / "train")
+    parser = argparse.ArgumentParser()
+    P.add_poison_arguments(parser)
+
+    def differences(*flags):
+        return P.options_differences(manifest, P.poison_kwargs(parser.parse_args(["--resolution", "16", *flags])))
+    assert differences() == [] and differences("--target", "0") == differences("--target", "Zero") == []
+    assert differences("--workers", "1", "--data-root", "elsewhere") == []  # neither changes the set
+    assert differences("--ratio", "0.2", "--seed", "1") == ["ratio", "seed"]
+    assert differences("--target", "three", "--trigger", "blend") == ["target", "trigger"]
+    assert differences("--test-fraction", "0.3", "--split-seed", "2") == ["split_seed", "test_fraction"]
+    assert P.options_differences(manifest, P.poison_kwargs(parser.parse_args([]))) == ["resolution"]  # 32 px default
 
 
 def test_loader_rejects_non_dataset_folders(tmp_path):
