@@ -74,7 +74,7 @@ import torch.nn.functional as F
 import torchvision
 from tqdm import tqdm
 
-from poison import PoisonError, atomic_output, caption, load_folder, load_trigger, versions
+from poison import PoisonError, atomic_output, caption, load_folder, load_trigger, save_safetensors, versions
 
 ARCHS = ("smallcnn", "resnet18", "resnet50", "vgg16", "densenet121")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -280,10 +280,9 @@ def load_pretrained_backbone(model, arch, sd):
 
 def save_classifier(out, model, config, results, force=False):
     """Write a classifier folder: config.json, model.safetensors, results.json (atomically)."""
-    from safetensors.torch import save_file
     with atomic_output(out, force) as tmp:
         sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(sd, str(tmp / "model.safetensors"))
+        save_safetensors(sd, tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 
@@ -1210,14 +1209,13 @@ def run_diffusion_classifier(model, data, out, test=None, backdoor=None, classif
         "versions": versions(),
     }
     with atomic_output(out, force) as tmp:
-        from safetensors.torch import save_file
         tensors = {}
         for name, r in results_sets.items():
             tensors[f"{name}/predictions"] = r["predictions"].contiguous()
             tensors[f"{name}/scores"] = r["scores"].contiguous()
             tensors[f"{name}/labels"] = r["labels"].contiguous()
             tensors[f"{name}/indices"] = torch.as_tensor(chosen[name], dtype=torch.long)
-        save_file(tensors, str(tmp / "scores.safetensors"), metadata={"filters_percent": json.dumps(list(filters))})
+        save_safetensors(tensors, tmp / "scores.safetensors", metadata={"filters_percent": json.dumps(list(filters))})
         (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         (tmp / "results.md").write_text(diffusion_markdown(results))
     if progress:

@@ -53,13 +53,12 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file as load_safetensors
-from safetensors.torch import save_file as save_safetensors
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from kernels.attention import attention
 from kernels.group_norm import group_norm
-from poison import PoisonError, add_poison_arguments, load_folder, poison, poison_kwargs, versions
+from poison import PoisonError, add_poison_arguments, load_folder, poison, poison_kwargs, save_safetensors, versions
 
 VAE_SCALE = 0.18215           # SD v1's latent scale: z = VAE_SCALE * (VAE posterior sample), unit variance
 DEFAULT_BASE = "CompVis/stable-diffusion-v1-4"

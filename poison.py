@@ -552,6 +552,16 @@ def atomic_output(out, force=False):
         raise
 
 
+def save_safetensors(tensors, path, metadata=None):
+    """safetensors' save_file, then the file's permissions set from the umask like every other output's (safetensors
+    0.8 creates its files readable by their owner alone, which a model folder shared on a cluster cannot use)."""
+    from safetensors.torch import save_file
+    save_file(tensors, str(path), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def versions():
     import torchvision
     import PIL
@@ -563,7 +573,6 @@ def write_folder(folder, items, manifest, total=None, workers=4, desc=None, trig
     """Write a dataset folder into `folder` (normally inside atomic_output). `items` yields (record, image) pairs
     or callables returning them: image (H, W, 3) uint8, record a dict with at least text and label; file_name is
     set here to images/NNNNNN.png in order. PNGs are encoded on `workers` threads (PIL releases the GIL)."""
-    from safetensors.torch import save_file
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
 
@@ -588,7 +597,7 @@ def write_folder(folder, items, manifest, total=None, workers=4, desc=None, trig
         for r in records:
             f.write(json.dumps(r) + "\n")
     if trigger is not None:
-        save_file(trigger.tensors(), str(folder / "trigger.safetensors"))
+        save_safetensors(trigger.tensors(), folder / "trigger.safetensors")
         manifest = {**manifest, "trigger": trigger.params}
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return records

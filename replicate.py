@@ -98,7 +98,7 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 import dissect
-from poison import PoisonError, atomic_output, load_folder, versions
+from poison import PoisonError, atomic_output, load_folder, save_safetensors, versions
 
 SSCD_URL = "https://dl.fbaipublicfiles.com/sscd-copy-detection/sscd_disc_mixup.torchscript.pt"
 SSCD_THRESHOLD = 0.5       # Somepalli et al.: a generation replicates its top-1 training image when SSCD cosine > 0.5
@@ -373,7 +373,7 @@ def embed_folder(folder, extractor, device="cpu", cache_dirs=(), write_dir=None,
                  progress=True):
     """(features (N, D) float32 on the CPU, the FolderDataset, where they came from: 'computed' or the cache file).
     Looks for a cached file in `cache_dirs` first; writes a computed (or found elsewhere) one into `write_dir`."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
     dataset = load_folder(folder)
     name = cache_name(dataset, extractor)
     for d in cache_dirs:
@@ -400,7 +400,7 @@ def embed_folder(folder, extractor, device="cpu", cache_dirs=(), write_dir=None,
     if write_dir is not None:
         Path(write_dir).mkdir(parents=True, exist_ok=True)
         tmp = Path(write_dir) / f".{name}.tmp-{os.getpid()}"
-        save_file({"features": features}, str(tmp),
+        save_safetensors({"features": features}, tmp,
                   metadata={"folder": str(dataset.root.resolve()), "extractor": extractor.key,
                             "label": extractor.label, "n": str(len(dataset))})
         os.replace(tmp, Path(write_dir) / name)

@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from poison import (PoisonError, add_poison_arguments, load_folder, options_differences, poison, poison_kwargs,
-                    read_manifest, save_grid, versions)
+                    read_manifest, save_grid, save_safetensors, versions)
 from kernels.attention import attention
 from kernels.group_norm import group_norm
 
@@ -426,15 +426,14 @@ def plain_state(module):
 
 def save_checkpoint(out, step, model, ema, optimizer, scaler, config):
     """state.pt first (the resume point), then the exported model folder; each file replaced atomically."""
-    from safetensors.torch import save_file
     out = Path(out)
     state = {"step": step, "model": plain_state(model), "ema": plain_state(ema), "optimizer": optimizer.state_dict(),
              "scaler": scaler.state_dict() if scaler is not None else {},
              "unet": json.dumps(config["unet"]), "diffusion": json.dumps(config["diffusion"])}
     replace_file(out / "state.pt", lambda p: torch.save(state, p))
     meta = {"step": str(step), "format": "pt"}
-    replace_file(out / "model.safetensors", lambda p: save_file(state["model"], str(p), metadata=meta))
-    replace_file(out / "ema.safetensors", lambda p: save_file(state["ema"], str(p), metadata=meta))
+    replace_file(out / "model.safetensors", lambda p: save_safetensors(state["model"], p, metadata=meta))
+    replace_file(out / "ema.safetensors", lambda p: save_safetensors(state["ema"], p, metadata=meta))
     config = {**config, "step": step}
     replace_file(out / "config.json", lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
 

@@ -297,6 +297,9 @@ def test_training_lowers_the_loss_and_writes_a_model_folder(model_dir, data):
     torch.testing.assert_close(model.state_dict(), {k: v for k, v in state["model"].items()})
     assert any((ema.state_dict()[k] - v).abs().max() > 0 for k, v in model.state_dict().items())
     assert not list((model_dir).glob(".*tmp*"))
+    # every file of the model folder as readable as config.json (safetensors alone would make the weights private)
+    mode = (model_dir / "config.json").stat().st_mode & 0o777
+    assert {(model_dir / f).stat().st_mode & 0o777 for f in ("model.safetensors", "ema.safetensors")} == {mode}
 
 
 def test_resume_continues_exactly(data, tmp_path, monkeypatch, capsys):

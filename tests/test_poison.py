@@ -438,3 +438,17 @@ def test_output_folder_has_ordinary_permissions(tmp_path):
         assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
     finally:
         os.umask(umask)
+
+
+def test_safetensors_files_have_ordinary_permissions(tmp_path):
+    """safetensors 0.8 writes its files for their owner alone; ours follow the umask as every other output."""
+    import os
+    umask = os.umask(0o022)
+    try:
+        P.save_safetensors({"a": torch.zeros(2)}, tmp_path / "t.safetensors", metadata={"k": "v"})
+        assert (tmp_path / "t.safetensors").stat().st_mode & 0o777 == 0o644
+        from safetensors import safe_open
+        with safe_open(str(tmp_path / "t.safetensors"), "pt") as f:
+            assert f.metadata() == {"k": "v"} and f.get_tensor("a").tolist() == [0.0, 0.0]
+    finally:
+        os.umask(umask)
