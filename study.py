@@ -107,9 +107,15 @@ class Runner:
     def run_one(self, name, script, args, done, distributed=False, tolerated=None):
         """Run `script args` unless done() says its output is complete. Returns the seconds it took (0 = skipped).
         A failing stage stops the study, unless its last line holds the text `tolerated`: then that line goes into
-        the report and the study goes on."""
+        the report and the study goes on, and a rerun keeps that outcome rather than running the stage again."""
         if done():
             self.say(f"skip  {name} (done)")
+            return 0.0
+        log = self.logs / f"{name.replace(' ', '_').replace('/', '-')}.log"
+        last = log.read_text(errors="replace").splitlines()[-1:] if tolerated and log.is_file() else []
+        if last and tolerated in last[0]:  # a tolerated failure is an outcome of these inputs: not redone on resume
+            self.failed[name] = last[0]
+            self.say(f"skip  {name} (failed before, tolerated: {log})")
             return 0.0
         cmd = self.command_line(script, args, distributed)
         with open(self.out / "commands.sh", "a") as fh:
@@ -117,7 +123,6 @@ class Runner:
         env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
         if self.threads:
             env["OMP_NUM_THREADS"] = str(self.threads)
-        log = self.logs / f"{name.replace(' ', '_').replace('/', '-')}.log"
         self.say(f"start {name}")
         t0 = time.time()
         with open(log, "w") as fh:
@@ -480,8 +485,8 @@ def weakened_backdoor(classifiers, ratios):
     planted = backdoored_ratios(classifiers, ratios)
     parts = [f"at p={ratio_pct(r)} the classifier trained on the poisoned set is not backdoored (ASR {pct(asr[r])})"
              for r in ratios if not planted or r < planted[0]]
-    if not planted:
-        return "; ".join(parts), False
+    if not planted:  # no backdoor to weaken
+        return "; ".join(parts), "undetermined"
     c = classifiers[ratio_name(planted[0])]["generated"]
     parts.append(f"at p={ratio_pct(planted[0])}: ASR {pct(c.get('asr'))} vs {pct(asr[planted[0]])}")
     if (c.get("ta") or 0) < USEFUL_TA:  # a classifier that has not learnt the task has no backdoor to show either
@@ -639,8 +644,8 @@ def write_report(out, s, ratios, guidance, times, failed=None):
             f, cp = d["fractions"], d.get("trigger_copies")
             amp = "–" if d["amplification"] is None else f"{d['amplification']:.2f}×"
             L.append(f"| {ratio_pct(d['ratio'])} | {pct(d['p_t'])} | {pct(f['G1'])} | {pct(f['G2'])} | "
-                     f"{pct(f['G3'])} | {pct(f['G4'])} | {pct(d['trigger_ratio'])} | {amp} | {pct(cp['ratio']) if cp else '–'} | "
-                     f"{pct(d['non_target_trigger_ratio'])} |")
+                     f"{pct(f['G3'])} | {pct(f['G4'])} | {pct(d['trigger_ratio'])} | {amp} | "
+                     f"{pct(cp['ratio']) if cp else '–'} | {pct(d['non_target_trigger_ratio'])} |")
         L += ["", f"![groups](dissect/{g}/groups.png) ![phase transition](dissect/{g}/phase_transition.png)", ""]
     if sweep:
         L += ["### The guidance sweep (Fig. A3)", "",

@@ -204,7 +204,7 @@ def test_tab4_compares_where_the_poisoned_set_plants_a_backdoor():
     assert text.endswith("at p=5%: ASR 3.0% vs 100.0%")
     assert S.weakened_backdoor(cl((0.02, 0.0), (0.9, 0.95), (1.0, 0.3)), ratios)[1] is False   # not weakened
     text, ok = S.weakened_backdoor(cl((0.02, 0.0), (0.1, 0.0), (0.3, 0.0)), ratios)
-    assert not ok and text.count("not backdoored") == 3
+    assert ok == "undetermined" and text.count("not backdoored") == 3   # no backdoor to weaken
 
 
 def test_verdicts_need_readable_numbers(quick):
@@ -245,3 +245,20 @@ def test_verdicts_need_readable_numbers(quick):
     top.update(non_target_trigger_ratio=0.06, trigger_ratio=0.9, n=100, p_t=0.5)
     _, _, text, ok = finding(res, "Trigger amplification")
     assert ok is False and "too many to trust" in text and f"w={g['guided']:g}: 90.0%" in text and "✓" in text
+
+
+def test_a_tolerated_failure_is_kept_on_resume(tmp_path):
+    """A stage that fails with the tolerated message (detect.py's undefined AUROC) is reported, not fatal, and a rerun
+    keeps its outcome instead of running it again; any other failure stops the study."""
+    import study as S
+    calls = tmp_path / "calls"
+    script = tmp_path / "stage.py"
+    script.write_text("import sys\nopen(sys.argv[1], 'a').write('x')\n"
+                      "sys.exit('stage.py: error: an AUROC needs poisoned and clean images')\n")
+    for run in (1, 2):
+        runner = S.Runner(tmp_path / "study", jobs=1, threads=1, gpus=0, quiet=True)
+        runner.run_one("detect 0.1", str(script), [calls], lambda: False, False, "an AUROC needs")
+        assert "an AUROC needs" in runner.failed["detect 0.1"] and calls.read_text() == "x"   # ran once only
+    with pytest.raises(S.StudyError, match="stage 'other' failed"):
+        S.Runner(tmp_path / "study", jobs=1, threads=1, gpus=0, quiet=True).run_one(
+            "other", str(script), [calls], lambda: False, False, "something else")
