@@ -609,7 +609,7 @@ def write_report(out, s, ratios, guidance, times, failed=None):
     rows = findings(res, ratios, guidance)
     w, none, sym, sweep = guidance
     res["findings"] = [dict(zip(("finding", "paper", "this_run", "reproduced"), r)) for r in rows]
-    res["settings"] = {k: list(v) if isinstance(v, tuple) else v for k, v in s.items()}
+    res["settings"] = load_json(out / "study.json")  # what run_study recorded and checked (with seed and paths)
     res["times_s"] = times
     L = ["# Study report: bilateral data poisoning effects in diffusion models", "",
          f"Dataset `{s['dataset']}` at {s['resolution']} px, BadNets trigger, poisoning ratios "

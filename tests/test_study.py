@@ -59,6 +59,7 @@ def test_quick_study_writes_every_section_with_numbers(quick):
     assert [r["filter_top"] for r in rows[1:]] == [0, 1, 5, 10]
     assert all(0 <= r["ta"] <= 1 and 0 <= r["asr"] <= 1 for r in rows)
     assert len(report["findings"]) == 6
+    assert report["settings"] == json.loads((out / "study.json").read_text()) and report["settings"]["seed"] == 0
     assert all(f["reproduced"] in (True, False, "partly", "undetermined") for f in report["findings"])
     text = (out / "REPORT.md").read_text()
     for heading in ("## Findings", "## Trojan horses", "### Guidance w = 5", "### Guidance w = 0", "### Guidance w = 2",
