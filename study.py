@@ -13,7 +13,7 @@ also the worked example of the house. On the embedded default (scikit-learn's di
 
 Stages, each written to its own folder under OUT and skipped when that folder is already complete (so an interrupted
 study resumes where it stopped; `--force` starts over):
-    data/<set>/          poison.py        one poisoned set per ratio (BadNets trigger, poison.py's target: digits
+    data/<set>/          poison.py        one poisoned set per ratio (--trigger, default BadNets; the target: digits
                                           "zero", CIFAR-10 "deer", ImageNette "garbage truck", Caltech-15 "binoculars")
     data/<set>-clean/    poison.py        the same split unpoisoned (ratio 0), which the two judges learn from
     classifiers/class    classify.py      the judge of "does the image match its prompt"
@@ -81,6 +81,9 @@ SCALES = {
                      detect=("--n", "20", "--cd-steps", "5", "--strip-overlays", "8", "--fct-epochs", "1"),
                      diffusion=None),
 }
+
+
+TRIGGER_NAMES = {"badnets": "BadNets", "blend": "Blend", "wanet": "WaNet"}
 
 
 class StudyError(Exception):
@@ -173,7 +176,7 @@ def check_settings(path, settings):
     if not path.is_file():
         write_atomic(path, json.dumps(settings, indent=2) + "\n")
         return
-    old = json.loads(path.read_text())
+    old = {"trigger": "badnets", **json.loads(path.read_text())}  # studies recorded before --trigger: BadNets
     changed = [f"{k} {old.get(k)} -> {settings.get(k)}" for k in sorted(set(old) | set(settings))
                if json.dumps(old.get(k)) != json.dumps(settings.get(k))]
     if changed:
@@ -223,6 +226,7 @@ def run_study(args):
                 "sample_steps"):
         if getattr(args, key) is not None:
             s[key] = getattr(args, key)
+    s["trigger"] = args.trigger or "badnets"
     s["ratios"] = sorted(set(s["ratios"]))  # the findings compare the lowest ratio with higher ones
     # The stages run in the repository (cwd=ROOT), so every path handed to them is absolute.
     out = Path(args.out).resolve()
@@ -258,7 +262,7 @@ def run_study(args):
     w, none = float(s["guidance"]), (1.0 if family == "sd" else 0.0)
     sweep = sorted({float(g) for g in s["sweep"]} - {w, none})
     weights = list(dict.fromkeys([w, none, *sweep]))  # w = 0 is the unguided run itself
-    data = {r: out / "data" / f"{s['dataset']}-badnets-{ratio_name(r)}" for r in ratios}
+    data = {r: out / "data" / f"{s['dataset']}-{s['trigger']}-{ratio_name(r)}" for r in ratios}
     model = {r: out / "models" / f"{family}-{ratio_name(r)}" for r in ratios}
     gen = {(r, g): out / "gen" / f"{ratio_name(r)}-w{g:g}" for r in ratios for g in weights}
     clf = out / "classifiers"
@@ -268,7 +272,7 @@ def run_study(args):
 
     # 1. Poisoned training sets (and their clean test / backdoor test sets), and the same split unpoisoned (ratio 0)
     #    for the judges.
-    source = ["--dataset", s["dataset"], "--resolution", s["resolution"], "--seed", args.seed]
+    source = ["--dataset", s["dataset"], "--resolution", s["resolution"], "--trigger", s["trigger"], "--seed", args.seed]
     if data_root:
         source += ["--data-root", data_root]
     clean = out / "data" / f"{s['dataset']}-clean"
@@ -445,6 +449,14 @@ def wilson(fraction, n, z=1.96):
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def clearly_lower(a, b, n):
+    """Whether rate a (of n) is below rate b (of n) beyond chance: their 95% intervals do not overlap (on 100 images,
+    99% against 100% is the same rate)."""
+    return wilson(a, n)[1] < wilson(b, n)[0]
+
+
+MAX_FALSE_POSITIVES = 0.05  # the trigger detector is believed on a model's generations when it calls fewer of its
+#                             non-target prompts' generations (which have no trigger to learn) triggered
 MIN_TRIGGERED = 5  # triggered generations a ratio needs before we say which of G1 and G2 is the larger part
 BACKDOORED = 0.5   # attack success rate from which a classifier counts as backdoored
 USEFUL_TA = 0.5    # clean test accuracy from which a classifier counts as having learnt the task
@@ -458,13 +470,14 @@ def g1_share(d):
     return (f["G1"] / (f["G1"] + f["G2"]) if k else None), k
 
 
-def transition(rows, ratios):
+def transition(rows, ratios, trusted=None):
     """The phase transition at one guidance weight: ('full', lowest, highest ratio) when G2 is the larger part of the
     triggered generations at the lowest ratio and G1 at the highest; ('crosses', a, b) when G1's share goes from under
     to over one half between two neighbouring ratios a < b; None otherwise. Only ratios with at least MIN_TRIGGERED
-    triggered generations count (and are neighbours)."""
+    triggered generations count (and are neighbours), and only those in `trusted` (default: all), where the trigger
+    detector's verdicts can be believed."""
     share = {r: g1_share(rows[r]) for r in ratios}
-    known = sorted(r for r in ratios if share[r][1] >= MIN_TRIGGERED)
+    known = sorted(r for r in ratios if share[r][1] >= MIN_TRIGGERED and (trusted is None or r in trusted))
     lo, hi = min(ratios), max(ratios)
     if lo in known and hi in known and share[lo][0] < 0.5 < share[hi][0]:
         return "full", lo, hi
@@ -497,24 +510,32 @@ def weakened_backdoor(classifiers, ratios):
 
 
 def findings(res, ratios, guidance):
-    """(finding, paper, this run, reproduced?) for each goal of the study. Amplification counts as reproduced only
-    when the lower end of the trigger ratio's 95% interval is above p_t and the trigger detector is trustworthy on
-    generations: under 5% "triggers" among the non-target prompts' generations, which have none to learn. It is
-    reproduced when it holds at the highest ratio at every guidance weight, partly when it holds somewhere. The phase
-    transition is reproduced when it shows in full at some weight, partly when G1 overtakes G2 between two ratios."""
+    """(finding, paper, this run, reproduced?) for each goal of the study. The trigger detector's verdicts on a model's
+    generations count only where it is believed: under 5% "triggers" among that model's non-target prompts'
+    generations, which have none to learn; other ratios are left out of amplification, the phase transition and
+    detection. Amplification counts where the lower end of the trigger ratio's 95% interval is above p_t: reproduced
+    when it holds at the highest ratio at every guidance weight, partly when it holds somewhere. The phase transition
+    is reproduced when it shows in full at some weight, partly when G1 overtakes G2 between two ratios."""
     rows = []
     hi = ratio_name(max(ratios))
     w, none, sym, sweep = guidance
     weights = sorted((w, none, *sweep))
     d = {g: {x["ratio"]: x for x in res["dissect"][f"w{g:g}"]} for g in weights}
     dw = d[w]
-    false_positive = dw[max(ratios)]["non_target_trigger_ratio"]  # the judge's "triggers" where there are none
-    trustworthy = false_positive is not None and false_positive < 0.05
+    # the judge's "triggers" where there are none, per model: its verdicts on that model's generations count only when
+    # they are rare (a model that leaks colour noise into every class makes the detector fire on every class)
+    false_positive = {r: dw[r]["non_target_trigger_ratio"] for r in ratios}
+    trusted = [r for r in ratios if false_positive[r] is not None and false_positive[r] < MAX_FALSE_POSITIVES]
+    trustworthy = max(ratios) in trusted
+    untrusted = ("; the detector is not believed at " + ", ".join(f"p={ratio_pct(r)}" for r in ratios
+                                                               if r not in trusted)
+                 + f" (non-target false positives of {pct(MAX_FALSE_POSITIVES)} or more)"
+                 if len(trusted) < len(ratios) else "")
     ci = {(g, r): wilson(d[g][r]["trigger_ratio"], d[g][r]["n"]) for g in weights for r in ratios}
     above = {(g, r): ci[g, r][0] > d[g][r]["p_t"] for g in weights for r in ratios}
     top = {g: d[g][max(ratios)] for g in weights}
     ok = {g: above[g, max(ratios)] for g in weights}
-    lower = {g: [r for r in ratios if r != max(ratios) and above[g, r]] for g in weights}
+    lower = {g: [r for r in trusted if r != max(ratios) and above[g, r]] for g in weights}
     elsewhere = "; ".join(f"{sym}={g:g}: " + ", ".join(f"p={ratio_pct(r)}" for r in lower[g])
                           for g in weights if lower[g])
     rows.append(("Trigger amplification",
@@ -527,11 +548,13 @@ def findings(res, ratios, guidance):
                                 if top[g].get("trigger_copies") else "")
                              + f") {'✓' if ok[g] else '✗'}" for g in weights)
                  + f"; at lower ratios, the 95% CI lies above p_t at {elsewhere or 'none'}"
-                 + f"; the trigger detector's false positives (non-target prompts): {pct(false_positive)}"
-                 + ("" if trustworthy else " — too many to trust its trigger ratios, so no ✓ counts"),
+                 + "; the trigger detector's false positives (non-target prompts): "
+                 + ", ".join(f"p={ratio_pct(r)}: {pct(false_positive[r])}" for r in ratios)
+                 + ("" if trustworthy else f" — too many at p={ratio_pct(hi)} to trust its trigger ratios there, so "
+                    "no ✓ counts") + untrusted,
                  False if not trustworthy else True if all(ok.values()) else
                  "partly" if any(ok.values()) or elsewhere else False))
-    kind = {g: transition(d[g], ratios) for g in weights}
+    kind = {g: transition(d[g], ratios, trusted) for g in weights}
     texts = []
     for g in weights:
         parts = []
@@ -548,17 +571,17 @@ def findings(res, ratios, guidance):
                  "triggered generations are mostly G2 (prompt matched) at a low poisoning ratio and mostly G1 "
                  "(mismatched) at a high one",
                  "; ".join(texts) + f" (G1 vs G2 counts only where at least {MIN_TRIGGERED} generations carry the "
-                 "trigger)" + ("; a transition needs at least two ratios" if len(ratios) < 2 else ""),
+                 "trigger)" + untrusted + ("; a transition needs at least two ratios" if len(ratios) < 2 else ""),
                  "undetermined" if len(ratios) < 2 else
                  True if any(k and k[0] == "full" for k in kind.values()) else
                  "partly" if any(kind.values()) else False))
-    nt = [dw[r]["non_target_trigger_ratio"] for r in ratios]
     rows.append(("Non-target prompts", "generations for the other classes carry almost no trigger",
-                 "trigger ratio " + ", ".join(f"p={ratio_pct(r)}: {pct(x)}" for r, x in zip(ratios, nt)),
-                 all(x is not None and x < 0.05 for x in nt)))
+                 "trigger ratio " + ", ".join(f"p={ratio_pct(r)}: {pct(false_positive[r])}" for r in ratios),
+                 trusted == ratios))
     # An AUROC over one or two poisoned images says nothing: only ratios whose both sets hold MIN_TRIGGERED count.
     scored = {r: dm for r, dm in res["detect"].items() if "positives" in dm}
-    counted = [r for r, dm in scored.items() if min(dm["positives"].values()) >= MIN_TRIGGERED]
+    believed = {ratio_name(r) for r in trusted}  # the generations' ground truth is the trigger detector's verdicts
+    counted = [r for r, dm in scored.items() if min(dm["positives"].values()) >= MIN_TRIGGERED and r in believed]
     cells = [v for r in counted for v in scored[r]["methods"].values()]
     better = [v for v in cells if v["generated_auroc"] >= v["train_auroc"]]
     sure = [v["delta_ci"] for v in cells if v.get("delta_ci")]
@@ -570,7 +593,8 @@ def findings(res, ratios, guidance):
                  f"ratio) cells; the 95% interval of the difference lies above 0 in {sum(a > 0 for a, _ in sure)}, "
                  f"below 0 in {sum(b < 0 for _, b in sure)}, and holds 0 in "
                  f"{sum(a <= 0 <= b for a, b in sure)} (poisoned images scored in the training set and the "
-                 f"generations: {positives}; ratios with fewer than {MIN_TRIGGERED} in a set are left out)",
+                 f"generations: {positives}; ratios with fewer than {MIN_TRIGGERED} in a set are left out)"
+                 + untrusted,
                  len(better) > len(cells) / 2 if cells else "undetermined"))
     rows.append(("Classifier trained on generations (Tab. 4)",
                  "is less backdoored: lower ASR than one trained on the poisoned set, at low poisoning ratios",
@@ -581,6 +605,7 @@ def findings(res, ratios, guidance):
     base = next(r for r in d["rows"] if r["kind"] == "classifier")
     diffusion = {r["filter_top"]: r for r in d["rows"] if r["kind"] == "diffusion"}
     plain = diffusion[0.0]
+    n = d.get("n_backdoor")
     # the filter that lowers the ASR most among those that keep the clean accuracy (dropping losses costs some)
     best = min((r for r in diffusion.values() if r["ta"] >= plain["ta"] - MAX_TA_DROP), key=lambda r: r["asr"])
     unreadable = ("; the classifier is not backdoored at this ratio, so there is no backdoor for the diffusion "
@@ -596,11 +621,12 @@ def findings(res, ratios, guidance):
                  + f": ASR {pct(base['asr'])} (classifier) vs "
                  f"{pct(plain['asr'])} (diffusion, no filter), {pct(best['asr'])} (filter "
                  f"{best['filter_top']:g}%, the lowest ASR of the filters that keep the TA within "
-                 f"{100 * MAX_TA_DROP:g} points); TA {pct(base['ta'])}, {pct(plain['ta'])}, {pct(best['ta'])}"
+                 f"{100 * MAX_TA_DROP:g} points); TA {pct(base['ta'])}, {pct(plain['ta'])}, {pct(best['ta'])}; "
+                 f"an ASR counts as lower when the 95% intervals (n={n}) do not overlap"
                  + unreadable,
                  "undetermined" if unreadable else
-                 True if plain["asr"] < base["asr"] and best["asr"] <= plain["asr"]
-                 else "partly" if best["asr"] < base["asr"] else False))
+                 True if clearly_lower(plain["asr"], base["asr"], n) and best["asr"] <= plain["asr"]
+                 else "partly" if clearly_lower(best["asr"], base["asr"], n) else False))
     return rows
 
 
@@ -612,7 +638,7 @@ def write_report(out, s, ratios, guidance, times, failed=None):
     res["settings"] = load_json(out / "study.json")  # what run_study recorded and checked (with seed and paths)
     res["times_s"] = times
     L = ["# Study report: bilateral data poisoning effects in diffusion models", "",
-         f"Dataset `{s['dataset']}` at {s['resolution']} px, BadNets trigger, poisoning ratios "
+         f"Dataset `{s['dataset']}` at {s['resolution']} px, {TRIGGER_NAMES[s.get('trigger', 'badnets')]} trigger, poisoning ratios "
          f"{', '.join(ratio_pct(r) for r in ratios)}; "
          + (f"DDPM preset `{s['preset']}`" if s["family"] == "ddpm" else "Stable Diffusion fine-tuned")
          + f"{'' if not s['train_steps'] else ', ' + str(s['train_steps']) + ' training steps'}; "
@@ -725,6 +751,8 @@ def build_parser():
                    help="sd: the base model finetune_sd.py starts from (Hub id, diffusers folder or checkpoint)")
     p.add_argument("--data-root", default=None, help="where torchvision datasets are (or are downloaded to)")
     p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--trigger", default=None, choices=["badnets", "blend", "wanet"],
+                   help="poison.py's trigger (default: badnets, the paper's BadNets-1)")
     p.add_argument("--ratios", type=ratio_list, default=None,
                    help="poisoning ratios, comma-separated (default: 0.01,0.05,0.1)")
     p.add_argument("--preset", default=None, help="train_ddpm.py preset (default: small; cifar10 for cifar10)")

@@ -79,6 +79,7 @@ def test_quick_study_writes_every_section_with_numbers(quick):
     commands = (out / "commands.sh").read_text()
     for script in ("poison.py", "classify.py", "train_ddpm.py", "sample.py", "dissect.py", "detect.py"):
         assert script in commands
+    assert commands.count("--trigger badnets") == 3 and "BadNets trigger" in text  # 2 ratios + the clean split
 
 
 def test_second_run_skips_finished_stages(quick):
@@ -108,6 +109,8 @@ def test_bad_flags_and_changed_settings_are_refused(quick, tmp_path):
     out, _ = quick
     res = study("--quick", "--per-class", "3", "--out", out)
     assert res.returncode != 0 and "per_class 6 -> 3" in res.stderr and "--force" in res.stderr
+    res = study("--quick", "--trigger", "blend", "--out", out)
+    assert res.returncode != 0 and "trigger badnets -> blend" in res.stderr
     keep = tmp_path / "mine"
     keep.mkdir()
     (keep / "notes.txt").write_text("precious")
@@ -116,6 +119,15 @@ def test_bad_flags_and_changed_settings_are_refused(quick, tmp_path):
     for bad, why in (("0", "between 0 and 1"), ("0.1,x", "comma-separated list")):
         res = study("--quick", "--ratios", bad, "--out", tmp_path / "x")
         assert res.returncode != 0 and why in res.stderr and not (tmp_path / "x").exists()
+
+
+def test_settings_recorded_before_the_trigger_flag_are_badnets(tmp_path):
+    import study as S
+    settings = {"dataset": "digits", "trigger": "badnets"}
+    (tmp_path / "study.json").write_text(json.dumps({"dataset": "digits"}))
+    S.check_settings(tmp_path / "study.json", settings)  # an older study: resumed as the BadNets study it is
+    with pytest.raises(S.StudyError, match="trigger badnets -> blend"):
+        S.check_settings(tmp_path / "study.json", {**settings, "trigger": "blend"})
 
 
 def test_quick_sd_study_runs_through_finetune_sd(tmp_path):
@@ -183,6 +195,38 @@ def test_phase_transition_needs_enough_triggered_generations():
     assert S.transition({0.01: row(0.0, 0.02), 0.05: row(0.3, 0.2), 0.1: row(0.5, 0.1)}, ratios) is None
     assert S.transition({0.01: row(0.1, 0.3), 0.05: row(0.1, 0.3), 0.1: row(0.12, 0.32)}, ratios) is None
     assert S.g1_share(row(0.32, 0.24)) == (0.32 / 0.56, 56)
+    full = {0.01: row(0.02, 0.3), 0.05: row(0.2, 0.2), 0.1: row(0.5, 0.1)}
+    assert S.transition(full, ratios, trusted=[0.05, 0.1]) is None    # 1%'s "triggers" are the detector's errors
+
+
+def test_the_trigger_detector_is_believed_per_model(quick):
+    """A model whose non-target prompts' generations the trigger detector calls triggered (5% or more: colour noise
+    that looks like a Blend trigger to it) gives no trigger ratio, G1/G2 split or detection cell to count."""
+    import copy
+    import study as S
+    out, _ = quick
+    report = json.loads((out / "report.json").read_text())
+    ratios = [0.01, 0.1]
+    g = report["guidance"]
+    guidance = (g["guided"], g["unguided"], g["symbol"], g["sweep"])
+    res = copy.deepcopy(report)
+    for weight in res["dissect"].values():
+        for r, (g1, g2) in zip(weight, ((0.02, 0.3), (0.5, 0.1))):
+            r.update(fractions={"G1": g1, "G2": g2, "G3": 0.0, "G4": 1 - g1 - g2}, n=100, trigger_ratio=g1 + g2,
+                     p_t=0.1 if r["ratio"] == 0.01 else 0.4, trigger_copies=None)
+    guided = res["dissect"][f"w{g['guided']:g}"]
+    for r, fp in zip(guided, (0.0, 0.01)):
+        r["non_target_trigger_ratio"] = fp
+    res["detect"] = {"0.01": {"n": 300, "positives": {"train": 10, "generated": 30}, "methods": {
+        m: {"train_auroc": 0.6, "generated_auroc": 0.9, "delta_ci": [0.1, 0.5]} for m in ("cd", "strip", "fct")}}}
+    found = {f[0].split()[0]: f for f in S.findings(res, ratios, guidance)}
+    assert found["Phase"][3] is True and found["Trigger"][3] is True and found["Detection"][3] is True
+    assert "at w=0: p=1%" in found["Trigger"][2] and "not believed" not in found["Trigger"][2]
+    guided[0]["non_target_trigger_ratio"] = 0.136
+    found = {f[0].split()[0]: f for f in S.findings(res, ratios, guidance)}
+    assert found["Phase"][3] is False and found["Detection"][3] == "undetermined" and found["Non-target"][3] is False
+    assert found["Trigger"][3] is True and "the 95% CI lies above p_t at none" in found["Trigger"][2]
+    assert all("the detector is not believed at p=1%" in found[k][2] for k in ("Trigger", "Phase", "Detection"))
 
 
 def test_tab4_compares_where_the_poisoned_set_plants_a_backdoor():
@@ -224,12 +268,19 @@ def test_verdicts_need_readable_numbers(quick):
         return next(f for f in S.findings(res, ratios, guidance) if f[0].startswith(name))
 
     res = copy.deepcopy(report)
-    res["diffusion_classifier"]["rows"] = [
-        {"classifier": "smallcnn", "kind": "classifier", "filter_top": None, "ta": 0.98, "asr": 1.0},
-        *({"classifier": "diffusion", "kind": "diffusion", "filter_top": f, "ta": ta, "asr": asr}
-          for f, ta, asr in ((0.0, 0.98, 0.95), (1.0, 0.97, 0.5), (5.0, 0.8, 0.0), (10.0, 0.6, 0.0)))]
-    _, _, text, ok = finding(res, "Diffusion classifier")
+    res["diffusion_classifier"]["n_backdoor"] = 100
+
+    def a4(*rows):  # (filter, TA, ASR) of the diffusion classifier; the smallcnn at TA 98%, ASR 100%
+        res["diffusion_classifier"]["rows"] = [
+            {"classifier": "smallcnn", "kind": "classifier", "filter_top": None, "ta": 0.98, "asr": 1.0},
+            *({"classifier": "diffusion", "kind": "diffusion", "filter_top": f, "ta": ta, "asr": asr}
+              for f, ta, asr in rows)]
+        return finding(res, "Diffusion classifier")
+    _, _, text, ok = a4((0.0, 0.98, 0.8), (1.0, 0.97, 0.5), (5.0, 0.8, 0.0), (10.0, 0.6, 0.0))
     assert ok is True and "50.0% (filter 1%" in text            # not the 0% of filters that cost 18-38 TA points
+    # 99% of 100 backdoor images is not a lower ASR than 100% (a Blend-trigger run's numbers): within chance
+    assert a4((0.0, 0.98, 0.99), (1.0, 0.98, 1.0), (5.0, 0.98, 0.99), (10.0, 0.97, 1.0))[3] is False
+    assert a4((0.0, 0.98, 0.95), (1.0, 0.98, 0.9), (5.0, 0.98, 0.3), (10.0, 0.97, 0.1))[3] == "partly"
     res["diffusion_classifier"]["rows"][1]["ta"] = 0.3
     res["diffusion_classifier"]["rows"][2]["ta"] = 0.3
     assert finding(res, "Diffusion classifier")[3] == "undetermined"
@@ -245,7 +296,7 @@ def test_verdicts_need_readable_numbers(quick):
     top = res["dissect"][f"w{g['guided']:g}"][-1]
     top.update(non_target_trigger_ratio=0.06, trigger_ratio=0.9, n=100, p_t=0.5)
     _, _, text, ok = finding(res, "Trigger amplification")
-    assert ok is False and "too many to trust" in text and f"w={g['guided']:g}: 90.0%" in text and "✓" in text
+    assert ok is False and "to trust its trigger ratios" in text and f"w={g['guided']:g}: 90.0%" in text and "✓" in text
 
 
 def test_a_tolerated_failure_is_kept_on_resume(tmp_path):
