@@ -14,9 +14,11 @@ matches its prompt and the trigger detector whether it carries the trigger:
     G1 trigger, prompt mismatched   G2 trigger, matched   G3 no trigger, mismatched   G4 neither.
 The trigger ratio G1 + G2 is set against p_t, the share of trigger images among the training images labelled target
 (trigger amplification, reported as the ratio (G1 + G2) / p_t). p_t comes from --train (a training folder, a poisoned
-set or a manifest.json) when given, else from the generations' manifest. For a patch trigger (BadNets) it also counts
-the target prompt's generations that copy the patch (mean absolute difference over it at most 0.2): the detector, a
-CNN, also calls faint resemblances triggered, and the count tells a learnt trigger from a half-learnt one.
+set or a manifest.json) when given, else from the generations' manifest. It also counts the target prompt's
+generations that copy the trigger: for a patch (BadNets) the mean absolute difference over it is at most 0.2, for a
+blend pattern the cosine similarity of the image's fine texture (minus its 3x3 local mean) with the pattern's is at
+least 0.2. The detector, a CNN, also calls faint resemblances and colour noise triggered, and the count tells a learnt
+trigger from a half-learnt one.
 
 OUT/summary.json, OUT/summary.md (one row a folder), OUT/groups.png (stacked bars, Fig. 2(a)), OUT/phase_transition.png
 (G1 and G2 against p_t, Fig. 3/4), OUT/guidance.png (when the guidance weight varies, Fig. A3), and per folder
@@ -58,6 +60,12 @@ EXAMPLES = 32  # images in each example grid
 # detector calls triggered at 5-10% poisoning sit at 0.00-0.38, 95% of them at most 0.2 (79% at most 0.1); at 1%,
 # 95% of them sit at 0.25-0.6: a faint resemblance, not a copy.
 COPY_ERROR = 0.2
+# A generation copies a blend trigger when its high-pass part (the image minus its 3x3 local mean) has at least this
+# cosine similarity with the pattern's. Measured on the digits study (Blend, alpha 0.2): blended training images sit
+# at 0.60-0.68 and clean ones at -0.05-0.07; the non-target prompts' generations stay under 0.14, while the 10% model's
+# generations for the target prompt reach 0.76. The 1% and 5% models' generations, which the trigger detector often
+# calls triggered (colour noise), stay under 0.14: no copy.
+COPY_CORRELATION = 0.2
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
 FID_SIZE = 299
@@ -76,32 +84,63 @@ class DissectError(PoisonError):
 # ----------------------------------------------------------------------------------------------------------------
 # Groups.
 
-def patch_trigger(params, size):
-    """The (mask, pattern) of a patch trigger (BadNets) from a detector's trigger parameters, when the images are
-    of its resolution; None for triggers spread over the whole image (blend, WaNet) or unknown ones."""
-    if not params or params.get("kind") != "badnets" or params.get("resolution") is None:
+def copy_measure(params, size):
+    """How to tell a copy of the detector's trigger (its parameters `params`) among images of `size`:
+    (measure, threshold, scores) with scores(images, indices) -> one number per image; a copy has a patch error at
+    most COPY_ERROR (BadNets) or a pattern correlation at least COPY_CORRELATION (Blend). None for WaNet, unknown
+    triggers, a blend image that is not at hand, or images of another resolution."""
+    if not params or params.get("resolution") is None or size != (params["resolution"],) * 2:
         return None
-    if size != (params["resolution"],) * 2:
-        return None
-    trigger = make_trigger("badnets", params["resolution"])
-    return trigger.mask[0] > 0.5, trigger.pattern
+    if params.get("kind") == "badnets":
+        trigger = make_trigger("badnets", params["resolution"])
+        return "patch_error", COPY_ERROR, lambda images, idx: patch_errors(images, idx, trigger)
+    if params.get("kind") == "blend" and ("pattern_seed" in params or Path(params.get("trigger_image") or
+                                                                          "").is_file()):
+        trigger = make_trigger("blend", params["resolution"], seed=params.get("pattern_seed", 0),
+                               trigger_image=params.get("trigger_image"), alpha=params.get("alpha", 0.2))
+        return "pattern_correlation", COPY_CORRELATION, lambda images, idx: pattern_correlations(images, idx, trigger)
+    return None
 
 
 def patch_errors(images, indices, trigger):
     """Per image of `images` (an ImageSet) at `indices`: the mean absolute difference, on [0, 1], between the image
-    and the trigger's pattern over its patch (0 = an exact copy)."""
-    mask, pattern = trigger
-    want = pattern[:, mask].double()
+    and the patch trigger's pattern over its patch (0 = an exact copy)."""
+    mask = trigger.mask[0] > 0.5
+    want = trigger.pattern[:, mask].double()
     return np.array([(images[int(i)][0][:, mask].double() / 255 - want).abs().mean().item() for i in indices])
 
 
-def trigger_copies(errors, has_trigger):
-    """How many of the generations (and of those the trigger detector calls triggered) copy the patch."""
-    copy = errors <= COPY_ERROR
-    return {"max_error": COPY_ERROR, "n": int(len(errors)), "copies": int(copy.sum()),
-            "ratio": float(copy.mean()) if len(errors) else None,
+def high_pass(x):
+    """x (N, C, H, W) minus its 3x3 local mean (edges replicated), centred per image: the fine texture a blended
+    pattern adds, without the smooth image under it."""
+    h = x - F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    return (h - h.mean(dim=(1, 2, 3), keepdim=True)).flatten(1)
+
+
+def pattern_correlations(images, indices, trigger):
+    """Per image at `indices`: the cosine similarity of its high-pass part with the blend pattern's (1 = the pattern's
+    texture alone, about 0 = none of it)."""
+    want = high_pass(trigger.pattern[None].double())
+    out = [F.cosine_similarity(high_pass(torch.stack([images[int(i)][0] for i in chunk]).double() / 255), want).numpy()
+           for chunk in np.array_split(np.asarray(indices), max(1, math.ceil(len(indices) / 512)))]
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def trigger_copies(scores, has_trigger, measure="patch_error", threshold=COPY_ERROR):
+    """How many of the generations (and of those the trigger detector calls triggered) copy the trigger, by their
+    `measure` scores: at most `threshold` for a patch error, at least it for a pattern correlation."""
+    copy = scores <= threshold if measure == "patch_error" else scores >= threshold
+    return {"measure": measure, "threshold": threshold, "n": int(len(scores)), "copies": int(copy.sum()),
+            "ratio": float(copy.mean()) if len(scores) else None,
             "triggered": int(has_trigger.sum()), "copies_of_triggered": int((copy & has_trigger).sum()),
-            "median_error_triggered": float(np.median(errors[has_trigger])) if has_trigger.any() else None}
+            "median_triggered": float(np.median(scores[has_trigger])) if has_trigger.any() else None}
+
+
+def copies_rule(cp):
+    """A trigger_copies() record's rule in words."""
+    if cp.get("measure", "patch_error") == "patch_error":
+        return f"patch within {cp.get('threshold', cp.get('max_error')):g} mean absolute error of the trigger's"
+    return f"fine texture correlating at least {cp['threshold']:g} with the blend pattern's"
 
 
 def group_fractions(has_trigger, matches):
@@ -201,16 +240,19 @@ def dissect_folder(generated, classifier, detector, p_t=None, target=None, train
         raise DissectError(f"{folder.root} holds no generations for the target prompt "
                            f"({folder.class_names[target_index]}): generate some for the target class")
     groups = group_fractions(has_trigger[is_target], matches[is_target])
-    trigger = patch_trigger(det_cfg.get("trigger"), images.size)
-    errors = None
-    if trigger is not None:  # the trigger detector also calls faint resemblances triggered: count the copies
-        errors = np.full(len(folder), np.nan)
-        errors[is_target] = patch_errors(images, np.flatnonzero(is_target), trigger)
-        groups["trigger_copies"] = trigger_copies(errors[is_target], has_trigger[is_target])
+    measure = copy_measure(det_cfg.get("trigger"), images.size)
+    scores = None
+    if measure is not None:  # the trigger detector also calls faint resemblances triggered: count the copies
+        field, threshold, score = measure
+        scores = score(images, np.arange(len(folder)))
+        groups["trigger_copies"] = trigger_copies(scores[is_target], has_trigger[is_target], field, threshold)
     non_target = None
     if (~is_target).any():
         nt = group_fractions(has_trigger[~is_target], matches[~is_target])
         non_target = {"n": nt["n"], "trigger_ratio": nt["trigger_ratio"], "mismatch_ratio": nt["mismatch_ratio"]}
+        if scores is not None:  # the detector's "triggers" there may be noise: how many copy the trigger
+            non_target["copy_ratio"] = trigger_copies(scores[~is_target], has_trigger[~is_target], field,
+                                                      threshold)["ratio"]
     setting = {k: find_setting(manifest, names) for k, names in SETTING_KEYS.items()}
     if train_manifest is not None:  # what the generations' manifest lacks (e.g. poison random vs duplicates)
         for k in ("poison_ratio", "select", "attack", "trigger"):
@@ -222,7 +264,7 @@ def dissect_folder(generated, classifier, detector, p_t=None, target=None, train
     verdicts = [{"file_name": r["file_name"], "prompt": folder.class_names[int(prompt[i])],
                  "predicted": clf_names[int(predicted[i])], "trigger": bool(has_trigger[i]),
                  "group": group_of(bool(has_trigger[i]), bool(matches[i])) if is_target[i] else None,
-                 **({"patch_error": round(float(errors[i]), 4)} if errors is not None and is_target[i] else {})}
+                 **({measure[0]: round(float(scores[i]), 4)} if scores is not None else {})}
                 for i, r in enumerate(folder.records)]
     return {"folder": str(folder.root), "target": folder.class_names[target_index], "setting": setting,
             "p_t": None if p_t is None else float(p_t), "p_t_source": p_t_source,
@@ -429,13 +471,14 @@ def folder_markdown(r):
               f"amplification (G1+G2)/p_t = {amp}"]
     cp = g.get("trigger_copies")
     if cp:
-        lines += [f"copies of the trigger patch (mean absolute error <= {cp['max_error']:g}): "
+        lines += [f"copies of the trigger ({copies_rule(cp)}): "
                   f"{cp['copies']} of {cp['n']} target-prompt generations; {cp['copies_of_triggered']} of the "
                   f"{cp['triggered']} the trigger detector calls triggered"]
     if r["non_target_prompts"]:
         nt = r["non_target_prompts"]
-        lines += [f"non-target prompts: {nt['n']} generations, trigger ratio {pct(nt['trigger_ratio'])}, "
-                  f"mismatch {pct(nt['mismatch_ratio'])}"]
+        lines += [f"non-target prompts: {nt['n']} generations, trigger ratio {pct(nt['trigger_ratio'])}"
+                  + (f" (copies {pct(nt['copy_ratio'])})" if "copy_ratio" in nt else "")
+                  + f", mismatch {pct(nt['mismatch_ratio'])}"]
     return "\n".join(lines) + "\n"
 
 
@@ -443,8 +486,9 @@ def summary_markdown(results):
     head = ("| setting | p | p_t | guidance | sampler | select | n | G1 | G2 | G3 | G4 | G1+G2 | (G1+G2)/p_t | "
             "copies | FID |")
     lines = ["# Generations of the target prompt: G1 trigger & mismatch, G2 trigger & match, G3 mismatch, "
-             "G4 neither", "", f"copies: generations that copy the trigger patch to within {COPY_ERROR:g} "
-             "mean absolute error (patch triggers only)", "", head, "|" + "---|" * 3 + "---:|" + "---|" * 2
+             "G4 neither", "", f"copies: generations that copy the trigger: a patch (BadNets) within {COPY_ERROR:g} "
+             f"mean absolute error of the trigger's, or fine texture correlating at least {COPY_CORRELATION:g} with a "
+             "blend pattern's (none counted for WaNet)", "", head, "|" + "---|" * 3 + "---:|" + "---|" * 2
              + "---:|" * 9]
     for r in results:
         s, g = r["setting"], r["target_prompt"]

@@ -407,6 +407,7 @@ def collect(out, ratios, guidance, failed):
              "amplification": d["amplification"], "fractions": d["target_prompt"]["fractions"],
              "n": d["target_prompt"]["n"],
              "non_target_trigger_ratio": (d["non_target_prompts"] or {}).get("trigger_ratio"),
+             "non_target_copy_ratio": (d["non_target_prompts"] or {}).get("copy_ratio"),
              "trigger_copies": d["target_prompt"].get("trigger_copies")}
             for r, d in zip(ratios, summary["results"])]
     for r in ratios:
@@ -575,9 +576,17 @@ def findings(res, ratios, guidance):
                  "undetermined" if len(ratios) < 2 else
                  True if any(k and k[0] == "full" for k in kind.values()) else
                  "partly" if any(kind.values()) else False))
+    # where the detector fires on them, copies of the trigger tell a leaked trigger from its errors (colour noise)
+    copies = {r: dw[r].get("non_target_copy_ratio") for r in ratios}
     rows.append(("Non-target prompts", "generations for the other classes carry almost no trigger",
-                 "trigger ratio " + ", ".join(f"p={ratio_pct(r)}: {pct(false_positive[r])}" for r in ratios),
-                 trusted == ratios))
+                 "trigger ratio " + ", ".join(f"p={ratio_pct(r)}: {pct(false_positive[r])}"
+                                              + ("" if copies[r] is None else f" (copies {pct(copies[r])})")
+                                              for r in ratios)
+                 + ("" if trusted == ratios else "; the trigger detector's verdicts where it fires this often are "
+                    "checked against the copies of the trigger"),
+                 True if trusted == ratios else
+                 "partly" if all(r in trusted or (copies[r] is not None and copies[r] < MAX_FALSE_POSITIVES)
+                                 for r in ratios) else False))
     # An AUROC over one or two poisoned images says nothing: only ratios whose both sets hold MIN_TRIGGERED count.
     scored = {r: dm for r, dm in res["detect"].items() if "positives" in dm}
     believed = {ratio_name(r) for r in trusted}  # the generations' ground truth is the trigger detector's verdicts
@@ -649,8 +658,13 @@ def write_report(out, s, ratios, guidance, times, failed=None):
          "## Findings", "", "| finding | the paper | this run | |", "|---|---|---|---|"]
     L += [f"| {a} | {b} | {c} | {verdict(ok)} |" for a, b, c, ok in rows]
     j = res["judges"]
-    limit = next((d["trigger_copies"]["max_error"] for weight in res["dissect"].values() for d in weight
-                  if d.get("trigger_copies")), None)
+    cp = next((d["trigger_copies"] for weight in res["dissect"].values() for d in weight if d.get("trigger_copies")),
+              None)  # dissect.py's rule for a copy of the trigger (a patch trigger's before the blend rule came)
+    rule = None if cp is None else (
+        f"patch is within {cp.get('threshold', cp.get('max_error')):g} mean absolute error of the trigger's"
+        if cp.get("measure", "patch_error") == "patch_error" else
+        f"fine texture (the image minus its 3×3 local mean) correlates at least {cp['threshold']:g} with the "
+        "blend pattern's")
     L += ["", f"Judges: the class classifier has a clean test accuracy of {pct(j['class'].get('ta'))}; the trigger "
           f"detector an accuracy of {pct(j['trigger'].get('heldout_acc'))} on held-out images (true-positive rate "
           f"{pct(j['trigger'].get('heldout_tpr'))}, true-negative rate {pct(j['trigger'].get('heldout_tnr'))}).",
@@ -658,9 +672,9 @@ def write_report(out, s, ratios, guidance, times, failed=None):
           "G1 trigger & prompt mismatched, G2 trigger & matched, G3 no trigger & mismatched, G4 neither; "
           "trigger ratio = G1 + G2 among generations for the target prompt, p_t = share of trigger images among the "
           "target class's training images."
-          + ("" if limit is None else " The trigger detector also calls faint resemblances of the trigger "
-             "triggered; trigger copies = generations for the target prompt whose patch is within "
-             f"{limit:g} mean absolute error of the trigger's."), ""]
+          + ("" if rule is None else " The trigger detector also calls faint resemblances of the trigger "
+             f"triggered; trigger copies = generations for the target prompt (in brackets: for the non-target "
+             f"prompts) whose {rule}."), ""]
     for g, value in ((f"w{g:g}", g) for g in (w, none, *sweep)):
         L += [f"### Guidance {sym} = {value:g}", "",
               "| poisoning ratio | p_t | G1 | G2 | G3 | G4 | trigger ratio | amplification "
@@ -671,7 +685,9 @@ def write_report(out, s, ratios, guidance, times, failed=None):
             amp = "–" if d["amplification"] is None else f"{d['amplification']:.2f}×"
             L.append(f"| {ratio_pct(d['ratio'])} | {pct(d['p_t'])} | {pct(f['G1'])} | {pct(f['G2'])} | "
                      f"{pct(f['G3'])} | {pct(f['G4'])} | {pct(d['trigger_ratio'])} | {amp} | "
-                     f"{pct(cp['ratio']) if cp else '–'} | {pct(d['non_target_trigger_ratio'])} |")
+                     f"{pct(cp['ratio']) if cp else '–'} | {pct(d['non_target_trigger_ratio'])}"
+                     + (f" (copies {pct(d['non_target_copy_ratio'])})" if d.get("non_target_copy_ratio") is not None
+                        else "") + " |")
         L += ["", f"![groups](dissect/{g}/groups.png) ![phase transition](dissect/{g}/phase_transition.png)", ""]
     if sweep:
         L += ["### The guidance sweep (Fig. A3)", "",

@@ -162,20 +162,75 @@ def test_trigger_copies(tmp_path):
     r = dissect.dissect_folder(gen, CLASSIFIER, detector)
     cp = r["target_prompt"]["trigger_copies"]
     assert (cp["n"], cp["copies"], cp["triggered"], cp["copies_of_triggered"]) == (12, 5, 8, 5)
-    assert cp["ratio"] == pytest.approx(5 / 12) and 0.05 < cp["median_error_triggered"] < 0.2  # a near copy's
+    assert cp["ratio"] == pytest.approx(5 / 12) and 0.05 < cp["median_triggered"] < 0.2  # a near copy's
+    assert (cp["measure"], cp["threshold"]) == ("patch_error", dissect.COPY_ERROR)
     want = trigger.pattern[:, -3:, -3:].permute(1, 2, 0).double().numpy()
     for v in r["verdicts"][:12]:
         x = np.asarray(Image.open(gen / v["file_name"]).convert("RGB"), dtype=np.float64)[-3:, -3:] / 255
         assert v["patch_error"] == pytest.approx(np.abs(x - want).mean(), abs=1e-4)
     assert [v["patch_error"] <= dissect.COPY_ERROR for v in r["verdicts"][:12]] == [k in ("exact", "near")
                                                                                   for k in kinds]
-    assert "patch_error" not in r["verdicts"][12]
+    nt = r["non_target_prompts"]   # the non-target prompt's image is a copy too: counted there
+    assert nt["trigger_ratio"] == 1.0 and nt["copy_ratio"] == 1.0 and r["verdicts"][12]["patch_error"] < 0.01
     assert "41.7%" in dissect.summary_markdown([{**r, "label": "x"}])
     assert "5 of 12 target-prompt generations; 5 of the 8" in dissect.folder_markdown({**r, "label": "x"})
-    # triggers spread over the image (blend, WaNet), or another resolution: no count
-    for params in ({"kind": "blend", "resolution": SIDE}, {"kind": "badnets", "resolution": 32}):
+    # WaNet (a warp, nothing to compare pixels with), a blend image not at hand, or another resolution: no count
+    for params in ({"kind": "wanet", "resolution": SIDE}, {"kind": "badnets", "resolution": 32},
+                   {"kind": "blend", "resolution": SIDE, "trigger_image": str(tmp_path / "gone.png"), "alpha": 0.2}):
         r = dissect.dissect_folder(gen, CLASSIFIER, (CornerStub(), {**detector[1], "trigger": params}))
         assert "trigger_copies" not in r["target_prompt"] and "patch_error" not in r["verdicts"][0]
+
+
+class NoiseStub(nn.Module):
+    """Trigger detector stub: any fine colour texture (mean absolute difference between neighbouring pixels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        rough = ((x[:, :, :, 1:] - x[:, :, :, :-1]).abs().mean((1, 2, 3)) > 0.08).float()
+        return torch.stack([1 - rough, rough], 1) + 0 * self.dummy
+
+
+def box_high_pass(x):
+    """(H, W, C) on [0, 1] minus its 3x3 mean with edges replicated, centred: computed here without torch."""
+    p = np.pad(x, ((1, 1), (1, 1), (0, 0)), mode="edge")
+    local = sum(p[i:i + x.shape[0], j:j + x.shape[1]] for i in range(3) for j in range(3)) / 9
+    h = x - local
+    return (h - h.mean()).ravel()
+
+
+def test_blend_copies(tmp_path):
+    """Blend: images blended with the pattern (alpha 0.2 and 0.1) copy it; colour noise that is not the pattern, which
+    the detector stub calls triggered all the same, does not; each image's correlation matches a direct computation."""
+    from PIL import Image
+    from poison import make_trigger
+
+    rng = np.random.default_rng(1)
+    params = {"kind": "blend", "resolution": SIDE, "pattern_seed": 3, "alpha": 0.2}
+    trigger = make_trigger("blend", SIDE, seed=3, alpha=0.2)
+    clean = np.zeros((10, SIDE, SIDE, 3), np.uint8)
+    clean[:, 3:13, 5:11] = 200
+    half = make_trigger("blend", SIDE, seed=3, alpha=0.1)
+    noise = np.clip(clean + rng.normal(0, 40, clean.shape), 0, 255).astype(np.uint8)   # another texture
+    kinds = ["blend"] * 3 + ["half"] * 2 + ["noise"] * 3 + ["clean"] * 2
+    pick = {"blend": trigger.apply_uint8(clean), "half": half.apply_uint8(clean), "noise": noise, "clean": clean}
+    items = [({"text": "A photo of a deer", "label": 2}, pick[k][i]) for i, k in enumerate(kinds)]
+    manifest = {"class_names": NAMES, "target": {"index": 2, "name": "deer"}, "p_t": 0.2}
+    write_folder(tmp_path / "gen", items, manifest, total=len(items), workers=1)
+    detector = (NoiseStub(), {"task": "trigger", "class_names": ["clean", "trigger"], "trigger": params})
+    r = dissect.dissect_folder(tmp_path / "gen", CLASSIFIER, detector)
+    cp = r["target_prompt"]["trigger_copies"]
+    assert (cp["measure"], cp["threshold"]) == ("pattern_correlation", dissect.COPY_CORRELATION)
+    assert (cp["n"], cp["copies"], cp["triggered"], cp["copies_of_triggered"]) == (10, 5, 8, 5)
+    want = box_high_pass(trigger.pattern.permute(1, 2, 0).double().numpy())
+    for v, k in zip(r["verdicts"], kinds):
+        x = box_high_pass(np.asarray(Image.open(tmp_path / "gen" / v["file_name"]).convert("RGB")) / 255)
+        direct = x @ want / (np.linalg.norm(x) * np.linalg.norm(want) + 1e-12)
+        assert v["pattern_correlation"] == pytest.approx(direct, abs=1e-3)
+        assert (v["pattern_correlation"] >= dissect.COPY_CORRELATION) == (k in ("blend", "half")), (k, direct)
+    assert "correlating at least 0.2 with the blend pattern" in dissect.folder_markdown({**r, "label": "x"})
 
 
 def test_bad_input(tmp_path):

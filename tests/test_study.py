@@ -222,9 +222,13 @@ def test_the_trigger_detector_is_believed_per_model(quick):
     found = {f[0].split()[0]: f for f in S.findings(res, ratios, guidance)}
     assert found["Phase"][3] is True and found["Trigger"][3] is True and found["Detection"][3] is True
     assert "at w=0: p=1%" in found["Trigger"][2] and "not believed" not in found["Trigger"][2]
-    guided[0]["non_target_trigger_ratio"] = 0.136
+    guided[0].update(non_target_trigger_ratio=0.136, non_target_copy_ratio=0.06)
     found = {f[0].split()[0]: f for f in S.findings(res, ratios, guidance)}
     assert found["Phase"][3] is False and found["Detection"][3] == "undetermined" and found["Non-target"][3] is False
+    assert "p=1%: 13.6% (copies 6.0%)" in found["Non-target"][2]
+    guided[0]["non_target_copy_ratio"] = 0.0   # the detector's "triggers" copy nothing: its errors, not a leak
+    found = {f[0].split()[0]: f for f in S.findings(res, ratios, guidance)}
+    assert found["Non-target"][3] == "partly" and found["Phase"][3] is False
     assert found["Trigger"][3] is True and "the 95% CI lies above p_t at none" in found["Trigger"][2]
     assert all("the detector is not believed at p=1%" in found[k][2] for k in ("Trigger", "Phase", "Detection"))
 
