@@ -98,7 +98,10 @@ class Runner:
         self.out, self.jobs, self.threads, self.gpus, self.quiet = out, jobs, threads, gpus, quiet
         self.logs = out / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
-        self.times, self.failed = {}, {}
+        # seconds per command and per stage, kept across reruns: a skipped stage keeps the time of the run that made it
+        self.times_path = out / "times.json"
+        self.times = json.loads(self.times_path.read_text()) if self.times_path.is_file() else {}
+        self.failed = {}
         self.t0 = time.time()
 
     def command_line(self, script, args, distributed):
@@ -151,12 +154,13 @@ class Runner:
         with ThreadPoolExecutor(max(1, jobs)) as pool:
             futures = [pool.submit(self.run_one, *item) for item in items]
             try:
-                for f in futures:
-                    f.result()
+                ran = [f.result() > 0 for f in futures]
             except BaseException:  # a failed stage stops the study: the queued ones do not start
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
-        self.times[f"stage: {stage}"] = round(time.time() - t0, 1)
+        if any(ran) or f"stage: {stage}" not in self.times:
+            self.times[f"stage: {stage}"] = round(time.time() - t0, 1)
+        write_atomic(self.times_path, json.dumps(self.times, indent=2) + "\n")
 
     def say(self, line):
         if not self.quiet:  # one write per line: stages report from several threads at once
@@ -728,7 +732,8 @@ def write_report(out, s, ratios, guidance, times, failed=None):
         L += [f"| {r['classifier'].split(' (')[0]} | {pct(r.get('ta'))} | {pct(r.get('asr'))} |" for r in d["rows"]]
     L += ["", "## Time", "", "| stage | seconds |", "|---|---|"]
     L += [f"| {k} | {v} |" for k, v in times.items() if k.startswith("stage: ")]
-    L += ["", "Stages skipped because their output existed are not timed (0 s)."]
+    L += ["", "Each stage's time is that of the run that made its output (kept in `times.json`; a stage resumed "
+          "after an interruption shows its last run's time)."]
     write_atomic(out / "report.json", json.dumps(res, indent=2) + "\n")
     write_atomic(out / "REPORT.md", "\n".join(L) + "\n")
     return res

@@ -91,6 +91,8 @@ def test_second_run_skips_finished_stages(quick):
     assert "start " not in second.stdout and second.stdout.count("skip ") >= 15
     after = json.loads((out / "report.json").read_text())
     assert after["dissect"] == json.loads(before)["dissect"]
+    # the time of each stage is that of the run that made it, not the skipping run's 0 s
+    assert after["times_s"] == json.loads(before)["times_s"] and after["times_s"]["stage: train_ddpm"] > 0
 
 
 def test_failing_stage_is_named_with_its_log(tmp_path):
