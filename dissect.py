@@ -64,7 +64,8 @@ COPY_ERROR = 0.2
 # cosine similarity with the pattern's. Measured on the digits study (Blend, alpha 0.2): blended training images sit
 # at 0.60-0.68 and clean ones at -0.05-0.07; the non-target prompts' generations stay under 0.14, while the 10% model's
 # generations for the target prompt reach 0.76. The 1% and 5% models' generations, which the trigger detector often
-# calls triggered (colour noise), stay under 0.14: no copy.
+# calls triggered (colour noise), stay under 0.14: no copy. Calibrated on poison.py's random pattern; a smooth image
+# (--trigger-image) has less fine texture to correlate, so check the threshold on its own blended training images.
 COPY_CORRELATION = 0.2
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
@@ -117,13 +118,18 @@ def high_pass(x):
     return (h - h.mean(dim=(1, 2, 3), keepdim=True)).flatten(1)
 
 
-def pattern_correlations(images, indices, trigger):
+def pattern_correlations(images, indices, trigger, values=2 ** 24):
     """Per image at `indices`: the cosine similarity of its high-pass part with the blend pattern's (1 = the pattern's
-    texture alone, about 0 = none of it)."""
-    want = high_pass(trigger.pattern[None].double())
-    out = [F.cosine_similarity(high_pass(torch.stack([images[int(i)][0] for i in chunk]).double() / 255), want).numpy()
-           for chunk in np.array_split(np.asarray(indices), max(1, math.ceil(len(indices) / 512)))]
-    return np.concatenate(out) if out else np.zeros(0)
+    texture alone, about 0 = none of it). Images go through in groups of about `values` pixel values (64 MiB of
+    float32 at a time, also at Stable Diffusion's 512 px)."""
+    indices = np.asarray(indices, dtype=np.int64)
+    if len(indices) == 0:
+        return np.zeros(0)
+    want = high_pass(trigger.pattern[None].float())
+    per_group = max(1, values // trigger.pattern.numel())
+    return np.concatenate([
+        F.cosine_similarity(high_pass(torch.stack([images[int(i)][0] for i in indices[a:a + per_group]]).float()
+                                      / 255), want).numpy() for a in range(0, len(indices), per_group)])
 
 
 def trigger_copies(scores, has_trigger, measure="patch_error", threshold=COPY_ERROR):

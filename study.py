@@ -6,6 +6,7 @@ also the worked example of the house. On the embedded default (scikit-learn's di
 
     python study.py --out study                  # the default study; `make study` sets up and runs this
     python study.py --quick --out /tmp/study     # a one-minute smoke run of every stage (what CI runs)
+    python study.py --trigger blend --out study-blend   # another trigger (poison.py's blend; wanet)
     # the paper's CIFAR-10 DDPM study on a GPU machine (stages go through torchrun when several GPUs are present)
     python study.py --dataset cifar10 --data-root ~/data --out study-cifar10
     # the paper's Stable Diffusion v1.4 study (finetune_sd.py in place of train_ddpm.py; --base a local copy offline)
@@ -31,7 +32,8 @@ study resumes where it stopped; `--force` starts over):
                                           (Tab. A4), at the lowest ratio where that classifier is backdoored
     detect/<r>           detect.py        CD, STRIP, FCT: AUROC on the training set vs the generations (Tab. 3)
     REPORT.md, report.json                the paper's findings next to this run's numbers, with the figures
-Logs of every stage are in OUT/logs/. Stages that do not depend on each other (one per ratio) run `--jobs` at a time.
+Logs of every stage are in OUT/logs/, the settings in OUT/study.json (a rerun with other ones is refused), the time
+of each stage in OUT/times.json. Stages that do not depend on each other (one per ratio) run `--jobs` at a time.
 """
 import argparse
 import json
@@ -158,6 +160,8 @@ class Runner:
             except BaseException:  # a failed stage stops the study: the queued ones do not start
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
+            finally:  # the commands that finished are skipped on resume: their times are kept either way
+                write_atomic(self.times_path, json.dumps(self.times, indent=2) + "\n")
         if any(ran) or f"stage: {stage}" not in self.times:
             self.times[f"stage: {stage}"] = round(time.time() - t0, 1)
         write_atomic(self.times_path, json.dumps(self.times, indent=2) + "\n")
@@ -180,12 +184,15 @@ def check_settings(path, settings):
     if not path.is_file():
         write_atomic(path, json.dumps(settings, indent=2) + "\n")
         return
-    old = {"trigger": "badnets", **json.loads(path.read_text())}  # studies recorded before --trigger: BadNets
+    recorded = json.loads(path.read_text())
+    old = {"trigger": "badnets", **recorded}  # studies recorded before --trigger: BadNets
     changed = [f"{k} {old.get(k)} -> {settings.get(k)}" for k in sorted(set(old) | set(settings))
                if json.dumps(old.get(k)) != json.dumps(settings.get(k))]
     if changed:
         raise StudyError(f"{path.parent} holds a study made with other settings ({'; '.join(changed)}): rerun with "
                          f"its flags (in {path.name}), choose another --out, or pass --force to start over")
+    if recorded != old:  # the settings a later version records by default, filled in
+        write_atomic(path, json.dumps(old, indent=2) + "\n")
 
 
 def folder_done(path, key_file):
@@ -276,7 +283,8 @@ def run_study(args):
 
     # 1. Poisoned training sets (and their clean test / backdoor test sets), and the same split unpoisoned (ratio 0)
     #    for the judges.
-    source = ["--dataset", s["dataset"], "--resolution", s["resolution"], "--trigger", s["trigger"], "--seed", args.seed]
+    source = ["--dataset", s["dataset"], "--resolution", s["resolution"], "--trigger", s["trigger"],
+              "--seed", args.seed]
     if data_root:
         source += ["--data-root", data_root]
     clean = out / "data" / f"{s['dataset']}-clean"
@@ -527,14 +535,19 @@ def findings(res, ratios, guidance):
     weights = sorted((w, none, *sweep))
     d = {g: {x["ratio"]: x for x in res["dissect"][f"w{g:g}"]} for g in weights}
     dw = d[w]
-    # the judge's "triggers" where there are none, per model: its verdicts on that model's generations count only when
-    # they are rare (a model that leaks colour noise into every class makes the detector fire on every class)
+    # the judge's "triggers" where there should be none, per model: its verdicts on that model's generations count
+    # only when they are rare, or mostly real copies of the trigger (a model that makes colour noise for every class
+    # makes the detector fire on every class; one that leaks the trigger itself is judged right)
     false_positive = {r: dw[r]["non_target_trigger_ratio"] for r in ratios}
-    trusted = [r for r in ratios if false_positive[r] is not None and false_positive[r] < MAX_FALSE_POSITIVES]
+    copies = {r: dw[r].get("non_target_copy_ratio") for r in ratios}
+    trusted = [r for r in ratios if false_positive[r] is not None and (
+        false_positive[r] < MAX_FALSE_POSITIVES or (copies[r] is not None and copies[r] >= false_positive[r] / 2))]
     trustworthy = max(ratios) in trusted
     untrusted = ("; the detector is not believed at " + ", ".join(f"p={ratio_pct(r)}" for r in ratios
                                                                if r not in trusted)
-                 + f" (non-target false positives of {pct(MAX_FALSE_POSITIVES)} or more)"
+                 + f" (it calls {pct(MAX_FALSE_POSITIVES)} or more of the non-target prompts' generations triggered"
+                 + (", and fewer than half of them copy the trigger" if any(c is not None for c in copies.values())
+                    else "") + ")"
                  if len(trusted) < len(ratios) else "")
     ci = {(g, r): wilson(d[g][r]["trigger_ratio"], d[g][r]["n"]) for g in weights for r in ratios}
     above = {(g, r): ci[g, r][0] > d[g][r]["p_t"] for g in weights for r in ratios}
@@ -557,7 +570,8 @@ def findings(res, ratios, guidance):
                  + ", ".join(f"p={ratio_pct(r)}: {pct(false_positive[r])}" for r in ratios)
                  + ("" if trustworthy else f" — too many at p={ratio_pct(hi)} to trust its trigger ratios there, so "
                     "no ✓ counts") + untrusted,
-                 False if not trustworthy else True if all(ok.values()) else
+                 "undetermined" if not trusted else
+                 ("partly" if elsewhere else False) if not trustworthy else True if all(ok.values()) else
                  "partly" if any(ok.values()) or elsewhere else False))
     kind = {g: transition(d[g], ratios, trusted) for g in weights}
     texts = []
@@ -576,21 +590,23 @@ def findings(res, ratios, guidance):
                  "triggered generations are mostly G2 (prompt matched) at a low poisoning ratio and mostly G1 "
                  "(mismatched) at a high one",
                  "; ".join(texts) + f" (G1 vs G2 counts only where at least {MIN_TRIGGERED} generations carry the "
-                 "trigger)" + untrusted + ("; a transition needs at least two ratios" if len(ratios) < 2 else ""),
-                 "undetermined" if len(ratios) < 2 else
+                 "trigger)" + untrusted + ("; a transition needs at least two ratios where the detector is believed"
+                                           if len(trusted) < 2 else ""),
+                 "undetermined" if len(trusted) < 2 else
                  True if any(k and k[0] == "full" for k in kind.values()) else
                  "partly" if any(kind.values()) else False))
-    # where the detector fires on them, copies of the trigger tell a leaked trigger from its errors (colour noise)
-    copies = {r: dw[r].get("non_target_copy_ratio") for r in ratios}
+    # where the detector fires on them often, copies of the trigger tell a leaked trigger from its errors
+    rare = {r: false_positive[r] is not None and false_positive[r] < MAX_FALSE_POSITIVES for r in ratios}
+    checked = [r for r in ratios if not rare[r] and copies[r] is not None]
     rows.append(("Non-target prompts", "generations for the other classes carry almost no trigger",
                  "trigger ratio " + ", ".join(f"p={ratio_pct(r)}: {pct(false_positive[r])}"
                                               + ("" if copies[r] is None else f" (copies {pct(copies[r])})")
                                               for r in ratios)
-                 + ("" if trusted == ratios else "; the trigger detector's verdicts where it fires this often are "
-                    "checked against the copies of the trigger"),
-                 True if trusted == ratios else
-                 "partly" if all(r in trusted or (copies[r] is not None and copies[r] < MAX_FALSE_POSITIVES)
-                                 for r in ratios) else False))
+                 + (f"; where the detector fires on {pct(MAX_FALSE_POSITIVES)} or more, under "
+                    f"{pct(MAX_FALSE_POSITIVES)} copying the trigger counts partly" if checked else ""),
+                 True if all(rare.values()) else
+                 "partly" if all(rare[r] or (r in checked and copies[r] < MAX_FALSE_POSITIVES) for r in ratios)
+                 else False))
     # An AUROC over one or two poisoned images says nothing: only ratios whose both sets hold MIN_TRIGGERED count.
     scored = {r: dm for r, dm in res["detect"].items() if "positives" in dm}
     believed = {ratio_name(r) for r in trusted}  # the generations' ground truth is the trigger detector's verdicts
@@ -623,6 +639,7 @@ def findings(res, ratios, guidance):
     best = min((r for r in diffusion.values() if r["ta"] >= plain["ta"] - MAX_TA_DROP), key=lambda r: r["asr"])
     unreadable = ("; the classifier is not backdoored at this ratio, so there is no backdoor for the diffusion "
                   "classifier to resist better" if base["asr"] < BACKDOORED else
+                  "; the number of backdoor test images is not recorded, so no difference can be weighed" if not n else
                   f"; the diffusion classifier reaches only TA {pct(plain['ta'])}, too little to read its ASR"
                   if plain["ta"] < USEFUL_TA else "")
     rows.append(("Diffusion classifier (Tab. A4)",
@@ -635,7 +652,7 @@ def findings(res, ratios, guidance):
                  f"{pct(plain['asr'])} (diffusion, no filter), {pct(best['asr'])} (filter "
                  f"{best['filter_top']:g}%, the lowest ASR of the filters that keep the TA within "
                  f"{100 * MAX_TA_DROP:g} points); TA {pct(base['ta'])}, {pct(plain['ta'])}, {pct(best['ta'])}; "
-                 f"an ASR counts as lower when the 95% intervals (n={n}) do not overlap"
+                 f"an ASR counts as lower when the 95% intervals (n={n}) do not overlap, a conservative test"
                  + unreadable,
                  "undetermined" if unreadable else
                  True if clearly_lower(plain["asr"], base["asr"], n) and best["asr"] <= plain["asr"]
@@ -651,7 +668,8 @@ def write_report(out, s, ratios, guidance, times, failed=None):
     res["settings"] = load_json(out / "study.json")  # what run_study recorded and checked (with seed and paths)
     res["times_s"] = times
     L = ["# Study report: bilateral data poisoning effects in diffusion models", "",
-         f"Dataset `{s['dataset']}` at {s['resolution']} px, {TRIGGER_NAMES[s.get('trigger', 'badnets')]} trigger, poisoning ratios "
+         f"Dataset `{s['dataset']}` at {s['resolution']} px, {TRIGGER_NAMES[s.get('trigger', 'badnets')]} trigger, "
+         "poisoning ratios "
          f"{', '.join(ratio_pct(r) for r in ratios)}; "
          + (f"DDPM preset `{s['preset']}`" if s["family"] == "ddpm" else "Stable Diffusion fine-tuned")
          + f"{'' if not s['train_steps'] else ', ' + str(s['train_steps']) + ' training steps'}; "

@@ -231,6 +231,13 @@ def test_blend_copies(tmp_path):
         assert v["pattern_correlation"] == pytest.approx(direct, abs=1e-3)
         assert (v["pattern_correlation"] >= dissect.COPY_CORRELATION) == (k in ("blend", "half")), (k, direct)
     assert "correlating at least 0.2 with the blend pattern" in dissect.folder_markdown({**r, "label": "x"})
+    # in groups of any size (a few images at a time at 512 px), and none at all
+    from classify import ImageSet
+    from poison import load_folder
+    images = ImageSet(load_folder(tmp_path / "gen"))
+    whole = dissect.pattern_correlations(images, range(10), trigger)
+    grouped = dissect.pattern_correlations(images, range(10), trigger, values=3 * trigger.pattern.numel())
+    assert np.allclose(grouped, whole, atol=1e-6) and dissect.pattern_correlations(images, [], trigger).shape == (0,)
 
 
 def test_bad_input(tmp_path):

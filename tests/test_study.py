@@ -128,6 +128,7 @@ def test_settings_recorded_before_the_trigger_flag_are_badnets(tmp_path):
     settings = {"dataset": "digits", "trigger": "badnets"}
     (tmp_path / "study.json").write_text(json.dumps({"dataset": "digits"}))
     S.check_settings(tmp_path / "study.json", settings)  # an older study: resumed as the BadNets study it is
+    assert json.loads((tmp_path / "study.json").read_text()) == settings          # and recorded as such
     with pytest.raises(S.StudyError, match="trigger badnets -> blend"):
         S.check_settings(tmp_path / "study.json", {**settings, "trigger": "blend"})
 
@@ -226,11 +227,12 @@ def test_the_trigger_detector_is_believed_per_model(quick):
     assert "at w=0: p=1%" in found["Trigger"][2] and "not believed" not in found["Trigger"][2]
     guided[0].update(non_target_trigger_ratio=0.136, non_target_copy_ratio=0.06)
     found = {f[0].split()[0]: f for f in S.findings(res, ratios, guidance)}
-    assert found["Phase"][3] is False and found["Detection"][3] == "undetermined" and found["Non-target"][3] is False
+    assert found["Phase"][3] == "undetermined" and found["Detection"][3] == "undetermined"  # one ratio believed
+    assert found["Non-target"][3] is False
     assert "p=1%: 13.6% (copies 6.0%)" in found["Non-target"][2]
     guided[0]["non_target_copy_ratio"] = 0.0   # the detector's "triggers" copy nothing: its errors, not a leak
     found = {f[0].split()[0]: f for f in S.findings(res, ratios, guidance)}
-    assert found["Non-target"][3] == "partly" and found["Phase"][3] is False
+    assert found["Non-target"][3] == "partly" and found["Phase"][3] == "undetermined"
     assert found["Trigger"][3] is True and "the 95% CI lies above p_t at none" in found["Trigger"][2]
     assert all("the detector is not believed at p=1%" in found[k][2] for k in ("Trigger", "Phase", "Detection"))
 
@@ -300,9 +302,20 @@ def test_verdicts_need_readable_numbers(quick):
     assert finding(res, "Detection")[3] == "undetermined"
     res = copy.deepcopy(report)
     top = res["dissect"][f"w{g['guided']:g}"][-1]
-    top.update(non_target_trigger_ratio=0.06, trigger_ratio=0.9, n=100, p_t=0.5)
+    for rows in res["dissect"].values():
+        rows[0].update(trigger_ratio=0.0, n=100, p_t=0.1)
+        rows[-1].update(trigger_ratio=0.9, n=100, p_t=0.5)
+    low = res["dissect"][f"w{g['guided']:g}"][0]
+    low["non_target_trigger_ratio"] = 0.0
+    top.update(non_target_trigger_ratio=0.06, non_target_copy_ratio=0.0, trigger_ratio=0.9, n=100, p_t=0.5)
     _, _, text, ok = finding(res, "Trigger amplification")
-    assert ok is False and "to trust its trigger ratios" in text and f"w={g['guided']:g}: 90.0%" in text and "✓" in text
+    assert ok is False and "to trust its trigger ratios" in text and f"w={g['guided']:g}: 90.0%" in text
+    assert "✓" in text
+    low["non_target_trigger_ratio"] = 0.2   # believed nowhere: nothing to read
+    assert finding(res, "Trigger amplification")[3] == "undetermined"
+    top["non_target_copy_ratio"] = 0.05     # most of the top model's non-target "triggers" are copies: a real leak
+    assert finding(res, "Trigger amplification")[3] is True
+    assert finding(res, "Non-target prompts")[3] is False
 
 
 def test_a_tolerated_failure_is_kept_on_resume(tmp_path):
