@@ -528,7 +528,9 @@ def findings(res, ratios, guidance):
     generations, which have none to learn; other ratios are left out of amplification, the phase transition and
     detection. Amplification counts where the lower end of the trigger ratio's 95% interval is above p_t: reproduced
     when it holds at the highest ratio at every guidance weight, partly when it holds somewhere. The phase transition
-    is reproduced when it shows in full at some weight, partly when G1 overtakes G2 between two ratios."""
+    is reproduced when it shows in full at some weight and (where copies are counted) most of the lowest ratio's
+    triggered generations copy the trigger; partly when it shows in full on faint triggers, or when G1 overtakes G2
+    between two ratios."""
     rows = []
     hi = ratio_name(max(ratios))
     w, none, sym, sweep = guidance
@@ -574,6 +576,10 @@ def findings(res, ratios, guidance):
                  ("partly" if elsewhere else False) if not trustworthy else True if all(ok.values()) else
                  "partly" if any(ok.values()) or elsewhere else False))
     kind = {g: transition(d[g], ratios, trusted) for g in weights}
+
+    def faint(g):  # a full transition whose low-ratio "triggers" are mostly not copies of the trigger (where counted)
+        cp = d[g][kind[g][1]].get("trigger_copies")
+        return bool(cp) and 2 * cp["copies_of_triggered"] < cp["triggered"]
     texts = []
     for g in weights:
         parts = []
@@ -583,7 +589,9 @@ def findings(res, ratios, guidance):
             parts.append(f"p={ratio_pct(r)}: G1 {pct(f['G1'])} / G2 {pct(f['G2'])}"
                          + (" (none triggered)" if k == 0 else f" (only {k} triggered)" if k < MIN_TRIGGERED else
                             f" ({cp['copies_of_triggered']} of {k} copies)" if cp else ""))
-        mark = (" ✗" if kind[g] is None else " ✓" if kind[g][0] == "full" else
+        mark = (" ✗" if kind[g] is None else
+                f" (in full by the detector, but most of p={ratio_pct(kind[g][1])}'s triggered generations do not "
+                "copy the trigger)" if kind[g][0] == "full" and faint(g) else " ✓" if kind[g][0] == "full" else
                 f" (G1 overtakes G2 between p={ratio_pct(kind[g][1])} and p={ratio_pct(kind[g][2])})")
         texts.append(f"{sym}={g:g}: " + ", ".join(parts) + mark)
     rows.append(("Phase transition",
@@ -593,7 +601,7 @@ def findings(res, ratios, guidance):
                  "trigger)" + untrusted + ("; a transition needs at least two ratios where the detector is believed"
                                            if len(trusted) < 2 else ""),
                  "undetermined" if len(trusted) < 2 else
-                 True if any(k and k[0] == "full" for k in kind.values()) else
+                 True if any(kind[g] and kind[g][0] == "full" and not faint(g) for g in weights) else
                  "partly" if any(kind.values()) else False))
     # where the detector fires on them often, copies of the trigger tell a leaked trigger from its errors
     rare = {r: false_positive[r] is not None and false_positive[r] < MAX_FALSE_POSITIVES for r in ratios}

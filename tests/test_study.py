@@ -225,6 +225,13 @@ def test_the_trigger_detector_is_believed_per_model(quick):
     found = {f[0].split()[0]: f for f in S.findings(res, ratios, guidance)}
     assert found["Phase"][3] is True and found["Trigger"][3] is True and found["Detection"][3] is True
     assert "at w=0: p=1%" in found["Trigger"][2] and "not believed" not in found["Trigger"][2]
+    for weight in res["dissect"].values():   # the 1% "triggers" resemble the trigger but do not copy it
+        weight[0]["trigger_copies"] = {"n": 100, "copies": 1, "ratio": 0.01, "triggered": 32, "copies_of_triggered": 1}
+    found = {f[0].split()[0]: f for f in S.findings(res, ratios, guidance)}
+    assert found["Phase"][3] == "partly" and "most of p=1%'s triggered generations do not copy" in found["Phase"][2]
+    for weight in res["dissect"].values():
+        weight[0]["trigger_copies"].update(copies=20, copies_of_triggered=20)
+    assert S.findings(res, ratios, guidance)[1][3] is True
     guided[0].update(non_target_trigger_ratio=0.136, non_target_copy_ratio=0.06)
     found = {f[0].split()[0]: f for f in S.findings(res, ratios, guidance)}
     assert found["Phase"][3] == "undetermined" and found["Detection"][3] == "undetermined"  # one ratio believed
