@@ -14,8 +14,8 @@ matches its prompt and the trigger detector whether it carries the trigger:
     G1 trigger, prompt mismatched   G2 trigger, matched   G3 no trigger, mismatched   G4 neither.
 The trigger ratio G1 + G2 is set against p_t, the share of trigger images among the training images labelled target
 (trigger amplification, reported as the ratio (G1 + G2) / p_t). p_t comes from --train (a training folder, a poisoned
-set or a manifest.json) when given, else from the generations' manifest. It also counts the target prompt's
-generations that copy the trigger: for a patch (BadNets) the mean absolute difference over it is at most 0.2, for a
+set or a manifest.json) when given, else from the generations' manifest. It also counts the generations (of the
+target prompt, and of the others) that copy the trigger: for a patch (BadNets) the mean absolute difference over it is at most 0.2, for a
 blend pattern the cosine similarity of the image's fine texture (minus its 3x3 local mean) with the pattern's is at
 least 0.2. The detector, a CNN, also calls faint resemblances and colour noise triggered, and the count tells a learnt
 trigger from a half-learnt one.

@@ -525,8 +525,8 @@ def weakened_backdoor(classifiers, ratios):
 def findings(res, ratios, guidance):
     """(finding, paper, this run, reproduced?) for each goal of the study. The trigger detector's verdicts on a model's
     generations count only where it is believed: under 5% "triggers" among that model's non-target prompts'
-    generations, which have none to learn; other ratios are left out of amplification, the phase transition and
-    detection. Amplification counts where the lower end of the trigger ratio's 95% interval is above p_t: reproduced
+    generations, which have none to learn, or mostly copies of the trigger there (a real leak); other ratios are left
+    out of amplification, the phase transition and detection. Amplification counts where the lower end of the trigger ratio's 95% interval is above p_t: reproduced
     when it holds at the highest ratio at every guidance weight, partly when it holds somewhere. The phase transition
     is reproduced when it shows in full at some weight and (where copies are counted) most of the lowest ratio's
     triggered generations copy the trigger; partly when it shows in full on faint triggers, or when G1 overtakes G2
