@@ -15,10 +15,11 @@ matches its prompt and the trigger detector whether it carries the trigger:
 The trigger ratio G1 + G2 is set against p_t, the share of trigger images among the training images labelled target
 (trigger amplification, reported as the ratio (G1 + G2) / p_t). p_t comes from --train (a training folder, a poisoned
 set or a manifest.json) when given, else from the generations' manifest. It also counts the generations (of the
-target prompt, and of the others) that copy the trigger: for a patch (BadNets) the mean absolute difference over it is at most 0.2, for a
-blend pattern the cosine similarity of the image's fine texture (minus its 3x3 local mean) with the pattern's is at
-least 0.2. The detector, a CNN, also calls faint resemblances and colour noise triggered, and the count tells a learnt
-trigger from a half-learnt one.
+target prompt, and of the others) that copy the trigger: for a patch (BadNets) the mean absolute difference over it
+is at most 0.2, for a blend pattern the cosine similarity of the image's fine texture (minus its 3x3 local mean) with
+the pattern's is at least 0.2. The trigger is the training set's own (--train's trigger.safetensors) when given, else
+rebuilt from the detector's parameters. The detector, a CNN, also calls faint resemblances and colour noise
+triggered, and the count tells a learnt trigger from a half-learnt one.
 
 OUT/summary.json, OUT/summary.md (one row a folder), OUT/groups.png (stacked bars, Fig. 2(a)), OUT/phase_transition.png
 (G1 and G2 against p_t, Fig. 3/4), OUT/guidance.png (when the guidance weight varies, Fig. A3), and per folder
@@ -47,7 +48,7 @@ import torchvision
 from tqdm import tqdm
 
 from classify import ImageSet, batches, load_classifier, map_labels, predict
-from poison import PoisonError, atomic_output, load_folder, make_trigger, save_grid
+from poison import PoisonError, atomic_output, load_folder, load_trigger, make_trigger, save_grid
 
 GROUPS = ("G1", "G2", "G3", "G4")
 GROUP_MEANING = {"G1": "trigger, prompt mismatched", "G2": "trigger, prompt matched",
@@ -85,22 +86,28 @@ class DissectError(PoisonError):
 # ----------------------------------------------------------------------------------------------------------------
 # Groups.
 
-def copy_measure(params, size):
+def copy_measure(params, size, exact=None):
     """How to tell a copy of the detector's trigger (its parameters `params`) among images of `size`:
     (measure, threshold, scores) with scores(images, indices) -> one number per image; a copy has a patch error at
-    most COPY_ERROR (BadNets) or a pattern correlation at least COPY_CORRELATION (Blend). None for WaNet, unknown
-    triggers, a blend image that is not at hand, or images of another resolution."""
+    most COPY_ERROR (BadNets) or a pattern correlation at least COPY_CORRELATION (Blend). `exact`: the trigger the
+    training set was stamped with (poison.load_trigger), used when it is the detector's kind; else the trigger is
+    rebuilt from `params`. None for WaNet, unknown triggers, a blend image that is not at hand, or images of another
+    resolution."""
     if not params or params.get("resolution") is None or size != (params["resolution"],) * 2:
         return None
-    if params.get("kind") == "badnets":
+    kind = params.get("kind")
+    if exact is not None and (exact.kind, exact.resolution) == (kind, params["resolution"]):
+        trigger = exact
+    elif kind == "badnets":
         trigger = make_trigger("badnets", params["resolution"])
-        return "patch_error", COPY_ERROR, lambda images, idx: patch_errors(images, idx, trigger)
-    if params.get("kind") == "blend" and ("pattern_seed" in params or Path(params.get("trigger_image") or
-                                                                          "").is_file()):
+    elif kind == "blend" and ("pattern_seed" in params or Path(params.get("trigger_image") or "").is_file()):
         trigger = make_trigger("blend", params["resolution"], seed=params.get("pattern_seed", 0),
                                trigger_image=params.get("trigger_image"), alpha=params.get("alpha", 0.2))
-        return "pattern_correlation", COPY_CORRELATION, lambda images, idx: pattern_correlations(images, idx, trigger)
-    return None
+    else:
+        return None
+    if kind == "badnets":
+        return "patch_error", COPY_ERROR, lambda images, idx: patch_errors(images, idx, trigger)
+    return "pattern_correlation", COPY_CORRELATION, lambda images, idx: pattern_correlations(images, idx, trigger)
 
 
 def patch_errors(images, indices, trigger):
@@ -182,14 +189,18 @@ def find_setting(manifest, names, depth=3):
     return None
 
 
-def read_train_manifest(path):
-    """The manifest of a training folder, of a poisoned set's root (its train/), or a manifest.json file."""
+def train_manifest_path(path):
+    """The manifest.json of a training folder, of a poisoned set's root (its train/), or the file itself."""
     p = Path(path)
     for candidate in (p, p / "train" / "manifest.json", p / "manifest.json"):
         if candidate.is_file():
-            return json.loads(candidate.read_text())
+            return candidate
     raise DissectError(f"--train {path}: no manifest.json there; give the poisoned training folder, its poisoned set "
                        "or its manifest.json")
+
+
+def read_train_manifest(path):
+    return json.loads(train_manifest_path(path).read_text())
 
 
 def as_model(classifier, device):
@@ -246,7 +257,10 @@ def dissect_folder(generated, classifier, detector, p_t=None, target=None, train
         raise DissectError(f"{folder.root} holds no generations for the target prompt "
                            f"({folder.class_names[target_index]}): generate some for the target class")
     groups = group_fractions(has_trigger[is_target], matches[is_target])
-    measure = copy_measure(det_cfg.get("trigger"), images.size)
+    exact = None  # the training set's own trigger file, when --train points at one
+    if train is not None and (train_manifest_path(train).parent / "trigger.safetensors").is_file():
+        exact = load_trigger(train_manifest_path(train).parent)
+    measure = copy_measure(det_cfg.get("trigger"), images.size, exact)
     scores = None
     if measure is not None:  # the trigger detector also calls faint resemblances triggered: count the copies
         field, threshold, score = measure

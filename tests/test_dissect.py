@@ -231,6 +231,20 @@ def test_blend_copies(tmp_path):
         assert v["pattern_correlation"] == pytest.approx(direct, abs=1e-3)
         assert (v["pattern_correlation"] >= dissect.COPY_CORRELATION) == (k in ("blend", "half")), (k, direct)
     assert "correlating at least 0.2 with the blend pattern" in dissect.folder_markdown({**r, "label": "x"})
+    # a blend of an image file that is gone (a relative --trigger-image, say): rebuilt from nothing, so no count,
+    # unless --train brings the training set's own trigger.safetensors
+    art = rng.integers(0, 256, size=(SIDE, SIDE, 3)).astype(np.uint8)
+    Image.fromarray(art).save(tmp_path / "art.png")
+    drawn = make_trigger("blend", SIDE, trigger_image=tmp_path / "art.png", alpha=0.2)
+    (tmp_path / "art.png").unlink()
+    write_folder(tmp_path / "gen-art", [(m, drawn.apply_uint8(clean[i:i + 1])[0]) for i, (m, _) in enumerate(items)],
+                 manifest, total=len(items), workers=1)
+    write_folder(tmp_path / "set" / "train", items[:2], {**manifest, "p_t": 0.1}, total=2, workers=1, trigger=drawn)
+    detector = (NoiseStub(), {**detector[1], "trigger": drawn.params})
+    r = dissect.dissect_folder(tmp_path / "gen-art", CLASSIFIER, detector)
+    assert "trigger_copies" not in r["target_prompt"]
+    r = dissect.dissect_folder(tmp_path / "gen-art", CLASSIFIER, detector, train=tmp_path / "set")
+    assert r["target_prompt"]["trigger_copies"]["copies"] == 10 and r["p_t"] == 0.1
     # in groups of any size (a few images at a time at 512 px), and none at all
     from classify import ImageSet
     from poison import load_folder
