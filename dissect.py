@@ -257,9 +257,8 @@ def dissect_folder(generated, classifier, detector, p_t=None, target=None, train
         raise DissectError(f"{folder.root} holds no generations for the target prompt "
                            f"({folder.class_names[target_index]}): generate some for the target class")
     groups = group_fractions(has_trigger[is_target], matches[is_target])
-    exact = None  # the training set's own trigger file, when --train points at one
-    if train is not None and (train_manifest_path(train).parent / "trigger.safetensors").is_file():
-        exact = load_trigger(train_manifest_path(train).parent)
+    where = train_manifest_path(train).parent if train is not None else None
+    exact = load_trigger(where) if where and (where / "trigger.safetensors").is_file() else None  # --train's own
     measure = copy_measure(det_cfg.get("trigger"), images.size, exact)
     scores = None
     if measure is not None:  # the trigger detector also calls faint resemblances triggered: count the copies

@@ -159,9 +159,8 @@ class Runner:
                 ran = [f.result() > 0 for f in futures]
             except BaseException:  # a failed stage stops the study: the queued ones do not start
                 pool.shutdown(wait=True, cancel_futures=True)
+                write_atomic(self.times_path, json.dumps(self.times, indent=2) + "\n")  # those that finished
                 raise
-            finally:  # the commands that finished are skipped on resume: their times are kept either way
-                write_atomic(self.times_path, json.dumps(self.times, indent=2) + "\n")
         if any(ran) or f"stage: {stage}" not in self.times:
             self.times[f"stage: {stage}"] = round(time.time() - t0, 1)
         write_atomic(self.times_path, json.dumps(self.times, indent=2) + "\n")

@@ -103,6 +103,7 @@ def test_failing_stage_is_named_with_its_log(tmp_path):
     assert "--resolution 2 is too small" in res.stderr   # the stage's own one-line error, from its log
     assert not (ROOT / "bad").exists()
     assert json.loads((tmp_path / "bad" / "study.json").read_text())["ratios"] == [0.01, 0.1]
+    assert json.loads((tmp_path / "bad" / "times.json").read_text()) == {}   # written (nothing finished) on failure
 
 
 def test_bad_flags_and_changed_settings_are_refused(quick, tmp_path):
