@@ -562,8 +562,8 @@ def plot_phase_transition(results, path):
            label="G2 (trigger, match)")
     with_pt = [(i, r["p_t"]) for i, r in enumerate(order) if r["p_t"] is not None]
     if with_pt:
-        ax.scatter([i for i, _ in with_pt], [v for _, v in with_pt], marker="_", s=900, color="black", zorder=3,
-                   label="p_t (trigger share in training)")
+        ax.hlines([v for _, v in with_pt], [i - 0.4 for i, _ in with_pt], [i + 0.4 for i, _ in with_pt],
+                  color="black", zorder=3, label="p_t (trigger share in training)")
         ax.scatter([i for i, _ in with_pt], [order[i]["trigger_ratio"] for i, _ in with_pt], marker="o", s=25,
                    color="black", zorder=3, label="G1 + G2")
     ax.set_xticks(x, [r["label"] if "p_t=" in r["label"] else f"{r['label']}\np_t={pct(r['p_t'])}" for r in order],
@@ -590,10 +590,16 @@ def plot_guidance(results, path):
         x = np.arange(len(rs))
         ax.bar(x - 0.2, [r["target_prompt"]["fractions"]["G1"] for r in rs], 0.4, color=GROUP_COLORS["G1"], label="G1")
         ax.bar(x + 0.2, [r["target_prompt"]["fractions"]["G2"] for r in rs], 0.4, color=GROUP_COLORS["G2"], label="G2")
+        ax.scatter(x, [r["trigger_ratio"] for r in rs], marker="o", s=20, color="black", zorder=3, label="G1 + G2")
+        if p_t is not None:
+            ax.axhline(p_t, color="black", linestyle="--", linewidth=1, label="p_t")
         ax.set_xticks(x, [f"w={r['setting'].get('guidance')}" for r in rs], fontsize=8)
         ax.set_ylim(0, 1)
         ax.set_title(f"p={pct(ratio) if ratio is not None else '-'}, p_t={pct(p_t)}", fontsize=9)
         ax.legend(fontsize=8)
+        if not any(r["target_prompt"]["fractions"]["G1"] + r["target_prompt"]["fractions"]["G2"] for r in rs):
+            ax.text(0.5, 0.5, "no generation carries the trigger", transform=ax.transAxes, ha="center",
+                    va="center", fontsize=9, color="gray")
     fig.suptitle("G1 and G2 against the guidance weight")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
