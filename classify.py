@@ -574,6 +574,7 @@ def fit(model, train_set, evaluate_epoch, epochs=10, batch_size=128, lr=0.01, mo
 def summarize(history, keys):
     """Final values and, separately labelled, the best over epochs (what the reference code reported)."""
     final = {k: history[-1][k] for k in keys if k in history[-1]}
+    final.update({k: v for k, v in history[-1].items() if k.startswith("n_")})  # the test sets' sizes
     best = {k: max(h[k] for h in history) for k in keys if k in history[-1]}
     return {"final": final, "best_over_epochs": best,
             "note": "final = after the last epoch (what we report); best_over_epochs = the maximum over epochs of "

@@ -434,7 +434,7 @@ def collect(out, ratios, guidance, failed):
         else:
             res["detect"][ratio_name(r)] = {"error": failed.get(f"detect {ratio_name(r)}", "not run")}
         res["classifiers"][ratio_name(r)] = {
-            k: load_json(out / "classifiers" / f"{k}-{ratio_name(r)}" / "results.json")["final"]
+            k: final_results(out / "classifiers" / f"{k}-{ratio_name(r)}" / "results.json")
             for k in ("poisoned", "generated")}
     a4 = ratio_name((backdoored_ratios(res["classifiers"], ratios) or ratios)[0])  # where run_study ran Tab. A4
     res["diffusion_classifier"] = None
@@ -445,6 +445,14 @@ def collect(out, ratios, guidance, failed):
             "rows": [{k: r.get(k) for k in ("classifier", "kind", "filter_top", "ta", "asr")} for r in diff["rows"]]}
     res["judges"] = {k: load_json(out / "classifiers" / k / "results.json")["final"] for k in ("class", "trigger")}
     return res
+
+
+def final_results(path):
+    """A classifier's results after its last epoch, with the sizes of its test sets (read from the last epoch's
+    record where an older results.json left them out of "final")."""
+    res = load_json(path)
+    last = res["epochs"][-1] if res.get("epochs") else {}
+    return {**{k: v for k, v in last.items() if k.startswith("n_")}, **res["final"]}
 
 
 def with_ci(row, key, fmt=".3f"):
@@ -518,7 +526,13 @@ def weakened_backdoor(classifiers, ratios):
         parts.append(f"but the classifier trained on the generations reaches only TA {pct(c.get('ta'))}, too little "
                      "to read its ASR")
         return "; ".join(parts), "undetermined"
-    return "; ".join(parts), (c.get("asr") if c.get("asr") is not None else 1) < asr[planted[0]]
+    n = c.get("n_backdoor")
+    if not n:  # results written before the test sets' sizes were kept
+        return "; ".join(parts), (c.get("asr") if c.get("asr") is not None else 1) < asr[planted[0]]
+    lower = clearly_lower(c.get("asr") if c.get("asr") is not None else 1, asr[planted[0]], n)
+    parts.append(f"{n} backdoor test images; an ASR counts as lower when the 95% intervals do not overlap"
+                 + ("" if lower else ", and these do"))
+    return "; ".join(parts), lower
 
 
 def findings(res, ratios, guidance):

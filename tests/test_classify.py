@@ -78,7 +78,7 @@ def test_training_reaches_high_accuracy_and_round_trips(colors, tmp_path):
     out = tmp_path / "clf"
     res = classify.train_classifier(colors / "train", out, test=colors / "test", arch="smallcnn", width=8, epochs=4,
                                     batch_size=16, lr=0.05, progress=False)
-    assert res["final"]["ta"] >= 0.95
+    assert res["final"]["ta"] >= 0.95 and res["final"]["n_test"] == 30  # with the test set's size
     assert len(res["epochs"]) == 4 and all("ta" in e for e in res["epochs"])
     assert res["best_over_epochs"]["ta"] == max(e["ta"] for e in res["epochs"])
     config = json.loads((out / "config.json").read_text())

@@ -266,6 +266,14 @@ def test_tab4_compares_where_the_poisoned_set_plants_a_backdoor():
     assert S.weakened_backdoor(cl((0.02, 0.0), (0.9, 0.95), (1.0, 0.3)), ratios)[1] is False   # not weakened
     text, ok = S.weakened_backdoor(cl((0.02, 0.0), (0.1, 0.0), (0.3, 0.0)), ratios)
     assert ok == "undetermined" and text.count("not backdoored") == 3   # no backdoor to weaken
+    # with the number of backdoor test images, a lower ASR must be lower beyond chance (95% Wilson intervals)
+    counted = cl((0.93, 0.85), (1.0, 0.06), (1.0, 0.3))
+    for r in counted.values():
+        r["generated"]["n_backdoor"] = 100
+    text, ok = S.weakened_backdoor(counted, ratios)
+    assert ok is False and text.endswith("do not overlap, and these do")  # 85% vs 93% of 100: within chance
+    counted[S.ratio_name(0.01)]["generated"]["asr"] = 0.7
+    assert S.weakened_backdoor(counted, ratios)[1] is True
 
 
 def test_verdicts_need_readable_numbers(quick):
