@@ -575,7 +575,7 @@ def summarize(history, keys):
     """Final values and, separately labelled, the best over epochs (what the reference code reported)."""
     final = {k: history[-1][k] for k in keys if k in history[-1]}
     final.update({k: v for k, v in history[-1].items() if k.startswith("n_")})  # the test sets' sizes
-    best = {k: max(h[k] for h in history) for k in keys if k in history[-1]}
+    best = {k: max((h[k] for h in history if h.get(k) is not None), default=None) for k in keys if k in history[-1]}
     return {"final": final, "best_over_epochs": best,
             "note": "final = after the last epoch (what we report); best_over_epochs = the maximum over epochs of "
                     "each value separately, as the paper's reference code reported"}
@@ -697,6 +697,9 @@ def train_trigger_detector(data, out, test=None, arch="resnet50", fraction=0.5, 
     opts = {**DEFAULT_OPTS, **opts}
     if Path(out).exists() and not force:
         raise ClassifyError(f"{out} exists: pass --force to overwrite it, or choose another --out")
+    if not 0 < fraction <= 1:
+        raise ClassifyError(f"--fraction {fraction} is outside (0, 1]: give the share of non-target images that "
+                            "carry the trigger, e.g. 0.5")
     data, test, _ = resolve_sets(data, test)
     if test is None and (Path(data).parent / "test" / "metadata.jsonl").is_file() and Path(data).name == "train":
         test = Path(data).parent / "test"
@@ -894,12 +897,12 @@ def parse_stages(timesteps, keep, num_classes):
 
 
 def drop_counts(filters, numel):
-    """How many of the `numel` per-element errors each filter (percent) drops: floor(p% of numel), as the reference
-    code keeps int(q * numel) of them (q = 1 - p)."""
+    """How many of the `numel` per-element errors each filter (percent) drops: the reference code keeps the
+    int(q * numel) smallest (q = 1 - p), so it drops numel - int(q * numel), i.e. p% of numel rounded up."""
     bad = [p for p in filters if not 0 <= p < 100]
     if bad:
         raise ClassifyError(f"--filter-top {bad[0]} is outside [0, 100): give percents, e.g. 0,1,5,10")
-    return [int(math.floor(p / 100 * numel + 1e-9)) for p in filters]
+    return [numel - int(math.floor((100 - p) / 100 * numel + 1e-9)) for p in filters]
 
 
 def filtered_means(err, drops):
@@ -1254,9 +1257,12 @@ def main(args):
                   "test": str(test) if test else None, "backdoor": str(backdoor) if backdoor else None,
                   **evaluate(model, config, test, backdoor, args.batch_size)}
         print(json.dumps(result))
-        if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        if args.json:  # written whole or not at all
+            path = Path(args.json)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
+            os.replace(tmp, path)
         return
     opts = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
                 weight_decay=args.weight_decay, augment=args.augment, dtype=args.dtype, seed=args.seed,

@@ -204,6 +204,12 @@ def test_bad_input(colors, tmp_path):
     # a set without a trigger has no trigger detector
     with pytest.raises(ClassifyError, match="no trigger"):
         classify.train_trigger_detector(colors / "train", tmp_path / "d", arch="smallcnn", progress=False)
+    with pytest.raises(ClassifyError, match="--fraction 0"):
+        classify.train_trigger_detector(colors / "train", tmp_path / "d", arch="smallcnn", fraction=0,
+                                        progress=False)
+    # a held-out rate that no epoch could measure (None) is kept as None, not a crash that loses the model
+    summary = classify.summarize([{"acc": 0.5, "tpr": None}, {"acc": 0.7, "tpr": None}], ["acc", "tpr"])
+    assert summary["best_over_epochs"] == {"acc": 0.7, "tpr": None} and summary["final"]["tpr"] is None
 
 
 def test_architectures_and_small_input_stems():

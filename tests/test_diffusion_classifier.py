@@ -103,7 +103,8 @@ def test_filtered_means_against_sorting_and_p0_is_the_plain_mean():
     g = torch.Generator().manual_seed(0)
     err = torch.rand(6, 192, generator=g) ** 3
     drops = classify.drop_counts([0, 1, 5, 10], 192)
-    assert drops == [0, 1, 9, 19]                              # floor(p% of 192), as the reference keeps int(q n)
+    assert drops == [0, 2, 10, 20]                       # 192 - int(q * 192), as the reference keeps int(q n)
+    assert classify.drop_counts([1, 2, 5, 10], 3072) == [31, 62, 154, 308]   # CIFAR-10: 3 x 32 x 32 errors
     got = classify.filtered_means(err, drops)
     for l, d in enumerate(drops):
         kept = err.double().sort(1).values[:, :192 - d]
