@@ -1,7 +1,7 @@
 """sample.py -- generate a dataset folder of images from a trained diffusion model, with classifier-free guidance.
 
     # DDPM family (train_ddpm.py), the paper's setting: DDIM, 50 steps, eta = 0, quadratic timesteps, guidance w = 5,
-    # EMA weights (x_0 clipped: see Clipping below; add --no-clip-x0 for the reference code's sampler exactly)
+    # EMA weights (x_0 clipped: see Clipping below; --no-clip-x0 --dtype fp32 is the reference code's sampler)
     python sample.py --model runs/ddpm-digits-0.1 --class all --n 100 --out runs/gen-digits-0.1
     python sample.py --model runs/ddpm-cifar10-0.1 --class deer --n 1000 --seed 0 --out runs/gen-deer
     # the other samplers
@@ -39,10 +39,12 @@ They are the same thing with s = 1 + w (DDPM's w = 5 is s = 6; SD's s = 5 is w =
 the manifest also gives the other convention's number (guidance_sd_scale, guidance_ddpm_w).
 
 Clipping: for the DDPM family the predicted x_0 is clipped to [-1, 1] at every step by default (guided-diffusion's
-clip_denoised and diffusers' clip_sample defaults). The reference code does not clip (--no-clip-x0 reproduces it
-exactly); on a briefly trained model (the small preset) it must: an eps error at t = 999 reaches x_0 multiplied by
+clip_denoised and diffusers' clip_sample defaults). The reference code does not clip and runs in fp32:
+--no-clip-x0 reproduces it exactly on the CPU, and on CUDA with --dtype fp32 (auto is bf16 there); on a briefly
+trained model (the small preset) it must clip: an eps error at t = 999 reaches x_0 multiplied by
 1 / sqrt(abar_999) ~ 158, and about half of the unclipped samples stay noise, with or without guidance. SD never
-clips (its latents are not bounded; SD's scheduler config says clip_sample false).
+clips (its latents are not bounded; SD's scheduler config says clip_sample false). The manifest records --dtype and
+the dtype it resolved to (dtype_used).
 
 The samplers are pure functions with one signature,
     sampler(eps_fn, x, alphas_cumprod, timesteps, noise, **options) -> x_0
@@ -77,8 +79,8 @@ from tqdm import tqdm
 
 import finetune_sd
 from poison import PoisonError, atomic_output, caption, save_grid, versions, write_folder
-from train_ddpm import (autocast, autocast_dtype, barrier, diffusion_from_config, load_model, read_config,
-                        resolve_device, setup_distributed)
+from train_ddpm import (autocast, autocast_dtype, barrier, diffusion_from_config, dtype_name, load_model,
+                        read_config, resolve_device, setup_distributed)
 
 DEFAULT_GUIDANCE = 5.0     # DDPM family: the paper's guidance weight w in eps = (1 + w) eps_c - w eps_u
 DEFAULT_SD_GUIDANCE = 5.0  # SD family: the scale s in eps = eps_u + s (eps_c - eps_u)
@@ -542,7 +544,8 @@ def main(args):
             "eta": args.eta if args.sampler == "ddim" else None,
             "seeds": {"base": args.seed, "rule": "seed of image i = base + i", "first": seeds[0], "last": seeds[-1]},
             "classes": [class_names[label] for _, label in jobs if label >= 0], "n_per_class": args.n,
-            "resolution": images.shape[-1], "dtype": args.dtype, "world_size": world,
+            "resolution": images.shape[-1], "dtype": args.dtype, "dtype_used": dtype_name(dtype),
+            "world_size": world,
             **plan.manifest, "class_names": class_names, "select": training_select(config),
             "counts": {"total": len(labels), "per_class" if not args.prompt else "per_prompt": by_group},
             "versions": versions(),
@@ -591,8 +594,8 @@ def build_parser():
                         "eps = eps_u + s (eps_c - eps_u) (default: 5); s = 1 + w")
     p.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=None,
                    help="clip the predicted x_0 to [-1, 1] at every step (DDPM family, default: on, as "
-                        "guided-diffusion and diffusers; --no-clip-x0 is the reference code's sampler exactly; "
-                        "SD never clips its latents)")
+                        "guided-diffusion and diffusers; --no-clip-x0 is the reference code's sampler exactly "
+                        "with --dtype fp32 on CUDA; SD never clips its latents)")
     p.add_argument("--seed", type=int, default=0,
                    help="image i uses seed + i (so runs meant to be independent need seeds more images apart)")
     p.add_argument("--batch-size", type=int, default=None,

@@ -23,7 +23,8 @@ EMA weights by default); state.pt (everything needed to resume; loads with torch
 loss.jsonl (one line per --log-every steps; a fresh start empties it); samples/step_NNNNNNN.png (one row per
 class, EMA weights, DDIM preview); data/ when the poisoned set was built here. Every file is written to a temporary
 name and renamed, so a run killed mid-save keeps the previous checkpoint, and --force replaces an old model only at
-its first checkpoint. A non-finite loss stops the run with an error and leaves the last good checkpoint in place.
+its first checkpoint. A non-finite loss or gradient stops the run with an error and leaves the last good checkpoint
+in place (with --dtype fp16 the loss scaler skips steps with inf/NaN gradients instead).
 
 Presets (--preset): cifar10 = the DDPM paper's CIFAR-10 U-Net (128 channels, multipliers 1,2,2,2, 2 res blocks,
 attention at 16x16, dropout 0.1; 35.7M parameters + the class embedding); small = a 0.65M-parameter U-Net that
@@ -35,7 +36,7 @@ recipe (batch 128, 800k steps, warm-up 5000, gradient clipping 1) is the cifar10
 
 Python API for later stages: `load_model(folder, weights="ema")` -> (UNet, config), `Diffusion` (the noise
 schedule in float64: betas, alphas_cumprod, q_sample, loss), `UNet`, `UNetConfig`, `PRESETS`,
-`setup_distributed(device)`, `resolve_device(flag)`, `autocast_dtype(flag, device)`.
+`setup_distributed(device)`, `resolve_device(flag)`, `autocast_dtype(flag, device)`, `dtype_name(dtype)`.
 """
 import os
 
@@ -69,7 +70,8 @@ FORMAT_VERSION = 1
 
 
 class TrainingError(Exception):
-    """The run cannot go on (a non-finite loss, a model folder made with other settings): one line with the fix."""
+    """The run cannot go on (a non-finite loss or gradient, a model folder made with other settings): one line with
+    the fix."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -317,13 +319,21 @@ def unet_config(preset, resolution, num_classes, **overrides):
 class Diffusion:
     """The noise schedule in float64 (coefficients are cast to the data's dtype only when applied).
     Linear betas from beta_start to beta_end over T steps, scaled by 1000 / T as in improved DDPM (Nichol &
-    Dhariwal 2021), so T = 1000 gives the DDPM paper's 1e-4 -> 0.02."""
+    Dhariwal 2021), so T = 1000 gives the DDPM paper's 1e-4 -> 0.02; a short T must keep every beta below 1."""
 
     def __init__(self, T=1000, beta_start=1e-4, beta_end=0.02):
         self.T, self.beta_start, self.beta_end = T, beta_start, beta_end
+        if T < 1:
+            raise PoisonError(f"--timesteps {T}: give at least 1 diffusion step (1000: the DDPM paper's)")
         scale = 1000.0 / T
         self.betas = torch.linspace(scale * beta_start, scale * beta_end, T, dtype=torch.float64)
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)       # abar_t, t = 0 .. T-1
+        # beta >= 1 zeroes abar (sqrt(abar) divides in every sampler) or makes it negative: NaN losses and images
+        if self.betas.max() >= 1 or self.alphas_cumprod[-1] <= 0:
+            shortest = math.floor(1000 * max(beta_start, beta_end)) + 1
+            raise PoisonError(f"--timesteps {T}: the linear betas (scaled by 1000 / T) reach "
+                              f"{self.betas.max().item():.3g}, not below 1, so the noise schedule breaks down: "
+                              f"use --timesteps {shortest} or more (1000: the DDPM paper's)")
 
     def config(self):
         return {"schedule": "linear", "T": self.T, "beta_start": self.beta_start, "beta_end": self.beta_end,
@@ -427,14 +437,17 @@ def plain_state(module):
 def save_checkpoint(out, step, model, ema, optimizer, scaler, config):
     """state.pt first (the resume point), then the exported model folder; each file replaced atomically."""
     out = Path(out)
+    config = {**config, "step": step}
+    # the whole config travels with the weights (a JSON string, as unet and diffusion: exactly what config.json
+    # holds), so a resume is checked against it even when config.json is missing
     state = {"step": step, "model": plain_state(model), "ema": plain_state(ema), "optimizer": optimizer.state_dict(),
              "scaler": scaler.state_dict() if scaler is not None else {},
-             "unet": json.dumps(config["unet"]), "diffusion": json.dumps(config["diffusion"])}
+             "unet": json.dumps(config["unet"]), "diffusion": json.dumps(config["diffusion"]),
+             "config": json.dumps(config)}
     replace_file(out / "state.pt", lambda p: torch.save(state, p))
     meta = {"step": str(step), "format": "pt"}
     replace_file(out / "model.safetensors", lambda p: save_safetensors(state["model"], p, metadata=meta))
     replace_file(out / "ema.safetensors", lambda p: save_safetensors(state["ema"], p, metadata=meta))
-    config = {**config, "step": step}
     replace_file(out / "config.json", lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
 
 
@@ -465,6 +478,11 @@ def autocast_dtype(flag, device):
     if flag == "auto":
         flag = "bf16" if device.type == "cuda" else "fp32"
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[flag]
+
+
+def dtype_name(dtype):
+    """The name of what autocast_dtype returned (None: fp32), as --dtype spells it: what a run recorded it used."""
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 def autocast(device, dtype):
@@ -566,7 +584,8 @@ def training_settings(args, preset):
 
 # Settings a resumed run may change: how long it runs (--steps: see main), how, and where its data lies. The
 # poisoning flags are compared with OUT/data's manifest instead (build_data).
-RESUMABLE = {"data": {"path"}, "training": {"steps", "save_every", "world_size", "dtype", "command", "poison"}}
+RESUMABLE = {"data": {"path"},
+             "training": {"steps", "save_every", "world_size", "dtype", "dtype_used", "command", "poison"}}
 
 
 def setting_differences(saved, config):
@@ -594,6 +613,7 @@ def main(args):
     for flag, every in (("--log-every", args.log_every), ("--save-every", args.save_every)):
         if every is not None and every < 1:
             raise PoisonError(f"{flag} {every}: give an interval of at least 1 step")
+    diffusion = Diffusion(args.timesteps)  # refuses a T whose betas reach 1
     hp = training_settings(args, args.preset)
     if hp["batch_size"] % world:
         raise PoisonError(f"--batch-size {hp['batch_size']} is not divisible by the {world} processes")
@@ -618,7 +638,6 @@ def main(args):
                       num_res_blocks=args.num_res_blocks, dropout=args.dropout, head_channels=args.head_channels,
                       scale_shift_norm=args.scale_shift_norm, norm_groups=args.norm_groups,
                       attention_resolutions=args.attention)
-    diffusion = Diffusion(args.timesteps)
     m = ds.manifest
     config = {
         "family": FAMILY, "format_version": FORMAT_VERSION, "unet": asdict(cfg), "diffusion": diffusion.config(),
@@ -629,7 +648,7 @@ def main(args):
                  "attack": m.get("attack"), "trigger": m.get("trigger"), "resolution": R, "images": N},
         "training": {"preset": args.preset, **hp, "weight_decay": args.weight_decay, "grad_clip": args.grad_clip,
                      "lr_decay": args.lr_decay, "seed": args.train_seed, "hflip": args.hflip, "world_size": world,
-                     "dtype": args.dtype,
+                     "dtype": args.dtype, "dtype_used": dtype_name(amp_dtype),
                      "poison": None if args.data else {k: v for k, v in poison_kwargs(args).items() if k != "workers"},
                      "command": command_line()},
         "versions": versions(),
@@ -652,8 +671,10 @@ def main(args):
     saved = read_config(out) if config_path.is_file() and not args.force else {}
     if state_path.is_file() and not args.force:
         state = load_state(state_path)
-        # the weights' own U-Net and diffusion settings, the rest from the config.json saved beside them
-        saved.update(unet=json.loads(state["unet"]), diffusion=json.loads(state["diffusion"]))
+        if "config" in state:  # the run's whole config, saved with the weights
+            saved = json.loads(state["config"])
+        else:  # an older state.pt: its own U-Net and diffusion settings, the rest from the config.json beside it
+            saved.update(unet=json.loads(state["unet"]), diffusion=json.loads(state["diffusion"]))
         diff = setting_differences(saved, config)
         if diff:
             raise TrainingError(f"{out} holds a model trained with other settings ({', '.join(diff)} differ): rerun "
@@ -699,16 +720,24 @@ def main(args):
     if rank == 0:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"{n_params / 1e6:.2f}M parameters, {N} images {R}px, {num_classes} classes, batch {hp['batch_size']} "
-              f"({world} process{'es' if world > 1 else ''}), {device}, "
-              f"{'bf16' if amp_dtype == torch.bfloat16 else 'fp16' if amp_dtype == torch.float16 else 'fp32'}"
+              f"({world} process{'es' if world > 1 else ''}), {device}, {dtype_name(amp_dtype)}"
               f"{', compiled' if compile_model else ''}")
 
     rank_seed = args.train_seed * world + rank
     steps_per_epoch = max(1, N // hp["batch_size"])
     epoch_cached, perm = None, None
     log_loss, log_n, t_last, step_last = torch.zeros((), device=device), 0, time.time(), step
+    bad_grads = torch.zeros((), dtype=torch.bool, device=device)  # an inf/NaN gradient norm since the last check
     save_every = hp["save_every"] or hp["steps"]
     bar = tqdm(total=hp["steps"], initial=step, desc="train", disable=rank != 0, dynamic_ncols=True)
+
+    def stopped(what):
+        """The error that ends a run whose loss or gradients stopped being finite (before any of it is saved)."""
+        bar.close()
+        return TrainingError(f"{what}: stopped; " + (f"the last good checkpoint (step {saved_step}) is kept in {out}"
+                                                     if saved_step is not None else "no checkpoint was saved")
+                             + "; lower --lr, keep --grad-clip on, or use --dtype fp32")
+
     model.train()
     while step < hp["steps"]:
         # data order: a seeded permutation per epoch, shared by every rank; each takes its slice of the batch
@@ -741,8 +770,13 @@ def main(args):
             scaler.unscale_(optimizer)
         else:
             loss.backward()
-        if args.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        # the gradient norm, clipped to --grad-clip (0: max_norm inf, measured only). Inf/NaN gradients under a
+        # finite loss (an overflow in backward) turn every weight NaN at optimizer.step(): flagged on the device
+        # (no sync per step) and checked with the loss at the next log or save, so no NaN weights are ever saved;
+        # with fp16 the GradScaler skips such steps itself (and lowers its scale)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
+        if scaler is None:
+            bad_grads |= ~torch.isfinite(grad_norm)
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
@@ -763,11 +797,9 @@ def main(args):
                 log_loss /= world
             mean_loss = log_loss.item() / log_n
             if not math.isfinite(mean_loss):
-                bar.close()
-                raise TrainingError(f"the loss became {mean_loss} by step {step}: stopped; "
-                                    + (f"the last good checkpoint (step {saved_step}) is kept in {out}"
-                                       if saved_step is not None else "no checkpoint was saved")
-                                    + "; lower --lr, keep --grad-clip on, or use --dtype fp32")
+                raise stopped(f"the loss became {mean_loss} by step {step}")
+            if bad_grads.item():  # the same on every rank: DDP averaged the gradients
+                raise stopped(f"the gradient norm became inf or NaN by step {step}")
             now = time.time()
             if rank == 0:
                 rate = (step - step_last) * hp["batch_size"] / max(1e-9, now - t_last)

@@ -148,6 +148,12 @@ def test_schedule_float64_and_q_sample():
     a = d.alphas_cumprod[500].item()
     torch.testing.assert_close(d.q_sample(x0[3:4], t[3:4], noise[3:4]),
                                math.sqrt(a) * x0[3:4] + math.sqrt(1 - a) * noise[3:4])
+    # betas scale by 1000 / T: T = 20 reaches beta = 1 (abar = 0, NaN everywhere), T = 21 stays below
+    short = train_ddpm.Diffusion(21)
+    assert short.betas.max() < 1 and short.alphas_cumprod[-1] > 0
+    for T in (20, 2):
+        with pytest.raises(PoisonError, match=rf"--timesteps {T}: .* not below 1.*use --timesteps 21 or more"):
+            train_ddpm.Diffusion(T)
 
 
 def test_timesteps():
@@ -286,6 +292,7 @@ def test_training_lowers_the_loss_and_writes_a_model_folder(model_dir, data):
     assert np.mean([r["loss"] for r in log[-5:]]) < 0.8 * np.mean([r["loss"] for r in log[:3]])
     config = json.loads((model_dir / "config.json").read_text())
     assert config["family"] == "ddpm" and config["step"] == 30 and config["unet"]["resolution"] == RES
+    assert config["training"]["dtype"] == "auto" and config["training"]["dtype_used"] == "fp32"  # the flag, the dtype
     manifest = load_folder(data).manifest
     assert config["data"]["class_names"] == manifest["class_names"] and config["data"]["target"] == manifest["target"]
     assert config["data"]["p_t"] == manifest["p_t"] and config["data"]["poison_ratio"] == 0.1
@@ -370,6 +377,45 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, monke
     assert state["step"] == 4 and all(v.isfinite().all() for v in state["model"].values())
 
 
+class NanGradient(torch.autograd.Function):
+    """The identity whose backward returns NaN: a finite loss with NaN gradients (as an overflow in backward)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+@pytest.mark.parametrize("flags", [[], ["--grad-clip", 0], ["--dtype", "fp16"]])
+def test_nan_gradients_never_reach_a_checkpoint(data, tmp_path, monkeypatch, flags):
+    """Step 4's loss is finite but its gradients are NaN, and step 4 is a checkpoint: the run stops before saving it
+    (with clipping or without), or, with fp16's GradScaler, skips that step and goes on."""
+    out = tmp_path / "run"
+    real_loss = train_ddpm.Diffusion.loss
+    calls = []
+
+    def loss(self, *a):
+        calls.append(1)
+        value = real_loss(self, *a)
+        return NanGradient.apply(value) if len(calls) == 4 else value
+    monkeypatch.setattr(train_ddpm.Diffusion, "loss", loss)
+    args = tiny_args(out, data, "--steps", 6, "--save-every", 2, "--preview-per-class", 0, *flags)
+    if "fp16" in flags:
+        train_ddpm.main(args)
+        step = 6
+    else:
+        with pytest.raises(train_ddpm.TrainingError, match=r"the gradient norm became inf or NaN by step 4: stopped; the "
+                                                           r"last good checkpoint \(step 2\) is kept"):
+            train_ddpm.main(args)
+        step = 2
+    state = torch.load(out / "state.pt", weights_only=True)
+    assert state["step"] == step and all(v.isfinite().all() for k in ("model", "ema") for v in state[k].values())
+    assert all(v.isfinite().all() for v in train_ddpm.load_model(out)[0].state_dict().values())
+
+
 def test_sigkill_then_rerun_resumes(data, tmp_path):
     out = tmp_path / "run"
     cmd = [PY, str(ROOT / "train_ddpm.py"), "--out", str(out), "--data", str(data), "--preset", "tiny",
@@ -448,6 +494,33 @@ def test_resume_refuses_other_training_settings(data, tmp_path, capsys):
     assert "nothing to do" in capsys.readouterr().out
 
 
+def test_resume_checks_the_settings_saved_in_state(data, tmp_path, capsys):
+    """state.pt holds the run's whole config, so a resume is checked even without config.json (a run killed between
+    writing state.pt and config.json, or config.json deleted); an older state.pt (U-Net and diffusion only) falls
+    back on config.json, and an older config.json without dtype_used still resumes."""
+    out = tmp_path / "run"
+    common = ["--lr-decay", "none", "--preview-per-class", 0]
+    train_ddpm.main(tiny_args(out, data, "--steps", 2, *common))
+    (out / "config.json").unlink()
+    for extra, key in ((["--lr", 5e-3], "training.lr"), (["--label-dropout", 0.2], "guidance.label_dropout")):
+        with pytest.raises(train_ddpm.TrainingError, match=rf"other settings \({key} differ\): .*--force"):
+            train_ddpm.main(tiny_args(out, data, "--steps", 4, *common, *extra))
+    train_ddpm.main(tiny_args(out, data, "--steps", 4, *common))
+    assert f"resuming from {out / 'state.pt'} at step 2" in capsys.readouterr().out
+    state = torch.load(out / "state.pt", weights_only=True)
+    config = json.loads((out / "config.json").read_text())
+    assert json.loads(state["config"]) == config and config["step"] == 4
+    # a run from before: state.pt without its config, config.json without dtype_used
+    del state["config"], config["training"]["dtype_used"]
+    torch.save(state, out / "state.pt")
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(train_ddpm.TrainingError, match=r"other settings \(training\.lr differ\)"):
+        train_ddpm.main(tiny_args(out, data, "--steps", 6, *common, "--lr", 5e-3))
+    train_ddpm.main(tiny_args(out, data, "--steps", 6, *common, "--dtype", "fp32"))
+    assert f"resuming from {out / 'state.pt'} at step 4" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["training"]["dtype_used"] == "fp32"
+
+
 def test_cosine_schedule_is_not_extended(data, tmp_path, capsys):
     """lr_at's cosine reaches zero at --steps: a raised --steps would send the rate back up from near zero."""
     out = tmp_path / "cosine"
@@ -523,7 +596,9 @@ def test_bad_training_flags(data, tmp_path):
     for flags, message in ((["--label-dropout", 1], r"--label-dropout 1.0 is outside \[0, 1\)"),
                            (["--label-dropout", -0.1], r"outside \[0, 1\)"),
                            (["--log-every", 0], "--log-every 0: give an interval of at least 1"),
-                           (["--save-every", 0], "--save-every 0: give an interval of at least 1")):
+                           (["--save-every", 0], "--save-every 0: give an interval of at least 1"),
+                           (["--timesteps", 20], r"--timesteps 20: .*reach 1, not below 1.*--timesteps 21 or more"),
+                           (["--timesteps", 0], "--timesteps 0: give at least 1 diffusion step")):
         with pytest.raises(PoisonError, match=message):
             train_ddpm.main(tiny_args(tmp_path / "x", data, *flags))
     assert not (tmp_path / "x").exists()
@@ -566,6 +641,7 @@ def test_generations_folder_contract(model_dir, data, tmp_path):
     assert m["stage"] == "sample" and m["sampler"] == "ddim" and m["steps"] == 5 and m["spacing"] == "quadratic"
     assert m["guidance"] == 5.0 and m["weights"] == "ema" and m["model"] == str(model_dir)
     assert m["seeds"]["base"] == 7 and m["eta"] == 0.0 and len(m["timesteps"]) == 5 and m["clip_x0"] is True
+    assert m["dtype"] == "auto" and m["dtype_used"] == "fp32"
     for key in ("class_names", "target", "p_t", "poison_ratio"):
         assert m[key] == train_manifest[key if key != "poison_ratio" else "poison_ratio"]
     assert (tmp_path / "g.png").is_file()
