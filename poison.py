@@ -9,6 +9,11 @@ the paper ("From Trojan Horses to Castle Walls", Pan, Yao et al.) and its refere
     python poison.py --dataset caltech15 --data-root ~/data --ratio 0.1 --out data/caltech15-badnets-0.1
     python poison.py --dataset folder:/path/to/classes --target cat --ratio 0.1 --out data/mine-badnets-0.1
 
+`--attack relabel` changes labels only (no trigger). `--attack clean-label` is a simplified label-consistent attack:
+the trigger is stamped on target-class images and every label is kept, but without the PGD adversarial perturbation
+(L-inf 8/255, 100 steps, adversarially trained ResNet-18) and the four-corner 3x3 checker trigger of Turner et al.'s
+label-consistent attack; the manifests say so ("attack_description").
+
 OUT/train is the poisoned training set, OUT/test the clean test set, OUT/test_backdoor every non-target test image
 with the trigger, labelled target (the set that attack success rate is measured on), OUT/examples.png a grid of
 poisoned examples (originals above, poisoned below). Each set is a dataset folder (Hugging Face `imagefolder`
@@ -20,6 +25,7 @@ Python API for the other stages: `poison(...)`, `make_trigger(...)`, `load_trigg
 """
 import argparse
 import contextlib
+import hashlib
 import itertools
 import json
 import math
@@ -53,6 +59,13 @@ IMAGENETTE_WNIDS = {  # WordNet order; "garbage truck" is index 6
 CALTECH_EXCLUDED = ("257.clutter",)  # background category, not an object class
 CAPTION = "A photo of a {}"
 CHUNK = 256  # images a PNG-writing task handles
+IDS_TRAINING_SET = "training set:"  # the '#' header of a duplicates ids file naming the training set it indexes
+ATTACK_DESCRIPTIONS = {
+    "badnets": "BadNets (Gu et al.): the trigger on non-target images, relabelled to the target class",
+    "relabel": "labels only: non-target images relabelled to the target class, no trigger",
+    "clean-label": "simplified label-consistent: the trigger on target-class images, labels kept; no adversarial "
+                   "(PGD) perturbation and not the four-corner checker of Turner et al.",
+}
 
 
 class PoisonError(Exception):
@@ -75,6 +88,7 @@ class Source:
     resolution: int
     array: np.ndarray = None            # (N, R, R, 3) uint8 for in-memory datasets
     paths: list = field(default_factory=list)  # for datasets read from files
+    origin: np.ndarray = None           # (N,) index of each image in the whole dataset, where a seed picks them
 
     def __len__(self):
         return len(self.labels)
@@ -138,7 +152,8 @@ def load_digits_source(split, resolution, split_seed, test_fraction):
     train, test = stratified_split(labels, test_fraction, split_seed)
     idx = train if split == "train" else test
     rgb = np.repeat(gray[idx][..., None], 3, axis=-1)
-    return Source("digits", list(DIGIT_NAMES), labels[idx], resolution, array=resize_array(rgb, resolution))
+    return Source("digits", list(DIGIT_NAMES), labels[idx], resolution, array=resize_array(rgb, resolution),
+                  origin=idx)
 
 
 class _CifarUnpickler:
@@ -215,11 +230,17 @@ def list_images(folder):
 
 def load_imagenette_source(split, resolution, data_root):
     """ImageNette (torchvision's layout: ROOT/imagenette2[-320|-160]/{train,val}/<wnid>/*.JPEG). Uses the
-    smallest downloaded size that is at least `resolution`; downloads through torchvision when none is there."""
+    smallest downloaded size that is at least `resolution`; downloads through torchvision when none is there, and
+    refuses (rather than upsample) when only smaller sizes are there."""
     root = Path(data_root)
     sizes = [("160px", "imagenette2-160", 160), ("320px", "imagenette2-320", 320), ("full", "imagenette2", 10 ** 9)]
     present = [(s, d, px) for s, d, px in sizes if (root / d / "train").is_dir()]
-    usable = [x for x in present if x[2] >= resolution] or present[-1:]
+    usable = [x for x in present if x[2] >= resolution]
+    if present and not usable:
+        largest = present[-1]
+        raise PoisonError(f"--resolution {resolution} is above the {largest[2]} px of {root / largest[1]}, the "
+                          f"largest ImageNette in {root}: extract the full-size imagenette2.tgz into {root}, or pass "
+                          f"--resolution {largest[2]} or less")
     if not usable:
         size = next(s for s, _, px in sizes if px >= resolution)
         try:
@@ -333,6 +354,19 @@ def load_source(dataset, split, data_root="data", resolution=None, split_seed=0,
     if kind == "caltech15":
         return load_caltech15_source(split, resolution, data_root, split_seed, classes, per_class)
     return load_folder_source(dataset[len("folder:"):], split, resolution, split_seed, test_fraction)
+
+
+def training_fingerprint(src):
+    """A short fingerprint of the images a split holds, in order, so that an ids file (replicate.py's duplicates)
+    made for one training set is not applied to another: the dataset kind, the number of images and a hash of their
+    labels and identities (class folder and file name, or index in the whole dataset). It changes with --split-seed,
+    --test-fraction, --classes or --per-class, not with --resolution or --data-root."""
+    h = hashlib.sha256(np.asarray(src.labels, dtype="<i8").tobytes())
+    for p in src.paths:
+        h.update(f"{Path(p).parent.name}/{Path(p).name}\n".encode())
+    if src.origin is not None:
+        h.update(np.asarray(src.origin, dtype="<i8").tobytes())
+    return f"{src.name.split(':')[0]} n={len(src)} sha256={h.hexdigest()[:16]}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -452,30 +486,46 @@ def load_trigger(folder):
 # Choosing what to poison.
 
 def n_to_poison(ratio, n_base):
-    """round(ratio * n_base), halves rounded up (Python's round() would round 0.5 to even)."""
+    """round(ratio * n_base), halves rounded up (Python's round() would round 0.5 to even). The paper's reference
+    code truncates, int(ratio * n_base); the two differ by at most one image (ImageNette's 9469 training images at
+    1%: 95 here, 94 there). Kept as it is: published numbers depend on it."""
     return int(math.floor(ratio * n_base + 0.5 + 1e-9))
 
 
-def read_ids(path):
-    """A duplicates file: one training-image id (source index) per line, most replicated first; '#' comments."""
+def read_ids(path, training_set=None):
+    """A duplicates file: one training-image id (source index) per line, most replicated first; '#' comments, one of
+    which, '# training set: FINGERPRINT' (written by replicate.py), names the training set the ids index. Given
+    `training_set` (training_fingerprint of the split about to be poisoned), a file made for another one is refused
+    and a file without that line is accepted with a warning."""
     p = Path(path)
     if not p.is_file():
         raise PoisonError(f"--duplicates {path}: no such file; make it with replicate.py")
-    ids = []
+    ids, recorded = [], None
     for n, line in enumerate(p.read_text().splitlines(), 1):
+        if line.startswith("#") and line[1:].strip().startswith(IDS_TRAINING_SET):
+            recorded = line[1:].strip()[len(IDS_TRAINING_SET):].strip()
         line = line.split("#", 1)[0].strip()
         if line:
             if not line.isdigit():
                 raise PoisonError(f"{path}:{n}: {line!r} is not a training-image id (a whole number)")
             ids.append(int(line))
+    if training_set is not None and recorded is None:
+        print(f"poison.py: warning: --duplicates {path} does not record the training set its ids index (an older or "
+              "hand-written file): make sure it was made for this --dataset, --split-seed, --test-fraction, "
+              "--classes and --per-class", file=sys.stderr)
+    elif training_set is not None and recorded != training_set:
+        raise PoisonError(f"--duplicates {path} indexes another training set ({recorded}) than this one "
+                          f"({training_set}): pass the --dataset, --split-seed, --test-fraction, --classes and "
+                          "--per-class it was made with, or rerun replicate.py on a set poisoned with these")
     return ids
 
 
 def select_poison(labels, target, ratio, attack="badnets", ratio_of="all", seed=0, select="random", duplicates=None):
     """Sorted indices of the images to poison. Candidates are the non-target images (badnets, relabel) or the
-    target images (clean-label); their number is round(ratio * N), N the whole training set (the paper's definition)
-    or the candidates (ratio_of='nontarget'). `select='duplicates'` takes the listed ids first (in order), then a
-    seeded random draw from the remaining candidates to reach the count."""
+    target images (clean-label); their number is round(ratio * N) (n_to_poison: halves up, where the reference code
+    truncates, so one image more at most), N the whole training set (the paper's definition) or the candidates
+    (ratio_of='nontarget'). `select='duplicates'` takes the listed ids first (in order), then a seeded random draw
+    from the remaining candidates to reach the count."""
     if not 0 <= ratio <= 1:
         raise PoisonError(f"--ratio {ratio} is outside [0, 1]: give the poisoned fraction, e.g. 0.1")
     is_candidate = (labels == target) if attack == "clean-label" else (labels != target)
@@ -510,16 +560,14 @@ def select_poison(labels, target, ratio, attack="badnets", ratio_of="all", seed=
 
 
 def resolve_target(target, class_names):
-    """A class index from a name ('garbage truck', case-insensitive) or an index ('6')."""
+    """A class index from a name ('garbage truck', case-insensitive) or an index ('6'); a name wins, so a folder
+    dataset with numeric class names ('0', '1', '10', ...) is targeted by name."""
     t = str(target).strip()
-    if t.lstrip("-").isdigit():
-        i = int(t)
-        if 0 <= i < len(class_names):
-            return i
-    else:
-        lowered = [c.lower() for c in class_names]
-        if t.lower() in lowered:
-            return lowered.index(t.lower())
+    lowered = [c.lower() for c in class_names]
+    if t.lower() in lowered:
+        return lowered.index(t.lower())
+    if t.isdigit() and int(t) < len(class_names):
+        return int(t)
     raise PoisonError(f"unknown --target {target!r}: choose a class name or index among {class_names}")
 
 
@@ -543,7 +591,11 @@ def atomic_output(out, force=False):
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(old)
-            tmp.rename(out)
+            try:
+                tmp.rename(out)
+            except BaseException:
+                old.rename(out)  # put the old output back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out)
@@ -711,7 +763,11 @@ def poison(out, dataset="digits", ratio=0.1, attack="badnets", trigger="badnets"
                                                          blend_alpha, wanet_k, wanet_s)
     if trig is not None:  # a broken trigger image must fail before any work
         trig.apply_uint8(train.load(0)[None])
-    ids = select_poison(train.labels, t, ratio, attack, ratio_of, seed, select, duplicates)
+    training_set = training_fingerprint(train)
+    listed = duplicates  # a file is read here, to check that it indexes this training set
+    if select == "duplicates" and isinstance(duplicates, (str, os.PathLike)):
+        listed = read_ids(duplicates, training_set)
+    ids = select_poison(train.labels, t, ratio, attack, ratio_of, seed, select, listed)
     is_poisoned = np.zeros(len(train), dtype=bool)
     is_poisoned[ids] = True
     names = train.class_names
@@ -725,6 +781,7 @@ def poison(out, dataset="digits", ratio=0.1, attack="badnets", trigger="badnets"
               "original_per_class": {names[c]: int((train.labels == c).sum()) for c in range(len(names))}}
     base = {"stage": "poison", "command": command or "poison()", "dataset": dataset, "resolution": train.resolution,
             "class_names": names, "target": {"index": t, "name": names[t]}, "attack": attack,
+            "attack_description": ATTACK_DESCRIPTIONS[attack],
             "options": {"ratio": ratio, "ratio_of": ratio_of, "select": select, "seed": seed,
                         "split_seed": split_seed, "test_fraction": test_fraction, "per_class": per_class,
                         "classes": classes, "duplicates": str(duplicates) if duplicates else None,
@@ -741,11 +798,15 @@ def poison(out, dataset="digits", ratio=0.1, attack="badnets", trigger="badnets"
             return rec, image
         return make
 
+    selection = None
+    if select == "duplicates":
+        from_file = int(np.isin(ids, np.asarray(listed, dtype=np.int64)).sum())
+        selection = {"from_duplicates_file": from_file, "random_fill": int(len(ids)) - from_file}
     test_nt = np.flatnonzero(test.labels != t)
     with atomic_output(out, force) as tmp:
         write_folder(tmp / "train", (item(train, i, is_poisoned[i], new_labels[i]) for i in range(len(train))),
                      {**base, "split": "train", "poison_ratio": ratio, "p_t": p_t, "counts": counts,
-                      "poisoned_ids": ids.tolist()},
+                      "training_set": training_set, "selection": selection, "poisoned_ids": ids.tolist()},
                      total=len(train), workers=workers, desc="train", trigger=trig)
         test_counts = {"total": len(test), "per_class": {names[c]: int((test.labels == c).sum())
                                                          for c in range(len(names))}}
@@ -782,8 +843,12 @@ def options_differences(manifest, kw):
              "resolution": (manifest.get("resolution"), kw["resolution"] or DEFAULT_RESOLUTION.get(kind)),
              "trigger": (trig.get("kind"), None if kw["attack"] == "relabel" else kw["trigger"])}
     if target is not None:
-        pairs["target"] = (str(target).strip().lower() in (str(recorded_target.get("name")).lower(),
-                                                           str(recorded_target.get("index"))), True)
+        try:  # as poison() resolves it (a class name wins over an index)
+            same = resolve_target(target, manifest["class_names"]) == recorded_target.get("index")
+        except (KeyError, TypeError, PoisonError):
+            same = str(target).strip().lower() in (str(recorded_target.get("name")).lower(),
+                                                   str(recorded_target.get("index")))
+        pairs["target"] = (same, True)
     for k, v in (manifest.get("options") or {}).items():  # ratio, seed, select, split, ... as poison() records them
         pairs[k] = (v, str(kw[k]) if k == "duplicates" and kw.get(k) else kw.get(k))
     if trig.get("kind") == "blend":
@@ -806,7 +871,10 @@ def add_poison_arguments(parser, out_required=True):
     g.add_argument("--per-class", type=int, default=200, help="caltech15: training images per category")
     g.add_argument("--split-seed", type=int, default=0, help="seed of the train/test split (digits, folder)")
     g.add_argument("--test-fraction", type=float, default=0.2, help="test share (digits, unsplit folder)")
-    g.add_argument("--attack", default="badnets", choices=["badnets", "relabel", "clean-label"])
+    g.add_argument("--attack", default="badnets", choices=["badnets", "relabel", "clean-label"],
+                   help="badnets: trigger + relabel to the target; relabel: labels only; clean-label: a simplified "
+                        "label-consistent attack (trigger on target-class images, labels kept, no adversarial "
+                        "perturbation, unlike Turner et al.)")
     g.add_argument("--trigger", default="badnets", choices=["badnets", "blend", "wanet"])
     g.add_argument("--trigger-image", default=None, help="blend: the pattern image (default: a seeded random one)")
     g.add_argument("--blend-alpha", type=float, default=0.2)

@@ -51,7 +51,8 @@ Ranking (`--rank-by`, written most replicated first to OUT/duplicates.txt, as tr
                     images ranked by the similarity to their nearest other training image; listed: those above the
                     threshold.
   --top K lists the K best instead, whatever the threshold. poison.py skips target-class ids and fills up to the
-  poisoning ratio with a seeded random draw.
+  poisoning ratio with a seeded random draw. The file's header '# training set: ...' (the fingerprint in --train's
+  poison.py manifest) ties it to that training split: poison.py refuses it for another split.
 
 Outputs (OUT, written atomically; an existing OUT is kept unless --force): replication.json and replication.md
 (statistics labelled with the features and threshold; per-generation top-1 ids and similarities in the JSON),
@@ -98,7 +99,7 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 import dissect
-from poison import PoisonError, atomic_output, load_folder, save_safetensors, versions
+from poison import IDS_TRAINING_SET, PoisonError, atomic_output, load_folder, save_safetensors, versions
 
 SSCD_URL = "https://dl.fbaipublicfiles.com/sscd-copy-detection/sscd_disc_mixup.torchscript.pt"
 SSCD_THRESHOLD = 0.5       # Somepalli et al.: a generation replicates its top-1 training image when SSCD cosine > 0.5
@@ -497,10 +498,12 @@ def ranking_entry(b, ids):
     return entry
 
 
-def write_ids(path, ids, comments=(), notes=None):
+def write_ids(path, ids, comments=(), notes=None, training_set=None):
     """The ids file of `poison.py --duplicates`: '#' comment lines, then one id a line, most replicated first (a
-    trailing '# ...' note per id is allowed)."""
-    lines = [f"# {c}" for c in comments]
+    trailing '# ...' note per id is allowed). `training_set` (the "training_set" fingerprint of poison.py's training
+    manifest) becomes the header line '# training set: ...', which poison.py checks against the set it poisons."""
+    lines = [f"# {IDS_TRAINING_SET} {training_set}"] if training_set else []
+    lines += [f"# {c}" for c in comments]
     for n, i in enumerate(ids):
         lines.append(f"{int(i)}" + (f"  # {notes[n]}" if notes else ""))
     Path(path).write_text("\n".join(lines) + "\n")
@@ -860,7 +863,7 @@ def replicate(out, train, gen=None, duplicates_gen=None, duplicates_train=None, 
                   [f"replicate.py: training ids of {train}, most replicated first (rank by {rank_by})",
                    f"features: {extractor.label}; threshold {thr:.5f} ({thr_source})",
                    "read by: poison.py --select duplicates --duplicates THIS_FILE (target-class ids are skipped)"],
-                  notes)
+                  notes, training_set=train_ds.manifest.get("training_set"))
 
         if runs:
             plot_fig5(runs, thr, extractor.label, tmp / "fig5_scatter.png")
@@ -897,7 +900,7 @@ def replicate(out, train, gen=None, duplicates_gen=None, duplicates_train=None, 
                       "background": replication_stats(nn_sim.numpy(), thr)},
             "runs": runs,
             "duplicates_file": {"path": "duplicates.txt", "rank_by": rank_by, "rule": rule, "top": top,
-                                "n_ids": len(dup_ids),
+                                "n_ids": len(dup_ids), "training_set": train_ds.manifest.get("training_set"),
                                 "ranked": [ranking_entry(b, ids) for b in ranked[:1000]]},
             "table_a5": table,
             "feature_sources": sources,

@@ -124,6 +124,52 @@ def test_select_duplicates_first_then_random(tmp_path):
         P.select_poison(labels, 0, 0.05, select="duplicates", duplicates=f)
 
 
+def test_rounding_differs_from_reference_truncation_by_one_at_most():
+    """Documented, not changed: halves up here, int(p * N) in the reference code (ImageNette, 1%: 95 vs 94)."""
+    assert P.n_to_poison(0.01, 9469) == 95 and int(0.01 * 9469) == 94
+    for n in range(1, 400):
+        for ratio in (0.01, 0.05, 0.1, 0.25):
+            assert 0 <= P.n_to_poison(ratio, n) - int(ratio * n) <= 1
+
+
+def test_duplicates_file_tied_to_its_training_set(tmp_path, capsys):
+    kw = dict(dataset="digits", resolution=16, ratio=0.05, select="duplicates", quiet=True)
+    src = P.load_source("digits", "train", resolution=16)
+    fingerprint = P.training_fingerprint(src)
+    assert fingerprint == P.training_fingerprint(P.load_source("digits", "train", resolution=32))
+    other = P.training_fingerprint(P.load_source("digits", "train", resolution=16, split_seed=1))
+    assert other != fingerprint and other.split()[:2] == fingerprint.split()[:2]  # same size, other images
+    listed = [i for i in range(40) if src.labels[i] != 0][:10]
+    body = "".join(f"{i}\n" for i in listed)
+    f = tmp_path / "dups.txt"
+    f.write_text(f"# {P.IDS_TRAINING_SET} {other}\n{body}")
+    out = tmp_path / "out"
+    with pytest.raises(PoisonError, match=r"indexes another training set .* --split-seed"):
+        P.poison(out, duplicates=f, **kw)
+    assert not out.exists()
+    f.write_text(f"# {P.IDS_TRAINING_SET} {fingerprint}\n{body}")
+    P.poison(out, duplicates=f, **kw)
+    manifest = P.read_manifest(out / "train")
+    n = manifest["counts"]["poisoned"]
+    assert manifest["training_set"] == fingerprint and set(listed) <= set(manifest["poisoned_ids"])
+    assert manifest["selection"] == {"from_duplicates_file": 10, "random_fill": n - 10}
+    assert "warning" not in capsys.readouterr().err
+    f.write_text(body)  # no header (older or hand-written): accepted, with a warning
+    P.poison(tmp_path / "out2", duplicates=f, **kw)
+    assert "does not record the training set" in capsys.readouterr().err
+    assert P.read_manifest(tmp_path / "out2" / "train")["poisoned_ids"] == manifest["poisoned_ids"]
+
+
+def test_numeric_class_names_target_by_name_first():
+    names = ["10", "2", "0"]  # folder classes sorted as strings
+    assert P.resolve_target("2", names) == 1 and P.resolve_target("0", names) == 2 and P.resolve_target(10, names) == 0
+    assert P.resolve_target("1", names) == 1  # no class named 1: an index
+    assert P.resolve_target("Garbage Truck", list(P.IMAGENETTE_WNIDS.values())) == 6
+    assert P.resolve_target("6", list(P.IMAGENETTE_WNIDS.values())) == 6
+    with pytest.raises(PoisonError, match="unknown --target '3'"):
+        P.resolve_target("3", names)
+
+
 def test_badnets_patterns_match_reference_formulas():
     mask, pattern = P.badnets_pattern(32)
     assert mask.sum() == 9 and mask[0, -3:, -3:].eq(1).all()
@@ -212,6 +258,12 @@ def test_relabel_and_clean_label_attacks(tmp_path):
     assert (orig[poisoned] == 3).all() and np.array_equal(labels, orig)
     assert np.array_equal(images[poisoned], P.make_trigger("badnets", 16).apply_uint8(src.array[poisoned]))
     assert manifest["p_t"] == pytest.approx(poisoned.sum() / (orig == 3).sum())
+    assert "no adversarial" in manifest["attack_description"] and "target-class" in manifest["attack_description"]
+    import argparse
+    parser = argparse.ArgumentParser()
+    P.add_poison_arguments(parser)
+    assert "no adversarial perturbation" in " ".join(parser.format_help().split())
+    assert "PGD" in P.__doc__ and "simplified label-consistent" in P.__doc__
 
 
 # --- dataset sources through small files in their on-disk formats ------------------------------------------------
@@ -304,6 +356,19 @@ def test_imagenette_layout_and_names(tmp_path):
     assert any(r["text"] == "A photo of a garbage truck" for r in records)
     # > 32 px: the reference's larger BadNets patch (side R // 10) is used
     assert P.load_trigger(out / "train").mask.sum() == (40 // 10) ** 2
+
+
+def test_imagenette_refuses_to_upsample(tmp_path):
+    for k, wnid in enumerate(sorted(P.IMAGENETTE_WNIDS)):
+        write_jpegs(tmp_path / "imagenette2-160" / "train" / wnid, 1, k)
+    with pytest.raises(PoisonError, match=r"above the 160 px .* full-size imagenette2.tgz .* --resolution 160 or less"):
+        P.load_source("imagenette", "train", data_root=tmp_path, resolution=256)
+    assert P.load_source("imagenette", "train", data_root=tmp_path, resolution=160).paths[0].parts[-4] == \
+        "imagenette2-160"
+    for k, wnid in enumerate(sorted(P.IMAGENETTE_WNIDS)):
+        write_jpegs(tmp_path / "imagenette2" / "train" / wnid, 1, k)
+    assert P.load_source("imagenette", "train", data_root=tmp_path, resolution=256).paths[0].parts[-4] == \
+        "imagenette2"
 
 
 def test_caltech15_picks_largest_categories(tmp_path):
@@ -400,6 +465,23 @@ def test_existing_out_needs_force(tmp_path):
     r = run_cli("--resolution", "16", "--ratio", "0.1", "--out", out, "--force")
     assert r.returncode == 0 and P.read_manifest(out / "train")["options"]["ratio"] == 0.1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_force_puts_old_output_back_when_the_rename_fails(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    with P.atomic_output(out) as tmp:
+        (tmp / "x").write_text("old")
+    rename = Path.rename
+
+    def failing(self, target):
+        if self.name.startswith(".out.tmp-"):
+            raise OSError("disk gone")
+        return rename(self, target)
+    monkeypatch.setattr(Path, "rename", failing)
+    with pytest.raises(OSError, match="disk gone"):
+        with P.atomic_output(out, force=True) as tmp:
+            (tmp / "x").write_text("new")
+    assert (out / "x").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_options_differences_name_what_changed(digits10):

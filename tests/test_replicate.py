@@ -133,6 +133,29 @@ def test_ids_file_roundtrips_into_poison(data, tmp_path):
     assert sorted(few.tolist()) == sorted(listed[:5])
 
 
+def test_ids_file_names_its_training_set(tmp_path, capsys):
+    """An ids file made from a poison.py training set records it; poison.py refuses the file for another split."""
+    kw = dict(dataset="digits", resolution=16, ratio=0.05, quiet=True)
+    P.poison(tmp_path / "random", **kw)
+    out = tmp_path / "rep"
+    R.replicate(out, tmp_path / "random" / "train", features="pixels", top=8, device="cpu", quiet=True,
+                progress=False)
+    fingerprint = P.read_manifest(tmp_path / "random" / "train")["training_set"]
+    assert (out / "duplicates.txt").read_text().splitlines()[0] == f"# {P.IDS_TRAINING_SET} {fingerprint}"
+    assert json.loads((out / "replication.json").read_text())["duplicates_file"]["training_set"] == fingerprint
+    ids = P.read_ids(out / "duplicates.txt", fingerprint)
+    P.poison(tmp_path / "dup", select="duplicates", duplicates=out / "duplicates.txt", **kw)
+    manifest = P.read_manifest(tmp_path / "dup" / "train")
+    listed = [i for i in ids if manifest["target"]["index"] != P.load_source("digits", "train").labels[i]]
+    assert manifest["selection"]["from_duplicates_file"] == len(listed) and set(listed) <= set(manifest["poisoned_ids"])
+    assert "warning" not in capsys.readouterr().err
+    with pytest.raises(PoisonError, match="indexes another training set"):
+        P.poison(tmp_path / "other", select="duplicates", duplicates=out / "duplicates.txt", split_seed=3, **kw)
+    R.write_ids(tmp_path / "plain.txt", [1, 2], ["no training set"])  # a folder without the fingerprint
+    assert P.read_ids(tmp_path / "plain.txt", fingerprint) == [1, 2]
+    assert "does not record the training set" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("k,batch", [(1, 5), (3, 7), (4, 1000)])
 def test_batched_search_equals_brute_force(k, batch):
     g = torch.Generator().manual_seed(k)
