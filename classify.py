@@ -63,6 +63,7 @@ import re
 import sys
 import time
 from contextlib import nullcontext
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,6 +98,7 @@ DROPPED_KEYS = {
 DENSENET_OLD_KEY = re.compile(
     r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
 TRIGGER_CLASSES = ["clean", "trigger"]
+BLEND_ALPHA_RANGE = (0.05, 0.25)  # the reference code stamps blends for its trigger detector with alpha ~ U(lo, hi)
 
 
 class ClassifyError(PoisonError):
@@ -314,14 +316,16 @@ def load_classifier(folder, device="cpu"):
 
 class ImageSet(torch.utils.data.Dataset):
     """Items (uint8 (3, H, W), label) for `indices` of a FolderDataset, labels `labels`, the trigger stamped on the
-    images where `stamp` is true. Held in memory when small (up to IN_MEMORY_BYTES), read from disk otherwise."""
+    images where `stamp` is true (a blend with its own `alphas[j]` where given). Held in memory when small (up to
+    IN_MEMORY_BYTES), read from disk otherwise."""
 
-    def __init__(self, folder, indices=None, labels=None, stamp=None, trigger=None, in_memory=None, progress=False):
+    def __init__(self, folder, indices=None, labels=None, stamp=None, trigger=None, in_memory=None, progress=False,
+                 alphas=None):
         self.folder = folder
         self.indices = torch.arange(len(folder)) if indices is None else torch.as_tensor(indices, dtype=torch.long)
         self.labels = folder.labels[self.indices] if labels is None else torch.as_tensor(labels, dtype=torch.long)
         self.stamp = torch.zeros(len(self.indices), dtype=torch.bool) if stamp is None else torch.as_tensor(stamp)
-        self.trigger = trigger
+        self.trigger, self.alphas = trigger, alphas
         if self.stamp.any() and trigger is None:
             raise ClassifyError("images to stamp but no trigger given")
         self.size = tuple(folder.image_uint8(int(self.indices[0])).shape[-2:]) if len(self.indices) else None
@@ -341,7 +345,10 @@ class ImageSet(torch.utils.data.Dataset):
             x = F.interpolate(x[None].float(), size=self.size, mode="bilinear", antialias=True,
                               align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)
         if self.stamp[j]:
-            x = self.trigger.apply(x[None].double() / 255.0).mul(255.0).round().clamp(0, 255).to(torch.uint8)[0]
+            trigger = self.trigger
+            if self.alphas is not None:  # the blend's mask is alpha everywhere: scale it to this image's alpha
+                trigger = dataclasses.replace(trigger, mask=trigger.mask * (float(self.alphas[j]) / trigger.mask.max()))
+            x = trigger.apply(x[None].double() / 255.0).mul(255.0).round().clamp(0, 255).to(torch.uint8)[0]
         return x
 
     def __getitem__(self, j):
@@ -688,12 +695,14 @@ def trigger_split(folder, target, fraction, seed):
 
 def train_trigger_detector(data, out, test=None, arch="resnet50", fraction=0.5, holdout=0.1, pretrained=False,
                            weights=None, input_size=None, width=16, normalize="auto", device="auto", force=False,
-                           progress=True, command=None, **opts):
+                           progress=True, command=None, blend_alpha=BLEND_ALPHA_RANGE, **opts):
     """The paper's trigger detector: a binary classifier (clean / trigger) trained on the training images of the
     poisoned set `data` (its root or train folder), `fraction` of the non-target ones carrying its trigger (the
     poisoned images count among them; seeded others are stamped to reach the fraction).
     Held-out accuracy on the clean test folder stamped the same way (the root's test/, or `test`), else on a
-    `holdout` share of the training images. Writes the detector folder `out`; returns results."""
+    `holdout` share of the training images. A blend trigger is stamped with an alpha drawn per image from
+    `blend_alpha` (lo, hi) as the reference code does (U(0.05, 0.25)), so that fainter blends count too; None stamps
+    the set's own alpha. Writes the detector folder `out`; returns results."""
     opts = {**DEFAULT_OPTS, **opts}
     if Path(out).exists() and not force:
         raise ClassifyError(f"{out} exists: pass --force to overwrite it, or choose another --out")
@@ -713,21 +722,35 @@ def train_trigger_detector(data, out, test=None, arch="resnet50", fraction=0.5, 
     if target is None:
         raise ClassifyError(f"{data}/manifest.json names no target class: give the train folder of a poisoned set")
     labels, stamp = trigger_split(folder, target, fraction, opts["seed"])
+    if blend_alpha is not None and not 0 < blend_alpha[0] <= blend_alpha[1] <= 1:
+        raise ClassifyError(f"--blend-alpha-range {blend_alpha[0]:g},{blend_alpha[1]:g}: give 0 < lo <= hi <= 1, "
+                            "e.g. 0.05,0.25 (the reference's), or none for the set's own alpha")
+    if trigger.kind != "blend":
+        blend_alpha = None
+
+    def alphas(n, seed):  # one alpha an image (used where it is stamped)
+        return (None if blend_alpha is None else
+                torch.from_numpy(np.random.default_rng(seed).uniform(blend_alpha[0], blend_alpha[1], n)))
+    train_alphas = alphas(len(folder), opts["seed"] + 2)
     train_idx = torch.arange(len(folder))
     if test is not None:
         test_folder = load_folder(test)
         t_labels, t_stamp = trigger_split(test_folder, resolve_name(target_of(folder), test_folder.class_names),
                                           fraction, opts["seed"] + 1)
-        heldout = ImageSet(test_folder, None, t_labels, t_stamp, trigger) if rank == 0 else None
+        heldout = (ImageSet(test_folder, None, t_labels, t_stamp, trigger, alphas=alphas(len(test_folder),
+                                                                                        opts["seed"] + 3))
+                   if rank == 0 else None)
         heldout_desc = f"{test} ({fraction:.0%} of its non-target images stamped)"
     else:
         perm = torch.from_numpy(np.random.default_rng(opts["seed"] + 1).permutation(len(folder)))
         n_hold = max(1, int(round(holdout * len(folder))))
         hold_idx, train_idx = perm[:n_hold].sort().values, perm[n_hold:].sort().values
-        heldout = ImageSet(folder, hold_idx, labels[hold_idx], stamp[hold_idx], trigger) if rank == 0 else None
+        heldout = (ImageSet(folder, hold_idx, labels[hold_idx], stamp[hold_idx], trigger,
+                            alphas=None if train_alphas is None else train_alphas[hold_idx]) if rank == 0 else None)
         heldout_desc = f"{holdout:.0%} of {data} held out"
     train_set = ImageSet(folder, train_idx, labels[train_idx], stamp[train_idx], trigger,
-                         progress=progress and rank == 0)
+                         progress=progress and rank == 0,
+                         alphas=None if train_alphas is None else train_alphas[train_idx])
     model, fields = make_model(arch, 2, train_set.size[0], pretrained, weights, input_size, width, normalize,
                                progress, opts["seed"])
 
@@ -743,7 +766,8 @@ def train_trigger_detector(data, out, test=None, arch="resnet50", fraction=0.5, 
                     "trigger": trigger.params,
                     "data": {"train": str(data), "n_train": len(train_set),
                              "n_with_trigger": int(labels[train_idx].sum()),
-                             "fraction_of_nontarget_with_trigger": fraction, "heldout": heldout_desc},
+                             "fraction_of_nontarget_with_trigger": fraction, "heldout": heldout_desc,
+                             "blend_alpha_range": list(blend_alpha) if blend_alpha is not None else None},
                     "command": command or "train_trigger_detector()"}
     result = train_common(model, fields, train_set, evaluate_epoch, ["heldout_acc", "heldout_tpr", "heldout_tnr"],
                           out, config_extra, opts, dev, rank, world, force, progress)
@@ -1275,7 +1299,18 @@ def main(args):
         train_classifier(args.data, args.out, args.test, args.backdoor, clean=args.clean, **common, **opts)
     else:
         train_trigger_detector(args.data, args.out, args.test, fraction=args.fraction, holdout=args.holdout,
-                               **common, **opts)
+                               blend_alpha=args.blend_alpha_range, **common, **opts)
+
+
+def alpha_range(text):
+    """--blend-alpha-range: 'lo,hi' or 'none'."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give LO,HI (e.g. 0.05,0.25) or none") from None
+    return lo, hi
 
 
 def add_training_arguments(p, arch_default):
@@ -1329,6 +1364,9 @@ def build_parser():
     p.add_argument("--test", default=None, help="clean folder to hold out (default: the poisoned set's test/)")
     p.add_argument("--fraction", type=float, default=0.5, help="share of the non-target images with the trigger")
     p.add_argument("--holdout", type=float, default=0.1, help="share of training images held out when no test folder")
+    p.add_argument("--blend-alpha-range", type=alpha_range, default=BLEND_ALPHA_RANGE, metavar="LO,HI",
+                   help="blend triggers: stamp each image with an alpha drawn from U(LO, HI), as the reference code "
+                        "(0.05,0.25); none: the set's own alpha")
     p = sub.add_parser("eval", help="TA / ASR of a classifier folder",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--classifier", required=True, help="a classifier folder")

@@ -297,13 +297,17 @@ def run_study(args):
     # 2. The two judges of the generations, trained on the unpoisoned set as in the paper's code (so every ratio,
     #    and every study on the same split, is judged alike): the class classifier, and the trigger detector on
     #    trigger-stamped vs clean images, half of them noised in training so that the noise of failed generations
-    #    does not pass for a trigger (without it, 2-4% of the non-target prompts' generations did, by seed).
+    #    does not pass for a trigger (without it, 2-4% of the non-target prompts' generations did, by seed). A blend
+    #    is stamped at its own alpha for the DDPM family: the reference's alpha ~ U(0.05, 0.25) (classify.py's
+    #    default, kept for SD) taught the digits study's detector to call 45-47% of the 1% and 5% models' non-target
+    #    generations triggered, and 17% of the 10% model's (none copying the pattern).
     common = [*s["classifier"], "--seed", args.seed, *device, "--quiet"]
+    faint = ["--blend-alpha-range", "none"] if s["family"] == "ddpm" else []
     run.run_many("judges", [
         ("classifier class", "classify.py", ["train", "--clean", "--data", clean, "--out", clf / "class", *common],
          lambda: folder_done(clf / "class", "results.json"), True),
         ("classifier trigger", "classify.py", ["trigger-detector", "--data", clean, "--out", clf / "trigger",
-                                               *common, "--augment", "crop-noise"],
+                                               *common, "--augment", "crop-noise", *faint],
          lambda: folder_done(clf / "trigger", "results.json"), True)])
 
     # 3. One diffusion model per ratio (a rerun resumes from its last checkpoint): a DDPM trained from scratch, or

@@ -167,6 +167,34 @@ def test_trigger_split_stamps_half_of_the_non_target_images(digits):
     assert torch.equal(labels.bool(), stamp | folder.poisoned)
 
 
+def test_blend_detector_stamps_alphas_drawn_as_the_reference(tmp_path):
+    """For a blend trigger the detector's images carry alpha ~ U(0.05, 0.25), one alpha an image (the reference code's
+    set_random_a); `none` keeps the set's own 0.2; the range is recorded."""
+    data = tmp_path / "blend"
+    poison(data, dataset="digits", resolution=SIDE, ratio=0.1, trigger="blend", force=True, quiet=True, workers=2)
+    folder = classify.load_folder(data / "train")
+    trig = classify.load_trigger(data / "train")
+    idx = torch.nonzero(~folder.poisoned).flatten()[:40]
+    alphas = torch.linspace(0.05, 0.25, len(idx), dtype=torch.float64)
+    stamped = classify.ImageSet(folder, idx, stamp=torch.ones(len(idx), dtype=torch.bool), trigger=trig,
+                                alphas=alphas)
+    clean = classify.ImageSet(folder, idx)
+    for j in (0, len(idx) // 2, len(idx) - 1):
+        x = clean[j][0].double() / 255
+        want = x * (1 - alphas[j]) + trig.pattern.double() * alphas[j]
+        assert (stamped[j][0].double() / 255 - want).abs().max() <= 0.5 / 255 + 1e-9
+    for blend_alpha, recorded in (((0.05, 0.25), [0.05, 0.25]), (None, None)):
+        out = tmp_path / f"det-{recorded}"
+        classify.train_trigger_detector(data, out, arch="smallcnn", width=8, epochs=1, progress=False,
+                                        blend_alpha=blend_alpha)
+        assert json.loads((out / "config.json").read_text())["data"]["blend_alpha_range"] == recorded
+    args = classify.build_parser().parse_args(["trigger-detector", "--data", "d", "--out", "o"])
+    assert args.blend_alpha_range == (0.05, 0.25)
+    with pytest.raises(ClassifyError, match="--blend-alpha-range 0.3,0.1"):
+        classify.train_trigger_detector(data, tmp_path / "x", arch="smallcnn", blend_alpha=(0.3, 0.1),
+                                        progress=False)
+
+
 def test_cli_eval_and_one_line_errors(colors, tmp_path, capsys):
     classify.train_classifier(colors / "train", tmp_path / "clf", arch="smallcnn", width=8, epochs=1, progress=False)
     args = classify.build_parser().parse_args(["eval", "--classifier", str(tmp_path / "clf"), "--data",
