@@ -270,8 +270,9 @@ def dissect_folder(generated, classifier, detector, p_t=None, target=None, train
         nt = group_fractions(has_trigger[~is_target], matches[~is_target])
         non_target = {"n": nt["n"], "trigger_ratio": nt["trigger_ratio"], "mismatch_ratio": nt["mismatch_ratio"]}
         if scores is not None:  # the detector's "triggers" there may be noise: how many copy the trigger
-            non_target["copy_ratio"] = trigger_copies(scores[~is_target], has_trigger[~is_target], field,
-                                                      threshold)["ratio"]
+            cp = trigger_copies(scores[~is_target], has_trigger[~is_target], field, threshold)
+            non_target.update(copy_ratio=cp["ratio"], triggered=cp["triggered"],
+                              copies_of_triggered=cp["copies_of_triggered"])
     setting = {k: find_setting(manifest, names) for k, names in SETTING_KEYS.items()}
     if train_manifest is not None:  # what the generations' manifest lacks (e.g. poison random vs duplicates)
         for k in ("poison_ratio", "select", "attack", "trigger"):

@@ -423,8 +423,14 @@ def collect(out, ratios, guidance, failed):
              "n": d["target_prompt"]["n"],
              "non_target_trigger_ratio": (d["non_target_prompts"] or {}).get("trigger_ratio"),
              "non_target_copy_ratio": (d["non_target_prompts"] or {}).get("copy_ratio"),
+             "non_target_triggered": (d["non_target_prompts"] or {}).get("triggered"),
+             "non_target_copies_of_triggered": (d["non_target_prompts"] or {}).get("copies_of_triggered"),
              "trigger_copies": d["target_prompt"].get("trigger_copies")}
             for r, d in zip(ratios, summary["results"])]
+        found = [x["setting"].get("poison_ratio") for x in summary["results"]]
+        if [None if v is None else float(v) for v in found] != [float(r) for r in ratios]:
+            raise StudyError(f"{out / 'dissect' / f'w{g:g}' / 'summary.json'} holds the ratios {found}, not "
+                             f"{ratios}: delete that folder and rerun the study to redo it")
     for r in ratios:
         path = out / "detect" / ratio_name(r) / "detect.json"
         if path.is_file():
@@ -532,6 +538,7 @@ def weakened_backdoor(classifiers, ratios):
         return "; ".join(parts), "undetermined"
     n = c.get("n_backdoor")
     if not n:  # results written before the test sets' sizes were kept
+        parts.append("point values: the number of backdoor test images is not recorded")
         return "; ".join(parts), (c.get("asr") if c.get("asr") is not None else 1) < asr[planted[0]]
     lower = clearly_lower(c.get("asr") if c.get("asr") is not None else 1, asr[planted[0]], n)
     parts.append(f"{n} backdoor test images; an ASR counts as lower when the 95% intervals do not overlap"
@@ -559,17 +566,26 @@ def findings(res, ratios, guidance):
     # makes the detector fire on every class; one that leaks the trigger itself is judged right)
     false_positive = {r: dw[r]["non_target_trigger_ratio"] for r in ratios}
     copies = {r: dw[r].get("non_target_copy_ratio") for r in ratios}
+
+    def leak(r):  # at least half of the detector's non-target "triggers" copy the trigger: a real leak
+        x = dw[r]
+        if x.get("non_target_triggered") is not None:
+            return x["non_target_triggered"] > 0 and 2 * x["non_target_copies_of_triggered"] >= x["non_target_triggered"]
+        return copies[r] is not None and copies[r] >= false_positive[r] / 2  # summaries from before those counts
     trusted = [r for r in ratios if false_positive[r] is not None and (
-        false_positive[r] < MAX_FALSE_POSITIVES or (copies[r] is not None and copies[r] >= false_positive[r] / 2))]
+        false_positive[r] < MAX_FALSE_POSITIVES or leak(r))]
     trustworthy = max(ratios) in trusted
-    untrusted = ("; the detector is not believed at " + ", ".join(f"p={ratio_pct(r)}" for r in ratios
-                                                               if r not in trusted)
-                 + f" (it calls {pct(MAX_FALSE_POSITIVES)} or more of the non-target prompts' generations triggered"
-                 + (", and fewer than half of them copy the trigger" if any(c is not None for c in copies.values())
-                    else "") + ")"
-                 if len(trusted) < len(ratios) else "")
+    noisy = [r for r in ratios if r not in trusted and false_positive[r] is not None]
+    unchecked = [r for r in ratios if false_positive[r] is None]
+    untrusted = (("; the detector is not believed at " + ", ".join(f"p={ratio_pct(r)}" for r in noisy)
+                  + f" (it calls {pct(MAX_FALSE_POSITIVES)} or more of the non-target prompts' generations triggered"
+                  + (", and fewer than half of those copy the trigger" if any(c is not None for c in copies.values())
+                     else "") + ")" if noisy else "")
+                 + ("; nor at " + ", ".join(f"p={ratio_pct(r)}" for r in unchecked)
+                    + ", which has no non-target generations to check it on" if unchecked else ""))
     ci = {(g, r): wilson(d[g][r]["trigger_ratio"], d[g][r]["n"]) for g in weights for r in ratios}
-    above = {(g, r): ci[g, r][0] > d[g][r]["p_t"] for g in weights for r in ratios}
+    above = {(g, r): d[g][r]["p_t"] is not None and ci[g, r][0] > d[g][r]["p_t"] for g in weights for r in ratios}
+    no_pt = [r for r in ratios if dw[r]["p_t"] is None]
     top = {g: d[g][max(ratios)] for g in weights}
     ok = {g: above[g, max(ratios)] for g in weights}
     lower = {g: [r for r in trusted if r != max(ratios) and above[g, r]] for g in weights}
@@ -587,16 +603,18 @@ def findings(res, ratios, guidance):
                  + f"; at lower ratios, the 95% CI lies above p_t at {elsewhere or 'none'}"
                  + "; the trigger detector's false positives (non-target prompts): "
                  + ", ".join(f"p={ratio_pct(r)}: {pct(false_positive[r])}" for r in ratios)
-                 + ("" if trustworthy else f" — too many at p={ratio_pct(hi)} to trust its trigger ratios there, so "
-                    "no ✓ counts") + untrusted,
-                 "undetermined" if not trusted else
+                 + ("" if trustworthy else f" — not believed at p={ratio_pct(hi)}, so no ✓ counts") + untrusted
+                 + ("; p_t is unknown at " + ", ".join(f"p={ratio_pct(r)}" for r in no_pt)
+                    + " (no training set's manifest gives it)" if no_pt else ""),
+                 "undetermined" if not trusted or max(ratios) in no_pt else
                  ("partly" if elsewhere else False) if not trustworthy else True if all(ok.values()) else
                  "partly" if any(ok.values()) or elsewhere else False))
     kind = {g: transition(d[g], ratios, trusted) for g in weights}
+    readable = any(sum(g1_share(d[g][r])[1] >= MIN_TRIGGERED for r in trusted) >= 2 for g in weights)
 
     def faint(g):  # a full transition whose low-ratio "triggers" are mostly not copies of the trigger (where counted)
         cp = d[g][kind[g][1]].get("trigger_copies")
-        return bool(cp) and 2 * cp["copies_of_triggered"] < cp["triggered"]
+        return bool(cp) and 2 * cp["copies_of_triggered"] <= cp["triggered"]
     texts = []
     for g in weights:
         parts = []
@@ -616,22 +634,30 @@ def findings(res, ratios, guidance):
                  "(mismatched) at a high one",
                  "; ".join(texts) + f" (G1 vs G2 counts only where at least {MIN_TRIGGERED} generations carry the "
                  "trigger)" + untrusted + ("; a transition needs at least two ratios where the detector is believed"
-                                           if len(trusted) < 2 else ""),
-                 "undetermined" if len(trusted) < 2 else
+                                           if len(trusted) < 2 else
+                                           "; no guidance weight has two such ratios to compare" if not readable
+                                           else ""),
+                 "undetermined" if len(trusted) < 2 or not readable else
                  True if any(kind[g] and kind[g][0] == "full" and not faint(g) for g in weights) else
                  "partly" if any(kind.values()) else False))
     # where the detector fires on them often, copies of the trigger tell a leaked trigger from its errors
     rare = {r: false_positive[r] is not None and false_positive[r] < MAX_FALSE_POSITIVES for r in ratios}
     checked = [r for r in ratios if not rare[r] and copies[r] is not None]
+    leaked = [r for r in checked if copies[r] >= MAX_FALSE_POSITIVES]
+    uncounted = [r for r in noisy if copies[r] is None]  # e.g. WaNet: no copy count tells a leak from errors
     rows.append(("Non-target prompts", "generations for the other classes carry almost no trigger",
                  "trigger ratio " + ", ".join(f"p={ratio_pct(r)}: {pct(false_positive[r])}"
                                               + ("" if copies[r] is None else f" (copies {pct(copies[r])})")
                                               for r in ratios)
                  + (f"; where the detector fires on {pct(MAX_FALSE_POSITIVES)} or more, under "
-                    f"{pct(MAX_FALSE_POSITIVES)} copying the trigger counts partly" if checked else ""),
-                 True if all(rare.values()) else
-                 "partly" if all(rare[r] or (r in checked and copies[r] < MAX_FALSE_POSITIVES) for r in ratios)
-                 else False))
+                    f"{pct(MAX_FALSE_POSITIVES)} copying the trigger counts partly" if checked else "")
+                 + ("; at " + ", ".join(f"p={ratio_pct(r)}" for r in uncounted) + " it fires on "
+                    f"{pct(MAX_FALSE_POSITIVES)} or more and no copy count tells a leak from its errors"
+                    if uncounted else "")
+                 + ("; no non-target generations at " + ", ".join(f"p={ratio_pct(r)}" for r in unchecked)
+                    if unchecked else ""),
+                 False if leaked else "undetermined" if uncounted or unchecked else
+                 True if all(rare.values()) else "partly"))
     # An AUROC over one or two poisoned images says nothing: only ratios whose both sets hold MIN_TRIGGERED count.
     scored = {r: dm for r, dm in res["detect"].items() if "positives" in dm}
     believed = {ratio_name(r) for r in trusted}  # the generations' ground truth is the trigger detector's verdicts
@@ -661,10 +687,12 @@ def findings(res, ratios, guidance):
     plain = diffusion[0.0]
     n = d.get("n_backdoor")
     # the filter that lowers the ASR most among those that keep the clean accuracy (dropping losses costs some)
-    best = min((r for r in diffusion.values() if r["ta"] >= plain["ta"] - MAX_TA_DROP), key=lambda r: r["asr"])
+    kept = [r for f, r in diffusion.items() if f > 0 and r["ta"] >= plain["ta"] - MAX_TA_DROP]
+    best = min(kept, key=lambda r: r["asr"]) if kept else None
     unreadable = ("; the classifier is not backdoored at this ratio, so there is no backdoor for the diffusion "
                   "classifier to resist better" if base["asr"] < BACKDOORED else
-                  "; the number of backdoor test images is not recorded, so no difference can be weighed" if not n else
+                  "; the number of backdoor test images is not recorded (or is 0), so no difference can be weighed"
+                  if not n else
                   f"; the diffusion classifier reaches only TA {pct(plain['ta'])}, too little to read its ASR"
                   if plain["ta"] < USEFUL_TA else "")
     rows.append(("Diffusion classifier (Tab. A4)",
@@ -673,15 +701,19 @@ def findings(res, ratios, guidance):
                  f"at p={ratio_pct(d['ratio'])}"
                  + ("" if float(d["ratio"]) == min(ratios) else " (the lowest ratio whose classifier trained on "
                     "the poisoned set is backdoored)")
-                 + f": ASR {pct(base['asr'])} (classifier) vs "
-                 f"{pct(plain['asr'])} (diffusion, no filter), {pct(best['asr'])} (filter "
-                 f"{best['filter_top']:g}%, the lowest ASR of the filters that keep the TA within "
-                 f"{100 * MAX_TA_DROP:g} points); TA {pct(base['ta'])}, {pct(plain['ta'])}, {pct(best['ta'])}; "
-                 f"an ASR counts as lower when the 95% intervals (n={n}) do not overlap, a conservative test"
+                 + f": ASR {pct(base['asr'])} (classifier) vs {pct(plain['asr'])} (diffusion, no filter)"
+                 + (f", {pct(best['asr'])} (filter {best['filter_top']:g}%, the lowest ASR of the filters that keep "
+                    f"the TA within {100 * MAX_TA_DROP:g} points); TA {pct(base['ta'])}, {pct(plain['ta'])}, "
+                    f"{pct(best['ta'])}" if best else
+                    f"; no filter keeps the TA within {100 * MAX_TA_DROP:g} points; TA {pct(base['ta'])}, "
+                    f"{pct(plain['ta'])}")
+                 + f"; an ASR counts as lower when the 95% intervals (n={n}) do not overlap, a conservative test"
                  + unreadable,
                  "undetermined" if unreadable else
-                 True if clearly_lower(plain["asr"], base["asr"], n) and best["asr"] <= plain["asr"]
-                 else "partly" if clearly_lower(best["asr"], base["asr"], n) else False))
+                 True if clearly_lower(plain["asr"], base["asr"], n) and best and clearly_lower(best["asr"],
+                                                                                               plain["asr"], n)
+                 else "partly" if clearly_lower(plain["asr"], base["asr"], n) or (
+                     best and clearly_lower(best["asr"], base["asr"], n)) else False))
     return rows
 
 

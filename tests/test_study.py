@@ -259,10 +259,10 @@ def test_tab4_compares_where_the_poisoned_set_plants_a_backdoor():
     assert S.backdoored_ratios(cl((0.028, 0.0), (1.0, 0.0), (1.0, 0.3)), ratios) == [0.05, 0.1]
     assert S.backdoored_ratios(cl((0.0, 0.0), (None, 0.0), (0.49, 0.3)), ratios) == []
     text, ok = S.weakened_backdoor(cl((0.93, 0.0), (1.0, 0.06), (1.0, 0.3)), ratios)
-    assert ok and text == "at p=1%: ASR 0.0% vs 93.0%"
+    assert ok and text == "at p=1%: ASR 0.0% vs 93.0%; point values: the number of backdoor test images is not recorded"
     text, ok = S.weakened_backdoor(cl((0.028, 0.003), (1.0, 0.03), (1.0, 0.3)), ratios)
     assert ok and text.startswith("at p=1% the classifier trained on the poisoned set is not backdoored (ASR 2.8%)")
-    assert text.endswith("at p=5%: ASR 3.0% vs 100.0%")
+    assert "at p=5%: ASR 3.0% vs 100.0%" in text
     assert S.weakened_backdoor(cl((0.02, 0.0), (0.9, 0.95), (1.0, 0.3)), ratios)[1] is False   # not weakened
     text, ok = S.weakened_backdoor(cl((0.02, 0.0), (0.1, 0.0), (0.3, 0.0)), ratios)
     assert ok == "undetermined" and text.count("not backdoored") == 3   # no backdoor to weaken
@@ -325,13 +325,60 @@ def test_verdicts_need_readable_numbers(quick):
     low["non_target_trigger_ratio"] = 0.0
     top.update(non_target_trigger_ratio=0.06, non_target_copy_ratio=0.0, trigger_ratio=0.9, n=100, p_t=0.5)
     _, _, text, ok = finding(res, "Trigger amplification")
-    assert ok is False and "to trust its trigger ratios" in text and f"w={g['guided']:g}: 90.0%" in text
+    assert ok is False and "not believed at p=" in text and f"w={g['guided']:g}: 90.0%" in text
     assert "✓" in text
     low["non_target_trigger_ratio"] = 0.2   # believed nowhere: nothing to read
     assert finding(res, "Trigger amplification")[3] == "undetermined"
-    top["non_target_copy_ratio"] = 0.05     # most of the top model's non-target "triggers" are copies: a real leak
+    top.update(non_target_copy_ratio=0.05, non_target_triggered=6, non_target_copies_of_triggered=5)  # a real leak
     assert finding(res, "Trigger amplification")[3] is True
     assert finding(res, "Non-target prompts")[3] is False
+
+
+def test_unreadable_numbers_are_undetermined_not_wrong(quick):
+    """Edge cases from a review: filters that raise the diffusion classifier's ASR do not make it "lower still"; a
+    phase transition with no weight that has two counted ratios, a p_t nobody recorded, or no non-target generations
+    leave their findings undetermined; the detector's non-target "triggers" count as a leak only when at least half
+    of them (not of all generations) copy the trigger."""
+    import copy
+    import study as S
+    out, _ = quick
+    report = json.loads((out / "report.json").read_text())
+    ratios = [0.01, 0.1]
+    g = report["guidance"]
+    guidance = (g["guided"], g["unguided"], g["symbol"], g["sweep"])
+
+    def finding(res, name):
+        return next(f for f in S.findings(res, ratios, guidance) if f[0].startswith(name))
+
+    res = copy.deepcopy(report)
+    res["diffusion_classifier"]["n_backdoor"] = 100
+    res["diffusion_classifier"]["rows"] = [
+        {"classifier": "smallcnn", "kind": "classifier", "filter_top": None, "ta": 0.98, "asr": 1.0},
+        *({"classifier": "diffusion", "kind": "diffusion", "filter_top": f, "ta": 0.98, "asr": asr}
+          for f, asr in ((0.0, 0.1), (1.0, 0.4), (5.0, 0.4), (10.0, 0.4)))]
+    _, _, text, ok = finding(res, "Diffusion classifier")
+    assert ok == "partly" and "40.0% (filter 1%" in text      # lower than the classifier, but not lower still
+    res = copy.deepcopy(report)
+    for rows in res["dissect"].values():
+        for r, k in zip(rows, (0, 30)):                          # triggers at the top ratio only: nothing to compare
+            r.update(fractions={"G1": k / 200, "G2": k / 200, "G3": 0.0, "G4": 1 - k / 100}, n=100,
+                     trigger_ratio=k / 100, p_t=0.1, non_target_trigger_ratio=0.0)
+    _, _, text, ok = finding(res, "Phase transition")
+    assert ok == "undetermined" and "no guidance weight has two such ratios" in text
+    for rows in res["dissect"].values():
+        rows[-1]["p_t"] = None
+    _, _, text, ok = finding(res, "Trigger amplification")
+    assert ok == "undetermined" and "p_t is unknown at p=10%" in text
+    guided = res["dissect"][f"w{g['guided']:g}"]
+    guided[0]["non_target_trigger_ratio"] = None
+    _, _, text, ok = finding(res, "Non-target prompts")
+    assert ok == "undetermined" and "no non-target generations at p=1%" in text
+    # 10% "triggers" among the non-target generations, 5% of all of them copies, but none of the triggered ones
+    guided[0].update(non_target_trigger_ratio=0.1, non_target_copy_ratio=0.05, non_target_triggered=90,
+                     non_target_copies_of_triggered=0)
+    assert "the detector is not believed at p=1%" in finding(res, "Trigger amplification")[2]
+    guided[0]["non_target_copies_of_triggered"] = 45              # half of them copy it: a real leak, believed
+    assert "not believed at p=1%" not in finding(res, "Trigger amplification")[2]
 
 
 def test_a_tolerated_failure_is_kept_on_resume(tmp_path):
