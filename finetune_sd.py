@@ -10,16 +10,25 @@ CLIPTokenizer. GroupNorm(+SiLU) and attention go through kernels/ (Triton on CUD
     torchrun --nproc_per_node 4 finetune_sd.py --ratio 0.1
     # Caltech-15, blend trigger, 5%; one GPU with gradient accumulation to the same 16 images a step
     python finetune_sd.py --dataset caltech15 --trigger blend --ratio 0.05 --batch-size 4 --grad-accum 4
-    # an existing dataset folder, from the original EMA checkpoint (as the paper) with its tokenizer copied locally
+    # an existing dataset folder, from the original checkpoint as the paper (it trains the non-EMA U-Net and continues
+    # the checkpoint's EMA; --use-ema would train the EMA weights instead), with its tokenizer copied locally
     torchrun --nproc_per_node 4 finetune_sd.py --data data/imagenette-badnets-0.1/train \\
-        --base sd-v1-4-full-ema.ckpt --use-ema --tokenizer clip-vit-large-patch14/ --out runs/sd-inette-0.1
+        --base sd-v1-4-full-ema.ckpt --tokenizer clip-vit-large-patch14/ --out runs/sd-inette-0.1
     # the same command again resumes from the last saved state; --force starts over
     python finetune_sd.py --help
 
 The base model (--base) is a Hugging Face Hub id (default CompVis/stable-diffusion-v1-4; only the needed files are
 fetched, safetensors preferred), a local folder in the diffusers layout (unet/ vae/ text_encoder/ tokenizer/
 scheduler/), or one original single-file checkpoint (.safetensors, or .ckpt read with weights_only=True) in the
-CompVis key layout, whose module configuration comes from --config (default: SD v1.4's numbers).
+CompVis key layout, whose module configuration comes from --config (default: SD v1.4's numbers). The Hub default's
+unet/ holds the EMA export, so training from it starts from the EMA weights; give the single file
+sd-v1-4-full-ema.ckpt for the paper's exact start.
+
+Like the paper's code (CompVis' main.py --finetune_from, LitEma), a single-file base holding model_ema.* trains its
+non-EMA U-Net (model.diffusion_model.*) and starts the EMA from model_ema.*, continuing its num_updates warm-up count;
+otherwise the EMA starts as a copy of the starting U-Net (config.json's "ema_start" says which). One deviation from
+the paper, for speed: on CUDA the U-Net runs under bf16 autocast (weights stay fp32; --dtype fp32 for the paper's
+exact arithmetic).
 
 OUT (default runs/sd-<dataset name>) receives: config.json ("family": "sd", the base model, the training data's
 classes / target / p_t / poison ratio, the options), unet/ and unet_ema/ in the diffusers layout (config.json +
@@ -161,7 +170,8 @@ def unet_layout(config):
 def vae_layout(config):
     c = _resolve_config(config, VAE_DEFAULTS, VAE_FIXED, "VAE")
     n = len(c["block_out_channels"])
-    if c["down_block_types"] != ["DownEncoderBlock2D"] * n or c["up_block_types"] != ["UpDecoderBlock2D"] * n:
+    if list(c["down_block_types"]) != ["DownEncoderBlock2D"] * n or \
+            list(c["up_block_types"]) != ["UpDecoderBlock2D"] * n:  # a JSON list or a Python tuple alike
         raise SDError("VAE config: SD's AutoencoderKL has one DownEncoderBlock2D and one UpDecoderBlock2D a level")
     return c
 
@@ -924,6 +934,8 @@ class StableDiffusion:
     schedule: NoiseSchedule
     base: dict                     # how to load the same base again: source, config, tokenizer, use_ema
     notes: list = field(default_factory=list)   # what the loader skipped or assumed, to print
+    unet_ema: UNet = None          # load_sd(keep_ema=True) of a single file with model_ema.*: its EMA U-Net,
+    ema_num_updates: int = None    # and LitEma's count model_ema.num_updates (None where the file has none)
 
     @property
     def vae_scale(self):
@@ -1150,10 +1162,11 @@ def text_config_from_weights(state):
             "bos_token_id": emb.shape[0] - 2, "eos_token_id": emb.shape[0] - 1}  # CLIP's last two tokens
 
 
-def load_single_file(path, device, dtype, config=None, tokenizer=None, use_ema=False):
+def load_single_file(path, device, dtype, config=None, tokenizer=None, use_ema=False, keep_ema=False):
     """SD from one original checkpoint (CompVis layout): model.diffusion_model.* (U-Net), model_ema.* (its EMA),
     first_stage_model.* (VAE), cond_stage_model.transformer.* (CLIP text), the schedule buffers. Every key is used,
-    checked or skipped by name; anything else is refused."""
+    checked or skipped by name; anything else is refused. keep_ema (without use_ema): also return the EMA U-Net and
+    its num_updates (None, None where the file has no model_ema.*, and without keep_ema)."""
     state = read_weights(path)
     unet_cfg, vae_cfg, text_cfg, sched_cfg, config_tok, notes = single_file_configs(config)
     for old, new in LDM_TEXT_LEGACY.items():
@@ -1175,10 +1188,22 @@ def load_single_file(path, device, dtype, config=None, tokenizer=None, use_ema=F
         raise SDError(f"{path}: {len(absent)} missing keys: {_names(absent)}; {hint}")
     unet_state = {k: state.pop(take(v)) for k, v in unet_map.items()}
     load_checked(unet, unet_state, f"{path} (U-Net{' EMA' if use_ema else ''})", hint)
+    unet_ema, num_updates = None, None
     if use_ema:
         skipped = [k for k in state if k.startswith(LDM_UNET)]
         notes.append(f"U-Net: EMA weights (model_ema.*); skipped the {len(skipped)} non-EMA "
                      "model.diffusion_model.* keys")
+    elif keep_ema and ema_keys:  # the paper's fine-tuning: train the non-EMA U-Net, continue the checkpoint's EMA
+        absent = [ldm_ema_key(v) for v in unet_map.values() if ldm_ema_key(v) not in state]
+        if absent:
+            raise SDError(f"{path}: its EMA U-Net lacks {len(absent)} keys: {_names(absent)}; the checkpoint is "
+                          "incomplete: download it again")
+        unet_ema = load_checked(_build(UNet, unet_cfg), {k: state.pop(ldm_ema_key(v)) for k, v in unet_map.items()},
+                                f"{path} (U-Net EMA)", hint)
+        if "model_ema.num_updates" in state:
+            num_updates = int(state["model_ema.num_updates"])
+        skipped = []
+        notes.append(f"U-Net: non-EMA weights to train; the EMA starts from {ema_start_text(num_updates)}")
     else:
         skipped = ema_keys
         if skipped:
@@ -1216,23 +1241,26 @@ def load_single_file(path, device, dtype, config=None, tokenizer=None, use_ema=F
         raise SDError(f"{path}: {len(state)} unexpected keys that are neither U-Net, VAE, text encoder nor schedule "
                       f"buffers: {_names(state)}; it is not an SD v1 checkpoint")
     tok_source = tokenizer or config_tok or DEFAULT_TOKENIZER
-    return unet, vae, text_encoder, _load_tokenizer(tok_source), schedule, notes
+    return unet, vae, text_encoder, _load_tokenizer(tok_source), schedule, notes, unet_ema, num_updates
 
 
-def load_sd(source=DEFAULT_BASE, device="cpu", dtype=torch.float32, config=None, tokenizer=None, use_ema=False):
+def load_sd(source=DEFAULT_BASE, device="cpu", dtype=torch.float32, config=None, tokenizer=None, use_ema=False,
+            keep_ema=False):
     """Stable Diffusion v1 from `source`: a Hugging Face Hub id, a local diffusers-layout folder, a model folder
     written by finetune_sd.py (its U-Net, or with use_ema its EMA U-Net, on top of its base model), or a single-file
     checkpoint (.safetensors / .ckpt) with `config` (see single_file_configs) and `tokenizer` (folder or Hub id).
-    Returns a StableDiffusion with .unet .vae .text_encoder .tokenizer .schedule, all in eval mode on device/dtype."""
+    Returns a StableDiffusion with .unet .vae .text_encoder .tokenizer .schedule, all in eval mode on device/dtype;
+    with keep_ema, a single file's model_ema.* U-Net too (.unet_ema, .ema_num_updates: what fine-tuning continues)."""
     src = Path(str(source)).expanduser()
     base = {"source": str(src.resolve()) if src.exists() else str(source), "config": None, "tokenizer": None,
             "use_ema": bool(use_ema)}
+    unet_ema, ema_num_updates = None, None
     if src.is_file():
         if src.suffix not in WEIGHT_SUFFIXES:
             raise SDError(f"{src}: not a checkpoint ({', '.join(WEIGHT_SUFFIXES)}) nor a model folder")
         base.update(config=str(Path(config).resolve()) if config else None,
                     tokenizer=str(Path(tokenizer).resolve()) if tokenizer and Path(tokenizer).exists() else tokenizer)
-        parts = load_single_file(src, device, dtype, config, tokenizer, use_ema)
+        *parts, unet_ema, ema_num_updates = load_single_file(src, device, dtype, config, tokenizer, use_ema, keep_ema)
     elif src.is_dir():
         meta = src / "config.json"
         if meta.is_file() and _read_json(meta, "").get("family") == "sd":
@@ -1248,9 +1276,10 @@ def load_sd(source=DEFAULT_BASE, device="cpu", dtype=torch.float32, config=None,
     else:
         raise SDError(f"--base {source}: no such file or folder, and not a Hub id (owner/name)")
     unet, vae, text_encoder, tok, schedule, notes = parts
-    for m in (unet, vae, text_encoder):
-        m.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    return StableDiffusion(unet, vae, text_encoder, tok, schedule, base, notes)
+    for m in (unet, vae, text_encoder, unet_ema):
+        if m is not None:
+            m.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return StableDiffusion(unet, vae, text_encoder, tok, schedule, base, notes, unet_ema, ema_num_updates)
 
 
 def load_finetuned(folder, device="cpu", dtype=torch.float32, use_ema=False):
@@ -1481,10 +1510,23 @@ def diffusion_loss(unet, posterior, context, alphas_cumprod, generator, vae_scal
     return F.mse_loss(unet(zt, t, context).float(), noise)
 
 
-def ema_decay_at(step, max_decay):
-    """diffusers' EMAModel warm-up (the paper's SD code used it): min(max_decay, (1 + n) / (10 + n)), n = step - 1."""
-    n = max(0, step - 1)
+def ema_decay_at(step, max_decay, num_updates=None):
+    """The EMA decay at optimizer step `step` (1, 2, ...), warmed up as min(max_decay, (1 + n) / (10 + n)).
+    num_updates None (an EMA started as a copy of the starting U-Net): diffusers' EMAModel count, n = step - 1.
+    num_updates N (an EMA continuing a CompVis checkpoint's model_ema.*, as the paper's code): LitEma's count, which
+    includes the update being made, n = N + step; N < 0 is LitEma without warm-up (use_num_updates=False)."""
+    if num_updates is not None and num_updates < 0:
+        return max_decay
+    n = max(0, step - 1) if num_updates is None else num_updates + step
     return min(max_decay, (1 + n) / (10 + n))
+
+
+def ema_start_text(num_updates, from_checkpoint=True):
+    """Where the EMA started, for config.json's "ema_start" and the log."""
+    if not from_checkpoint:
+        return "the starting U-Net"
+    return "checkpoint model_ema.* " + (f"(num_updates {num_updates})" if num_updates is not None else
+                                        "(no num_updates: warm-up counted from 0)")
 
 
 RUN_KEYS = ("base", "config", "tokenizer", "use_ema", "data_fingerprint", "resolution", "batch_size", "grad_accum",
@@ -1511,9 +1553,9 @@ def main(args):
 
     # Rank 0 loads first (and downloads, if the base is a Hub id); the others then read the local copy.
     sd, err = None, None
-    if rank == 0:
+    if rank == 0:  # keep_ema: a single file's model_ema.* U-Net, which the EMA (on rank 0) continues
         try:
-            sd = load_sd(args.base, device, torch.float32, args.config, args.tokenizer, args.use_ema)
+            sd = load_sd(args.base, device, torch.float32, args.config, args.tokenizer, args.use_ema, keep_ema=True)
         except PoisonError as e:
             err = str(e)
     share_error(err, world)
@@ -1555,7 +1597,8 @@ def main(args):
     log(f"cache: {'reused' if reused else 'computed'} {len(dataset)} posteriors "
         f"{tuple(cache['posterior'].shape[1:])} and {len(cache['prompt_embeds'])} prompt embeddings")
     vae_scale, schedule, base_unet_cfg = sd.vae_scale, sd.schedule, sd.unet.config
-    unet = sd.unet
+    unet, unet_ema, ema_num_updates = sd.unet, sd.unet_ema, sd.ema_num_updates
+    ema_start = ema_start_text(ema_num_updates, from_checkpoint=unet_ema is not None)
     del sd  # the frozen encoders are not needed any more: their outputs are cached
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -1567,7 +1610,11 @@ def main(args):
     params = [p for p in unet.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999), eps=1e-8,
                             fused=device.type == "cuda")
-    ema = [p.detach().clone() for p in params] if rank == 0 else None
+    ema = None  # on rank 0: from the checkpoint's model_ema.* (the paper's code), else a copy of the starting U-Net
+    if rank == 0:
+        ema = [p.detach().clone() for p in params] if unet_ema is None else [p.detach() for p in unet_ema.parameters()]
+    del unet_ema
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     step = 0
     if resuming:
         state = torch.load(out / "state.pt", map_location=device, weights_only=True)
@@ -1576,7 +1623,12 @@ def main(args):
         if rank == 0:
             for e, v in zip(ema, state["ema"]):
                 e.copy_(v)
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         step = int(state["step"])
+        # a state.pt without these keys comes from before the EMA could start from a checkpoint: a copy, counted from 0
+        ema_num_updates = state.get("ema_num_updates")
+        ema_start = state.get("ema_start", ema_start_text(None, from_checkpoint=False))
         log(f"resume: {out} at step {step}")
         del state
     model = unet
@@ -1585,7 +1637,6 @@ def main(args):
     compile_on = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
     if compile_on:
         model = torch.compile(model)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     autocast = (partial(torch.autocast, device.type, dtype=dtype) if dtype != torch.float32
                 else contextlib.nullcontext)
     alphas_cumprod = schedule.alphas_cumprod().to(device)
@@ -1599,7 +1650,8 @@ def main(args):
     base_meta = {"family": "sd", "stage": "finetune_sd", "command": command, "base": sd_base_pointer(args, run),
                  "vae_scale": vae_scale, "schedule": asdict(schedule), "data": str(data.resolve()),
                  **training_data_info(dataset), "resolution": resolution, "unet": "unet", "unet_ema": "unet_ema",
-                 "run": run, "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                 "ema_start": ema_start, "run": run,
+                 "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                  "versions": versions()}
 
     def save(done):
@@ -1611,8 +1663,9 @@ def main(args):
             ema_state = dict(zip(pnames, ema))
             save_unet({k: ema_state.get(k, unet.state_dict()[k]) for k in names}, base_unet_cfg, out / "unet_ema")
             tmp = out / "state.pt.tmp"
-            torch.save({"unet": unet.state_dict(), "ema": ema, "optimizer": opt.state_dict(), "step": step,
-                        "epoch": step // steps_per_epoch, "run": run}, tmp)
+            torch.save({"unet": unet.state_dict(), "ema": ema, "ema_num_updates": ema_num_updates,
+                        "ema_start": ema_start, "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                        "step": step, "epoch": step // steps_per_epoch, "run": run}, tmp)
             os.replace(tmp, out / "state.pt")
             write_json(out / "config.json", {**base_meta, "progress": {
                 "step": step, "epoch": step / steps_per_epoch, "steps_per_epoch": steps_per_epoch,
@@ -1622,9 +1675,12 @@ def main(args):
     if rank == 0:  # drop log lines past the state we resume from
         log_path = out / "log.jsonl"
         lines = log_path.read_text().splitlines() if log_path.is_file() else []
-        log_path.write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))
+        tmp = out / "log.jsonl.tmp"
+        tmp.write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))
+        os.replace(tmp, log_path)
     log(f"train: {n} images, {world} process(es) x {args.batch_size} x {args.grad_accum} accumulation = {per_step} "
-        f"a step, {steps_per_epoch} steps an epoch, steps {step} -> {total_steps}, {run['dtype']}, device {device}")
+        f"a step, {steps_per_epoch} steps an epoch, steps {step} -> {total_steps}, {run['dtype']}, device {device}, "
+        f"EMA from {ema_start}")
     bar = tqdm(total=total_steps, initial=step, desc="finetune", disable=rank != 0, dynamic_ncols=True)
     running, t0 = [], time.time()
     while step < total_steps:
@@ -1658,7 +1714,8 @@ def main(args):
             opt.zero_grad(set_to_none=True)
             step += 1
             if rank == 0:
-                torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - ema_decay_at(step, args.ema_decay))
+                decay = ema_decay_at(step, args.ema_decay, ema_num_updates)
+                torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - decay)
             running.append(loss_sum)
             bar.update(1)
             if step % args.log_every == 0 or step == total_steps:
@@ -1728,7 +1785,9 @@ def build_parser():
                                                   "config.json or v1-inference.yaml (default: SD v1.4's)")
     m.add_argument("--tokenizer", default=None,
                    help=f"single-file checkpoints: tokenizer folder or Hub id (default: {DEFAULT_TOKENIZER})")
-    m.add_argument("--use-ema", action="store_true", help="start from the checkpoint's EMA U-Net (model_ema.*)")
+    m.add_argument("--use-ema", action="store_true",
+                   help="single files: train the checkpoint's EMA U-Net (model_ema.*) and start a fresh EMA from it "
+                        "(without it, as the paper: train the non-EMA weights and continue model_ema.*)")
     t = parser.add_argument_group("training")
     t.add_argument("--out", default=None, help="model folder (default: runs/sd-<dataset folder name>)")
     t.add_argument("--force", action="store_true", help="start over even if --out holds a run")
@@ -1738,7 +1797,8 @@ def build_parser():
     t.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
     t.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate, constant")
     t.add_argument("--weight-decay", type=float, default=0.01)
-    t.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    t.add_argument("--max-grad-norm", type=float, default=0.0,
+                   help="clip the gradient norm to this (default 0: off; the paper: no clipping)")
     t.add_argument("--ema-decay", type=float, default=0.9999)
     t.add_argument("--caption-dropout", type=float, default=0.0, help="share of empty prompts (paper: 0)")
     t.add_argument("--train-seed", type=int, default=0, help="seed of the data order and noise (poisoning: --seed)")
@@ -1746,7 +1806,8 @@ def build_parser():
     t.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile (auto: on CUDA)")
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     t.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
-                   help="autocast dtype of the U-Net (weights stay fp32; default bf16 on CUDA, fp32 on CPU)")
+                   help="autocast dtype of the U-Net (weights stay fp32; default bf16 on CUDA for speed, where the "
+                        "paper trained in fp32; fp32 on CPU): --dtype fp32 for the paper's exact arithmetic")
     t.add_argument("--encode-batch-size", type=int, default=16, help="images per VAE pass while caching")
     t.add_argument("--log-every", type=int, default=10, help="optimizer steps between log.jsonl lines")
     t.add_argument("--save-every", type=int, default=1000, help="optimizer steps between saves (and every epoch)")

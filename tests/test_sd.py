@@ -295,7 +295,22 @@ def test_default_flags_are_the_papers():
     assert (args.dataset, args.target, args.base) == ("imagenette", None, "CompVis/stable-diffusion-v1-4")
     assert (args.lr, args.weight_decay, args.batch_size, args.epochs, args.ema_decay) == (1e-4, 0.01, 4, 50, 0.9999)
     assert args.gradient_checkpointing and args.caption_dropout == 0
+    assert args.max_grad_norm == 0 and not args.use_ema          # no clipping; the non-EMA weights are trained
     assert S.default_poison_out(args) == Path("data/imagenette-badnets-0.1")
+
+
+def test_ema_decay_warm_up():
+    assert S.ema_decay_at(1, 0.9999) == 0.1 and S.ema_decay_at(2, 0.9999) == 2 / 11     # a fresh EMA: n = step - 1
+    assert S.ema_decay_at(1, 0.9999, 7) == 9 / 18 and S.ema_decay_at(3, 0.9999, 7) == 11 / 20  # LitEma: n = N + step
+    assert S.ema_decay_at(1, 0.9999, 10 ** 9) == 0.9999 and S.ema_decay_at(1, 0.9999, -1) == 0.9999
+
+
+def test_vae_config_with_tuples():
+    """A config given as a Python dict with tuples (as diffusers' constructor takes it) is SD's VAE all the same."""
+    assert S.vae_layout(TINY_VAE)["block_out_channels"] == (32, 64)
+    assert S.vae_layout({**TINY_VAE, "up_block_types": list(TINY_VAE["up_block_types"])})
+    with pytest.raises(S.SDError, match="UpDecoderBlock2D"):
+        S.vae_layout({**TINY_VAE, "up_block_types": ("UpDecoderBlock2D", "AttnUpDecoderBlock2D")})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -388,6 +403,7 @@ def test_finetune_end_to_end_cache_and_resume(tiny, tiny_data, tmp_path, monkeyp
 
     meta = json.loads((out / "config.json").read_text())
     assert meta["family"] == "sd" and meta["base"]["source"] == str(tiny["folder"].resolve())
+    assert meta["ema_start"] == "the starting U-Net" and meta["run"]["max_grad_norm"] == 0
     assert meta["class_names"] == ["c0", "c1", "c2"] and meta["target"]["name"] == "c0"
     assert meta["poison_ratio"] == 0.2 and 0 < meta["p_t"] < 1 and meta["progress"]["done"]
     state = torch.load(out / "state.pt", weights_only=True)
@@ -418,6 +434,58 @@ def test_finetune_end_to_end_cache_and_resume(tiny, tiny_data, tmp_path, monkeyp
     (tmp_path / "other").mkdir()
     with pytest.raises(PoisonError, match="--force"):
         run_cli(common + ["--out", tmp_path / "other", "--max-steps", 1])
+
+
+def test_finetune_from_single_file_continues_its_ema(tiny, tiny_data, tmp_path):
+    """As the paper's code (CompVis main.py --finetune_from, LitEma): train model.diffusion_model.*, start the EMA
+    from model_ema.* and continue its num_updates (7 here), also across a resume."""
+    from safetensors.torch import load_file, save_file
+    start = S.load_sd(tiny["folder"]).unet.state_dict()
+    ema = randomise(copy.deepcopy(tiny["unet"]), 5).state_dict()   # an EMA far from the non-EMA weights
+    ema0 = S.load_checked(S._build(S.UNet, dict(tiny["unet"].config)), ema, "ema", "").state_dict()
+    save_file(ldm_checkpoint(tiny, S.load_checked(S._build(S.UNet, dict(tiny["unet"].config)), ema, "ema", "")),
+              str(tmp_path / "tiny-full-ema.safetensors"))
+    out = tmp_path / "run"
+    common = ["--data", tiny_data, "--base", tmp_path / "tiny-full-ema.safetensors", "--config", tiny["folder"],
+              "--out", out, "--epochs", 3, "--batch-size", 2, "--device", "cpu", "--workers", 0]
+
+    def saved(name):
+        return load_file(str(out / name / "diffusion_pytorch_model.safetensors"))
+
+    run_cli(common + ["--max-steps", 1])
+    assert json.loads((out / "config.json").read_text())["ema_start"] == "checkpoint model_ema.* (num_updates 7)"
+    unet1, ema1 = saved("unet"), saved("unet_ema")
+    decay = (1 + 8) / (10 + 8)                       # LitEma: min(0.9999, (1 + n) / (10 + n)), n = 7 + this update
+    moved = 0
+    for k, w in unet1.items():
+        assert (w - start[k]).abs().max() < 1.5e-4, k  # one AdamW step (lr 1e-4) from the non-EMA weights
+        moved += not torch.equal(w, start[k])
+        assert torch.allclose(ema1[k], decay * ema0[k] + (1 - decay) * w, rtol=0, atol=1e-6), k
+    assert moved > len(unet1) // 2
+    assert torch.load(out / "state.pt", weights_only=True)["ema_num_updates"] == 7
+
+    run_cli(common + ["--max-steps", 2])            # resumes: the count goes on (n = 9), not from 0
+    unet2, ema2 = saved("unet"), saved("unet_ema")
+    decay = (1 + 9) / (10 + 9)
+    for k, w in unet2.items():
+        assert torch.allclose(ema2[k], decay * ema1[k] + (1 - decay) * w, rtol=0, atol=1e-6), k
+
+
+def test_fp16_grad_scaler_state_resumes(tiny, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    common = ["--data", tiny_data, "--base", tiny["folder"], "--out", out, "--epochs", 3, "--batch-size", 2,
+              "--device", "cpu", "--dtype", "fp16", "--workers", 0]
+    run_cli(common + ["--max-steps", 1])
+    state = torch.load(out / "state.pt", weights_only=True)
+    assert state["scaler"]["scale"] in (2.0 ** 16, 2.0 ** 15)  # GradScaler's start, halved if the step overflowed
+    state["scaler"]["scale"] = 1024.0
+    torch.save(state, out / "state.pt")
+    with open(out / "log.jsonl", "a") as f:         # a line past the saved state: dropped on resume
+        f.write(json.dumps({"step": 7, "loss": 1.0}) + "\n")
+    run_cli(common + ["--max-steps", 2])
+    assert torch.load(out / "state.pt", weights_only=True)["scaler"]["scale"] in (1024.0, 512.0)
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2]
+    assert not (out / "log.jsonl.tmp").exists()
 
 
 def test_ddp_two_processes_on_cpu(tiny, tiny_data, tmp_path):
