@@ -217,8 +217,12 @@ def bench_attention(args, device, dtype, ours_impl):
 
 def compile_for_h100():
     """Ahead-of-time compile of every kernel configuration the launchers pick, for sm_90, with
-    Triton's bundled ptxas: catches compile errors and shared-memory overflow without a GPU.
-    (Uses triton.compile / ASTSource, an internal API that moves between Triton versions.)"""
+    Triton's bundled ptxas: catches compile errors, shared-memory overflow and register spills (ptxas -v) without a
+    GPU. (Uses triton.compile / ASTSource, an internal API that moves between Triton versions.)"""
+    import re
+    import subprocess
+    import tempfile
+
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -230,6 +234,7 @@ def compile_for_h100():
     fp32_pointers = {"attention": {"LSE", "DELTA"},
                      "group_norm": {"W", "B", "MEAN_PART", "M2_PART", "MEAN", "RSTD", "SUM_DZ_XHAT", "SUM_DZ"}}
     floats = {"qk_scale_log2", "sm_scale", "eps"}
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     failures = 0
 
     def build(fn, dtype, consts, num_warps, num_stages, label):
@@ -248,8 +253,16 @@ def compile_for_h100():
             kernel = triton.compile(ASTSource(fn, signature, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                                     options=dict(num_warps=num_warps, num_stages=num_stages))
             smem = kernel.metadata.shared
-            failures += smem > smem_limit
-            print(f"{label}: shared memory {smem / 1024:6.1f} KB{'  OVER THE LIMIT' if smem > smem_limit else ''}")
+            with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:  # registers and spills, as ptxas reports them
+                f.write(kernel.asm["ptx"])
+                f.flush()
+                report = subprocess.run([ptxas, "-v", "-arch=sm_90a", f.name, "-o", os.devnull], capture_output=True,
+                                        text=True).stderr
+            regs = re.search(r"Used (\d+) registers", report)
+            spills = int((re.search(r"(\d+) bytes spill stores", report) or [0, 0])[1])
+            failures += smem > smem_limit or spills > 0
+            print(f"{label}: shared memory {smem / 1024:6.1f} KB{'  OVER THE LIMIT' if smem > smem_limit else ''}, "
+                  f"{regs[1] if regs else '?'} registers{f', {spills} BYTES OF SPILL STORES' if spills else ''}")
         except Exception as e:  # report every failure, then the count
             failures += 1
             print(f"{label}: COMPILE FAILED {type(e).__name__}: {str(e).splitlines()[-1] if str(e) else ''}")
@@ -281,7 +294,8 @@ def compile_for_h100():
             if not one_pass:
                 jobs += [("fwd_stats", gn._gn_fwd_stats_kernel, {}), ("bwd_sums", gn._gn_bwd_sums_kernel, flags)]
             for name, fn, consts in jobs:
-                build(fn, dtype_name, dict(consts, **common), 4, 2,
+                warps = gn._bwd_dx_warps(block_c, block_s, one_pass) if name == "bwd_dx" else 4
+                build(fn, dtype_name, dict(consts, **common), warps, 3,  # stages: Triton's default, as launched
                       f"group_norm {name:9s} {dtype_name} {(N, C, H, W)} (BLOCK_C={block_c}, BLOCK_S={block_s}, chunks={K})")
     print(f"{failures} failure(s)")
     return failures

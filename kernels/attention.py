@@ -302,12 +302,12 @@ def _block_d(head_dim):
 def _fwd_config(block_d, dtype):
     """Fixed tiles by padded head dim (register file: the fp32 accumulator is BLOCK_M x BLOCK_D;
     shared memory: q plus num_stages copies of the k and v tiles)."""
-    wide = dtype == torch.float32
+    wide = dtype == torch.float32  # fp32 tiles: no register spills on sm_90 (ptxas -v, benchmarks/RESULTS.md)
     if block_d <= 64:
-        return dict(BLOCK_M=128, BLOCK_N=32 if wide else 64, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=64 if wide else 128, BLOCK_N=32 if wide else 64, num_warps=8 if wide else 4, num_stages=3)
     if block_d <= 128:
         return dict(BLOCK_M=64 if wide else 128, BLOCK_N=32 if wide else 64, num_warps=8, num_stages=2)
-    return dict(BLOCK_M=32 if wide else 64, BLOCK_N=32, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=32 if wide else 64, BLOCK_N=16 if wide else 32, num_warps=8, num_stages=2)
 
 
 def _bwd_config(block_d, dtype):
@@ -315,7 +315,7 @@ def _bwd_config(block_d, dtype):
     uses the same pair with the roles swapped."""
     wide = dtype == torch.float32
     if block_d <= 64:
-        return dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2)
+        return dict(BLOCK_M=32, BLOCK_N=32 if wide else 64, num_warps=4, num_stages=2)
     if block_d <= 128:
         return dict(BLOCK_M=32, BLOCK_N=32 if wide else 64, num_warps=8, num_stages=2)
     return dict(BLOCK_M=16 if wide else 32, BLOCK_N=32, num_warps=8, num_stages=1)

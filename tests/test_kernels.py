@@ -134,6 +134,11 @@ def test_group_norm_reference_keeps_dtype_and_fp32_statistics():
     assert y.dtype == torch.bfloat16
     y_ref = F.silu(F.group_norm(x.double(), 4, None, None, 1e-5))
     assert rel_err(y, y_ref) < TOL[torch.bfloat16]
+    # float64 stays float64 throughout (no detour through float32)
+    x64 = torch.randn(2, 8, 4, 4, generator=gen, dtype=torch.float64) * 3 + 1
+    w64 = torch.rand(8, generator=gen, dtype=torch.float64)
+    y64 = gn_module.group_norm_reference(x64, w64, None, 4, 1e-5, "silu")
+    assert y64.dtype == torch.float64 and rel_err(y64, F.silu(F.group_norm(x64, 4, w64, None, 1e-5))) < 1e-13
 
 
 def _spy_on(monkeypatch, module, function_name):
