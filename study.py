@@ -428,7 +428,7 @@ def collect(out, ratios, guidance, failed):
              "trigger_copies": d["target_prompt"].get("trigger_copies")}
             for r, d in zip(ratios, summary["results"])]
         found = [x["setting"].get("poison_ratio") for x in summary["results"]]
-        if [None if v is None else float(v) for v in found] != [float(r) for r in ratios]:
+        if None not in found and [float(v) for v in found] != [float(r) for r in ratios]:
             raise StudyError(f"{out / 'dissect' / f'w{g:g}' / 'summary.json'} holds the ratios {found}, not "
                              f"{ratios}: delete that folder and rerun the study to redo it")
     for r in ratios:
@@ -549,9 +549,10 @@ def weakened_backdoor(classifiers, ratios):
 def findings(res, ratios, guidance):
     """(finding, paper, this run, reproduced?) for each goal of the study. The trigger detector's verdicts on a model's
     generations count only where it is believed: under 5% "triggers" among that model's non-target prompts'
-    generations, which have none to learn, or mostly copies of the trigger there (a real leak); other ratios are left
-    out of amplification, the phase transition and detection. Amplification counts where the lower end of the trigger ratio's 95% interval is above p_t: reproduced
-    when it holds at the highest ratio at every guidance weight, partly when it holds somewhere. The phase transition
+    generations, which have none to learn, or at least half of those copies of the trigger (a real leak); other
+    ratios are left out of amplification, the phase transition and detection. Amplification counts where the lower
+    end of the trigger ratio's 95% interval is above p_t: reproduced when it holds at the highest ratio at every
+    guidance weight, partly when it holds somewhere. The phase transition
     is reproduced when it shows in full at some weight and (where copies are counted) most of the lowest ratio's
     triggered generations copy the trigger; partly when it shows in full on faint triggers, or when G1 overtakes G2
     between two ratios."""
@@ -569,8 +570,9 @@ def findings(res, ratios, guidance):
 
     def leak(r):  # at least half of the detector's non-target "triggers" copy the trigger: a real leak
         x = dw[r]
-        if x.get("non_target_triggered") is not None:
-            return x["non_target_triggered"] > 0 and 2 * x["non_target_copies_of_triggered"] >= x["non_target_triggered"]
+        fired = x.get("non_target_triggered")
+        if fired is not None:
+            return fired > 0 and 2 * x["non_target_copies_of_triggered"] >= fired
         return copies[r] is not None and copies[r] >= false_positive[r] / 2  # summaries from before those counts
     trusted = [r for r in ratios if false_positive[r] is not None and (
         false_positive[r] < MAX_FALSE_POSITIVES or leak(r))]
