@@ -361,16 +361,20 @@ def test_killed_mid_save_keeps_the_previous_checkpoint(data, tmp_path, monkeypat
     assert not list(out.glob(".*tmp*"))
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):
-    out = tmp_path / "run"
+def spoil_loss(monkeypatch, spoil):
+    """Diffusion.loss passed through spoil(value, n), n = 1, 2, ... its calls: a NaN planted at a chosen step."""
     real_loss = train_ddpm.Diffusion.loss
     calls = []
 
     def loss(self, *a):
         calls.append(1)
-        value = real_loss(self, *a)
-        return value * float("nan") if len(calls) >= 5 else value
+        return spoil(real_loss(self, *a), len(calls))
     monkeypatch.setattr(train_ddpm.Diffusion, "loss", loss)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    spoil_loss(monkeypatch, lambda value, n: value * float("nan") if n >= 5 else value)
     with pytest.raises(train_ddpm.TrainingError, match=r"loss became nan by step 5.*checkpoint \(step 4\)"):
         train_ddpm.main(tiny_args(out, data, "--steps", 10, "--save-every", 2, "--preview-per-class", 0))
     state = torch.load(out / "state.pt", weights_only=True)
@@ -394,14 +398,7 @@ def test_nan_gradients_never_reach_a_checkpoint(data, tmp_path, monkeypatch, fla
     """Step 4's loss is finite but its gradients are NaN, and step 4 is a checkpoint: the run stops before saving it
     (with clipping or without), or, with fp16's GradScaler, skips that step and goes on."""
     out = tmp_path / "run"
-    real_loss = train_ddpm.Diffusion.loss
-    calls = []
-
-    def loss(self, *a):
-        calls.append(1)
-        value = real_loss(self, *a)
-        return NanGradient.apply(value) if len(calls) == 4 else value
-    monkeypatch.setattr(train_ddpm.Diffusion, "loss", loss)
+    spoil_loss(monkeypatch, lambda value, n: NanGradient.apply(value) if n == 4 else value)
     args = tiny_args(out, data, "--steps", 6, "--save-every", 2, "--preview-per-class", 0, *flags)
     if "fp16" in flags:
         train_ddpm.main(args)

@@ -276,11 +276,9 @@ def test_tab4_compares_where_the_poisoned_set_plants_a_backdoor():
     assert S.weakened_backdoor(counted, ratios)[1] is True
 
 
-def test_verdicts_need_readable_numbers(quick):
-    """The findings on the quick study's own numbers, edited: a filter that costs the diffusion classifier its clean
-    accuracy does not count, an unusable classifier or no scorable detection cell is undetermined, and an untrusted
-    trigger detector leaves amplification unreproduced while the text still shows where the interval lies."""
-    import copy
+def editable_report(quick):
+    """The quick study's report.json, two of its ratios, and finding(res, name): the named finding of an edited
+    copy."""
     import study as S
     out, _ = quick
     report = json.loads((out / "report.json").read_text())
@@ -290,6 +288,17 @@ def test_verdicts_need_readable_numbers(quick):
 
     def finding(res, name):
         return next(f for f in S.findings(res, ratios, guidance) if f[0].startswith(name))
+    return report, ratios, finding
+
+
+def test_verdicts_need_readable_numbers(quick):
+    """The findings on the quick study's own numbers, edited: a filter that costs the diffusion classifier its clean
+    accuracy does not count, an unusable classifier or no scorable detection cell is undetermined, and an untrusted
+    trigger detector leaves amplification unreproduced while the text still shows where the interval lies."""
+    import copy
+    import study as S
+    report, ratios, finding = editable_report(quick)
+    g = report["guidance"]
 
     res = copy.deepcopy(report)
     res["diffusion_classifier"]["n_backdoor"] = 100
@@ -340,15 +349,8 @@ def test_unreadable_numbers_are_undetermined_not_wrong(quick):
     leave their findings undetermined; the detector's non-target "triggers" count as a leak only when at least half
     of them (not of all generations) copy the trigger."""
     import copy
-    import study as S
-    out, _ = quick
-    report = json.loads((out / "report.json").read_text())
-    ratios = [0.01, 0.1]
+    report, ratios, finding = editable_report(quick)
     g = report["guidance"]
-    guidance = (g["guided"], g["unguided"], g["symbol"], g["sweep"])
-
-    def finding(res, name):
-        return next(f for f in S.findings(res, ratios, guidance) if f[0].startswith(name))
 
     res = copy.deepcopy(report)
     res["diffusion_classifier"]["n_backdoor"] = 100
