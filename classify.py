@@ -63,8 +63,7 @@ import re
 import sys
 import time
 from contextlib import nullcontext
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -316,8 +315,8 @@ def load_classifier(folder, device="cpu"):
 
 class ImageSet(torch.utils.data.Dataset):
     """Items (uint8 (3, H, W), label) for `indices` of a FolderDataset, labels `labels`, the trigger stamped on the
-    images where `stamp` is true (a blend with its own `alphas[j]` where given). Held in memory when small (up to
-    IN_MEMORY_BYTES), read from disk otherwise."""
+    images where `stamp` is true (a blend at `alphas[i]` where given, one alpha per image i of the folder). Held in
+    memory when small (up to IN_MEMORY_BYTES), read from disk otherwise."""
 
     def __init__(self, folder, indices=None, labels=None, stamp=None, trigger=None, in_memory=None, progress=False,
                  alphas=None):
@@ -347,7 +346,8 @@ class ImageSet(torch.utils.data.Dataset):
         if self.stamp[j]:
             trigger = self.trigger
             if self.alphas is not None:  # the blend's mask is alpha everywhere: scale it to this image's alpha
-                trigger = dataclasses.replace(trigger, mask=trigger.mask * (float(self.alphas[j]) / trigger.mask.max()))
+                alpha = float(self.alphas[int(self.indices[j])])
+                trigger = replace(trigger, mask=trigger.mask * (alpha / trigger.mask.max()))
             x = trigger.apply(x[None].double() / 255.0).mul(255.0).round().clamp(0, 255).to(torch.uint8)[0]
         return x
 
@@ -745,12 +745,11 @@ def train_trigger_detector(data, out, test=None, arch="resnet50", fraction=0.5, 
         perm = torch.from_numpy(np.random.default_rng(opts["seed"] + 1).permutation(len(folder)))
         n_hold = max(1, int(round(holdout * len(folder))))
         hold_idx, train_idx = perm[:n_hold].sort().values, perm[n_hold:].sort().values
-        heldout = (ImageSet(folder, hold_idx, labels[hold_idx], stamp[hold_idx], trigger,
-                            alphas=None if train_alphas is None else train_alphas[hold_idx]) if rank == 0 else None)
+        heldout = (ImageSet(folder, hold_idx, labels[hold_idx], stamp[hold_idx], trigger, alphas=train_alphas)
+                   if rank == 0 else None)
         heldout_desc = f"{holdout:.0%} of {data} held out"
     train_set = ImageSet(folder, train_idx, labels[train_idx], stamp[train_idx], trigger,
-                         progress=progress and rank == 0,
-                         alphas=None if train_alphas is None else train_alphas[train_idx])
+                         progress=progress and rank == 0, alphas=train_alphas)
     model, fields = make_model(arch, 2, train_set.size[0], pretrained, weights, input_size, width, normalize,
                                progress, opts["seed"])
 

@@ -175,13 +175,13 @@ def test_blend_detector_stamps_alphas_drawn_as_the_reference(tmp_path):
     folder = classify.load_folder(data / "train")
     trig = classify.load_trigger(data / "train")
     idx = torch.nonzero(~folder.poisoned).flatten()[:40]
-    alphas = torch.linspace(0.05, 0.25, len(idx), dtype=torch.float64)
+    alphas = torch.linspace(0.05, 0.25, len(folder), dtype=torch.float64)   # one per image of the folder
     stamped = classify.ImageSet(folder, idx, stamp=torch.ones(len(idx), dtype=torch.bool), trigger=trig,
                                 alphas=alphas)
     clean = classify.ImageSet(folder, idx)
     for j in (0, len(idx) // 2, len(idx) - 1):
-        x = clean[j][0].double() / 255
-        want = x * (1 - alphas[j]) + trig.pattern.double() * alphas[j]
+        x, a = clean[j][0].double() / 255, alphas[idx[j]]
+        want = x * (1 - a) + trig.pattern.double() * a
         assert (stamped[j][0].double() / 255 - want).abs().max() <= 0.5 / 255 + 1e-9
     for blend_alpha, recorded in (((0.05, 0.25), [0.05, 0.25]), (None, None)):
         out = tmp_path / f"det-{recorded}"
