@@ -74,7 +74,8 @@ import torch.nn.functional as F
 import torchvision
 from tqdm import tqdm
 
-from poison import PoisonError, atomic_output, caption, load_folder, load_trigger, save_safetensors, versions
+from poison import (PoisonError, atomic_output, caption, load_folder, load_trigger, replace_file, save_safetensors,
+                    versions)
 
 ARCHS = ("smallcnn", "resnet18", "resnet50", "vgg16", "densenet121")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -1281,11 +1282,8 @@ def main(args):
                   **evaluate(model, config, test, backdoor, args.batch_size)}
         print(json.dumps(result))
         if args.json:  # written whole or not at all
-            path = Path(args.json)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            tmp.write_text(json.dumps(result, indent=2) + "\n")
-            os.replace(tmp, path)
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            replace_file(args.json, lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))
         return
     opts = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
                 weight_decay=args.weight_decay, augment=args.augment, dtype=args.dtype, seed=args.seed,

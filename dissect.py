@@ -598,7 +598,7 @@ def plot_guidance(results, path):
         ax.set_ylim(0, 1)
         ax.set_title(f"p={pct(ratio) if ratio is not None else '-'}, p_t={pct(p_t)}", fontsize=9)
         ax.legend(fontsize=8)
-        if not any(r["target_prompt"]["fractions"]["G1"] + r["target_prompt"]["fractions"]["G2"] for r in rs):
+        if not any(r["trigger_ratio"] for r in rs):
             ax.text(0.5, 0.5, "no generation carries the trigger", transform=ax.transAxes, ha="center",
                     va="center", fontsize=9, color="gray")
     fig.suptitle("G1 and G2 against the guidance weight")

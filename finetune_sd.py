@@ -67,7 +67,8 @@ from tqdm import tqdm
 
 from kernels.attention import attention
 from kernels.group_norm import group_norm
-from poison import PoisonError, add_poison_arguments, load_folder, poison, poison_kwargs, save_safetensors, versions
+from poison import (PoisonError, add_poison_arguments, load_folder, poison, poison_kwargs, save_safetensors,
+                    truncate_log, versions)
 
 VAE_SCALE = 0.18215           # SD v1's latent scale: z = VAE_SCALE * (VAE posterior sample), unit variance
 DEFAULT_BASE = "CompVis/stable-diffusion-v1-4"
@@ -1526,7 +1527,7 @@ def ema_start_text(num_updates, from_checkpoint=True):
     if not from_checkpoint:
         return "the starting U-Net"
     return "checkpoint model_ema.* " + (f"(num_updates {num_updates})" if num_updates is not None else
-                                        "(no num_updates: warm-up counted from 0)")
+                                        "(no num_updates: the warm-up counts this run's steps)")
 
 
 RUN_KEYS = ("base", "config", "tokenizer", "use_ema", "data_fingerprint", "resolution", "batch_size", "grad_accum",
@@ -1582,8 +1583,9 @@ def main(args):
                                   "or choose another --out")
             diff = {k: (old["run"].get(k), run[k]) for k in RUN_KEYS if old["run"].get(k) != run[k]}
             if diff:
-                raise PoisonError(f"{out} holds a run with other settings {diff} (saved, now): pass --force to "
-                                  "start over, or choose another --out")
+                raise PoisonError(f"{out} holds a run with other settings {diff} (saved, now): rerun with the saved "
+                                  "ones to resume (e.g. --max-grad-norm 1 for a run started before its default "
+                                  "became 0), pass --force to start over, or choose another --out")
             return (out / "state.pt").is_file()
         out.mkdir(parents=True)
         write_json(out / "config.json", {"stage": "finetune_sd", "run": run, "progress": None})
@@ -1672,12 +1674,8 @@ def main(args):
                 "images_seen": step * per_step, "total_steps": total_steps, "done": done}})
         barrier(world, device)
 
-    if rank == 0:  # drop log lines past the state we resume from
-        log_path = out / "log.jsonl"
-        lines = log_path.read_text().splitlines() if log_path.is_file() else []
-        tmp = out / "log.jsonl.tmp"
-        tmp.write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))
-        os.replace(tmp, log_path)
+    if rank == 0:  # drop log lines past the state we resume from (and a half-written last one)
+        truncate_log(out / "log.jsonl", step)
     log(f"train: {n} images, {world} process(es) x {args.batch_size} x {args.grad_accum} accumulation = {per_step} "
         f"a step, {steps_per_epoch} steps an epoch, steps {step} -> {total_steps}, {run['dtype']}, device {device}, "
         f"EMA from {ema_start}")

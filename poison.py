@@ -604,6 +604,39 @@ def atomic_output(out, force=False):
         raise
 
 
+def replace_file(path, write):
+    """Write through `write(tmp_path)` to a temporary name beside `path`, then rename it over `path` (atomic)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def truncate_log(path, step):
+    """Drop the lines of a JSON-lines log (each with a "step") written after the checkpoint a run resumes from (a
+    killed run may have logged past it; step 0: a fresh start, every line goes), and a last line the kill left
+    half-written."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    kept = []
+    for i, ln in enumerate(lines):
+        try:
+            record = json.loads(ln)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise PoisonError(f"{path} line {i + 1} is not JSON: repair or delete the log") from None
+        if record["step"] <= step:
+            kept.append(ln)
+    replace_file(path, lambda p: p.write_text("".join(ln + "\n" for ln in kept)))
+
+
 def save_safetensors(tensors, path, metadata=None):
     """safetensors' save_file, then the file's permissions set from the umask like every other output's (safetensors
     0.8 creates its files readable by their owner alone, which a model folder shared on a cluster cannot use)."""

@@ -500,6 +500,12 @@ def g1_share(d):
     return (f["G1"] / (f["G1"] + f["G2"]) if k else None), k
 
 
+def counted_ratios(rows, ratios, trusted=None):
+    """The ratios whose G1/G2 split counts at one guidance weight, lowest first: at least MIN_TRIGGERED triggered
+    generations, and in `trusted` (default: all)."""
+    return sorted(r for r in ratios if g1_share(rows[r])[1] >= MIN_TRIGGERED and (trusted is None or r in trusted))
+
+
 def transition(rows, ratios, trusted=None):
     """The phase transition at one guidance weight: ('full', lowest, highest ratio) when G2 is the larger part of the
     triggered generations at the lowest ratio and G1 at the highest; ('crosses', a, b) when G1's share goes from under
@@ -507,7 +513,7 @@ def transition(rows, ratios, trusted=None):
     triggered generations count (and are neighbours), and only those in `trusted` (default: all), where the trigger
     detector's verdicts can be believed."""
     share = {r: g1_share(rows[r]) for r in ratios}
-    known = sorted(r for r in ratios if share[r][1] >= MIN_TRIGGERED and (trusted is None or r in trusted))
+    known = counted_ratios(rows, ratios, trusted)
     lo, hi = min(ratios), max(ratios)
     if lo in known and hi in known and share[lo][0] < 0.5 < share[hi][0]:
         return "full", lo, hi
@@ -583,8 +589,8 @@ def findings(res, ratios, guidance):
                   + f" (it calls {pct(MAX_FALSE_POSITIVES)} or more of the non-target prompts' generations triggered"
                   + (", and fewer than half of those copy the trigger" if any(c is not None for c in copies.values())
                      else "") + ")" if noisy else "")
-                 + ("; nor at " + ", ".join(f"p={ratio_pct(r)}" for r in unchecked)
-                    + ", which has no non-target generations to check it on" if unchecked else ""))
+                 + ("; it cannot be checked at " + ", ".join(f"p={ratio_pct(r)}" for r in unchecked)
+                    + ", which has no non-target generations" if unchecked else ""))
     ci = {(g, r): wilson(d[g][r]["trigger_ratio"], d[g][r]["n"]) for g in weights for r in ratios}
     above = {(g, r): d[g][r]["p_t"] is not None and ci[g, r][0] > d[g][r]["p_t"] for g in weights for r in ratios}
     no_pt = [r for r in ratios if dw[r]["p_t"] is None]
@@ -605,14 +611,15 @@ def findings(res, ratios, guidance):
                  + f"; at lower ratios, the 95% CI lies above p_t at {elsewhere or 'none'}"
                  + "; the trigger detector's false positives (non-target prompts): "
                  + ", ".join(f"p={ratio_pct(r)}: {pct(false_positive[r])}" for r in ratios)
-                 + ("" if trustworthy else f" — not believed at p={ratio_pct(hi)}, so no ✓ counts") + untrusted
+                 + ("" if trustworthy else " — the detector is not believed at the highest ratio, so no ✓ counts")
+                 + untrusted
                  + ("; p_t is unknown at " + ", ".join(f"p={ratio_pct(r)}" for r in no_pt)
                     + " (no training set's manifest gives it)" if no_pt else ""),
                  "undetermined" if not trusted or max(ratios) in no_pt else
                  ("partly" if elsewhere else False) if not trustworthy else True if all(ok.values()) else
                  "partly" if any(ok.values()) or elsewhere else False))
     kind = {g: transition(d[g], ratios, trusted) for g in weights}
-    readable = any(sum(g1_share(d[g][r])[1] >= MIN_TRIGGERED for r in trusted) >= 2 for g in weights)
+    readable = any(len(counted_ratios(d[g], ratios, trusted)) >= 2 for g in weights)
 
     def faint(g):  # a full transition whose low-ratio "triggers" are mostly not copies of the trigger (where counted)
         cp = d[g][kind[g][1]].get("trigger_copies")

@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from poison import (PoisonError, add_poison_arguments, load_folder, options_differences, poison, poison_kwargs,
-                    read_manifest, save_grid, save_safetensors, versions)
+                    read_manifest, replace_file, save_grid, save_safetensors, truncate_log, versions)
 from kernels.attention import attention
 from kernels.group_norm import group_norm
 
@@ -323,17 +323,15 @@ class Diffusion:
 
     def __init__(self, T=1000, beta_start=1e-4, beta_end=0.02):
         self.T, self.beta_start, self.beta_end = T, beta_start, beta_end
-        if T < 1:
-            raise PoisonError(f"--timesteps {T}: give at least 1 diffusion step (1000: the DDPM paper's)")
+        # beta >= 1 zeroes abar (sqrt(abar) divides in every sampler) or makes it negative: NaN losses and images
+        shortest = math.floor(1000 * max(beta_start, beta_end)) + 1
+        if T < shortest:
+            raise PoisonError(f"--timesteps {T}: the linear betas (scaled by 1000 / T) would reach "
+                              f"{1000 * max(beta_start, beta_end) / max(T, 1):.3g}, not below 1, so the noise schedule "
+                              f"breaks down: use --timesteps {shortest} or more (1000: the DDPM paper's)")
         scale = 1000.0 / T
         self.betas = torch.linspace(scale * beta_start, scale * beta_end, T, dtype=torch.float64)
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)       # abar_t, t = 0 .. T-1
-        # beta >= 1 zeroes abar (sqrt(abar) divides in every sampler) or makes it negative: NaN losses and images
-        if self.betas.max() >= 1 or self.alphas_cumprod[-1] <= 0:
-            shortest = math.floor(1000 * max(beta_start, beta_end)) + 1
-            raise PoisonError(f"--timesteps {T}: the linear betas (scaled by 1000 / T) reach "
-                              f"{self.betas.max().item():.3g}, not below 1, so the noise schedule breaks down: "
-                              f"use --timesteps {shortest} or more (1000: the DDPM paper's)")
 
     def config(self):
         return {"schedule": "linear", "T": self.T, "beta_start": self.beta_start, "beta_end": self.beta_end,
@@ -416,18 +414,6 @@ def load_model(folder, weights="ema", device="cpu"):
     check_state_dict(model, state, path)
     model.load_state_dict(state)
     return model.to(device).eval().requires_grad_(False), config
-
-
-def replace_file(path, write):
-    """Write through `write(tmp_path)` to a temporary name beside `path`, then rename it over `path` (atomic)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def plain_state(module):
@@ -770,11 +756,14 @@ def main(args):
             scaler.unscale_(optimizer)
         else:
             loss.backward()
-        # the gradient norm, clipped to --grad-clip (0: max_norm inf, measured only). Inf/NaN gradients under a
+        # the gradient norm, clipped to --grad-clip (0: measured only). Inf/NaN gradients under a
         # finite loss (an overflow in backward) turn every weight NaN at optimizer.step(): flagged on the device
         # (no sync per step) and checked with the loss at the next log or save, so no NaN weights are ever saved;
         # with fp16 the GradScaler skips such steps itself (and lowers its scale)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
+        if args.grad_clip:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        elif scaler is None:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
         if scaler is None:
             bad_grads |= ~torch.isfinite(grad_norm)
         if scaler is not None:
@@ -826,25 +815,6 @@ def main(args):
     if rank == 0:
         print(json.dumps({"out": str(out), "step": step, "loss": round(mean_loss, 6)}))
     return {"out": str(out), "step": step, "loss": mean_loss}
-
-
-def truncate_log(path, step):
-    """Drop log lines written after the checkpoint we resume from (a killed run may have logged past it; step 0:
-    a fresh start, every line goes), and a last line the kill left half-written."""
-    if not path.is_file():
-        return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    kept = []
-    for i, ln in enumerate(lines):
-        try:
-            record = json.loads(ln)
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                break
-            raise TrainingError(f"{path} line {i + 1} is not JSON: repair or delete the log") from None
-        if record["step"] <= step:
-            kept.append(ln)
-    replace_file(path, lambda p: p.write_text("".join(ln + "\n" for ln in kept)))
 
 
 def int_tuple(s):

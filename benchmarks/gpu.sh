@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# benchmarks/gpu.sh -- every GPU check of the project in one run of about 9 minutes, for a session lent a GPU for a
-# few minutes. Each step runs under its own time limit, and a failed or timed-out step does not stop the others:
+# benchmarks/gpu.sh -- every GPU check of the project in one run of at most about 9 minutes (the sum of the steps'
+# limits), for a session lent a GPU for a few minutes. Each step runs under its own time limit, and a failed or timed-out step does not stop the others:
 #   env                    the card, torch and triton versions
 #   kernel_tests           tests/test_kernels.py with the Triton kernels compiled for the GPU (not interpreted)
 #   study                  the whole digits study on CUDA (bf16, torch.compile, the Triton kernels inside the U-Net)

@@ -551,7 +551,7 @@ def test_fresh_start_empties_the_log_and_half_lines_are_dropped(data, tmp_path, 
     train_ddpm.truncate_log(log, 3)
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3]
     log.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
-    with pytest.raises(train_ddpm.TrainingError, match="line 2 is not JSON"):
+    with pytest.raises(PoisonError, match="line 2 is not JSON"):
         train_ddpm.truncate_log(log, 3)
 
 
@@ -595,7 +595,7 @@ def test_bad_training_flags(data, tmp_path):
                            (["--log-every", 0], "--log-every 0: give an interval of at least 1"),
                            (["--save-every", 0], "--save-every 0: give an interval of at least 1"),
                            (["--timesteps", 20], r"--timesteps 20: .*reach 1, not below 1.*--timesteps 21 or more"),
-                           (["--timesteps", 0], "--timesteps 0: give at least 1 diffusion step")):
+                           (["--timesteps", 0], r"--timesteps 0: .*--timesteps 21 or more")):
         with pytest.raises(PoisonError, match=message):
             train_ddpm.main(tiny_args(tmp_path / "x", data, *flags))
     assert not (tmp_path / "x").exists()
