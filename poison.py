@@ -21,7 +21,8 @@ layout): metadata.jsonl, images/*.png, manifest.json, and trigger.safetensors (t
 stamp the same one). Output is written to a temporary folder and renamed into place.
 
 Python API for the other stages: `poison(...)`, `make_trigger(...)`, `load_trigger(folder)`, `load_folder(folder)`,
-`atomic_output(path)`, `write_folder(...)`, `save_grid(...)`.
+`atomic_output(path)`, `write_folder(...)`, `save_grid(...)`, `replace_file(path, write)` (one file, atomically),
+`truncate_log(path, step)` (a JSON-lines log cut back to a resumed checkpoint).
 """
 import argparse
 import contextlib
