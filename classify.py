@@ -509,6 +509,14 @@ def augment(x, mode, generator):
     return x
 
 
+def augment_generator(seed, rank=0):
+    """The augmentation's random stream for (seed, rank), derived apart from the shuffle's (which is seeded with
+    `seed`): one seed for both made the first epoch's order and the images' shifts one stream, so that an image's
+    place in the epoch foretold its shift."""
+    state = np.random.SeedSequence([seed, rank, 0xA06]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
 def cosine_lr(step, total, base):
     return base * 0.5 * (1.0 + math.cos(math.pi * step / max(1, total)))
 
@@ -520,7 +528,7 @@ def fit(model, train_set, evaluate_epoch, epochs=10, batch_size=128, lr=0.01, mo
     -> dict. Returns the per-epoch history."""
     model.to(device).train()
     torch.manual_seed(seed * world + rank)
-    generator = torch.Generator().manual_seed(seed * world + rank)
+    generator = augment_generator(seed, rank)
     if world > 1:
         sampler = torch.utils.data.distributed.DistributedSampler(train_set, world, rank, shuffle=True, seed=seed)
     else:

@@ -293,3 +293,30 @@ def test_crop_noise_augmentation_noises_half_the_images():
     same = classify.augment(x, "crop-noise", torch.Generator().manual_seed(seed))
     assert torch.equal(out, same)
     assert torch.equal(classify.augment(x, "none", torch.Generator()), x)
+
+
+class TensorSet(torch.utils.data.TensorDataset):
+    cache = None  # what fit() asks of a training set beside the items
+
+
+def test_shuffle_and_augmentation_draw_from_separate_streams(monkeypatch):
+    """fit() shuffles with a generator seeded `seed`. The augmentation must not replay that stream (it did: the first
+    epoch's order and the images' shifts came from one stream), yet stay seeded: the same seed, the same shifts."""
+    seed = int(torch.randint(1 << 30, (1,)))
+    starts = []
+
+    def spy(x, mode, generator):
+        starts.append(generator.get_state().clone())  # before this batch draws its shifts
+        return real(x, mode, generator)
+
+    real = classify.augment
+    monkeypatch.setattr(classify, "augment", spy)
+    data = TensorSet(torch.randint(0, 256, (24, 3, SIDE, SIDE), dtype=torch.uint8), torch.arange(24) % 3)
+    for _ in range(2):
+        model = nn.Sequential(nn.Flatten(), nn.Linear(3 * SIDE * SIDE, 3))
+        classify.fit(model, data, lambda m: {}, epochs=1, batch_size=8, seed=seed, progress=False)
+    assert len(starts) == 6 and torch.equal(starts[0], starts[3])
+    shuffle = torch.Generator().manual_seed(seed)
+    augment = torch.Generator().set_state(starts[0])
+    assert not torch.equal(starts[0], shuffle.get_state())
+    assert not torch.equal(torch.randperm(24, generator=shuffle), torch.randperm(24, generator=augment))
