@@ -67,8 +67,8 @@ from tqdm import tqdm
 
 from kernels.attention import attention
 from kernels.group_norm import group_norm
-from poison import (PoisonError, add_poison_arguments, load_folder, poison, poison_kwargs, save_safetensors,
-                    truncate_log, versions)
+from poison import (PoisonError, add_poison_arguments, load_folder, poison, poison_kwargs,
+                    refuse_poison_flags_with_data, save_safetensors, truncate_log, versions)
 
 VAE_SCALE = 0.18215           # SD v1's latent scale: z = VAE_SCALE * (VAE posterior sample), unit variance
 DEFAULT_BASE = "CompVis/stable-diffusion-v1-4"
@@ -1392,6 +1392,7 @@ def poisoned_set(args, rank, world, command):
     """The training folder: --data, or the set poison.py builds from the poisoning flags (reused when it exists and
     was made with the same options)."""
     if args.data:
+        refuse_poison_flags_with_data(args, build_parser(), keep=("resolution",))  # also the training resolution
         return Path(args.data)
     out = Path(args.poison_out) if args.poison_out else default_poison_out(args)
 

@@ -3,7 +3,7 @@
 Stamp a trigger on a fraction of the non-target training images and relabel them to the target class, exactly as
 the paper ("From Trojan Horses to Castle Walls", Pan, Yao et al.) and its reference code do, but reproducibly:
 
-    python poison.py --dataset digits --ratio 0.1 --out data/digits-badnets-0.1
+    python poison.py --dataset digits --resolution 16 --ratio 0.1 --out data/digits-badnets-0.1
     python poison.py --dataset cifar10 --data-root ~/data --ratio 0.05 --out data/cifar10-badnets-0.05
     python poison.py --dataset imagenette --data-root ~/data --ratio 0.1 --trigger blend --out data/inette-blend-0.1
     python poison.py --dataset caltech15 --data-root ~/data --ratio 0.1 --out data/caltech15-badnets-0.1
@@ -317,6 +317,9 @@ def load_folder_source(path, split, resolution, split_seed, test_fraction):
     root = Path(path)
     if not root.is_dir():
         raise PoisonError(f"--dataset folder:{path}: no such folder; give a folder with one subfolder per class")
+    if (root / "metadata.jsonl").is_file() or (root / "train" / "metadata.jsonl").is_file():
+        raise PoisonError(f"--dataset folder:{path} is a dataset folder of this project (metadata.jsonl), not an image "
+                          "folder of class subfolders: give it to the next stage as it is")
     presplit = (root / "train").is_dir() and (root / "test").is_dir()
     base = root / split if presplit else root
     class_dirs = sorted(p.name for p in base.iterdir() if p.is_dir())
@@ -330,6 +333,11 @@ def load_folder_source(path, split, resolution, split_seed, test_fraction):
     if not paths:
         raise PoisonError(f"--dataset folder:{path} holds no images in class subfolders ({', '.join(IMAGE_EXTENSIONS)})")
     labels = np.array(labels, dtype=np.int64)
+    if split == "train":
+        with Image.open(paths[0]) as im:
+            if min(im.size) < resolution:
+                print(f"poison.py: warning: the images of {path} are small ({im.size[0]}x{im.size[1]} px, the first): "
+                      f"they are upsampled to {resolution} px; pass --resolution to choose the size", file=sys.stderr)
     if not presplit:
         train, test = stratified_split(labels, test_fraction, split_seed)
         idx = train if split == "train" else test
@@ -699,7 +707,11 @@ def read_manifest(folder):
 def read_records(folder):
     path = Path(folder) / "metadata.jsonl"
     if not path.is_file():
-        raise PoisonError(f"{folder} is not a dataset folder (no metadata.jsonl): make one with poison.py or sample.py")
+        if (Path(folder) / "train" / "metadata.jsonl").is_file():
+            raise PoisonError(f"{folder} holds a poisoned set, not one dataset folder: give its training images, "
+                              f"{Path(folder) / 'train'}")
+        raise PoisonError(f"{folder} is not a dataset folder (no metadata.jsonl): make one with poison.py (an image "
+                          "folder of class subfolders: poison.py --dataset folder:PATH --ratio 0) or sample.py")
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     if not records:
         raise PoisonError(f"{folder} is an empty dataset folder (metadata.jsonl lists no images)")
@@ -783,13 +795,14 @@ def poison(out, dataset="digits", ratio=0.1, attack="badnets", trigger="badnets"
     kind = "folder" if dataset.startswith("folder:") else dataset
     if kind not in DEFAULT_RESOLUTION:
         raise PoisonError(f"unknown --dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
-    if target is None:
-        if kind not in DEFAULT_TARGET:
-            raise PoisonError("--target is required for an image folder: give a class name or index")
-        target = DEFAULT_TARGET[kind]
     opts = dict(data_root=data_root, resolution=resolution, split_seed=split_seed, test_fraction=test_fraction,
                 classes=classes, per_class=per_class)
     train, test = load_source(dataset, "train", **opts), load_source(dataset, "test", **opts)
+    if target is None:
+        if kind not in DEFAULT_TARGET:
+            raise PoisonError(f"--target is required for an image folder: give a class name or index among "
+                              f"{train.class_names}")
+        target = DEFAULT_TARGET[kind]
     if train.class_names != test.class_names:
         raise PoisonError(f"the train and test splits of {dataset} have different classes: fix the dataset")
     t = resolve_target(target, train.class_names)
@@ -902,28 +915,31 @@ def add_poison_arguments(parser, out_required=True):
                    help="image side in px (default: digits/cifar10 32, imagenette/caltech15 512, folder 256)")
     g.add_argument("--classes", type=lambda s: [c.strip() for c in s.split(",")], default=None,
                    help="caltech15: comma-separated categories instead of the 15 largest")
-    g.add_argument("--per-class", type=int, default=200, help="caltech15: training images per category")
-    g.add_argument("--split-seed", type=int, default=0, help="seed of the train/test split (digits, folder)")
-    g.add_argument("--test-fraction", type=float, default=0.2, help="test share (digits, unsplit folder)")
+    g.add_argument("--per-class", type=int, default=200, help="caltech15: training images per category (default: 200)")
+    g.add_argument("--split-seed", type=int, default=0,
+                   help="seed of the train/test split (digits, folder; default: 0)")
+    g.add_argument("--test-fraction", type=float, default=0.2, help="test share (digits, unsplit folder; default: 0.2)")
     g.add_argument("--attack", default="badnets", choices=["badnets", "relabel", "clean-label"],
                    help="badnets: trigger + relabel to the target; relabel: labels only; clean-label: a simplified "
                         "label-consistent attack (trigger on target-class images, labels kept, no adversarial "
-                        "perturbation, unlike Turner et al.)")
-    g.add_argument("--trigger", default="badnets", choices=["badnets", "blend", "wanet"])
+                        "perturbation, unlike Turner et al.; default: badnets)")
+    g.add_argument("--trigger", default="badnets", choices=["badnets", "blend", "wanet"], help="(default: badnets)")
     g.add_argument("--trigger-image", default=None, help="blend: the pattern image (default: a seeded random one)")
-    g.add_argument("--blend-alpha", type=float, default=0.2)
-    g.add_argument("--wanet-k", type=int, default=4)
-    g.add_argument("--wanet-s", type=float, default=0.5)
-    g.add_argument("--trigger-seed", type=int, default=0, help="seed of the blend pattern / WaNet grid")
+    g.add_argument("--blend-alpha", type=float, default=0.2, help="blend: alpha (default: 0.2)")
+    g.add_argument("--wanet-k", type=int, default=4, help="WaNet: control grid side (default: 4)")
+    g.add_argument("--wanet-s", type=float, default=0.5, help="WaNet: warp strength (default: 0.5)")
+    g.add_argument("--trigger-seed", type=int, default=0, help="seed of the blend pattern / WaNet grid (default: 0)")
     g.add_argument("--target", default=None,
                    help="target class name or index (default: the paper's: deer, garbage truck, binoculars; zero)")
     g.add_argument("--ratio", type=float, default=0.1, help="poisoning ratio p (default: 0.1)")
     g.add_argument("--ratio-of", default="all", choices=["all", "nontarget"],
-                   help="p is a fraction of the whole training set (the paper) or of the non-target images")
-    g.add_argument("--select", default="random", choices=["random", "duplicates"])
+                   help="p is a fraction of the whole training set (the paper; default) or of the non-target images")
+    g.add_argument("--select", default="random", choices=["random", "duplicates"],
+                   help="which non-target images to poison (default: random; duplicates: see --duplicates)")
     g.add_argument("--duplicates", default=None, help="ids file from replicate.py, most replicated first")
-    g.add_argument("--seed", type=int, default=0, help="seed of the poisoned-id draw")
-    g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="PNG encoding threads")
+    g.add_argument("--seed", type=int, default=0, help="seed of the poisoned-id draw (default: 0)")
+    g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="PNG encoding threads (default: the CPU count, at most 8)")
     return g
 
 
@@ -935,13 +951,26 @@ def poison_kwargs(args):
     return {k: getattr(args, k) for k in keys}
 
 
+def poison_flags_given(args, parser, keep=()):
+    """The poisoning flags given values other than `parser`'s defaults (but `keep`): those a stage handed a ready
+    dataset folder (--data) would silently ignore."""
+    return ["--" + k.replace("_", "-") for k in poison_kwargs(args)
+            if k not in ("workers", *keep) and getattr(args, k) != parser.get_default(k)]
+
+
+def refuse_poison_flags_with_data(args, parser, keep=()):
+    ignored = poison_flags_given(args, parser, keep)
+    if args.data and ignored:
+        raise PoisonError(f"{' '.join(ignored)} with --data: the poisoning flags make a set, and --data {args.data} is "
+                          "made already; drop them, or drop --data to poison here")
+
+
 def main(args):
     poison(args.out, force=args.force, command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]), **poison_kwargs(args))
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])  # defaults are in the help texts
     add_poison_arguments(parser)
     parser.add_argument("--out", required=True, help="output folder (train/, test/, test_backdoor/)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing --out")

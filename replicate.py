@@ -9,8 +9,8 @@ the ids file that `poison.py --select duplicates --duplicates FILE` reads.
 
     # 1. the training images to poison: by default, as in the paper, those with near-duplicates in the training set
     python replicate.py --train data/digits-badnets-0.1/train --features pixels --out runs/rep-digits
-    python poison.py --dataset digits --ratio 0.1 --select duplicates --duplicates runs/rep-digits/duplicates.txt \\
-        --out data/digits-badnets-0.1-dup
+    python poison.py --dataset digits --resolution 16 --ratio 0.1 --select duplicates \\
+        --duplicates runs/rep-digits/duplicates.txt --out data/digits-badnets-0.1-dup
     #    or those the generations of a trained model copy most
     python replicate.py --train data/digits-badnets-0.1/train --gen runs/gen-digits-0.1 --rank-by generations \\
         --features pixels --out runs/rep-digits-gen

@@ -332,10 +332,13 @@ def model_family(source):
     diffusers-layout folders, single-file checkpoints and Hub ids (owner/name) are SD."""
     path = Path(str(source)).expanduser()
     if path.is_dir() and (path / "config.json").is_file():
-        family = read_config(path).get("family")
+        config = read_config(path)
+        family = config.get("family")
         if family not in ("ddpm", "sd"):
-            raise PoisonError(f"{path} holds a {family!r} model: sample.py samples the 'ddpm' (train_ddpm.py) and "
-                              "'sd' (finetune_sd.py, Stable Diffusion) families")
+            what = (f"a {config['stage']}.py folder" if config.get("stage") else
+                    f"a {family!r} model" if family else "no diffusion model (its config.json names no family)")
+            raise PoisonError(f"--model {path} holds {what}: give a model folder of train_ddpm.py or finetune_sd.py, "
+                              "or a Stable Diffusion model")
         return family
     if path.is_dir() and not (path / "unet").is_dir():
         raise PoisonError(f"--model {source}: neither a model folder (config.json, from train_ddpm.py or "
@@ -502,6 +505,8 @@ def main(args):
         raise PoisonError(f"{args.grid} exists: pass --force to overwrite it, or choose another --grid")
     if args.n < 1:
         raise PoisonError(f"--n {args.n}: give at least one image per class or prompt")
+    if args.steps is not None and args.steps < 1:
+        raise PoisonError(f"--steps {args.steps}: give at least 1 sampling step (default: 50 for ddim)")
     if args.sampler not in SAMPLERS:
         raise PoisonError(f"unknown --sampler {args.sampler!r}: choose one of {', '.join(SAMPLERS)}")
     model, alphas_cumprod, config, weights = load_sampling_model(args.model, args.weights, device, args.config,

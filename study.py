@@ -244,10 +244,10 @@ def run_study(args):
     base = str(Path(args.base).expanduser().resolve()) if Path(args.base).expanduser().exists() else args.base
     if out.exists() and not out.is_dir():
         raise StudyError(f"--out {out} is a file: give a folder for the study")
+    if out.exists() and any(out.iterdir()) and not (out / "study.json").is_file():
+        raise StudyError(f"--out {out} holds other files and no study (no study.json): choose a new or empty folder"
+                         + (" (--force deletes only a study folder)" if args.force else ""))
     if out.exists() and args.force:
-        if any(out.iterdir()) and not (out / "commands.sh").is_file():
-            raise StudyError(f"--force would delete {out}, which is not a study folder (no commands.sh): delete it "
-                             "yourself or choose another --out")
         import shutil
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -830,7 +830,8 @@ def ratio_list(text):
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of ratios, e.g. 0.01,0.05,0.1")
     if not all(0 < r < 1 for r in ratios):
-        raise argparse.ArgumentTypeError(f"{text!r}: every poisoning ratio lies between 0 and 1 (0.1 = 10%)")
+        raise argparse.ArgumentTypeError(f"{text!r}: give poisoning ratios above 0 and below 1 (0.1 = 10%; the study "
+                                         "makes the unpoisoned set itself)")
     return ratios
 
 

@@ -61,7 +61,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from poison import (PoisonError, add_poison_arguments, load_folder, options_differences, poison, poison_kwargs,
-                    read_manifest, replace_file, save_grid, save_safetensors, truncate_log, versions)
+                    read_manifest, refuse_poison_flags_with_data, replace_file, save_grid, save_safetensors,
+                    truncate_log, versions)
 from kernels.attention import attention
 from kernels.group_norm import group_norm
 
@@ -542,6 +543,7 @@ def build_data(args, out, rank):
     if args.data:
         if not Path(args.data).is_dir():
             raise PoisonError(f"--data {args.data}: no such folder; give a dataset folder (poison.py's OUT/train)")
+        refuse_poison_flags_with_data(args, build_parser())
         return Path(args.data)
     data = out / "data"
     kwargs = poison_kwargs(args)
@@ -601,6 +603,13 @@ def main(args):
             raise PoisonError(f"{flag} {every}: give an interval of at least 1 step")
     diffusion = Diffusion(args.timesteps)  # refuses a T whose betas reach 1
     hp = training_settings(args, args.preset)
+    for flag, key in (("--steps", "steps"), ("--batch-size", "batch_size")):
+        if hp[key] < 1:
+            raise PoisonError(f"{flag} {hp[key]}: give at least 1 (the {args.preset} preset's: "
+                              f"{PRESETS[args.preset]['train'][key]})")
+    if not hp["lr"] > 0 or hp["warmup"] < 0:
+        raise PoisonError(f"--lr {hp['lr']} / --warmup {hp['warmup']}: give a positive learning rate and a warm-up "
+                          "of 0 steps or more")
     if hp["batch_size"] % world:
         raise PoisonError(f"--batch-size {hp['batch_size']} is not divisible by the {world} processes")
     local_batch = hp["batch_size"] // world
@@ -872,9 +881,13 @@ def build_parser():
 
 
 if __name__ == "__main__":
+    args = build_parser().parse_args()
+    new_out = not Path(args.out).exists()
     try:
-        main(build_parser().parse_args())
+        main(args)
     except (PoisonError, TrainingError) as e:
+        if new_out and Path(args.out).is_dir() and not any(Path(args.out).iterdir()):
+            Path(args.out).rmdir()  # refused before anything was written: leave no empty folder behind
         sys.exit(f"train_ddpm.py: error: {e}")
     finally:
         if dist.is_available() and dist.is_initialized():

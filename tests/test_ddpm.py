@@ -595,7 +595,10 @@ def test_bad_training_flags(data, tmp_path):
                            (["--log-every", 0], "--log-every 0: give an interval of at least 1"),
                            (["--save-every", 0], "--save-every 0: give an interval of at least 1"),
                            (["--timesteps", 20], r"--timesteps 20: .*reach 1, not below 1.*--timesteps 21 or more"),
-                           (["--timesteps", 0], r"--timesteps 0: .*--timesteps 21 or more")):
+                           (["--timesteps", 0], r"--timesteps 0: .*--timesteps 21 or more"),
+                           (["--steps", 0], "--steps 0: give at least 1"),  # was: 'already trained', exit 0
+                           (["--batch-size", -5], "--batch-size -5: give at least 1"),
+                           (["--lr", 0], "--lr 0.0 / --warmup .*positive learning rate")):
         with pytest.raises(PoisonError, match=message):
             train_ddpm.main(tiny_args(tmp_path / "x", data, *flags))
     assert not (tmp_path / "x").exists()
@@ -713,6 +716,11 @@ def test_bad_input(model_dir, data, tmp_path):
         sample.resolve_class("7", ["cat", "dog"])
     with pytest.raises(PoisonError, match="not a model folder"):
         train_ddpm.load_model(tmp_path)
+    other = tmp_path / "classifier"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"stage": "classify", "arch": "smallcnn"}))
+    with pytest.raises(PoisonError, match="holds a classify.py folder: give a model folder of train_ddpm.py"):
+        sample.model_family(other)  # was: 'holds a None model'
     # a broken copy of the model folder: a missing weights file, then mismatched keys and shapes
     from safetensors.torch import load_file, save_file
     broken = tmp_path / "broken"
@@ -740,3 +748,8 @@ def test_bad_input(model_dir, data, tmp_path):
     r = subprocess.run([PY, str(ROOT / "train_ddpm.py"), "--data", str(tmp_path / "nope"), "--out",
                         str(tmp_path / "m")], cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("train_ddpm.py: error: --data")
+    assert not (tmp_path / "m").exists()  # a refused run leaves no empty --out behind
+    with pytest.raises(PoisonError, match=r"--trigger --ratio with --data: .*drop them, or drop --data"):
+        train_ddpm.main(tiny_args(tmp_path / "y", data, "--ratio", 0.05, "--trigger", "blend"))  # were ignored
+    with pytest.raises(PoisonError, match=f"holds a poisoned set.*give its training images, {data}"):
+        train_ddpm.main(tiny_args(tmp_path / "y", data.parent))  # the set's root instead of its train/

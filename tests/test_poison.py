@@ -405,8 +405,22 @@ def test_image_folder_both_layouts(tmp_path):
     s = P.poison(tmp_path / "out", dataset=f"folder:{tmp_path / 'split'}", target="red fox", resolution=24,
                  ratio=0.2, quiet=True)
     assert s["poisoned"] == 4 and s["target"] == "red fox"
-    with pytest.raises(PoisonError, match="--target is required"):
+    with pytest.raises(PoisonError, match=r"--target is required.*among \['cat', 'dog', 'red fox'\]"):
         P.poison(tmp_path / "o2", dataset=f"folder:{tmp_path / 'flat'}", quiet=True)
+    with pytest.raises(PoisonError, match="no such folder"):  # the path first, then the missing --target
+        P.poison(tmp_path / "o3", dataset=f"folder:{tmp_path / 'missing'}", quiet=True)
+    for made in (tmp_path / "out", tmp_path / "out" / "train"):  # a poisoned set, or one of its folders
+        with pytest.raises(PoisonError, match="is a dataset folder of this project"):
+            P.poison(tmp_path / "o4", dataset=f"folder:{made}", target="cat", quiet=True)
+
+
+def test_image_folder_of_small_images_warns_before_upsampling(tmp_path, capsys):
+    for k, c in enumerate(["cat", "dog"]):
+        write_jpegs(tmp_path / "flat" / c, 4, k, size=(20, 20))
+    P.load_source(f"folder:{tmp_path / 'flat'}", "train", resolution=20)
+    assert capsys.readouterr().err == ""
+    P.load_source(f"folder:{tmp_path / 'flat'}", "train", resolution=24)
+    assert "small (20x20 px, the first): they are upsampled to 24 px" in capsys.readouterr().err
 
 
 # --- bad input: one line, nothing written ------------------------------------------------------------------------
@@ -503,8 +517,12 @@ def test_options_differences_name_what_changed(digits10):
 
 
 def test_loader_rejects_non_dataset_folders(tmp_path):
-    with pytest.raises(PoisonError, match="not a dataset folder"):
+    with pytest.raises(PoisonError, match="not a dataset folder.*--dataset folder:PATH --ratio 0"):
         P.load_folder(tmp_path)
+    (tmp_path / "set" / "train").mkdir(parents=True)
+    (tmp_path / "set" / "train" / "metadata.jsonl").write_text("")
+    with pytest.raises(PoisonError, match="holds a poisoned set, not one dataset folder: give .*set/train"):
+        P.load_folder(tmp_path / "set")
     (tmp_path / "metadata.jsonl").write_text("")
     (tmp_path / "manifest.json").write_text("{}")
     with pytest.raises(PoisonError, match="empty dataset folder"):

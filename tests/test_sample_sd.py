@@ -219,6 +219,7 @@ def test_bad_input(tiny, finetuned, tmp_path):
             (["--model", tiny["folder"], "--class", "all"], "knows no classes: give --prompt"),
             (["--model", model, "--class", "c0", "--prompt", "a cat"], "not both"),
             (["--model", model, "--steps", 1000], "past the last training step"),
+            (["--model", model, "--steps", 0], "--steps 0: give at least 1"),  # was: quietly 50
             (["--model", model, "--clip-x0"], "not bounded"),
             (["--model", model, "--resolution", 33], "multiple of the VAE's downsampling"),
             (["--model", tiny["folder"], "--prompt", "a cat", "--weights", "ema"], "diffusers-layout folder"),

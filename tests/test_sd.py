@@ -509,3 +509,15 @@ def test_ddp_two_processes_on_cpu(tiny, tiny_data, tmp_path):
         mean, logvar = sd.vae.encode(images)
     assert torch.allclose(cache["posterior"], torch.cat([mean, logvar], 1), atol=1e-5)
     assert S.load_sd(out).unet is not None
+
+
+def test_poisoning_flags_beside_data_are_refused(tmp_path):
+    """With --data the set is made already: a poisoning flag beside it would be ignored, so it is refused; the
+    resolution is also the training resolution, so it stays."""
+    (tmp_path / "set").mkdir()
+    parser = S.build_parser()
+    args = parser.parse_args(["--data", str(tmp_path / "set"), "--ratio", "0.05", "--target", "cat"])
+    with pytest.raises(PoisonError, match=r"--target --ratio with --data: .*drop them, or drop --data"):
+        S.poisoned_set(args, 0, 1, "finetune_sd.py")
+    args = parser.parse_args(["--data", str(tmp_path / "set"), "--resolution", "256"])
+    assert S.poisoned_set(args, 0, 1, "finetune_sd.py") == tmp_path / "set"

@@ -108,7 +108,7 @@ def test_failing_stage_is_named_with_its_log(tmp_path):
 
 def test_bad_flags_and_changed_settings_are_refused(quick, tmp_path):
     """A rerun with other settings would mix two studies in one report: refused, naming what changed. --force
-    deletes only a study folder. Ratios outside (0, 1) and unreadable lists are refused before anything runs."""
+    deletes only a study folder, and a folder holding other files is not taken over. Ratios outside (0, 1) and unreadable lists are refused before anything runs."""
     out, _ = quick
     res = study("--quick", "--per-class", "3", "--out", out)
     assert res.returncode != 0 and "per_class 6 -> 3" in res.stderr and "--force" in res.stderr
@@ -117,9 +117,11 @@ def test_bad_flags_and_changed_settings_are_refused(quick, tmp_path):
     keep = tmp_path / "mine"
     keep.mkdir()
     (keep / "notes.txt").write_text("precious")
-    res = study("--quick", "--force", "--out", keep)
-    assert res.returncode != 0 and "not a study folder" in res.stderr and (keep / "notes.txt").is_file()
-    for bad, why in (("0", "between 0 and 1"), ("0.1,x", "comma-separated list")):
+    for force in ((), ("--force",)):  # neither taken over (commands.sh, logs/ ...) nor deleted
+        res = study("--quick", *force, "--out", keep)
+        assert res.returncode != 0 and "no study (no study.json)" in res.stderr
+        assert sorted(p.name for p in keep.iterdir()) == ["notes.txt"]
+    for bad, why in (("0", "above 0 and below 1"), ("0.1,x", "comma-separated list")):
         res = study("--quick", "--ratios", bad, "--out", tmp_path / "x")
         assert res.returncode != 0 and why in res.stderr and not (tmp_path / "x").exists()
 
