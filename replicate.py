@@ -774,9 +774,13 @@ def replicate(out, train, gen=None, duplicates_gen=None, duplicates_train=None, 
                              "drop it")
     if Path(out).exists() and not force:
         raise ReplicateError(f"{out} exists: pass --force to overwrite it, or choose another --out")
-    for folder in (train, gen, duplicates_gen, duplicates_train):  # fail on a bad folder before any work
-        if folder is not None:
-            load_folder(folder)
+    sets = {flag: load_folder(folder) for flag, folder in  # fail on a bad folder before any work
+            (("--train", train), ("--gen", gen), ("--duplicates-gen", duplicates_gen),
+             ("--duplicates-train", duplicates_train)) if folder is not None}
+    for flag, ds in sets.items():  # the label comparisons need the training set's classes, in its order
+        if [c.lower() for c in ds.class_names] != [c.lower() for c in sets["--train"].class_names]:
+            raise ReplicateError(f"{flag} {ds.root} holds the classes {ds.class_names}, --train {train} "
+                                 f"{sets['--train'].class_names}: give folders of one dataset")
     dev = resolve_device(device)
     if with_table:  # every check of Table A5's input before any long computation
         clf, det = dissect.as_model(classifier, dev), dissect.as_model(detector, dev)

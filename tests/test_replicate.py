@@ -283,6 +283,9 @@ def test_bad_input(data, tmp_path):
                     progress=False)
     with pytest.raises(PoisonError, match="needs --gen"):
         R.replicate(tmp_path / "o", data["train"], rank_by="generations", features="pixels", quiet=True)
+    pets = write_dataset(tmp_path / "pets", np.zeros((2, 16, 16, 3), np.uint8), [0, 1], class_names=["cat", "dog"])
+    with pytest.raises(PoisonError, match=r"--gen .*pets holds the classes \['cat', 'dog'\], --train"):
+        R.replicate(tmp_path / "o", data["train"], gen=pets, features="pixels", device="cpu", quiet=True)
     one = write_dataset(tmp_path / "one", np.zeros((1, 16, 16, 3), np.uint8), [0])
     with pytest.raises(PoisonError, match="at least 2"):
         R.replicate(tmp_path / "o", one, features="pixels", device="cpu", quiet=True, progress=False)
