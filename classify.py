@@ -26,10 +26,11 @@ et al.).
     python classify.py diffusion --model runs/sd-inette-0.1 --data data/imagenette-badnets-0.1 --n 500 \\
         --classifier runs/clf-inette --out runs/dc-inette-0.1
 
-`--data` takes a poisoned set (OUT of poison.py: its train/ is trained on, test/ and test_backdoor/ evaluated) or any
-dataset folder (a poisoned or clean training set, a folder of generations). A classifier folder holds config.json
-(architecture, classes, input size, normalisation, task, training options), model.safetensors and results.json (TA
-and ASR of every epoch; the final values, and separately the best over epochs, which the reference code reported).
+`--data` takes a poisoned set (OUT of poison.py: its train/ is trained on, test/ and test_backdoor/ evaluated; its
+train/ folder stands for it too) or any dataset folder (a poisoned or clean training set, a folder of generations).
+A classifier folder holds config.json (architecture, classes, input size, normalisation, task, training options),
+model.safetensors and results.json (TA and ASR of every epoch; the final values, and separately the best over
+epochs, which the reference code reported).
 
 Architectures: the paper's torchvision resnet18, resnet50, vgg16, densenet121 (ImageNet weights with --pretrained:
 torchvision's download, or --weights FILE), and `smallcnn`, which is NOT from the paper: a 5-convolution network so
@@ -51,7 +52,8 @@ error of every image and class, predictions, labels, image indices).
 
 Python API for later stages: `load_classifier(dir)` -> (model, config); `model(x)` gives logits and
 `model.features(x)` the penultimate features (`model.backbone` + `model.head`); `predict(model, data)` -> (labels,
-probabilities); `evaluate(model, config, test, backdoor)` -> TA / ASR; `train_classifier(...)`,
+probabilities); `evaluate(model, config, test, backdoor)` -> TA / ASR; `require_resolution(config, size, what)`
+refuses images of another side than the classifier's training data; `train_classifier(...)`,
 `train_trigger_detector(...)`; the diffusion classifier: `load_denoiser(model)` -> Denoiser, `classify_images(...)`
 (batched), `denoising_errors_loop(...)` (the per-class loop), `filtered_means(...)`, `run_diffusion_classifier(...)`.
 """
@@ -289,15 +291,29 @@ def save_classifier(out, model, config, results, force=False):
         (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 
 
+def other_maker(config):
+    """What wrote a model folder's config.json, in words, when not classify.py (None for a classifier's)."""
+    if config.get("family") == "ddpm":
+        return "a train_ddpm.py model folder (config.json family 'ddpm')"
+    if config.get("family") == "sd" or config.get("stage") == "finetune_sd":
+        return "a finetune_sd.py model folder (config.json stage 'finetune_sd')"
+    if config.get("stage") not in (None, "classify"):
+        return f"a {config['stage']} folder (config.json stage {config['stage']!r})"
+    return None
+
+
 def load_classifier(folder, device="cpu"):
     """(model in eval mode, config) from a classifier folder. model(x) -> logits, model.features(x) ->
     penultimate features, x in [0, 1]; config has arch, task, class_names, input_size, normalization."""
     from safetensors.torch import load_file
     folder = Path(folder)
-    if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
-        raise ClassifyError(f"{folder} is not a classifier folder (config.json + model.safetensors): make one "
-                            "with classify.py train or classify.py trigger-detector")
-    config = json.loads((folder / "config.json").read_text())
+    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    if not (folder / "model.safetensors").is_file() or "arch" not in config or other_maker(config):
+        maker = other_maker(config)
+        what = f"{maker}, not a classifier folder" if maker else \
+            "not a classifier folder (config.json with an arch + model.safetensors)"
+        raise ClassifyError(f"{folder} is {what}: make a classifier with classify.py train (a class classifier) or "
+                            "classify.py trigger-detector")
     model = build_model(config["arch"], config["num_classes"], config["input_size"], config.get("width") or 16,
                         config.get("normalization"))
     sd = load_file(str(folder / "model.safetensors"))
@@ -308,6 +324,19 @@ def load_classifier(folder, device="cpu"):
                             f"unexpected {unexpected[:5]}; the folder is damaged, train it again")
     model.load_state_dict(sd)
     return model.to(device).eval(), config
+
+
+def require_resolution(config, size, what, images="the images"):
+    """Refuse `images` of `size` (a side or (H, W)) for a judge (a classifier's config) trained on images of another
+    side: the model would resize them and judge what it never saw (a detector trained on 32-px digits calls 13.6% of
+    16-px generations triggered where 50.3% are). Configs older than data_resolution pass."""
+    trained = config.get("data_resolution")
+    if trained is None or size is None:
+        return
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    if (h, w) != (trained, trained):
+        raise ClassifyError(f"{what} was trained on {trained}x{trained}-px images but {images} are {h}x{w} px: "
+                            f"train it on data of the same resolution ({h} px), or give it {trained}-px images")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -385,7 +414,9 @@ def evaluation_set(config, folder_path, what):
         labels = folder.poisoned.long()
     else:
         labels = map_labels(folder.labels, folder.class_names, config["class_names"], f"{what} {folder_path}")
-    return ImageSet(folder, labels=labels)
+    images = ImageSet(folder, labels=labels)
+    require_resolution(config, images.size, "the classifier", f"the images of {what} {folder_path}")
+    return images
 
 
 def batches(data, batch_size=256, workers=0):
@@ -598,14 +629,23 @@ def summarize(history, keys):
 
 
 def resolve_sets(data, test=None, backdoor=None):
-    """A poisoned set's root (holding train/) stands for its train/, test/ and test_backdoor/."""
+    """A poisoned set's root (holding train/), or its train/ folder, stands for its train/, test/ and
+    test_backdoor/."""
     data = Path(data)
     if (data / "train" / "metadata.jsonl").is_file():
-        test = test or ((data / "test") if (data / "test" / "metadata.jsonl").is_file() else None)
-        backdoor = backdoor or ((data / "test_backdoor") if (data / "test_backdoor" / "metadata.jsonl").is_file()
-                                else None)
         data = data / "train"
+    root = data.parent
+    if data.name == "train" and (root / "test" / "metadata.jsonl").is_file():
+        test = test or root / "test"
+        backdoor = backdoor or ((root / "test_backdoor") if (root / "test_backdoor" / "metadata.jsonl").is_file()
+                                else None)
     return data, test, backdoor
+
+
+def is_training_split(folder):
+    """Whether a dataset folder is the (poisoned) training set of a poisoned set: its manifest's split."""
+    path = Path(folder) / "manifest.json"
+    return path.is_file() and json.loads(path.read_text()).get("split") == "train"
 
 
 def make_model(arch, num_classes, resolution, pretrained=False, weights=None, input_size=None, width=16,
@@ -661,6 +701,9 @@ def train_classifier(data, out, test=None, backdoor=None, arch="resnet18", clean
         raise ClassifyError(f"{out} exists: pass --force to overwrite it, or choose another --out")
     data, test, backdoor = resolve_sets(data, test, backdoor)
     dev, rank, world = setup_device(device)
+    if test is None and backdoor is None and rank == 0:
+        print(f"classify.py: warning: no test set for {data}: no TA or ASR will be measured; give --test (and "
+              "--backdoor), or --data the poisoned set's root", file=sys.stderr)
     folder = load_folder(data)
     keep = torch.nonzero(~folder.poisoned).flatten() if clean else torch.arange(len(folder))
     if len(keep) == 0:
@@ -674,7 +717,7 @@ def train_classifier(data, out, test=None, backdoor=None, arch="resnet18", clean
                              "n_train": len(train_set), "p_t": folder.manifest.get("p_t"),
                              "poison_ratio": folder.manifest.get("poison_ratio")},
                     "command": command or "train_classifier()"}
-    config = {"task": "class", "class_names": folder.class_names}
+    config = {"task": "class", "class_names": folder.class_names, "data_resolution": fields["data_resolution"]}
     test_set = evaluation_set(config, test, "--test") if test and rank == 0 else None
     backdoor_set = evaluation_set(config, backdoor, "--backdoor") if backdoor and rank == 0 else None
     bs = max(256, opts["batch_size"])
@@ -719,8 +762,6 @@ def train_trigger_detector(data, out, test=None, arch="resnet50", fraction=0.5, 
         raise ClassifyError(f"--fraction {fraction} is outside (0, 1]: give the share of non-target images that "
                             "carry the trigger, e.g. 0.5")
     data, test, _ = resolve_sets(data, test)
-    if test is None and (Path(data).parent / "test" / "metadata.jsonl").is_file() and Path(data).name == "train":
-        test = Path(data).parent / "test"
     dev, rank, world = setup_device(device)
     folder = load_folder(data)
     trigger = load_trigger(data)
@@ -882,6 +923,10 @@ def load_denoiser(source, weights="ema", device="cpu", class_names=None, resolut
     if path.is_dir() and not config and not (path / "model_index.json").is_file() and not (path / "unet").is_dir():
         raise ClassifyError(f"--model {source} is not a model folder (no config.json): give a train_ddpm.py or "
                             "finetune_sd.py model folder, or a Stable Diffusion (Hub id, diffusers folder)")
+    if config.get("stage") == "classify":
+        raise ClassifyError(f"--model {source} is a classifier folder (config.json stage 'classify'), not a diffusion "
+                            "model: --model wants a train_ddpm.py model folder or a Stable Diffusion (a finetune_sd.py "
+                            "folder, Hub id, diffusers folder); give the classifier as --classifier")
     if family not in (None, "sd"):
         raise ClassifyError(f"--model {source} holds a {family!r} model: the diffusion classifier takes the ddpm "
                             "and sd families")
@@ -913,17 +958,18 @@ def parse_stages(timesteps, keep, num_classes):
     the last stage keeps 1). A single --timesteps N is one stage over every class."""
     timesteps = [int(v) for v in timesteps]
     keep = [int(v) for v in keep] if keep else []
+    given = ",".join(map(str, keep)) or "(none)"                        # errors quote what was typed
     if not timesteps or timesteps[0] < 1 or any(a >= b for a, b in zip(timesteps, timesteps[1:])):
         raise ClassifyError(f"--timesteps {','.join(map(str, timesteps))}: give a positive count, or stages with "
                             "increasing counts (e.g. 50,500)")
     if len(keep) == len(timesteps) - 1:
         keep = keep + [1]
     if len(keep) != len(timesteps) or keep[-1] != 1:
-        raise ClassifyError(f"--keep {','.join(map(str, keep)) or '(none)'} does not fit --timesteps "
+        raise ClassifyError(f"--keep {given} does not fit --timesteps "
                             f"{','.join(map(str, timesteps))}: give the classes kept after each stage but the last "
                             "(e.g. --timesteps 50,500 --keep 5)")
     if any(a <= b for a, b in zip(keep, keep[1:])) or keep[0] > num_classes:
-        raise ClassifyError(f"--keep {','.join(map(str, keep))}: keep fewer classes after every stage, at most the "
+        raise ClassifyError(f"--keep {given}: keep fewer classes after every stage, at most the "
                             f"model's {num_classes}")
     return list(zip(timesteps, keep))
 
@@ -1164,6 +1210,10 @@ def run_diffusion_classifier(model, data, out, test=None, backdoor=None, classif
     data_path = Path(data)
     _, t_default, b_default = resolve_sets(data_path)
     if t_default is None and b_default is None and (data_path / "metadata.jsonl").is_file():
+        if test is None and is_training_split(data_path):
+            raise ClassifyError(f"--data {data} is a poisoned training set with no test/ beside it: TA on training "
+                                "images is no test accuracy; give --test (a clean test folder), or --data the "
+                                "poisoned set's root")
         t_default = data_path                                           # a plain dataset folder: accuracy on it
     test, backdoor = test or t_default, backdoor or b_default
     if test is None and backdoor is None:
@@ -1187,6 +1237,9 @@ def run_diffusion_classifier(model, data, out, test=None, backdoor=None, classif
         clf, clf_config = load_classifier(classifier, dev)
         if clf_config["task"] != "class":
             raise ClassifyError(f"--classifier {classifier} is a trigger detector: give a class classifier")
+        for folder in sets.values():
+            require_resolution(clf_config, tuple(folder.image_uint8(0).shape[-2:]), f"--classifier {classifier}",
+                               f"the images of {folder.root}")
     target_name = target_of(sets.get("backdoor") or first)
     target = resolve_name(target_name, names) if target_name is not None else None
 
@@ -1332,74 +1385,90 @@ def add_training_arguments(p, arch_default):
                    help="side the model sees (default: 224 when pretrained, else the data's)")
     p.add_argument("--normalize", default="auto", choices=["auto", "imagenet", "none"],
                    help="auto: ImageNet mean/std when pretrained, none otherwise")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=50, help="per process (50: the reference code)")
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--epochs", type=int, default=DEFAULT_OPTS["epochs"], help="passes over the training set")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_OPTS["batch_size"],
+                   help="per process (the reference code's)")
+    p.add_argument("--lr", type=float, default=DEFAULT_OPTS["lr"],
+                   help="SGD learning rate at the start of the cosine schedule")
+    p.add_argument("--momentum", type=float, default=DEFAULT_OPTS["momentum"], help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=DEFAULT_OPTS["weight_decay"],
+                   help="SGD weight decay (not on BatchNorm weights and biases)")
     p.add_argument("--augment", default="crop", choices=["none", "crop", "flip-crop", "crop-noise"],
                    help="random translation by up to side/8 px (+ horizontal flips, or + Gaussian noise on half the "
                         "images: for judges of generations)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--seed", type=int, default=0, help="initial weights, shuffle, augmentation, stamped images")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when visible")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast dtype on CUDA (auto: bf16); the CPU trains in fp32")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile (auto: on CUDA)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="data-loading processes for datasets too large to hold in memory")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (small models on a busy CPU often train fastest with 1)")
+                   help="CPU threads for torch (small models on a busy CPU often train fastest with 1; default: "
+                        "torch's own)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's default once: argparse's "(default: ...)" unless the help already says it in words; none for
+    required flags and switches (--force), which have no default to tell."""
+
+    def _get_help_string(self, action):
+        if "(default" in action.help or action.required or action.nargs == 0:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("train", help="train a class classifier; TA and ASR every epoch",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     add_training_arguments(p, "resnet18")
     p.add_argument("--test", default=None, help="clean test folder for TA (default: the poisoned set's test/)")
     p.add_argument("--backdoor", default=None, help="test_backdoor folder for ASR (default: the set's test_backdoor/)")
     p.add_argument("--clean", action="store_true",
                    help="drop the poisoned images: the class classifier that judges whether generations match prompts")
     p = sub.add_parser("trigger-detector", help="train the binary trigger detector of the paper",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     add_training_arguments(p, "resnet50")
     p.add_argument("--test", default=None, help="clean folder to hold out (default: the poisoned set's test/)")
     p.add_argument("--fraction", type=float, default=0.5, help="share of the non-target images with the trigger")
     p.add_argument("--holdout", type=float, default=0.1, help="share of training images held out when no test folder")
     p.add_argument("--blend-alpha-range", type=alpha_range, default=BLEND_ALPHA_RANGE, metavar="LO,HI",
-                   help="blend triggers: stamp each image with an alpha drawn from U(LO, HI), as the reference code "
-                        "(0.05,0.25); none: the set's own alpha")
+                   help="blend triggers: stamp each image with an alpha drawn from U(LO, HI), as the reference code; "
+                        "none: the set's own alpha (default: 0.05,0.25)")
     p = sub.add_parser("eval", help="TA / ASR of a classifier folder",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("--classifier", required=True, help="a classifier folder")
     p.add_argument("--data", default=None, help="a poisoned set (its test/ and test_backdoor/) or any dataset folder")
-    p.add_argument("--test", default=None, help="clean test folder (TA)")
-    p.add_argument("--backdoor", default=None, help="test_backdoor folder (ASR)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--test", default=None, help="clean test folder (TA) (default: --data's test/)")
+    p.add_argument("--backdoor", default=None, help="test_backdoor folder (ASR) (default: --data's test_backdoor/)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when visible")
     p.add_argument("--json", default=None, help="also write the result to this JSON file")
     p = sub.add_parser("diffusion", aliases=["diffusion-classifier"],
                        help="a diffusion model as a classifier (the paper's Tab. A4): TA / ASR per loss filter",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("--model", required=True,
                    help="a train_ddpm.py or finetune_sd.py model folder (or any SD that finetune_sd.load_sd reads)")
     p.add_argument("--data", required=True, help="a poisoned set (its test/ and test_backdoor/) or a dataset folder")
     p.add_argument("--test", default=None, help="clean test folder for TA (default: the poisoned set's test/)")
     p.add_argument("--backdoor", default=None, help="test_backdoor folder for ASR (default: the set's)")
     p.add_argument("--classifier", default=None,
-                   help="a classifier folder trained on the same poisoned set, evaluated on the same images")
+                   help="a classifier folder trained on the same poisoned set, evaluated on the same images "
+                        "(default: none, the diffusion classifier alone)")
     p.add_argument("--out", required=True, help="folder for results.json, results.md, scores.safetensors")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
     p.add_argument("--filter-top", type=float_list, default=list(DEFAULT_FILTERS),
                    help="percents of the largest per-element denoising errors dropped before averaging, one "
-                        "diffusion-classifier row each (the paper's sweep: 0,1,5,10)")
+                        "diffusion-classifier row each (default: 0,1,5,10, the paper's sweep)")
     p.add_argument("--timesteps", type=int_list, default=list(DEFAULT_TIMESTEPS),
                    help="evaluations (timestep, noise) per class; stages for adaptive pruning, e.g. 50,500 with "
-                        "--keep 5 (Li et al.'s CIFAR setting)")
-    p.add_argument("--keep", type=int_list, default=None, help="classes kept after each stage but the last")
+                        "--keep 5, Li et al.'s CIFAR setting (default: 50)")
+    p.add_argument("--keep", type=int_list, default=None,
+                   help="classes kept after each stage but the last (default: none, for a single stage)")
     p.add_argument("--loss", default="l2", choices=LOSSES, help="error of the eps prediction")
     p.add_argument("--n", "--images", dest="n", type=int, default=None,
                    help="a seeded random subset of N images per set (default: all); under torchrun write --images, "
@@ -1410,11 +1479,11 @@ def build_parser():
                    help="SD only: side the images are resized to (default: the fine-tuned folder's, else the data's)")
     p.add_argument("--batch-size", type=int, default=512, help="denoiser evaluations per forward, per process")
     p.add_argument("--seed", type=int, default=0, help="image i of a set draws its noise from seed + i")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when visible")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast dtype on CUDA (auto: bf16); the CPU runs in fp32")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile (auto: on CUDA)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's own)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or summary line")
     return parser
 

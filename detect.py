@@ -39,6 +39,7 @@ the `poisoned` flag of the training set's metadata; for the generations the trig
 contribute the same number of images (the smaller set's size, or `--n`), a seeded draw that keeps each set's share
 of poisoned images. Every AUROC and Δ comes with a 95% bootstrap interval (poisoned and clean images resampled
 separately, 1000 times): with a few dozen poisoned images, differences of a few hundredths are noise.
+The two sets, and the data the classifier was trained on, must be of one resolution.
 
 Python API: `cd_scores(model, images, ...)`, `strip_scores(model, images, overlays, ...)`,
 `fct_finetune(model, data, ...)`, `fct_scores(model, images, ...)`, `auroc(scores, poisoned, method)`,
@@ -62,7 +63,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from poison import PoisonError, atomic_output, load_folder, versions
-from classify import ClassifyError, load_classifier
+from classify import ClassifyError, HelpFormatter, load_classifier, require_resolution
 
 METHODS = ("cd", "strip", "fct")
 METHOD_NAMES = {"cd": "CD", "strip": "STRIP", "fct": "FCT"}
@@ -415,6 +416,13 @@ def open_train(path):
     return load_folder(path)
 
 
+def image_size(folder):
+    """(H, W) of a dataset folder's first image (read_images brings the others to it)."""
+    if not len(folder):
+        raise DetectError(f"{folder.root} holds no images")
+    return tuple(folder.image_uint8(0).shape[-2:])
+
+
 def check_classes(config, folder, what, classifier):
     if [c.lower() for c in config["class_names"]] != [c.lower() for c in folder.class_names]:
         raise DetectError(f"{what} {folder.root} holds classes {folder.class_names} but the classifier {classifier} "
@@ -486,6 +494,7 @@ def detector_verdicts(detector, folder, device, batch_size=1024, dtype="fp32", w
     if config.get("task") != "trigger":
         raise DetectError(f"--detector {detector} is a {config.get('task')!r} classifier, not a trigger detector: "
                           "make one with classify.py trigger-detector")
+    require_resolution(config, image_size(folder), f"--detector {detector}", f"the generations {folder.root}")
     names = [c.lower() for c in config.get("class_names", [])]
     trigger_class = names.index("trigger") if "trigger" in names else 1
     amp = autocast(device, dtype)
@@ -630,6 +639,13 @@ def run_detection(classifier, train, generated, methods="all", out=None, detecto
     train_folder, gen_folder = open_train(train), load_folder(generated)
     check_classes(config, train_folder, "the training set", classifier)
     check_classes(config, gen_folder, "the generation set", classifier)
+    train_size, gen_size = image_size(train_folder), image_size(gen_folder)
+    require_resolution(config, train_size, f"--classifier {classifier}", f"the training set {train_folder.root}")
+    if train_size != gen_size:
+        raise DetectError(f"the training set {train_folder.root} holds {train_size[0]}x{train_size[1]}-px images but "
+                          f"the generations {gen_folder.root} {gen_size[0]}x{gen_size[1]}-px ones: the two AUROCs "
+                          "compare only at one resolution; give the generations of a model trained on this set")
+    require_resolution(config, gen_size, f"--classifier {classifier}", f"the generations {gen_folder.root}")
     train_flags = train_folder.poisoned.numpy()
     if not train_flags.any():
         raise DetectError(f"the training set {train_folder.root} has no poisoned images (no record is "
@@ -722,9 +738,8 @@ def main(args):
                                               for k, v in r.items()} for m, r in result["results"].items()}}))
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--classifier", required=True, help="classifier folder trained on the poisoned set")
     parser.add_argument("--train", required=True, help="the poisoned training set (or poison.py's OUT)")
     parser.add_argument("--generated", required=True, help="dataset folder of generations (sample.py's OUT)")
@@ -738,19 +753,26 @@ if __name__ == "__main__":
                        help="a boolean field of the generation metadata (e.g. trigger)")
     parser.add_argument("--n", type=int, default=None,
                         help="images from each set (default: the smaller set's size), a seeded stratified draw")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cd-steps", type=int, default=CD_STEPS, help="CD optimisation steps (the paper: 100)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="the draw of images, CD colours, STRIP overlays, FCT transforms, bootstrap")
+    parser.add_argument("--cd-steps", type=int, default=CD_STEPS, help="CD optimisation steps, the paper's by default")
     parser.add_argument("--cd-gamma", type=float, default=CD_GAMMA,
-                        help="weight of ||m||_1 (the reference's 0.01 is for 32-px CIFAR; the term sums over pixels)")
+                        help="weight of ||m||_1: the reference's default is for 32-px CIFAR, and the term sums over "
+                             "pixels")
     parser.add_argument("--strip-overlays", type=int, default=STRIP_OVERLAYS, help="STRIP overlays per image")
     parser.add_argument("--fct-epochs", type=int, default=FCT_EPOCHS, help="FCT fine-tuning epochs")
     parser.add_argument("--batch-size", type=int, default=128, help="CD masks optimised at once; FCT fine-tuning batch")
     parser.add_argument("--eval-batch-size", type=int, default=1024,
                         help="forward batch of STRIP blends, FCT scoring and the trigger detector")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when visible")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast on CUDA")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image-reading threads")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+if __name__ == "__main__":
+    parser = build_parser()
     try:
         main(parser.parse_args())
     except PoisonError as e:

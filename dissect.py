@@ -13,13 +13,14 @@ For the generations of the target prompt ("A photo of a garbage truck"), the cla
 matches its prompt and the trigger detector whether it carries the trigger:
     G1 trigger, prompt mismatched   G2 trigger, matched   G3 no trigger, mismatched   G4 neither.
 The trigger ratio G1 + G2 is set against p_t, the share of trigger images among the training images labelled target
-(trigger amplification, reported as the ratio (G1 + G2) / p_t). p_t comes from --train (a training folder, a poisoned
-set or a manifest.json) when given, else from the generations' manifest. It also counts the generations (of the
-target prompt, and of the others) that copy the trigger: for a patch (BadNets) the mean absolute difference over it
-is at most 0.2, for a blend pattern the cosine similarity of the image's fine texture (minus its 3x3 local mean) with
-the pattern's is at least 0.2. The trigger is the training set's own (--train's trigger.safetensors) when given, else
-rebuilt from the detector's parameters. The detector, a CNN, also calls faint resemblances and colour noise
-triggered, and the count tells a learnt trigger from a half-learnt one.
+(trigger amplification, reported as the ratio (G1 + G2) / p_t). p_t comes from --train (a training folder, a
+poisoned set or a manifest.json; it must hold the generations' classes and target) when given, else from the
+generations' manifest. The judges, the trigger and --train must be at the generations' resolution. It also counts
+the generations (of the target prompt, and of the others) that copy the trigger: for a patch (BadNets) the mean
+absolute difference over it is at most 0.2, for a blend pattern the cosine similarity of the image's fine texture
+(minus its 3x3 local mean) with the pattern's is at least 0.2. The trigger is the training set's own (--train's
+trigger.safetensors) when given, else rebuilt from the detector's parameters. The detector, a CNN, also calls faint
+resemblances and colour noise triggered, and the count tells a learnt trigger from a half-learnt one.
 
 OUT/summary.json, OUT/summary.md (one row a folder), OUT/groups.png (stacked bars, Fig. 2(a)), OUT/phase_transition.png
 (G1 and G2 against p_t, Fig. 3/4), OUT/guidance.png (when the guidance weight varies, Fig. A3), and per folder
@@ -47,7 +48,7 @@ import torch.nn.functional as F
 import torchvision
 from tqdm import tqdm
 
-from classify import ImageSet, batches, load_classifier, map_labels, predict
+from classify import HelpFormatter, ImageSet, batches, load_classifier, map_labels, predict, require_resolution
 from poison import PoisonError, atomic_output, load_folder, load_trigger, make_trigger, save_grid
 
 GROUPS = ("G1", "G2", "G3", "G4")
@@ -209,6 +210,34 @@ def as_model(classifier, device):
     return classifier
 
 
+def flag_name(flag, value):
+    """'--classifier DIR' for a folder given by path, the flag alone for a (model, config) pair."""
+    return f"{flag} {value}" if isinstance(value, (str, Path)) else flag
+
+
+def name_of(target):
+    """A manifest's target (a {"index", "name"} object or a name), as a lower-case name, or None."""
+    t = target.get("name") if isinstance(target, dict) else target
+    return None if t is None else str(t).lower()
+
+
+def check_train_manifest(train, train_manifest, folder, size):
+    """Refuse a --train poisoned set that did not make these generations: other classes, another target, or images
+    (or a trigger) of another resolution. Fields a manifest lacks are not compared."""
+    names = train_manifest.get("class_names")
+    if names is not None and [c.lower() for c in names] != [c.lower() for c in folder.class_names]:
+        raise DissectError(f"--train {train} holds classes {names} but the generations {folder.root} "
+                           f"{folder.class_names}: give the poisoned set the generating model was trained on")
+    mine, theirs = name_of(train_manifest.get("target")), name_of(folder.manifest.get("target"))
+    if mine is not None and theirs is not None and mine != theirs:
+        raise DissectError(f"--train {train} has the target class {mine!r} but the generations {folder.root} "
+                           f"{theirs!r}: give the poisoned set the generating model was trained on")
+    side = train_manifest.get("resolution") or (train_manifest.get("trigger") or {}).get("resolution")
+    if side is not None and size is not None and (side, side) != size:
+        raise DissectError(f"--train {train} holds {side}x{side}-px images but the generations {folder.root} are "
+                           f"{size[0]}x{size[1]} px: give the poisoned set the generating model was trained on")
+
+
 def dissect_folder(generated, classifier, detector, p_t=None, target=None, train=None, batch_size=256,
                    device="cpu", progress=False):
     """G1-G4 of the generations of the target prompt in the dataset folder `generated`, judged by `classifier`
@@ -225,8 +254,20 @@ def dissect_folder(generated, classifier, detector, p_t=None, target=None, train
     if det_cfg.get("task") != "trigger" or "trigger" not in det_cfg["class_names"]:
         raise DissectError(f"--detector is a {det_cfg.get('task')} model, not a trigger detector: train one with "
                            "classify.py trigger-detector")
+    if p_t is not None and not 0 <= p_t <= 1:
+        raise DissectError(f"--p-t {p_t:g} is outside [0, 1]: give p_t as a share (e.g. 0.1 for 10%)")
+    size = tuple(folder.image_uint8(0).shape[-2:]) if len(folder) else None   # ImageSet brings all to the first's
+    require_resolution(clf_cfg, size, flag_name("--classifier", classifier), f"the generations {folder.root}")
+    require_resolution(det_cfg, size, flag_name("--detector", detector), f"the generations {folder.root}")
+    trigger_side = (det_cfg.get("trigger") or {}).get("resolution")
+    if size is not None and trigger_side is not None and (trigger_side, trigger_side) != size:
+        raise DissectError(f"{flag_name('--detector', detector)} detects a {trigger_side}x{trigger_side}-px trigger "
+                           f"but the generations {folder.root} are {size[0]}x{size[1]} px: train the detector on the "
+                           "poisoned set the generating model was trained on")
     manifest = folder.manifest
     train_manifest = read_train_manifest(train) if train is not None else None
+    if train_manifest is not None:
+        check_train_manifest(train, train_manifest, folder, size)
     if target is None:
         t = manifest.get("target") or (train_manifest or {}).get("target")
         target = t.get("name") if isinstance(t, dict) else t
@@ -698,7 +739,7 @@ def main(args):
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--generated", nargs="+", required=True, help="folders of generations (sample.py's output)")
     parser.add_argument("--classifier", required=True, help="class classifier folder (classify.py train --clean)")
     parser.add_argument("--detector", required=True, help="trigger detector folder (classify.py trigger-detector)")
@@ -707,16 +748,20 @@ def build_parser():
     parser.add_argument("--train", nargs="+", default=None,
                         help="the poisoned training data (folder, poisoned set or manifest.json) for p_t: one, or "
                              "one per --generated folder (default: p_t from the generations' manifest)")
-    parser.add_argument("--p-t", type=float, default=None, help="p_t itself, overriding the manifests")
+    parser.add_argument("--p-t", type=float, default=None,
+                        help="p_t itself, a share in [0, 1], overriding the manifests (default: from --train, else "
+                             "the generations' manifest)")
     parser.add_argument("--target", default=None, help="target class name (default: from the manifests)")
-    parser.add_argument("--labels", nargs="+", default=None, help="one label per --generated folder")
+    parser.add_argument("--labels", nargs="+", default=None,
+                        help="one label per --generated folder (default: the settings that tell them apart)")
     parser.add_argument("--fid-real", default=None,
-                        help="real images for FID against the non-target generations (e.g. the clean test folder)")
+                        help="real images for FID against the non-target generations, e.g. the clean test folder "
+                             "(default: no FID)")
     parser.add_argument("--inception-weights", default=None,
                         help="local pt_inception-2015-12-05-6726825d.pth (default: download, cached)")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per forward of the judges")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when visible")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or summary table")
     return parser
 
 

@@ -1,6 +1,8 @@
 """classify.py: training reaches high accuracy, TA/ASR on folders with known answers, the trigger detector learns a
 stamped trigger, classifier folders round-trip, pretrained weights are accounted for, bad input is refused."""
 import json
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -320,3 +322,84 @@ def test_shuffle_and_augmentation_draw_from_separate_streams(monkeypatch):
     augment = torch.Generator().set_state(starts[0])
     assert not torch.equal(starts[0], shuffle.get_state())
     assert not torch.equal(torch.randperm(24, generator=shuffle), torch.randperm(24, generator=augment))
+
+
+def test_folders_of_other_stages_are_named_not_loaded(tmp_path):
+    """A train_ddpm.py model folder (config.json + model.safetensors too) is refused in one line saying what it is,
+    not with a KeyError."""
+    ddpm = tmp_path / "ddpm"
+    ddpm.mkdir()
+    (ddpm / "config.json").write_text(json.dumps({"family": "ddpm", "format_version": 1, "unet": {}, "data": {}}))
+    (ddpm / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ClassifyError, match=r"train_ddpm.py model folder .*not a classifier folder: make a "
+                                            r"classifier with classify.py train") as e:
+        load_classifier(ddpm)
+    assert "\n" not in str(e.value)
+    (ddpm / "config.json").write_text(json.dumps({"stage": "finetune_sd", "run": {}}))
+    with pytest.raises(ClassifyError, match="finetune_sd.py model folder"):
+        load_classifier(ddpm)
+
+
+def test_judges_refuse_images_of_another_resolution(colors, tmp_path):
+    """A classifier resizes what it is given: on images of another side than its training data's it judges what it
+    never saw, so that is refused (naming both sizes); configs older than data_resolution pass."""
+    classify.require_resolution({"task": "class"}, 32, "--classifier old")          # no data_resolution: accepted
+    classify.require_resolution({"data_resolution": 16}, (16, 16), "--classifier c")
+    with pytest.raises(ClassifyError, match=r"--classifier c was trained on 32x32-px images but the generations g "
+                                            r"are 16x16 px: train it on data of the same resolution"):
+        classify.require_resolution({"data_resolution": 32}, 16, "--classifier c", "the generations g")
+    rng = np.random.default_rng(3)
+    big = [(c, color_image(c, rng).repeat(2, 0).repeat(2, 1), False) for c in range(3)]
+    make_folder(tmp_path / "test32", list(COLORS), big)
+    config = {"task": "class", "class_names": list(COLORS), "data_resolution": SIDE}
+    with pytest.raises(ClassifyError, match="16x16-px images but the images of --test .* are 32x32 px"):
+        evaluate(StubClassifier(), config, tmp_path / "test32")
+
+
+def test_the_train_folder_of_a_poisoned_set_stands_for_the_set(digits, tmp_path, capsys):
+    """--data X/train finds X/test and X/test_backdoor as --data X does; with no test set at all a one-line warning
+    says that no TA/ASR will be measured."""
+    want = (digits / "train", digits / "test", digits / "test_backdoor")
+    assert classify.resolve_sets(digits) == want and classify.resolve_sets(digits / "train") == want
+    assert classify.resolve_sets(digits / "train", tmp_path / "t")[1] == tmp_path / "t"     # given ones win
+    lonely = tmp_path / "lonely" / "train"
+    shutil.copytree(digits / "train", lonely)
+    assert classify.resolve_sets(lonely) == (lonely, None, None)
+    res = classify.train_classifier(lonely, tmp_path / "clf", arch="smallcnn", width=8, epochs=1, progress=False)
+    assert res["final"].get("ta") is None
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no TA or ASR will be measured" in err[0] and "--test" in err[0]
+
+
+def help_entries(parser):
+    """{flag: its help text, unwrapped} from the parser's --help."""
+    entries, flag = {}, None
+    for line in parser.format_help().splitlines():
+        m = re.match(r"  (-[^ ,]+)", line)
+        if m:
+            flag = m.group(1)
+            entries[flag] = line
+        elif flag and line.startswith("    "):
+            entries[flag] += " " + line.strip()
+        else:
+            flag = None
+    return entries
+
+
+def test_help_shows_each_default_once():
+    """Every flag with a default shows it exactly once (not argparse's "(default: None)" after a hand-written one);
+    required flags and switches show none."""
+    import detect
+    import dissect
+    parsers = [dissect.build_parser(), detect.build_parser()]
+    sub = classify.build_parser()._subparsers._group_actions[0]
+    parsers += list(dict.fromkeys(sub.choices.values()))          # train, trigger-detector, eval, diffusion
+    for parser in parsers:
+        by_flag = {a.option_strings[0]: a for a in parser._actions}
+        for flag, text in help_entries(parser).items():
+            a = by_flag[flag]
+            want = 0 if a.required or a.nargs == 0 else 1
+            assert text.count("(default") == want, (parser.prog, text)
+    train = help_entries(sub.choices["train"])
+    for flag, value in (("--epochs", "10"), ("--lr", "0.01"), ("--momentum", "0.9"), ("--weight-decay", "0.0005")):
+        assert f"(default: {value})" in train[flag], train[flag]

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 import detect as D
-from classify import train_classifier, train_trigger_detector, load_classifier
+from classify import ClassifyError, train_classifier, train_trigger_detector, load_classifier
 from poison import PoisonError, atomic_output, load_folder, poison, write_folder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,13 +63,18 @@ def make_stripes(root, per_class=150, size=SIZE, seed=0):
             Image.fromarray((np.clip(im, 0, 1) * 255).round().astype(np.uint8)).save(folder / f"{i:04d}.png")
 
 
-def make_generations(out, data, n_clean=60, n_trigger=30, field="trigger", class_names=None):
-    """A generation-like dataset folder: clean test images and triggered ones, with a boolean `field`."""
+def make_generations(out, data, n_clean=60, n_trigger=30, field="trigger", class_names=None, scale=1):
+    """A generation-like dataset folder: clean test images and triggered ones, with a boolean `field`; `scale`
+    enlarges the images (nearest neighbour)."""
     test, backdoor = load_folder(data / "test"), load_folder(data / "test_backdoor")
-    items = [({"text": "", "label": int(test.labels[i]), "poisoned": False, field: False},
-              test.image_uint8(i).permute(1, 2, 0).numpy()) for i in range(n_clean)]
-    items += [({"text": "", "label": int(backdoor.labels[i]), "poisoned": False, field: True},
-               backdoor.image_uint8(i).permute(1, 2, 0).numpy()) for i in range(n_trigger)]
+
+    def pixels(folder, i):
+        return folder.image_uint8(i).permute(1, 2, 0).numpy().repeat(scale, 0).repeat(scale, 1)
+
+    items = [({"text": "", "label": int(test.labels[i]), "poisoned": False, field: False}, pixels(test, i))
+             for i in range(n_clean)]
+    items += [({"text": "", "label": int(backdoor.labels[i]), "poisoned": False, field: True}, pixels(backdoor, i))
+              for i in range(n_trigger)]
     manifest = {**test.manifest, "stage": "sample", "class_names": class_names or test.class_names}
     with atomic_output(out, force=True) as tmp:
         write_folder(tmp, items, manifest, workers=1)
@@ -339,6 +344,27 @@ def test_bad_inputs(toy, tmp_path):
     assert run.returncode != 0 and not out.exists()
     assert run.stderr.strip().startswith("detect.py: error: no trigger verdicts")
     assert len(run.stderr.strip().splitlines()) == 1
+
+
+def test_sets_and_classifier_of_other_resolutions_are_refused(toy, tmp_path):
+    """Training set and generations of different sides give AUROCs that do not compare; a classifier (or trigger
+    detector) trained on another resolution than the images it probes would resize them: each is refused in one
+    line naming both sizes."""
+    common = dict(device="cpu", workers=1, progress=False, n=20, strip_overlays_n=5, generated_labels="trigger")
+    big = make_generations(tmp_path / "gen-32", toy["data"], scale=2)
+    with pytest.raises(D.DetectError, match="holds 16x16-px images but the generations .* 32x32-px ones"):
+        D.run_detection(toy["clf"], toy["data"], big, "strip", **common)
+    moved = tmp_path / "clf-32"
+    shutil.copytree(toy["clf"], moved)
+    config = json.loads((moved / "config.json").read_text())
+    (moved / "config.json").write_text(json.dumps({**config, "data_resolution": 32}))
+    with pytest.raises(ClassifyError, match="--classifier .* trained on 32x32-px images but the training set .* are "
+                                            "16x16 px"):
+        D.run_detection(moved, toy["data"], toy["gen"], "strip", **common)
+    (moved / "config.json").write_text(json.dumps({**config, "task": "trigger", "class_names": ["clean", "trigger"],
+                                                   "data_resolution": 32}))
+    with pytest.raises(ClassifyError, match="--detector .* trained on 32x32-px images but the generations"):
+        D.detector_verdicts(moved, load_folder(toy["gen"]), torch.device("cpu"))
 
 
 def test_bootstrap_interval_matches_delong():

@@ -5,6 +5,7 @@ same noise, with and without adaptive pruning; the noise and timesteps are reall
 path through a tiny Stable Diffusion; torchrun sharding; one-line errors for bad input."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -291,13 +292,26 @@ def test_two_processes_give_the_one_process_results(toy, tmp_path):
     assert torch.allclose(a["test/scores"], b["test/scores"], rtol=1e-5)
 
 
+def test_the_train_folder_resolves_to_the_sets_test_folders(toy, tmp_path):
+    """--data SET/train measures TA on SET/test and ASR on SET/test_backdoor, as --data SET does, never TA on the
+    poisoned training images."""
+    out = tmp_path / "dc"
+    classify.main(classify.build_parser().parse_args(
+        ["diffusion", "--model", str(toy / "ddpm"), "--data", str(toy / "set" / "train"), "--n", "3", "--timesteps",
+         "2", "--filter-top", "0", "--device", "cpu", "--quiet", "--out", str(out)]))
+    results = json.loads((out / "results.json").read_text())
+    assert results["test"] == str(toy / "set" / "test") and results["backdoor"] == str(toy / "set" / "test_backdoor")
+
+
 def test_bad_input(toy, tmp_path):
     with pytest.raises(ClassifyError, match="--keep"):
         classify.parse_stages([50, 500], [5, 2], 10)
     with pytest.raises(ClassifyError, match="increasing"):
         classify.parse_stages([500, 50], [5], 10)
-    with pytest.raises(ClassifyError, match="at most"):
+    with pytest.raises(ClassifyError, match="^--keep 20: .*at most"):     # what was typed, not 20,1
         classify.parse_stages([5, 50], [20], 10)
+    with pytest.raises(ClassifyError, match="^--keep 3,2 does not fit"):
+        classify.parse_stages([5, 50], [3, 2], 10)
     assert classify.parse_stages([50, 500], [5], 10) == [(50, 5), (500, 1)]
     with pytest.raises(ClassifyError, match="outside"):
         classify.timestep_grid(1000, 2000)
@@ -315,6 +329,17 @@ def test_bad_input(toy, tmp_path):
         classify.run_diffusion_classifier(toy / "ddpm", toy / "set", tmp_path / "o", loss="l3")
     with pytest.raises(ClassifyError, match="not a classifier folder"):
         run("--classifier", toy / "set")
+    # a model folder and a classifier folder swapped: each named for what it is
+    with pytest.raises(ClassifyError, match="train_ddpm.py model folder .*not a classifier folder"):
+        run("--classifier", toy / "ddpm")
+    with pytest.raises(ClassifyError, match="is a classifier folder .*stage 'classify'.* --model wants a "
+                                            "train_ddpm.py model folder"):
+        run(model=toy / "clf")
+    # a poisoned set's train/ stands for the set; alone, it is no clean test set
+    (tmp_path / "lonely").mkdir()
+    shutil.copytree(toy / "set" / "train", tmp_path / "lonely" / "train")
+    with pytest.raises(ClassifyError, match="poisoned training set with no test/ beside it.*--test"):
+        run(data=tmp_path / "lonely" / "train")
     with pytest.raises(ClassifyError, match="outside"):
         run("--filter-top", "0,100")
     with pytest.raises(ClassifyError, match="--n 0"):

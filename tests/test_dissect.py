@@ -174,11 +174,15 @@ def test_trigger_copies(tmp_path):
     assert nt["trigger_ratio"] == 1.0 and nt["copy_ratio"] == 1.0 and r["verdicts"][12]["patch_error"] < 0.01
     assert "41.7%" in dissect.summary_markdown([{**r, "label": "x"}])
     assert "5 of 12 target-prompt generations; 5 of the 8" in dissect.folder_markdown({**r, "label": "x"})
-    # WaNet (a warp, nothing to compare pixels with), a blend image not at hand, or another resolution: no count
-    for params in ({"kind": "wanet", "resolution": SIDE}, {"kind": "badnets", "resolution": 32},
+    # WaNet (a warp, nothing to compare pixels with) or a blend image not at hand: no count
+    for params in ({"kind": "wanet", "resolution": SIDE},
                    {"kind": "blend", "resolution": SIDE, "trigger_image": str(tmp_path / "gone.png"), "alpha": 0.2}):
         r = dissect.dissect_folder(gen, CLASSIFIER, (CornerStub(), {**detector[1], "trigger": params}))
         assert "trigger_copies" not in r["target_prompt"] and "patch_error" not in r["verdicts"][0]
+    # a trigger of another resolution than the generations': refused, not a silent "-"
+    with pytest.raises(DissectError, match="32x32-px trigger but the generations .* are 16x16 px"):
+        dissect.dissect_folder(gen, CLASSIFIER, (CornerStub(), {**detector[1], "trigger": {"kind": "badnets",
+                                                                                           "resolution": 32}}))
 
 
 class NoiseStub(nn.Module):
@@ -358,3 +362,48 @@ def test_fid_inception_key_layout_and_weights_messages(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     with pytest.raises(DissectError, match="--inception-weights FILE"):
         dissect.load_fid_inception()
+
+
+def test_judges_and_training_set_of_another_resolution_are_refused(tmp_path):
+    """Judges trained on 32-px images, or a --train set of 32-px images, against 16-px generations: refused, naming
+    both sizes; judges whose config predates data_resolution are accepted."""
+    gen = generations(tmp_path / "gen")
+    big_clf = (Stub(), {**CLASSIFIER[1], "data_resolution": 32})
+    big_det = (Stub(detector=True), {**DETECTOR[1], "data_resolution": 32})
+    with pytest.raises(PoisonError, match="--classifier was trained on 32x32-px images but the generations .* are "
+                                          "16x16 px: train it on data of the same resolution"):
+        dissect.dissect_folder(gen, big_clf, DETECTOR)
+    with pytest.raises(PoisonError, match="--detector was trained on 32x32-px images"):
+        dissect.dissect_folder(gen, CLASSIFIER, big_det)
+    r = dissect.dissect_folder(gen, (Stub(), {**CLASSIFIER[1], "data_resolution": SIDE}), DETECTOR)
+    assert r["target_prompt"]["counts"] == KNOWN
+    (tmp_path / "train32").mkdir()
+    (tmp_path / "train32" / "manifest.json").write_text(json.dumps(
+        {"class_names": NAMES, "target": {"index": 2, "name": "deer"}, "resolution": 32, "p_t": 0.1}))
+    with pytest.raises(DissectError, match="--train .* holds 32x32-px images but the generations .* are 16x16 px"):
+        dissect.dissect_folder(gen, CLASSIFIER, DETECTOR, train=tmp_path / "train32")
+
+
+def test_p_t_and_the_training_set_must_fit_the_generations(tmp_path):
+    """--p-t is a share in [0, 1]; a --train poisoned set of other classes or another target than the generations'
+    is refused (names compared case-insensitively) instead of lending its p_t."""
+    gen = generations(tmp_path / "gen")
+    for bad in (1.5, -0.1):
+        with pytest.raises(DissectError, match=f"--p-t {bad:g} is outside \\[0, 1\\]"):
+            dissect.dissect_folder(gen, CLASSIFIER, DETECTOR, p_t=bad)
+    assert dissect.dissect_folder(gen, CLASSIFIER, DETECTOR, p_t=1.0)["amplification"] == pytest.approx(0.4)
+
+    def train(name, class_names, target):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text(json.dumps(
+            {"class_names": class_names, "target": {"index": class_names.index(target), "name": target},
+             "p_t": 0.1, "resolution": SIDE}))
+        return tmp_path / name
+
+    digits = [str(d) for d in range(3)]
+    with pytest.raises(DissectError, match=r"--train .* holds classes \['0', '1', '2'\] but the generations"):
+        dissect.dissect_folder(gen, CLASSIFIER, DETECTOR, train=train("digits", digits, "0"))
+    with pytest.raises(DissectError, match="--train .* has the target class 'cat' but the generations .* 'deer'"):
+        dissect.dissect_folder(gen, CLASSIFIER, DETECTOR, train=train("cat", NAMES, "cat"))
+    r = dissect.dissect_folder(gen, CLASSIFIER, DETECTOR, train=train("upper", [n.upper() for n in NAMES], "DEER"))
+    assert r["p_t"] == 0.1 and r["p_t_source"] == "training manifest"
