@@ -329,11 +329,14 @@ def load_classifier(folder, device="cpu"):
 def require_resolution(config, size, what, images="the images"):
     """Refuse `images` of `size` (a side or (H, W)) for a judge (a classifier's config) trained on images of another
     side: the model would resize them and judge what it never saw (a detector trained on 32-px digits calls 13.6% of
-    16-px generations triggered where 50.3% are). Configs older than data_resolution pass."""
+    16-px generations triggered where 50.3% are). Images that the model scales down to its input size, as it did
+    its training images, pass; so do configs older than data_resolution."""
     trained = config.get("data_resolution")
     if trained is None or size is None:
         return
     h, w = (size, size) if isinstance(size, int) else tuple(size)
+    if config.get("input_size") and config["input_size"] <= min(trained, h, w):
+        return  # both sides are scaled down to the model's input (e.g. 224 for ImageNet weights): what it saw
     if (h, w) != (trained, trained):
         raise ClassifyError(f"{what} was trained on {trained}x{trained}-px images but {images} are {h}x{w} px: "
                             f"train it on data of the same resolution ({h} px), or give it {trained}-px images")
@@ -410,13 +413,14 @@ def evaluation_set(config, folder_path, what):
     """An ImageSet of a folder with labels in the classifier's terms: class indices (class task), or trigger flags
     (trigger task: the records' `poisoned`, i.e. whether the image carries the trigger)."""
     folder = load_folder(folder_path)
+    if len(folder):  # before reading them all (ImageSet brings every image to the first one's size)
+        require_resolution(config, tuple(folder.image_uint8(0).shape[-2:]), "the classifier",
+                           f"the images of {what} {folder_path}")
     if config["task"] == "trigger":
         labels = folder.poisoned.long()
     else:
         labels = map_labels(folder.labels, folder.class_names, config["class_names"], f"{what} {folder_path}")
-    images = ImageSet(folder, labels=labels)
-    require_resolution(config, images.size, "the classifier", f"the images of {what} {folder_path}")
-    return images
+    return ImageSet(folder, labels=labels)
 
 
 def batches(data, batch_size=256, workers=0):
@@ -544,7 +548,7 @@ def augment_generator(seed, rank=0):
     """The augmentation's random stream for (seed, rank), derived apart from the shuffle's (which is seeded with
     `seed`): one seed for both made the first epoch's order and the images' shifts one stream, so that an image's
     place in the epoch foretold its shift."""
-    state = np.random.SeedSequence([seed, rank, 0xA06]).generate_state(2, np.uint32)
+    state = np.random.SeedSequence([seed % 2 ** 64, rank, 0xA06]).generate_state(2, np.uint32)  # seeds < 0 too
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
@@ -628,14 +632,15 @@ def summarize(history, keys):
                     "each value separately, as the paper's reference code reported"}
 
 
-def resolve_sets(data, test=None, backdoor=None):
-    """A poisoned set's root (holding train/), or its train/ folder, stands for its train/, test/ and
-    test_backdoor/."""
+def resolve_sets(data, test=None, backdoor=None, train_folder=True):
+    """A poisoned set's root (holding train/), or (with `train_folder`) its train/ folder, stands for its train/,
+    test/ and test_backdoor/."""
     data = Path(data)
+    given = data
     if (data / "train" / "metadata.jsonl").is_file():
         data = data / "train"
     root = data.parent
-    if data.name == "train" and (root / "test" / "metadata.jsonl").is_file():
+    if (train_folder or data != given) and data.name == "train" and (root / "test" / "metadata.jsonl").is_file():
         test = test or root / "test"
         backdoor = backdoor or ((root / "test_backdoor") if (root / "test_backdoor" / "metadata.jsonl").is_file()
                                 else None)
@@ -1331,7 +1336,7 @@ def main(args):
             args.device == "auto" and torch.cuda.is_available()) else "cpu")
         data, test, backdoor = (args.data, args.test, args.backdoor)
         if data is not None:
-            _, t, b = resolve_sets(data)
+            _, t, b = resolve_sets(data, train_folder=False)  # a train/ folder is evaluated itself
             if t is None and b is None:
                 t = data  # a plain dataset folder: accuracy on it
             test, backdoor = test or t, backdoor or b
@@ -1410,11 +1415,11 @@ def add_training_arguments(p, arch_default):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Every flag's default once: argparse's "(default: ...)" unless the help already says it in words; none for
-    required flags and switches (--force), which have no default to tell."""
+    """Every flag's default once: argparse's "(default: ...)" unless the help already speaks of it; none for required
+    flags, switches (--force) and None, which have no default to tell."""
 
     def _get_help_string(self, action):
-        if "(default" in action.help or action.required or action.nargs == 0:
+        if "default" in action.help or action.required or action.nargs == 0 or action.default is None:
             return action.help
         return super()._get_help_string(action)
 

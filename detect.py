@@ -644,7 +644,8 @@ def run_detection(classifier, train, generated, methods="all", out=None, detecto
     if train_size != gen_size:
         raise DetectError(f"the training set {train_folder.root} holds {train_size[0]}x{train_size[1]}-px images but "
                           f"the generations {gen_folder.root} {gen_size[0]}x{gen_size[1]}-px ones: the two AUROCs "
-                          "compare only at one resolution; give the generations of a model trained on this set")
+                          f"compare only at one resolution: generate at {train_size[0]} px (sample.py --resolution), "
+                          "or give a training set poisoned at the generations' size")
     require_resolution(config, gen_size, f"--classifier {classifier}", f"the generations {gen_folder.root}")
     train_flags = train_folder.poisoned.numpy()
     if not train_flags.any():

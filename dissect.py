@@ -15,10 +15,11 @@ matches its prompt and the trigger detector whether it carries the trigger:
 The trigger ratio G1 + G2 is set against p_t, the share of trigger images among the training images labelled target
 (trigger amplification, reported as the ratio (G1 + G2) / p_t). p_t comes from --train (a training folder, a
 poisoned set or a manifest.json; it must hold the generations' classes and target) when given, else from the
-generations' manifest. The judges, the trigger and --train must be at the generations' resolution. It also counts
-the generations (of the target prompt, and of the others) that copy the trigger: for a patch (BadNets) the mean
-absolute difference over it is at most 0.2, for a blend pattern the cosine similarity of the image's fine texture
-(minus its 3x3 local mean) with the pattern's is at least 0.2. The trigger is the training set's own (--train's
+generations' manifest. The judges must have been trained on images of the generations' size (or on larger ones
+that they scaled down to their input, as they do the generations). It also counts the generations (of the target
+prompt, and of the others) that copy the trigger: for a patch (BadNets) the mean absolute difference over it is at
+most 0.2, for a blend pattern the cosine similarity of the image's fine texture (minus its 3x3 local mean) with the
+pattern's is at least 0.2 (at the trigger's own size only). The trigger is the training set's own (--train's
 trigger.safetensors) when given, else rebuilt from the detector's parameters. The detector, a CNN, also calls faint
 resemblances and colour noise triggered, and the count tells a learnt trigger from a half-learnt one.
 
@@ -221,9 +222,9 @@ def name_of(target):
     return None if t is None else str(t).lower()
 
 
-def check_train_manifest(train, train_manifest, folder, size):
-    """Refuse a --train poisoned set that did not make these generations: other classes, another target, or images
-    (or a trigger) of another resolution. Fields a manifest lacks are not compared."""
+def check_train_manifest(train, train_manifest, folder):
+    """Refuse a --train poisoned set that did not make these generations: other classes or another target. Fields a
+    manifest lacks are not compared."""
     names = train_manifest.get("class_names")
     if names is not None and [c.lower() for c in names] != [c.lower() for c in folder.class_names]:
         raise DissectError(f"--train {train} holds classes {names} but the generations {folder.root} "
@@ -232,10 +233,6 @@ def check_train_manifest(train, train_manifest, folder, size):
     if mine is not None and theirs is not None and mine != theirs:
         raise DissectError(f"--train {train} has the target class {mine!r} but the generations {folder.root} "
                            f"{theirs!r}: give the poisoned set the generating model was trained on")
-    side = train_manifest.get("resolution") or (train_manifest.get("trigger") or {}).get("resolution")
-    if side is not None and size is not None and (side, side) != size:
-        raise DissectError(f"--train {train} holds {side}x{side}-px images but the generations {folder.root} are "
-                           f"{size[0]}x{size[1]} px: give the poisoned set the generating model was trained on")
 
 
 def dissect_folder(generated, classifier, detector, p_t=None, target=None, train=None, batch_size=256,
@@ -261,13 +258,13 @@ def dissect_folder(generated, classifier, detector, p_t=None, target=None, train
     require_resolution(det_cfg, size, flag_name("--detector", detector), f"the generations {folder.root}")
     trigger_side = (det_cfg.get("trigger") or {}).get("resolution")
     if size is not None and trigger_side is not None and (trigger_side, trigger_side) != size:
-        raise DissectError(f"{flag_name('--detector', detector)} detects a {trigger_side}x{trigger_side}-px trigger "
-                           f"but the generations {folder.root} are {size[0]}x{size[1]} px: train the detector on the "
-                           "poisoned set the generating model was trained on")
+        # a detector that scales both sizes down to its input judges these fine, but no pixel copy can be measured
+        print(f"dissect.py: warning: no trigger copies counted for {folder.root}: its images are {size[0]}x{size[1]} "
+              f"px and the trigger {trigger_side}x{trigger_side} px", file=sys.stderr)
     manifest = folder.manifest
     train_manifest = read_train_manifest(train) if train is not None else None
     if train_manifest is not None:
-        check_train_manifest(train, train_manifest, folder, size)
+        check_train_manifest(train, train_manifest, folder)
     if target is None:
         t = manifest.get("target") or (train_manifest or {}).get("target")
         target = t.get("name") if isinstance(t, dict) else t

@@ -1393,6 +1393,8 @@ def poisoned_set(args, rank, world, command):
     was made with the same options)."""
     if args.data:
         refuse_poison_flags_with_data(args, build_parser(), keep=("resolution",))  # also the training resolution
+        if args.poison_out:
+            raise PoisonError(f"--poison-out with --data: --data {args.data} is the set to train on; drop one")
         return Path(args.data)
     out = Path(args.poison_out) if args.poison_out else default_poison_out(args)
 

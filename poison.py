@@ -317,9 +317,9 @@ def load_folder_source(path, split, resolution, split_seed, test_fraction):
     root = Path(path)
     if not root.is_dir():
         raise PoisonError(f"--dataset folder:{path}: no such folder; give a folder with one subfolder per class")
-    if (root / "metadata.jsonl").is_file() or (root / "train" / "metadata.jsonl").is_file():
-        raise PoisonError(f"--dataset folder:{path} is a dataset folder of this project (metadata.jsonl), not an image "
-                          "folder of class subfolders: give it to the next stage as it is")
+    if (root / "manifest.json").is_file() or (root / "train" / "manifest.json").is_file():  # (captions alone are fine)
+        raise PoisonError(f"--dataset folder:{path} is a dataset folder made by this project (manifest.json), not an "
+                          "image folder of class subfolders: give it to the next stage as it is")
     presplit = (root / "train").is_dir() and (root / "test").is_dir()
     base = root / split if presplit else root
     class_dirs = sorted(p.name for p in base.iterdir() if p.is_dir())
@@ -337,7 +337,7 @@ def load_folder_source(path, split, resolution, split_seed, test_fraction):
         with Image.open(paths[0]) as im:
             if min(im.size) < resolution:
                 print(f"poison.py: warning: the images of {path} are small ({im.size[0]}x{im.size[1]} px, the first): "
-                      f"they are upsampled to {resolution} px; pass --resolution to choose the size", file=sys.stderr)
+                      f"they are upsampled to {resolution} px (--resolution; a folder's default: 256)", file=sys.stderr)
     if not presplit:
         train, test = stratified_split(labels, test_fraction, split_seed)
         idx = train if split == "train" else test

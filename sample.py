@@ -335,7 +335,11 @@ def model_family(source):
         config = read_config(path)
         family = config.get("family")
         if family not in ("ddpm", "sd"):
-            what = (f"a {config['stage']}.py folder" if config.get("stage") else
+            stage = config.get("stage")
+            if stage == "finetune_sd":
+                raise PoisonError(f"--model {path} is a finetune_sd.py run that has saved no model yet: let it reach "
+                                  "its first save (rerun it to resume)")
+            what = (f"a {stage!r} folder (config.json stage), not a diffusion model" if stage else
                     f"a {family!r} model" if family else "no diffusion model (its config.json names no family)")
             raise PoisonError(f"--model {path} holds {what}: give a model folder of train_ddpm.py or finetune_sd.py, "
                               "or a Stable Diffusion model")

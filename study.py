@@ -244,7 +244,7 @@ def run_study(args):
     base = str(Path(args.base).expanduser().resolve()) if Path(args.base).expanduser().exists() else args.base
     if out.exists() and not out.is_dir():
         raise StudyError(f"--out {out} is a file: give a folder for the study")
-    if out.exists() and any(out.iterdir()) and not (out / "study.json").is_file():
+    if out.exists() and any(out.iterdir()) and not any((out / f).is_file() for f in ("study.json", "commands.sh")):
         raise StudyError(f"--out {out} holds other files and no study (no study.json): choose a new or empty folder"
                          + (" (--force deletes only a study folder)" if args.force else ""))
     if out.exists() and args.force:

@@ -540,10 +540,7 @@ def lr_at(step, base_lr, warmup, total, decay):
 def build_data(args, out, rank):
     """The training dataset folder: --data, or poison.py run into OUT/data (reused when it is already there and was
     made with the same poisoning flags; rebuilt with --force)."""
-    if args.data:
-        if not Path(args.data).is_dir():
-            raise PoisonError(f"--data {args.data}: no such folder; give a dataset folder (poison.py's OUT/train)")
-        refuse_poison_flags_with_data(args, build_parser())
+    if args.data:  # checked in main
         return Path(args.data)
     data = out / "data"
     kwargs = poison_kwargs(args)
@@ -613,6 +610,10 @@ def main(args):
     if hp["batch_size"] % world:
         raise PoisonError(f"--batch-size {hp['batch_size']} is not divisible by the {world} processes")
     local_batch = hp["batch_size"] // world
+    if args.data:  # before --out is made
+        if not Path(args.data).is_dir():
+            raise PoisonError(f"--data {args.data}: no such folder; give a dataset folder (poison.py's OUT/train)")
+        refuse_poison_flags_with_data(args, build_parser())
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
 
@@ -886,8 +887,9 @@ if __name__ == "__main__":
     try:
         main(args)
     except (PoisonError, TrainingError) as e:
-        if new_out and Path(args.out).is_dir() and not any(Path(args.out).iterdir()):
-            Path(args.out).rmdir()  # refused before anything was written: leave no empty folder behind
+        if new_out and os.environ.get("RANK", "0") == "0":  # refused before anything was written: no empty --out
+            with contextlib.suppress(OSError):
+                Path(args.out).rmdir()  # only if empty
         sys.exit(f"train_ddpm.py: error: {e}")
     finally:
         if dist.is_available() and dist.is_initialized():

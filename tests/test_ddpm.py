@@ -719,8 +719,11 @@ def test_bad_input(model_dir, data, tmp_path):
     other = tmp_path / "classifier"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"stage": "classify", "arch": "smallcnn"}))
-    with pytest.raises(PoisonError, match="holds a classify.py folder: give a model folder of train_ddpm.py"):
+    with pytest.raises(PoisonError, match="holds a 'classify' folder .*: give a model folder of train_ddpm.py"):
         sample.model_family(other)  # was: 'holds a None model'
+    (other / "config.json").write_text(json.dumps({"stage": "finetune_sd", "run": {}}))  # before its first save
+    with pytest.raises(PoisonError, match="a finetune_sd.py run that has saved no model yet"):
+        sample.model_family(other)
     # a broken copy of the model folder: a missing weights file, then mismatched keys and shapes
     from safetensors.torch import load_file, save_file
     broken = tmp_path / "broken"

@@ -357,12 +357,12 @@ def test_sets_and_classifier_of_other_resolutions_are_refused(toy, tmp_path):
     moved = tmp_path / "clf-32"
     shutil.copytree(toy["clf"], moved)
     config = json.loads((moved / "config.json").read_text())
-    (moved / "config.json").write_text(json.dumps({**config, "data_resolution": 32}))
+    (moved / "config.json").write_text(json.dumps({**config, "data_resolution": 32, "input_size": 32}))
     with pytest.raises(ClassifyError, match="--classifier .* trained on 32x32-px images but the training set .* are "
                                             "16x16 px"):
         D.run_detection(moved, toy["data"], toy["gen"], "strip", **common)
     (moved / "config.json").write_text(json.dumps({**config, "task": "trigger", "class_names": ["clean", "trigger"],
-                                                   "data_resolution": 32}))
+                                                   "data_resolution": 32, "input_size": 32}))
     with pytest.raises(ClassifyError, match="--detector .* trained on 32x32-px images but the generations"):
         D.detector_verdicts(moved, load_folder(toy["gen"]), torch.device("cpu"))
 

@@ -134,7 +134,7 @@ class CornerStub(nn.Module):
         return torch.stack([1 - bright, bright], 1) + 0 * self.dummy
 
 
-def test_trigger_copies(tmp_path):
+def test_trigger_copies(tmp_path, capsys):
     """Exact and near BadNets copies, faint resemblances and clean images: the detector stub calls all but the clean
     ones triggered; only the copies count as such, and each image's error matches a direct computation on the PNGs."""
     from PIL import Image
@@ -179,10 +179,11 @@ def test_trigger_copies(tmp_path):
                    {"kind": "blend", "resolution": SIDE, "trigger_image": str(tmp_path / "gone.png"), "alpha": 0.2}):
         r = dissect.dissect_folder(gen, CLASSIFIER, (CornerStub(), {**detector[1], "trigger": params}))
         assert "trigger_copies" not in r["target_prompt"] and "patch_error" not in r["verdicts"][0]
-    # a trigger of another resolution than the generations': refused, not a silent "-"
-    with pytest.raises(DissectError, match="32x32-px trigger but the generations .* are 16x16 px"):
-        dissect.dissect_folder(gen, CLASSIFIER, (CornerStub(), {**detector[1], "trigger": {"kind": "badnets",
+    # a trigger of another resolution than the generations' (a detector that scales both down): no count, said so
+    r = dissect.dissect_folder(gen, CLASSIFIER, (CornerStub(), {**detector[1], "trigger": {"kind": "badnets",
                                                                                            "resolution": 32}}))
+    assert "trigger_copies" not in r["target_prompt"]
+    assert "no trigger copies counted for" in capsys.readouterr().err
 
 
 class NoiseStub(nn.Module):
@@ -364,9 +365,9 @@ def test_fid_inception_key_layout_and_weights_messages(tmp_path, monkeypatch):
         dissect.load_fid_inception()
 
 
-def test_judges_and_training_set_of_another_resolution_are_refused(tmp_path):
-    """Judges trained on 32-px images, or a --train set of 32-px images, against 16-px generations: refused, naming
-    both sizes; judges whose config predates data_resolution are accepted."""
+def test_judges_of_another_resolution_are_refused(tmp_path):
+    """Judges trained on 32-px images against 16-px generations: refused, naming both sizes; judges that scale both
+    down to a smaller input, and judges whose config predates data_resolution, are accepted."""
     gen = generations(tmp_path / "gen")
     big_clf = (Stub(), {**CLASSIFIER[1], "data_resolution": 32})
     big_det = (Stub(detector=True), {**DETECTOR[1], "data_resolution": 32})
@@ -377,11 +378,16 @@ def test_judges_and_training_set_of_another_resolution_are_refused(tmp_path):
         dissect.dissect_folder(gen, CLASSIFIER, big_det)
     r = dissect.dissect_folder(gen, (Stub(), {**CLASSIFIER[1], "data_resolution": SIDE}), DETECTOR)
     assert r["target_prompt"]["counts"] == KNOWN
+    # judges that scale both their 32-px training images and these down to their 8-px input saw the same: accepted
+    small_input = {"data_resolution": 32, "input_size": 8}
+    r = dissect.dissect_folder(gen, (Stub(), {**CLASSIFIER[1], **small_input}),
+                               (Stub(detector=True), {**DETECTOR[1], **small_input}))
+    assert r["target_prompt"]["counts"] == KNOWN
+    # p_t does not depend on the resolution: a --train set at another one lends it (an SD model fine-tuned smaller)
     (tmp_path / "train32").mkdir()
     (tmp_path / "train32" / "manifest.json").write_text(json.dumps(
         {"class_names": NAMES, "target": {"index": 2, "name": "deer"}, "resolution": 32, "p_t": 0.1}))
-    with pytest.raises(DissectError, match="--train .* holds 32x32-px images but the generations .* are 16x16 px"):
-        dissect.dissect_folder(gen, CLASSIFIER, DETECTOR, train=tmp_path / "train32")
+    assert dissect.dissect_folder(gen, CLASSIFIER, DETECTOR, train=tmp_path / "train32")["p_t"] == 0.1
 
 
 def test_p_t_and_the_training_set_must_fit_the_generations(tmp_path):

@@ -410,8 +410,10 @@ def test_image_folder_both_layouts(tmp_path):
     with pytest.raises(PoisonError, match="no such folder"):  # the path first, then the missing --target
         P.poison(tmp_path / "o3", dataset=f"folder:{tmp_path / 'missing'}", quiet=True)
     for made in (tmp_path / "out", tmp_path / "out" / "train"):  # a poisoned set, or one of its folders
-        with pytest.raises(PoisonError, match="is a dataset folder of this project"):
+        with pytest.raises(PoisonError, match="is a dataset folder made by this project"):
             P.poison(tmp_path / "o4", dataset=f"folder:{made}", target="cat", quiet=True)
+    (tmp_path / "split" / "train" / "metadata.jsonl").write_text("")  # Hugging Face captions beside the classes
+    assert P.load_source(f"folder:{tmp_path / 'split'}", "train", resolution=24).class_names[0] == "cat"
 
 
 def test_image_folder_of_small_images_warns_before_upsampling(tmp_path, capsys):

@@ -521,3 +521,6 @@ def test_poisoning_flags_beside_data_are_refused(tmp_path):
         S.poisoned_set(args, 0, 1, "finetune_sd.py")
     args = parser.parse_args(["--data", str(tmp_path / "set"), "--resolution", "256"])
     assert S.poisoned_set(args, 0, 1, "finetune_sd.py") == tmp_path / "set"
+    args = parser.parse_args(["--data", str(tmp_path / "set"), "--poison-out", str(tmp_path / "other")])
+    with pytest.raises(PoisonError, match="--poison-out with --data"):
+        S.poisoned_set(args, 0, 1, "finetune_sd.py")
