@@ -27,7 +27,7 @@ et al.).
         --classifier runs/clf-inette --out runs/dc-inette-0.1
 
 `--data` takes a poisoned set (OUT of poison.py: its train/ is trained on, test/ and test_backdoor/ evaluated; its
-train/ folder stands for it too) or any dataset folder (a poisoned or clean training set, a folder of generations).
+train/ folder stands for it too, but for eval, which measures it) or any dataset folder (a poisoned or clean training set, a folder of generations).
 A classifier folder holds config.json (architecture, classes, input size, normalisation, task, training options),
 model.safetensors and results.json (TA and ASR of every epoch; the final values, and separately the best over
 epochs, which the reference code reported).
