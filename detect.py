@@ -621,9 +621,10 @@ def resolve_device(flag):
 def run_detection(classifier, train, generated, methods="all", out=None, detector=None, groups=None,
                   generated_labels=None, n=None, seed=0, device="auto", dtype="fp32", batch_size=128,
                   eval_batch_size=1024, cd_steps=CD_STEPS, cd_gamma=CD_GAMMA, strip_overlays_n=STRIP_OVERLAYS,
-                  fct_epochs=FCT_EPOCHS, workers=4, force=False, progress=True, command=None):
+                  fct_epochs=FCT_EPOCHS, workers=4, force=False, progress=True, command=None, min_poisoned=1):
     """Score the training set and the generations with each method, AUROC both, and (with `out`) write
-    detect.json, detect.md and hist_<method>.png there. Returns the result dict."""
+    detect.json, detect.md and hist_<method>.png there. Returns the result dict. A draw of either set with fewer
+    than `min_poisoned` poisoned images is refused before any scoring."""
     methods = parse_methods(methods)
     if dtype not in ("fp32", "bf16"):
         raise DetectError(f"unknown --dtype {dtype!r}: choose fp32 or bf16")
@@ -662,6 +663,12 @@ def run_detection(classifier, train, generated, methods="all", out=None, detecto
     picks = {"train": stratified_sample(train_flags, size, seed), "generated": stratified_sample(gen_flags, size, seed)}
     folders = {"train": train_folder, "generated": gen_folder}
     flags = {"train": train_flags, "generated": gen_flags}
+    for name, what in (("train", "the training set"), ("generated", "the generations")):
+        k = int(flags[name][picks[name]].sum())
+        if k < min_poisoned:
+            raise DetectError(f"the draw of {size} images from {what} {folders[name].root} holds {k} poisoned, "
+                              f"fewer than --min-poisoned {min_poisoned}: an AUROC needs more (a larger --n, or a "
+                              "lower --min-poisoned)")
     images = {k: read_images(folders[k], picks[k], workers, progress, f"load {k}") for k in picks}
 
     results, scores, timing = {}, {}, {}
@@ -733,7 +740,7 @@ def main(args):
     result = run_detection(args.classifier, args.train, args.generated, args.method, args.out, args.detector,
                            args.groups, args.generated_labels, args.n, args.seed, args.device, args.dtype,
                            args.batch_size, args.eval_batch_size, args.cd_steps, args.cd_gamma, args.strip_overlays,
-                           args.fct_epochs, args.workers, args.force, not args.quiet, command)
+                           args.fct_epochs, args.workers, args.force, not args.quiet, command, args.min_poisoned)
     print(markdown_table(result), end="")
     print(json.dumps({"out": args.out, **{m: {k: [round(x, 4) for x in v] if isinstance(v, list) else round(v, 4)
                                               for k, v in r.items()} for m, r in result["results"].items()}}))
@@ -754,6 +761,9 @@ def build_parser():
                        help="a boolean field of the generation metadata (e.g. trigger)")
     parser.add_argument("--n", type=int, default=None,
                         help="images from each set (default: the smaller set's size), a seeded stratified draw")
+    parser.add_argument("--min-poisoned", type=int, default=1,
+                        help="refuse (before scoring) a draw of either set with fewer poisoned images: an AUROC over "
+                             "one or two says nothing")
     parser.add_argument("--seed", type=int, default=0,
                         help="the draw of images, CD colours, STRIP overlays, FCT transforms, bootstrap")
     parser.add_argument("--cd-steps", type=int, default=CD_STEPS, help="CD optimisation steps, the paper's by default")

@@ -301,6 +301,18 @@ def test_generation_ground_truth_sources(toy, tmp_path):
 
 def test_bad_inputs(toy, tmp_path):
     common = dict(device="cpu", workers=1, progress=False, n=20, strip_overlays_n=5)
+    # fewer poisoned images in a draw than --min-poisoned: refused before any scoring, naming the count
+    drawn = {what: int(f[D.stratified_sample(f, 20, 0)].sum()) for what, f in (
+        ("the training set", D.open_train(toy["data"]).poisoned.numpy()),
+        ("the generations", D.generation_truth(load_folder(toy["gen"]), None, None, "trigger")[0]))}
+    k = min(drawn.values())
+    fewest = min(drawn, key=drawn.get)  # the training set is checked first
+    assert D.run_detection(toy["clf"], toy["data"], toy["gen"], "strip", generated_labels="trigger", min_poisoned=k,
+                           **common)["results"]["strip"]
+    with pytest.raises(D.DetectError, match=f"draw of 20 images from {fewest} .* holds {k} poisoned, fewer "
+                                            f"than --min-poisoned {k + 1}: an AUROC needs more"):
+        D.run_detection(toy["clf"], toy["data"], toy["gen"], "strip", generated_labels="trigger",
+                        min_poisoned=k + 1, **common)
     # a generation folder with no trigger verdicts
     with pytest.raises(D.DetectError, match="no trigger verdicts.*--detector.*--groups.*--generated-labels"):
         D.run_detection(toy["clf"], toy["data"], toy["gen"], "strip", **common)

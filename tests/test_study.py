@@ -400,3 +400,15 @@ def test_a_tolerated_failure_is_kept_on_resume(tmp_path):
     with pytest.raises(S.StudyError, match="stage 'other' failed"):
         S.Runner(tmp_path / "study", jobs=1, threads=1, gpus=0, quiet=True).run_one(
             "other", str(script), [calls], lambda: False, False, "something else")
+
+
+def test_detect_failures_are_told_in_short():
+    """The Tab. 3 table keeps the gist of detect.py's one-line errors (which name every folder)."""
+    sys.path.insert(0, str(ROOT))
+    import study as S
+    assert S.detect_failure("detect.py: error: by the trigger detector, no image of /x/gen/0.01-w5 carries the "
+                            "trigger: an AUROC needs both") == "undefined: no generation carries the trigger"
+    err = ("detect.py: error: the draw of 300 images from the generations /x/gen/0.01-w5 holds 1 poisoned, fewer than "
+           "--min-poisoned 5: an AUROC needs more (a larger --n, or a lower --min-poisoned)")
+    assert S.detect_failure(err) == f"not computed: 1 poisoned of 300 in the generations, fewer than {S.MIN_TRIGGERED}"
+    assert S.detect_failure("something else") == "something else"
