@@ -413,9 +413,7 @@ def evaluation_set(config, folder_path, what):
     """An ImageSet of a folder with labels in the classifier's terms: class indices (class task), or trigger flags
     (trigger task: the records' `poisoned`, i.e. whether the image carries the trigger)."""
     folder = load_folder(folder_path)
-    if len(folder):  # before reading them all (ImageSet brings every image to the first one's size)
-        require_resolution(config, tuple(folder.image_uint8(0).shape[-2:]), "the classifier",
-                           f"the images of {what} {folder_path}")
+    require_resolution(config, folder.image_size(), "the classifier", f"the images of {what} {folder_path}")
     if config["task"] == "trigger":
         labels = folder.poisoned.long()
     else:
@@ -1243,7 +1241,7 @@ def run_diffusion_classifier(model, data, out, test=None, backdoor=None, classif
         if clf_config["task"] != "class":
             raise ClassifyError(f"--classifier {classifier} is a trigger detector: give a class classifier")
         for folder in sets.values():
-            require_resolution(clf_config, tuple(folder.image_uint8(0).shape[-2:]), f"--classifier {classifier}",
+            require_resolution(clf_config, folder.image_size(), f"--classifier {classifier}",
                                f"the images of {folder.root}")
     target_name = target_of(sets.get("backdoor") or first)
     target = resolve_name(target_name, names) if target_name is not None else None

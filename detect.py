@@ -416,13 +416,6 @@ def open_train(path):
     return load_folder(path)
 
 
-def image_size(folder):
-    """(H, W) of a dataset folder's first image (read_images brings the others to it)."""
-    if not len(folder):
-        raise DetectError(f"{folder.root} holds no images")
-    return tuple(folder.image_uint8(0).shape[-2:])
-
-
 def check_classes(config, folder, what, classifier):
     if [c.lower() for c in config["class_names"]] != [c.lower() for c in folder.class_names]:
         raise DetectError(f"{what} {folder.root} holds classes {folder.class_names} but the classifier {classifier} "
@@ -494,7 +487,7 @@ def detector_verdicts(detector, folder, device, batch_size=1024, dtype="fp32", w
     if config.get("task") != "trigger":
         raise DetectError(f"--detector {detector} is a {config.get('task')!r} classifier, not a trigger detector: "
                           "make one with classify.py trigger-detector")
-    require_resolution(config, image_size(folder), f"--detector {detector}", f"the generations {folder.root}")
+    require_resolution(config, folder.image_size(), f"--detector {detector}", f"the generations {folder.root}")
     names = [c.lower() for c in config.get("class_names", [])]
     trigger_class = names.index("trigger") if "trigger" in names else 1
     amp = autocast(device, dtype)
@@ -640,7 +633,7 @@ def run_detection(classifier, train, generated, methods="all", out=None, detecto
     train_folder, gen_folder = open_train(train), load_folder(generated)
     check_classes(config, train_folder, "the training set", classifier)
     check_classes(config, gen_folder, "the generation set", classifier)
-    train_size, gen_size = image_size(train_folder), image_size(gen_folder)
+    train_size, gen_size = train_folder.image_size(), gen_folder.image_size()
     require_resolution(config, train_size, f"--classifier {classifier}", f"the training set {train_folder.root}")
     if train_size != gen_size:
         raise DetectError(f"the training set {train_folder.root} holds {train_size[0]}x{train_size[1]}-px images but "

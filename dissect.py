@@ -253,7 +253,7 @@ def dissect_folder(generated, classifier, detector, p_t=None, target=None, train
                            "classify.py trigger-detector")
     if p_t is not None and not 0 <= p_t <= 1:
         raise DissectError(f"--p-t {p_t:g} is outside [0, 1]: give p_t as a share (e.g. 0.1 for 10%)")
-    size = tuple(folder.image_uint8(0).shape[-2:]) if len(folder) else None   # ImageSet brings all to the first's
+    size = folder.image_size()                                     # ImageSet brings every image to this size
     require_resolution(clf_cfg, size, flag_name("--classifier", classifier), f"the generations {folder.root}")
     require_resolution(det_cfg, size, flag_name("--detector", detector), f"the generations {folder.root}")
     trigger_side = (det_cfg.get("trigger") or {}).get("resolution")

@@ -742,6 +742,10 @@ class FolderDataset(torch.utils.data.Dataset):
         except OSError as e:
             raise PoisonError(f"corrupt or unreadable image {path} ({e}): rebuild the dataset folder") from None
 
+    def image_size(self):
+        """(H, W) of the first image: the side the stages bring every other image of the folder to."""
+        return tuple(self.image_uint8(0).shape[-2:])
+
     def __getitem__(self, i):
         x = self.image_uint8(i).float() / 255.0
         if self.transform is not None:
