@@ -76,8 +76,8 @@ import torch.nn.functional as F
 import torchvision
 from tqdm import tqdm
 
-from poison import (PoisonError, atomic_output, caption, load_folder, load_trigger, replace_file, save_safetensors,
-                    versions)
+from poison import (PoisonError, atomic_output, caption, load_folder, load_trigger, manifest_target, replace_file,
+                    save_safetensors, versions)
 
 ARCHS = ("smallcnn", "resnet18", "resnet50", "vgg16", "densenet121")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -405,8 +405,7 @@ def map_labels(labels, from_names, to_names, what):
 
 def target_of(folder):
     """The target class name of a dataset folder (from its manifest), or None."""
-    t = folder.manifest.get("target")
-    return t.get("name") if isinstance(t, dict) else t
+    return manifest_target(folder.manifest)
 
 
 def evaluation_set(config, folder_path, what):

@@ -62,7 +62,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from poison import PoisonError, atomic_output, load_folder, versions
+from poison import PoisonError, atomic_output, load_folder, same_classes, versions
 from classify import ClassifyError, HelpFormatter, load_classifier, require_resolution
 
 METHODS = ("cd", "strip", "fct")
@@ -417,7 +417,7 @@ def open_train(path):
 
 
 def check_classes(config, folder, what, classifier):
-    if [c.lower() for c in config["class_names"]] != [c.lower() for c in folder.class_names]:
+    if not same_classes(config["class_names"], folder.class_names):
         raise DetectError(f"{what} {folder.root} holds classes {folder.class_names} but the classifier {classifier} "
                           f"knows {config['class_names']}: use the classifier trained on this poisoned set")
 

@@ -50,7 +50,8 @@ import torchvision
 from tqdm import tqdm
 
 from classify import HelpFormatter, ImageSet, batches, load_classifier, map_labels, predict, require_resolution
-from poison import PoisonError, atomic_output, load_folder, load_trigger, make_trigger, save_grid
+from poison import (PoisonError, atomic_output, load_folder, load_trigger, make_trigger, manifest_target,
+                    same_classes, save_grid)
 
 GROUPS = ("G1", "G2", "G3", "G4")
 GROUP_MEANING = {"G1": "trigger, prompt mismatched", "G2": "trigger, prompt matched",
@@ -216,21 +217,15 @@ def flag_name(flag, value):
     return f"{flag} {value}" if isinstance(value, (str, Path)) else flag
 
 
-def name_of(target):
-    """A manifest's target (a {"index", "name"} object or a name), as a lower-case name, or None."""
-    t = target.get("name") if isinstance(target, dict) else target
-    return None if t is None else str(t).lower()
-
-
 def check_train_manifest(train, train_manifest, folder):
     """Refuse a --train poisoned set that did not make these generations: other classes or another target. Fields a
     manifest lacks are not compared."""
     names = train_manifest.get("class_names")
-    if names is not None and [c.lower() for c in names] != [c.lower() for c in folder.class_names]:
+    if names is not None and not same_classes(names, folder.class_names):
         raise DissectError(f"--train {train} holds classes {names} but the generations {folder.root} "
                            f"{folder.class_names}: give the poisoned set the generating model was trained on")
-    mine, theirs = name_of(train_manifest.get("target")), name_of(folder.manifest.get("target"))
-    if mine is not None and theirs is not None and mine != theirs:
+    mine, theirs = manifest_target(train_manifest), manifest_target(folder.manifest)
+    if mine is not None and theirs is not None and mine.lower() != theirs.lower():
         raise DissectError(f"--train {train} has the target class {mine!r} but the generations {folder.root} "
                            f"{theirs!r}: give the poisoned set the generating model was trained on")
 
@@ -266,8 +261,7 @@ def dissect_folder(generated, classifier, detector, p_t=None, target=None, train
     if train_manifest is not None:
         check_train_manifest(train, train_manifest, folder)
     if target is None:
-        t = manifest.get("target") or (train_manifest or {}).get("target")
-        target = t.get("name") if isinstance(t, dict) else t
+        target = manifest_target(manifest) or manifest_target(train_manifest)
     if target is None:
         raise DissectError(f"{folder.root}/manifest.json names no target class: pass --target or --train")
     lowered = [c.lower() for c in folder.class_names]

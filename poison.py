@@ -697,6 +697,19 @@ def write_folder(folder, items, manifest, total=None, workers=4, desc=None, trig
     return records
 
 
+def manifest_target(manifest):
+    """The target class name a manifest names (poison.py writes {"index", "name"}, some writers a plain name), or
+    None."""
+    t = (manifest or {}).get("target")
+    t = t.get("name") if isinstance(t, dict) else t
+    return None if t is None else str(t)
+
+
+def same_classes(a, b):
+    """Whether two lists of class names name the same classes in the same order (case aside)."""
+    return [c.lower() for c in a] == [c.lower() for c in b]
+
+
 def read_manifest(folder):
     path = Path(folder) / "manifest.json"
     if not path.is_file():

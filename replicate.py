@@ -99,7 +99,8 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 import dissect
-from poison import IDS_TRAINING_SET, PoisonError, atomic_output, load_folder, save_safetensors, versions
+from poison import (IDS_TRAINING_SET, PoisonError, atomic_output, load_folder, manifest_target, same_classes,
+                    save_safetensors, versions)
 
 SSCD_URL = "https://dl.fbaipublicfiles.com/sscd-copy-detection/sscd_disc_mixup.torchscript.pt"
 SSCD_THRESHOLD = 0.5       # Somepalli et al.: a generation replicates its top-1 training image when SSCD cosine > 0.5
@@ -561,14 +562,6 @@ def plot_triplets(triplets, path, features_label):
 # Table A5: G1 and G2 of "poison random" vs "poison duplicates" (measured by dissect.py on the two generation folders),
 # beside the replication of each run.
 
-def manifest_target(manifest):
-    """The target class name a manifest names (poison.py writes {"index", "name"}, some writers a plain name), or
-    None."""
-    t = (manifest or {}).get("target")
-    t = t.get("name") if isinstance(t, dict) else t
-    return None if t is None else str(t)
-
-
 def manifest_trigger_kind(manifest):
     t = (manifest or {}).get("trigger")
     return t.get("kind") if isinstance(t, dict) else t
@@ -778,7 +771,7 @@ def replicate(out, train, gen=None, duplicates_gen=None, duplicates_train=None, 
             (("--train", train), ("--gen", gen), ("--duplicates-gen", duplicates_gen),
              ("--duplicates-train", duplicates_train)) if folder is not None}
     for flag, ds in sets.items():  # the label comparisons need the training set's classes, in its order
-        if [c.lower() for c in ds.class_names] != [c.lower() for c in sets["--train"].class_names]:
+        if not same_classes(ds.class_names, sets["--train"].class_names):
             raise ReplicateError(f"{flag} {ds.root} holds the classes {ds.class_names}, --train {train} "
                                  f"{sets['--train'].class_names}: give folders of one dataset")
     dev = resolve_device(device)
