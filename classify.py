@@ -73,7 +73,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 from tqdm import tqdm
 
 from poison import (PoisonError, atomic_output, caption, load_folder, load_trigger, manifest_target, replace_file,
@@ -186,10 +185,15 @@ def build_model(arch, num_classes, input_size, width=16, normalization=None):
     None or {"mean": [3], "std": [3]}."""
     if arch not in ARCHS:
         raise ClassifyError(f"unknown --arch {arch!r}: choose one of {', '.join(ARCHS)}")
-    small = input_size <= SMALL_INPUT
-    if arch == "smallcnn":
-        backbone = SmallCNN(width)
-    elif arch in ("resnet18", "resnet50"):
+    backbone = SmallCNN(width) if arch == "smallcnn" else torchvision_backbone(arch, input_size <= SMALL_INPUT)
+    norm = normalization or {}
+    return Classifier(backbone, backbone.out_features, num_classes, input_size, norm.get("mean"), norm.get("std"))
+
+
+def torchvision_backbone(arch, small):
+    """torchvision's `arch` without its classification layer (out_features set); `small`: the CIFAR-style stem."""
+    import torchvision  # here, not at the top: its import costs every process seconds, and smallcnn needs none of it
+    if arch in ("resnet18", "resnet50"):
         backbone = getattr(torchvision.models, arch)(weights=None)
         if small:
             backbone.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
@@ -205,8 +209,7 @@ def build_model(arch, num_classes, input_size, width=16, normalization=None):
         backbone.classifier = nn.Identity()
     else:
         backbone = VGGBackbone(torchvision.models.vgg16(weights=None), small)
-    norm = normalization or {}
-    return Classifier(backbone, backbone.out_features, num_classes, input_size, norm.get("mean"), norm.get("std"))
+    return backbone
 
 
 def model_input_size(arch, resolution, pretrained, input_size=None):
@@ -244,6 +247,7 @@ def imagenet_state_dict(arch, weights_file=None, progress=True):
     if weights_file:
         sd, source = read_state_dict(weights_file), f"file:{weights_file}"
     else:
+        import torchvision
         weights = torchvision.models.get_weight(TORCHVISION_WEIGHTS[arch])
         try:
             sd = torch.hub.load_state_dict_from_url(weights.url, progress=progress, check_hash=True,

@@ -43,7 +43,7 @@ The two sets, and the data the classifier was trained on, must be of one resolut
 
 Python API: `cd_scores(model, images, ...)`, `strip_scores(model, images, overlays, ...)`,
 `fct_finetune(model, data, ...)`, `fct_scores(model, images, ...)`, `auroc(scores, poisoned, method)`,
-`bootstrap_aurocs(scores, poisoned, method)`,
+`auroc_of(pos, neg)`, `bootstrap_aurocs(scores, poisoned, method)`,
 `generation_truth(folder, ...)`, `run_detection(classifier, train, generated, ...)`.
 """
 import argparse
@@ -346,27 +346,35 @@ def suspicion(scores, method):
 
 
 def auroc(scores, poisoned, method):
-    """AUROC (scikit-learn) of `method`'s raw `scores` against `poisoned` (bool, 1 = poisoned)."""
-    from sklearn.metrics import roc_auc_score
+    """AUROC of `method`'s raw `scores` against `poisoned` (bool, 1 = poisoned)."""
     y = np.asarray(poisoned, dtype=bool)
     if y.all() or not y.any():
         raise DetectError("the AUROC needs poisoned and clean images, and this set holds only "
                           f"{'poisoned' if y.all() else 'clean'} ones")
-    return float(roc_auc_score(y, suspicion(scores, method)))
+    s = suspicion(scores, method)
+    return float(auroc_of(s[y], s[~y]))
+
+
+def auroc_of(pos, neg):
+    """The area under the ROC curve of suspicion scores `pos` (poisoned images) and `neg` (clean ones): the chance
+    that a poisoned image scores above a clean one, ties counted half (Mann-Whitney), by counting in the sorted
+    clean scores. It equals scikit-learn's roc_auc_score (a test checks) and takes microseconds instead of its
+    milliseconds of input checks, which the bootstrap's thousands of resamples would pay each."""
+    neg = np.sort(neg)
+    below = np.searchsorted(neg, pos, side="left").sum()
+    ties = np.searchsorted(neg, pos, side="right").sum() - below
+    return (below + 0.5 * ties) / (len(pos) * len(neg))
 
 
 def bootstrap_aurocs(scores, poisoned, method, n=BOOTSTRAP, seed=0):
     """(n,) AUROCs of bootstrap resamples that redraw the poisoned and the clean images separately (each resample
     keeps the set's numbers of both). With a few dozen poisoned images an AUROC is uncertain by several hundredths:
     their percentiles give its interval, and the differences of two sets' resamples the interval of Δ."""
-    from sklearn.metrics import roc_auc_score
     y = np.asarray(poisoned, dtype=bool)
     s = suspicion(scores, method)
     pos, neg = s[y], s[~y]
     rng = np.random.default_rng(seed)
-    labels = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
-    return np.array([roc_auc_score(labels, np.r_[rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
-                     for _ in range(n)])
+    return np.array([auroc_of(rng.choice(pos, len(pos)), rng.choice(neg, len(neg))) for _ in range(n)])
 
 
 def interval(samples, level=0.95):

@@ -46,7 +46,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 from tqdm import tqdm
 
 from classify import HelpFormatter, ImageSet, batches, load_classifier, map_labels, predict, require_resolution
@@ -328,61 +327,66 @@ def dissect_folder(generated, classifier, detector, p_t=None, target=None, train
 # ----------------------------------------------------------------------------------------------------------------
 # FID: TensorFlow's FID Inception-v3 (as pytorch-fid ports it) and the Frechet distance.
 
-class FIDInceptionA(torchvision.models.inception.InceptionA):
-    """TensorFlow's average pool leaves the zero padding out of the mean (count_include_pad=False)."""
+def fid_inception_net():
+    """torchvision's Inception3 (1008 classes, no aux head: the key layout of pytorch-fid's weights file) with the
+    FID blocks, which pool as TensorFlow's graph does."""
+    from torchvision.models import inception  # here, not at the top: its import costs every dissect run seconds
 
-    def _forward(self, x):
-        pool = F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
-        return [self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)),
-                self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))), self.branch_pool(pool)]
+    class FIDInceptionA(inception.InceptionA):
+        """TensorFlow's average pool leaves the zero padding out of the mean (count_include_pad=False)."""
 
-
-class FIDInceptionC(torchvision.models.inception.InceptionC):
-    """As InceptionC, with TensorFlow's average pool (count_include_pad=False)."""
-
-    def _forward(self, x):
-        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        d7 = x
-        for layer in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
-                      self.branch7x7dbl_5):
-            d7 = layer(d7)
-        pool = F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
-        return [self.branch1x1(x), b7, d7, self.branch_pool(pool)]
-
-
-class FIDInceptionE(torchvision.models.inception.InceptionE):
-    """As InceptionE, with TensorFlow's pooling: an average pool without the padding in Mixed_7b and, in the FID
-    graph's Mixed_7c, a max pool (`max_pool=True`)."""
-
-    def __init__(self, in_channels, max_pool=False):
-        super().__init__(in_channels)
-        self.max_pool = max_pool
-
-    def _forward(self, x):
-        b3 = self.branch3x3_1(x)
-        b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
-        d3 = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        d3 = torch.cat([self.branch3x3dbl_3a(d3), self.branch3x3dbl_3b(d3)], 1)
-        if self.max_pool:
-            pool = F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
-        else:
+        def _forward(self, x):
             pool = F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
-        return [self.branch1x1(x), b3, d3, self.branch_pool(pool)]
+            return [self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)),
+                    self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))), self.branch_pool(pool)]
+
+    class FIDInceptionC(inception.InceptionC):
+        """As InceptionC, with TensorFlow's average pool (count_include_pad=False)."""
+
+        def _forward(self, x):
+            b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+            d7 = x
+            for layer in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
+                          self.branch7x7dbl_5):
+                d7 = layer(d7)
+            pool = F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+            return [self.branch1x1(x), b7, d7, self.branch_pool(pool)]
+
+    class FIDInceptionE(inception.InceptionE):
+        """As InceptionE, with TensorFlow's pooling: an average pool without the padding in Mixed_7b and, in the
+        FID graph's Mixed_7c, a max pool (`max_pool=True`)."""
+
+        def __init__(self, in_channels, max_pool=False):
+            super().__init__(in_channels)
+            self.max_pool = max_pool
+
+        def _forward(self, x):
+            b3 = self.branch3x3_1(x)
+            b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
+            d3 = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+            d3 = torch.cat([self.branch3x3dbl_3a(d3), self.branch3x3dbl_3b(d3)], 1)
+            if self.max_pool:
+                pool = F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
+            else:
+                pool = F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+            return [self.branch1x1(x), b3, d3, self.branch_pool(pool)]
+
+    net = inception.Inception3(num_classes=1008, aux_logits=False, init_weights=False)
+    net.Mixed_5b, net.Mixed_5c = FIDInceptionA(192, 32), FIDInceptionA(256, 64)
+    net.Mixed_5d = FIDInceptionA(288, 64)
+    net.Mixed_6b, net.Mixed_6c = FIDInceptionC(768, 128), FIDInceptionC(768, 160)
+    net.Mixed_6d, net.Mixed_6e = FIDInceptionC(768, 160), FIDInceptionC(768, 192)
+    net.Mixed_7b, net.Mixed_7c = FIDInceptionE(1280), FIDInceptionE(2048, max_pool=True)
+    return net
 
 
 class FIDInception(nn.Module):
-    """Images (N, 3, H, W) in [0, 1] -> pool3 features (N, 2048) of the FID Inception-v3. `net` is torchvision's
-    Inception3 (1008 classes, no aux head: the key layout of pytorch-fid's weights file) with the FID blocks."""
+    """Images (N, 3, H, W) in [0, 1] -> pool3 features (N, 2048) of the FID Inception-v3 (`net`:
+    fid_inception_net())."""
 
     def __init__(self):
         super().__init__()
-        net = torchvision.models.inception.Inception3(num_classes=1008, aux_logits=False, init_weights=False)
-        net.Mixed_5b, net.Mixed_5c = FIDInceptionA(192, 32), FIDInceptionA(256, 64)
-        net.Mixed_5d = FIDInceptionA(288, 64)
-        net.Mixed_6b, net.Mixed_6c = FIDInceptionC(768, 128), FIDInceptionC(768, 160)
-        net.Mixed_6d, net.Mixed_6e = FIDInceptionC(768, 160), FIDInceptionC(768, 192)
-        net.Mixed_7b, net.Mixed_7c = FIDInceptionE(1280), FIDInceptionE(2048, max_pool=True)
-        self.net = net
+        self.net = fid_inception_net()
 
     def forward(self, x):
         n = self.net

@@ -657,10 +657,17 @@ def save_safetensors(tensors, path, metadata=None):
 
 
 def versions():
-    import torchvision
-    import PIL
-    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "numpy": np.__version__, "pillow": PIL.__version__}
+    """The versions a run was made with (read from the installed packages' metadata: importing torchvision only to
+    ask would cost every stage seconds)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": installed("torchvision"),
+            "numpy": np.__version__, "pillow": installed("pillow")}
 
 
 def write_folder(folder, items, manifest, total=None, workers=4, desc=None, trigger=None):

@@ -517,6 +517,8 @@ def main(args):
                                                                  args.tokenizer)
     dtype = autocast_dtype(args.dtype, device)
     family = config["family"]
+    if family == "ddpm" and device.type == "cpu" and dtype == torch.bfloat16:
+        model = model.to(memory_format=torch.channels_last)  # oneDNN's bf16 convolutions: 1.1x (none in fp32)
     if family == "ddpm" and (args.compile if args.compile is not None else device.type == "cuda"):
         model = torch.compile(model)
     plan = (plan_sd if family == "sd" else plan_ddpm)(args, model, alphas_cumprod, config, weights, device, dtype)
@@ -618,7 +620,8 @@ def build_parser():
     p.add_argument("--grid", default=None, help="also save a PNG grid (up to 8 per class or prompt) to this file")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="autocast dtype (auto: bf16 on CUDA, fp32 on the CPU)")
+                   help="autocast dtype (auto: bf16 on CUDA, fp32 on the CPU; bf16 on a CPU with AMX or AVX512-BF16 "
+                        "samples the small preset 1.3x faster, and agrees with fp32 on 99%% of the study's verdicts)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on CUDA only)")
     p.add_argument("--workers", type=int, default=4, help="PNG encoding threads")

@@ -178,13 +178,25 @@ def write_atomic(path, text):
     os.replace(tmp, path)
 
 
+# Settings that studies recorded only from a later version on, with the value the earlier studies had.
+RECORDED_LATER = {"trigger": "badnets", "sample_dtype": "fp32"}
+
+
+def native_bf16():
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX), where bf16 sampling is 1.3x faster than
+    fp32 (benchmarks/RESULTS.md); elsewhere it is emulated, and slower."""
+    import torch
+    return any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported",
+                                                                        "_is_amx_tile_supported"))
+
+
 def check_settings(path, settings):
     """Record the study's settings in `path` on its first run; refuse a rerun with other ones."""
     if not path.is_file():
         write_atomic(path, json.dumps(settings, indent=2) + "\n")
         return
     recorded = json.loads(path.read_text())
-    old = {"trigger": "badnets", **recorded}  # studies recorded before --trigger: BadNets
+    old = {**RECORDED_LATER, **recorded}
     changed = [f"{k} {old.get(k)} -> {settings.get(k)}" for k in sorted(set(old) | set(settings))
                if json.dumps(old.get(k)) != json.dumps(settings.get(k))]
     if changed:
@@ -251,14 +263,19 @@ def run_study(args):
         import shutil
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    # What the outputs were made with: a rerun resumes only with the same settings, so no table mixes two studies.
-    settings = {**{k: list(v) if isinstance(v, tuple) else v for k, v in s.items()}, "seed": args.seed,
-                "data_root": data_root, "base": base if s["family"] == "sd" else None}
-    check_settings(out / "study.json", settings)
     gpus = args.gpus
     if gpus is None:
         import torch
         gpus = torch.cuda.device_count()
+    # sample.py's autocast: its own default on GPUs (bf16); on a CPU, bf16 for DDPMs where the CPU computes it
+    # natively (the generations agree with fp32 ones on 99% of dissect.py's verdicts), fp32 elsewhere.
+    sample_dtype = args.sample_dtype
+    if sample_dtype == "auto" and (not gpus or args.device == "cpu"):
+        sample_dtype = "bf16" if s["family"] == "ddpm" and native_bf16() else "fp32"
+    # What the outputs were made with: a rerun resumes only with the same settings, so no table mixes two studies.
+    settings = {**{k: list(v) if isinstance(v, tuple) else v for k, v in s.items()}, "seed": args.seed,
+                "data_root": data_root, "base": base if s["family"] == "sd" else None, "sample_dtype": sample_dtype}
+    check_settings(out / "study.json", settings)
     cores = os.cpu_count() or 1
     ratios = s["ratios"]
     # On the CPU the per-ratio runs go side by side with one thread each: small models use one core better than
@@ -328,7 +345,7 @@ def run_study(args):
 
     # 4. Generations: every class at the guidance weight (Fig. 2, Tab. 3/4), the target class without guidance and
     #    at the sweep's weights (Fig. A3).
-    sample = ["--steps", s["sample_steps"], "--seed", args.seed, *device]
+    sample = ["--steps", s["sample_steps"], "--seed", args.seed, "--dtype", sample_dtype, *device]
     # The long runs (every class) go first, so that the short ones fill the cores at the end.
     items = [(f"sample {ratio_name(r)} w{w:g}", "sample.py",
               ["--model", model[r], "--class", "all", "--images-per-class", s["per_class"], "--guidance", w,
@@ -882,6 +899,9 @@ def build_parser():
                    help="more guidance weights for the target class, comma-separated ('' for none; default 1,2; "
                         "SD: 2,3)")
     p.add_argument("--sample-steps", type=int, default=None, help="DDIM steps (default: 50)")
+    p.add_argument("--sample-dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="sample.py --dtype (auto: on a CPU bf16 where it is native (AMX, AVX512-BF16), else fp32; "
+                        "sample.py's own default on GPUs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=None, help="stages run at once on the CPU (default: one per ratio)")
     p.add_argument("--gpus", type=int, default=None, help="GPUs to use through torchrun (default: all visible)")

@@ -60,8 +60,12 @@ except ImportError:  # CPU-only installs: keep the module importable, the refere
 
 
 def _register_op(name):
-    """torch.library.triton_op when Triton exists (the op is only reached with Triton)."""
-    return triton_op(name, mutates_args={}) if HAS_TRITON else (lambda fn: fn)
+    """torch.library.triton_op where the Triton path can run (a CUDA machine, or the interpreter). Elsewhere the
+    launcher stays a plain function that the dispatcher never reaches: registering imports torch._inductor, which
+    would cost every CPU process about 1.5 s."""
+    if HAS_TRITON and (torch.cuda.is_available() or _is_interpreted(_attn_fwd_kernel)):
+        return triton_op(name, mutates_args={})
+    return lambda fn: fn
 
 
 IMPLS = ("triton", "torch")

@@ -661,6 +661,18 @@ def test_generations_folder_contract(model_dir, data, tmp_path):
     assert (tmp_path / "g.png").read_bytes() != grid and not list(tmp_path.glob(".tmp-*"))
 
 
+def test_bf16_on_the_cpu_follows_fp32(model_dir, tmp_path):
+    """--dtype bf16 on the CPU (channels-last weights, bf16 autocast) makes the fp32 run's images, up to rounding."""
+    run_sample(model_dir, tmp_path / "fp32", "--class", "all", "--n", 3, "--steps", 10, "--dtype", "fp32")
+    run_sample(model_dir, tmp_path / "bf16", "--class", "all", "--n", 3, "--steps", 10, "--dtype", "bf16")
+    a, b = load_folder(tmp_path / "fp32"), load_folder(tmp_path / "bf16")
+    assert a.manifest["dtype_used"] == "fp32" and b.manifest["dtype_used"] == "bf16"
+    x, y = a.images().float(), b.images().float()
+    diff = (x - y).abs()
+    print(f"bf16 vs fp32: mean |diff| {diff.mean():.2f} of 255, relative {diff.norm() / x.norm():.4f}")
+    assert 0 < diff.mean() < 3 and diff.norm() / x.norm() < 0.03
+
+
 def test_guidance_needs_a_trained_null_class(model_dir, tmp_path):
     """A model trained with --label-dropout 0 never saw the null class: only unguided sampling is meaningful."""
     folder = tmp_path / "no-dropout"

@@ -157,6 +157,29 @@ def test_auroc_sign_conventions():
         D.auroc(np.array([1.0, np.nan, 2.0, 3.0]), poisoned, "strip")
 
 
+def test_auroc_counts_as_scikit_learn_does():
+    """auroc_of (counting in sorted scores) against scikit-learn's roc_auc_score on fresh random scores: continuous,
+    heavily tied (rounded), one-sided and of unequal sizes; and a bootstrap resample through both."""
+    from sklearn.metrics import roc_auc_score
+    rng = np.random.default_rng()
+    for P, N, decimals in ((30, 270, None), (7, 3, None), (50, 50, 0), (1, 40, 1), (120, 9, 0)):
+        pos, neg = rng.normal(0.7, 1.0, P), rng.normal(0.0, 1.0, N)
+        if decimals is not None:
+            pos, neg = pos.round(decimals), neg.round(decimals)
+        expected = roc_auc_score(np.r_[np.ones(P), np.zeros(N)], np.r_[pos, neg])
+        assert D.auroc_of(pos, neg) == pytest.approx(expected, abs=1e-12)
+        assert D.auroc_of(pos + 10, neg) == 1.0 and D.auroc_of(pos - 10, neg) == 0.0
+    scores = rng.normal(size=60).round(1)
+    poisoned = rng.random(60) < 0.3
+    seed = int(rng.integers(1 << 31))
+    boot = D.bootstrap_aurocs(scores, poisoned, "fct", n=20, seed=seed)
+    draw = np.random.default_rng(seed)  # the same resamples, judged by scikit-learn
+    pos, neg = scores[poisoned], scores[~poisoned]
+    expected = [roc_auc_score(np.r_[np.ones(len(pos)), np.zeros(len(neg))],
+                              np.r_[draw.choice(pos, len(pos)), draw.choice(neg, len(neg))]) for _ in range(20)]
+    np.testing.assert_allclose(boot, expected, rtol=0, atol=1e-12)
+
+
 def test_cd_objective_pieces():
     m = torch.tensor([[[[0.0, 1.0], [1.0, 1.0]]]])            # (1, 1, 2, 2)
     assert D.total_variation(m).item() == pytest.approx((1 + 1) / 4)  # one vertical, one horizontal jump
