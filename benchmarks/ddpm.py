@@ -177,6 +177,14 @@ def main(args):
                   f"   (warm-up incl. compile {r['warmup_s']} s)", flush=True)
         if cuda:
             torch.cuda.empty_cache()
+    fp32 = next((r for r in rows if r["variant"] == "ours eager, torch kernels" and "error" not in r), None)
+    if not cuda and fp32 and dtype is None:  # how study.py samples on CPUs with native bf16 (sample.py --dtype bf16)
+        rate = time_sampling(ours("torch").to(memory_format=torch.channels_last), device, torch.bfloat16,
+                             args.sample_n, args.sample_steps, False)
+        rows.append({"variant": "ours eager, bf16 channels-last", "sample_images_per_s": round(rate, 2),
+                     "sample_vs_fp32": round(rate / fp32["sample_images_per_s"], 2)})
+        print(f"{'ours eager, bf16 channels-last':34s} sample {rate:8.2f} img/s "
+              f"({rows[-1]['sample_vs_fp32']:.2f}x fp32; sampling only)", flush=True)
     result = {"machine": machine(device), "preset": preset, "resolution": resolution, "batch": batch,
               "dtype": args.dtype if dtype else "fp32", "sample_steps": args.sample_steps, "rows": rows}
     if cuda and preset == "cifar10":
