@@ -714,6 +714,10 @@ def train_classifier(data, out, test=None, backdoor=None, arch="resnet18", clean
     keep = torch.nonzero(~folder.poisoned).flatten() if clean else torch.arange(len(folder))
     if len(keep) == 0:
         raise ClassifyError(f"{data} holds no clean images to train on")
+    # the test sets first: one of another size or other classes is refused before the training images are read
+    config = {"task": "class", "class_names": folder.class_names, "data_resolution": folder.image_size()[0]}
+    test_set = evaluation_set(config, test, "--test") if test and rank == 0 else None
+    backdoor_set = evaluation_set(config, backdoor, "--backdoor") if backdoor and rank == 0 else None
     train_set = ImageSet(folder, keep, progress=progress and rank == 0)
     model, fields = make_model(arch, len(folder.class_names), train_set.size[0], pretrained, weights, input_size,
                                width, normalize, progress, opts["seed"])
@@ -723,9 +727,6 @@ def train_classifier(data, out, test=None, backdoor=None, arch="resnet18", clean
                              "n_train": len(train_set), "p_t": folder.manifest.get("p_t"),
                              "poison_ratio": folder.manifest.get("poison_ratio")},
                     "command": command or "train_classifier()"}
-    config = {"task": "class", "class_names": folder.class_names, "data_resolution": fields["data_resolution"]}
-    test_set = evaluation_set(config, test, "--test") if test and rank == 0 else None
-    backdoor_set = evaluation_set(config, backdoor, "--backdoor") if backdoor and rank == 0 else None
     bs = max(256, opts["batch_size"])
     result = train_common(model, fields, train_set, lambda m: evaluate(m, config, test_set, backdoor_set, bs),
                           ["ta", "asr"], out, config_extra, opts, dev, rank, world, force, progress)

@@ -229,16 +229,12 @@ def check_train_manifest(train, train_manifest, folder):
                            f"{theirs!r}: give the poisoned set the generating model was trained on")
 
 
-def dissect_folder(generated, classifier, detector, p_t=None, target=None, train=None, batch_size=256,
-                   device="cpu", progress=False):
-    """G1-G4 of the generations of the target prompt in the dataset folder `generated`, judged by `classifier`
-    (a class classifier folder or (model, config)) and `detector` (a trigger detector folder or (model, config)).
-    p_t: given, else from `train` (a training folder / poisoned set / manifest path), else from the generations'
-    manifest. Returns a dict (settings, groups, trigger ratio, amplification, non-target-prompt rates) with the
-    per-image `verdicts`."""
-    folder = generated if hasattr(generated, "records") else load_folder(generated)
-    clf, clf_cfg = as_model(classifier, device)
-    det, det_cfg = as_model(detector, device)
+def check_folder(folder, classifier, detector, p_t=None, target=None, train=None, classifier_flag=None,
+                 detector_flag=None):
+    """Everything dissect_folder checks before it judges a single image (the judges' kinds and resolutions, p_t,
+    the --train manifest, the target class): (target index, p_t, where p_t came from, the --train manifest).
+    classifier, detector: (model, config); the *_flag arguments name them in messages (their folders)."""
+    (_, clf_cfg), (_, det_cfg) = classifier, detector
     if clf_cfg.get("task") != "class":
         raise DissectError(f"--classifier is a {clf_cfg.get('task')} model, not a class classifier: train one with "
                            "classify.py train --clean")
@@ -248,13 +244,8 @@ def dissect_folder(generated, classifier, detector, p_t=None, target=None, train
     if p_t is not None and not 0 <= p_t <= 1:
         raise DissectError(f"--p-t {p_t:g} is outside [0, 1]: give p_t as a share (e.g. 0.1 for 10%)")
     size = folder.image_size()                                     # ImageSet brings every image to this size
-    require_resolution(clf_cfg, size, flag_name("--classifier", classifier), f"the generations {folder.root}")
-    require_resolution(det_cfg, size, flag_name("--detector", detector), f"the generations {folder.root}")
-    trigger_side = (det_cfg.get("trigger") or {}).get("resolution")
-    if size is not None and trigger_side is not None and (trigger_side, trigger_side) != size:
-        # a detector that scales both sizes down to its input judges these fine, but no pixel copy can be measured
-        print(f"dissect.py: warning: no trigger copies counted for {folder.root}: its images are {size[0]}x{size[1]} "
-              f"px and the trigger {trigger_side}x{trigger_side} px", file=sys.stderr)
+    require_resolution(clf_cfg, size, flag_name("--classifier", classifier_flag), f"the generations {folder.root}")
+    require_resolution(det_cfg, size, flag_name("--detector", detector_flag), f"the generations {folder.root}")
     manifest = folder.manifest
     train_manifest = read_train_manifest(train) if train is not None else None
     if train_manifest is not None:
@@ -266,7 +257,7 @@ def dissect_folder(generated, classifier, detector, p_t=None, target=None, train
     lowered = [c.lower() for c in folder.class_names]
     if str(target).lower() not in lowered:
         raise DissectError(f"the target class {target!r} is not among the generations' classes {folder.class_names}")
-    target_index = lowered.index(str(target).lower())
+    map_labels(folder.labels, folder.class_names, clf_cfg["class_names"], f"the generations {folder.root}")
     if p_t is not None:
         p_t_source = "given"
     elif train_manifest is not None and train_manifest.get("p_t") is not None:
@@ -275,7 +266,26 @@ def dissect_folder(generated, classifier, detector, p_t=None, target=None, train
         p_t, p_t_source = manifest["p_t"], "generations' manifest"
     else:
         p_t_source = None
+    return lowered.index(str(target).lower()), p_t, p_t_source, train_manifest
 
+
+def dissect_folder(generated, classifier, detector, p_t=None, target=None, train=None, batch_size=256,
+                   device="cpu", progress=False):
+    """G1-G4 of the generations of the target prompt in the dataset folder `generated`, judged by `classifier`
+    (a class classifier folder or (model, config)) and `detector` (a trigger detector folder or (model, config)).
+    p_t: given, else from `train` (a training folder / poisoned set / manifest path), else from the generations'
+    manifest. Returns a dict (settings, groups, trigger ratio, amplification, non-target-prompt rates) with the
+    per-image `verdicts`."""
+    folder = generated if hasattr(generated, "records") else load_folder(generated)
+    clf, clf_cfg = as_model(classifier, device)
+    det, det_cfg = as_model(detector, device)
+    target_index, p_t, p_t_source, train_manifest = check_folder(folder, (clf, clf_cfg), (det, det_cfg), p_t, target,
+                                                                 train, classifier, detector)
+    size, trigger_side = folder.image_size(), (det_cfg.get("trigger") or {}).get("resolution")
+    if size is not None and trigger_side is not None and (trigger_side, trigger_side) != size:
+        # a detector that scales both sizes down to its input judges these fine, but no pixel copy can be measured
+        print(f"dissect.py: warning: no trigger copies counted for {folder.root}: its images are {size[0]}x{size[1]} "
+              f"px and the trigger {trigger_side}x{trigger_side} px", file=sys.stderr)
     prompt = folder.labels
     prompt_in_clf = map_labels(prompt, folder.class_names, clf_cfg["class_names"], f"the generations {folder.root}")
     images = ImageSet(folder, progress=progress)
@@ -304,7 +314,7 @@ def dissect_folder(generated, classifier, detector, p_t=None, target=None, train
             cp = trigger_copies(scores[~is_target], has_trigger[~is_target], field, threshold)
             non_target.update(copy_ratio=cp["ratio"], triggered=cp["triggered"],
                               copies_of_triggered=cp["copies_of_triggered"])
-    setting = {k: find_setting(manifest, names) for k, names in SETTING_KEYS.items()}
+    setting = {k: find_setting(folder.manifest, names) for k, names in SETTING_KEYS.items()}
     if train_manifest is not None:  # what the generations' manifest lacks (e.g. poison random vs duplicates)
         for k in ("poison_ratio", "select", "attack", "trigger"):
             if setting[k] is None:
@@ -678,6 +688,8 @@ def dissect(generated, classifier, detector, out, train=None, p_t=None, target=N
         raise DissectError(f"{len(labels)} --labels for {len(generated)} --generated folders")
     clf, det = as_model(classifier, device), as_model(detector, device)
     folders = [load_folder(g) for g in generated]
+    for f, t in zip(folders, trains):  # every folder is checked before the first is judged
+        check_folder(f, clf, det, p_t, target, t, classifier, detector)
     results = [dissect_folder(f, clf, det, p_t, target, t, batch_size, device, progress)
                for f, t in zip(tqdm(folders, desc="dissect", disable=not progress or len(folders) < 2), trains)]
     varying = {k for k in SETTING_KEYS if len({json.dumps(r["setting"].get(k)) for r in results}) > 1}

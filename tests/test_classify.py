@@ -12,7 +12,7 @@ import torchvision
 
 import classify
 from classify import ClassifyError, evaluate, load_classifier, predict
-from poison import PoisonError, make_trigger, poison, write_folder
+from poison import FolderDataset, PoisonError, make_trigger, poison, write_folder
 
 SIDE = 16
 COLORS = {"red": 0, "green": 1, "blue": 2}
@@ -354,6 +354,17 @@ def test_judges_refuse_images_of_another_resolution(colors, tmp_path):
     config = {"task": "class", "class_names": list(COLORS), "data_resolution": SIDE}
     with pytest.raises(ClassifyError, match="16x16-px images but the images of --test .* are 32x32 px"):
         evaluate(StubClassifier(), config, tmp_path / "test32")
+    # train_classifier refuses such a --test before it reads its training images (only the first, for its size)
+    small = [(c, color_image(c, rng), False) for c in range(3) for _ in range(4)]
+    make_folder(tmp_path / "train16", list(COLORS), small)
+    read = []
+    original = FolderDataset.image_uint8
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(FolderDataset, "image_uint8", lambda self, i: read.append((self.root.name, i)) or original(self, i))
+        with pytest.raises(ClassifyError, match="the images of --test .*test32 are 32x32 px"):
+            classify.train_classifier(tmp_path / "train16", tmp_path / "clf", test=tmp_path / "test32",
+                                      arch="smallcnn", width=8, epochs=1, progress=False)
+    assert {i for name, i in read if name == "train16"} == {0} and not (tmp_path / "clf").exists()
 
 
 def test_the_train_folder_of_a_poisoned_set_stands_for_the_set(digits, tmp_path, capsys):

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torchvision
 
 import dissect
+from classify import ClassifyError
 from dissect import DissectError, frechet_distance, group_fractions
 from poison import PoisonError, write_folder
 
@@ -413,3 +414,33 @@ def test_p_t_and_the_training_set_must_fit_the_generations(tmp_path):
         dissect.dissect_folder(gen, CLASSIFIER, DETECTOR, train=train("cat", NAMES, "cat"))
     r = dissect.dissect_folder(gen, CLASSIFIER, DETECTOR, train=train("upper", [n.upper() for n in NAMES], "DEER"))
     assert r["p_t"] == 0.1 and r["p_t_source"] == "training manifest"
+
+
+def test_every_folder_is_checked_before_any_is_judged(tmp_path):
+    """A second --generated folder that does not fit (a --train of another target, or images of another size than
+    the judges') is refused before the judges see a single image of the first."""
+    good = generations(tmp_path / "good")
+    other = generations(tmp_path / "other")
+    cat_set = tmp_path / "cat-set"
+    cat_set.mkdir()
+    (cat_set / "manifest.json").write_text(json.dumps({"class_names": NAMES, "target": {"index": 0, "name": "cat"},
+                                                       "p_t": 0.1, "resolution": SIDE}))
+    big = tmp_path / "big"
+    write_folder(big, [({"text": "A photo of a deer", "label": 2}, np.zeros((2 * SIDE, 2 * SIDE, 3), np.uint8))],
+                 {"class_names": NAMES, "target": {"index": 2, "name": "deer"}}, total=1, workers=1)
+
+    class Counting(Stub):
+        calls = 0
+
+        def forward(self, x):
+            Counting.calls += 1
+            return super().forward(x)
+
+    judges = ((Counting(), {**CLASSIFIER[1], "data_resolution": SIDE}), DETECTOR)
+    with pytest.raises(DissectError, match="has the target class 'cat'"):
+        dissect.dissect([good, other], *judges, tmp_path / "out", train=[None, cat_set])
+    with pytest.raises(ClassifyError, match="trained on 16x16-px images but the generations .*big are 32x32"):
+        dissect.dissect([good, big], *judges, tmp_path / "out")
+    assert Counting.calls == 0 and not (tmp_path / "out").exists()
+    dissect.dissect([good, other], *judges, tmp_path / "out", progress=False)
+    assert Counting.calls > 0
