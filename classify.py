@@ -715,7 +715,8 @@ def train_classifier(data, out, test=None, backdoor=None, arch="resnet18", clean
     if len(keep) == 0:
         raise ClassifyError(f"{data} holds no clean images to train on")
     # the test sets first: one of another size or other classes is refused before the training images are read
-    config = {"task": "class", "class_names": folder.class_names, "data_resolution": folder.image_size()[0]}
+    side = folder.image_uint8(int(keep[0])).shape[-2]  # ImageSet brings the kept images to the first one's size
+    config = {"task": "class", "class_names": folder.class_names, "data_resolution": side}
     test_set = evaluation_set(config, test, "--test") if test and rank == 0 else None
     backdoor_set = evaluation_set(config, backdoor, "--backdoor") if backdoor and rank == 0 else None
     train_set = ImageSet(folder, keep, progress=progress and rank == 0)

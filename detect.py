@@ -360,6 +360,9 @@ def auroc_of(pos, neg):
     that a poisoned image scores above a clean one, ties counted half (Mann-Whitney), by counting in the sorted
     clean scores. It equals scikit-learn's roc_auc_score (a test checks) and takes microseconds instead of its
     milliseconds of input checks, which the bootstrap's thousands of resamples would pay each."""
+    if len(pos) == 0 or len(neg) == 0:
+        raise DetectError("the AUROC needs poisoned and clean images, and this set holds only "
+                          f"{'clean' if len(pos) == 0 else 'poisoned'} ones")
     neg = np.sort(neg)
     below = np.searchsorted(neg, pos, side="left").sum()
     ties = np.searchsorted(neg, pos, side="right").sum() - below

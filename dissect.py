@@ -258,6 +258,10 @@ def check_folder(folder, classifier, detector, p_t=None, target=None, train=None
     if str(target).lower() not in lowered:
         raise DissectError(f"the target class {target!r} is not among the generations' classes {folder.class_names}")
     map_labels(folder.labels, folder.class_names, clf_cfg["class_names"], f"the generations {folder.root}")
+    target_index = lowered.index(str(target).lower())
+    if not (folder.labels == target_index).any():
+        raise DissectError(f"{folder.root} holds no generations for the target prompt "
+                           f"({folder.class_names[target_index]}): generate some for the target class")
     if p_t is not None:
         p_t_source = "given"
     elif train_manifest is not None and train_manifest.get("p_t") is not None:
@@ -266,7 +270,7 @@ def check_folder(folder, classifier, detector, p_t=None, target=None, train=None
         p_t, p_t_source = manifest["p_t"], "generations' manifest"
     else:
         p_t_source = None
-    return lowered.index(str(target).lower()), p_t, p_t_source, train_manifest
+    return target_index, p_t, p_t_source, train_manifest
 
 
 def dissect_folder(generated, classifier, detector, p_t=None, target=None, train=None, batch_size=256,
@@ -294,9 +298,6 @@ def dissect_folder(generated, classifier, detector, p_t=None, target=None, train
     has_trigger = (det_pred == det_cfg["class_names"].index("trigger")).numpy()
     matches = (predicted == prompt_in_clf).numpy()
     is_target = (prompt == target_index).numpy()
-    if not is_target.any():
-        raise DissectError(f"{folder.root} holds no generations for the target prompt "
-                           f"({folder.class_names[target_index]}): generate some for the target class")
     groups = group_fractions(has_trigger[is_target], matches[is_target])
     where = train_manifest_path(train).parent if train is not None else None
     exact = load_trigger(where) if where and (where / "trigger.safetensors").is_file() else None  # --train's own

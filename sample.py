@@ -620,8 +620,8 @@ def build_parser():
     p.add_argument("--grid", default=None, help="also save a PNG grid (up to 8 per class or prompt) to this file")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="autocast dtype (auto: bf16 on CUDA, fp32 on the CPU; bf16 on a CPU with AMX or AVX512-BF16 "
-                        "samples the small preset 1.3x faster, and agrees with fp32 on 99%% of the study's verdicts)")
+                   help="autocast dtype (auto: bf16 on CUDA, fp32 on the CPU; bf16 on a CPU with AMX samples the "
+                        "small preset 1.3-1.5x faster, and agrees with fp32 on 99%% of the study's verdicts)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on CUDA only)")
     p.add_argument("--workers", type=int, default=4, help="PNG encoding threads")

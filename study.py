@@ -178,30 +178,41 @@ def write_atomic(path, text):
     os.replace(tmp, path)
 
 
-# Settings that studies recorded only from a later version on, with the value the earlier studies had.
-RECORDED_LATER = {"trigger": "badnets", "sample_dtype": "fp32"}
+# Settings that a study.py flag of the same name sets (the others follow from --dataset / --quick).
+FLAG_SETTINGS = ("dataset", "family", "resolution", "trigger", "ratios", "preset", "train_steps", "per_class",
+                 "guidance", "sweep", "sample_steps", "seed", "data_root", "base", "sample_dtype")
 
 
-def native_bf16():
-    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX), where bf16 sampling is 1.3x faster than
-    fp32 (benchmarks/RESULTS.md); elsewhere it is emulated, and slower."""
+def has_amx():
+    """Whether this CPU has AMX, whose bf16 convolutions (oneDNN) make bf16 sampling 1.5x faster than fp32 here
+    (benchmarks/RESULTS.md). Other CPUs sample in fp32: where bf16 is emulated it is slower, and CPUs with
+    AVX512-BF16 alone are unmeasured."""
     import torch
-    return any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported",
-                                                                        "_is_amx_tile_supported"))
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
-def check_settings(path, settings):
-    """Record the study's settings in `path` on its first run; refuse a rerun with other ones."""
+def as_flag(key, value):
+    """The study.py flag that sets the setting `key` to `value`."""
+    if isinstance(value, list):
+        value = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+    return f"--{key.replace('_', '-')} {value}"
+
+
+def check_settings(path, settings, recorded_later=None):
+    """Record the study's settings in `path` on its first run; refuse a rerun with other ones. recorded_later:
+    {setting: the value studies had before they recorded it}."""
     if not path.is_file():
         write_atomic(path, json.dumps(settings, indent=2) + "\n")
         return
     recorded = json.loads(path.read_text())
-    old = {**RECORDED_LATER, **recorded}
-    changed = [f"{k} {old.get(k)} -> {settings.get(k)}" for k in sorted(set(old) | set(settings))
-               if json.dumps(old.get(k)) != json.dumps(settings.get(k))]
-    if changed:
-        raise StudyError(f"{path.parent} holds a study made with other settings ({'; '.join(changed)}): rerun with "
-                         f"its flags (in {path.name}), choose another --out, or pass --force to start over")
+    old = {**(recorded_later or {}), **recorded}
+    keys = [k for k in sorted(set(old) | set(settings)) if json.dumps(old.get(k)) != json.dumps(settings.get(k))]
+    if keys:
+        flags = " ".join(as_flag(k, old[k]) for k in keys if k in FLAG_SETTINGS and old.get(k) is not None)
+        raise StudyError(f"{path.parent} holds a study made with other settings "
+                         f"({'; '.join(f'{k} {old.get(k)} -> {settings.get(k)}' for k in keys)}): rerun with its "
+                         f"flags ({flags + '; ' if flags else ''}all in {path.name}), choose another --out, or pass "
+                         "--force to start over")
     if recorded != old:  # the settings a later version records by default, filled in
         write_atomic(path, json.dumps(old, indent=2) + "\n")
 
@@ -263,19 +274,19 @@ def run_study(args):
         import shutil
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    gpus = args.gpus
-    if gpus is None:
-        import torch
-        gpus = torch.cuda.device_count()
-    # sample.py's autocast: its own default on GPUs (bf16); on a CPU, bf16 for DDPMs where the CPU computes it
-    # natively (the generations agree with fp32 ones on 99% of dissect.py's verdicts), fp32 elsewhere.
+    import torch
+    gpus = torch.cuda.device_count() if args.gpus is None else args.gpus
+    # sample.py's autocast: bf16 on CUDA (its own default); on a CPU, bf16 for DDPMs where AMX makes it faster (the
+    # generations agree with fp32 ones on 99% of dissect.py's verdicts), fp32 elsewhere.
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     sample_dtype = args.sample_dtype
-    if sample_dtype == "auto" and (not gpus or args.device == "cpu"):
-        sample_dtype = "bf16" if s["family"] == "ddpm" and native_bf16() else "fp32"
+    if sample_dtype == "auto":
+        sample_dtype = "bf16" if cuda or (s["family"] == "ddpm" and has_amx()) else "fp32"
     # What the outputs were made with: a rerun resumes only with the same settings, so no table mixes two studies.
+    # Studies made before a setting was recorded had its old default (sample.py's own dtype: bf16 on CUDA).
     settings = {**{k: list(v) if isinstance(v, tuple) else v for k, v in s.items()}, "seed": args.seed,
                 "data_root": data_root, "base": base if s["family"] == "sd" else None, "sample_dtype": sample_dtype}
-    check_settings(out / "study.json", settings)
+    check_settings(out / "study.json", settings, {"trigger": "badnets", "sample_dtype": "bf16" if cuda else "fp32"})
     cores = os.cpu_count() or 1
     ratios = s["ratios"]
     # On the CPU the per-ratio runs go side by side with one thread each: small models use one core better than
@@ -900,8 +911,7 @@ def build_parser():
                         "SD: 2,3)")
     p.add_argument("--sample-steps", type=int, default=None, help="DDIM steps (default: 50)")
     p.add_argument("--sample-dtype", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="sample.py --dtype (auto: on a CPU bf16 where it is native (AMX, AVX512-BF16), else fp32; "
-                        "sample.py's own default on GPUs)")
+                   help="sample.py --dtype (auto: bf16 on CUDA, and on a CPU with AMX for DDPMs; else fp32)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=None, help="stages run at once on the CPU (default: one per ratio)")
     p.add_argument("--gpus", type=int, default=None, help="GPUs to use through torchrun (default: all visible)")

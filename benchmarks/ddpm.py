@@ -178,7 +178,7 @@ def main(args):
         if cuda:
             torch.cuda.empty_cache()
     fp32 = next((r for r in rows if r["variant"] == "ours eager, torch kernels" and "error" not in r), None)
-    if not cuda and fp32 and dtype is None:  # how study.py samples on CPUs with native bf16 (sample.py --dtype bf16)
+    if not cuda and fp32 and dtype is None:  # how study.py samples on CPUs with AMX (sample.py --dtype bf16)
         rate = time_sampling(ours("torch").to(memory_format=torch.channels_last), device, torch.bfloat16,
                              args.sample_n, args.sample_steps, False)
         rows.append({"variant": "ours eager, bf16 channels-last", "sample_images_per_s": round(rate, 2),

@@ -169,6 +169,9 @@ def test_auroc_counts_as_scikit_learn_does():
         expected = roc_auc_score(np.r_[np.ones(P), np.zeros(N)], np.r_[pos, neg])
         assert D.auroc_of(pos, neg) == pytest.approx(expected, abs=1e-12)
         assert D.auroc_of(pos + 10, neg) == 1.0 and D.auroc_of(pos - 10, neg) == 0.0
+    for pos, neg, only in (([], [0.5], "clean"), ([0.5], [], "poisoned")):
+        with pytest.raises(D.DetectError, match=f"holds only {only} ones"):
+            D.auroc_of(np.array(pos), np.array(neg))
     scores = rng.normal(size=60).round(1)
     poisoned = rng.random(60) < 0.3
     seed = int(rng.integers(1 << 31))

@@ -441,6 +441,11 @@ def test_every_folder_is_checked_before_any_is_judged(tmp_path):
         dissect.dissect([good, other], *judges, tmp_path / "out", train=[None, cat_set])
     with pytest.raises(ClassifyError, match="trained on 16x16-px images but the generations .*big are 32x32"):
         dissect.dissect([good, big], *judges, tmp_path / "out")
+    no_target = tmp_path / "no-target"
+    write_folder(no_target, [({"text": "A photo of a cat", "label": 0}, np.zeros((SIDE, SIDE, 3), np.uint8))],
+                 {"class_names": NAMES, "target": {"index": 2, "name": "deer"}}, total=1, workers=1)
+    with pytest.raises(DissectError, match="no-target holds no generations for the target prompt"):
+        dissect.dissect([good, no_target], *judges, tmp_path / "out")
     assert Counting.calls == 0 and not (tmp_path / "out").exists()
     dissect.dissect([good, other], *judges, tmp_path / "out", progress=False)
     assert Counting.calls > 0

@@ -72,8 +72,8 @@ def test_quick_study_writes_every_section_with_numbers(quick):
     assert len(json.loads((out / "dissect" / "guidance" / "summary.json").read_text())["results"]) == 6
     manifest = json.loads((out / "gen" / "0.1-w2" / "manifest.json").read_text())
     assert manifest["classes"] == ["zero"] and manifest["n_per_class"] == 6 and manifest["guidance"] == 2
-    # sampled in bf16 where this CPU computes it natively, else in fp32, and recorded so
-    assert manifest["dtype_used"] == report["settings"]["sample_dtype"] == ("bf16" if S.native_bf16() else "fp32")
+    # sampled in bf16 on a CPU with AMX, else in fp32, and recorded so
+    assert manifest["dtype_used"] == report["settings"]["sample_dtype"] == ("bf16" if S.has_amx() else "fp32")
     assert len(VERDICT.findall(text)) == 6
     assert "| trigger copies |" in text and "mean absolute error" in text
     assert "; copies " in report["findings"][0]["this_run"]   # beside the detector's trigger ratio
@@ -129,16 +129,24 @@ def test_bad_flags_and_changed_settings_are_refused(quick, tmp_path):
 
 
 def test_settings_recorded_before_their_flags_are_the_old_defaults(tmp_path):
-    """A study recorded before --trigger and --sample-dtype was a BadNets study sampled in fp32."""
+    """A study recorded before --trigger and --sample-dtype was a BadNets study sampled in sample.py's default dtype;
+    a rerun with other settings is refused, naming the flags that resume it."""
     import study as S
-    settings = {"dataset": "digits", "trigger": "badnets", "sample_dtype": "fp32"}
-    (tmp_path / "study.json").write_text(json.dumps({"dataset": "digits"}))
-    S.check_settings(tmp_path / "study.json", settings)  # an older study: resumed as the study it is
+    old_defaults = {"trigger": "badnets", "sample_dtype": "fp32"}  # on a CPU
+    settings = {"dataset": "digits", "ratios": [0.01, 0.1], "trigger": "badnets", "sample_dtype": "fp32"}
+    (tmp_path / "study.json").write_text(json.dumps({"dataset": "digits", "ratios": [0.01, 0.1]}))
+    S.check_settings(tmp_path / "study.json", settings, old_defaults)  # an older study: resumed as the study it is
     assert json.loads((tmp_path / "study.json").read_text()) == settings          # and recorded as such
-    with pytest.raises(S.StudyError, match="trigger badnets -> blend"):
-        S.check_settings(tmp_path / "study.json", {**settings, "trigger": "blend"})
-    with pytest.raises(S.StudyError, match="sample_dtype fp32 -> bf16"):
-        S.check_settings(tmp_path / "study.json", {**settings, "sample_dtype": "bf16"})
+    with pytest.raises(S.StudyError, match="trigger badnets -> blend.*rerun with its flags \\(--trigger badnets; all "
+                                           "in study.json\\)"):
+        S.check_settings(tmp_path / "study.json", {**settings, "trigger": "blend"}, old_defaults)
+    with pytest.raises(S.StudyError, match="ratios .* sample_dtype fp32 -> bf16.*flags \\(--ratios 0.01,0.1 "
+                                           "--sample-dtype fp32; all"):
+        S.check_settings(tmp_path / "study.json", {**settings, "ratios": [0.05], "sample_dtype": "bf16"},
+                         old_defaults)
+    (tmp_path / "study.json").write_text(json.dumps({"dataset": "digits", "ratios": [0.01, 0.1]}))
+    with pytest.raises(S.StudyError, match="sample_dtype bf16 -> fp32"):  # an older study on CUDA sampled in bf16
+        S.check_settings(tmp_path / "study.json", settings, {**old_defaults, "sample_dtype": "bf16"})
 
 
 def test_quick_sd_study_runs_through_finetune_sd(tmp_path):
