@@ -184,7 +184,7 @@ FLAG_SETTINGS = ("dataset", "family", "resolution", "trigger", "ratios", "preset
 
 
 def has_amx():
-    """Whether this CPU has AMX, whose bf16 convolutions (oneDNN) make bf16 sampling 1.5x faster than fp32 here
+    """Whether this CPU has AMX, whose bf16 convolutions (oneDNN) make bf16 sampling 1.3-1.5x faster than fp32 here
     (benchmarks/RESULTS.md). Other CPUs sample in fp32: where bf16 is emulated it is slower, and CPUs with
     AVX512-BF16 alone are unmeasured."""
     import torch
