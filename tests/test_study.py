@@ -72,8 +72,10 @@ def test_quick_study_writes_every_section_with_numbers(quick):
     assert len(json.loads((out / "dissect" / "guidance" / "summary.json").read_text())["results"]) == 6
     manifest = json.loads((out / "gen" / "0.1-w2" / "manifest.json").read_text())
     assert manifest["classes"] == ["zero"] and manifest["n_per_class"] == 6 and manifest["guidance"] == 2
-    # sampled in bf16 on a CPU with AMX, else in fp32, and recorded so
-    assert manifest["dtype_used"] == report["settings"]["sample_dtype"] == ("bf16" if S.has_amx() else "fp32")
+    # sampled in bf16 on CUDA and on a CPU with AMX, else in fp32, and recorded so
+    import torch
+    bf16 = torch.cuda.is_available() or S.has_amx()
+    assert manifest["dtype_used"] == report["settings"]["sample_dtype"] == ("bf16" if bf16 else "fp32")
     assert len(VERDICT.findall(text)) == 6
     assert "| trigger copies |" in text and "mean absolute error" in text
     assert "; copies " in report["findings"][0]["this_run"]   # beside the detector's trigger ratio
