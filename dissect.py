@@ -232,7 +232,8 @@ def check_train_manifest(train, train_manifest, folder):
 def check_folder(folder, classifier, detector, p_t=None, target=None, train=None, classifier_flag=None,
                  detector_flag=None):
     """Everything dissect_folder checks before it judges a single image (the judges' kinds and resolutions, p_t,
-    the --train manifest, the target class): (target index, p_t, where p_t came from, the --train manifest).
+    the --train manifest, the target class): (target index, p_t, where p_t came from, the --train manifest, the
+    generations' prompts as the classifier's class indices).
     classifier, detector: (model, config); the *_flag arguments name them in messages (their folders)."""
     (_, clf_cfg), (_, det_cfg) = classifier, detector
     if clf_cfg.get("task") != "class":
@@ -257,7 +258,8 @@ def check_folder(folder, classifier, detector, p_t=None, target=None, train=None
     lowered = [c.lower() for c in folder.class_names]
     if str(target).lower() not in lowered:
         raise DissectError(f"the target class {target!r} is not among the generations' classes {folder.class_names}")
-    map_labels(folder.labels, folder.class_names, clf_cfg["class_names"], f"the generations {folder.root}")
+    prompt_in_clf = map_labels(folder.labels, folder.class_names, clf_cfg["class_names"],
+                               f"the generations {folder.root}")
     target_index = lowered.index(str(target).lower())
     if not (folder.labels == target_index).any():
         raise DissectError(f"{folder.root} holds no generations for the target prompt "
@@ -270,7 +272,7 @@ def check_folder(folder, classifier, detector, p_t=None, target=None, train=None
         p_t, p_t_source = manifest["p_t"], "generations' manifest"
     else:
         p_t_source = None
-    return target_index, p_t, p_t_source, train_manifest
+    return target_index, p_t, p_t_source, train_manifest, prompt_in_clf
 
 
 def dissect_folder(generated, classifier, detector, p_t=None, target=None, train=None, batch_size=256,
@@ -283,15 +285,14 @@ def dissect_folder(generated, classifier, detector, p_t=None, target=None, train
     folder = generated if hasattr(generated, "records") else load_folder(generated)
     clf, clf_cfg = as_model(classifier, device)
     det, det_cfg = as_model(detector, device)
-    target_index, p_t, p_t_source, train_manifest = check_folder(folder, (clf, clf_cfg), (det, det_cfg), p_t, target,
-                                                                 train, classifier, detector)
+    target_index, p_t, p_t_source, train_manifest, prompt_in_clf = check_folder(
+        folder, (clf, clf_cfg), (det, det_cfg), p_t, target, train, classifier, detector)
     size, trigger_side = folder.image_size(), (det_cfg.get("trigger") or {}).get("resolution")
     if size is not None and trigger_side is not None and (trigger_side, trigger_side) != size:
         # a detector that scales both sizes down to its input judges these fine, but no pixel copy can be measured
         print(f"dissect.py: warning: no trigger copies counted for {folder.root}: its images are {size[0]}x{size[1]} "
               f"px and the trigger {trigger_side}x{trigger_side} px", file=sys.stderr)
     prompt = folder.labels
-    prompt_in_clf = map_labels(prompt, folder.class_names, clf_cfg["class_names"], f"the generations {folder.root}")
     images = ImageSet(folder, progress=progress)
     predicted, _ = predict(clf, images, batch_size, device, progress)
     det_pred, _ = predict(det, images, batch_size, device, progress)
