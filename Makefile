@@ -12,7 +12,7 @@ $(VENV)/.installed: requirements.txt requirements-test.txt
 	$(PY) -m pip install -q -r requirements-test.txt
 	touch $@
 
-# The whole study on the embedded digits default (10-13 minutes on a 2-core CPU, within the 15-minute budget); a rerun resumes.
+# The whole study on the embedded digits default (10-14 minutes on a 2-core CPU, within the 15-minute budget); a rerun resumes.
 study: venv
 	$(PY) study.py --out $(OUT)
 

@@ -2,7 +2,7 @@
 
 It calls the stage scripts exactly as a user would (every command it runs is printed in OUT/commands.sh), so it is
 also the worked example of the house. On the embedded default (scikit-learn's digits, no download) it runs on a
-2-core CPU in 10-13 minutes (within the 15-minute budget):
+2-core CPU in 10-14 minutes (within the 15-minute budget):
 
     python study.py --out study                  # the default study; `make study` sets up and runs this
     python study.py --quick --out /tmp/study     # a one-minute smoke run of every stage (what CI runs)
