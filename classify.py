@@ -412,12 +412,20 @@ def target_of(folder):
     return manifest_target(folder.manifest)
 
 
+def require_poison_flags(folder, what):
+    """Refuse a folder whose records do not say which images carry the trigger (generations: `poisoned` is null)."""
+    if folder.poisoned_unknown:
+        raise ClassifyError(f"{what} {folder.root} does not say which images carry the trigger (`poisoned` is null, "
+                            "as in generations): give a poisoned set's folder, or judge generations with dissect.py")
+
+
 def evaluation_set(config, folder_path, what):
     """An ImageSet of a folder with labels in the classifier's terms: class indices (class task), or trigger flags
     (trigger task: the records' `poisoned`, i.e. whether the image carries the trigger)."""
     folder = load_folder(folder_path)
     require_resolution(config, folder.image_size(), "the classifier", f"the images of {what} {folder_path}")
     if config["task"] == "trigger":
+        require_poison_flags(folder, what)
         labels = folder.poisoned.long()
     else:
         labels = map_labels(folder.labels, folder.class_names, config["class_names"], f"{what} {folder_path}")
@@ -711,6 +719,8 @@ def train_classifier(data, out, test=None, backdoor=None, arch="resnet18", clean
         print(f"classify.py: warning: no test set for {data}: no TA or ASR will be measured; give --test (and "
               "--backdoor), or --data the poisoned set's root", file=sys.stderr)
     folder = load_folder(data)
+    if clean:
+        require_poison_flags(folder, "--clean: --data")
     keep = torch.nonzero(~folder.poisoned).flatten() if clean else torch.arange(len(folder))
     if len(keep) == 0:
         raise ClassifyError(f"{data} holds no clean images to train on")
@@ -741,6 +751,7 @@ def trigger_split(folder, target, fraction, seed):
     """(labels, stamp) for the trigger detector on a dataset folder: images already carrying the trigger (poisoned)
     count as positives, and more non-target images are stamped (seeded draw) until `fraction` of the non-target
     images carry it; label 1 = has the trigger."""
+    require_poison_flags(folder, "the trigger detector's data:")
     orig = torch.tensor([int(r.get("orig_label", r["label"])) for r in folder.records])
     nontarget = orig != target
     has = folder.poisoned.clone()

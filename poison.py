@@ -740,7 +740,9 @@ def read_records(folder):
 
 class FolderDataset(torch.utils.data.Dataset):
     """A dataset folder as a torch Dataset of (image (3, H, W) float in [0, 1], label). `records` holds the
-    metadata of each image, `manifest` what made the folder, `class_names` the names of the labels."""
+    metadata of each image, `manifest` what made the folder, `class_names` the names of the labels. `poisoned`:
+    whether each image carries the trigger (a record without the field: clean); `poisoned_unknown`: some record
+    says null (generations, which only a judge can tell)."""
 
     def __init__(self, root, transform=None):
         self.root = Path(root)
@@ -749,6 +751,7 @@ class FolderDataset(torch.utils.data.Dataset):
         self.class_names = list(self.manifest["class_names"])
         self.labels = torch.tensor([r["label"] for r in self.records], dtype=torch.long)
         self.poisoned = torch.tensor([bool(r.get("poisoned", False)) for r in self.records])
+        self.poisoned_unknown = any(r.get("poisoned", False) is None for r in self.records)
         self.transform = transform
 
     def __len__(self):

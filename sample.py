@@ -21,8 +21,9 @@
 OUT is a dataset folder (metadata.jsonl, images/*.png, manifest.json): image i is prompted with "text" (with
 --class: the caption the training images of class `label` carry, "A photo of a {class name}" for poison.py's sets;
 with --prompt: that prompt, `label` the class whose caption it is, -1 if none) and made from seed `seed` = --seed + i
-alone; its initial noise and every noise drawn later come from its own generator, so it is the same image whatever
---batch-size and however many processes share the work (up to floating-point differences between batch shapes).
+alone (`poisoned` is null: whether it carries the trigger is for dissect.py to judge); its initial noise and every
+noise drawn later come from its own generator, so it is the same image whatever --batch-size and however many
+processes share the work (up to floating-point differences between batch shapes).
 Seeds are consecutive, so runs at --seed 0 and --seed 1 share all but one image: independent replicates need
 seeds further apart than their image count (e.g. --seed 0, 100000, 200000).
 --n images are made per class (--class all: class after class) or per prompt. The manifest records the model,
@@ -542,7 +543,7 @@ def main(args):
         def item(i):
             c = labels[i]
             rec = {"text": texts[i], "label": c, "class_name": class_names[c] if c >= 0 else None,
-                   "seed": seeds[i], "poisoned": False}
+                   "seed": seeds[i], "poisoned": None}  # unknown until judged (dissect.py)
             return rec, images[i].permute(1, 2, 0).numpy()
 
         by_group = {}

@@ -242,6 +242,31 @@ def test_bad_input(colors, tmp_path):
     assert summary["best_over_epochs"] == {"acc": 0.7, "tpr": None} and summary["final"]["tpr"] is None
 
 
+def test_generations_without_trigger_flags_are_refused_where_the_flags_are_needed(colors, tmp_path):
+    """sample.py's records say `"poisoned": null` (a generation's trigger is for a judge to tell): using them as the
+    trigger labels of a detector or as the clean images of a --clean classifier would silently call every generation
+    clean, so both are refused; a record without the field still means clean, and class labels still work."""
+    rng = np.random.default_rng(3)
+    names = list(COLORS)
+    records = [({"text": f"A photo of a {names[c]}", "label": c, "poisoned": None}, color_image(c, rng, corner=c == 0))
+               for c in range(3) for _ in range(4)]
+    write_folder(tmp_path / "gen", records, {"class_names": names, "target": {"index": 0, "name": "red"}},
+                 total=len(records), workers=1)
+    gen = classify.load_folder(tmp_path / "gen")
+    assert gen.poisoned_unknown and not gen.poisoned.any()
+    assert not classify.load_folder(colors / "train").poisoned_unknown
+    detector = {"task": "trigger", "class_names": ["clean", "trigger"]}
+    with pytest.raises(ClassifyError, match=r"--test .*gen does not say which images carry the trigger"):
+        evaluate(StubClassifier(), detector, tmp_path / "gen")
+    with pytest.raises(ClassifyError, match="--clean: --data .*does not say which images carry the trigger"):
+        classify.train_classifier(tmp_path / "gen", tmp_path / "x", clean=True, arch="smallcnn", progress=False)
+    with pytest.raises(ClassifyError, match="does not say which images carry the trigger"):
+        classify.trigger_split(gen, 0, 0.5, seed=0)
+    assert not (tmp_path / "x").exists()
+    # the class task reads the labels alone
+    assert evaluate(StubClassifier(), {"task": "class", "class_names": names}, tmp_path / "gen")["ta"] == 1.0
+
+
 def test_architectures_and_small_input_stems():
     for arch, size, dim in (("resnet18", 16, 512), ("vgg16", 16, 512), ("densenet121", 32, 1024)):
         model = classify.build_model(arch, 4, classify.model_input_size(arch, size, False)).eval()

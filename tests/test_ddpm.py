@@ -635,6 +635,7 @@ def test_generations_folder_contract(model_dir, data, tmp_path):
     assert len(ds) == 20 and ds.images().shape == (20, 3, RES, RES)
     assert [r["label"] for r in ds.records] == [c for c in range(10) for _ in range(2)]
     assert [r["seed"] for r in ds.records] == list(range(7, 27))
+    assert all(r["poisoned"] is None for r in ds.records) and ds.poisoned_unknown   # for a judge to tell
     r = ds.records[5]
     assert r["text"] == f"A photo of a {ds.class_names[2]}" and r["class_name"] == ds.class_names[2]
     m = ds.manifest
