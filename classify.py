@@ -168,7 +168,7 @@ class Classifier(nn.Module):
     def prepare(self, x):
         s = self.input_size
         if tuple(x.shape[-2:]) != (s, s):
-            x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=x.shape[-1] > s)
+            x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=max(x.shape[-2:]) > s)
         if self.mean is not None:
             x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
         return x
@@ -332,18 +332,30 @@ def load_classifier(folder, device="cpu"):
 
 def require_resolution(config, size, what, images="the images"):
     """Refuse `images` of `size` (a side or (H, W)) for a judge (a classifier's config) trained on images of another
-    side: the model would resize them and judge what it never saw (a detector trained on 32-px digits calls 13.6% of
-    16-px generations triggered where 50.3% are). Images that the model scales down to its input size, as it did
-    its training images, pass; so do configs older than data_resolution."""
+    size: the model would resize them and judge what it never saw (a detector trained on 32-px digits calls 13.6% of
+    16-px generations triggered where 50.3% are). Images of the training images' shape that the model scales down
+    to its input size, as it did its training images, pass; so do configs older than data_resolution."""
     trained = config.get("data_resolution")
     if trained is None or size is None:
         return
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    if config.get("input_size") and config["input_size"] <= min(trained, h, w):
-        return  # both sides are scaled down to the model's input (e.g. 224 for ImageNet weights): what it saw
-    if (h, w) != (trained, trained):
-        raise ClassifyError(f"{what} was trained on {trained}x{trained}-px images but {images} are {h}x{w} px: "
-                            f"train it on data of the same resolution ({h} px), or give it {trained}-px images")
+    th, tw = side_pair(trained)
+    h, w = side_pair(size)
+    if config.get("input_size") and config["input_size"] <= min(th, tw, h, w) and h * tw == w * th:
+        return  # both are scaled down to the model's input (e.g. 224 for ImageNet weights) alike: what it saw
+    if (h, w) != (th, tw):
+        raise ClassifyError(f"{what} was trained on {th}x{tw}-px images but {images} are {h}x{w} px: train it on "
+                            f"data of the same resolution ({h}x{w} px), or give it {th}x{tw}-px images")
+
+
+def side_pair(size):
+    """(H, W) of a side or an (H, W) pair."""
+    return (int(size), int(size)) if isinstance(size, (int, np.integer)) else tuple(int(v) for v in size)
+
+
+def resolution_field(size):
+    """A classifier config's data_resolution: the side of square training images, [H, W] otherwise."""
+    h, w = side_pair(size)
+    return h if h == w else [h, w]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -664,8 +676,9 @@ def is_training_split(folder):
 
 def make_model(arch, num_classes, resolution, pretrained=False, weights=None, input_size=None, width=16,
                normalize="auto", progress=True, seed=0):
-    """(model, config fields): a Classifier with ImageNet weights in its backbone when `pretrained`."""
-    size = model_input_size(arch, resolution, pretrained or weights is not None, input_size)
+    """(model, config fields): a Classifier with ImageNet weights in its backbone when `pretrained`. `resolution`:
+    the training images' side or (H, W); without pretrained weights or --input-size the model's input is the height."""
+    size = model_input_size(arch, side_pair(resolution)[0], pretrained or weights is not None, input_size)
     use_imagenet_norm = normalize == "imagenet" or (normalize == "auto" and (pretrained or weights is not None))
     norm = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)} if use_imagenet_norm else None
     torch.manual_seed(seed)  # the initial weights depend on the seed only, not on what ran before
@@ -675,7 +688,7 @@ def make_model(arch, num_classes, resolution, pretrained=False, weights=None, in
         sd, source = imagenet_state_dict(arch, weights, progress)
         dropped = load_pretrained_backbone(model, arch, sd)
     fields = {"arch": arch, "width": width if arch == "smallcnn" else None, "num_classes": num_classes,
-              "input_size": size, "data_resolution": resolution,
+              "input_size": size, "data_resolution": resolution_field(resolution),
               "stem": None if arch == "smallcnn" else ("cifar" if size <= SMALL_INPUT else "imagenet"),
               "normalization": norm, "pretrained": source, "pretrained_keys_not_loaded": dropped}
     return model, fields
@@ -725,12 +738,12 @@ def train_classifier(data, out, test=None, backdoor=None, arch="resnet18", clean
     if len(keep) == 0:
         raise ClassifyError(f"{data} holds no clean images to train on")
     # the test sets first: one of another size or other classes is refused before the training images are read
-    side = folder.image_uint8(int(keep[0])).shape[-2]  # ImageSet brings the kept images to the first one's size
-    config = {"task": "class", "class_names": folder.class_names, "data_resolution": side}
+    size = folder.image_uint8(int(keep[0])).shape[-2:]  # ImageSet brings the kept images to the first one's size
+    config = {"task": "class", "class_names": folder.class_names, "data_resolution": resolution_field(size)}
     test_set = evaluation_set(config, test, "--test") if test and rank == 0 else None
     backdoor_set = evaluation_set(config, backdoor, "--backdoor") if backdoor and rank == 0 else None
     train_set = ImageSet(folder, keep, progress=progress and rank == 0)
-    model, fields = make_model(arch, len(folder.class_names), train_set.size[0], pretrained, weights, input_size,
+    model, fields = make_model(arch, len(folder.class_names), train_set.size, pretrained, weights, input_size,
                                width, normalize, progress, opts["seed"])
     config_extra = {"task": "class", "class_names": folder.class_names, "target": folder.manifest.get("target"),
                     "data": {"train": str(data), "test": str(test) if test else None,
@@ -819,7 +832,7 @@ def train_trigger_detector(data, out, test=None, arch="resnet50", fraction=0.5, 
         heldout_desc = f"{holdout:.0%} of {data} held out"
     train_set = ImageSet(folder, train_idx, labels[train_idx], stamp[train_idx], trigger,
                          progress=progress and rank == 0, alphas=train_alphas)
-    model, fields = make_model(arch, 2, train_set.size[0], pretrained, weights, input_size, width, normalize,
+    model, fields = make_model(arch, 2, train_set.size, pretrained, weights, input_size, width, normalize,
                                progress, opts["seed"])
 
     def evaluate_epoch(m):

@@ -390,6 +390,17 @@ def test_judges_refuse_images_of_another_resolution(colors, tmp_path):
             classify.train_classifier(tmp_path / "train16", tmp_path / "clf", test=tmp_path / "test32",
                                       arch="smallcnn", width=8, epochs=1, progress=False)
     assert {i for name, i in read if name == "train16"} == {0} and not (tmp_path / "clf").exists()
+    # images that are not square: both sides are recorded, so the same size passes and a square one is refused
+    wide = [(c, np.concatenate([color_image(c, rng), color_image(c, rng)[:, :8]], 1), False) for c in range(3)
+            for _ in range(4)]
+    make_folder(tmp_path / "wide", list(COLORS), wide)
+    classify.train_classifier(tmp_path / "wide", tmp_path / "wide-clf", test=tmp_path / "wide", arch="smallcnn",
+                              width=8, epochs=1, progress=False)
+    model, config = load_classifier(tmp_path / "wide-clf")
+    assert config["data_resolution"] == [SIDE, SIDE + 8] and config["input_size"] == SIDE
+    assert 0 <= evaluate(model, config, tmp_path / "wide")["ta"] <= 1
+    with pytest.raises(ClassifyError, match=r"trained on 16x24-px images but the images of --test .* are 16x16 px"):
+        evaluate(model, config, tmp_path / "train16")
 
 
 def test_the_train_folder_of_a_poisoned_set_stands_for_the_set(digits, tmp_path, capsys):
