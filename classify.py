@@ -75,8 +75,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from poison import (PoisonError, atomic_output, caption, load_folder, load_trigger, manifest_target, replace_file,
-                    save_safetensors, versions)
+from poison import (PoisonError, atomic_output, caption, load_folder, load_trigger, manifest_target, on_rank0,
+                    replace_file, save_safetensors, versions)
 
 ARCHS = ("smallcnn", "resnet18", "resnet50", "vgg16", "densenet121")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -740,8 +740,10 @@ def train_classifier(data, out, test=None, backdoor=None, arch="resnet18", clean
     # the test sets first: one of another size or other classes is refused before the training images are read
     size = folder.image_uint8(int(keep[0])).shape[-2:]  # ImageSet brings the kept images to the first one's size
     config = {"task": "class", "class_names": folder.class_names, "data_resolution": resolution_field(size)}
-    test_set = evaluation_set(config, test, "--test") if test and rank == 0 else None
-    backdoor_set = evaluation_set(config, backdoor, "--backdoor") if backdoor and rank == 0 else None
+    test_set, backdoor_set = on_rank0(  # rank 0 evaluates; a wrong set stops every rank
+        lambda: (evaluation_set(config, test, "--test") if test else None,
+                 evaluation_set(config, backdoor, "--backdoor") if backdoor else None),
+        rank, world, share_result=False) or (None, None)
     train_set = ImageSet(folder, keep, progress=progress and rank == 0)
     model, fields = make_model(arch, len(folder.class_names), train_set.size, pretrained, weights, input_size,
                                width, normalize, progress, opts["seed"])
@@ -817,6 +819,10 @@ def train_trigger_detector(data, out, test=None, arch="resnet50", fraction=0.5, 
     train_idx = torch.arange(len(folder))
     if test is not None:
         test_folder = load_folder(test)
+        if test_folder.image_size() != folder.image_size():  # on every rank: rank 0 alone builds the held-out set
+            raise ClassifyError(f"--test {test} holds {'x'.join(map(str, test_folder.image_size()))}-px images but "
+                                f"{data} {'x'.join(map(str, folder.image_size()))}-px ones: give the test set made "
+                                "with the training set (poison.py's OUT/test)")
         t_labels, t_stamp = trigger_split(test_folder, resolve_name(target_of(folder), test_folder.class_names),
                                           fraction, opts["seed"] + 1)
         heldout = (ImageSet(test_folder, None, t_labels, t_stamp, trigger, alphas=alphas(len(test_folder),
@@ -1264,23 +1270,28 @@ def run_diffusion_classifier(model, data, out, test=None, backdoor=None, classif
     use_compile = compile_model == "on" or (compile_model == "auto" and dev.type == "cuda")
     if use_compile:
         denoiser.module = torch.compile(denoiser.module)
-    clf = None
-    if classifier is not None and rank == 0:                          # refuse a wrong folder before the long part
+
+    def load_baseline():  # on rank 0, which evaluates it: a wrong folder is refused before the long part, on all ranks
         clf, clf_config = load_classifier(classifier, dev)
         if clf_config["task"] != "class":
             raise ClassifyError(f"--classifier {classifier} is a trigger detector: give a class classifier")
-        for folder in sets.values():
+        for name, folder in sets.items():
             require_resolution(clf_config, folder.image_size(), f"--classifier {classifier}",
                                f"the images of {folder.root}")
+            map_labels(folder.labels, folder.class_names, clf_config["class_names"], f"--{name} {folder.root}")
+        return clf, clf_config
+    clf, clf_config = (on_rank0(load_baseline, rank, world, share_result=False) if classifier is not None
+                       else None) or (None, None)
     target_name = target_of(sets.get("backdoor") or first)
     target = resolve_name(target_name, names) if target_name is not None else None
 
+    labels = {name: map_labels(folder.labels, folder.class_names, names, f"--{name} {folder.root}")
+              for name, folder in sets.items()}  # both sets checked before the long part
     results_sets, chosen, t0 = {}, {}, time.time()
     for name, folder in sets.items():
-        labels = map_labels(folder.labels, folder.class_names, names, f"--{name} {folder.root}")
         chosen[name] = choose_images(len(folder), n, seed)
         mine = np.arange(rank, len(chosen[name]), world)
-        part = diffusion_classify_set(denoiser, folder, chosen[name][mine], labels, stages, drops, loss, seed,
+        part = diffusion_classify_set(denoiser, folder, chosen[name][mine], labels[name], stages, drops, loss, seed,
                                       batch_size, dev, amp_dtype, use_compile, progress and rank == 0,
                                       desc=f"diffusion classifier: {name}")
         results_sets[name] = gather_set(part, mine, rank, world)

@@ -67,7 +67,7 @@ from tqdm import tqdm
 
 from kernels.attention import attention
 from kernels.group_norm import group_norm
-from poison import (PoisonError, add_poison_arguments, load_folder, poison, poison_kwargs,
+from poison import (PoisonError, add_poison_arguments, load_folder, on_rank0, poison, poison_kwargs,
                     refuse_poison_flags_with_data, save_safetensors, truncate_log, versions)
 
 VAE_SCALE = 0.18215           # SD v1's latent scale: z = VAE_SCALE * (VAE posterior sample), unit variance
@@ -1351,33 +1351,6 @@ def barrier(world, device):
         dist.barrier(device_ids=[device.index]) if device.type == "cuda" else dist.barrier()
 
 
-def on_rank0(fn, rank, world):
-    """Run fn on rank 0; every rank raises its error (so no rank waits forever at a barrier) or gets its result
-    (a small picklable value)."""
-    result, err = None, None
-    if rank == 0:
-        try:
-            result = fn()
-        except PoisonError as e:
-            err = str(e)
-    share_error(err, world)
-    if world > 1:
-        box = [result]
-        dist.broadcast_object_list(box, src=0)
-        result = box[0]
-    return result
-
-
-def share_error(err, world):
-    """Rank 0's error message (or None) raised on every rank, so that no rank waits forever at a barrier."""
-    if world > 1:
-        box = [err]
-        dist.broadcast_object_list(box, src=0)
-        err = box[0]
-    if err is not None:
-        raise PoisonError(err)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Data: the poisoned set, and the frozen encoders' outputs cached once per image.
 
@@ -1556,13 +1529,9 @@ def main(args):
     out = Path(args.out or f"runs/sd-{name}")
 
     # Rank 0 loads first (and downloads, if the base is a Hub id); the others then read the local copy.
-    sd, err = None, None
-    if rank == 0:  # keep_ema: a single file's model_ema.* U-Net, which the EMA (on rank 0) continues
-        try:
-            sd = load_sd(args.base, device, torch.float32, args.config, args.tokenizer, args.use_ema, keep_ema=True)
-        except PoisonError as e:
-            err = str(e)
-    share_error(err, world)
+    # keep_ema: a single file's model_ema.* U-Net, which the EMA (on rank 0) continues
+    sd = on_rank0(lambda: load_sd(args.base, device, torch.float32, args.config, args.tokenizer, args.use_ema,
+                                  keep_ema=True), rank, world, share_result=False)
     if rank != 0:
         sd = load_sd(args.base, device, torch.float32, args.config, args.tokenizer, args.use_ema)
     for note in sd.notes:

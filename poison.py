@@ -22,7 +22,8 @@ stamp the same one). Output is written to a temporary folder and renamed into pl
 
 Python API for the other stages: `poison(...)`, `make_trigger(...)`, `load_trigger(folder)`, `load_folder(folder)`,
 `atomic_output(path)`, `write_folder(...)`, `save_grid(...)`, `replace_file(path, write)` (one file, atomically),
-`truncate_log(path, step)` (a JSON-lines log cut back to a resumed checkpoint).
+`truncate_log(path, step)` (a JSON-lines log cut back to a resumed checkpoint), `on_rank0(fn, rank, world)` and
+`share_error(message, world)` (under torchrun: rank 0's one-line error stops every rank, none waits at a barrier).
 """
 import argparse
 import contextlib
@@ -41,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
@@ -623,6 +625,39 @@ def replace_file(path, write):
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def on_rank0(fn, rank, world, share_result=True):
+    """fn() on rank 0 of a torchrun group (every rank calls this). A PoisonError it raises (a stage's one-line error:
+    every stage's errors derive from it) is raised on every rank, so none waits forever at the next collective for a
+    rank that stopped. share_result: every rank gets fn's result (a small picklable value); else rank 0 alone."""
+    result, err = None, None
+    if rank == 0:
+        try:
+            result = fn()
+        except PoisonError as e:
+            if world == 1:
+                raise
+            err = e
+    share_error(err, world)
+    if world > 1 and share_result:
+        box = [result]
+        dist.broadcast_object_list(box, src=0)
+        result = box[0]
+    return result
+
+
+def share_error(err, world):
+    """Rank 0's error (a PoisonError, a message, or None) raised on every rank (every rank calls this)."""
+    message = None if err is None else str(err)
+    if world > 1:
+        box = [message]
+        dist.broadcast_object_list(box, src=0)
+        message = box[0]
+    if isinstance(err, BaseException):
+        raise err  # rank 0 keeps its own error and its class
+    if message is not None:
+        raise PoisonError(message)
 
 
 def truncate_log(path, step):

@@ -47,6 +47,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse  # noqa: E402  (after the OpenMP setting, which must precede torch's import)
 import contextlib
 import copy
+import datetime
 import json
 import math
 import sys
@@ -60,9 +61,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from poison import (PoisonError, add_poison_arguments, load_folder, options_differences, poison, poison_kwargs,
-                    read_manifest, refuse_poison_flags_with_data, replace_file, save_grid, save_safetensors,
-                    truncate_log, versions)
+from poison import (PoisonError, add_poison_arguments, load_folder, on_rank0, options_differences, poison,
+                    poison_kwargs, read_manifest, refuse_poison_flags_with_data, replace_file, save_grid,
+                    save_safetensors, truncate_log, versions)
 from kernels.attention import attention
 from kernels.group_norm import group_norm
 
@@ -484,8 +485,8 @@ def setup_distributed(device):
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if not dist.is_initialized():  # long timeout: the other ranks wait while rank 0 downloads and poisons a dataset
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=3))
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -537,7 +538,7 @@ def lr_at(step, base_lr, warmup, total, decay):
     return base_lr
 
 
-def build_data(args, out, rank):
+def build_data(args, out, rank, world):
     """The training dataset folder: --data, or poison.py run into OUT/data (reused when it is already there and was
     made with the same poisoning flags; rebuilt with --force)."""
     if args.data:  # checked in main
@@ -551,9 +552,11 @@ def build_data(args, out, rank):
     if differ and not args.force:
         raise TrainingError(f"{data} was poisoned with other options ({', '.join(differ)} differ): rerun with the "
                             "same options, choose another --out, or pass --force to rebuild it and train a new model")
-    if rank == 0 and (not built or differ):
-        poison(data, force=data.exists(), command=command_line(), quiet=True, **kwargs)
-    barrier()
+
+    def build():  # on rank 0; every rank calls on_rank0 (a barrier), and a bad flag stops all with its error
+        if not built or differ:
+            poison(data, force=data.exists(), command=command_line(), quiet=True, **kwargs)
+    on_rank0(build, rank, world, share_result=False)
     return data / "train"
 
 
@@ -618,7 +621,7 @@ def main(args):
         out.mkdir(parents=True, exist_ok=True)
 
     # data: the whole set as uint8 on the device (pixel-space DDPMs train on small images)
-    data_dir = build_data(args, out, rank)
+    data_dir = build_data(args, out, rank, world)
     ds = load_folder(data_dir)
     images = ds.images(progress=rank == 0)                             # (N, 3, R, R) uint8
     labels = ds.labels

@@ -1,8 +1,12 @@
 """classify.py: training reaches high accuracy, TA/ASR on folders with known answers, the trigger detector learns a
 stamped trigger, classifier folders round-trip, pretrained weights are accounted for, bad input is refused."""
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -401,6 +405,14 @@ def test_judges_refuse_images_of_another_resolution(colors, tmp_path):
     assert 0 <= evaluate(model, config, tmp_path / "wide")["ta"] <= 1
     with pytest.raises(ClassifyError, match=r"trained on 16x24-px images but the images of --test .* are 16x16 px"):
         evaluate(model, config, tmp_path / "train16")
+    # under torchrun rank 0 alone reads --test; its error stops both processes (none waits in DDP's set-up)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(Path(classify.__file__)), "train", "--data", str(tmp_path / "train16"), "--test",
+                        str(tmp_path / "test32"), "--arch", "smallcnn", "--width", "8", "--epochs", "1", "--out",
+                        str(tmp_path / "ddp")], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode != 0 and not (tmp_path / "ddp").exists()
+    assert len(re.findall(r"classify\.py: error: .*the images of --test .*test32 are 32x32 px", r.stderr)) == 2
 
 
 def test_the_train_folder_of_a_poisoned_set_stands_for_the_set(digits, tmp_path, capsys):

@@ -3,6 +3,7 @@ diffusers' schedulers (a test-only oracle), training, resuming, determinism, the
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -657,6 +658,9 @@ def test_generations_folder_contract(model_dir, data, tmp_path):
     with pytest.raises(PoisonError, match=r"g.png exists: pass --force"):
         run_sample(model_dir, tmp_path / "two", "--class", "0", "--n", 1, "--steps", 2, "--grid", tmp_path / "g.png")
     assert (tmp_path / "g.png").read_bytes() == grid and not (tmp_path / "two").exists()
+    with pytest.raises(PoisonError, match=r"--grid .*g\.jpg: give a \.png file name, e\.g\. .*g\.png"):
+        run_sample(model_dir, tmp_path / "two", "--class", "0", "--n", 1, "--steps", 2, "--grid", tmp_path / "g.jpg")
+    assert not (tmp_path / "two").exists()
     run_sample(model_dir, tmp_path / "two", "--class", "0", "--n", 1, "--steps", 2, "--grid", tmp_path / "g.png",
                "--force")
     assert (tmp_path / "g.png").read_bytes() != grid and not list(tmp_path.glob(".tmp-*"))
@@ -717,6 +721,18 @@ def test_ddp_training_under_torchrun(data, tmp_path):
     assert config["step"] == 4 and config["training"]["world_size"] == 2
     assert [json.loads(line)["step"] for line in (out / "loss.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
     train_ddpm.load_model(out)
+
+
+def test_a_bad_poisoning_flag_under_torchrun_stops_every_process(tmp_path):
+    """Rank 0 alone runs poison.py for the other ranks; its one-line error (an unknown --target) reaches them too,
+    so none waits at the barrier for a dataset that will not come."""
+    r = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(ROOT / "train_ddpm.py"), "--out", str(tmp_path / "ddp"), "--dataset", "digits",
+                        "--resolution", "8", "--target", "zebra", "--preset", "tiny", "--device", "cpu"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert len(re.findall(r"train_ddpm\.py: error: .*zebra", r.stderr)) == 2, r.stderr[-2000:]
+    assert not (tmp_path / "ddp" / "data").exists()
 
 
 def test_bad_input(model_dir, data, tmp_path):

@@ -1,6 +1,7 @@
 """poison.py: every dataset source (through small files in their on-disk formats), every attack and trigger, exact
 counts, determinism, the dataset-folder contract, and each bad input."""
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -554,3 +555,44 @@ def test_safetensors_files_have_ordinary_permissions(tmp_path):
             assert f.metadata() == {"k": "v"} and f.get_tensor("a").tolist() == [0.0, 0.0]
     finally:
         os.umask(umask)
+
+
+RANK0_SCRIPT = r'''
+import json
+import sys
+import torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+from poison import PoisonError, on_rank0
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+seen = {"got": on_rank0(lambda: {"decided": "on rank 0"}, rank, world),
+        "alone": on_rank0(lambda: 7, rank, world, share_result=False)}
+def fail():
+    raise PoisonError("--test t is 32x32 px: give the 16-px set")
+try:
+    on_rank0(fail, rank, world)
+except PoisonError as e:
+    seen["stopped"] = str(e)
+with open(f"{sys.argv[2]}/rank{rank}.json", "w") as f:
+    json.dump(seen, f)
+dist.destroy_process_group()
+'''
+
+
+def test_on_rank0_shares_the_result_and_stops_every_rank_on_rank0s_error(tmp_path):
+    """Under torchrun, a check that runs on rank 0 alone must not leave the other ranks waiting at the next
+    collective: every rank raises rank 0's one-line error, and gets rank 0's result where it is shared."""
+    script = tmp_path / "rank0.py"
+    script.write_text(RANK0_SCRIPT)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script), str(ROOT), str(tmp_path)], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == {
+            "got": {"decided": "on rank 0"}, "alone": 7 if rank == 0 else None,
+            "stopped": "--test t is 32x32 px: give the 16-px set"}
+    # one process: the error itself, unchanged
+    with pytest.raises(PoisonError, match="bad") as e:
+        P.on_rank0(lambda: (_ for _ in ()).throw(PoisonError("bad")), 0, 1)
+    assert type(e.value) is PoisonError and P.on_rank0(lambda: 3, 0, 1) == 3
