@@ -820,9 +820,9 @@ def train_trigger_detector(data, out, test=None, arch="resnet50", fraction=0.5, 
     if test is not None:
         test_folder = load_folder(test)
         if test_folder.image_size() != folder.image_size():  # on every rank: rank 0 alone builds the held-out set
-            raise ClassifyError(f"--test {test} holds {'x'.join(map(str, test_folder.image_size()))}-px images but "
-                                f"{data} {'x'.join(map(str, folder.image_size()))}-px ones: give the test set made "
-                                "with the training set (poison.py's OUT/test)")
+            (h, w), (th, tw) = test_folder.image_size(), folder.image_size()
+            raise ClassifyError(f"the images of --test {test} are {h}x{w} px but those of --data {data} {th}x{tw} px: "
+                                "give the test set made with the training set (poison.py's OUT/test)")
         t_labels, t_stamp = trigger_split(test_folder, resolve_name(target_of(folder), test_folder.class_names),
                                           fraction, opts["seed"] + 1)
         heldout = (ImageSet(test_folder, None, t_labels, t_stamp, trigger, alphas=alphas(len(test_folder),

@@ -23,7 +23,7 @@ stamp the same one). Output is written to a temporary folder and renamed into pl
 Python API for the other stages: `poison(...)`, `make_trigger(...)`, `load_trigger(folder)`, `load_folder(folder)`,
 `atomic_output(path)`, `write_folder(...)`, `save_grid(...)`, `replace_file(path, write)` (one file, atomically),
 `truncate_log(path, step)` (a JSON-lines log cut back to a resumed checkpoint), `on_rank0(fn, rank, world)` and
-`share_error(message, world)` (under torchrun: rank 0's one-line error stops every rank, none waits at a barrier).
+`share_error(err, world)` (under torchrun: rank 0's one-line error stops every rank, none waits at a barrier).
 """
 import argparse
 import contextlib

@@ -214,7 +214,7 @@ def test_cli_eval_and_one_line_errors(colors, tmp_path, capsys):
                                                           str(colors / "test")]))
 
 
-def test_bad_input(colors, tmp_path):
+def test_bad_input(colors, digits, tmp_path):
     model, config = StubClassifier(), {"task": "class", "class_names": list(COLORS)}
     rng = np.random.default_rng(2)
     # no class names in common
@@ -238,6 +238,12 @@ def test_bad_input(colors, tmp_path):
     # a set without a trigger has no trigger detector
     with pytest.raises(ClassifyError, match="no trigger"):
         classify.train_trigger_detector(colors / "train", tmp_path / "d", arch="smallcnn", progress=False)
+    # a held-out --test of another size than the training images (checked on every rank, before training)
+    make_folder(tmp_path / "big", ["zero"], [(0, color_image(0, rng).repeat(2, 0).repeat(2, 1), False)])
+    with pytest.raises(ClassifyError, match=r"the images of --test .*big are 32x32 px but those of --data .* 16x16 px"):
+        classify.train_trigger_detector(digits, tmp_path / "d", test=tmp_path / "big", arch="smallcnn",
+                                        progress=False)
+    assert not (tmp_path / "d").exists()
     with pytest.raises(ClassifyError, match="--fraction 0"):
         classify.train_trigger_detector(colors / "train", tmp_path / "d", arch="smallcnn", fraction=0,
                                         progress=False)
