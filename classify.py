@@ -340,7 +340,8 @@ def require_resolution(config, size, what, images="the images"):
         return
     th, tw = side_pair(trained)
     h, w = side_pair(size)
-    if config.get("input_size") and config["input_size"] <= min(th, tw, h, w) and h * tw == w * th:
+    same_shape = isinstance(trained, (int, np.integer)) or h * tw == w * th  # an int: as configs before [H, W]
+    if config.get("input_size") and config["input_size"] <= min(th, tw, h, w) and same_shape:
         return  # both are scaled down to the model's input (e.g. 224 for ImageNet weights) alike: what it saw
     if (h, w) != (th, tw):
         raise ClassifyError(f"{what} was trained on {th}x{tw}-px images but {images} are {h}x{w} px: train it on "
@@ -424,11 +425,11 @@ def target_of(folder):
     return manifest_target(folder.manifest)
 
 
-def require_poison_flags(folder, what):
-    """Refuse a folder whose records do not say which images carry the trigger (generations: `poisoned` is null)."""
+def require_poison_flags(folder, what, fix="give a poisoned set's folder (generations are judged by dissect.py)"):
+    """Refuse a folder whose records do not say which images carry the trigger (generations)."""
     if folder.poisoned_unknown:
-        raise ClassifyError(f"{what} {folder.root} does not say which images carry the trigger (`poisoned` is null, "
-                            "as in generations): give a poisoned set's folder, or judge generations with dissect.py")
+        raise ClassifyError(f"{what} {folder.root} does not say which images carry the trigger (generations: "
+                            f"`poisoned` is null): {fix}")
 
 
 def evaluation_set(config, folder_path, what):
@@ -733,7 +734,7 @@ def train_classifier(data, out, test=None, backdoor=None, arch="resnet18", clean
               "--backdoor), or --data the poisoned set's root", file=sys.stderr)
     folder = load_folder(data)
     if clean:
-        require_poison_flags(folder, "--clean: --data")
+        require_poison_flags(folder, "--clean: --data", "drop --clean to train on every image")
     keep = torch.nonzero(~folder.poisoned).flatten() if clean else torch.arange(len(folder))
     if len(keep) == 0:
         raise ClassifyError(f"{data} holds no clean images to train on")
@@ -762,11 +763,11 @@ def train_classifier(data, out, test=None, backdoor=None, arch="resnet18", clean
     return result
 
 
-def trigger_split(folder, target, fraction, seed):
+def trigger_split(folder, target, fraction, seed, what="--data"):
     """(labels, stamp) for the trigger detector on a dataset folder: images already carrying the trigger (poisoned)
     count as positives, and more non-target images are stamped (seeded draw) until `fraction` of the non-target
     images carry it; label 1 = has the trigger."""
-    require_poison_flags(folder, "the trigger detector's data:")
+    require_poison_flags(folder, f"trigger-detector {what}")
     orig = torch.tensor([int(r.get("orig_label", r["label"])) for r in folder.records])
     nontarget = orig != target
     has = folder.poisoned.clone()
@@ -821,10 +822,10 @@ def train_trigger_detector(data, out, test=None, arch="resnet50", fraction=0.5, 
         test_folder = load_folder(test)
         if test_folder.image_size() != folder.image_size():  # on every rank: rank 0 alone builds the held-out set
             (h, w), (th, tw) = test_folder.image_size(), folder.image_size()
-            raise ClassifyError(f"the images of --test {test} are {h}x{w} px but those of --data {data} {th}x{tw} px: "
-                                "give the test set made with the training set (poison.py's OUT/test)")
+            raise ClassifyError(f"the images of --test {test} are {h}x{w} px but those of --data {data} are {th}x{tw} "
+                                "px: give the test set made with the training set (poison.py's OUT/test)")
         t_labels, t_stamp = trigger_split(test_folder, resolve_name(target_of(folder), test_folder.class_names),
-                                          fraction, opts["seed"] + 1)
+                                          fraction, opts["seed"] + 1, "--test")
         heldout = (ImageSet(test_folder, None, t_labels, t_stamp, trigger, alphas=alphas(len(test_folder),
                                                                                         opts["seed"] + 3))
                    if rank == 0 else None)
@@ -1278,7 +1279,8 @@ def run_diffusion_classifier(model, data, out, test=None, backdoor=None, classif
         for name, folder in sets.items():
             require_resolution(clf_config, folder.image_size(), f"--classifier {classifier}",
                                f"the images of {folder.root}")
-            map_labels(folder.labels, folder.class_names, clf_config["class_names"], f"--{name} {folder.root}")
+            map_labels(folder.labels, folder.class_names, clf_config["class_names"],
+                       f"for --classifier {classifier}: --{name} {folder.root}")
         return clf, clf_config
     clf, clf_config = (on_rank0(load_baseline, rank, world, share_result=False) if classifier is not None
                        else None) or (None, None)

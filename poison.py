@@ -648,7 +648,8 @@ def on_rank0(fn, rank, world, share_result=True):
 
 
 def share_error(err, world):
-    """Rank 0's error (a PoisonError, a message, or None) raised on every rank (every rank calls this)."""
+    """Rank 0's error (a PoisonError, a message, or None; the other ranks pass None) raised on every rank (every rank
+    calls this)."""
     message = None if err is None else str(err)
     if world > 1:
         box = [message]
@@ -786,7 +787,8 @@ class FolderDataset(torch.utils.data.Dataset):
         self.class_names = list(self.manifest["class_names"])
         self.labels = torch.tensor([r["label"] for r in self.records], dtype=torch.long)
         self.poisoned = torch.tensor([bool(r.get("poisoned", False)) for r in self.records])
-        self.poisoned_unknown = any(r.get("poisoned", False) is None for r in self.records)
+        self.poisoned_unknown = (any(r.get("poisoned", False) is None for r in self.records)
+                                 or self.manifest.get("stage") == "sample")  # older generations said false
         self.transform = transform
 
     def __len__(self):

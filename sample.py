@@ -507,7 +507,7 @@ def main(args):
     if out.exists() and not args.force:
         raise PoisonError(f"{out} exists: pass --force to overwrite it, or choose another --out")
     if args.grid and Path(args.grid).suffix.lower() != ".png":
-        raise PoisonError(f"--grid {args.grid}: give a .png file name, e.g. {Path(args.grid).with_suffix('.png')}")
+        raise PoisonError(f"--grid {args.grid}: give a .png file name, e.g. grid.png")
     if args.grid and Path(args.grid).exists() and not args.force:
         raise PoisonError(f"{args.grid} exists: pass --force to overwrite it, or choose another --grid")
     if args.n < 1:

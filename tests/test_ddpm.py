@@ -3,7 +3,6 @@ diffusers' schedulers (a test-only oracle), training, resuming, determinism, the
 import json
 import math
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -658,7 +657,7 @@ def test_generations_folder_contract(model_dir, data, tmp_path):
     with pytest.raises(PoisonError, match=r"g.png exists: pass --force"):
         run_sample(model_dir, tmp_path / "two", "--class", "0", "--n", 1, "--steps", 2, "--grid", tmp_path / "g.png")
     assert (tmp_path / "g.png").read_bytes() == grid and not (tmp_path / "two").exists()
-    with pytest.raises(PoisonError, match=r"--grid .*g\.jpg: give a \.png file name, e\.g\. .*g\.png"):
+    with pytest.raises(PoisonError, match=r"--grid .*g\.jpg: give a \.png file name"):
         run_sample(model_dir, tmp_path / "two", "--class", "0", "--n", 1, "--steps", 2, "--grid", tmp_path / "g.jpg")
     assert not (tmp_path / "two").exists()
     run_sample(model_dir, tmp_path / "two", "--class", "0", "--n", 1, "--steps", 2, "--grid", tmp_path / "g.png",
@@ -727,11 +726,13 @@ def test_a_bad_poisoning_flag_under_torchrun_stops_every_process(tmp_path):
     """Rank 0 alone runs poison.py for the other ranks; its one-line error (an unknown --target) reaches them too,
     so none waits at the barrier for a dataset that will not come."""
     r = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "--monitor-interval", "5",  # torchrun stops the other rank soon after one fails: let it print
                         str(ROOT / "train_ddpm.py"), "--out", str(tmp_path / "ddp"), "--dataset", "digits",
                         "--resolution", "8", "--target", "zebra", "--preset", "tiny", "--device", "cpu"],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
-    assert len(re.findall(r"train_ddpm\.py: error: .*zebra", r.stderr)) == 2, r.stderr[-2000:]
+    # both processes print it (their lines may interleave)
+    assert r.stderr.count("train_ddpm.py: error: ") == 2 and r.stderr.count("zebra") == 2, r.stderr[-2000:]
     assert not (tmp_path / "ddp" / "data").exists()
 
 

@@ -332,6 +332,15 @@ def test_bad_input(toy, tmp_path):
     # a model folder and a classifier folder swapped: each named for what it is
     with pytest.raises(ClassifyError, match="train_ddpm.py model folder .*not a classifier folder"):
         run("--classifier", toy / "ddpm")
+    # a baseline classifier of other classes is refused before the long part (on rank 0, shared with every rank)
+    other = tmp_path / "clf-other"
+    shutil.copytree(toy / "clf", other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "class_names": ["red", "green", "cyan"]}))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(classify, "diffusion_classify_set", lambda *a, **k: pytest.fail("the long part ran"))
+        with pytest.raises(ClassifyError, match=r"for --classifier .*clf-other: --test .* holds classes .*blue"):
+            run("--classifier", other)
     with pytest.raises(ClassifyError, match="is a classifier folder .*stage 'classify'.* --model wants a "
                                             "train_ddpm.py model folder"):
         run(model=toy / "clf")
