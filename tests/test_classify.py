@@ -269,6 +269,10 @@ def test_generations_without_trigger_flags_are_refused_where_the_flags_are_neede
     old = [({**r, "poisoned": False}, im) for r, im in records]
     write_folder(tmp_path / "old-gen", old, {"class_names": names, "stage": "sample"}, total=len(old), workers=1)
     assert classify.load_folder(tmp_path / "old-gen").poisoned_unknown
+    # a folder of someone else's making, whose records have no such field: clean images
+    plain = [({k: v for k, v in r.items() if k != "poisoned"}, im) for r, im in records]
+    write_folder(tmp_path / "plain", plain, {"class_names": names}, total=len(plain), workers=1)
+    assert not classify.load_folder(tmp_path / "plain").poisoned_unknown
     detector = {"task": "trigger", "class_names": ["clean", "trigger"]}
     with pytest.raises(ClassifyError, match=r"--test .*gen does not say which images carry the trigger"):
         evaluate(StubClassifier(), detector, tmp_path / "gen")
