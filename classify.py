@@ -1282,8 +1282,9 @@ def run_diffusion_classifier(model, data, out, test=None, backdoor=None, classif
             map_labels(folder.labels, folder.class_names, clf_config["class_names"],
                        f"for --classifier {classifier}: --{name} {folder.root}")
         return clf, clf_config
-    clf, clf_config = (on_rank0(load_baseline, rank, world, share_result=False) if classifier is not None
-                       else None) or (None, None)
+    clf = clf_config = None
+    if classifier is not None:
+        clf, clf_config = on_rank0(load_baseline, rank, world, share_result=False) or (None, None)
     target_name = target_of(sets.get("backdoor") or first)
     target = resolve_name(target_name, names) if target_name is not None else None
 
