@@ -22,8 +22,8 @@ stamp the same one). Output is written to a temporary folder and renamed into pl
 
 Python API for the other stages: `poison(...)`, `make_trigger(...)`, `load_trigger(folder)`, `load_folder(folder)`,
 `atomic_output(path)`, `write_folder(...)`, `save_grid(...)`, `replace_file(path, write)` (one file, atomically),
-`truncate_log(path, step)` (a JSON-lines log cut back to a resumed checkpoint), `on_rank0(fn, rank, world)` and
-`share_error(err, world)` (under torchrun: rank 0's one-line error stops every rank, none waits at a barrier).
+`truncate_log(path, step)` (a JSON-lines log cut back to a resumed checkpoint), `on_rank0(fn, rank, world)` (under
+torchrun: rank 0's one-line error stops every rank, none waits at a barrier).
 """
 import argparse
 import contextlib
@@ -639,26 +639,16 @@ def on_rank0(fn, rank, world, share_result=True):
             if world == 1:
                 raise
             err = e
-    share_error(err, world)
-    if world > 1 and share_result:
-        box = [result]
-        dist.broadcast_object_list(box, src=0)
-        result = box[0]
-    return result
-
-
-def share_error(err, world):
-    """Rank 0's error (a PoisonError, a message, or None; the other ranks pass None) raised on every rank (every rank
-    calls this)."""
-    message = None if err is None else str(err)
     if world > 1:
-        box = [message]
+        box = [None if err is None else str(err), result if share_result else None]
         dist.broadcast_object_list(box, src=0)
-        message = box[0]
-    if isinstance(err, BaseException):
-        raise err  # rank 0 keeps its own error and its class
-    if message is not None:
-        raise PoisonError(message)
+        if err is not None:
+            raise err  # rank 0 keeps its own error and its class
+        if box[0] is not None:
+            raise PoisonError(box[0])
+        if share_result:
+            result = box[1]
+    return result
 
 
 def truncate_log(path, step):
@@ -777,8 +767,8 @@ def read_records(folder):
 class FolderDataset(torch.utils.data.Dataset):
     """A dataset folder as a torch Dataset of (image (3, H, W) float in [0, 1], label). `records` holds the
     metadata of each image, `manifest` what made the folder, `class_names` the names of the labels. `poisoned`:
-    whether each image carries the trigger (a record without the field: clean); `poisoned_unknown`: some record
-    says null (generations, which only a judge can tell)."""
+    whether each image carries the trigger (a record without the field: clean); `poisoned_unknown`: generations, whose
+    trigger only a judge can tell (a record says null, or, in older folders, the manifest's stage is sample)."""
 
     def __init__(self, root, transform=None):
         self.root = Path(root)
