@@ -23,7 +23,7 @@ stamp the same one). Output is written to a temporary folder and renamed into pl
 Python API for the other stages: `poison(...)`, `make_trigger(...)`, `load_trigger(folder)`, `load_folder(folder)`,
 `atomic_output(path)`, `write_folder(...)`, `save_grid(...)`, `replace_file(path, write)` (one file, atomically),
 `truncate_log(path, step)` (a JSON-lines log cut back to a resumed checkpoint), `on_rank0(fn, rank, world)` (under
-torchrun: rank 0's one-line error stops every rank, none waits at a barrier).
+torchrun: an error on rank 0 stops every rank, none waits at a barrier).
 """
 import argparse
 import contextlib
@@ -628,22 +628,26 @@ def replace_file(path, write):
 
 
 def on_rank0(fn, rank, world, share_result=True):
-    """fn() on rank 0 of a torchrun group (every rank calls this). A PoisonError it raises (a stage's one-line error:
-    every stage's errors derive from it) is raised on every rank, so none waits forever at the next collective for a
-    rank that stopped. share_result: every rank gets fn's result (a small picklable value); else rank 0 alone."""
+    """fn() on rank 0 of a torchrun group (every rank calls this). An error it raises stops every rank, so none waits
+    at the next collective for a rank that stopped: a PoisonError (a stage's one-line error: every stage's errors
+    derive from it) is raised on every rank as it is; any other exception (a corrupt cache, out of memory) keeps its
+    traceback on rank 0, and the other ranks raise a one-line PoisonError naming it. share_result: every rank gets
+    fn's result (a small picklable value); else rank 0 alone."""
     result, err = None, None
     if rank == 0:
         try:
             result = fn()
-        except PoisonError as e:
+        except Exception as e:
             if world == 1:
                 raise
             err = e
     if world > 1:
-        box = [None if err is None else str(err), result if share_result else None]
+        message = None if err is None else str(err) if isinstance(err, PoisonError) else \
+            f"rank 0 stopped with {type(err).__name__}: {err} (its traceback is in rank 0's output)"
+        box = [message, result if share_result else None]
         dist.broadcast_object_list(box, src=0)
         if err is not None:
-            raise err  # rank 0 keeps its own error and its class
+            raise err  # rank 0 keeps its own error, its class and its traceback
         if box[0] is not None:
             raise PoisonError(box[0])
         if share_result:

@@ -573,6 +573,10 @@ try:
     on_rank0(fail, rank, world)
 except PoisonError as e:
     seen["stopped"] = str(e)
+try:
+    on_rank0(lambda: open("/no/such/cache.bin"), rank, world)  # not a PoisonError: a bug or a broken file
+except Exception as e:
+    seen["crashed"] = [type(e).__name__, str(e)]
 with open(f"{sys.argv[2]}/rank{rank}.json", "w") as f:
     json.dump(seen, f)
 dist.destroy_process_group()
@@ -581,7 +585,8 @@ dist.destroy_process_group()
 
 def test_on_rank0_shares_the_result_and_stops_every_rank_on_rank0s_error(tmp_path):
     """Under torchrun, a check that runs on rank 0 alone must not leave the other ranks waiting at the next
-    collective: every rank raises rank 0's one-line error, and gets rank 0's result where it is shared."""
+    collective: every rank raises rank 0's one-line error (rank 0 its own exception, when it is not a stage's error),
+    and gets rank 0's result where it is shared."""
     script = tmp_path / "rank0.py"
     script.write_text(RANK0_SCRIPT)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -591,7 +596,10 @@ def test_on_rank0_shares_the_result_and_stops_every_rank_on_rank0s_error(tmp_pat
     for rank in (0, 1):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == {
             "got": {"decided": "on rank 0"}, "alone": 7 if rank == 0 else None,
-            "stopped": "--test t is 32x32 px: give the 16-px set"}
+            "stopped": "--test t is 32x32 px: give the 16-px set",
+            "crashed": ["FileNotFoundError", "[Errno 2] No such file or directory: '/no/such/cache.bin'"] if rank == 0
+            else ["PoisonError", "rank 0 stopped with FileNotFoundError: [Errno 2] No such file or directory: "
+                  "'/no/such/cache.bin' (its traceback is in rank 0's output)"]}
     # one process: the error itself, unchanged
     with pytest.raises(PoisonError, match="bad") as e:
         P.on_rank0(lambda: (_ for _ in ()).throw(PoisonError("bad")), 0, 1)
