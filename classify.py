@@ -76,7 +76,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from poison import (PoisonError, atomic_output, caption, load_folder, load_trigger, manifest_target, on_rank0,
-                    replace_file, save_safetensors, versions)
+                    positive, replace_file, save_safetensors, versions)
 
 ARCHS = ("smallcnn", "resnet18", "resnet50", "vgg16", "densenet121")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -1423,18 +1423,18 @@ def add_training_arguments(p, arch_default):
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
     p.add_argument("--arch", default=arch_default, choices=ARCHS,
                    help="smallcnn is not from the paper: a tiny CNN for the embedded digits default")
-    p.add_argument("--width", type=int, default=16, help="smallcnn: channels of the first layer")
+    p.add_argument("--width", type=positive(int), default=16, help="smallcnn: channels of the first layer")
     p.add_argument("--pretrained", action="store_true", help="ImageNet weights (torchvision download or --weights)")
     p.add_argument("--weights", default=None,
                    help="local ImageNet state dict (.pth/.safetensors; implies --pretrained)")
-    p.add_argument("--input-size", type=int, default=None,
+    p.add_argument("--input-size", type=positive(int), default=None,
                    help="side the model sees (default: 224 when pretrained, else the data's)")
     p.add_argument("--normalize", default="auto", choices=["auto", "imagenet", "none"],
                    help="auto: ImageNet mean/std when pretrained, none otherwise")
-    p.add_argument("--epochs", type=int, default=DEFAULT_OPTS["epochs"], help="passes over the training set")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_OPTS["batch_size"],
+    p.add_argument("--epochs", type=positive(int), default=DEFAULT_OPTS["epochs"], help="passes over the training set")
+    p.add_argument("--batch-size", type=positive(int), default=DEFAULT_OPTS["batch_size"],
                    help="per process (the reference code's)")
-    p.add_argument("--lr", type=float, default=DEFAULT_OPTS["lr"],
+    p.add_argument("--lr", type=positive(float), default=DEFAULT_OPTS["lr"],
                    help="SGD learning rate at the start of the cosine schedule")
     p.add_argument("--momentum", type=float, default=DEFAULT_OPTS["momentum"], help="SGD momentum")
     p.add_argument("--weight-decay", type=float, default=DEFAULT_OPTS["weight_decay"],
@@ -1449,7 +1449,7 @@ def add_training_arguments(p, arch_default):
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile (auto: on CUDA)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="data-loading processes for datasets too large to hold in memory")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=positive(int), default=None,
                    help="CPU threads for torch (small models on a busy CPU often train fastest with 1; default: "
                         "torch's own)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
@@ -1491,7 +1491,7 @@ def build_parser():
     p.add_argument("--data", default=None, help="a poisoned set (its test/ and test_backdoor/) or any dataset folder")
     p.add_argument("--test", default=None, help="clean test folder (TA) (default: --data's test/)")
     p.add_argument("--backdoor", default=None, help="test_backdoor folder (ASR) (default: --data's test_backdoor/)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per forward")
+    p.add_argument("--batch-size", type=positive(int), default=256, help="images per forward")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when visible")
     p.add_argument("--json", default=None, help="also write the result to this JSON file")
     p = sub.add_parser("diffusion", aliases=["diffusion-classifier"],
@@ -1516,20 +1516,21 @@ def build_parser():
     p.add_argument("--keep", type=int_list, default=None,
                    help="classes kept after each stage but the last (default: none, for a single stage)")
     p.add_argument("--loss", default="l2", choices=LOSSES, help="error of the eps prediction")
-    p.add_argument("--n", "--images", dest="n", type=int, default=None,
+    p.add_argument("--n", "--images", dest="n", type=positive(int), default=None,
                    help="a seeded random subset of N images per set (default: all); under torchrun write --images, "
                         "since torchrun's own parser takes --n for an abbreviation of its flags")
     p.add_argument("--weights", default="ema", choices=["ema", "model"],
                    help="train_ddpm.py / finetune_sd.py weights (ema: the EMA ones)")
-    p.add_argument("--resolution", type=int, default=None,
+    p.add_argument("--resolution", type=positive(int), default=None,
                    help="SD only: side the images are resized to (default: the fine-tuned folder's, else the data's)")
-    p.add_argument("--batch-size", type=int, default=512, help="denoiser evaluations per forward, per process")
+    p.add_argument("--batch-size", type=positive(int), default=512,
+                   help="denoiser evaluations per forward, per process")
     p.add_argument("--seed", type=int, default=0, help="image i of a set draws its noise from seed + i")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when visible")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast dtype on CUDA (auto: bf16); the CPU runs in fp32")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile (auto: on CUDA)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's own)")
+    p.add_argument("--threads", type=positive(int), default=None, help="CPU threads for torch (default: torch's own)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or summary line")
     return parser
 

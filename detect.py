@@ -62,7 +62,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from poison import PoisonError, atomic_output, load_folder, same_classes, versions
+from poison import PoisonError, atomic_output, load_folder, positive, same_classes, versions
 from classify import ClassifyError, HelpFormatter, load_classifier, require_resolution
 
 METHODS = ("cd", "strip", "fct")
@@ -760,21 +760,23 @@ def build_parser():
     truth.add_argument("--groups", default=None, help="dissect.py's per-image groups (G1/G2 = trigger)")
     truth.add_argument("--generated-labels", default=None, metavar="FIELD",
                        help="a boolean field of the generation metadata (e.g. trigger)")
-    parser.add_argument("--n", type=int, default=None,
+    parser.add_argument("--n", type=positive(int), default=None,
                         help="images from each set (default: the smaller set's size), a seeded stratified draw")
-    parser.add_argument("--min-poisoned", type=int, default=1,
+    parser.add_argument("--min-poisoned", type=positive(int), default=1,
                         help="refuse (before scoring) a draw of either set with fewer poisoned images: an AUROC over "
                              "one or two says nothing")
     parser.add_argument("--seed", type=int, default=0,
                         help="the draw of images, CD colours, STRIP overlays, FCT transforms, bootstrap")
-    parser.add_argument("--cd-steps", type=int, default=CD_STEPS, help="CD optimisation steps, the paper's by default")
+    parser.add_argument("--cd-steps", type=positive(int), default=CD_STEPS,
+                        help="CD optimisation steps, the paper's by default")
     parser.add_argument("--cd-gamma", type=float, default=CD_GAMMA,
                         help="weight of ||m||_1: the reference's default is for 32-px CIFAR, and the term sums over "
                              "pixels")
-    parser.add_argument("--strip-overlays", type=int, default=STRIP_OVERLAYS, help="STRIP overlays per image")
-    parser.add_argument("--fct-epochs", type=int, default=FCT_EPOCHS, help="FCT fine-tuning epochs")
-    parser.add_argument("--batch-size", type=int, default=128, help="CD masks optimised at once; FCT fine-tuning batch")
-    parser.add_argument("--eval-batch-size", type=int, default=1024,
+    parser.add_argument("--strip-overlays", type=positive(int), default=STRIP_OVERLAYS, help="STRIP overlays per image")
+    parser.add_argument("--fct-epochs", type=positive(int), default=FCT_EPOCHS, help="FCT fine-tuning epochs")
+    parser.add_argument("--batch-size", type=positive(int), default=128,
+                        help="CD masks optimised at once; FCT fine-tuning batch")
+    parser.add_argument("--eval-batch-size", type=positive(int), default=1024,
                         help="forward batch of STRIP blends, FCT scoring and the trigger detector")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when visible")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast on CUDA")

@@ -50,7 +50,7 @@ from tqdm import tqdm
 
 from classify import HelpFormatter, ImageSet, batches, load_classifier, map_labels, predict, require_resolution
 from poison import (PoisonError, atomic_output, load_folder, load_trigger, make_trigger, manifest_target,
-                    same_classes, save_grid)
+                    positive, same_classes, save_grid)
 
 GROUPS = ("G1", "G2", "G3", "G4")
 GROUP_MEANING = {"G1": "trigger, prompt mismatched", "G2": "trigger, prompt matched",
@@ -217,8 +217,8 @@ def flag_name(flag, value):
 
 
 def check_train_manifest(train, train_manifest, folder):
-    """Refuse a --train poisoned set that did not make these generations: other classes or another target. Fields a
-    manifest lacks are not compared."""
+    """Refuse a --train poisoned set that did not make these generations: other classes, another target, trigger or
+    p_t, or (DDPMs, which train at the data's size) another resolution. Fields a manifest lacks are not compared."""
     names = train_manifest.get("class_names")
     if names is not None and not same_classes(names, folder.class_names):
         raise DissectError(f"--train {train} holds classes {names} but the generations {folder.root} "
@@ -227,6 +227,21 @@ def check_train_manifest(train, train_manifest, folder):
     if mine is not None and theirs is not None and mine.lower() != theirs.lower():
         raise DissectError(f"--train {train} has the target class {mine!r} but the generations {folder.root} "
                            f"{theirs!r}: give the poisoned set the generating model was trained on")
+    gen = folder.manifest
+
+    def differs(key, family=None):
+        return ((family is None or gen.get("family") == family) and train_manifest.get(key) is not None
+                and gen.get(key) is not None and train_manifest[key] != gen[key])
+    for key, what in (("attack", "trigger"), ("resolution", "resolution")):
+        if differs(key, family="ddpm" if key == "resolution" else None):
+            raise DissectError(f"--train {train} has the {what} {train_manifest[key]!r} but the generations "
+                               f"{folder.root} {gen[key]!r}: give the poisoned set the generating model was trained on")
+    if train_manifest.get("p_t") is not None and gen.get("p_t") is not None \
+            and abs(train_manifest["p_t"] - gen["p_t"]) > 1e-6:
+        raise DissectError(f"--train {train} has p_t {train_manifest['p_t']:.1%} (p = "
+                           f"{train_manifest.get('poison_ratio')}) but the model that made the generations "
+                           f"{folder.root} was trained at p_t {gen['p_t']:.1%} (p = {gen.get('poison_ratio')}): give "
+                           "the poisoned set the generating model was trained on")
 
 
 def check_folder(folder, classifier, detector, p_t=None, target=None, train=None, classifier_flag=None,
@@ -768,7 +783,7 @@ def build_parser():
                              "(default: no FID)")
     parser.add_argument("--inception-weights", default=None,
                         help="local pt_inception-2015-12-05-6726825d.pth (default: download, cached)")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per forward of the judges")
+    parser.add_argument("--batch-size", type=positive(int), default=256, help="images per forward of the judges")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when visible")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or summary table")
     return parser

@@ -23,7 +23,8 @@ stamp the same one). Output is written to a temporary folder and renamed into pl
 Python API for the other stages: `poison(...)`, `make_trigger(...)`, `load_trigger(folder)`, `load_folder(folder)`,
 `atomic_output(path)`, `write_folder(...)`, `save_grid(...)`, `replace_file(path, write)` (one file, atomically),
 `truncate_log(path, step)` (a JSON-lines log cut back to a resumed checkpoint), `on_rank0(fn, rank, world)` (under
-torchrun: an error on rank 0 stops every rank, none waits at a barrier).
+torchrun: an error on rank 0 stops every rank, none waits at a barrier), `positive(int)` / `positive(float)` (an
+argparse type for counts, sizes and rates: 0 or less is refused with the flag named).
 """
 import argparse
 import contextlib
@@ -964,16 +965,31 @@ def options_differences(manifest, kw):
     return sorted(k for k, (have, want) in pairs.items() if have != want)
 
 
+def positive(kind=int):
+    """An argparse type: a number above 0, for counts, sizes and rates (argparse names the flag in its error)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not value > 0:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"{text}: give a number above 0")
+        return value
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
 def add_poison_arguments(parser, out_required=True):
     """The poisoning flags, so that train_ddpm.py and finetune_sd.py can build their poisoned set the same way."""
     g = parser.add_argument_group("poisoning (poison.py)")
     g.add_argument("--dataset", default="digits", help=f"one of {', '.join(DATASETS)} (default: digits)")
     g.add_argument("--data-root", default="data", help="where datasets are downloaded or found (default: data)")
-    g.add_argument("--resolution", type=int, default=None,
+    g.add_argument("--resolution", type=positive(int), default=None,
                    help="image side in px (default: digits/cifar10 32, imagenette/caltech15 512, folder 256)")
     g.add_argument("--classes", type=lambda s: [c.strip() for c in s.split(",")], default=None,
                    help="caltech15: comma-separated categories instead of the 15 largest")
-    g.add_argument("--per-class", type=int, default=200, help="caltech15: training images per category (default: 200)")
+    g.add_argument("--per-class", type=positive(int), default=200,
+                   help="caltech15: training images per category (default: 200)")
     g.add_argument("--split-seed", type=int, default=0,
                    help="seed of the train/test split (digits, folder; default: 0)")
     g.add_argument("--test-fraction", type=float, default=0.2, help="test share (digits, unsplit folder; default: 0.2)")

@@ -99,8 +99,8 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 import dissect
-from poison import (IDS_TRAINING_SET, PoisonError, atomic_output, load_folder, manifest_target, same_classes,
-                    save_safetensors, versions)
+from poison import (IDS_TRAINING_SET, PoisonError, atomic_output, load_folder, manifest_target, positive,
+                    same_classes, save_safetensors, versions)
 
 SSCD_URL = "https://dl.fbaipublicfiles.com/sscd-copy-detection/sscd_disc_mixup.torchscript.pt"
 SSCD_THRESHOLD = 0.5       # Somepalli et al.: a generation replicates its top-1 training image when SSCD cosine > 0.5
@@ -958,7 +958,8 @@ def build_parser():
     p.add_argument("--sscd", default=None, help="SSCD TorchScript file (sscd_disc_mixup.torchscript.pt) or 'download'")
     p.add_argument("--proxy-weights", default="auto",
                    help="proxy ResNet-50 weights: auto (torchvision's cache, else random), download, random, or FILE")
-    p.add_argument("--pixel-size", type=int, default=32, help="--features pixels: side the images are resized to")
+    p.add_argument("--pixel-size", type=positive(int), default=32,
+                   help="--features pixels: side the images are resized to")
     p.add_argument("--threshold", type=float, default=None,
                    help="replication threshold (default: 0.5 for SSCD, else recalibrated from the background)")
     p.add_argument("--threshold-quantile", type=float, default=0.95,
@@ -966,11 +967,12 @@ def build_parser():
     p.add_argument("--rank-by", default="auto", choices=("auto",) + RANK_BY,
                    help="generations: copied by --gen (auto when --gen is given); train-duplicates: near-duplicates "
                         "within --train (auto otherwise)")
-    p.add_argument("--top", type=int, default=None, help="list the top K ids whatever the threshold")
+    p.add_argument("--top", type=positive(int), default=None, help="list the top K ids whatever the threshold")
     p.add_argument("--triplets", type=int, default=6, help="(A, B, C) triplets shown per run in triplets.png")
-    p.add_argument("--batch-size", type=int, default=64,
+    p.add_argument("--batch-size", type=positive(int), default=64,
                    help="images per feature-extraction batch (and per classifier batch of Table A5)")
-    p.add_argument("--search-batch-size", type=int, default=1024, help="query rows per similarity matrix product")
+    p.add_argument("--search-batch-size", type=positive(int), default=1024,
+                   help="query rows per similarity matrix product")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image-loading processes")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--cache", default=None, help="a feature-cache folder shared between runs (default: OUT/features)")

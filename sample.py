@@ -79,7 +79,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import finetune_sd
-from poison import PoisonError, atomic_output, caption, save_grid, versions, write_folder
+from poison import PoisonError, atomic_output, caption, positive, save_grid, versions, write_folder
 from train_ddpm import (autocast, autocast_dtype, barrier, diffusion_from_config, dtype_name, load_model,
                         read_config, resolve_device, setup_distributed)
 
@@ -594,11 +594,11 @@ def build_parser():
     p.add_argument("--prompt", action="append", default=None,
                    help="a prompt instead of --class (repeat for several; SD family; the DDPM family takes only its "
                         "class captions)")
-    p.add_argument("--n", "--images-per-class", dest="n", type=int, default=100,
+    p.add_argument("--n", "--images-per-class", dest="n", type=positive(int), default=100,
                    help="images per class or prompt (default: 100); under torchrun write --images-per-class, since "
                         "torchrun's own parser takes --n for an abbreviation of its flags")
     p.add_argument("--sampler", default="ddim", choices=list(SAMPLERS), help="default: ddim (the paper's)")
-    p.add_argument("--steps", type=int, default=None, help="default: 50 for ddim, T for ddpm and sde")
+    p.add_argument("--steps", type=positive(int), default=None, help="default: 50 for ddim, T for ddpm and sde")
     p.add_argument("--spacing", default=None, choices=list(DDPM_SPACINGS) + list(SD_SPACINGS),
                    help="timestep spacing (default for ddim: quadratic for the DDPM family, as the reference code; "
                         "the scheduler's for SD, leading with steps_offset 1 for SD v1; uniform for ddpm and sde)")
@@ -612,9 +612,9 @@ def build_parser():
                         "with --dtype fp32 on CUDA; SD never clips its latents)")
     p.add_argument("--seed", type=int, default=0,
                    help="image i uses seed + i (so runs meant to be independent need seeds more images apart)")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--batch-size", type=positive(int), default=None,
                    help="images per forward pass, per process (default: 256 DDPM family, 16 SD)")
-    p.add_argument("--resolution", type=int, default=None,
+    p.add_argument("--resolution", type=positive(int), default=None,
                    help="SD: image side in px (default: the fine-tuning resolution, else the U-Net's, 512 for SD v1)")
     p.add_argument("--config", default=None, help="SD single-file checkpoints: as finetune_sd.py --config")
     p.add_argument("--tokenizer", default=None, help="SD single-file checkpoints: as finetune_sd.py --tokenizer")

@@ -882,6 +882,14 @@ def weight_list(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of guidance weights, e.g. 1,2")
 
 
+def count(text):
+    """Counts and sizes (--jobs, --per-class, ...): an integer of at least 1 (the study imports no stage, so not
+    poison.positive)."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of at least 1")
+    return int(text)
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="study", help="study folder (default: study); rerun to resume")
@@ -895,25 +903,25 @@ def build_parser():
     p.add_argument("--base", default="CompVis/stable-diffusion-v1-4",
                    help="sd: the base model finetune_sd.py starts from (Hub id, diffusers folder or checkpoint)")
     p.add_argument("--data-root", default=None, help="where torchvision datasets are (or are downloaded to)")
-    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--resolution", type=count, default=None)
     p.add_argument("--trigger", default=None, choices=["badnets", "blend", "wanet"],
                    help="poison.py's trigger (default: badnets, the paper's BadNets-1)")
     p.add_argument("--ratios", type=ratio_list, default=None,
                    help="poisoning ratios, comma-separated (default: 0.01,0.05,0.1)")
     p.add_argument("--preset", default=None, help="train_ddpm.py preset (default: small; cifar10 for cifar10)")
-    p.add_argument("--train-steps", dest="train_steps", type=int, default=None,
+    p.add_argument("--train-steps", dest="train_steps", type=count, default=None,
                    help="optimizer steps of each model (train_ddpm.py --steps, finetune_sd.py --max-steps; default: "
                         "the scale's)")
-    p.add_argument("--per-class", type=int, default=None, help="generations per class")
+    p.add_argument("--per-class", type=count, default=None, help="generations per class")
     p.add_argument("--guidance", type=float, default=None, help="guidance weight w (default: 5, the paper's)")
     p.add_argument("--sweep", type=weight_list, default=None,
                    help="more guidance weights for the target class, comma-separated ('' for none; default 1,2; "
                         "SD: 2,3)")
-    p.add_argument("--sample-steps", type=int, default=None, help="DDIM steps (default: 50)")
+    p.add_argument("--sample-steps", type=count, default=None, help="DDIM steps (default: 50)")
     p.add_argument("--sample-dtype", default="auto", choices=["auto", "fp32", "bf16"],
                    help="sample.py --dtype (auto: bf16 on CUDA, and on a CPU with AMX for DDPMs; else fp32)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--jobs", type=int, default=None, help="stages run at once on the CPU (default: one per ratio)")
+    p.add_argument("--jobs", type=count, default=None, help="stages run at once on the CPU (default: one per ratio)")
     p.add_argument("--gpus", type=int, default=None, help="GPUs to use through torchrun (default: all visible)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--quiet", action="store_true")

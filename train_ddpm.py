@@ -617,6 +617,8 @@ def main(args):
         if not Path(args.data).is_dir():
             raise PoisonError(f"--data {args.data}: no such folder; give a dataset folder (poison.py's OUT/train)")
         refuse_poison_flags_with_data(args, build_parser())
+    if out.exists() and not out.is_dir():
+        raise PoisonError(f"--out {out} is a file: give a folder for the model (a new one, or a run to resume)")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
 

@@ -602,6 +602,10 @@ def test_bad_training_flags(data, tmp_path):
         with pytest.raises(PoisonError, match=message):
             train_ddpm.main(tiny_args(tmp_path / "x", data, *flags))
     assert not (tmp_path / "x").exists()
+    (tmp_path / "afile").write_text("kept")
+    with pytest.raises(PoisonError, match="--out .*afile is a file: give a folder"):  # was: FileExistsError
+        train_ddpm.main(tiny_args(tmp_path / "afile", data))
+    assert (tmp_path / "afile").read_text() == "kept"
 
 
 def test_ddp_on_a_set_smaller_than_one_batch(tmp_path):

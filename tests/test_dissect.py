@@ -86,10 +86,14 @@ def test_dissect_folder_from_stub_verdicts(tmp_path):
     assert r["non_target_prompts"] == {"n": 5, "trigger_ratio": pytest.approx(0.2), "mismatch_ratio": 0.0}
     assert r["setting"]["guidance"] == 5.0 and r["setting"]["poison_ratio"] == 0.1 and r["setting"]["sampler"] == "ddim"
     assert [v["group"] for v in r["verdicts"][:20]] == ["G1"] * 5 + ["G2"] * 3 + ["G3"] * 2 + ["G4"] * 10
-    # p_t from the training manifest when given
+    # a training set of another p_t did not train the model that made these generations: refused
     (tmp_path / "train").mkdir()
     (tmp_path / "train" / "manifest.json").write_text(json.dumps({"p_t": 0.1, "target": {"name": "deer"},
                                                                   "attack": "badnets"}))
+    with pytest.raises(DissectError, match=r"--train .*train has p_t 10.0% .* trained at p_t 20.0%"):
+        dissect.dissect_folder(tmp_path / "gen", CLASSIFIER, DETECTOR, train=tmp_path / "train")
+    # p_t from the training manifest when given, for generations that record none (made elsewhere, or older)
+    generations(tmp_path / "gen", p_t=None)
     r = dissect.dissect_folder(tmp_path / "gen", CLASSIFIER, DETECTOR, train=tmp_path / "train")
     assert r["p_t"] == 0.1 and r["amplification"] == pytest.approx(4.0) and r["p_t_source"] == "training manifest"
     assert r["setting"]["attack"] == "badnets"                   # filled in from the training manifest
@@ -245,12 +249,12 @@ def test_blend_copies(tmp_path):
     (tmp_path / "art.png").unlink()
     write_folder(tmp_path / "gen-art", [(m, drawn.apply_uint8(clean[i:i + 1])[0]) for i, (m, _) in enumerate(items)],
                  manifest, total=len(items), workers=1)
-    write_folder(tmp_path / "set" / "train", items[:2], {**manifest, "p_t": 0.1}, total=2, workers=1, trigger=drawn)
+    write_folder(tmp_path / "set" / "train", items[:2], manifest, total=2, workers=1, trigger=drawn)
     detector = (NoiseStub(), {**detector[1], "trigger": drawn.params})
     r = dissect.dissect_folder(tmp_path / "gen-art", CLASSIFIER, detector)
     assert "trigger_copies" not in r["target_prompt"]
     r = dissect.dissect_folder(tmp_path / "gen-art", CLASSIFIER, detector, train=tmp_path / "set")
-    assert r["target_prompt"]["trigger_copies"]["copies"] == 10 and r["p_t"] == 0.1
+    assert r["target_prompt"]["trigger_copies"]["copies"] == 10 and r["p_t_source"] == "training manifest"
     # in groups of any size (a few images at a time at 512 px), and none at all
     from classify import ImageSet
     from poison import load_folder
@@ -387,13 +391,19 @@ def test_judges_of_another_resolution_are_refused(tmp_path):
     # p_t does not depend on the resolution: a --train set at another one lends it (an SD model fine-tuned smaller)
     (tmp_path / "train32").mkdir()
     (tmp_path / "train32" / "manifest.json").write_text(json.dumps(
-        {"class_names": NAMES, "target": {"index": 2, "name": "deer"}, "resolution": 32, "p_t": 0.1}))
-    assert dissect.dissect_folder(gen, CLASSIFIER, DETECTOR, train=tmp_path / "train32")["p_t"] == 0.1
+        {"class_names": NAMES, "target": {"index": 2, "name": "deer"}, "resolution": 32, "p_t": 0.2}))
+    r = dissect.dissect_folder(gen, CLASSIFIER, DETECTOR, train=tmp_path / "train32")
+    assert r["p_t"] == 0.2 and r["p_t_source"] == "training manifest"
+    # but a DDPM trains at its data's size: a --train set at another one did not make these generations
+    ddpm = json.loads((gen / "manifest.json").read_text())
+    (gen / "manifest.json").write_text(json.dumps({**ddpm, "family": "ddpm", "resolution": SIDE}))
+    with pytest.raises(DissectError, match=r"train32 has the resolution 32 but the generations .* 16: give the "):
+        dissect.dissect_folder(gen, CLASSIFIER, DETECTOR, train=tmp_path / "train32")
 
 
 def test_p_t_and_the_training_set_must_fit_the_generations(tmp_path):
-    """--p-t is a share in [0, 1]; a --train poisoned set of other classes or another target than the generations'
-    is refused (names compared case-insensitively) instead of lending its p_t."""
+    """--p-t is a share in [0, 1]; a --train poisoned set of other classes, another target or another trigger than
+    the generations' is refused (names compared case-insensitively) instead of lending its p_t."""
     gen = generations(tmp_path / "gen")
     for bad in (1.5, -0.1):
         with pytest.raises(DissectError, match=f"--p-t {bad:g} is outside \\[0, 1\\]"):
@@ -404,7 +414,7 @@ def test_p_t_and_the_training_set_must_fit_the_generations(tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / "manifest.json").write_text(json.dumps(
             {"class_names": class_names, "target": {"index": class_names.index(target), "name": target},
-             "p_t": 0.1, "resolution": SIDE}))
+             "p_t": 0.2, "resolution": SIDE}))
         return tmp_path / name
 
     digits = [str(d) for d in range(3)]
@@ -413,7 +423,14 @@ def test_p_t_and_the_training_set_must_fit_the_generations(tmp_path):
     with pytest.raises(DissectError, match="--train .* has the target class 'cat' but the generations .* 'deer'"):
         dissect.dissect_folder(gen, CLASSIFIER, DETECTOR, train=train("cat", NAMES, "cat"))
     r = dissect.dissect_folder(gen, CLASSIFIER, DETECTOR, train=train("upper", [n.upper() for n in NAMES], "DEER"))
-    assert r["p_t"] == 0.1 and r["p_t_source"] == "training manifest"
+    assert r["p_t"] == 0.2 and r["p_t_source"] == "training manifest"
+    blend = train("blend", NAMES, "deer")
+    (blend / "manifest.json").write_text(json.dumps({**json.loads((blend / "manifest.json").read_text()),
+                                                     "attack": "blend"}))
+    (gen / "manifest.json").write_text(json.dumps({**json.loads((gen / "manifest.json").read_text()),
+                                                   "attack": "badnets"}))
+    with pytest.raises(DissectError, match="blend has the trigger 'blend' but the generations .* 'badnets'"):
+        dissect.dissect_folder(gen, CLASSIFIER, DETECTOR, train=blend)
 
 
 def test_every_folder_is_checked_before_any_is_judged(tmp_path):

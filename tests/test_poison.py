@@ -3,6 +3,7 @@ counts, determinism, the dataset-folder contract, and each bad input."""
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -604,3 +605,36 @@ def test_on_rank0_shares_the_result_and_stops_every_rank_on_rank0s_error(tmp_pat
     with pytest.raises(PoisonError, match="bad") as e:
         P.on_rank0(lambda: (_ for _ in ()).throw(PoisonError("bad")), 0, 1)
     assert type(e.value) is PoisonError and P.on_rank0(lambda: 3, 0, 1) == 3
+
+
+@pytest.mark.parametrize("argv", [
+    ["classify.py", "train", "--data", "d", "--out", "o", "--epochs", "0"],  # was: IndexError after training
+    ["classify.py", "train", "--data", "d", "--out", "o", "--lr", "-1"],
+    ["classify.py", "diffusion", "--model", "m", "--data", "d", "--out", "o", "--batch-size", "0"],
+    ["detect.py", "--classifier", "c", "--train", "t", "--generated", "g", "--out", "o", "--cd-steps", "0"],
+    ["dissect.py", "--generated", "g", "--out", "o", "--batch-size", "0"],  # was: ZeroDivisionError
+    ["replicate.py", "--train", "t", "--out", "o", "--batch-size", "0"],
+    ["sample.py", "--model", "m", "--out", "o", "--batch-size", "0"],  # was: silently the default
+    ["poison.py", "--dataset", "digits", "--out", "o", "--resolution", "0"],  # was: silently 32 px
+    ["study.py", "--jobs", "0"],  # was: silently one per ratio
+])
+def test_counts_and_rates_of_0_or_less_are_refused_with_the_flag_named(argv, capsys):
+    import importlib
+    flag, value = argv[-2:]
+    stage = importlib.import_module(argv[0][:-3])
+    if not hasattr(stage, "build_parser"):  # poison.py builds its parser in main
+        r = subprocess.run([sys.executable, str(ROOT / argv[0]), *argv[1:]], capture_output=True, text=True)
+        code, err = r.returncode, r.stderr
+    else:
+        with pytest.raises(SystemExit) as e:
+            stage.build_parser().parse_args(argv[1:])
+        code, err = e.value.code, capsys.readouterr().err
+    assert code == 2 and re.search(f"argument {flag}: '?{value}'?: give a (whole )?number (above 0|of at least 1)", err)
+
+
+def test_positive_type():
+    assert P.positive(int)("3") == 3 and P.positive(float)("0.5") == 0.5
+    for kind, text, message in ((int, "0", "give a number above 0"), (int, "-2", "above 0"), (int, "1.5", "an integer"),
+                                (float, "nan", "above 0"), (float, "x", "not a number")):
+        with pytest.raises(Exception, match=message):
+            P.positive(kind)(text)
