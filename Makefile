@@ -7,16 +7,20 @@ OUT    ?= study
 
 .PHONY: study test venv clean
 venv: $(VENV)/.installed
-$(VENV)/.installed: requirements.txt requirements-test.txt
+$(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+# the test-only extras (pytest; diffusers, the reference oracle) on top
+$(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
 	$(PY) -m pip install -q -r requirements-test.txt
 	touch $@
 
-# The whole study on the embedded digits default (10-14 minutes on a 2-core CPU, within the 15-minute budget); a rerun resumes.
+# The whole study on the embedded digits default (10-14 minutes on a 2-core CPU); a rerun resumes.
 study: venv
 	$(PY) study.py --out $(OUT)
 
-test: venv
+test: $(VENV)/.installed-test
 	$(PY) -m pytest -q tests
 
 clean:

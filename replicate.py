@@ -779,6 +779,10 @@ def replicate(out, train, gen=None, duplicates_gen=None, duplicates_train=None, 
         clf, det = dissect.as_model(classifier, dev), dissect.as_model(detector, dev)
         target_name = table_a5_target(gen, duplicates_gen, train, duplicates_train, target, det[1])
     extractor = load_extractor(features, sscd, proxy_weights, pixel_size, dev)
+    if extractor.key.startswith("proxy-random") and proxy_weights == "auto" and not quiet:
+        print("replicate.py: warning: no ImageNet ResNet-50 weights in torchvision's cache, so the proxy has random "
+              "weights and finds exact copies only: pass --sscd FILE, --proxy-weights download|FILE, or "
+              "--features pixels for small images such as digits", file=sys.stderr)
     with atomic_output(out, force) as tmp:
         dissected = None
         if with_table:

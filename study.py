@@ -2,7 +2,7 @@
 
 It calls the stage scripts exactly as a user would (every command it runs is printed in OUT/commands.sh), so it is
 also the worked example of the house. On the embedded default (scikit-learn's digits, no download) it runs on a
-2-core CPU in 10-14 minutes (within the 15-minute budget):
+2-core CPU in 10-14 minutes:
 
     python study.py --out study                  # the default study; `make study` sets up and runs this
     python study.py --quick --out /tmp/study     # a one-minute smoke run of every stage (what CI runs)
@@ -20,9 +20,10 @@ study resumes where it stopped; `--force` starts over):
     classifiers/class    classify.py      the judge of "does the image match its prompt"
     classifiers/trigger  classify.py      the judge of "does the image carry the trigger"
     models/<family>-<r>  train_ddpm.py    a class-conditional DDPM per ratio (--family sd: finetune_sd.py, SD v1)
-    gen/<r>-w<w>         sample.py        generations: every class at the guidance weight w (default 5), and the
-                                          target class without guidance (w = 0; SD's scale s = 1) and at the
-                                          sweep's weights in between (--sweep; default 1 and 2; SD 2 and 3)
+    gen/<r>-w<w>         sample.py        generations: every class at the guidance weight w (default 5; SD: the
+                                          scale s = 5), and the target class without guidance (w = 0; SD's scale
+                                          s = 1) and at the sweep's weights in between (--sweep; default 1 and 2;
+                                          SD 2 and 3)
     classifiers/poisoned-<r>, classifiers/generated-<r>   classify.py   Tab. 4: TA / ASR of a classifier trained
                                           on the poisoned set vs on the generations
     dissect/w<w>         dissect.py       G1-G4, trigger amplification, the phase transition (Fig. 2-4) at each
@@ -913,7 +914,7 @@ def build_parser():
                    help="optimizer steps of each model (train_ddpm.py --steps, finetune_sd.py --max-steps; default: "
                         "the scale's)")
     p.add_argument("--per-class", type=count, default=None, help="generations per class")
-    p.add_argument("--guidance", type=float, default=None, help="guidance weight w (default: 5, the paper's)")
+    p.add_argument("--guidance", type=float, default=None, help="the DDPM family's guidance weight w, SD's scale s (default: 5 for both, the paper's)")
     p.add_argument("--sweep", type=weight_list, default=None,
                    help="more guidance weights for the target class, comma-separated ('' for none; default 1,2; "
                         "SD: 2,3)")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # benchmarks/gpu.sh -- every GPU check of the project in one run of at most about 9 minutes (the sum of the steps'
-# limits), for a session lent a GPU for a few minutes. Each step runs under its own time limit, and a failed or timed-out step does not stop the others:
+# limits), for a GPU machine held for a few minutes. Each step runs under its own time limit, and a failed or
+# timed-out step does not stop the others:
 #   env                    the card, torch and triton versions
 #   kernel_tests           tests/test_kernels.py with the Triton kernels compiled for the GPU (not interpreted)
 #   study                  the whole digits study on CUDA (bf16, torch.compile, the Triton kernels inside the U-Net)
@@ -12,8 +13,8 @@
 # output), ddpm.json, diffusion_classifier.json, study_REPORT.md. Copy the numbers into benchmarks/RESULTS.md with
 # the card's name.
 #
-# The GPU machine has torch, triton, transformers and the rest, but not diffusers, the benchmarks' baseline. Fetch it
-# first where pip works (the machine runs Python 3.12), and carry .whl (add /.whl/ to .git/info/exclude):
+# The benchmarks' baseline is diffusers. On a GPU machine without network that has the rest (torch, triton,
+# transformers), fetch it first where pip works (here for Python 3.12) and bring the .whl folder along:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata
 # Only some steps again: STEPS="ddpm sd" bash benchmarks/gpu.sh

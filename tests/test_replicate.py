@@ -200,7 +200,7 @@ def small_folders(root, data):
     return train, gen
 
 
-def test_proxy_is_labelled(data, tmp_path, monkeypatch):
+def test_proxy_is_labelled(data, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no cached ImageNet weights: never downloads
     assert R.resnet50_imagenet_state_dict("auto") == (None, "random")
     train, gen = small_folders(tmp_path, data)
@@ -215,6 +215,10 @@ def test_proxy_is_labelled(data, tmp_path, monkeypatch):
     run = result["runs"]["random"]
     assert run["top1_id"][0] == 42 and run["top1_similarity"][0] > 0.999
     assert "proxy" in (tmp_path / "rep" / "duplicates.txt").read_text().lower()
+    # the default (auto) falls back to random weights offline: said on stderr, not only in the outputs' labels
+    capsys.readouterr()
+    R.replicate(tmp_path / "rep-auto", train, features="proxy", device="cpu", progress=False)
+    assert "warning: no ImageNet ResNet-50 weights" in capsys.readouterr().err
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
