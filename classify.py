@@ -729,10 +729,10 @@ def train_classifier(data, out, test=None, backdoor=None, arch="resnet18", clean
         raise ClassifyError(f"{out} exists: pass --force to overwrite it, or choose another --out")
     data, test, backdoor = resolve_sets(data, test, backdoor)
     dev, rank, world = setup_device(device)
+    folder = load_folder(data)  # a wrong --data is told before the warning below
     if test is None and backdoor is None and rank == 0:
         print(f"classify.py: warning: no test set for {data}: no TA or ASR will be measured; give --test (and "
               "--backdoor), or --data the poisoned set's root", file=sys.stderr)
-    folder = load_folder(data)
     if clean:
         require_poison_flags(folder, "--clean: --data", "drop --clean to train on every image")
     keep = torch.nonzero(~folder.poisoned).flatten() if clean else torch.arange(len(folder))

@@ -646,8 +646,9 @@ def run_detection(classifier, train, generated, methods="all", out=None, detecto
     if train_size != gen_size:
         raise DetectError(f"the training set {train_folder.root} holds {train_size[0]}x{train_size[1]}-px images but "
                           f"the generations {gen_folder.root} {gen_size[0]}x{gen_size[1]}-px ones: the two AUROCs "
-                          f"compare only at one resolution: generate at {train_size[0]} px (sample.py --resolution), "
-                          "or give a training set poisoned at the generations' size")
+                          f"compare only at one resolution: give the training set the generating model was trained on "
+                          f"(a DDPM generates at its data's size), or generate at {train_size[0]} px (SD: sample.py "
+                          "--resolution)")
     require_resolution(config, gen_size, f"--classifier {classifier}", f"the generations {gen_folder.root}")
     train_flags = train_folder.poisoned.numpy()
     if not train_flags.any():

@@ -974,6 +974,11 @@ def hub_snapshot(repo_id, patterns=None):
                       f"accept its licence on huggingface.co and log in with `hf auth login`, or pass a local "
                       "folder") from None
     except Exception as e:  # offline mode, no connection, timeouts
+        if Path(repo_id).parent.is_dir():  # runs/typo: a mistyped local path more likely than a Hub id
+            raise SDError(f"{repo_id}: no such file or folder (nor, as a Hub id, reachable: {type(e).__name__}): "
+                          f"check the path; {Path(repo_id).parent} holds "
+                          f"{', '.join(sorted(q.name for q in Path(repo_id).parent.iterdir())[:8]) or 'nothing'}"
+                          ) from None
         raise SDError(f"{repo_id} is no local path, and fetching it from the Hugging Face Hub failed "
                       f"({type(e).__name__}: no network, or HF_HUB_OFFLINE=1): {_offline_hint(repo_id, patterns)}"
                       ) from None

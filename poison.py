@@ -184,6 +184,26 @@ class _CifarUnpickler:
 CIFAR_BIN_RECORD = 1 + 3 * 32 * 32   # label byte + 1024 R + 1024 G + 1024 B
 
 
+@contextlib.contextmanager
+def no_empty_leftovers(root):
+    """Around a download into `root`: when it fails, the empty folders it made (`root` and its missing parents, and
+    new empty subfolders of `root`) go, so a retry or another --data-root starts clean. Anything with files stays."""
+    root = Path(root)
+    made = [p for p in (root, *root.parents) if not p.exists()]  # deepest first
+    before = set(root.iterdir()) if root.is_dir() else set()
+    try:
+        yield
+    except BaseException:
+        if root.is_dir():
+            for child in set(root.iterdir()) - before:
+                if child.is_dir() and not any(child.iterdir()):
+                    child.rmdir()
+        for p in made:
+            if p.is_dir() and not any(p.iterdir()):
+                p.rmdir()
+        raise
+
+
 def load_cifar10_source(split, resolution, data_root):
     """CIFAR-10 from `data_root`: the binary version (cifar-10-batches-bin, parsed as raw bytes) or the python
     version that torchvision downloads (cifar-10-batches-py, read with an allow-list unpickler). Downloads the
@@ -194,7 +214,8 @@ def load_cifar10_source(split, resolution, data_root):
     if not bin_dir.is_dir() and not py_dir.is_dir():
         try:
             from torchvision.datasets.utils import download_and_extract_archive
-            download_and_extract_archive("https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz", str(root))
+            with no_empty_leftovers(root):
+                download_and_extract_archive("https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz", str(root))
         except Exception as e:
             raise PoisonError(f"CIFAR-10 not found in {root} and the download failed ({type(e).__name__}): put "
                               f"cifar-10-binary.tar.gz or cifar-10-python.tar.gz from "
@@ -249,8 +270,9 @@ def load_imagenette_source(split, resolution, data_root):
         size = next(s for s, _, px in sizes if px >= resolution)
         try:
             from torchvision.datasets import Imagenette
-            Imagenette(str(root), split="train", size=size, download=True)
-            Imagenette(str(root), split="val", size=size, download=True)
+            with no_empty_leftovers(root):
+                Imagenette(str(root), split="train", size=size, download=True)
+                Imagenette(str(root), split="val", size=size, download=True)
         except Exception as e:
             raise PoisonError(f"ImageNette not found in {root} and the download failed ({type(e).__name__}): "
                               f"extract imagenette2.tgz (or imagenette2-320.tgz / imagenette2-160.tgz) from "
@@ -284,7 +306,8 @@ def load_caltech15_source(split, resolution, data_root, split_seed, classes=None
     if not root.is_dir():
         try:
             from torchvision.datasets import Caltech256
-            Caltech256(str(data_root), download=True)
+            with no_empty_leftovers(data_root):
+                Caltech256(str(data_root), download=True)
         except Exception as e:
             raise PoisonError(f"Caltech-256 not found in {root} and the download failed ({type(e).__name__}): "
                               f"extract 256_ObjectCategories.tar into {root.parent}") from None

@@ -99,6 +99,7 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 import dissect
+from classify import HelpFormatter
 from poison import (IDS_TRAINING_SET, PoisonError, atomic_output, load_folder, manifest_target, positive,
                     same_classes, save_safetensors, versions)
 
@@ -940,7 +941,7 @@ def main(args):
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--train", required=True, help="training dataset folder (poison.py's OUT/train)")
     p.add_argument("--gen", "--random", dest="gen", default=None,
                    help="generations (sample.py) of a model trained on --train: the 'poison random' run")

@@ -324,17 +324,23 @@ def test_missing_dataset_offline_says_where_to_put_files(tmp_path, monkeypatch):
     import torchvision.datasets.utils as U
     import torchvision.datasets as D
 
-    def offline(*a, **k):
+    def offline(root, *a, **k):  # as torchvision does: the folders first, then the download fails
+        (Path(root) / "caltech256").mkdir(parents=True, exist_ok=True)
         raise OSError("network unreachable")
-    monkeypatch.setattr(U, "download_and_extract_archive", offline)
+    monkeypatch.setattr(U, "download_and_extract_archive", lambda url, root: offline(root))
     monkeypatch.setattr(D, "Imagenette", offline)
     monkeypatch.setattr(D, "Caltech256", offline)
+    (tmp_path / "kept").mkdir()
     with pytest.raises(PoisonError, match=r"cifar-10-binary.tar.gz .* in .*"):
         P.load_source("cifar10", "train", data_root=tmp_path)
     with pytest.raises(PoisonError, match=r"imagenette2.tgz .* into"):
         P.load_source("imagenette", "train", data_root=tmp_path)
     with pytest.raises(PoisonError, match=r"256_ObjectCategories.tar into"):
         P.load_source("caltech15", "train", data_root=tmp_path)
+    with pytest.raises(PoisonError, match=r"256_ObjectCategories.tar into"):
+        P.load_source("caltech15", "train", data_root=tmp_path / "new" / "data")
+    # the failed downloads left no empty folders of their own behind; what was there stays
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
 
 
 def write_jpegs(folder, n, seed, size=(48, 40)):

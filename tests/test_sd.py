@@ -231,7 +231,7 @@ def test_single_file_parity(tiny, tmp_path):
     check_parity(sd, tiny["unet"], tiny["vae"], tiny["text"], sd.tokenizer)
 
 
-def test_bad_checkpoints(tiny, tmp_path):
+def test_bad_checkpoints(tiny, tmp_path, monkeypatch):
     from safetensors.torch import save_file
     good = ldm_checkpoint(tiny, None)
     folder = tiny["folder"]
@@ -275,6 +275,10 @@ def test_bad_checkpoints(tiny, tmp_path):
     (tmp_path / "no-vae" / "config.json").write_text("{}")
     message = error("CompVis/stable-diffusion-v1-4")                         # HF_HUB_OFFLINE=1 (conftest)
     assert "hf download CompVis/stable-diffusion-v1-4" in message and "pass its path" in message
+    monkeypatch.chdir(tmp_path)  # a mistyped local path that reads like a Hub id: told as a path, no download recipe
+    message = error("no-vae/typo")
+    assert message.startswith("no-vae/typo: no such file or folder") and "no-vae holds config.json" in message
+    assert "hf download" not in message
 
 
 class ModelCheckpointLike:
