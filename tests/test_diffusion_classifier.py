@@ -351,8 +351,10 @@ def test_bad_input(toy, tmp_path):
         run(data=tmp_path / "lonely" / "train")
     with pytest.raises(ClassifyError, match="outside"):
         run("--filter-top", "0,100")
-    with pytest.raises(ClassifyError, match="--n 0"):
+    with pytest.raises(SystemExit):  # argparse: "argument --n/--images: 0: give a number above 0"
         run("--n", "0")
+    with pytest.raises(ClassifyError, match="--n 0"):  # the Python API's own check
+        classify.run_diffusion_classifier(toy / "ddpm", toy / "set", tmp_path / "n0", n=0, timesteps=[2], device="cpu")
     # images of another size than the model's
     rng = np.random.default_rng(0)
     write_folder(tmp_path / "big", [({"text": "A photo of a red", "label": 0}, rng.integers(0, 255, (16, 16, 3)))],
