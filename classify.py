@@ -75,8 +75,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from poison import (PoisonError, atomic_output, caption, load_folder, load_trigger, manifest_target, on_rank0,
-                    positive, replace_file, save_safetensors, versions)
+from poison import (PoisonError, atomic_output, caption, check_out, load_folder, load_trigger, manifest_target,
+                    on_rank0, positive, replace_file, save_safetensors, versions)
 
 ARCHS = ("smallcnn", "resnet18", "resnet50", "vgg16", "densenet121")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -725,8 +725,7 @@ def train_classifier(data, out, test=None, backdoor=None, arch="resnet18", clean
     ASR on `backdoor` after every epoch; `clean` drops the poisoned images (the class classifier that judges
     generations). Writes the classifier folder `out`; returns results (per-epoch, final, best over epochs)."""
     opts = {**DEFAULT_OPTS, **opts}
-    if Path(out).exists() and not force:
-        raise ClassifyError(f"{out} exists: pass --force to overwrite it, or choose another --out")
+    check_out(out, force, {"--data": data, "--test": test, "--backdoor": backdoor}, ClassifyError)
     data, test, backdoor = resolve_sets(data, test, backdoor)
     dev, rank, world = setup_device(device)
     folder = load_folder(data)  # a wrong --data is told before the warning below
@@ -791,8 +790,7 @@ def train_trigger_detector(data, out, test=None, arch="resnet50", fraction=0.5, 
     `blend_alpha` (lo, hi) as the reference code does (U(0.05, 0.25)), so that fainter blends count too; None stamps
     the set's own alpha. Writes the detector folder `out`; returns results."""
     opts = {**DEFAULT_OPTS, **opts}
-    if Path(out).exists() and not force:
-        raise ClassifyError(f"{out} exists: pass --force to overwrite it, or choose another --out")
+    check_out(out, force, {"--data": data, "--test": test}, ClassifyError)
     if not 0 < fraction <= 1:
         raise ClassifyError(f"--fraction {fraction} is outside (0, 1]: give the share of non-target images that "
                             "carry the trigger, e.g. 0.5")
@@ -1244,8 +1242,8 @@ def run_diffusion_classifier(model, data, out, test=None, backdoor=None, classif
     Sharded over torchrun ranks. Writes OUT/results.json, OUT/results.md, OUT/scores.safetensors; returns results."""
     if loss not in LOSSES:
         raise ClassifyError(f"unknown --loss {loss!r}: choose l2 or l1")
-    if Path(out).exists() and not force:
-        raise ClassifyError(f"{out} exists: pass --force to overwrite it, or choose another --out")
+    check_out(out, force, {"--model": model, "--data": data, "--test": test, "--backdoor": backdoor,
+                           "--classifier": classifier}, ClassifyError)
     data_path = Path(data)
     _, t_default, b_default = resolve_sets(data_path)
     if t_default is None and b_default is None and (data_path / "metadata.jsonl").is_file():
@@ -1373,6 +1371,10 @@ def main(args):
                                  args.force, not args.quiet, command)
         return
     if args.cmd == "eval":
+        if args.json and Path(args.json).is_dir():
+            raise ClassifyError(f"--json {args.json} is a folder: give a file name, e.g. {Path(args.json) / 'eval.json'}")
+        if args.json and Path(args.json).exists() and not args.force:
+            raise ClassifyError(f"--json {args.json} exists: pass --force to overwrite it, or choose another file")
         model, config = load_classifier(args.classifier, "cuda" if args.device == "cuda" or (
             args.device == "auto" and torch.cuda.is_available()) else "cpu")
         data, test, backdoor = (args.data, args.test, args.backdoor)
@@ -1494,6 +1496,7 @@ def build_parser():
     p.add_argument("--batch-size", type=positive(int), default=256, help="images per forward")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when visible")
     p.add_argument("--json", default=None, help="also write the result to this JSON file")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --json")
     p = sub.add_parser("diffusion", aliases=["diffusion-classifier"],
                        help="a diffusion model as a classifier (the paper's Tab. A4): TA / ASR per loss filter",
                        formatter_class=HelpFormatter)

@@ -62,7 +62,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from poison import PoisonError, atomic_output, load_folder, positive, same_classes, versions
+from poison import PoisonError, atomic_output, check_out, load_folder, positive, same_classes, versions
 from classify import ClassifyError, HelpFormatter, load_classifier, require_resolution
 
 METHODS = ("cd", "strip", "fct")
@@ -629,8 +629,9 @@ def run_detection(classifier, train, generated, methods="all", out=None, detecto
     methods = parse_methods(methods)
     if dtype not in ("fp32", "bf16"):
         raise DetectError(f"unknown --dtype {dtype!r}: choose fp32 or bf16")
-    if out is not None and Path(out).exists() and not force:
-        raise DetectError(f"{out} exists: pass --force to overwrite it, or choose another --out")
+    if out is not None:
+        check_out(out, force, {"--classifier": classifier, "--train": train, "--generated": generated,
+                               "--detector": detector, "--groups": groups}, DetectError)
     dev = resolve_device(device)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True

@@ -49,8 +49,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from classify import HelpFormatter, ImageSet, batches, load_classifier, map_labels, predict, require_resolution
-from poison import (PoisonError, atomic_output, load_folder, load_trigger, make_trigger, manifest_target,
-                    positive, same_classes, save_grid)
+from poison import (PoisonError, atomic_output, check_out, load_folder, load_trigger, make_trigger,
+                    manifest_target, positive, same_classes, save_grid)
 
 GROUPS = ("G1", "G2", "G3", "G4")
 GROUP_MEANING = {"G1": "trigger, prompt mismatched", "G2": "trigger, prompt matched",
@@ -693,8 +693,8 @@ def dissect(generated, classifier, detector, out, train=None, p_t=None, target=N
     generated = [generated] if isinstance(generated, (str, Path)) else list(generated)
     if not generated:
         raise DissectError("no --generated folders given")
-    if Path(out).exists() and not force:
-        raise DissectError(f"{out} exists: pass --force to overwrite it, or choose another --out")
+    check_out(out, force, {"--generated": generated, "--train": train, "--classifier": classifier,
+                           "--detector": detector, "--fid-real": fid_real}, DissectError)
     trains = [None] * len(generated) if train is None else ([train] if isinstance(train, (str, Path)) else list(train))
     if len(trains) == 1:
         trains = trains * len(generated)

@@ -67,7 +67,7 @@ from tqdm import tqdm
 
 from kernels.attention import attention
 from kernels.group_norm import group_norm
-from poison import (PoisonError, add_poison_arguments, load_folder, on_rank0, poison, poison_kwargs,
+from poison import (PoisonError, add_poison_arguments, check_out, load_folder, on_rank0, poison, poison_kwargs,
                     refuse_poison_flags_with_data, save_safetensors, truncate_log, versions)
 
 VAE_SCALE = 0.18215           # SD v1's latent scale: z = VAE_SCALE * (VAE posterior sample), unit variance
@@ -1532,6 +1532,7 @@ def main(args):
         raise SDError(f"--resolution {resolution} is not a multiple of 8 (the VAE downsamples by 8)")
     name = data.parent.name if data.name == "train" else data.name
     out = Path(args.out or f"runs/sd-{name}")
+    check_out(out, True, {"--data": data, "--base": args.base, "--config": args.config, "--tokenizer": args.tokenizer})
 
     # Rank 0 loads first (and downloads, if the base is a Hub id); the others then read the local copy.
     # keep_ema: a single file's model_ema.* U-Net, which the EMA (on rank 0) continues

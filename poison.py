@@ -21,7 +21,8 @@ layout): metadata.jsonl, images/*.png, manifest.json, and trigger.safetensors (t
 stamp the same one). Output is written to a temporary folder and renamed into place.
 
 Python API for the other stages: `poison(...)`, `make_trigger(...)`, `load_trigger(folder)`, `load_folder(folder)`,
-`atomic_output(path)`, `write_folder(...)`, `save_grid(...)`, `replace_file(path, write)` (one file, atomically),
+`check_out(out, force, inputs)` (--out: not an input, existing only with --force), `atomic_output(path)`,
+`write_folder(...)`, `save_grid(...)`, `replace_file(path, write)` (one file, atomically),
 `truncate_log(path, step)` (a JSON-lines log cut back to a resumed checkpoint), `on_rank0(fn, rank, world)` (under
 torchrun: an error on rank 0 stops every rank, none waits at a barrier), `positive(int)` / `positive(float)` (an
 argparse type for counts, sizes and rates: 0 or less is refused with the flag named).
@@ -609,6 +610,24 @@ def resolve_target(target, class_names):
 # ----------------------------------------------------------------------------------------------------------------
 # Dataset folders: metadata.jsonl + images/*.png + manifest.json (+ trigger.safetensors).
 
+def check_out(out, force=False, inputs=None, error=None):
+    """A stage's first check of its --out: never one of its inputs or a folder holding one (with --force it would be
+    replaced, input and all), and an existing one only with --force. inputs: {flag: path, list of paths, or None
+    (models and other objects given in place of paths are skipped)}; error: the stage's PoisonError class."""
+    error = error or PoisonError
+    out = Path(out)
+    resolved = out.resolve()
+    for flag, paths in (inputs or {}).items():
+        for path in paths if isinstance(paths, (list, tuple)) else [paths]:
+            if isinstance(path, (str, os.PathLike)):
+                p = Path(path).resolve()
+                if p == resolved or resolved in p.parents:
+                    raise error(f"--out {out} {'is' if p == resolved else 'holds'} the input {flag} {path}: choose "
+                                "another --out (--force would replace it, input and all)")
+    if out.exists() and not force:
+        raise error(f"{out} exists: pass --force to overwrite it, or choose another --out")
+
+
 @contextlib.contextmanager
 def atomic_output(out, force=False):
     """Yield a temporary folder beside `out`; on success rename it to `out` (replacing an old one only with force).
@@ -872,8 +891,9 @@ def poison(out, dataset="digits", ratio=0.1, attack="badnets", trigger="badnets"
         raise PoisonError(f"unknown --ratio-of {ratio_of!r}: choose all or nontarget")
     if not 0 <= ratio <= 1:
         raise PoisonError(f"--ratio {ratio} is outside [0, 1]: give the poisoned fraction, e.g. 0.1")
-    if Path(out).exists() and not force:
-        raise PoisonError(f"{out} exists: pass --force to overwrite it, or choose another --out")
+    check_out(out, force, {"--dataset folder:": dataset.removeprefix("folder:") if dataset.startswith("folder:")
+                           else None, "--data-root": data_root, "--duplicates": duplicates,
+                           "--trigger-image": trigger_image})
     kind = "folder" if dataset.startswith("folder:") else dataset
     if kind not in DEFAULT_RESOLUTION:
         raise PoisonError(f"unknown --dataset {dataset!r}: choose one of {', '.join(DATASETS)}")

@@ -100,8 +100,8 @@ from tqdm import tqdm
 
 import dissect
 from classify import HelpFormatter
-from poison import (IDS_TRAINING_SET, PoisonError, atomic_output, load_folder, manifest_target, positive,
-                    same_classes, save_safetensors, versions)
+from poison import (IDS_TRAINING_SET, PoisonError, atomic_output, check_out, load_folder, manifest_target,
+                    positive, same_classes, save_safetensors, versions)
 
 SSCD_URL = "https://dl.fbaipublicfiles.com/sscd-copy-detection/sscd_disc_mixup.torchscript.pt"
 SSCD_THRESHOLD = 0.5       # Somepalli et al.: a generation replicates its top-1 training image when SSCD cosine > 0.5
@@ -766,8 +766,9 @@ def replicate(out, train, gen=None, duplicates_gen=None, duplicates_train=None, 
     if target is not None and not with_table:
         raise ReplicateError("--target is the target class of Table A5: give --classifier and --detector too, or "
                              "drop it")
-    if Path(out).exists() and not force:
-        raise ReplicateError(f"{out} exists: pass --force to overwrite it, or choose another --out")
+    check_out(out, force, {"--train": train, "--gen": gen, "--duplicates-gen": duplicates_gen,
+                           "--duplicates-train": duplicates_train, "--classifier": classifier, "--detector": detector,
+                           "--cache": cache}, ReplicateError)
     sets = {flag: load_folder(folder) for flag, folder in  # fail on a bad folder before any work
             (("--train", train), ("--gen", gen), ("--duplicates-gen", duplicates_gen),
              ("--duplicates-train", duplicates_train)) if folder is not None}

@@ -79,7 +79,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import finetune_sd
-from poison import PoisonError, atomic_output, caption, positive, save_grid, versions, write_folder
+from poison import PoisonError, atomic_output, caption, check_out, positive, save_grid, versions, write_folder
 from train_ddpm import (autocast, autocast_dtype, barrier, diffusion_from_config, dtype_name, load_model,
                         read_config, resolve_device, setup_distributed)
 
@@ -504,8 +504,7 @@ def main(args):
     device = resolve_device(args.device)
     rank, world, device = setup_distributed(device)
     out = Path(args.out)
-    if out.exists() and not args.force:
-        raise PoisonError(f"{out} exists: pass --force to overwrite it, or choose another --out")
+    check_out(out, args.force, {"--model": args.model, "--config": args.config, "--tokenizer": args.tokenizer})
     if args.grid and Path(args.grid).suffix.lower() != ".png":
         raise PoisonError(f"--grid {args.grid}: give a .png file name, e.g. grid.png")
     if args.grid and Path(args.grid).exists() and not args.force:

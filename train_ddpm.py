@@ -61,7 +61,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from poison import (PoisonError, add_poison_arguments, load_folder, on_rank0, options_differences, poison,
+from poison import (PoisonError, add_poison_arguments, check_out, load_folder, on_rank0, options_differences, poison,
                     poison_kwargs, read_manifest, refuse_poison_flags_with_data, replace_file, save_grid,
                     save_safetensors, truncate_log, versions)
 from kernels.attention import attention
@@ -619,6 +619,7 @@ def main(args):
         refuse_poison_flags_with_data(args, build_parser())
     if out.exists() and not out.is_dir():
         raise PoisonError(f"--out {out} is a file: give a folder for the model (a new one, or a run to resume)")
+    check_out(out, True, {"--data": args.data})  # an existing --out is a run to resume; never the data
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
 

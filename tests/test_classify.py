@@ -209,6 +209,16 @@ def test_cli_eval_and_one_line_errors(colors, tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["n_test"] == 30 and 0 <= printed["ta"] <= 1
     assert json.loads((tmp_path / "r.json").read_text())["ta"] == printed["ta"]
+    # an existing --json (here the classifier's own results.json) is kept unless --force; a folder is no file name
+    kept = (tmp_path / "clf" / "results.json").read_text()
+    for target, message in ((tmp_path / "clf" / "results.json", "exists: pass --force"), (tmp_path, "is a folder")):
+        with pytest.raises(ClassifyError, match=message):
+            classify.main(classify.build_parser().parse_args(["eval", "--classifier", str(tmp_path / "clf"), "--data",
+                                                              str(colors / "test"), "--json", str(target)]))
+    assert (tmp_path / "clf" / "results.json").read_text() == kept
+    classify.main(classify.build_parser().parse_args(["eval", "--classifier", str(tmp_path / "clf"), "--data",
+                                                      str(colors / "test"), "--json", str(tmp_path / "r.json"),
+                                                      "--force"]))
     with pytest.raises(ClassifyError, match="not a classifier folder"):
         classify.main(classify.build_parser().parse_args(["eval", "--classifier", str(colors), "--data",
                                                           str(colors / "test")]))

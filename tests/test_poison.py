@@ -644,3 +644,25 @@ def test_positive_type():
                                 (float, "nan", "above 0"), (float, "x", "not a number")):
         with pytest.raises(Exception, match=message):
             P.positive(kind)(text)
+
+
+def test_out_never_replaces_an_input(tmp_path):
+    """--out that is an input, or a folder holding one, is refused even with --force (which would delete it); an
+    --out inside an input's folder is allowed (a model folder's own samples/), as are non-path inputs."""
+    (tmp_path / "sets" / "a" / "train").mkdir(parents=True)
+    data = tmp_path / "sets" / "a" / "train"
+    for out, word in ((data, "is"), (tmp_path / "sets", "holds"), (tmp_path / "sets" / "a", "holds")):
+        with pytest.raises(PoisonError, match=f"--out .* {word} the input --data .*: choose another --out"):
+            P.check_out(out, force=True, inputs={"--data": str(data), "--model": None})
+    with pytest.raises(PoisonError, match="holds the input --train"):
+        P.check_out(tmp_path, True, {"--train": [tmp_path / "x", data]})
+    P.check_out(data / "report", True, {"--data": data, "--classifier": object()})
+    with pytest.raises(PoisonError, match="exists: pass --force"):
+        P.check_out(data, False)
+    # the stages call it before any work: sample.py --out MODEL --force used to delete the model
+    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--model", str(tmp_path / "sets"), "--out",
+                        str(tmp_path / "sets"), "--force"], capture_output=True, text=True)
+    assert r.returncode == 1 and "is the input --model" in r.stderr and data.is_dir()
+    r = subprocess.run([sys.executable, str(ROOT / "classify.py"), "train", "--data", str(data), "--out",
+                        str(data), "--force"], capture_output=True, text=True)
+    assert r.returncode == 1 and "is the input --data" in r.stderr and data.is_dir()
