@@ -311,7 +311,11 @@ def load_classifier(folder, device="cpu"):
     penultimate features, x in [0, 1]; config has arch, task, class_names, input_size, normalization."""
     from safetensors.torch import load_file
     folder = Path(folder)
-    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    try:
+        config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ClassifyError(f"{folder}/config.json is not valid JSON ({e}): the folder is damaged, train it again"
+                            ) from None
     if not (folder / "model.safetensors").is_file() or "arch" not in config or other_maker(config):
         maker = other_maker(config)
         what = f"{maker}, not a classifier folder" if maker else \
@@ -320,7 +324,12 @@ def load_classifier(folder, device="cpu"):
                             "classify.py trigger-detector")
     model = build_model(config["arch"], config["num_classes"], config["input_size"], config.get("width") or 16,
                         config.get("normalization"))
-    sd = load_file(str(folder / "model.safetensors"))
+    try:
+        sd = load_file(str(folder / "model.safetensors"))
+    except Exception as e:  # a truncated or foreign file: safetensors' SafetensorError, OSError
+        raise ClassifyError(f"{folder}/model.safetensors is not readable ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}): the folder is damaged, train it again"
+                            ) from None
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
     if missing or unexpected:
@@ -1558,6 +1567,9 @@ if __name__ == "__main__":
         main(parser.parse_args())
     except PoisonError as e:
         sys.exit(f"classify.py: error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback
+        print("classify.py: interrupted; --out not written (outputs appear whole or not at all)", file=sys.stderr)
+        sys.exit(130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -793,3 +793,6 @@ if __name__ == "__main__":
         main(parser.parse_args())
     except PoisonError as e:
         sys.exit(f"detect.py: error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback
+        print("detect.py: interrupted; --out not written (outputs appear whole or not at all)", file=sys.stderr)
+        sys.exit(130)

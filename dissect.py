@@ -202,7 +202,15 @@ def train_manifest_path(path):
 
 
 def read_train_manifest(path):
-    return json.loads(train_manifest_path(path).read_text())
+    manifest = train_manifest_path(path)
+    try:
+        data = json.loads(manifest.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        data = None
+    if not isinstance(data, dict):
+        raise DissectError(f"--train {path}: {manifest} is not a manifest (JSON object); give the poisoned training "
+                           "folder, its poisoned set or its manifest.json")
+    return data
 
 
 def as_model(classifier, device):
@@ -434,11 +442,17 @@ def load_fid_inception(weights=None, device="cpu", progress=True):
         path = Path(weights)
         if not path.is_file():
             raise DissectError(f"--inception-weights {path}: no such file; give pt_inception-2015-12-05-6726825d.pth")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            sd = load_file(str(path))
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors.torch import load_file
+                sd = load_file(str(path))
+            else:
+                sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # not a weights file, truncated, or a pickle of more than tensors
+            raise DissectError(f"--inception-weights {path} is not a readable state dict ({type(e).__name__}): "
+                               "give pytorch-fid's pt_inception-2015-12-05-6726825d.pth") from None
+        if not isinstance(sd, dict):
+            raise DissectError(f"--inception-weights {path} holds a {type(sd).__name__}, not a state dict")
     else:
         try:
             sd = torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, progress=progress, check_hash=True,
@@ -707,6 +721,10 @@ def dissect(generated, classifier, detector, out, train=None, p_t=None, target=N
     folders = [load_folder(g) for g in generated]
     for f, t in zip(folders, trains):  # every folder is checked before the first is judged
         check_folder(f, clf, det, p_t, target, t, classifier, detector)
+    fid_model = None
+    if fid_real is not None:  # a wrong --fid-real or --inception-weights is told before the judges run
+        load_folder(fid_real)
+        fid_model = load_fid_inception(inception_weights, device, progress)
     results = [dissect_folder(f, clf, det, p_t, target, t, batch_size, device, progress)
                for f, t in zip(tqdm(folders, desc="dissect", disable=not progress or len(folders) < 2), trains)]
     varying = {k for k in SETTING_KEYS if len({json.dumps(r["setting"].get(k)) for r in results}) > 1}
@@ -718,10 +736,9 @@ def dissect(generated, classifier, detector, out, train=None, p_t=None, target=N
     for i, r in enumerate(results):
         r["label"] = labels[i] if labels else (setting_label(r, varying) or Path(r["folder"]).name)
         r["name"] = safe_name(r["label"], taken)
-    if fid_real is not None:
-        model = load_fid_inception(inception_weights, device, progress)
+    if fid_model is not None:
         for f, r in zip(folders, results):
-            r["fid"] = fid_between(f, fid_real, model, r["target"], device=device, progress=progress)
+            r["fid"] = fid_between(f, fid_real, fid_model, r["target"], device=device, progress=progress)
     with atomic_output(out, force) as tmp:
         for f, r in zip(folders, results):
             d = tmp / r["name"]
@@ -795,3 +812,6 @@ if __name__ == "__main__":
         main(parser.parse_args())
     except PoisonError as e:
         sys.exit(f"dissect.py: error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback
+        print("dissect.py: interrupted; --out not written (outputs appear whole or not at all)", file=sys.stderr)
+        sys.exit(130)

@@ -1795,3 +1795,6 @@ if __name__ == "__main__":
         main(build_parser().parse_args())
     except PoisonError as e:
         sys.exit(f"finetune_sd.py: error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback
+        print("finetune_sd.py: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        sys.exit(130)

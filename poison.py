@@ -635,8 +635,11 @@ def atomic_output(out, force=False):
     out = Path(out)
     if out.exists() and not force:
         raise PoisonError(f"{out} exists: pass --force to overwrite it, or choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:  # a file where a folder should be, no permission
+        raise PoisonError(f"cannot write {out} ({e.strerror}: {e.filename}): choose another --out") from None
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private (0700); the output is an ordinary folder
@@ -794,7 +797,14 @@ def read_manifest(folder):
     path = Path(folder) / "manifest.json"
     if not path.is_file():
         raise PoisonError(f"{folder} is not a dataset folder (no manifest.json): make one with poison.py or sample.py")
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PoisonError(f"{path} is not valid JSON ({e}): the folder is damaged; make it again with the stage that "
+                          "made it") from None
+    if not isinstance(manifest, dict):
+        raise PoisonError(f"{path} holds a {type(manifest).__name__}, not a manifest: make the folder again")
+    return manifest
 
 
 def read_records(folder):
@@ -805,7 +815,17 @@ def read_records(folder):
                               f"{Path(folder) / 'train'}")
         raise PoisonError(f"{folder} is not a dataset folder (no metadata.jsonl): make one with poison.py (an image "
                           "folder of class subfolders: poison.py --dataset folder:PATH --ratio 0) or sample.py")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    try:
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                record = json.loads(line)
+                if not isinstance(record.get("label"), int) or not isinstance(record.get("file_name"), str):
+                    raise ValueError("a record needs an integer label and a file_name")
+                records.append(record)
+    except (ValueError, AttributeError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise PoisonError(f"{path} line {n} is damaged ({e}): make the folder again with the stage that made it"
+                          ) from None
     if not records:
         raise PoisonError(f"{folder} is an empty dataset folder (metadata.jsonl lists no images)")
     return records
@@ -821,6 +841,9 @@ class FolderDataset(torch.utils.data.Dataset):
         self.root = Path(root)
         self.records = read_records(root)
         self.manifest = read_manifest(root)
+        if not isinstance(self.manifest.get("class_names"), list):
+            raise PoisonError(f"{self.root / 'manifest.json'} lists no class_names: the folder is damaged; make it "
+                              "again with the stage that made it")
         self.class_names = list(self.manifest["class_names"])
         self.labels = torch.tensor([r["label"] for r in self.records], dtype=torch.long)
         self.poisoned = torch.tensor([bool(r.get("poisoned", False)) for r in self.records])
@@ -1095,3 +1118,6 @@ if __name__ == "__main__":
         main(parser.parse_args())
     except PoisonError as e:
         sys.exit(f"poison.py: error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback
+        print("poison.py: interrupted; --out not written (outputs appear whole or not at all)", file=sys.stderr)
+        sys.exit(130)

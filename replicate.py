@@ -990,3 +990,6 @@ if __name__ == "__main__":
         main(build_parser().parse_args())
     except PoisonError as e:
         sys.exit(f"replicate.py: error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback
+        print("replicate.py: interrupted; --out not written (outputs appear whole or not at all)", file=sys.stderr)
+        sys.exit(130)

@@ -635,6 +635,9 @@ if __name__ == "__main__":
         main(build_parser().parse_args())
     except PoisonError as e:
         sys.exit(f"sample.py: error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback
+        print("sample.py: interrupted; --out not written (outputs appear whole or not at all)", file=sys.stderr)
+        sys.exit(130)
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

@@ -936,6 +936,9 @@ def main(argv=None):
         report = run_study(args)
     except StudyError as e:
         sys.exit(f"study.py: {e}")
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback
+        print("study.py: interrupted; rerun the same command to resume (finished stages are skipped)", file=sys.stderr)
+        sys.exit(130)
     if not args.quiet:
         print(open(Path(args.out) / "REPORT.md").read().split("## Trojan")[0], end="")
         print(f"study finished in {time.time() - t0:.0f} s: {Path(args.out) / 'REPORT.md'}")

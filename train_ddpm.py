@@ -897,6 +897,9 @@ if __name__ == "__main__":
             with contextlib.suppress(OSError):
                 Path(args.out).rmdir()  # only if empty
         sys.exit(f"train_ddpm.py: error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback
+        print("train_ddpm.py: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        sys.exit(130)
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

@@ -222,6 +222,16 @@ def test_cli_eval_and_one_line_errors(colors, tmp_path, capsys):
     with pytest.raises(ClassifyError, match="not a classifier folder"):
         classify.main(classify.build_parser().parse_args(["eval", "--classifier", str(colors), "--data",
                                                           str(colors / "test")]))
+    # a damaged copy: truncated weights, then a config.json cut short (were tracebacks)
+    import shutil
+    shutil.copytree(tmp_path / "clf", tmp_path / "broken")
+    weights = (tmp_path / "broken" / "model.safetensors").read_bytes()
+    (tmp_path / "broken" / "model.safetensors").write_bytes(weights[:len(weights) // 2])
+    with pytest.raises(ClassifyError, match="model.safetensors is not readable .*: the folder is damaged, train it"):
+        classify.load_classifier(tmp_path / "broken")
+    (tmp_path / "broken" / "config.json").write_text((tmp_path / "clf" / "config.json").read_text()[:20])
+    with pytest.raises(ClassifyError, match="config.json is not valid JSON .*train it again"):
+        classify.load_classifier(tmp_path / "broken")
 
 
 def test_bad_input(colors, digits, tmp_path):

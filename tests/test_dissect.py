@@ -361,6 +361,9 @@ def test_fid_inception_key_layout_and_weights_messages(tmp_path, monkeypatch):
         dissect.load_fid_inception(tmp_path / "bad.pth")
     with pytest.raises(DissectError, match="no such file"):
         dissect.load_fid_inception(tmp_path / "missing.pth")
+    (tmp_path / "text.pth").write_text('{"not": "weights"}')  # was: an UnpicklingError traceback
+    with pytest.raises(DissectError, match="text.pth is not a readable state dict .*pt_inception"):
+        dissect.load_fid_inception(tmp_path / "text.pth")
 
     def offline(*args, **kwargs):
         raise OSError("network is unreachable")
@@ -422,6 +425,9 @@ def test_p_t_and_the_training_set_must_fit_the_generations(tmp_path):
         dissect.dissect_folder(gen, CLASSIFIER, DETECTOR, train=train("digits", digits, "0"))
     with pytest.raises(DissectError, match="--train .* has the target class 'cat' but the generations .* 'deer'"):
         dissect.dissect_folder(gen, CLASSIFIER, DETECTOR, train=train("cat", NAMES, "cat"))
+    (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n")  # a file that is no manifest (was: UnicodeDecodeError)
+    with pytest.raises(DissectError, match="image.png is not a manifest"):
+        dissect.dissect_folder(gen, CLASSIFIER, DETECTOR, train=tmp_path / "image.png")
     r = dissect.dissect_folder(gen, CLASSIFIER, DETECTOR, train=train("upper", [n.upper() for n in NAMES], "DEER"))
     assert r["p_t"] == 0.2 and r["p_t_source"] == "training manifest"
     blend = train("blend", NAMES, "deer")

@@ -666,3 +666,50 @@ def test_out_never_replaces_an_input(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "classify.py"), "train", "--data", str(data), "--out",
                         str(data), "--force"], capture_output=True, text=True)
     assert r.returncode == 1 and "is the input --data" in r.stderr and data.is_dir()
+
+
+@pytest.mark.parametrize("script, patch, argv, message", [
+    ("dissect.py", ("classify", "load_classifier"), ["--generated", "g", "--classifier", "c", "--detector", "d"],
+     "dissect.py: interrupted; --out not written (outputs appear whole or not at all)"),
+    ("train_ddpm.py", ("poison", "poison"), ["--dataset", "digits", "--preset", "tiny", "--steps", "2"],
+     "train_ddpm.py: interrupted; rerun the same command to resume from the last checkpoint"),
+])
+def test_ctrl_c_is_one_line(script, patch, argv, message, tmp_path, monkeypatch, capsys):
+    """Ctrl-C in a stage prints one line saying what became of its output, and exits 130, instead of a traceback."""
+    import importlib
+    import runpy
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(importlib.import_module(patch[0]), patch[1], interrupted)  # the script imports it from there
+    monkeypatch.setattr(sys, "argv", [script, *argv, "--out", str(tmp_path / "out")])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+    assert e.value.code == 130 and capsys.readouterr().err.strip().splitlines()[-1] == message
+
+
+def test_damaged_folders_and_outputs_are_one_line_errors(tmp_path):
+    """A damaged metadata.jsonl or manifest.json, and an --out under a file, are told in one line naming the fix
+    (they were JSONDecodeError / KeyError / FileExistsError tracebacks)."""
+    image = np.zeros((4, 4, 3), np.uint8)
+    P.write_folder(tmp_path / "d", [({"text": "a", "label": 0}, image), ({"text": "b", "label": 1}, image)],
+                   {"class_names": ["x", "y"]}, workers=1)
+    assert len(P.load_folder(tmp_path / "d")) == 2
+    meta, manifest = tmp_path / "d" / "metadata.jsonl", tmp_path / "d" / "manifest.json"
+    good_meta, good_manifest = meta.read_text(), manifest.read_text()
+    for bad, message in ((good_meta[:-10], "metadata.jsonl line 2 is damaged"),  # cut short
+                         (good_meta.replace('"label": 1', '"label": "y"'), "line 2 is damaged .*integer label")):
+        meta.write_text(bad)
+        with pytest.raises(PoisonError, match=message + ".*make the folder again"):
+            P.load_folder(tmp_path / "d")
+    meta.write_text(good_meta)
+    for bad, message in (("", "manifest.json is not valid JSON"), ("[1]", "holds a list, not a manifest"),
+                         ("{}", "lists no class_names")):
+        manifest.write_text(bad)
+        with pytest.raises(PoisonError, match=message):
+            P.load_folder(tmp_path / "d")
+    manifest.write_text(good_manifest)
+    with pytest.raises(PoisonError, match=r"cannot write .*metadata.jsonl/out \(.*\): choose another --out"):
+        with P.atomic_output(meta / "out"):
+            pass
