@@ -744,6 +744,9 @@ def replicate(out, train, gen=None, duplicates_gen=None, duplicates_train=None, 
     """Copy detection of `gen` (and `duplicates_gen`) against `train` (and `duplicates_train`); with `classifier` and
     `detector` (folders, or (model, config) pairs as classify.load_classifier returns them) also Table A5 of the two
     runs through dissect.py. Writes OUT (see the module docstring) and returns a summary."""
+    if threshold is not None and not -1 <= threshold <= 1:
+        raise ReplicateError(f"--threshold {threshold} is outside [-1, 1], where cosine similarities lie: e.g. 0.5, "
+                             "SSCD's")
     if rank_by == "auto":
         rank_by = "generations" if gen is not None else "train-duplicates"
     if rank_by not in RANK_BY:

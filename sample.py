@@ -509,12 +509,10 @@ def main(args):
         raise PoisonError(f"--grid {args.grid}: give a .png file name, e.g. grid.png")
     if args.grid and Path(args.grid).exists() and not args.force:
         raise PoisonError(f"{args.grid} exists: pass --force to overwrite it, or choose another --grid")
-    if args.n < 1:
-        raise PoisonError(f"--n {args.n}: give at least one image per class or prompt")
-    if args.steps is not None and args.steps < 1:
-        raise PoisonError(f"--steps {args.steps}: give at least 1 sampling step (default: 50 for ddim)")
     if args.sampler not in SAMPLERS:
         raise PoisonError(f"unknown --sampler {args.sampler!r}: choose one of {', '.join(SAMPLERS)}")
+    if args.eta < 0:
+        raise PoisonError(f"--eta {args.eta}: give 0 (deterministic DDIM, the default) or more (1: DDPM's noise)")
     model, alphas_cumprod, config, weights = load_sampling_model(args.model, args.weights, device, args.config,
                                                                  args.tokenizer)
     dtype = autocast_dtype(args.dtype, device)

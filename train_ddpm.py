@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from poison import (PoisonError, add_poison_arguments, check_out, load_folder, on_rank0, options_differences, poison,
-                    poison_kwargs, read_manifest, refuse_poison_flags_with_data, replace_file, save_grid,
+                    poison_kwargs, positive, read_manifest, refuse_poison_flags_with_data, replace_file, save_grid,
                     save_safetensors, truncate_log, versions)
 from kernels.attention import attention
 from kernels.group_norm import group_norm
@@ -309,9 +309,14 @@ def unet_config(preset, resolution, num_classes, **overrides):
     if resolution % 2 ** (levels - 1):
         raise PoisonError(f"{resolution}px images cannot be halved {levels - 1} times: use a resolution divisible "
                           f"by {2 ** (levels - 1)} or fewer --channel-mult levels")
-    for m in cfg.channel_mult:
-        if (cfg.channels * m) % cfg.norm_groups:
-            raise PoisonError(f"--norm-groups {cfg.norm_groups} does not divide {cfg.channels * m} channels")
+    for i, m in enumerate(cfg.channel_mult):
+        ch = cfg.channels * m
+        if ch % cfg.norm_groups:
+            raise PoisonError(f"--norm-groups {cfg.norm_groups} does not divide {ch} channels")
+        heads = max(1, ch // cfg.head_channels)
+        if resolution // 2 ** i in cfg.attention_resolutions and ch % heads:
+            raise PoisonError(f"--head-channels {cfg.head_channels} splits the {ch} channels of the attention at "
+                              f"{resolution // 2 ** i} px into {heads} heads unevenly: give a divisor of {ch}")
     return cfg
 
 
@@ -610,6 +615,12 @@ def main(args):
     if not hp["lr"] > 0 or hp["warmup"] < 0:
         raise PoisonError(f"--lr {hp['lr']} / --warmup {hp['warmup']}: give a positive learning rate and a warm-up "
                           "of 0 steps or more")
+    if not 0 <= hp["ema_decay"] < 1:
+        raise PoisonError(f"--ema-decay {hp['ema_decay']} is outside [0, 1): e.g. 0.9999 (0: the EMA is the model)")
+    if args.weight_decay < 0 or args.grad_clip < 0 or not 0 <= (args.dropout or 0) < 1:
+        raise PoisonError(f"--weight-decay {args.weight_decay} / --grad-clip {args.grad_clip} / --dropout "
+                          f"{args.dropout}: give a weight decay and a gradient clip of 0 or more (--grad-clip 0: off) "
+                          "and a dropout in [0, 1)")
     if hp["batch_size"] % world:
         raise PoisonError(f"--batch-size {hp['batch_size']} is not divisible by the {world} processes")
     local_batch = hp["batch_size"] // world
@@ -620,6 +631,9 @@ def main(args):
     if out.exists() and not out.is_dir():
         raise PoisonError(f"--out {out} is a file: give a folder for the model (a new one, or a run to resume)")
     check_out(out, True, {"--data": args.data})  # an existing --out is a run to resume; never the data
+    if (out / "metadata.jsonl").is_file() or (out / "train" / "metadata.jsonl").is_file():
+        raise PoisonError(f"--out {out} is a dataset folder: give a folder for the model (a new one, or a run to "
+                          "resume)")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
 
@@ -699,7 +713,8 @@ def main(args):
         if rank == 0:
             print(f"resuming from {state_path} at step {step}")
         del state
-    elif not args.force and (config_path.is_file() or any(out.glob("*.safetensors"))):
+    elif not args.force and (config_path.is_file() or any((out / f).is_file() for f in ("model.safetensors",
+                                                                                    "ema.safetensors"))):
         # exported weights without the state to resume them (state.pt deleted, a copied model folder): training
         # from step 0 would overwrite them at its first checkpoint; only a finished run of these settings is left be
         step = saved.get("step", 0)
@@ -848,13 +863,13 @@ def build_parser():
                    help="start over: ignore state.pt, empty loss.jsonl, rebuild OUT/data if its poisoning differs "
                         "(the old model's files are replaced at the first checkpoint)")
     g = p.add_argument_group("U-Net (default: the preset's)")
-    g.add_argument("--channels", type=int, default=None)
+    g.add_argument("--channels", type=positive(int), default=None)
     g.add_argument("--channel-mult", type=int_tuple, default=None, help="e.g. 1,2,2,2")
     g.add_argument("--num-res-blocks", type=int, default=None)
     g.add_argument("--attention", type=int_tuple, default=None, help="feature-map sides with attention, e.g. 16")
-    g.add_argument("--head-channels", type=int, default=None)
+    g.add_argument("--head-channels", type=positive(int), default=None)
     g.add_argument("--dropout", type=float, default=None)
-    g.add_argument("--norm-groups", type=int, default=None)
+    g.add_argument("--norm-groups", type=positive(int), default=None)
     g.add_argument("--scale-shift-norm", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--timesteps", type=int, default=1000, help="T of the diffusion (default: 1000)")
     g = p.add_argument_group("training (default: the preset's)")

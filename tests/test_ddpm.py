@@ -598,10 +598,18 @@ def test_bad_training_flags(data, tmp_path):
                            (["--timesteps", 0], r"--timesteps 0: .*--timesteps 21 or more"),
                            (["--steps", 0], "--steps 0: give at least 1"),  # was: 'already trained', exit 0
                            (["--batch-size", -5], "--batch-size -5: give at least 1"),
-                           (["--lr", 0], "--lr 0.0 / --warmup .*positive learning rate")):
+                           (["--lr", 0], "--lr 0.0 / --warmup .*positive learning rate"),
+                           (["--ema-decay", 1.5], r"--ema-decay 1.5 is outside \[0, 1\)"),  # was: silently min()
+                           (["--grad-clip", -1], "--grad-clip -1.0 .* of 0 or more"),
+                           (["--dropout", 2], r"--dropout 2.0: .*dropout in \[0, 1\)")):
         with pytest.raises(PoisonError, match=message):
             train_ddpm.main(tiny_args(tmp_path / "x", data, *flags))
     assert not (tmp_path / "x").exists()
+    with pytest.raises(PoisonError, match="--head-channels 5 splits the .* channels .* unevenly"):  # was: reshape
+        train_ddpm.main(tiny_args(tmp_path / "heads", data, "--head-channels", 5))
+    another_set = shutil.copytree(data, tmp_path / "another-set")  # was: 'holds a trained model (step unknown)'
+    with pytest.raises(PoisonError, match="--out .* is a dataset folder: give a folder for the model"):
+        train_ddpm.main(tiny_args(another_set, data))
     (tmp_path / "afile").write_text("kept")
     with pytest.raises(PoisonError, match="--out .*afile is a file: give a folder"):  # was: FileExistsError
         train_ddpm.main(tiny_args(tmp_path / "afile", data))
@@ -691,6 +699,8 @@ def test_guidance_needs_a_trained_null_class(model_dir, tmp_path):
     (folder / "ema.safetensors").write_bytes((model_dir / "ema.safetensors").read_bytes())
     with pytest.raises(PoisonError, match=r"--label-dropout 0.*sample with --guidance 0"):
         run_sample(folder, tmp_path / "g", "--class", "0", "--n", 1, "--steps", 2)
+    with pytest.raises(PoisonError, match="--eta -0.5: give 0"):  # was: accepted
+        run_sample(folder, tmp_path / "g", "--class", "0", "--n", 1, "--steps", 2, "--guidance", 0, "--eta", -0.5)
     assert not (tmp_path / "g").exists()
     run_sample(folder, tmp_path / "g", "--class", "0", "--n", 1, "--steps", 2, "--guidance", 0)
     assert len(load_folder(tmp_path / "g")) == 1

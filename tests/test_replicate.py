@@ -287,6 +287,8 @@ def test_bad_input(data, tmp_path):
                     progress=False)
     with pytest.raises(PoisonError, match="needs --gen"):
         R.replicate(tmp_path / "o", data["train"], rank_by="generations", features="pixels", quiet=True)
+    with pytest.raises(PoisonError, match=r"--threshold 5.0 is outside \[-1, 1\]"):  # was: silently no duplicates
+        R.replicate(tmp_path / "o", data["train"], threshold=5.0, features="pixels", quiet=True)
     pets = write_dataset(tmp_path / "pets", np.zeros((2, 16, 16, 3), np.uint8), [0, 1], class_names=["cat", "dog"])
     with pytest.raises(PoisonError, match=r"--gen .*pets holds the classes \['cat', 'dog'\], --train"):
         R.replicate(tmp_path / "o", data["train"], gen=pets, features="pixels", device="cpu", quiet=True)
