@@ -1269,8 +1269,12 @@ def load_sd(source=DEFAULT_BASE, device="cpu", dtype=torch.float32, config=None,
         *parts, unet_ema, ema_num_updates = load_single_file(src, device, dtype, config, tokenizer, use_ema, keep_ema)
     elif src.is_dir():
         meta = src / "config.json"
-        if meta.is_file() and _read_json(meta, "").get("family") == "sd":
+        family = _read_json(meta, "").get("family") if meta.is_file() else None
+        if family == "sd":
             return load_finetuned(src, device, dtype, use_ema)
+        if family == "ddpm":
+            raise SDError(f"{src} is a pixel-space DDPM of train_ddpm.py, not a Stable Diffusion model: give an SD "
+                          "v1 base (a diffusers-layout folder, a single-file checkpoint or a Hub id)")
         if use_ema:
             raise SDError(f"--use-ema applies to single-file checkpoints and fine-tuned model folders; {src} is a "
                           "diffusers-layout folder (its weights are already the ones to use)")

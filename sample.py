@@ -351,6 +351,11 @@ def model_family(source):
                           "tokenizer/ scheduler/)")
     if not path.exists() and not HUB_ID.fullmatch(str(source)):
         raise PoisonError(f"--model {source}: no such file or folder, and not a Hub id (owner/name)")
+    if path.is_file() and (path.parent / "config.json").is_file():  # a weights file of a model folder
+        family = read_config(path.parent).get("family")
+        if family in ("ddpm", "sd"):
+            raise PoisonError(f"--model {source} is a weights file of the {family} model folder {path.parent}: give "
+                              f"the folder (--weights ema or model picks the file)")
     return "sd"
 
 

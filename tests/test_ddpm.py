@@ -768,6 +768,8 @@ def test_bad_input(model_dir, data, tmp_path):
     (other / "config.json").write_text(json.dumps({"stage": "finetune_sd", "run": {}}))  # before its first save
     with pytest.raises(PoisonError, match="a finetune_sd.py run that has saved no model yet"):
         sample.model_family(other)
+    with pytest.raises(PoisonError, match="is a weights file of the ddpm model folder .*: give the folder"):
+        sample.model_family(model_dir / "ema.safetensors")  # was read as an SD checkpoint: '934 missing keys'
     # a broken copy of the model folder: a missing weights file, then mismatched keys and shapes
     from safetensors.torch import load_file, save_file
     broken = tmp_path / "broken"

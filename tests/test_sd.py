@@ -275,6 +275,9 @@ def test_bad_checkpoints(tiny, tmp_path, monkeypatch):
     (tmp_path / "no-vae" / "config.json").write_text("{}")
     message = error("CompVis/stable-diffusion-v1-4")                         # HF_HUB_OFFLINE=1 (conftest)
     assert "hf download CompVis/stable-diffusion-v1-4" in message and "pass its path" in message
+    (tmp_path / "ddpm").mkdir()
+    (tmp_path / "ddpm" / "config.json").write_text(json.dumps({"stage": "train_ddpm", "family": "ddpm"}))
+    assert "is a pixel-space DDPM of train_ddpm.py, not a Stable Diffusion model" in error(tmp_path / "ddpm")
     monkeypatch.chdir(tmp_path)  # a mistyped local path that reads like a Hub id: told as a path, no download recipe
     message = error("no-vae/typo")
     assert message.startswith("no-vae/typo: no such file or folder") and "no-vae holds config.json" in message
