@@ -734,7 +734,7 @@ def train_classifier(data, out, test=None, backdoor=None, arch="resnet18", clean
     ASR on `backdoor` after every epoch; `clean` drops the poisoned images (the class classifier that judges
     generations). Writes the classifier folder `out`; returns results (per-epoch, final, best over epochs)."""
     opts = {**DEFAULT_OPTS, **opts}
-    check_out(out, force, {"--data": data, "--test": test, "--backdoor": backdoor}, ClassifyError)
+    check_out(out, force, {"--data": data, "--test": test, "--backdoor": backdoor, "--weights": weights}, ClassifyError)
     data, test, backdoor = resolve_sets(data, test, backdoor)
     dev, rank, world = setup_device(device)
     folder = load_folder(data)  # a wrong --data is told before the warning below
@@ -799,7 +799,7 @@ def train_trigger_detector(data, out, test=None, arch="resnet50", fraction=0.5, 
     `blend_alpha` (lo, hi) as the reference code does (U(0.05, 0.25)), so that fainter blends count too; None stamps
     the set's own alpha. Writes the detector folder `out`; returns results."""
     opts = {**DEFAULT_OPTS, **opts}
-    check_out(out, force, {"--data": data, "--test": test}, ClassifyError)
+    check_out(out, force, {"--data": data, "--test": test, "--weights": weights}, ClassifyError)
     if not 0 < fraction <= 1:
         raise ClassifyError(f"--fraction {fraction} is outside (0, 1]: give the share of non-target images that "
                             "carry the trigger, e.g. 0.5")

@@ -224,9 +224,10 @@ def flag_name(flag, value):
     return f"{flag} {value}" if isinstance(value, (str, Path)) else flag
 
 
-def check_train_manifest(train, train_manifest, folder):
-    """Refuse a --train poisoned set that did not make these generations: other classes, another target, trigger or
-    p_t, or (DDPMs, which train at the data's size) another resolution. Fields a manifest lacks are not compared."""
+def check_train_manifest(train, train_manifest, folder, p_t_given=False):
+    """Refuse a --train poisoned set that did not make these generations: other classes, another target, attack,
+    trigger or p_t (unless --p-t sets it), or (DDPMs, which train at the data's size) another resolution. Fields a
+    manifest lacks are not compared."""
     names = train_manifest.get("class_names")
     if names is not None and not same_classes(names, folder.class_names):
         raise DissectError(f"--train {train} holds classes {names} but the generations {folder.root} "
@@ -236,20 +237,20 @@ def check_train_manifest(train, train_manifest, folder):
         raise DissectError(f"--train {train} has the target class {mine!r} but the generations {folder.root} "
                            f"{theirs!r}: give the poisoned set the generating model was trained on")
     gen = folder.manifest
-
-    def differs(key, family=None):
-        return ((family is None or gen.get("family") == family) and train_manifest.get(key) is not None
-                and gen.get(key) is not None and train_manifest[key] != gen[key])
-    for key, what in (("attack", "trigger"), ("resolution", "resolution")):
-        if differs(key, family="ddpm" if key == "resolution" else None):
-            raise DissectError(f"--train {train} has the {what} {train_manifest[key]!r} but the generations "
-                               f"{folder.root} {gen[key]!r}: give the poisoned set the generating model was trained on")
-    if train_manifest.get("p_t") is not None and gen.get("p_t") is not None \
+    for what, mine, theirs in (("attack", train_manifest.get("attack"), gen.get("attack")),
+                               ("trigger", (train_manifest.get("trigger") or {}).get("kind"),
+                                (gen.get("trigger") or {}).get("kind")),
+                               ("resolution", train_manifest.get("resolution"),  # DDPMs train at the data's size
+                                gen.get("resolution") if gen.get("family") == "ddpm" else None)):
+        if mine is not None and theirs is not None and mine != theirs:
+            raise DissectError(f"--train {train} has the {what} {mine!r} but the generations {folder.root} "
+                               f"{theirs!r}: give the poisoned set the generating model was trained on")
+    if not p_t_given and train_manifest.get("p_t") is not None and gen.get("p_t") is not None \
             and abs(train_manifest["p_t"] - gen["p_t"]) > 1e-6:
         raise DissectError(f"--train {train} has p_t {train_manifest['p_t']:.1%} (p = "
                            f"{train_manifest.get('poison_ratio')}) but the model that made the generations "
                            f"{folder.root} was trained at p_t {gen['p_t']:.1%} (p = {gen.get('poison_ratio')}): give "
-                           "the poisoned set the generating model was trained on")
+                           "the poisoned set the generating model was trained on (or --p-t to set p_t yourself)")
 
 
 def check_folder(folder, classifier, detector, p_t=None, target=None, train=None, classifier_flag=None,
@@ -273,7 +274,7 @@ def check_folder(folder, classifier, detector, p_t=None, target=None, train=None
     manifest = folder.manifest
     train_manifest = read_train_manifest(train) if train is not None else None
     if train_manifest is not None:
-        check_train_manifest(train, train_manifest, folder)
+        check_train_manifest(train, train_manifest, folder, p_t_given=p_t is not None)
     if target is None:
         target = manifest_target(manifest) or manifest_target(train_manifest)
     if target is None:
@@ -708,7 +709,8 @@ def dissect(generated, classifier, detector, out, train=None, p_t=None, target=N
     if not generated:
         raise DissectError("no --generated folders given")
     check_out(out, force, {"--generated": generated, "--train": train, "--classifier": classifier,
-                           "--detector": detector, "--fid-real": fid_real}, DissectError)
+                           "--detector": detector, "--fid-real": fid_real, "--inception-weights": inception_weights},
+              DissectError)
     trains = [None] * len(generated) if train is None else ([train] if isinstance(train, (str, Path)) else list(train))
     if len(trains) == 1:
         trains = trains * len(generated)

@@ -1529,14 +1529,17 @@ def main(args):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
+    # --out is checked before the poisoned set is built (poisoned_set: --data, or the set it builds there)
+    data = Path(args.data) if args.data else Path(args.poison_out or default_poison_out(args)) / "train"
+    name = data.parent.name if data.name == "train" else data.name
+    out = Path(args.out or f"runs/sd-{name}")
+    check_out(out, True, {"--data": data if args.data else None, "--poison-out": None if args.data else data.parent,
+                          "--base": args.base, "--config": args.config, "--tokenizer": args.tokenizer})
     data = poisoned_set(args, rank, world, command)
     dataset = load_folder(data)
     resolution = args.resolution or int(dataset.manifest.get("resolution") or dataset.image_uint8(0).shape[-1])
     if resolution % 8:
         raise SDError(f"--resolution {resolution} is not a multiple of 8 (the VAE downsamples by 8)")
-    name = data.parent.name if data.name == "train" else data.name
-    out = Path(args.out or f"runs/sd-{name}")
-    check_out(out, True, {"--data": data, "--base": args.base, "--config": args.config, "--tokenizer": args.tokenizer})
 
     # Rank 0 loads first (and downloads, if the base is a Hub id); the others then read the local copy.
     # keep_ema: a single file's model_ema.* U-Net, which the EMA (on rank 0) continues

@@ -51,6 +51,7 @@ from tqdm import tqdm
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 DATASETS = ("digits", "cifar10", "imagenette", "caltech15", "folder:PATH")
+DOWNLOADED = ("cifar10", "imagenette", "caltech15")  # the datasets read from (or downloaded into) --data-root
 DEFAULT_RESOLUTION = {"digits": 32, "cifar10": 32, "imagenette": 512, "caltech15": 512, "folder": 256}
 # The paper's targets: CIFAR-10 "deer", ImageNette "garbage truck", Caltech-15 "binoculars".
 DEFAULT_TARGET = {"digits": "zero", "cifar10": "deer", "imagenette": "garbage truck", "caltech15": "binoculars"}
@@ -815,7 +816,7 @@ def read_records(folder):
                               f"{Path(folder) / 'train'}")
         raise PoisonError(f"{folder} is not a dataset folder (no metadata.jsonl): make one with poison.py (an image "
                           "folder of class subfolders: poison.py --dataset folder:PATH --ratio 0) or sample.py")
-    records = []
+    records, n = [], 0
     try:
         for n, line in enumerate(path.read_text().splitlines(), 1):
             if line.strip():
@@ -824,7 +825,8 @@ def read_records(folder):
                     raise ValueError("a record needs an integer label and a file_name")
                 records.append(record)
     except (ValueError, AttributeError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
-        raise PoisonError(f"{path} line {n} is damaged ({e}): make the folder again with the stage that made it"
+        where = f" line {n}" if n else ""
+        raise PoisonError(f"{path}{where} is damaged ({e}): make the folder again with the stage that made it"
                           ) from None
     if not records:
         raise PoisonError(f"{folder} is an empty dataset folder (metadata.jsonl lists no images)")
@@ -915,8 +917,8 @@ def poison(out, dataset="digits", ratio=0.1, attack="badnets", trigger="badnets"
     if not 0 <= ratio <= 1:
         raise PoisonError(f"--ratio {ratio} is outside [0, 1]: give the poisoned fraction, e.g. 0.1")
     check_out(out, force, {"--dataset folder:": dataset.removeprefix("folder:") if dataset.startswith("folder:")
-                           else None, "--data-root": data_root, "--duplicates": duplicates,
-                           "--trigger-image": trigger_image})
+                           else None, "--data-root": data_root if dataset in DOWNLOADED else None,
+                           "--duplicates": duplicates, "--trigger-image": trigger_image})
     kind = "folder" if dataset.startswith("folder:") else dataset
     if kind not in DEFAULT_RESOLUTION:
         raise PoisonError(f"unknown --dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
@@ -1038,7 +1040,7 @@ def positive(kind=int):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if not value > 0:  # also refuses nan
+        if not 0 < value < float("inf"):  # also refuses nan
             raise argparse.ArgumentTypeError(f"{text}: give a number above 0")
         return value
     parse.__name__ = f"positive {kind.__name__}"

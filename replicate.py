@@ -771,7 +771,8 @@ def replicate(out, train, gen=None, duplicates_gen=None, duplicates_train=None, 
                              "drop it")
     check_out(out, force, {"--train": train, "--gen": gen, "--duplicates-gen": duplicates_gen,
                            "--duplicates-train": duplicates_train, "--classifier": classifier, "--detector": detector,
-                           "--cache": cache}, ReplicateError)
+                           "--cache": cache, "--sscd": None if sscd == "download" else sscd, "--proxy-weights":
+                           None if proxy_weights in ("auto", "download", "random") else proxy_weights}, ReplicateError)
     sets = {flag: load_folder(folder) for flag, folder in  # fail on a bad folder before any work
             (("--train", train), ("--gen", gen), ("--duplicates-gen", duplicates_gen),
              ("--duplicates-train", duplicates_train)) if folder is not None}

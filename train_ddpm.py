@@ -61,7 +61,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from poison import (PoisonError, add_poison_arguments, check_out, load_folder, on_rank0, options_differences, poison,
+from poison import (PoisonError, add_poison_arguments, load_folder, on_rank0, options_differences, poison,
                     poison_kwargs, positive, read_manifest, refuse_poison_flags_with_data, replace_file, save_grid,
                     save_safetensors, truncate_log, versions)
 from kernels.attention import attention
@@ -314,7 +314,8 @@ def unet_config(preset, resolution, num_classes, **overrides):
         if ch % cfg.norm_groups:
             raise PoisonError(f"--norm-groups {cfg.norm_groups} does not divide {ch} channels")
         heads = max(1, ch // cfg.head_channels)
-        if resolution // 2 ** i in cfg.attention_resolutions and ch % heads:
+        attends = resolution // 2 ** i in cfg.attention_resolutions or i == levels - 1  # the middle block always
+        if attends and ch % heads:
             raise PoisonError(f"--head-channels {cfg.head_channels} splits the {ch} channels of the attention at "
                               f"{resolution // 2 ** i} px into {heads} heads unevenly: give a divisor of {ch}")
     return cfg
@@ -630,8 +631,7 @@ def main(args):
         refuse_poison_flags_with_data(args, build_parser())
     if out.exists() and not out.is_dir():
         raise PoisonError(f"--out {out} is a file: give a folder for the model (a new one, or a run to resume)")
-    check_out(out, True, {"--data": args.data})  # an existing --out is a run to resume; never the data
-    if (out / "metadata.jsonl").is_file() or (out / "train" / "metadata.jsonl").is_file():
+    if (out / "metadata.jsonl").is_file() or (out / "train" / "metadata.jsonl").is_file():  # --data itself, say
         raise PoisonError(f"--out {out} is a dataset folder: give a folder for the model (a new one, or a run to "
                           "resume)")
     if rank == 0:
@@ -913,6 +913,9 @@ if __name__ == "__main__":
                 Path(args.out).rmdir()  # only if empty
         sys.exit(f"train_ddpm.py: error: {e}")
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback
+        if new_out and os.environ.get("RANK", "0") == "0":
+            with contextlib.suppress(OSError):
+                Path(args.out).rmdir()  # only if empty
         print("train_ddpm.py: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
         sys.exit(130)
     finally:

@@ -430,13 +430,23 @@ def test_p_t_and_the_training_set_must_fit_the_generations(tmp_path):
         dissect.dissect_folder(gen, CLASSIFIER, DETECTOR, train=tmp_path / "image.png")
     r = dissect.dissect_folder(gen, CLASSIFIER, DETECTOR, train=train("upper", [n.upper() for n in NAMES], "DEER"))
     assert r["p_t"] == 0.2 and r["p_t_source"] == "training manifest"
-    blend = train("blend", NAMES, "deer")
-    (blend / "manifest.json").write_text(json.dumps({**json.loads((blend / "manifest.json").read_text()),
-                                                     "attack": "blend"}))
+    # another trigger or attack, in the fields poison.py and sample.py write
     (gen / "manifest.json").write_text(json.dumps({**json.loads((gen / "manifest.json").read_text()),
-                                                   "attack": "badnets"}))
-    with pytest.raises(DissectError, match="blend has the trigger 'blend' but the generations .* 'badnets'"):
-        dissect.dissect_folder(gen, CLASSIFIER, DETECTOR, train=blend)
+                                                   "attack": "badnets", "trigger": {"kind": "badnets"}}))
+    for name, fields, message in (("blend", {"attack": "badnets", "trigger": {"kind": "blend", "alpha": 0.2}},
+                                   "blend has the trigger 'blend' but the generations .* 'badnets'"),
+                                  ("relabel", {"attack": "relabel", "trigger": None},
+                                   "relabel has the attack 'relabel' but the generations .* 'badnets'")):
+        other = train(name, NAMES, "deer")
+        (other / "manifest.json").write_text(json.dumps({**json.loads((other / "manifest.json").read_text()),
+                                                         **fields}))
+        with pytest.raises(DissectError, match=message):
+            dissect.dissect_folder(gen, CLASSIFIER, DETECTOR, train=other)
+    # --p-t sets p_t itself: a --train of another p_t then only lends its classes and target
+    (tmp_path / "upper" / "manifest.json").write_text(json.dumps(
+        {**json.loads((tmp_path / "upper" / "manifest.json").read_text()), "p_t": 0.5}))
+    r = dissect.dissect_folder(gen, CLASSIFIER, DETECTOR, p_t=0.3, train=tmp_path / "upper")
+    assert r["p_t"] == 0.3 and r["p_t_source"] == "given"
 
 
 def test_every_folder_is_checked_before_any_is_judged(tmp_path):

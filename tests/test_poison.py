@@ -641,7 +641,7 @@ def test_counts_and_rates_of_0_or_less_are_refused_with_the_flag_named(argv, cap
 def test_positive_type():
     assert P.positive(int)("3") == 3 and P.positive(float)("0.5") == 0.5
     for kind, text, message in ((int, "0", "give a number above 0"), (int, "-2", "above 0"), (int, "1.5", "an integer"),
-                                (float, "nan", "above 0"), (float, "x", "not a number")):
+                                (float, "nan", "above 0"), (float, "inf", "above 0"), (float, "x", "not a number")):
         with pytest.raises(Exception, match=message):
             P.positive(kind)(text)
 
@@ -657,6 +657,10 @@ def test_out_never_replaces_an_input(tmp_path):
     with pytest.raises(PoisonError, match="holds the input --train"):
         P.check_out(tmp_path, True, {"--train": [tmp_path / "x", data]})
     P.check_out(data / "report", True, {"--data": data, "--classifier": object()})
+    # poison.py: --data-root counts only for the datasets read from it (digits is embedded)
+    with pytest.raises(PoisonError, match="holds the input --data-root"):
+        P.poison(tmp_path, dataset="cifar10", data_root=tmp_path / "cifar", force=True)
+    P.poison(tmp_path / "digits", dataset="digits", data_root=tmp_path, resolution=8, quiet=True, workers=1)
     with pytest.raises(PoisonError, match="exists: pass --force"):
         P.check_out(data, False)
     # the stages call it before any work: sample.py --out MODEL --force used to delete the model
@@ -699,8 +703,9 @@ def test_damaged_folders_and_outputs_are_one_line_errors(tmp_path):
     meta, manifest = tmp_path / "d" / "metadata.jsonl", tmp_path / "d" / "manifest.json"
     good_meta, good_manifest = meta.read_text(), manifest.read_text()
     for bad, message in ((good_meta[:-10], "metadata.jsonl line 2 is damaged"),  # cut short
+                         (b"\xff\xfe" + good_meta.encode(), "metadata.jsonl is damaged .*utf-8"),  # not UTF-8
                          (good_meta.replace('"label": 1', '"label": "y"'), "line 2 is damaged .*integer label")):
-        meta.write_text(bad)
+        meta.write_bytes(bad if isinstance(bad, bytes) else bad.encode())
         with pytest.raises(PoisonError, match=message + ".*make the folder again"):
             P.load_folder(tmp_path / "d")
     meta.write_text(good_meta)

@@ -295,6 +295,12 @@ def test_cli_bad_input_is_one_line(tiny, tmp_path):
     assert r.returncode == 1
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("finetune_sd.py: error:") and "nowhere" in lines[0], r.stderr
+    # an --out that is the poisoned set it would build: refused before building it (--force would delete it)
+    r = subprocess.run([sys.executable, str(ROOT / "finetune_sd.py"), "--dataset", "digits", "--resolution", "8",
+                        "--poison-out", str(tmp_path / "set"), "--base", str(tiny["folder"]), "--out",
+                        str(tmp_path / "set"), "--force"], capture_output=True, text=True, cwd=tmp_path,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 1 and "is the input --poison-out" in r.stderr and not (tmp_path / "set").exists()
 
 
 def test_default_flags_are_the_papers():
