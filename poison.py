@@ -922,6 +922,8 @@ def poison(out, dataset="digits", ratio=0.1, attack="badnets", trigger="badnets"
     kind = "folder" if dataset.startswith("folder:") else dataset
     if kind not in DEFAULT_RESOLUTION:
         raise PoisonError(f"unknown --dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
+    if classes and kind != "caltech15":
+        raise PoisonError(f"--classes picks Caltech-256 categories (--dataset caltech15): drop it for {dataset}")
     opts = dict(data_root=data_root, resolution=resolution, split_seed=split_seed, test_fraction=test_fraction,
                 classes=classes, per_class=per_class)
     train, test = load_source(dataset, "train", **opts), load_source(dataset, "test", **opts)

@@ -718,3 +718,8 @@ def test_damaged_folders_and_outputs_are_one_line_errors(tmp_path):
     with pytest.raises(PoisonError, match=r"cannot write .*metadata.jsonl/out \(.*\): choose another --out"):
         with P.atomic_output(meta / "out"):
             pass
+
+
+def test_classes_only_for_caltech(tmp_path):
+    with pytest.raises(PoisonError, match="--classes picks Caltech-256 categories .*drop it for digits"):  # was ignored
+        P.poison(tmp_path / "digits", dataset="digits", classes=["zero", "one"], quiet=True)
