@@ -629,16 +629,49 @@ def check_out(out, force=False, inputs=None, error=None):
         raise error(f"{out} exists: pass --force to overwrite it, or choose another --out")
 
 
+def temp_tag():
+    """This process's mark in temporary names, PID@host: a later run on this machine tells the leftovers of a killed
+    run (its process is gone) from a live run's, and removes them (remove_stale)."""
+    return f"{os.getpid()}@{platform.node()}"
+
+
+def remove_stale(parent, prefix):
+    """Remove `parent/<prefix><PID@host>[@...]`, the temporary files and folders of runs on this machine that were
+    killed before they could (their PID is no longer running). Others' (live runs, other hosts on a shared disk,
+    names without a tag) are left alone."""
+    if os.name != "posix" or not Path(parent).is_dir():
+        return
+    for path in Path(parent).iterdir():
+        if not path.name.startswith(prefix):
+            continue
+        pid, at, rest = path.name[len(prefix):].partition("@")
+        if not (at and pid.isdigit() and rest.split("@")[0] == platform.node()) or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)  # signal 0: is it running?
+            continue
+        except ProcessLookupError:
+            pass
+        except OSError:  # running, as another user
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
 @contextlib.contextmanager
 def atomic_output(out, force=False):
     """Yield a temporary folder beside `out`; on success rename it to `out` (replacing an old one only with force).
-    On an exception the temporary folder is removed and `out` is untouched."""
+    On an exception the temporary folder is removed and `out` is untouched; a killed run's is removed by the next."""
     out = Path(out)
     if out.exists() and not force:
         raise PoisonError(f"{out} exists: pass --force to overwrite it, or choose another --out")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        remove_stale(out.parent, f".{out.name}.tmp-")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{temp_tag()}@", dir=out.parent))
     except OSError as e:  # a file where a folder should be, no permission
         raise PoisonError(f"cannot write {out} ({e.strerror}: {e.filename}): choose another --out") from None
     umask = os.umask(0)
@@ -663,9 +696,11 @@ def atomic_output(out, force=False):
 
 
 def replace_file(path, write):
-    """Write through `write(tmp_path)` to a temporary name beside `path`, then rename it over `path` (atomic)."""
+    """Write through `write(tmp_path)` to a temporary name beside `path`, then rename it over `path` (atomic). A killed
+    run's temporary file (a checkpoint, say) is removed by the next write of `path`."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    remove_stale(path.parent, f".{path.name}.tmp-")
+    tmp = path.with_name(f".{path.name}.tmp-{temp_tag()}")
     try:
         write(tmp)
         os.replace(tmp, path)

@@ -101,7 +101,7 @@ from tqdm import tqdm
 import dissect
 from classify import HelpFormatter
 from poison import (IDS_TRAINING_SET, PoisonError, atomic_output, check_out, load_folder, manifest_target,
-                    positive, same_classes, save_safetensors, versions)
+                    positive, replace_file, same_classes, save_safetensors, versions)
 
 SSCD_URL = "https://dl.fbaipublicfiles.com/sscd-copy-detection/sscd_disc_mixup.torchscript.pt"
 SSCD_THRESHOLD = 0.5       # Somepalli et al.: a generation replicates its top-1 training image when SSCD cosine > 0.5
@@ -402,11 +402,9 @@ def embed_folder(folder, extractor, device="cpu", cache_dirs=(), write_dir=None,
     features = torch.cat(chunks).contiguous()
     if write_dir is not None:
         Path(write_dir).mkdir(parents=True, exist_ok=True)
-        tmp = Path(write_dir) / f".{name}.tmp-{os.getpid()}"
-        save_safetensors({"features": features}, tmp,
-                  metadata={"folder": str(dataset.root.resolve()), "extractor": extractor.key,
-                            "label": extractor.label, "n": str(len(dataset))})
-        os.replace(tmp, Path(write_dir) / name)
+        replace_file(Path(write_dir) / name, lambda tmp: save_safetensors(
+            {"features": features}, tmp, metadata={"folder": str(dataset.root.resolve()), "extractor": extractor.key,
+                                                   "label": extractor.label, "n": str(len(dataset))}))
     return features, dataset, "computed"
 
 

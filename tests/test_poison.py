@@ -723,3 +723,28 @@ def test_damaged_folders_and_outputs_are_one_line_errors(tmp_path):
 def test_classes_only_for_caltech(tmp_path):
     with pytest.raises(PoisonError, match="--classes picks Caltech-256 categories .*drop it for digits"):  # was ignored
         P.poison(tmp_path / "digits", dataset="digits", classes=["zero", "one"], quiet=True)
+
+
+def test_a_killed_runs_temporary_output_is_removed_by_the_next(tmp_path):
+    """A run killed mid-write leaves its temporary folder (or file) beside the output; the next write of the same
+    output on this machine removes it once its process is gone, and leaves a live run's, another host's and untagged
+    names alone."""
+    import platform
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a PID that ran and is gone
+    host = platform.node()
+    stale = [tmp_path / f".out.tmp-{dead.pid}@{host}@abc123", tmp_path / f".ckpt.pt.tmp-{dead.pid}@{host}"]
+    kept = [tmp_path / f".out.tmp-{os.getppid()}@{host}@live01",     # a running process (pytest's parent)
+            tmp_path / f".out.tmp-{dead.pid}@other-host@abc123",     # another machine on a shared disk
+            tmp_path / ".out.tmp-untagged"]                          # an older run's name
+    stale[0].mkdir()
+    (stale[0] / "image.png").write_bytes(b"partial")
+    stale[1].write_bytes(b"partial checkpoint")
+    for k in kept:
+        k.mkdir()
+    with P.atomic_output(tmp_path / "out") as tmp:
+        assert tmp.name.startswith(f".out.tmp-{os.getpid()}@{host}@")
+        (tmp / "x").write_text("new")
+    P.replace_file(tmp_path / "ckpt.pt", lambda p: p.write_text("whole"))
+    assert not any(p.exists() for p in stale) and all(k.is_dir() for k in kept)
+    assert (tmp_path / "out" / "x").read_text() == "new" and (tmp_path / "ckpt.pt").read_text() == "whole"
