@@ -1381,7 +1381,8 @@ def main(args):
         return
     if args.cmd == "eval":
         if args.json and Path(args.json).is_dir():
-            raise ClassifyError(f"--json {args.json} is a folder: give a file name, e.g. {Path(args.json) / 'eval.json'}")
+            raise ClassifyError(f"--json {args.json} is a folder: give a file name, e.g. "
+                                f"{Path(args.json) / 'eval.json'}")
         if args.json and Path(args.json).exists() and not args.force:
             raise ClassifyError(f"--json {args.json} exists: pass --force to overwrite it, or choose another file")
         model, config = load_classifier(args.classifier, "cuda" if args.device == "cuda" or (

@@ -914,7 +914,8 @@ def build_parser():
                    help="optimizer steps of each model (train_ddpm.py --steps, finetune_sd.py --max-steps; default: "
                         "the scale's)")
     p.add_argument("--per-class", type=count, default=None, help="generations per class")
-    p.add_argument("--guidance", type=float, default=None, help="the DDPM family's guidance weight w, SD's scale s (default: 5 for both, the paper's)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="the DDPM family's guidance weight w, SD's scale s (default: 5 for both, the paper's)")
     p.add_argument("--sweep", type=weight_list, default=None,
                    help="more guidance weights for the target class, comma-separated ('' for none; default 1,2; "
                         "SD: 2,3)")
