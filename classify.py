@@ -216,6 +216,8 @@ def model_input_size(arch, resolution, pretrained, input_size=None):
     """The side the model sees: as asked; else 224 for ImageNet weights, the data's own size otherwise (at least
     32 for VGG)."""
     size = input_size or (IMAGENET_SIZE if pretrained else resolution)
+    if arch == "smallcnn" and size < 4:  # its two 2x2 max-pools leave nothing of a smaller image
+        raise ClassifyError(f"smallcnn needs inputs of at least 4 px, got {size}: pass --input-size 4 or more")
     return max(size, VGG_MIN_INPUT) if arch == "vgg16" else size
 
 

@@ -921,8 +921,8 @@ def load_folder(root, transform=None):
 
 
 def save_grid(images, path, nrow=8, min_tile=64):
-    """Save (N, H, W, 3) uint8 images (or (N, 3, H, W) uint8 tensors) as one PNG grid; small tiles are enlarged
-    (nearest neighbour) to at least `min_tile` px so a person can see them."""
+    """Save (N, H, W, 3) uint8 images (or (N, 3, H, W) uint8 tensors) as one PNG grid, atomically; small tiles are
+    enlarged (nearest neighbour) to at least `min_tile` px so a person can see them."""
     images = images.permute(0, 2, 3, 1).numpy() if torch.is_tensor(images) else np.asarray(images)
     n, h, w, _ = images.shape
     scale = max(1, math.ceil(min_tile / h))
@@ -934,7 +934,7 @@ def save_grid(images, path, nrow=8, min_tile=64):
         y, x = pad + r * (h * scale + pad), pad + c * (w * scale + pad)
         grid[y:y + h * scale, x:x + w * scale] = im.repeat(scale, 0).repeat(scale, 1)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).save(path)
+    replace_file(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1082,6 +1082,17 @@ def positive(kind=int):
         return value
     parse.__name__ = f"positive {kind.__name__}"
     return parse
+
+
+def finite(text):
+    """An argparse type: any finite number (a guidance weight; nan or inf would turn every image to NaN)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text}: give a finite number")
+    return value
 
 
 def add_poison_arguments(parser, out_required=True):

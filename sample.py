@@ -79,7 +79,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import finetune_sd
-from poison import PoisonError, atomic_output, caption, check_out, positive, save_grid, versions, write_folder
+from poison import (PoisonError, atomic_output, caption, check_out, finite, positive, save_grid, versions,
+                    write_folder)
 from train_ddpm import (autocast, autocast_dtype, barrier, diffusion_from_config, dtype_name, load_model,
                         read_config, resolve_device, setup_distributed)
 
@@ -572,11 +573,7 @@ def main(args):
         if args.grid:
             per = min(args.n, 8)
             pick = [j * args.n + k for j in range(len(jobs)) for k in range(per)]
-            # written beside it and renamed, as --out; the temporary name keeps the suffix PIL takes the format from
-            grid = Path(args.grid)
-            tmp = grid.with_name(f".tmp-{os.getpid()}-{grid.name}")
-            save_grid(images[pick], tmp, nrow=per)
-            os.replace(tmp, grid)
+            save_grid(images[pick], args.grid, nrow=per)
         print(json.dumps({"out": str(out), "images": len(labels), "groups": len(jobs), "classes": len(manifest["classes"]),
                           "family": family,
                           "sampler": args.sampler, "steps": manifest["steps"], "guidance": manifest["guidance"]}))
@@ -604,8 +601,8 @@ def build_parser():
     p.add_argument("--spacing", default=None, choices=list(DDPM_SPACINGS) + list(SD_SPACINGS),
                    help="timestep spacing (default for ddim: quadratic for the DDPM family, as the reference code; "
                         "the scheduler's for SD, leading with steps_offset 1 for SD v1; uniform for ddpm and sde)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default: 0)")
-    p.add_argument("--guidance", type=float, default=None,
+    p.add_argument("--eta", type=finite, default=0.0, help="DDIM eta (default: 0)")
+    p.add_argument("--guidance", type=finite, default=None,
                    help="DDPM family: w in eps = (1+w) eps_c - w eps_u (default: 5, the paper's); SD: s in "
                         "eps = eps_u + s (eps_c - eps_u) (default: 5); s = 1 + w")
     p.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=None,

@@ -38,6 +38,7 @@ of each stage in OUT/times.json. Stages that do not depend on each other (one pe
 """
 import argparse
 import json
+import math
 import os
 import re
 import shlex
@@ -875,11 +876,22 @@ def ratio_list(text):
     return ratios
 
 
+def weight(text):
+    """--guidance: a finite number (nan or inf would turn every generation to NaN)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a finite guidance weight, e.g. 5")
+    return value
+
+
 def weight_list(text):
     """--sweep: comma-separated guidance weights ('' for none)."""
     try:
-        return tuple(float(x) for x in text.split(",") if x)
-    except ValueError:
+        return tuple(weight(x) for x in text.split(",") if x)
+    except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of guidance weights, e.g. 1,2")
 
 
@@ -914,7 +926,7 @@ def build_parser():
                    help="optimizer steps of each model (train_ddpm.py --steps, finetune_sd.py --max-steps; default: "
                         "the scale's)")
     p.add_argument("--per-class", type=count, default=None, help="generations per class")
-    p.add_argument("--guidance", type=float, default=None,
+    p.add_argument("--guidance", type=weight, default=None,
                    help="the DDPM family's guidance weight w, SD's scale s (default: 5 for both, the paper's)")
     p.add_argument("--sweep", type=weight_list, default=None,
                    help="more guidance weights for the target class, comma-separated ('' for none; default 1,2; "

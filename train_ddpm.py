@@ -22,9 +22,9 @@ class names / target / p_t / poisoning ratio, the step), model.safetensors and e
 EMA weights by default); state.pt (everything needed to resume; loads with torch.load(weights_only=True));
 loss.jsonl (one line per --log-every steps; a fresh start empties it); samples/step_NNNNNNN.png (one row per
 class, EMA weights, DDIM preview); data/ when the poisoned set was built here. Every file is written to a temporary
-name and renamed, so a run killed mid-save keeps the previous checkpoint, and --force replaces an old model only at
-its first checkpoint. A non-finite loss or gradient stops the run with an error and leaves the last good checkpoint
-in place (with --dtype fp16 the loss scaler skips steps with inf/NaN gradients instead).
+name and renamed, so a run killed mid-save keeps the previous checkpoint, and --force replaces an old model, and its
+loss.jsonl, only at its first checkpoint. A non-finite loss or gradient stops the run with an error and leaves the
+last good checkpoint in place (with --dtype fp16 the loss scaler skips steps with inf/NaN gradients instead).
 
 Presets (--preset): cifar10 = the DDPM paper's CIFAR-10 U-Net (128 channels, multipliers 1,2,2,2, 2 res blocks,
 attention at 16x16, dropout 0.1; 35.7M parameters + the class embedding); small = a 0.65M-parameter U-Net that
@@ -721,7 +721,10 @@ def main(args):
         if step < hp["steps"] or setting_differences(saved, config):
             raise TrainingError(f"{out} holds a trained model (step {saved.get('step', 'unknown')}) but no state.pt "
                                 "to resume from: choose another --out, or pass --force to train a new one over it")
-    if rank == 0:
+    # --force over an older model: that model stays until the new one's first checkpoint, and so does its log (the
+    # new lines wait in memory), so a kill before then leaves the older run whole, weights and log together
+    held_log = [] if step == 0 and any((out / f).is_file() for f in ("state.pt", "model.safetensors")) else None
+    if rank == 0 and held_log is None:
         truncate_log(out / "loss.jsonl", step)  # at step 0 (a fresh start) this empties an earlier run's log
     if step >= hp["steps"]:
         if rank == 0:
@@ -823,9 +826,13 @@ def main(args):
             now = time.time()
             if rank == 0:
                 rate = (step - step_last) * hp["batch_size"] / max(1e-9, now - t_last)
-                with open(out / "loss.jsonl", "a") as f:
-                    f.write(json.dumps({"step": step, "loss": round(mean_loss, 6), "lr": lr,
-                                        "images_per_s": round(rate, 1), "time": round(now, 3)}) + "\n")
+                line = json.dumps({"step": step, "loss": round(mean_loss, 6), "lr": lr,
+                                   "images_per_s": round(rate, 1), "time": round(now, 3)}) + "\n"
+                if held_log is not None:
+                    held_log.append(line)
+                else:
+                    with open(out / "loss.jsonl", "a") as f:
+                        f.write(line)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.0f}")
             log_loss.zero_()
             log_n, t_last, step_last = 0, now, step
@@ -833,6 +840,9 @@ def main(args):
             barrier()
             if rank == 0:
                 save_checkpoint(out, step, model, ema, optimizer, scaler, config)
+                if held_log is not None:  # the new model is in place: its log replaces the older one's
+                    replace_file(out / "loss.jsonl", lambda p: p.write_text("".join(held_log)))
+                    held_log = None
                 if args.preview_per_class:
                     # without label dropout the null class never trained: preview the plain conditional model
                     guidance = args.preview_guidance if args.label_dropout > 0 else 0.0
@@ -860,8 +870,8 @@ def build_parser():
                                                 "poisoning flags below into OUT/data)")
     p.add_argument("--preset", default="small", help="cifar10, small or tiny (default: small)")
     p.add_argument("--force", action="store_true",
-                   help="start over: ignore state.pt, empty loss.jsonl, rebuild OUT/data if its poisoning differs "
-                        "(the old model's files are replaced at the first checkpoint)")
+                   help="start over: ignore state.pt, rebuild OUT/data if its poisoning differs (the old model's "
+                        "files and loss.jsonl are replaced at the first checkpoint)")
     g = p.add_argument_group("U-Net (default: the preset's)")
     g.add_argument("--channels", type=positive(int), default=None)
     g.add_argument("--channel-mult", type=int_tuple, default=None, help="e.g. 1,2,2,2")

@@ -255,6 +255,10 @@ def test_bad_input(colors, digits, tmp_path):
         classify.train_classifier(tmp_path / "nothing", tmp_path / "x", arch="smallcnn", progress=False)
     with pytest.raises(ClassifyError, match="unknown --arch"):
         classify.build_model("resnet9", 3, SIDE)
+    # an input the small CNN's two max-pools would shrink to nothing (a traceback inside the network before)
+    with pytest.raises(ClassifyError, match="smallcnn needs inputs of at least 4 px, got 3: pass --input-size 4"):
+        classify.train_classifier(colors / "train", tmp_path / "x", arch="smallcnn", input_size=3, progress=False)
+    assert not (tmp_path / "x").exists()
     # a set without a trigger has no trigger detector
     with pytest.raises(ClassifyError, match="no trigger"):
         classify.train_trigger_detector(colors / "train", tmp_path / "d", arch="smallcnn", progress=False)

@@ -531,6 +531,25 @@ def test_cosine_schedule_is_not_extended(data, tmp_path, capsys):
     assert [json.loads(line)["step"] for line in (out / "loss.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
 
 
+def test_force_keeps_the_older_run_until_its_first_checkpoint(data, tmp_path, monkeypatch):
+    """--force over a trained model, killed before its first checkpoint: the older model and its log stay together."""
+    out = tmp_path / "run"
+    train_ddpm.main(tiny_args(out, data, "--steps", 2, "--preview-per-class", 0))
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert before["loss.jsonl"].count(b"\n") == 2
+
+    def die(*a):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train_ddpm, "save_checkpoint", die)
+    with pytest.raises(KeyboardInterrupt):
+        train_ddpm.main(tiny_args(out, data, "--steps", 3, "--lr", 5e-3, "--force", "--preview-per-class", 0))
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    train_ddpm.main(tiny_args(out, data, "--steps", 3, "--lr", 5e-3, "--force", "--preview-per-class", 0))
+    assert [json.loads(line)["step"] for line in (out / "loss.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert json.loads((out / "config.json").read_text())["training"]["lr"] == 5e-3
+
+
 def test_fresh_start_empties_the_log_and_half_lines_are_dropped(data, tmp_path, monkeypatch):
     out = tmp_path / "run"
 
@@ -674,7 +693,7 @@ def test_generations_folder_contract(model_dir, data, tmp_path):
     assert not (tmp_path / "two").exists()
     run_sample(model_dir, tmp_path / "two", "--class", "0", "--n", 1, "--steps", 2, "--grid", tmp_path / "g.png",
                "--force")
-    assert (tmp_path / "g.png").read_bytes() != grid and not list(tmp_path.glob(".tmp-*"))
+    assert (tmp_path / "g.png").read_bytes() != grid and not list(tmp_path.glob(".*tmp-*"))
 
 
 def test_bf16_on_the_cpu_follows_fp32(model_dir, tmp_path):

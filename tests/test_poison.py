@@ -646,6 +646,20 @@ def test_positive_type():
             P.positive(kind)(text)
 
 
+@pytest.mark.parametrize("argv", [
+    ["sample.py", "--model", "m", "--out", "o", "--guidance", "nan"],  # was: every image NaN, written as black
+    ["sample.py", "--model", "m", "--out", "o", "--eta", "inf"],
+    ["study.py", "--guidance", "inf"],
+    ["study.py", "--sweep", "1,nan"],
+])
+def test_guidance_weights_must_be_finite(argv, capsys):
+    import importlib
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(argv[0][:-3]).build_parser().parse_args(argv[1:])
+    assert e.value.code == 2 and re.search(f"argument {argv[-2]}: .*(finite|guidance weights)", capsys.readouterr().err)
+    assert P.finite("-0.5") == -0.5  # negative weights stay allowed: w = -1 is unconditional sampling
+
+
 def test_out_never_replaces_an_input(tmp_path):
     """--out that is an input, or a folder holding one, is refused even with --force (which would delete it); an
     --out inside an input's folder is allowed (a model folder's own samples/), as are non-path inputs."""
@@ -748,3 +762,8 @@ def test_a_killed_runs_temporary_output_is_removed_by_the_next(tmp_path):
     P.replace_file(tmp_path / "ckpt.pt", lambda p: p.write_text("whole"))
     assert not any(p.exists() for p in stale) and all(k.is_dir() for k in kept)
     assert (tmp_path / "out" / "x").read_text() == "new" and (tmp_path / "ckpt.pt").read_text() == "whole"
+    # a PNG grid (sample.py --grid, the previews) goes the same way, its temporary name without the .png suffix
+    (tmp_path / f".g.png.tmp-{dead.pid}@{host}").write_bytes(b"partial")
+    P.save_grid(np.zeros((2, 4, 4, 3), np.uint8), tmp_path / "g.png")
+    assert [p.name for p in tmp_path.glob("*g.png*")] == ["g.png"]
+    assert Image.open(tmp_path / "g.png").format == "PNG"
