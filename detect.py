@@ -294,18 +294,22 @@ def fct_params(n, size, seed=0, degrees=FCT_DEGREES, translate=FCT_TRANSLATE):
 
 
 def fct_transform(x, angles, shifts):
-    """Rotate each image about its centre by angles[i] degrees, then shift it by shifts[i] = (dx, dy) px: nearest
-    neighbour, zeros outside (torchvision's RandomRotation then RandomAffine(translate) on PIL images).
-    x: (N, 3, H, W) float. Output pixel p (from the centre) reads input pixel R(-angle)(p - shift)."""
+    """Rotate each image about its centre by angles[i] degrees (counter-clockwise, as torchvision), then shift it by
+    shifts[i] = (dx, dy) px: nearest neighbour, zeros outside, as torchvision's RandomRotation then
+    RandomAffine(translate) on PIL images: two resamplings, so the corners the rotation empties stay empty when shifted.
+    x: (N, 3, H, W) float."""
     n, _, h, w = x.shape
     a = torch.deg2rad(angles.to(torch.float64))
-    cos, sin = a.cos(), a.sin()
+    cos, sin, zero, one = a.cos(), a.sin(), torch.zeros(n, dtype=torch.float64), torch.ones(n, dtype=torch.float64)
     tx, ty = shifts[:, 0].to(torch.float64), shifts[:, 1].to(torch.float64)
     sx, sy = w / 2, h / 2                               # pixels -> affine_grid's [-1, 1] coordinates
-    theta = torch.stack([torch.stack([cos, sin * sy / sx, -(cos * tx + sin * ty) / sx], 1),
-                         torch.stack([-sin * sx / sy, cos, -(-sin * tx + cos * ty) / sy], 1)], 1)  # (N, 2, 3)
-    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    # output pixel p (from the centre, y down) reads input pixel R p for the rotation, p - shift for the shift
+    rotate = torch.stack([torch.stack([cos, -sin * sy / sx, zero], 1), torch.stack([sin * sx / sy, cos, zero], 1)], 1)
+    shift = torch.stack([torch.stack([one, zero, -tx / sx], 1), torch.stack([zero, one, -ty / sy], 1)], 1)
+    for theta in (rotate, shift):
+        grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return x
 
 
 @torch.no_grad()

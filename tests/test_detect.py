@@ -234,6 +234,20 @@ def test_fct_transform_geometry():
     expected = torch.zeros_like(x)
     expected[:, :, :-1, 2:] = x[:, :, 1:, :-2]
     torch.testing.assert_close(shifted, expected)
+    # against torchvision's RandomRotation then RandomAffine(translate), on PIL images as the FCT reference code
+    import torchvision.transforms.functional as TF
+    from PIL import Image
+    from torchvision.transforms import InterpolationMode
+    for side in ((16, 16), (12, 20)):
+        x = torch.randint(0, 256, (20, 3, *side)).float() / 255
+        angles, shifts = D.fct_params(20, side, seed=sum(side))
+        got = D.fct_transform(x, angles, shifts)
+        for i in range(20):
+            img = Image.fromarray((x[i] * 255).round().byte().permute(1, 2, 0).numpy())
+            img = TF.rotate(img, float(angles[i]), interpolation=InterpolationMode.NEAREST)
+            img = TF.affine(img, angle=0.0, translate=[int(shifts[i, 0]), int(shifts[i, 1])], scale=1.0, shear=[0.0],
+                            interpolation=InterpolationMode.NEAREST)
+            assert torch.equal((got[i] * 255).round().byte(), torch.from_numpy(np.array(img)).permute(2, 0, 1)), i
     angles, shifts = D.fct_params(1000, (20, 10), seed=0)
     assert angles.abs().max() <= 180 and angles.min() < -170 and angles.max() > 170
     assert shifts[:, 0].abs().max() == 2 and shifts[:, 1].abs().max() == 4  # round(0.2 * side), integers

@@ -347,6 +347,29 @@ def test_fid_between_filters_non_target_and_matches_statistics(tmp_path):
     assert r["fid"] == pytest.approx(direct_frechet(*stats[0], *stats[1]), rel=1e-5)
 
 
+def test_fid_inception_matches_pytorch_fid(monkeypatch):
+    """Our FID Inception against pytorch-fid's (a test-only oracle; the FID papers' network) loaded with the same
+    random weights and statistics: 2048-d features of images in [0, 1], resized to 299 px inside both."""
+    import pytorch_fid.inception as reference
+    torch.manual_seed(3)
+    ours = dissect.FIDInception().eval()
+    for p in ours.parameters():
+        p.data.normal_(0, 0.05)
+    for name, b in ours.named_buffers():
+        if name.endswith("running_var"):
+            b.data.uniform_(0.5, 1.5)
+        elif name.endswith("running_mean"):
+            b.data.normal_(0, 0.1)
+    monkeypatch.setattr(reference, "load_state_dict_from_url", lambda *a, **k: ours.net.state_dict())
+    ref = reference.InceptionV3([reference.InceptionV3.BLOCK_INDEX_BY_DIM[2048]], resize_input=True,
+                                normalize_input=True, use_fid_inception=True).eval()
+    x = torch.rand(3, 3, 32, 24)
+    with torch.no_grad():
+        a, b = ours(x), ref(x)[0].flatten(1)
+    assert a.shape == b.shape == (3, dissect.FID_DIMS)
+    assert ((a - b).norm() / b.norm()).item() < 1e-5
+
+
 def test_fid_inception_key_layout_and_weights_messages(tmp_path, monkeypatch):
     sd = torchvision.models.inception.Inception3(num_classes=1008, aux_logits=False, init_weights=False).state_dict()
     torch.save(sd, tmp_path / "incep.pth")

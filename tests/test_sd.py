@@ -151,6 +151,38 @@ def test_diffusers_folder_parity(tiny):
     check_parity(sd, tiny["unet"], tiny["vae"], tiny["text"], sd.tokenizer)
 
 
+def test_unet_gradients_match_diffusers(tiny):
+    """Fine-tuning backpropagates through our U-Net (with gradient checkpointing, as finetune_sd.py trains): the
+    latent's, the context's and every parameter's gradient against diffusers' on the same weights, in float64 so
+    that gradients near zero compare by relative error too."""
+    import copy
+    sd = S.load_sd(tiny["folder"])
+    ref = copy.deepcopy(tiny["unet"]).train().double()
+    g = torch.Generator().manual_seed(11)
+    x, ctx = (torch.randn(shape, generator=g, dtype=torch.float64) for shape in ((2, 4, 12, 10), (2, 77, 128)))
+    t = torch.tensor([3, 917])
+    xb, cb = x.clone().requires_grad_(), ctx.clone().requires_grad_()
+    b = ref(xb, t, cb).sample
+    dy = torch.randn(b.shape, generator=g, dtype=torch.float64)
+    names = [n for n, _ in ref.named_parameters()]
+    gb = dict(zip(["x", "context", *names], torch.autograd.grad(b, [xb, cb, *ref.parameters()], dy)))
+    # zero in exact arithmetic: a key bias shifts all of a query's logits alike, and the last attention's output
+    # bias feeds conv_norm_out, whose groups hold one channel each here (32 groups of 32 channels)
+    zero = [n for n in names if n.endswith("to_k.bias")] + ["up_blocks.2.attentions.2.proj_out.bias"]
+    for checkpointing in (False, True):
+        unet = copy.deepcopy(sd.unet).double().train().requires_grad_(True).set_gradient_checkpointing(checkpointing)
+        xa, ca = x.clone().requires_grad_(), ctx.clone().requires_grad_()
+        a = unet(xa, t, ca)
+        assert rel_err(a, b) < 1e-12
+        params = dict(unet.named_parameters())
+        ga = dict(zip(["x", "context", *names], torch.autograd.grad(a, [xa, ca, *(params[n] for n in names)], dy)))
+        for name, want in gb.items():
+            if name in zero:
+                assert max(ga[name].norm(), want.norm()) < 1e-10 * gb["x"].norm(), name
+            else:
+                assert rel_err(ga[name], want) < 1e-10, (checkpointing, name)
+
+
 def test_diffusers_folder_old_vae_attention_names(tiny, tmp_path):
     """Old diffusers folders (SD v1.4's own on the Hub) name the VAE attention query/key/value/proj_attn."""
     import shutil
@@ -374,6 +406,31 @@ def test_guided_ddim_sampling_matches_diffusers_loop(tiny):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Fine-tuning
+
+def test_diffusion_loss_is_ldm_eq_2():
+    """diffusion_loss against its formula, the random draws replayed: z0 = (mean + exp(logvar / 2) e1) * scale,
+    z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps, loss = mean (eps - unet(z_t, t, c))^2."""
+    g = torch.Generator().manual_seed(7)
+    posterior, context = torch.randn(3, 8, 4, 6, generator=g), torch.randn(3, 77, 16, generator=g)
+    abar = torch.cumprod(1 - torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2, 0)
+    seen = {}
+
+    def unet(zt, t, c):  # any function of all three inputs
+        seen.update(zt=zt, t=t)
+        return torch.tanh(zt) * 0.7 + c.mean() + t.view(-1, 1, 1, 1) / 1000
+    got = S.diffusion_loss(unet, posterior, context, abar, torch.Generator().manual_seed(3), S.VAE_SCALE)
+    g = torch.Generator().manual_seed(3)
+    mean, logvar = posterior[:, :4], posterior[:, 4:]
+    z0 = (mean.double() + (0.5 * logvar.double()).exp() * torch.randn(mean.shape, generator=g)) * S.VAE_SCALE
+    eps = torch.randn(z0.shape, generator=g).double()
+    t = torch.randint(0, 1000, (3,), generator=g)
+    assert torch.equal(seen["t"], t)
+    a = abar[t].view(-1, 1, 1, 1)
+    zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
+    assert rel_err(seen["zt"], zt) < 1e-6
+    want = ((eps - unet(zt, t, context.double())) ** 2).mean()
+    assert abs(got.item() / want.item() - 1) < 1e-6
+
 
 def test_training_steps_lower_the_loss(tiny):
     sd = S.load_sd(tiny["folder"])
