@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import detect as D
@@ -252,6 +253,51 @@ def test_fct_transform_geometry():
     assert angles.abs().max() <= 180 and angles.min() < -170 and angles.max() > 170
     assert shifts[:, 0].abs().max() == 2 and shifts[:, 1].abs().max() == 4  # round(0.2 * side), integers
     assert torch.equal(shifts, shifts.round())
+
+
+def test_cd_masks_follow_the_reference_loop():
+    """cd_masks against Cognitive Distillation's loop written out with a hand-made Adam: theta = 1, m = (tanh theta +
+    1) / 2, x_adv = x m + (1 - m) r, loss = mean_k |f(x_adv) - f(x)|_k + gamma |m|_1 + beta TV(m), Adam(lr 0.1,
+    betas (0.1, 0.1), eps 1e-8); random linear model and images, float64."""
+    torch.manual_seed(4)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 6 * 5, 4)).double()
+    x = torch.rand(3, 3, 6, 5, dtype=torch.float64)
+    steps = 12
+    colors = D.cd_colors(3, steps, seed=9).double()
+    got = D.cd_masks(model, x, colors)
+    theta, first, second = torch.ones(3, 1, 6, 5, dtype=torch.float64), 0.0, 0.0
+    with torch.no_grad():
+        clean = model(x)
+    for k in range(1, steps + 1):
+        theta.requires_grad_(True)
+        m = (torch.tanh(theta) + 1) / 2
+        x_adv = x * m + (1 - m) * colors[:, k - 1, :, None, None]
+        tv = ((m[..., 1:, :] - m[..., :-1, :]) ** 2).sum((1, 2, 3)) + ((m[..., 1:] - m[..., :-1]) ** 2).sum((1, 2, 3))
+        loss = ((model(x_adv) - clean).abs().mean(1) + 0.01 * m.sum((1, 2, 3)) + 1.0 * tv / (6 * 5)).sum()
+        grad, = torch.autograd.grad(loss, theta)
+        theta = theta.detach()
+        first = 0.1 * first + 0.9 * grad
+        second = 0.1 * second + 0.9 * grad ** 2
+        theta -= 0.1 * (first / (1 - 0.1 ** k)) / ((second / (1 - 0.1 ** k)).sqrt() + 1e-8)
+    want = (torch.tanh(theta) + 1) / 2
+    assert ((got - want).norm() / want.norm()).item() < 1e-10
+    assert (got - 0.88).abs().max() > 0.05  # the masks moved from their start
+
+
+def test_intra_class_loss_against_a_loop():
+    """L_intra on random features of 5 classes against the definition, and its gradient (FCT fine-tunes with it)."""
+    torch.manual_seed(6)
+    f = torch.randn(40, 7, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 5, (40,))
+    y[:5] = torch.arange(5)
+    centres = [F.normalize(f[y == c].mean(0), dim=0) for c in range(5)]
+    want = sum(centres[i] @ centres[j] for i in range(5) for j in range(5) if i != j) / 25
+    got = D.intra_class_loss(f, y)
+    assert abs(got.item() / want.item() - 1) < 1e-12
+    g_got, = torch.autograd.grad(got, f)
+    g_want, = torch.autograd.grad(want, f)
+    assert ((g_got - g_want).norm() / g_want.norm()).item() < 1e-12
+    assert torch.autograd.gradcheck(lambda t: D.intra_class_loss(t, y), (f,))
 
 
 def test_intra_class_loss():

@@ -222,6 +222,28 @@ def test_proxy_is_labelled(data, tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_copy_detection_preprocess_is_the_references():
+    """Somepalli et al.'s transform on PIL images (Resize(256), CenterCrop(224), ToTensor, Normalize(0.5, 0.5)) as
+    the reference: the same up to one level of 255 where PIL and torch round a downscaled pixel differently."""
+    import torchvision.transforms as T
+    from PIL import Image
+    ref = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
+    rng = np.random.default_rng(8)
+    for shape in ((16, 16), (40, 60), (300, 500)):
+        image = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+        got, want = R.copy_detection_preprocess(torch.from_numpy(image).permute(2, 0, 1)), ref(Image.fromarray(image))
+        assert got.shape == want.shape == (3, 224, 224)
+        assert ((got - want).norm() / want.norm()).item() < 1e-2 and (got - want).abs().max() <= 2 / 255 + 1e-6
+
+
+def test_gem_pooling():
+    x = torch.rand(2, 5, 4, 3, dtype=torch.float64) + 0.01
+    want = (x ** 3).mean((2, 3)) ** (1 / 3)
+    assert ((R.GeM()(x) - want).norm() / want.norm()).item() < 1e-12
+    assert torch.allclose(R.GeM(p=1)(x), F.adaptive_avg_pool2d(x, 1).flatten(1), rtol=1e-12, atol=0)
+    assert (R.GeM()(-x) > 0).all()  # negative activations are clamped to eps, as SSCD's GeM
+
+
 def test_sscd_torchscript_file(data, tmp_path):
     class TinyCopyDetector(nn.Module):  # SSCD's interface: (B, 3, 224, 224) -> (B, 512), L2-normalised
         def __init__(self):
