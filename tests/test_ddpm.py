@@ -320,6 +320,14 @@ def test_sde_update_formula():
     beta_s = 1 - abar[s].item() / abar[s - 1].item()
     x2 = x1 + (s + 1) * beta_s * (0.5 * x1 - fake_eps(x1, s) / math.sqrt(1 - abar[s].item()))  # last: no noise
     torch.testing.assert_close(out, x2)
+    # clip_x0: the score comes from x0_hat clipped to [-1, 1] (some x0_hat lie outside, some inside)
+    x = torch.linspace(-0.6, 0.6, 6).view(3, 2)
+    out = sample.sde(fake_eps, x.clone(), abar, [t], lambda: z, clip_x0=True)
+    a = abar[t].item()
+    x0 = ((x - math.sqrt(1 - a) * fake_eps(x, t)) / math.sqrt(a))
+    assert (x0.abs() > 1).any() and (x0.abs() < 1).any()
+    eps = (x - math.sqrt(a) * x0.clamp(-1, 1)) / math.sqrt(1 - a)
+    torch.testing.assert_close(out, x + (t + 1) * beta * (0.5 * x - eps / math.sqrt(1 - a)))
 
 
 @pytest.mark.parametrize("name,steps,spacing", [("ddpm", 1000, "uniform"), ("ddim", 50, "quadratic"),

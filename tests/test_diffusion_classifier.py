@@ -194,6 +194,28 @@ def test_the_paired_noise_and_timesteps_are_shared_across_classes():
     assert not torch.equal(noise[0, 0], noise[0, 1]) and not torch.equal(noise[0], noise[1])
 
 
+@pytest.mark.parametrize("loss", ["l2", "l1"])
+def test_denoising_errors_are_li_et_als(loss):
+    """Each query's error against its formula: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (train_ddpm's q_sample),
+    err = mean of (eps - eps_theta(x_t, t, c))^2 (l2) or |.| (l1), and with the top 10% dropped the mean of the
+    smallest 90% (Li et al.'s filter)."""
+    torch.manual_seed(2)
+    d = train_ddpm.Diffusion()
+    x0, noise = torch.rand(2, 3, 4, 5) * 2 - 1, torch.randn(2, 3, 3, 4, 5)
+    ts = torch.tensor([100, 500, 900])
+
+    def eps_fn(x, t, c):
+        return torch.tanh(x) * 0.8 + c.view(-1, 1, 1, 1) * 0.2 + t.view(-1, 1, 1, 1) / 1000
+    q = torch.tensor([[0, 0, 0], [1, 2, 1], [0, 1, 2], [1, 0, 2]])
+    got = classify.denoising_errors(eps_fn, x0, noise, d.alphas_cumprod, ts, q, [0, 6], loss=loss)
+    for row, (b, c, k) in zip(got, q.tolist()):
+        x_t = d.q_sample(x0[b:b + 1], ts[k:k + 1], noise[b:b + 1, k])
+        diff = (noise[b, k] - eps_fn(x_t, ts[k:k + 1], torch.tensor([c]))[0]).double().flatten()
+        err = diff.square() if loss == "l2" else diff.abs()
+        want = [err.mean(), err.sort().values[:54].mean()]  # 60 entries: drop the largest 6
+        assert torch.allclose(row, torch.stack(want), rtol=1e-6, atol=0)
+
+
 def test_batched_equals_the_per_class_loop_with_and_without_pruning(toy):
     model, config = train_ddpm.load_model(toy / "ddpm")
     den = classify.ddpm_denoiser(model, config)

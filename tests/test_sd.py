@@ -183,6 +183,22 @@ def test_unet_gradients_match_diffusers(tiny):
                 assert rel_err(ga[name], want) < 1e-10, (checkpointing, name)
 
 
+def test_unet_through_the_triton_kernels(tiny, monkeypatch):
+    """The SD U-Net with its GroupNorm and attention layers on kernels/' Triton path (interpreted on the CPU, as
+    CUDA runs them) against diffusers."""
+    from kernels.group_norm import _gn_fwd_apply_kernel, _is_interpreted
+    if not _is_interpreted(_gn_fwd_apply_kernel) and not torch.cuda.is_available():
+        pytest.skip("the Triton path needs TRITON_INTERPRET=1 before triton was first imported, or CUDA")
+    sd = S.load_sd(tiny["folder"])
+    g = torch.Generator().manual_seed(12)
+    x, ctx, t = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 128, generator=g), torch.tensor([421])
+    monkeypatch.setenv("KERNELS_IMPL", "triton")
+    with torch.no_grad():
+        got = sd.unet(x, t, ctx)
+        want = tiny["unet"](x, t, ctx).sample
+    assert rel_err(got, want) < 1e-4
+
+
 def test_diffusers_folder_old_vae_attention_names(tiny, tmp_path):
     """Old diffusers folders (SD v1.4's own on the Hub) name the VAE attention query/key/value/proj_attn."""
     import shutil
