@@ -11,7 +11,7 @@ $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
-# the test-only extras (pytest; diffusers, the reference oracle) on top
+# the test-only extras (pytest; diffusers and pytorch-fid, the reference oracles) on top
 $(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
 	$(PY) -m pip install -q -r requirements-test.txt
 	touch $@

@@ -298,9 +298,9 @@ def fct_transform(x, angles, shifts):
     shifts[i] = (dx, dy) px: nearest neighbour, zeros outside, as torchvision's RandomRotation then
     RandomAffine(translate) on PIL images: two resamplings, so the corners the rotation empties stay empty when shifted.
     x: (N, 3, H, W) float."""
-    n, _, h, w = x.shape
+    h, w = x.shape[-2:]
     a = torch.deg2rad(angles.to(torch.float64))
-    cos, sin, zero, one = a.cos(), a.sin(), torch.zeros(n, dtype=torch.float64), torch.ones(n, dtype=torch.float64)
+    cos, sin, zero, one = a.cos(), a.sin(), torch.zeros_like(a), torch.ones_like(a)
     tx, ty = shifts[:, 0].to(torch.float64), shifts[:, 1].to(torch.float64)
     sx, sy = w / 2, h / 2                               # pixels -> affine_grid's [-1, 1] coordinates
     # output pixel p (from the centre, y down) reads input pixel R p for the rotation, p - shift for the shift

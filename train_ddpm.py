@@ -428,8 +428,9 @@ def plain_state(module):
     return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
 
 
-def save_checkpoint(out, step, model, ema, optimizer, scaler, config):
-    """state.pt first (the resume point), then the exported model folder; each file replaced atomically."""
+def save_checkpoint(out, step, model, ema, optimizer, scaler, config, log_lines=None):
+    """state.pt first (the resume point), then the exported model folder; each file replaced atomically. log_lines:
+    a new run's loss.jsonl lines, held while an older run's log stood (--force), written right after state.pt."""
     out = Path(out)
     config = {**config, "step": step}
     # the whole config travels with the weights (a JSON string, as unet and diffusion: exactly what config.json
@@ -439,6 +440,8 @@ def save_checkpoint(out, step, model, ema, optimizer, scaler, config):
              "unet": json.dumps(config["unet"]), "diffusion": json.dumps(config["diffusion"]),
              "config": json.dumps(config)}
     replace_file(out / "state.pt", lambda p: torch.save(state, p))
+    if log_lines is not None:
+        replace_file(out / "loss.jsonl", lambda p: p.write_text("".join(log_lines)))
     meta = {"step": str(step), "format": "pt"}
     replace_file(out / "model.safetensors", lambda p: save_safetensors(state["model"], p, metadata=meta))
     replace_file(out / "ema.safetensors", lambda p: save_safetensors(state["ema"], p, metadata=meta))
@@ -728,6 +731,12 @@ def main(args):
         truncate_log(out / "loss.jsonl", step)  # at step 0 (a fresh start) this empties an earlier run's log
     if step >= hp["steps"]:
         if rank == 0:
+            exported = read_config(out).get("step") if config_path.is_file() else None
+            if saved_step is not None and (exported != step or not all(
+                    (out / f).is_file() for f in ("model.safetensors", "ema.safetensors"))):
+                # killed in its last checkpoint after state.pt: the exported model is an older step's, or missing
+                save_checkpoint(out, step, model, ema, optimizer, scaler, config)
+                print(f"{out}: the model files of step {step} exported again from state.pt")
             print(f"{out} is already trained for {step} steps (--steps {hp['steps']}): nothing to do")
         return {"out": str(out), "step": step}
 
@@ -839,10 +848,8 @@ def main(args):
         if saving:
             barrier()
             if rank == 0:
-                save_checkpoint(out, step, model, ema, optimizer, scaler, config)
-                if held_log is not None:  # the new model is in place: its log replaces the older one's
-                    replace_file(out / "loss.jsonl", lambda p: p.write_text("".join(held_log)))
-                    held_log = None
+                save_checkpoint(out, step, model, ema, optimizer, scaler, config, log_lines=held_log)
+                held_log = None  # the new model's resume point is in place, and its log beside it
                 if args.preview_per_class:
                     # without label dropout the null class never trained: preview the plain conditional model
                     guidance = args.preview_guidance if args.label_dropout > 0 else 0.0

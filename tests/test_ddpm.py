@@ -443,8 +443,8 @@ def test_resume_continues_exactly(data, tmp_path, monkeypatch, capsys):
     interrupted = tmp_path / "interrupted"
     real_save = train_ddpm.save_checkpoint
 
-    def save_then_die(out, step, *a):
-        real_save(out, step, *a)
+    def save_then_die(out, step, *a, **k):
+        real_save(out, step, *a, **k)
         raise KeyboardInterrupt  # killed right after the step-3 checkpoint
     monkeypatch.setattr(train_ddpm, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
@@ -659,29 +659,42 @@ def test_cosine_schedule_is_not_extended(data, tmp_path, capsys):
     assert [json.loads(line)["step"] for line in (out / "loss.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
 
 
-def test_force_keeps_the_older_run_until_its_first_checkpoint(data, tmp_path, monkeypatch):
+def test_force_keeps_the_older_run_until_its_first_checkpoint(data, tmp_path, monkeypatch, capsys):
     """--force over a trained model, killed before its first checkpoint: the older model and its log stay together."""
     out = tmp_path / "run"
     train_ddpm.main(tiny_args(out, data, "--steps", 2, "--preview-per-class", 0))
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     assert before["loss.jsonl"].count(b"\n") == 2
 
-    def die(*a):
+    def die(*a, **k):
         raise KeyboardInterrupt
     monkeypatch.setattr(train_ddpm, "save_checkpoint", die)
     with pytest.raises(KeyboardInterrupt):
         train_ddpm.main(tiny_args(out, data, "--steps", 3, "--lr", 5e-3, "--force", "--preview-per-class", 0))
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
-    train_ddpm.main(tiny_args(out, data, "--steps", 3, "--lr", 5e-3, "--force", "--preview-per-class", 0))
+    # killed mid-checkpoint, after state.pt: the new run's log is already beside it, and a rerun resumes that run
+    monkeypatch.setattr(train_ddpm, "save_safetensors", die)
+    with pytest.raises(KeyboardInterrupt):
+        train_ddpm.main(tiny_args(out, data, "--steps", 3, "--lr", 5e-3, "--force", "--preview-per-class", 0))
+    monkeypatch.undo()
+    log = [json.loads(line) for line in (out / "loss.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in log] == [1, 2, 3] and log[0]["lr"] == 5e-3  # the new run's (the older one: 1e-3)
+    assert json.loads((out / "config.json").read_text())["training"]["lr"] == 1e-3  # the older model's files
+    train_ddpm.main(tiny_args(out, data, "--steps", 3, "--lr", 5e-3, "--preview-per-class", 0))  # no --force
+    assert "exported again from state.pt" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert config["training"]["lr"] == 5e-3 and config["step"] == 3
+    saved = torch.load(out / "state.pt", weights_only=True)
+    from safetensors.torch import load_file
+    assert all(torch.equal(v, saved["ema"][k]) for k, v in load_file(out / "ema.safetensors").items())
     assert [json.loads(line)["step"] for line in (out / "loss.jsonl").read_text().splitlines()] == [1, 2, 3]
-    assert json.loads((out / "config.json").read_text())["training"]["lr"] == 5e-3
 
 
 def test_fresh_start_empties_the_log_and_half_lines_are_dropped(data, tmp_path, monkeypatch):
     out = tmp_path / "run"
 
-    def die(*a):
+    def die(*a, **k):
         raise KeyboardInterrupt  # killed at the first checkpoint, before anything was saved
     monkeypatch.setattr(train_ddpm, "save_checkpoint", die)
     with pytest.raises(KeyboardInterrupt):
@@ -711,7 +724,7 @@ def test_built_poisoned_set_is_checked_before_the_first_checkpoint(tmp_path, mon
         return train_ddpm.build_parser().parse_args(
             ["--out", str(out), "--dataset", "digits", "--resolution", str(RES), "--preset", "tiny", "--steps", "2",
              "--preview-per-class", "0", "--device", "cpu", "--workers", "2", *map(str, extra)])
-    def die(*a):
+    def die(*a, **k):
         raise KeyboardInterrupt  # killed at the first checkpoint, before anything was saved
     monkeypatch.setattr(train_ddpm, "save_checkpoint", die)
     with pytest.raises(KeyboardInterrupt):

@@ -350,7 +350,7 @@ def test_fid_between_filters_non_target_and_matches_statistics(tmp_path):
 def test_fid_inception_matches_pytorch_fid(monkeypatch):
     """Our FID Inception against pytorch-fid's (a test-only oracle; the FID papers' network) loaded with the same
     random weights and statistics: 2048-d features of images in [0, 1], resized to 299 px inside both."""
-    import pytorch_fid.inception as reference
+    reference = pytest.importorskip("pytorch_fid.inception")
     torch.manual_seed(3)
     ours = dissect.FIDInception().eval()
     for p in ours.parameters():

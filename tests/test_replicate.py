@@ -221,7 +221,6 @@ def test_proxy_is_labelled(data, tmp_path, monkeypatch, capsys):
     assert "warning: no ImageNet ResNet-50 weights" in capsys.readouterr().err
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 def test_copy_detection_preprocess_is_the_references():
     """Somepalli et al.'s transform on PIL images (Resize(256), CenterCrop(224), ToTensor, Normalize(0.5, 0.5)) as
     the reference: the same up to one level of 255 where PIL and torch round a downscaled pixel differently."""
@@ -244,6 +243,7 @@ def test_gem_pooling():
     assert (R.GeM()(-x) > 0).all()  # negative activations are clamped to eps, as SSCD's GeM
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 def test_sscd_torchscript_file(data, tmp_path):
     class TinyCopyDetector(nn.Module):  # SSCD's interface: (B, 3, 224, 224) -> (B, 512), L2-normalised
         def __init__(self):
