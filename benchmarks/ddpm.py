@@ -53,7 +53,7 @@ class DiffusersUNet(nn.Module):
             down_block_types=tuple(down), up_block_types=tuple(up), attention_head_dim=cfg.head_channels,
             norm_num_groups=cfg.norm_groups, norm_eps=cfg.norm_eps, dropout=cfg.dropout, flip_sin_to_cos=True,
             freq_shift=0, resnet_time_scale_shift="scale_shift" if cfg.scale_shift_norm else "default",
-            num_class_embeds=cfg.num_classes + 1)
+            num_class_embeds=cfg.num_classes + 1, attn_norm_num_groups=cfg.norm_groups)  # the middle's norm too
 
     def forward(self, x, t, y):
         return self.unet(x, t, class_labels=y).sample
