@@ -1,4 +1,5 @@
-"""Small builders shared by test modules (pytest puts tests/ on sys.path: `from helpers import ...`)."""
+"""Small builders and the relative error shared by test modules (pytest puts tests/ on sys.path:
+`from helpers import ...`)."""
 import numpy as np
 from PIL import Image
 
@@ -17,3 +18,8 @@ def poisoned_random_folder(root, per_class, side=32, classes=3, ratio=0.2):
     poison(root / "poisoned", dataset=f"folder:{root / 'src'}", target="c0", resolution=side, ratio=ratio, force=True,
            quiet=True, workers=1)
     return root / "poisoned"
+
+
+def rel_err(got, ref):
+    """||got - ref|| / ||ref|| in float64, over whole tensors: the comparison every reference check uses."""
+    return ((got.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()

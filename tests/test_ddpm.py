@@ -16,6 +16,7 @@ import torch
 
 import sample
 import train_ddpm
+from helpers import rel_err
 from poison import PoisonError, load_folder, poison
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -171,10 +172,6 @@ def test_unet_matches_diffusers_unet2dmodel(preset, res, scale_shift):
             assert g is None or g.abs().max() < 1e-6 and ga[name].abs().max() < 1e-6, name
         else:
             assert rel_err(ga[name], g) < 1e-4, name
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def test_attention_block_is_multi_head_self_attention():

@@ -19,6 +19,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from helpers import rel_err  # noqa: E402
 from kernels.attention import attention  # noqa: E402
 from kernels.group_norm import group_norm  # noqa: E402
 
@@ -37,10 +38,6 @@ triton_runs_here = pytest.mark.skipif(
 
 def stable_seed(*case):
     return zlib.crc32(repr(case).encode())  # a different stream per case, the same on every run
-
-
-def rel_err(got, ref):
-    return ((got.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def device():

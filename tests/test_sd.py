@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import finetune_sd as S
-from helpers import poisoned_random_folder
+from helpers import poisoned_random_folder, rel_err
 from poison import PoisonError, load_folder
 
 diffusers = pytest.importorskip("diffusers")
@@ -48,10 +48,6 @@ model:
         ddconfig: {double_z: true, z_channels: 4, resolution: 32, in_channels: 3, out_ch: 3, ch: 32, ch_mult: [1, 2],
                    num_res_blocks: 1, attn_resolutions: [], dropout: 0.0}
 """
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def bytes_to_unicode():
