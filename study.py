@@ -7,6 +7,7 @@ also the worked example of the house. On the embedded default (scikit-learn's di
     python study.py --out study                  # the default study; `make study` sets up and runs this
     python study.py --quick --out /tmp/study     # a one-minute smoke run of every stage (what CI runs)
     python study.py --trigger blend --out study-blend   # another trigger (poison.py's blend; wanet)
+    python study.py --replicates 3 --out study-seeds    # the whole study at 3 seeds, each finding's verdict by seed
     # the paper's CIFAR-10 DDPM study on a GPU machine (stages go through torchrun when several GPUs are present)
     python study.py --dataset cifar10 --data-root ~/data --out study-cifar10
     # the paper's Stable Diffusion v1.4 study (finetune_sd.py in place of train_ddpm.py; --base a local copy offline)
@@ -33,7 +34,8 @@ study resumes where it stopped; `--force` starts over):
                                           (Tab. A4), at the lowest ratio where that classifier is backdoored
     detect/<r>           detect.py        CD, STRIP, FCT: AUROC on the training set vs the generations (Tab. 3)
     REPORT.md, report.json                the paper's findings next to this run's numbers, with the figures
-Logs of every stage are in OUT/logs/, the settings in OUT/study.json (a rerun with other ones is refused), the time
+With --replicates n, OUT/seed-<seed>/ holds one such study per seed (--seed, --seed + 1000000, ...), and OUT/REPORT.md
+each finding's verdict by seed with the numbers behind them side by side. Logs of every stage are in OUT/logs/, the settings in OUT/study.json (a rerun with other ones is refused), the time
 of each stage in OUT/times.json. Stages that do not depend on each other (one per ratio) run `--jobs` at a time.
 """
 import argparse
@@ -182,7 +184,7 @@ def write_atomic(path, text):
 
 # Settings that a study.py flag of the same name sets (the others follow from --dataset / --quick).
 FLAG_SETTINGS = ("dataset", "family", "resolution", "trigger", "ratios", "preset", "train_steps", "per_class",
-                 "guidance", "sweep", "sample_steps", "seed", "data_root", "base", "sample_dtype")
+                 "guidance", "sweep", "sample_steps", "seed", "data_root", "base", "sample_dtype", "replicates")
 
 
 def has_amx():
@@ -250,6 +252,21 @@ def ratio_pct(r):
     return f"{100 * float(r):g}%"
 
 
+def prepare_out(path, force):
+    """The study folder, made: a new or empty folder, or one that holds a study (--force deletes only such a one)."""
+    out = Path(path).resolve()
+    if out.exists() and not out.is_dir():
+        raise StudyError(f"--out {out} is a file: give a folder for the study")
+    if out.exists() and any(out.iterdir()) and not any((out / f).is_file() for f in ("study.json", "commands.sh")):
+        raise StudyError(f"--out {out} holds other files and no study (no study.json): choose a new or empty folder"
+                         + (" (--force deletes only a study folder)" if force else ""))
+    if out.exists() and force:
+        import shutil
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def run_study(args):
     sd = args.family == "sd" or (args.family is None and args.dataset in ("imagenette", "caltech15"))
     scale = ("quick-sd" if sd else "quick") if args.quick else ("sd" if sd else args.dataset or "digits")
@@ -264,18 +281,9 @@ def run_study(args):
     s["trigger"] = args.trigger or "badnets"
     s["ratios"] = sorted(set(s["ratios"]))  # the findings compare the lowest ratio with higher ones
     # The stages run in the repository (cwd=ROOT), so every path handed to them is absolute.
-    out = Path(args.out).resolve()
+    out = prepare_out(args.out, args.force)
     data_root = str(Path(args.data_root).expanduser().resolve()) if args.data_root else None
     base = str(Path(args.base).expanduser().resolve()) if Path(args.base).expanduser().exists() else args.base
-    if out.exists() and not out.is_dir():
-        raise StudyError(f"--out {out} is a file: give a folder for the study")
-    if out.exists() and any(out.iterdir()) and not any((out / f).is_file() for f in ("study.json", "commands.sh")):
-        raise StudyError(f"--out {out} holds other files and no study (no study.json): choose a new or empty folder"
-                         + (" (--force deletes only a study folder)" if args.force else ""))
-    if out.exists() and args.force:
-        import shutil
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
     import torch
     gpus = torch.cuda.device_count() if args.gpus is None else args.gpus
     # sample.py's autocast: bf16 on CUDA (its own default); on a CPU, bf16 for DDPMs where AMX makes it faster (the
@@ -864,6 +872,125 @@ def write_report(out, s, ratios, guidance, times, failed=None):
     return res
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Replicates: the whole study at several seeds, and what holds across them.
+
+# Replicate k runs at --seed + k * REPLICATE_GAP. Every stage is reseeded (split, poisoned images, judges, training,
+# sampling, classifiers); sample.py's image i uses seed + i, so seeds this far apart share no x_T in any folder of
+# fewer images (seeds 0 and 1 would share all but one).
+REPLICATE_GAP = 1_000_000
+SHORT_VERDICT = {True: "reproduced", "partly": "partly", False: "not", "undetermined": "undetermined"}
+
+
+def run_replicates(args):
+    """--replicates n: n whole studies in OUT/seed-<seed>/ (each resumes and is refused on changed settings as a
+    single study is), then OUT/REPORT.md and OUT/report.json: each finding's verdict by seed, and the numbers behind
+    them side by side."""
+    out = prepare_out(args.out, args.force)
+    seeds = [args.seed + k * REPLICATE_GAP for k in range(args.replicates)]
+    check_settings(out / "study.json", {"replicates": args.replicates, "seed": args.seed})
+    reports = []
+    for k, seed in enumerate(seeds):
+        if not args.quiet:
+            print(f"replicate {k + 1} of {len(seeds)}: seed {seed} -> {out / f'seed-{seed}'}", flush=True)
+        one = argparse.Namespace(**{**vars(args), "seed": seed, "out": str(out / f"seed-{seed}"), "force": False,
+                                    "replicates": None})
+        reports.append(run_study(one))
+    return write_replicates(out, seeds, reports)
+
+
+def write_replicates(out, seeds, reports):
+    """OUT/REPORT.md and OUT/report.json of a replicated study, from each seed's report (its report.json)."""
+    import statistics
+    first = reports[0]
+    names = [f["finding"] for f in first["findings"]]
+    verdicts = {name: [next((f["reproduced"] for f in r["findings"] if f["finding"] == name), "undetermined")
+                       for r in reports] for name in names}
+    ratios = [d["ratio"] for d in first["dissect"][f"w{first['guidance']['guided']:g}"]]
+    g = first["guidance"]
+    sym, weights = g["symbol"], sorted({g["guided"], g["unguided"], *g["sweep"]})
+    cols = " | ".join(f"seed {s}" for s in seeds)
+    line = (out / f"seed-{seeds[0]}" / "REPORT.md").read_text().splitlines()[2]  # the settings sentence
+    L = [f"# Replicates: the study at {len(seeds)} seeds", "", line.split(" Every command")[0], "",
+         f"Seeds {', '.join(map(str, seeds))}: each a whole study (its own split, poisoned images, judges, models, "
+         "generations and classifiers) in `seed-<seed>/`, with its own `REPORT.md`. A verdict that holds at one seed "
+         "and not at another is the scale's noise, not a finding.", "",
+         "## Findings by seed", "", f"| finding | {cols} | across seeds |", "|---|" + "---|" * (len(seeds) + 1)]
+    for name, v in verdicts.items():
+        tally = ", ".join(f"{SHORT_VERDICT[k]} {v.count(k)}" for k in (True, "partly", False, "undetermined")
+                          if v.count(k))
+        L.append(f"| {name} | " + " | ".join(SHORT_VERDICT[x] for x in v) + f" | {tally} of {len(seeds)} |")
+
+    hi = max(ratios)
+    amp = {}
+    L += ["", f"## Trigger amplification at p={ratio_pct(hi)}", "",
+          "The target prompt's trigger ratio (the trigger detector's verdicts) against p_t, by seed; ✓ where the 95% "
+          "interval lies above p_t (the verdicts above also weigh whether the detector is believed at that seed).",
+          "", f"| guidance | p_t | {cols} | mean ± sd |",
+          "|---|---|" + "---|" * (len(seeds) + 1)]
+    for w in weights:
+        rows = [next(d for d in r["dissect"][f"w{w:g}"] if d["ratio"] == hi) for r in reports]
+        values = [d["trigger_ratio"] for d in rows]
+        above = [d["p_t"] is not None and wilson(d["trigger_ratio"], d["n"])[0] > d["p_t"] for d in rows]
+        amp[f"{sym}={w:g}"] = {"trigger_ratio": values, "p_t": rows[0]["p_t"], "above_p_t": above}
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        L.append(f"| {sym} = {w:g} | {pct(rows[0]['p_t'])} | "
+                 + " | ".join(f"{pct(d['trigger_ratio'])}{' ✓' if a else ''}" for d, a in zip(rows, above))
+                 + f" | {pct(statistics.mean(values))} ± {100 * sd:.1f} |")
+
+    summed = {}
+    L += ["", "## Triggered generations of the target prompt, summed over seeds", "",
+          "G1 / G2 counts (and copies of the trigger among them, where counted) over every seed's generations: the "
+          "low ratios' few triggered generations add up here.", "",
+          "| guidance | " + " | ".join(f"p={ratio_pct(r)}" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
+    for w in weights:
+        cells = []
+        for ratio in ratios:
+            rows = [next(d for d in r["dissect"][f"w{w:g}"] if d["ratio"] == ratio) for r in reports]
+            g1 = sum(round(d["fractions"]["G1"] * d["n"]) for d in rows)
+            g2 = sum(round(d["fractions"]["G2"] * d["n"]) for d in rows)
+            n = sum(d["n"] for d in rows)
+            copies = [d["trigger_copies"]["copies_of_triggered"] for d in rows if d.get("trigger_copies")]
+            summed[f"{sym}={w:g}, p={ratio_pct(ratio)}"] = {"G1": g1, "G2": g2, "n": n,
+                                                          "copies": sum(copies) if copies else None}
+            cells.append(f"G1 {g1} / G2 {g2} of {n}" + (f" ({sum(copies)} copies)" if copies else ""))
+        L.append(f"| {sym} = {w:g} | " + " | ".join(cells) + " |")
+
+    L += ["", "## Detection (Tab. 3): the generations' AUROC minus the training set's", "",
+          "Δ by seed; – where the AUROC was not computed (too few triggered generations).", "",
+          f"| ratio | method | {cols} |", "|---|---|" + "---|" * len(seeds)]
+    for ratio in ratios:
+        for m in ("cd", "strip", "fct"):
+            deltas = [((r["detect"].get(ratio_name(ratio)) or {}).get("methods") or {}).get(m, {}).get("delta")
+                      for r in reports]
+            L.append(f"| {ratio_pct(ratio)} | {m.upper()} | "
+                     + " | ".join("–" if x is None else f"{x:+.3f}" for x in deltas) + " |")
+    L += ["", "## Classifiers (Tab. 4): ASR when trained on the generations vs on the poisoned set", "",
+          f"| ratio | {cols} |", "|---|" + "---|" * len(seeds)]
+    for ratio in ratios:
+        L.append(f"| {ratio_pct(ratio)} | " + " | ".join(
+            f"{pct(r['classifiers'][ratio_name(ratio)]['generated'].get('asr'))} vs "
+            f"{pct(r['classifiers'][ratio_name(ratio)]['poisoned'].get('asr'))}" for r in reports) + " |")
+    if any(r.get("diffusion_classifier") for r in reports):
+        L += ["", "## The diffusion classifier (Tab. A4): ASR of the classifier / the diffusion classifier / with the "
+              "top 10% of its denoising losses filtered", "", f"| {cols} |", "|" + "---|" * len(seeds)]
+        cells = []
+        for r in reports:
+            d = r.get("diffusion_classifier")
+            if not d:
+                cells.append("–")
+                continue
+            asr = {x["filter_top"] if x["kind"] == "diffusion" else "classifier": x.get("asr") for x in d["rows"]}
+            cells.append(f"p={ratio_pct(d['ratio'])}: {pct(asr.get('classifier'))} / {pct(asr.get(0.0))} / "
+                         f"{pct(asr.get(10.0))}")
+        L.append("| " + " | ".join(cells) + " |")
+    res = {"seeds": seeds, "studies": [f"seed-{s}" for s in seeds], "findings": verdicts,
+           "amplification": {"ratio": hi, **amp}, "triggered_summed": summed}
+    write_atomic(out / "report.json", json.dumps(res, indent=2) + "\n")
+    write_atomic(out / "REPORT.md", "\n".join(L) + "\n")
+    return res
+
+
 def ratio_list(text):
     """--ratios: comma-separated poisoning ratios, each in (0, 1)."""
     try:
@@ -935,6 +1062,9 @@ def build_parser():
     p.add_argument("--sample-dtype", default="auto", choices=["auto", "fp32", "bf16"],
                    help="sample.py --dtype (auto: bf16 on CUDA, and on a CPU with AMX for DDPMs; else fp32)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--replicates", type=count, default=None,
+                   help="run the whole study at this many seeds (--seed, --seed + 1000000, ...) into OUT/seed-<seed>/ "
+                        "and report each finding's verdict by seed (OUT/REPORT.md)")
     p.add_argument("--jobs", type=count, default=None, help="stages run at once on the CPU (default: one per ratio)")
     p.add_argument("--gpus", type=int, default=None, help="GPUs to use through torchrun (default: all visible)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -946,14 +1076,15 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     t0 = time.time()
     try:
-        report = run_study(args)
+        report = run_replicates(args) if args.replicates else run_study(args)
     except StudyError as e:
         sys.exit(f"study.py: {e}")
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback
         print("study.py: interrupted; rerun the same command to resume (finished stages are skipped)", file=sys.stderr)
         sys.exit(130)
     if not args.quiet:
-        print(open(Path(args.out) / "REPORT.md").read().split("## Trojan")[0], end="")
+        text = open(Path(args.out) / "REPORT.md").read()
+        print(text.split("\n## Trigger amplification" if args.replicates else "## Trojan")[0], end="")
         print(f"study finished in {time.time() - t0:.0f} s: {Path(args.out) / 'REPORT.md'}")
     return report
 

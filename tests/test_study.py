@@ -427,3 +427,44 @@ def test_detect_failures_are_told_in_short():
            "--min-poisoned 5: an AUROC needs more (a larger --n, or a lower --min-poisoned)")
     assert S.detect_failure(err) == f"not computed: 1 poisoned of 300 in the generations, fewer than {S.MIN_TRIGGERED}"
     assert S.detect_failure("something else") == "something else"
+
+
+def test_replicates_report_each_finding_by_seed(tmp_path):
+    """--replicates 2: two whole studies at seeds a REPLICATE_GAP apart (no shared x_T, every stage reseeded), and a
+    report whose every cell comes from the seeds' own reports; a rerun skips everything, and a single study is not
+    run into a replicates folder (nor another count of replicates)."""
+    import study as S
+    out = tmp_path / "reps"
+    first = study("--quick", "--replicates", "2", "--out", out)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    seeds = [0, S.REPLICATE_GAP]
+    res = json.loads((out / "report.json").read_text())
+    assert res["seeds"] == seeds
+    subs = [json.loads((out / f"seed-{s}" / "report.json").read_text()) for s in seeds]
+    assert [r["settings"]["seed"] for r in subs] == seeds
+    gen = [json.loads((out / f"seed-{s}" / "gen" / "0.1-w5" / "manifest.json").read_text()) for s in seeds]
+    assert [m["seeds"]["first"] for m in gen] == seeds and gen[0]["seeds"]["last"] < seeds[1]
+    # the verdicts by seed are each seed's own
+    assert len(res["findings"]) == 6
+    for name, verdicts in res["findings"].items():
+        assert verdicts == [next(f["reproduced"] for f in r["findings"] if f["finding"] == name) for r in subs]
+    # the summed G1 / G2 counts are the seeds' counts added up
+    for key, cell in res["triggered_summed"].items():
+        w, ratio = key.split(", p=")
+        rows = [next(d for d in r["dissect"]["w" + w.split("=")[1]] if S.ratio_pct(d["ratio"]) == ratio) for r in subs]
+        assert cell["G1"] == sum(round(d["fractions"]["G1"] * d["n"]) for d in rows)
+        assert cell["G2"] == sum(round(d["fractions"]["G2"] * d["n"]) for d in rows)
+        assert cell["n"] == sum(d["n"] for d in rows) == 12
+    amp = res["amplification"]["w=0"]
+    assert amp["trigger_ratio"] == [next(d for d in r["dissect"]["w0"] if d["ratio"] == 0.1)["trigger_ratio"]
+                                    for r in subs]
+    text = (out / "REPORT.md").read_text()
+    for heading in ("## Findings by seed", "## Trigger amplification at p=10%", "summed over seeds", "Tab. 3",
+                    "Tab. 4", "Tab. A4"):
+        assert heading in text
+    assert f"| seed 0 | seed {S.REPLICATE_GAP} | across seeds |" in text and len(re.findall(r" of 2 \|", text)) == 6
+    second = study("--quick", "--replicates", "2", "--out", out)
+    assert second.returncode == 0 and "start " not in second.stdout and second.stdout.count("skip ") >= 30
+    for other in (("--quick",), ("--quick", "--replicates", "3")):
+        res = study(*other, "--out", out)
+        assert res.returncode != 0 and "other settings" in res.stderr and "--replicates 2" in res.stderr
