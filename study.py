@@ -34,9 +34,10 @@ study resumes where it stopped; `--force` starts over):
                                           (Tab. A4), at the lowest ratio where that classifier is backdoored
     detect/<r>           detect.py        CD, STRIP, FCT: AUROC on the training set vs the generations (Tab. 3)
     REPORT.md, report.json                the paper's findings next to this run's numbers, with the figures
-With --replicates n, OUT/seed-<seed>/ holds one such study per seed (--seed, --seed + 1000000, ...), and OUT/REPORT.md
-each finding's verdict by seed with the numbers behind them side by side. Logs of every stage are in OUT/logs/, the settings in OUT/study.json (a rerun with other ones is refused), the time
+Logs of every stage are in OUT/logs/, the settings in OUT/study.json (a rerun with other ones is refused), the time
 of each stage in OUT/times.json. Stages that do not depend on each other (one per ratio) run `--jobs` at a time.
+With --replicates n, OUT/seed-<seed>/ holds one such study per seed (--seed, --seed + 1000000, ...), and OUT/REPORT.md
+each finding's verdict by seed with the numbers behind them side by side.
 """
 import argparse
 import json
@@ -282,6 +283,9 @@ def run_study(args):
     s["ratios"] = sorted(set(s["ratios"]))  # the findings compare the lowest ratio with higher ones
     # The stages run in the repository (cwd=ROOT), so every path handed to them is absolute.
     out = prepare_out(args.out, args.force)
+    if (out / "study.json").is_file() and "replicates" in load_json(out / "study.json"):
+        raise StudyError(f"--out {out} holds replicates of a study: rerun with --replicates, or give --out "
+                         f"{out / 'seed-<seed>'} (and that --seed) to resume one of them")
     data_root = str(Path(args.data_root).expanduser().resolve()) if args.data_root else None
     base = str(Path(args.base).expanduser().resolve()) if Path(args.base).expanduser().exists() else args.base
     import torch
@@ -875,11 +879,12 @@ def write_report(out, s, ratios, guidance, times, failed=None):
 # ----------------------------------------------------------------------------------------------------------------
 # Replicates: the whole study at several seeds, and what holds across them.
 
-# Replicate k runs at --seed + k * REPLICATE_GAP. Every stage is reseeded (split, poisoned images, judges, training,
-# sampling, classifiers); sample.py's image i uses seed + i, so seeds this far apart share no x_T in any folder of
-# fewer images (seeds 0 and 1 would share all but one).
+# Replicate k runs at --seed + k * REPLICATE_GAP. Every stage's --seed changes (the poisoned images, the judges,
+# training, sampling, classifiers, detectors); the train/test split stays poison.py's (--split-seed 0), so every
+# replicate is judged on the same test images. sample.py's image i uses seed + i, so seeds this far apart share no
+# x_T in any folder of fewer images (seeds 0 and 1 would share all but one).
 REPLICATE_GAP = 1_000_000
-SHORT_VERDICT = {True: "reproduced", "partly": "partly", False: "not", "undetermined": "undetermined"}
+SHORT_VERDICT = {True: "reproduced", "partly": "partly", False: "not reproduced", "undetermined": "undetermined"}
 
 
 def run_replicates(args):
@@ -888,7 +893,12 @@ def run_replicates(args):
     them side by side."""
     out = prepare_out(args.out, args.force)
     seeds = [args.seed + k * REPLICATE_GAP for k in range(args.replicates)]
-    check_settings(out / "study.json", {"replicates": args.replicates, "seed": args.seed})
+    recorded = load_json(out / "study.json") if (out / "study.json").is_file() else None
+    if recorded is not None and "replicates" not in recorded:
+        raise StudyError(f"--out {out} holds a single study: give the replicates a folder of their own (their seed "
+                         "folders go inside it), or rerun that study without --replicates")
+    # the seeds follow from --seed, so a rerun may ask for more replicates (or fewer: the report covers those asked)
+    check_settings(out / "study.json", {"replicates": f"seed + k * {REPLICATE_GAP}", "seed": args.seed})
     reports = []
     for k, seed in enumerate(seeds):
         if not args.quiet:
@@ -912,14 +922,14 @@ def write_replicates(out, seeds, reports):
     cols = " | ".join(f"seed {s}" for s in seeds)
     line = (out / f"seed-{seeds[0]}" / "REPORT.md").read_text().splitlines()[2]  # the settings sentence
     L = [f"# Replicates: the study at {len(seeds)} seeds", "", line.split(" Every command")[0], "",
-         f"Seeds {', '.join(map(str, seeds))}: each a whole study (its own split, poisoned images, judges, models, "
-         "generations and classifiers) in `seed-<seed>/`, with its own `REPORT.md`. A verdict that holds at one seed "
-         "and not at another is the scale's noise, not a finding.", "",
+         f"Seeds {', '.join(map(str, seeds))}: each a whole study (its own poisoned images, judges, models, "
+         "generations, classifiers and detectors, on the same train/test split) in `seed-<seed>/`, with its own "
+         "`REPORT.md`. A verdict that holds at one seed and not at another is the scale's noise, not a finding.", "",
          "## Findings by seed", "", f"| finding | {cols} | across seeds |", "|---|" + "---|" * (len(seeds) + 1)]
     for name, v in verdicts.items():
         tally = ", ".join(f"{SHORT_VERDICT[k]} {v.count(k)}" for k in (True, "partly", False, "undetermined")
                           if v.count(k))
-        L.append(f"| {name} | " + " | ".join(SHORT_VERDICT[x] for x in v) + f" | {tally} of {len(seeds)} |")
+        L.append(f"| {name} | " + " | ".join(SHORT_VERDICT[x] for x in v) + f" | {tally} (of {len(seeds)}) |")
 
     hi = max(ratios)
     amp = {}
@@ -933,15 +943,16 @@ def write_replicates(out, seeds, reports):
         values = [d["trigger_ratio"] for d in rows]
         above = [d["p_t"] is not None and wilson(d["trigger_ratio"], d["n"])[0] > d["p_t"] for d in rows]
         amp[f"{sym}={w:g}"] = {"trigger_ratio": values, "p_t": rows[0]["p_t"], "above_p_t": above}
-        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        spread = f" ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else ""
         L.append(f"| {sym} = {w:g} | {pct(rows[0]['p_t'])} | "
                  + " | ".join(f"{pct(d['trigger_ratio'])}{' ✓' if a else ''}" for d, a in zip(rows, above))
-                 + f" | {pct(statistics.mean(values))} ± {100 * sd:.1f} |")
+                 + f" | {pct(statistics.mean(values))}{spread} |")
 
     summed = {}
     L += ["", "## Triggered generations of the target prompt, summed over seeds", "",
           "G1 / G2 counts (and copies of the trigger among them, where counted) over every seed's generations: the "
-          "low ratios' few triggered generations add up here.", "",
+          "low ratios' few triggered generations add up here. They are the trigger detector's verdicts, and count "
+          "only where it is believed: see its false positives on the non-target prompts below.", "",
           "| guidance | " + " | ".join(f"p={ratio_pct(r)}" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
     for w in weights:
         cells = []
@@ -955,34 +966,50 @@ def write_replicates(out, seeds, reports):
                                                           "copies": sum(copies) if copies else None}
             cells.append(f"G1 {g1} / G2 {g2} of {n}" + (f" ({sum(copies)} copies)" if copies else ""))
         L.append(f"| {sym} = {w:g} | " + " | ".join(cells) + " |")
+    L += ["", f"The trigger detector's false positives: the non-target prompts' generations it calls triggered "
+          f"({sym} = {g['guided']:g}; in brackets, copies of the trigger), by seed. Each seed's report believes it "
+          f"on a model's generations below {pct(MAX_FALSE_POSITIVES)}, or where at least half of those copy the "
+          "trigger.", "", f"| ratio | {cols} |", "|---|" + "---|" * len(seeds)]
+    for ratio in ratios:
+        rows = [next(d for d in r["dissect"][f"w{g['guided']:g}"] if d["ratio"] == ratio) for r in reports]
+        L.append(f"| {ratio_pct(ratio)} | " + " | ".join(
+            pct(d.get("non_target_trigger_ratio")) + ("" if d.get("non_target_copy_ratio") is None else
+                                                       f" ({pct(d['non_target_copy_ratio'])})") for d in rows) + " |")
 
     L += ["", "## Detection (Tab. 3): the generations' AUROC minus the training set's", "",
-          "Δ by seed; – where the AUROC was not computed (too few triggered generations).", "",
+          f"Δ by seed; in brackets where a set holds fewer than {MIN_TRIGGERED} poisoned images (the findings leave "
+          "those out, and those where the trigger detector is not believed); – where there is no AUROC (the "
+          "seed's report says why).", "",
           f"| ratio | method | {cols} |", "|---|---|" + "---|" * len(seeds)]
     for ratio in ratios:
         for m in ("cd", "strip", "fct"):
-            deltas = [((r["detect"].get(ratio_name(ratio)) or {}).get("methods") or {}).get(m, {}).get("delta")
-                      for r in reports]
-            L.append(f"| {ratio_pct(ratio)} | {m.upper()} | "
-                     + " | ".join("–" if x is None else f"{x:+.3f}" for x in deltas) + " |")
-    L += ["", "## Classifiers (Tab. 4): ASR when trained on the generations vs on the poisoned set", "",
+            cells = []
+            for r in reports:
+                dm = r["detect"].get(ratio_name(ratio)) or {}
+                x = (dm.get("methods") or {}).get(m, {}).get("delta")
+                few = min((dm.get("positives") or {"": 0}).values()) < MIN_TRIGGERED
+                cells.append("–" if x is None else f"({x:+.3f})" if few else f"{x:+.3f}")
+            L.append(f"| {ratio_pct(ratio)} | {m.upper()} | " + " | ".join(cells) + " |")
+    L += ["", "## Classifiers (Tab. 4): ASR (TA) when trained on the generations vs on the poisoned set", "",
           f"| ratio | {cols} |", "|---|" + "---|" * len(seeds)]
     for ratio in ratios:
+        c = [r["classifiers"][ratio_name(ratio)] for r in reports]
         L.append(f"| {ratio_pct(ratio)} | " + " | ".join(
-            f"{pct(r['classifiers'][ratio_name(ratio)]['generated'].get('asr'))} vs "
-            f"{pct(r['classifiers'][ratio_name(ratio)]['poisoned'].get('asr'))}" for r in reports) + " |")
+            f"{pct(x['generated'].get('asr'))} ({pct(x['generated'].get('ta'))}) vs "
+            f"{pct(x['poisoned'].get('asr'))} ({pct(x['poisoned'].get('ta'))})" for x in c) + " |")
     if any(r.get("diffusion_classifier") for r in reports):
-        L += ["", "## The diffusion classifier (Tab. A4): ASR of the classifier / the diffusion classifier / with the "
-              "top 10% of its denoising losses filtered", "", f"| {cols} |", "|" + "---|" * len(seeds)]
+        L += ["", "## The diffusion classifier (Tab. A4): ASR (TA) of the classifier / the diffusion classifier / "
+              "with the top 10% of its denoising losses filtered", "", f"| {cols} |", "|" + "---|" * len(seeds)]
         cells = []
         for r in reports:
             d = r.get("diffusion_classifier")
             if not d:
                 cells.append("–")
                 continue
-            asr = {x["filter_top"] if x["kind"] == "diffusion" else "classifier": x.get("asr") for x in d["rows"]}
-            cells.append(f"p={ratio_pct(d['ratio'])}: {pct(asr.get('classifier'))} / {pct(asr.get(0.0))} / "
-                         f"{pct(asr.get(10.0))}")
+            row = {x["filter_top"] if x["kind"] == "diffusion" else "classifier": x for x in d["rows"]}
+            cells.append(f"p={ratio_pct(d['ratio'])}: " + " / ".join(
+                f"{pct(row[k].get('asr'))} ({pct(row[k].get('ta'))})" if k in row else "–"
+                for k in ("classifier", 0.0, 10.0)))
         L.append("| " + " | ".join(cells) + " |")
     res = {"seeds": seeds, "studies": [f"seed-{s}" for s in seeds], "findings": verdicts,
            "amplification": {"ratio": hi, **amp}, "triggered_summed": summed}

@@ -429,10 +429,10 @@ def test_detect_failures_are_told_in_short():
     assert S.detect_failure("something else") == "something else"
 
 
-def test_replicates_report_each_finding_by_seed(tmp_path):
-    """--replicates 2: two whole studies at seeds a REPLICATE_GAP apart (no shared x_T, every stage reseeded), and a
-    report whose every cell comes from the seeds' own reports; a rerun skips everything, and a single study is not
-    run into a replicates folder (nor another count of replicates)."""
+def test_replicates_report_each_finding_by_seed(quick, tmp_path):
+    """--replicates 2: two whole studies at seeds a REPLICATE_GAP apart (other poisoned images, no shared x_T; the
+    same split), and a report whose cells come from the seeds' own reports; a rerun skips everything, and neither
+    kind of study is run into the other's folder."""
     import study as S
     out = tmp_path / "reps"
     first = study("--quick", "--replicates", "2", "--out", out)
@@ -444,27 +444,41 @@ def test_replicates_report_each_finding_by_seed(tmp_path):
     assert [r["settings"]["seed"] for r in subs] == seeds
     gen = [json.loads((out / f"seed-{s}" / "gen" / "0.1-w5" / "manifest.json").read_text()) for s in seeds]
     assert [m["seeds"]["first"] for m in gen] == seeds and gen[0]["seeds"]["last"] < seeds[1]
+    data = [json.loads((out / f"seed-{s}" / "data" / "digits-badnets-0.1" / "train" / "manifest.json").read_text())
+            for s in seeds]
+    assert [m["options"]["seed"] for m in data] == seeds
+    assert data[0]["options"]["split_seed"] == data[1]["options"]["split_seed"] == 0
     # the verdicts by seed are each seed's own
     assert len(res["findings"]) == 6
     for name, verdicts in res["findings"].items():
         assert verdicts == [next(f["reproduced"] for f in r["findings"] if f["finding"] == name) for r in subs]
     # the summed G1 / G2 counts are the seeds' counts added up
+    assert len(res["triggered_summed"]) == 3 * 2  # weights x ratios
     for key, cell in res["triggered_summed"].items():
         w, ratio = key.split(", p=")
         rows = [next(d for d in r["dissect"]["w" + w.split("=")[1]] if S.ratio_pct(d["ratio"]) == ratio) for r in subs]
         assert cell["G1"] == sum(round(d["fractions"]["G1"] * d["n"]) for d in rows)
         assert cell["G2"] == sum(round(d["fractions"]["G2"] * d["n"]) for d in rows)
         assert cell["n"] == sum(d["n"] for d in rows) == 12
-    amp = res["amplification"]["w=0"]
-    assert amp["trigger_ratio"] == [next(d for d in r["dissect"]["w0"] if d["ratio"] == 0.1)["trigger_ratio"]
-                                    for r in subs]
+    for w in (0, 2, 5):
+        rows = [next(d for d in r["dissect"][f"w{w}"] if d["ratio"] == 0.1) for r in subs]
+        amp = res["amplification"][f"w={w}"]
+        assert amp["trigger_ratio"] == [d["trigger_ratio"] for d in rows] and amp["p_t"] == rows[0]["p_t"]
+        assert amp["above_p_t"] == [S.wilson(d["trigger_ratio"], d["n"])[0] > d["p_t"] for d in rows]
     text = (out / "REPORT.md").read_text()
     for heading in ("## Findings by seed", "## Trigger amplification at p=10%", "summed over seeds", "Tab. 3",
                     "Tab. 4", "Tab. A4"):
         assert heading in text
-    assert f"| seed 0 | seed {S.REPLICATE_GAP} | across seeds |" in text and len(re.findall(r" of 2 \|", text)) == 6
-    second = study("--quick", "--replicates", "2", "--out", out)
-    assert second.returncode == 0 and "start " not in second.stdout and second.stdout.count("skip ") >= 30
-    for other in (("--quick",), ("--quick", "--replicates", "3")):
-        res = study(*other, "--out", out)
-        assert res.returncode != 0 and "other settings" in res.stderr and "--replicates 2" in res.stderr
+    assert f"| seed 0 | seed {S.REPLICATE_GAP} | across seeds |" in text and len(re.findall(r"\(of 2\) \|", text)) == 6
+    c = [r["classifiers"]["0.1"] for r in subs]  # Tab. 4's row at 10%: every seed's ASR (TA) on both sets
+    row = " | ".join(f"{S.pct(x['generated']['asr'])} ({S.pct(x['generated']['ta'])}) vs "
+                     f"{S.pct(x['poisoned']['asr'])} ({S.pct(x['poisoned']['ta'])})" for x in c)
+    assert f"| 10% | {row} |" in text
+    # fewer replicates on a rerun: nothing runs, the report covers the seeds asked for
+    second = study("--quick", "--replicates", "1", "--out", out)
+    assert second.returncode == 0 and "start " not in second.stdout and second.stdout.count("skip ") >= 15
+    assert json.loads((out / "report.json").read_text())["seeds"] == [0]
+    res = study("--quick", "--out", out)
+    assert res.returncode != 0 and "holds replicates of a study" in res.stderr
+    res = study("--quick", "--replicates", "2", "--out", quick[0])
+    assert res.returncode != 0 and "holds a single study" in res.stderr
