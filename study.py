@@ -185,7 +185,7 @@ def write_atomic(path, text):
 
 # Settings that a study.py flag of the same name sets (the others follow from --dataset / --quick).
 FLAG_SETTINGS = ("dataset", "family", "resolution", "trigger", "ratios", "preset", "train_steps", "per_class",
-                 "guidance", "sweep", "sample_steps", "seed", "data_root", "base", "sample_dtype", "replicates")
+                 "guidance", "sweep", "sample_steps", "seed", "data_root", "base", "sample_dtype")
 
 
 def has_amx():
