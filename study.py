@@ -781,6 +781,18 @@ def findings(res, ratios, guidance):
     return rows
 
 
+def describe(s, ratios, guidance):
+    """The sentence that opens a report: what the study was run with (s: its scale's settings, as in study.json)."""
+    w, none, sym, sweep = guidance
+    return (f"Dataset `{s['dataset']}` at {s['resolution']} px, {TRIGGER_NAMES[s.get('trigger', 'badnets')]} "
+            f"trigger, poisoning ratios {', '.join(ratio_pct(r) for r in ratios)}; "
+            + (f"DDPM preset `{s['preset']}`" if s["family"] == "ddpm" else "Stable Diffusion fine-tuned")
+            + f"{'' if not s['train_steps'] else ', ' + str(s['train_steps']) + ' training steps'}; "
+            f"DDIM {s['sample_steps']} steps, guidance {sym} = {w:g} (and, for the target class, "
+            f"{sym} = {none:g} (no guidance){''.join(f', {g:g}' for g in sweep)}); "
+            f"{s['per_class']} generations per class.")
+
+
 def write_report(out, s, ratios, guidance, times, failed=None):
     res = collect(out, ratios, guidance, failed or {})
     rows = findings(res, ratios, guidance)
@@ -789,15 +801,7 @@ def write_report(out, s, ratios, guidance, times, failed=None):
     res["settings"] = load_json(out / "study.json")  # what run_study recorded and checked (with seed and paths)
     res["times_s"] = times
     L = ["# Study report: bilateral data poisoning effects in diffusion models", "",
-         f"Dataset `{s['dataset']}` at {s['resolution']} px, {TRIGGER_NAMES[s.get('trigger', 'badnets')]} trigger, "
-         "poisoning ratios "
-         f"{', '.join(ratio_pct(r) for r in ratios)}; "
-         + (f"DDPM preset `{s['preset']}`" if s["family"] == "ddpm" else "Stable Diffusion fine-tuned")
-         + f"{'' if not s['train_steps'] else ', ' + str(s['train_steps']) + ' training steps'}; "
-         f"DDIM {s['sample_steps']} steps, guidance {sym} = {w:g} (and, for the target class, "
-         f"{sym} = {none:g} (no guidance){''.join(f', {g:g}' for g in sweep)}); "
-         f"{s['per_class']} generations per class. "
-         "Every command is in `commands.sh`, every log in `logs/`.", "",
+         describe(s, ratios, guidance) + " Every command is in `commands.sh`, every log in `logs/`.", "",
          "## Findings", "", "| finding | the paper | this run | |", "|---|---|---|---|"]
     L += [f"| {a} | {b} | {c} | {verdict(ok)} |" for a, b, c, ok in rows]
     j = res["judges"]
@@ -920,8 +924,11 @@ def write_replicates(out, seeds, reports):
     g = first["guidance"]
     sym, weights = g["symbol"], sorted({g["guided"], g["unguided"], *g["sweep"]})
     cols = " | ".join(f"seed {s}" for s in seeds)
-    line = (out / f"seed-{seeds[0]}" / "REPORT.md").read_text().splitlines()[2]  # the settings sentence
-    L = [f"# Replicates: the study at {len(seeds)} seeds", "", line.split(" Every command")[0], "",
+
+    def rows_at(w, ratio):  # every seed's dissect row at guidance w and poisoning ratio
+        return [next(d for d in r["dissect"][f"w{w:g}"] if d["ratio"] == ratio) for r in reports]
+    L = [f"# Replicates: the study at {len(seeds)} seeds", "",
+         describe(first["settings"], ratios, (g["guided"], g["unguided"], sym, g["sweep"])), "",
          f"Seeds {', '.join(map(str, seeds))}: each a whole study (its own poisoned images, judges, models, "
          "generations, classifiers and detectors, on the same train/test split) in `seed-<seed>/`, with its own "
          "`REPORT.md`. A verdict that holds at one seed and not at another is the scale's noise, not a finding.", "",
@@ -939,7 +946,7 @@ def write_replicates(out, seeds, reports):
           "", f"| guidance | p_t | {cols} | mean ± sd |",
           "|---|---|" + "---|" * (len(seeds) + 1)]
     for w in weights:
-        rows = [next(d for d in r["dissect"][f"w{w:g}"] if d["ratio"] == hi) for r in reports]
+        rows = rows_at(w, hi)
         values = [d["trigger_ratio"] for d in rows]
         above = [d["p_t"] is not None and wilson(d["trigger_ratio"], d["n"])[0] > d["p_t"] for d in rows]
         amp[f"{sym}={w:g}"] = {"trigger_ratio": values, "p_t": rows[0]["p_t"], "above_p_t": above}
@@ -957,7 +964,7 @@ def write_replicates(out, seeds, reports):
     for w in weights:
         cells = []
         for ratio in ratios:
-            rows = [next(d for d in r["dissect"][f"w{w:g}"] if d["ratio"] == ratio) for r in reports]
+            rows = rows_at(w, ratio)
             g1 = sum(round(d["fractions"]["G1"] * d["n"]) for d in rows)
             g2 = sum(round(d["fractions"]["G2"] * d["n"]) for d in rows)
             n = sum(d["n"] for d in rows)
@@ -971,7 +978,7 @@ def write_replicates(out, seeds, reports):
           f"on a model's generations below {pct(MAX_FALSE_POSITIVES)}, or where at least half of those copy the "
           "trigger.", "", f"| ratio | {cols} |", "|---|" + "---|" * len(seeds)]
     for ratio in ratios:
-        rows = [next(d for d in r["dissect"][f"w{g['guided']:g}"] if d["ratio"] == ratio) for r in reports]
+        rows = rows_at(g["guided"], ratio)
         L.append(f"| {ratio_pct(ratio)} | " + " | ".join(
             pct(d.get("non_target_trigger_ratio")) + ("" if d.get("non_target_copy_ratio") is None else
                                                        f" ({pct(d['non_target_copy_ratio'])})") for d in rows) + " |")

@@ -466,6 +466,8 @@ def test_replicates_report_each_finding_by_seed(quick, tmp_path):
         assert amp["trigger_ratio"] == [d["trigger_ratio"] for d in rows] and amp["p_t"] == rows[0]["p_t"]
         assert amp["above_p_t"] == [S.wilson(d["trigger_ratio"], d["n"])[0] > d["p_t"] for d in rows]
     text = (out / "REPORT.md").read_text()
+    opening = (out / "seed-0" / "REPORT.md").read_text().splitlines()[2]  # what the study was run with
+    assert text.splitlines()[2] + " Every command is in `commands.sh`, every log in `logs/`." == opening
     for heading in ("## Findings by seed", "## Trigger amplification at p=10%", "summed over seeds", "Tab. 3",
                     "Tab. 4", "Tab. A4"):
         assert heading in text
