@@ -977,8 +977,11 @@ def write_replicates(out, seeds, reports):
           f"({sym} = {g['guided']:g}; in brackets, copies of the trigger), by seed. Each seed's report believes it "
           f"on a model's generations below {pct(MAX_FALSE_POSITIVES)}, or where at least half of those copy the "
           "trigger.", "", f"| ratio | {cols} |", "|---|" + "---|" * len(seeds)]
+    false_positives = {}
     for ratio in ratios:
         rows = rows_at(g["guided"], ratio)
+        false_positives[ratio_pct(ratio)] = {"trigger_ratio": [d.get("non_target_trigger_ratio") for d in rows],
+                                             "copies": [d.get("non_target_copy_ratio") for d in rows]}
         L.append(f"| {ratio_pct(ratio)} | " + " | ".join(
             pct(d.get("non_target_trigger_ratio")) + ("" if d.get("non_target_copy_ratio") is None else
                                                        f" ({pct(d['non_target_copy_ratio'])})") for d in rows) + " |")
@@ -988,38 +991,43 @@ def write_replicates(out, seeds, reports):
           "those out, and those where the trigger detector is not believed); – where there is no AUROC (the "
           "seed's report says why).", "",
           f"| ratio | method | {cols} |", "|---|---|" + "---|" * len(seeds)]
+    detection = {}
     for ratio in ratios:
         for m in ("cd", "strip", "fct"):
-            cells = []
+            delta, few = [], []
             for r in reports:
                 dm = r["detect"].get(ratio_name(ratio)) or {}
-                x = (dm.get("methods") or {}).get(m, {}).get("delta")
-                few = min((dm.get("positives") or {"": 0}).values()) < MIN_TRIGGERED
-                cells.append("–" if x is None else f"({x:+.3f})" if few else f"{x:+.3f}")
-            L.append(f"| {ratio_pct(ratio)} | {m.upper()} | " + " | ".join(cells) + " |")
+                delta.append((dm.get("methods") or {}).get(m, {}).get("delta"))
+                few.append(min((dm.get("positives") or {"": 0}).values()) < MIN_TRIGGERED)
+            detection.setdefault(ratio_pct(ratio), {})[m] = {"delta": delta, "few_poisoned": few}
+            L.append(f"| {ratio_pct(ratio)} | {m.upper()} | " + " | ".join(
+                "–" if x is None else f"({x:+.3f})" if f else f"{x:+.3f}" for x, f in zip(delta, few)) + " |")
     L += ["", "## Classifiers (Tab. 4): ASR (TA) when trained on the generations vs on the poisoned set", "",
           f"| ratio | {cols} |", "|---|" + "---|" * len(seeds)]
+    classifiers = {}
     for ratio in ratios:
         c = [r["classifiers"][ratio_name(ratio)] for r in reports]
+        classifiers[ratio_pct(ratio)] = {k: {m: [x[k].get(m) for x in c] for m in ("asr", "ta")}
+                                         for k in ("generated", "poisoned")}
         L.append(f"| {ratio_pct(ratio)} | " + " | ".join(
             f"{pct(x['generated'].get('asr'))} ({pct(x['generated'].get('ta'))}) vs "
             f"{pct(x['poisoned'].get('asr'))} ({pct(x['poisoned'].get('ta'))})" for x in c) + " |")
-    if any(r.get("diffusion_classifier") for r in reports):
+    a4 = []  # by seed: the ratio, and ASR / TA of the classifier, the diffusion classifier, its top 10% filtered
+    for r in reports:
+        d = r.get("diffusion_classifier")
+        row = {x["filter_top"] if x["kind"] == "diffusion" else "classifier": x for x in d["rows"]} if d else {}
+        a4.append({"ratio": d["ratio"], **{name: {m: row[k].get(m) for m in ("asr", "ta")} if k in row else None
+                                           for name, k in (("classifier", "classifier"), ("diffusion", 0.0),
+                                                           ("filtered_top_10", 10.0))}} if d else None)
+    if any(a4):
         L += ["", "## The diffusion classifier (Tab. A4): ASR (TA) of the classifier / the diffusion classifier / "
-              "with the top 10% of its denoising losses filtered", "", f"| {cols} |", "|" + "---|" * len(seeds)]
-        cells = []
-        for r in reports:
-            d = r.get("diffusion_classifier")
-            if not d:
-                cells.append("–")
-                continue
-            row = {x["filter_top"] if x["kind"] == "diffusion" else "classifier": x for x in d["rows"]}
-            cells.append(f"p={ratio_pct(d['ratio'])}: " + " / ".join(
-                f"{pct(row[k].get('asr'))} ({pct(row[k].get('ta'))})" if k in row else "–"
-                for k in ("classifier", 0.0, 10.0)))
-        L.append("| " + " | ".join(cells) + " |")
+              "with the top 10% of its denoising losses filtered", "", f"| {cols} |", "|" + "---|" * len(seeds),
+              "| " + " | ".join("–" if x is None else f"p={ratio_pct(x['ratio'])}: " + " / ".join(
+                  "–" if x[k] is None else f"{pct(x[k]['asr'])} ({pct(x[k]['ta'])})"
+                  for k in ("classifier", "diffusion", "filtered_top_10")) for x in a4) + " |"]
     res = {"seeds": seeds, "studies": [f"seed-{s}" for s in seeds], "findings": verdicts,
-           "amplification": {"ratio": hi, **amp}, "triggered_summed": summed}
+           "amplification": {"ratio": hi, **amp}, "triggered_summed": summed, "false_positives": false_positives,
+           "detection": detection, "classifiers": classifiers, "diffusion_classifier": a4}
     write_atomic(out / "report.json", json.dumps(res, indent=2) + "\n")
     write_atomic(out / "REPORT.md", "\n".join(L) + "\n")
     return res

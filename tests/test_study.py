@@ -476,6 +476,25 @@ def test_replicates_report_each_finding_by_seed(quick, tmp_path):
     row = " | ".join(f"{S.pct(x['generated']['asr'])} ({S.pct(x['generated']['ta'])}) vs "
                      f"{S.pct(x['poisoned']['asr'])} ({S.pct(x['poisoned']['ta'])})" for x in c)
     assert f"| 10% | {row} |" in text
+    # report.json holds every table's cells by seed, each the seed's own number
+    assert res["classifiers"]["10%"]["generated"]["asr"] == [x["generated"]["asr"] for x in c]
+    assert res["classifiers"]["10%"]["poisoned"]["ta"] == [x["poisoned"]["ta"] for x in c]
+    assert res["false_positives"]["1%"]["trigger_ratio"] == [
+        next(d for d in r["dissect"]["w5"] if d["ratio"] == 0.01)["non_target_trigger_ratio"] for r in subs]
+    for ratio, name in (("1%", "0.01"), ("10%", "0.1")):
+        for m in ("cd", "strip", "fct"):
+            cell = res["detection"][ratio][m]
+            assert cell["delta"] == [(r["detect"][name].get("methods") or {}).get(m, {}).get("delta") for r in subs]
+            assert len(cell["few_poisoned"]) == 2
+    a4 = res["diffusion_classifier"]
+    assert [x and x["ratio"] for x in a4] == [r["diffusion_classifier"] and r["diffusion_classifier"]["ratio"]
+                                              for r in subs] and any(a4)
+    for x, r in zip(a4, subs):
+        if x:
+            unfiltered = next(y for y in r["diffusion_classifier"]["rows"]
+                              if y["kind"] == "diffusion" and y["filter_top"] == 0)
+            assert x["diffusion"] == {"asr": unfiltered["asr"], "ta": unfiltered["ta"]}
+            assert f"p={S.ratio_pct(x['ratio'])}: {S.pct(x['classifier']['asr'])}" in text
     # fewer replicates on a rerun: nothing runs, the report covers the seeds asked for
     second = study("--quick", "--replicates", "1", "--out", out)
     assert second.returncode == 0 and "start " not in second.stdout and second.stdout.count("skip ") >= 15
