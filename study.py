@@ -24,7 +24,7 @@ study resumes where it stopped; `--force` starts over):
     gen/<r>-w<w>         sample.py        generations: every class at the guidance weight w (default 5; SD: the
                                           scale s = 5), and the target class without guidance (w = 0; SD's scale
                                           s = 1) and at the sweep's weights in between (--sweep; default 1 and 2;
-                                          SD 2 and 3)
+                                          SD 2 and 3), --target-per-class of them (digits: 300, else --per-class)
     classifiers/poisoned-<r>, classifiers/generated-<r>   classify.py   Tab. 4: TA / ASR of a classifier trained
                                           on the poisoned set vs on the generations
     dissect/w<w>         dissect.py       G1-G4, trigger amplification, the phase transition (Fig. 2-4) at each
@@ -56,14 +56,17 @@ ROOT = Path(__file__).resolve().parent
 # Settings per scale. `digits` was tuned to show the paper's effects within the CPU budget (see REPORT.md and
 # benchmarks/RESULTS.md); `cifar10` is the paper's (Appendix A: DDPM on CIFAR-10, ResNet-18 classifiers).
 SCALES = {
+    # The target class gets 300 generations where it is generated alone (no guidance, the sweep): at 100, the 95%
+    # interval of a trigger ratio spans +-10 points, wider than the amplification it measures (56-69% vs p_t 50%).
     "digits": dict(family="ddpm", dataset="digits", resolution=16, ratios=(0.01, 0.05, 0.1), preset="small",
-                   train_steps=1600,
-                   ddpm_extra=(), per_class=100, guidance=5.0, sweep=(1.0, 2.0), sample_steps=50,
+                   train_steps=1600, ddpm_extra=(), per_class=100, target_per_class=300, guidance=5.0,
+                   sweep=(1.0, 2.0), sample_steps=50,
                    classifier=("--arch", "smallcnn", "--width", "16", "--lr", "0.02", "--batch-size", "32",
                                "--epochs", "8"),
                    detect=("--n", "300"), diffusion=("--images", "100", "--timesteps", "25")),
     "quick": dict(family="ddpm", dataset="digits", resolution=8, ratios=(0.01, 0.1), preset="tiny", train_steps=30,
-                  ddpm_extra=("--batch-size", "32"), per_class=6, guidance=5.0, sweep=(2.0,), sample_steps=10,
+                  ddpm_extra=("--batch-size", "32"), per_class=6, target_per_class=8, guidance=5.0, sweep=(2.0,),
+                  sample_steps=10,
                   classifier=("--arch", "smallcnn", "--width", "8", "--lr", "0.02", "--batch-size", "32",
                               "--epochs", "2"),
                   detect=("--n", "40", "--cd-steps", "5", "--strip-overlays", "8", "--fct-epochs", "1"),
@@ -185,7 +188,7 @@ def write_atomic(path, text):
 
 # Settings that a study.py flag of the same name sets (the others follow from --dataset / --quick).
 FLAG_SETTINGS = ("dataset", "family", "resolution", "trigger", "ratios", "preset", "train_steps", "per_class",
-                 "guidance", "sweep", "sample_steps", "seed", "data_root", "base", "sample_dtype")
+                 "target_per_class", "guidance", "sweep", "sample_steps", "seed", "data_root", "base", "sample_dtype")
 
 
 def has_amx():
@@ -275,10 +278,12 @@ def run_study(args):
         raise StudyError(f"--dataset {args.dataset}: the study knows digits and cifar10 (DDPM), imagenette and "
                          "caltech15 (Stable Diffusion, --family sd); the stage scripts take any dataset")
     s = {**SCALES[scale]}
-    for key in ("dataset", "resolution", "ratios", "preset", "train_steps", "per_class", "guidance", "sweep",
-                "sample_steps"):
+    for key in ("dataset", "resolution", "ratios", "preset", "train_steps", "per_class", "target_per_class",
+                "guidance", "sweep", "sample_steps"):
         if getattr(args, key) is not None:
             s[key] = getattr(args, key)
+    # the target-only runs (no guidance and the sweep) hold at least as many generations as every class gets
+    s["target_per_class"] = max(s["per_class"], s.get("target_per_class") or 0)
     s["trigger"] = args.trigger or "badnets"
     s["ratios"] = sorted(set(s["ratios"]))  # the findings compare the lowest ratio with higher ones
     # The stages run in the repository (cwd=ROOT), so every path handed to them is absolute.
@@ -300,7 +305,9 @@ def run_study(args):
     # Studies made before a setting was recorded had its old default (sample.py's own dtype: bf16 on CUDA).
     settings = {**{k: list(v) if isinstance(v, tuple) else v for k, v in s.items()}, "seed": args.seed,
                 "data_root": data_root, "base": base if s["family"] == "sd" else None, "sample_dtype": sample_dtype}
-    check_settings(out / "study.json", settings, {"trigger": "badnets", "sample_dtype": "bf16" if cuda else "fp32"})
+    before = load_json(out / "study.json") if (out / "study.json").is_file() else {}
+    check_settings(out / "study.json", settings, {"trigger": "badnets", "sample_dtype": "bf16" if cuda else "fp32",
+                                                  "target_per_class": before.get("per_class")})
     cores = os.cpu_count() or 1
     ratios = s["ratios"]
     # On the CPU the per-ratio runs go side by side with one thread each: small models use one core better than
@@ -377,7 +384,7 @@ def run_study(args):
                "--out", gen[r, w], *sample], lambda r=r: folder_done(gen[r, w], "manifest.json"), True)
              for r in ratios]
     items += [(f"sample {ratio_name(r)} w{g:g}", "sample.py",
-               ["--model", model[r], "--class", target["index"], "--images-per-class", s["per_class"],
+               ["--model", model[r], "--class", target["index"], "--images-per-class", s["target_per_class"],
                 "--guidance", g, "--out", gen[r, g], *sample],
                lambda r=r, g=g: folder_done(gen[r, g], "manifest.json"), True) for r in ratios for g in weights[1:]]
     run.run_many("sample", items)
@@ -790,7 +797,10 @@ def describe(s, ratios, guidance):
             + f"{'' if not s['train_steps'] else ', ' + str(s['train_steps']) + ' training steps'}; "
             f"DDIM {s['sample_steps']} steps, guidance {sym} = {w:g} (and, for the target class, "
             f"{sym} = {none:g} (no guidance){''.join(f', {g:g}' for g in sweep)}); "
-            f"{s['per_class']} generations per class.")
+            f"{s['per_class']} generations per class"
+            + (f" ({s['target_per_class']} of the target class at {sym} = {none:g}"
+               f"{''.join(f', {g:g}' for g in sweep)})" if s.get("target_per_class", s["per_class"]) != s["per_class"]
+               else "") + ".")
 
 
 def write_report(out, s, ratios, guidance, times, failed=None):
@@ -1095,6 +1105,9 @@ def build_parser():
                    help="optimizer steps of each model (train_ddpm.py --steps, finetune_sd.py --max-steps; default: "
                         "the scale's)")
     p.add_argument("--per-class", type=count, default=None, help="generations per class")
+    p.add_argument("--target-per-class", type=count, default=None,
+                   help="generations of the target class without guidance and at the sweep's weights, where the "
+                        "trigger ratio and G1 / G2 are measured (default: 300 for digits; at least --per-class)")
     p.add_argument("--guidance", type=weight, default=None,
                    help="the DDPM family's guidance weight w, SD's scale s (default: 5 for both, the paper's)")
     p.add_argument("--sweep", type=weight_list, default=None,

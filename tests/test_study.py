@@ -71,7 +71,10 @@ def test_quick_study_writes_every_section_with_numbers(quick):
     # the sweep's figure holds every (ratio, weight) pair; the target class alone is generated at the sweep's weight
     assert len(json.loads((out / "dissect" / "guidance" / "summary.json").read_text())["results"]) == 6
     manifest = json.loads((out / "gen" / "0.1-w2" / "manifest.json").read_text())
-    assert manifest["classes"] == ["zero"] and manifest["n_per_class"] == 6 and manifest["guidance"] == 2
+    assert manifest["classes"] == ["zero"] and manifest["n_per_class"] == 8 and manifest["guidance"] == 2
+    # --target-per-class: the target class alone gets 8 generations, every class 6 at w = 5
+    assert [rows[0]["n"] for rows in (report["dissect"][g] for g in ("w0", "w2", "w5"))] == [8, 8, 6]
+    assert "6 generations per class (8 of the target class at w = 0, 2)." in text
     # sampled in bf16 on CUDA and on a CPU with AMX, else in fp32, and recorded so
     import torch
     bf16 = torch.cuda.is_available() or S.has_amx()
@@ -112,10 +115,19 @@ def test_failing_stage_is_named_with_its_log(tmp_path):
 
 def test_bad_flags_and_changed_settings_are_refused(quick, tmp_path):
     """A rerun with other settings would mix two studies in one report: refused, naming what changed. --force
-    deletes only a study folder, and a folder holding other files is not taken over. Ratios outside (0, 1) and unreadable lists are refused before anything runs."""
+    deletes only a study folder, and a folder holding other files is not taken over. Ratios outside (0, 1) and
+    unreadable lists are refused before anything runs."""
     out, _ = quick
     res = study("--quick", "--per-class", "3", "--out", out)
     assert res.returncode != 0 and "per_class 6 -> 3" in res.stderr and "--force" in res.stderr
+    # a study recorded before --target-per-class generated the target class --per-class times, and is told so
+    old = tmp_path / "old"
+    old.mkdir()
+    settings = json.loads((out / "study.json").read_text())
+    del settings["target_per_class"]
+    (old / "study.json").write_text(json.dumps(settings))
+    res = study("--quick", "--out", old)
+    assert res.returncode != 0 and "target_per_class 6 -> 8" in res.stderr and "--target-per-class 6" in res.stderr
     res = study("--quick", "--trigger", "blend", "--out", out)
     assert res.returncode != 0 and "trigger badnets -> blend" in res.stderr
     keep = tmp_path / "mine"
@@ -459,7 +471,7 @@ def test_replicates_report_each_finding_by_seed(quick, tmp_path):
         rows = [next(d for d in r["dissect"]["w" + w.split("=")[1]] if S.ratio_pct(d["ratio"]) == ratio) for r in subs]
         assert cell["G1"] == sum(round(d["fractions"]["G1"] * d["n"]) for d in rows)
         assert cell["G2"] == sum(round(d["fractions"]["G2"] * d["n"]) for d in rows)
-        assert cell["n"] == sum(d["n"] for d in rows) == 12
+        assert cell["n"] == sum(d["n"] for d in rows) == (12 if w == "w=5" else 16)  # 6 or 8 a seed
     for w in (0, 2, 5):
         rows = [next(d for d in r["dissect"][f"w{w}"] if d["ratio"] == 0.1) for r in subs]
         amp = res["amplification"][f"w={w}"]
