@@ -24,7 +24,8 @@ study resumes where it stopped; `--force` starts over):
     gen/<r>-w<w>         sample.py        generations: every class at the guidance weight w (default 5; SD: the
                                           scale s = 5), and the target class without guidance (w = 0; SD's scale
                                           s = 1) and at the sweep's weights in between (--sweep; default 1 and 2;
-                                          SD 2 and 3), --target-per-class of them (digits: 300, else --per-class)
+                                          SD 2 and 3), --target-per-class of them (digits: 300; at least and by
+                                          default --per-class)
     classifiers/poisoned-<r>, classifiers/generated-<r>   classify.py   Tab. 4: TA / ASR of a classifier trained
                                           on the poisoned set vs on the generations
     dissect/w<w>         dissect.py       G1-G4, trigger amplification, the phase transition (Fig. 2-4) at each
@@ -37,7 +38,7 @@ study resumes where it stopped; `--force` starts over):
 Logs of every stage are in OUT/logs/, the settings in OUT/study.json (a rerun with other ones is refused), the time
 of each stage in OUT/times.json. Stages that do not depend on each other (one per ratio) run `--jobs` at a time.
 With --replicates n, OUT/seed-<seed>/ holds one such study per seed (--seed, --seed + 1000000, ...), and OUT/REPORT.md
-each finding's verdict by seed with the numbers behind them side by side.
+each finding's verdict by seed with the numbers behind them side by side (OUT/report.json: the same cells by seed).
 """
 import argparse
 import json
@@ -283,6 +284,9 @@ def run_study(args):
         if getattr(args, key) is not None:
             s[key] = getattr(args, key)
     # the target-only runs (no guidance and the sweep) hold at least as many generations as every class gets
+    if args.target_per_class is not None and args.target_per_class < s["per_class"]:
+        raise StudyError(f"--target-per-class {args.target_per_class} is below --per-class {s['per_class']}: the "
+                         "target class alone gets at least as many generations as every class; raise it or drop it")
     s["target_per_class"] = max(s["per_class"], s.get("target_per_class") or 0)
     s["trigger"] = args.trigger or "badnets"
     s["ratios"] = sorted(set(s["ratios"]))  # the findings compare the lowest ratio with higher ones
@@ -1008,7 +1012,7 @@ def write_replicates(out, seeds, reports):
             for r in reports:
                 dm = r["detect"].get(ratio_name(ratio)) or {}
                 delta.append((dm.get("methods") or {}).get(m, {}).get("delta"))
-                few.append(min((dm.get("positives") or {"": 0}).values()) < MIN_TRIGGERED)
+                few.append(min(dm["positives"].values()) < MIN_TRIGGERED if dm.get("positives") else None)
             detection.setdefault(ratio_pct(ratio), {})[m] = {"delta": delta, "few_poisoned": few}
             L.append(f"| {ratio_pct(ratio)} | {m.upper()} | " + " | ".join(
                 "–" if x is None else f"({x:+.3f})" if f else f"{x:+.3f}" for x, f in zip(delta, few)) + " |")
@@ -1026,7 +1030,7 @@ def write_replicates(out, seeds, reports):
     for r in reports:
         d = r.get("diffusion_classifier")
         row = {x["filter_top"] if x["kind"] == "diffusion" else "classifier": x for x in d["rows"]} if d else {}
-        a4.append({"ratio": d["ratio"], **{name: {m: row[k].get(m) for m in ("asr", "ta")} if k in row else None
+        a4.append({"ratio": float(d["ratio"]), **{name: {m: row[k].get(m) for m in ("asr", "ta")} if k in row else None
                                            for name, k in (("classifier", "classifier"), ("diffusion", 0.0),
                                                            ("filtered_top_10", 10.0))}} if d else None)
     if any(a4):

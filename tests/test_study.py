@@ -120,6 +120,9 @@ def test_bad_flags_and_changed_settings_are_refused(quick, tmp_path):
     out, _ = quick
     res = study("--quick", "--per-class", "3", "--out", out)
     assert res.returncode != 0 and "per_class 6 -> 3" in res.stderr and "--force" in res.stderr
+    res = study("--quick", "--per-class", "9", "--target-per-class", "7", "--out", tmp_path / "fewer")
+    assert res.returncode != 0 and "--target-per-class 7 is below --per-class 9" in res.stderr
+    assert not (tmp_path / "fewer").exists()
     # a study recorded before --target-per-class generated the target class --per-class times, and is told so
     old = tmp_path / "old"
     old.mkdir()
@@ -491,21 +494,30 @@ def test_replicates_report_each_finding_by_seed(quick, tmp_path):
     # report.json holds every table's cells by seed, each the seed's own number
     assert res["classifiers"]["10%"]["generated"]["asr"] == [x["generated"]["asr"] for x in c]
     assert res["classifiers"]["10%"]["poisoned"]["ta"] == [x["poisoned"]["ta"] for x in c]
-    assert res["false_positives"]["1%"]["trigger_ratio"] == [
-        next(d for d in r["dissect"]["w5"] if d["ratio"] == 0.01)["non_target_trigger_ratio"] for r in subs]
+    at_1 = [next(d for d in r["dissect"]["w5"] if d["ratio"] == 0.01) for r in subs]
+    assert res["false_positives"]["1%"] == {"trigger_ratio": [d["non_target_trigger_ratio"] for d in at_1],
+                                           "copies": [d["non_target_copy_ratio"] for d in at_1]}
     for ratio, name in (("1%", "0.01"), ("10%", "0.1")):
         for m in ("cd", "strip", "fct"):
             cell = res["detection"][ratio][m]
-            assert cell["delta"] == [(r["detect"][name].get("methods") or {}).get(m, {}).get("delta") for r in subs]
-            assert len(cell["few_poisoned"]) == 2
+            for k, r in enumerate(subs):
+                dm = r["detect"][name]
+                if "methods" in dm:  # scored: Δ is the generations' AUROC minus the training set's
+                    x = dm["methods"][m]
+                    assert abs(cell["delta"][k] - (x["generated_auroc"] - x["train_auroc"])) < 1e-9
+                    assert cell["few_poisoned"][k] == (min(dm["positives"].values()) < S.MIN_TRIGGERED)
+                else:  # not scored (e.g. too few poisoned images in the quick draw): no Δ, no count
+                    assert cell["delta"][k] is None
     a4 = res["diffusion_classifier"]
-    assert [x and x["ratio"] for x in a4] == [r["diffusion_classifier"] and r["diffusion_classifier"]["ratio"]
+    assert [x and x["ratio"] for x in a4] == [r["diffusion_classifier"] and float(r["diffusion_classifier"]["ratio"])
                                               for r in subs] and any(a4)
     for x, r in zip(a4, subs):
         if x:
-            unfiltered = next(y for y in r["diffusion_classifier"]["rows"]
-                              if y["kind"] == "diffusion" and y["filter_top"] == 0)
-            assert x["diffusion"] == {"asr": unfiltered["asr"], "ta": unfiltered["ta"]}
+            rows = r["diffusion_classifier"]["rows"]
+            for name, kind, top in (("classifier", "classifier", None), ("diffusion", "diffusion", 0),
+                                    ("filtered_top_10", "diffusion", 10)):
+                y = next(y for y in rows if y["kind"] == kind and (top is None or y["filter_top"] == top))
+                assert x[name] == {"asr": y["asr"], "ta": y["ta"]}
             assert f"p={S.ratio_pct(x['ratio'])}: {S.pct(x['classifier']['asr'])}" in text
     # fewer replicates on a rerun: nothing runs, the report covers the seeds asked for
     second = study("--quick", "--replicates", "1", "--out", out)
