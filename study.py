@@ -795,16 +795,15 @@ def findings(res, ratios, guidance):
 def describe(s, ratios, guidance):
     """The sentence that opens a report: what the study was run with (s: its scale's settings, as in study.json)."""
     w, none, sym, sweep = guidance
+    unguided, rest = f"{sym} = {none:g}", "".join(f", {g:g}" for g in sweep)  # the weights of the target-only runs
+    target = s.get("target_per_class", s["per_class"])
     return (f"Dataset `{s['dataset']}` at {s['resolution']} px, {TRIGGER_NAMES[s.get('trigger', 'badnets')]} "
             f"trigger, poisoning ratios {', '.join(ratio_pct(r) for r in ratios)}; "
             + (f"DDPM preset `{s['preset']}`" if s["family"] == "ddpm" else "Stable Diffusion fine-tuned")
             + f"{'' if not s['train_steps'] else ', ' + str(s['train_steps']) + ' training steps'}; "
             f"DDIM {s['sample_steps']} steps, guidance {sym} = {w:g} (and, for the target class, "
-            f"{sym} = {none:g} (no guidance){''.join(f', {g:g}' for g in sweep)}); "
-            f"{s['per_class']} generations per class"
-            + (f" ({s['target_per_class']} of the target class at {sym} = {none:g}"
-               f"{''.join(f', {g:g}' for g in sweep)})" if s.get("target_per_class", s["per_class"]) != s["per_class"]
-               else "") + ".")
+            f"{unguided} (no guidance){rest}); {s['per_class']} generations per class"
+            + (f" ({target} of the target class at {unguided}{rest})" if target != s["per_class"] else "") + ".")
 
 
 def write_report(out, s, ratios, guidance, times, failed=None):
@@ -1029,10 +1028,14 @@ def write_replicates(out, seeds, reports):
     a4 = []  # by seed: the ratio, and ASR / TA of the classifier, the diffusion classifier, its top 10% filtered
     for r in reports:
         d = r.get("diffusion_classifier")
-        row = {x["filter_top"] if x["kind"] == "diffusion" else "classifier": x for x in d["rows"]} if d else {}
-        a4.append({"ratio": float(d["ratio"]), **{name: {m: row[k].get(m) for m in ("asr", "ta")} if k in row else None
-                                           for name, k in (("classifier", "classifier"), ("diffusion", 0.0),
-                                                           ("filtered_top_10", 10.0))}} if d else None)
+        if not d:
+            a4.append(None)
+            continue
+        row = {x["filter_top"] if x["kind"] == "diffusion" else "classifier": x for x in d["rows"]}
+        cell = {"ratio": float(d["ratio"])}
+        for name, k in (("classifier", "classifier"), ("diffusion", 0.0), ("filtered_top_10", 10.0)):
+            cell[name] = {"asr": row[k].get("asr"), "ta": row[k].get("ta")} if k in row else None
+        a4.append(cell)
     if any(a4):
         L += ["", "## The diffusion classifier (Tab. A4): ASR (TA) of the classifier / the diffusion classifier / "
               "with the top 10% of its denoising losses filtered", "", f"| {cols} |", "|" + "---|" * len(seeds),
