@@ -429,12 +429,21 @@ class UNetMid(nn.Module):
         return maybe_checkpoint(self.gradient_checkpointing, self.resnets[1], x, temb)
 
 
+def check_kernels_env():
+    """The kernels read KERNELS_IMPL on every call and raise ValueError deep in a forward pass on a bad value; the
+    U-Net and the VAE refuse it when built instead, as a one-line SDError every stage script reports."""
+    impl = os.environ.get("KERNELS_IMPL") or "auto"
+    if impl not in ("auto", "triton", "torch"):
+        raise SDError(f"KERNELS_IMPL={impl!r} is not auto, triton or torch: unset it or set one of those")
+
+
 class UNet(nn.Module):
     """unet(latents (B, 4, h, w), timesteps (B,) or a scalar, context (B, S, cross_attention_dim)) -> the predicted
     noise (B, 4, h, w). `config` is diffusers' unet/config.json; `self.config` keeps it to save with the weights."""
 
     def __init__(self, config):
         super().__init__()
+        check_kernels_env()
         self.config = dict(config)
         c = self.layout = unet_layout(config)
         ch = c["block_out_channels"]
@@ -562,6 +571,7 @@ class AutoencoderKL(nn.Module):
 
     def __init__(self, config):
         super().__init__()
+        check_kernels_env()
         self.config = dict(config)
         c = vae_layout(config)
         self.scaling_factor = float(c["scaling_factor"])
@@ -1521,6 +1531,7 @@ RUN_KEYS = ("base", "config", "tokenizer", "use_ema", "data_fingerprint", "resol
 
 def main(args):
     command = " ".join([Path(sys.argv[0]).name] + sys.argv[1:])
+    check_kernels_env()  # before any data is built
     rank, world, device = setup_distributed(args.device)
     log = print if rank == 0 else (lambda *a, **k: None)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[

@@ -231,6 +231,14 @@ class Stage(nn.Module):
         return x
 
 
+def check_kernels_env():
+    """The kernels read KERNELS_IMPL on every call and raise ValueError deep in a forward pass on a bad value; a
+    model refuses it when built instead, as a one-line PoisonError every stage script reports."""
+    impl = os.environ.get("KERNELS_IMPL") or "auto"
+    if impl not in ("auto", "triton", "torch"):
+        raise PoisonError(f"KERNELS_IMPL={impl!r} is not auto, triton or torch: unset it or set one of those")
+
+
 class UNet(nn.Module):
     """eps_theta(x_t, t, y): (B, 3, R, R) float, (B,) timesteps, (B,) labels in [0, num_classes] (num_classes =
     null) -> (B, 3, R, R). Down: per level num_res_blocks ResBlocks (+ attention), then a stride-2 conv; middle:
@@ -238,6 +246,7 @@ class UNet(nn.Module):
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
+        check_kernels_env()
         self.cfg = cfg
         ch = cfg.channels
         emb_dim = 4 * ch
@@ -598,6 +607,7 @@ def setting_differences(saved, config):
 
 def main(args):
     out = Path(args.out)
+    check_kernels_env()  # before any data is built
     device = resolve_device(args.device)
     rank, world, device = setup_distributed(device)
     amp_dtype = autocast_dtype(args.dtype, device)

@@ -951,10 +951,21 @@ def test_bad_input(model_dir, data, tmp_path):
                         "--out", str(tmp_path / "g"), "--device", "cpu"], cwd=ROOT, env=ENV, capture_output=True,
                        text=True)
     assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("sample.py: error: unknown --class")
+    r = subprocess.run([PY, str(ROOT / "sample.py"), "--model", str(model_dir), "--class", "0", "--n", "1",
+                        "--out", str(tmp_path / "g"), "--device", "cpu"], cwd=ROOT, env={**ENV, "KERNELS_IMPL": "fast"},
+                       capture_output=True, text=True)  # refused when the model is built, not deep in a forward
+    assert r.returncode != 0 and r.stderr.strip().splitlines() == [
+        "sample.py: error: KERNELS_IMPL='fast' is not auto, triton or torch: unset it or set one of those"], r.stderr
+    assert not (tmp_path / "g").exists()
     r = subprocess.run([PY, str(ROOT / "train_ddpm.py"), "--data", str(tmp_path / "nope"), "--out",
                         str(tmp_path / "m")], cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("train_ddpm.py: error: --data")
     assert not (tmp_path / "m").exists()  # a refused run leaves no empty --out behind
+    r = subprocess.run([PY, str(ROOT / "train_ddpm.py"), "--dataset", "digits", "--resolution", str(RES), "--ratio",
+                        "0.1", "--preset", "tiny", "--out", str(tmp_path / "m")], cwd=ROOT,
+                       env={**ENV, "KERNELS_IMPL": "fast"}, capture_output=True, text=True)
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("train_ddpm.py: error: KERNELS_IMPL")
+    assert not (tmp_path / "m").exists()  # refused before the poisoned set was built
     with pytest.raises(PoisonError, match=r"--trigger --ratio with --data: .*drop them, or drop --data"):
         train_ddpm.main(tiny_args(tmp_path / "y", data, "--ratio", 0.05, "--trigger", "blend"))  # were ignored
     with pytest.raises(PoisonError, match=f"holds a poisoned set.*give its training images, {data}"):

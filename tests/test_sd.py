@@ -196,6 +196,15 @@ def test_unet_through_the_triton_kernels(tiny, monkeypatch):
     assert rel_err(got, want) < 1e-4
 
 
+def test_bad_kernels_impl_is_refused_when_built(tiny, monkeypatch):
+    """A bad KERNELS_IMPL is a one-line SDError at load (the stage scripts print it), not a ValueError mid-forward."""
+    monkeypatch.setenv("KERNELS_IMPL", "fast")
+    with pytest.raises(S.SDError, match=r"^KERNELS_IMPL='fast' is not auto, triton or torch: unset it"):
+        S.load_sd(tiny["folder"])
+    with pytest.raises(S.SDError, match="KERNELS_IMPL='fast'"):
+        S._build(S.AutoencoderKL, dict(tiny["vae"].config))
+
+
 def test_diffusers_folder_old_vae_attention_names(tiny, tmp_path):
     """Old diffusers folders (SD v1.4's own on the Hub) name the VAE attention query/key/value/proj_attn."""
     import shutil
