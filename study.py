@@ -60,13 +60,13 @@ SCALES = {
     # The target class gets 300 generations where it is generated alone (no guidance, the sweep): at 100, the 95%
     # interval of a trigger ratio spans +-10 points, wider than the amplification it measures (56-69% vs p_t 50%).
     "digits": dict(family="ddpm", dataset="digits", resolution=16, ratios=(0.01, 0.05, 0.1), preset="small",
-                   train_steps=1600, ddpm_extra=(), per_class=100, target_per_class=300, guidance=5.0,
+                   train_steps=1600, batch_size=64, per_class=100, target_per_class=300, guidance=5.0,
                    sweep=(1.0, 2.0), sample_steps=50,
                    classifier=("--arch", "smallcnn", "--width", "16", "--lr", "0.02", "--batch-size", "32",
                                "--epochs", "8"),
                    detect=("--n", "300"), diffusion=("--images", "100", "--timesteps", "25")),
     "quick": dict(family="ddpm", dataset="digits", resolution=8, ratios=(0.01, 0.1), preset="tiny", train_steps=30,
-                  ddpm_extra=("--batch-size", "32"), per_class=6, target_per_class=8, guidance=5.0, sweep=(2.0,),
+                  batch_size=32, per_class=6, target_per_class=8, guidance=5.0, sweep=(2.0,),
                   sample_steps=10,
                   classifier=("--arch", "smallcnn", "--width", "8", "--lr", "0.02", "--batch-size", "32",
                               "--epochs", "2"),
@@ -74,7 +74,7 @@ SCALES = {
                   diffusion=("--images", "20", "--timesteps", "5")),
     "cifar10": dict(family="ddpm", dataset="cifar10", resolution=32, ratios=(0.01, 0.05, 0.1), preset="cifar10",
                     train_steps=None,
-                    ddpm_extra=(), per_class=1000, guidance=5.0, sweep=(1.0, 2.0), sample_steps=50,
+                    per_class=1000, guidance=5.0, sweep=(1.0, 2.0), sample_steps=50,
                     classifier=("--arch", "resnet18", "--epochs", "100", "--lr", "0.01", "--batch-size", "128"),
                     detect=("--n", "2000"), diffusion=("--images", "1000", "--timesteps", "50,500", "--keep", "5")),
     # Stable Diffusion v1.4 fine-tuned on ImageNette (or Caltech-15) at 512 px, the paper's Sec. 4-5 setting; the
@@ -188,8 +188,9 @@ def write_atomic(path, text):
 
 
 # Settings that a study.py flag of the same name sets (the others follow from --dataset / --quick).
-FLAG_SETTINGS = ("dataset", "family", "resolution", "trigger", "ratios", "preset", "train_steps", "per_class",
-                 "target_per_class", "guidance", "sweep", "sample_steps", "seed", "data_root", "base", "sample_dtype")
+FLAG_SETTINGS = ("dataset", "family", "resolution", "trigger", "ratios", "preset", "train_steps", "batch_size",
+                 "per_class", "target_per_class", "guidance", "sweep", "sample_steps", "seed", "data_root", "base",
+                 "sample_dtype")
 
 
 def has_amx():
@@ -214,7 +215,8 @@ def check_settings(path, settings, recorded_later=None):
         write_atomic(path, json.dumps(settings, indent=2) + "\n")
         return
     recorded = json.loads(path.read_text())
-    old = {**(recorded_later or {}), **recorded}
+    # a setting an older version recorded and this one does not (ddpm_extra, now batch_size) counts where it was set
+    old = {**(recorded_later or {}), **{k: v for k, v in recorded.items() if k in settings or v not in ([], None)}}
     keys = [k for k in sorted(set(old) | set(settings)) if json.dumps(old.get(k)) != json.dumps(settings.get(k))]
     if keys:
         flags = " ".join(as_flag(k, old[k]) for k in keys if k in FLAG_SETTINGS and old.get(k) is not None)
@@ -224,6 +226,15 @@ def check_settings(path, settings, recorded_later=None):
                          "--force to start over")
     if recorded != old:  # the settings a later version records by default, filled in
         write_atomic(path, json.dumps(old, indent=2) + "\n")
+
+
+def train_batch(s):
+    """A DDPM study's global training batch (train_ddpm.py --batch-size): its setting, else its preset's; None for
+    SD, whose finetune_sd.py keeps the paper's 4 images x 4 GPUs."""
+    if s.get("family") != "ddpm":
+        return None
+    from train_ddpm import PRESETS
+    return s.get("batch_size") or PRESETS.get(s.get("preset"), {}).get("train", {}).get("batch_size")
 
 
 def folder_done(path, key_file):
@@ -279,10 +290,14 @@ def run_study(args):
         raise StudyError(f"--dataset {args.dataset}: the study knows digits and cifar10 (DDPM), imagenette and "
                          "caltech15 (Stable Diffusion, --family sd); the stage scripts take any dataset")
     s = {**SCALES[scale]}
-    for key in ("dataset", "resolution", "ratios", "preset", "train_steps", "per_class", "target_per_class",
-                "guidance", "sweep", "sample_steps"):
+    for key in ("dataset", "resolution", "ratios", "preset", "train_steps", "batch_size", "per_class",
+                "target_per_class", "guidance", "sweep", "sample_steps"):
         if getattr(args, key) is not None:
             s[key] = getattr(args, key)
+    if args.batch_size is not None and s["family"] != "ddpm":
+        raise StudyError("--batch-size is train_ddpm.py's (the DDPM family); the SD study keeps finetune_sd.py's "
+                         "batch, the paper's 4 images x 4 GPUs: drop --batch-size")
+    s["batch_size"] = train_batch(s)
     # the target-only runs (no guidance and the sweep) hold at least as many generations as every class gets
     if args.target_per_class is not None and args.target_per_class < s["per_class"]:
         raise StudyError(f"--target-per-class {args.target_per_class} is below --per-class {s['per_class']}: the "
@@ -311,7 +326,8 @@ def run_study(args):
                 "data_root": data_root, "base": base if s["family"] == "sd" else None, "sample_dtype": sample_dtype}
     before = load_json(out / "study.json") if (out / "study.json").is_file() else {}
     check_settings(out / "study.json", settings, {"trigger": "badnets", "sample_dtype": "bf16" if cuda else "fp32",
-                                                  "target_per_class": before.get("per_class")})
+                                                  "target_per_class": before.get("per_class"),
+                                                  "batch_size": train_batch(before)})
     cores = os.cpu_count() or 1
     ratios = s["ratios"]
     # On the CPU the per-ratio runs go side by side with one thread each: small models use one core better than
@@ -369,7 +385,8 @@ def run_study(args):
         steps = ["--steps", s["train_steps"]] if s["train_steps"] else []
         run.run_many("train_ddpm", [
             (f"train_ddpm {ratio_name(r)}", "train_ddpm.py",
-             ["--data", data[r] / "train", "--out", model[r], "--preset", s["preset"], *steps, *s["ddpm_extra"],
+             ["--data", data[r] / "train", "--out", model[r], "--preset", s["preset"], *steps,
+              *(["--batch-size", s["batch_size"]] if s["batch_size"] else []),
               "--train-seed", args.seed, *device], lambda r=r: model_done(model[r], s["train_steps"]), True)
             for r in ratios])
     else:
@@ -800,7 +817,8 @@ def describe(s, ratios, guidance):
     return (f"Dataset `{s['dataset']}` at {s['resolution']} px, {TRIGGER_NAMES[s.get('trigger', 'badnets')]} "
             f"trigger, poisoning ratios {', '.join(ratio_pct(r) for r in ratios)}; "
             + (f"DDPM preset `{s['preset']}`" if s["family"] == "ddpm" else "Stable Diffusion fine-tuned")
-            + f"{'' if not s['train_steps'] else ', ' + str(s['train_steps']) + ' training steps'}; "
+            + (f", {s['train_steps']} training steps" if s["train_steps"] else "")
+            + (f" of {s['batch_size']} images" if s["train_steps"] and s.get("batch_size") else "") + "; "
             f"DDIM {s['sample_steps']} steps, guidance {sym} = {w:g} (and, for the target class, "
             f"{unguided} (no guidance){rest}); {s['per_class']} generations per class"
             + (f" ({target} of the target class at {unguided}{rest})" if target != s["per_class"] else "") + ".")
@@ -1111,6 +1129,9 @@ def build_parser():
     p.add_argument("--train-steps", dest="train_steps", type=count, default=None,
                    help="optimizer steps of each model (train_ddpm.py --steps, finetune_sd.py --max-steps; default: "
                         "the scale's)")
+    p.add_argument("--batch-size", type=count, default=None,
+                   help="DDPM family: images per training step (train_ddpm.py --batch-size; default: 64 for digits, "
+                        "else the preset's)")
     p.add_argument("--per-class", type=count, default=None, help="generations per class")
     p.add_argument("--target-per-class", type=count, default=None,
                    help="generations of the target class without guidance and at the sweep's weights, where the "

@@ -87,6 +87,9 @@ def test_quick_study_writes_every_section_with_numbers(quick):
     for script in ("poison.py", "classify.py", "train_ddpm.py", "sample.py", "dissect.py", "detect.py"):
         assert script in commands
     assert commands.count("--trigger badnets") == 3 and "BadNets trigger" in text  # 2 ratios + the clean split
+    train = [line for line in commands.splitlines() if "train_ddpm.py" in line]
+    assert len(train) == 2 and all("--steps 30 --batch-size 32 " in line for line in train)  # the quick scale's
+    assert "30 training steps of 32 images" in text
 
 
 def test_second_run_skips_finished_stages(quick):
@@ -131,6 +134,10 @@ def test_bad_flags_and_changed_settings_are_refused(quick, tmp_path):
     (old / "study.json").write_text(json.dumps(settings))
     res = study("--quick", "--out", old)
     assert res.returncode != 0 and "target_per_class 6 -> 8" in res.stderr and "--target-per-class 6" in res.stderr
+    res = study("--quick", "--batch-size", "16", "--out", out)
+    assert res.returncode != 0 and "batch_size 32 -> 16" in res.stderr
+    res = study("--quick", "--family", "sd", "--batch-size", "16", "--out", tmp_path / "sd")
+    assert res.returncode != 0 and "--batch-size is train_ddpm.py's" in res.stderr and not (tmp_path / "sd").exists()
     res = study("--quick", "--trigger", "blend", "--out", out)
     assert res.returncode != 0 and "trigger badnets -> blend" in res.stderr
     keep = tmp_path / "mine"
@@ -164,6 +171,23 @@ def test_settings_recorded_before_their_flags_are_the_old_defaults(tmp_path):
     (tmp_path / "study.json").write_text(json.dumps({"dataset": "digits", "ratios": [0.01, 0.1]}))
     with pytest.raises(S.StudyError, match="sample_dtype bf16 -> fp32"):  # an older study on CUDA sampled in bf16
         S.check_settings(tmp_path / "study.json", settings, {**old_defaults, "sample_dtype": "bf16"})
+    # before --batch-size: the preset's batch (small: 64), and train_ddpm.py flags in ddpm_extra, which no longer
+    # exists: an empty one is no setting, a set one is a change
+    now = {"dataset": "digits", "family": "ddpm", "preset": "small", "batch_size": 64}
+    for extra in ([], ["--dropout", "0.1"]):
+        (tmp_path / "study.json").write_text(json.dumps({"dataset": "digits", "family": "ddpm", "preset": "small",
+                                                         "ddpm_extra": extra}))
+        old = {"batch_size": S.train_batch(json.loads((tmp_path / "study.json").read_text()))}
+        if extra:
+            with pytest.raises(S.StudyError, match=r"ddpm_extra \['--dropout', '0.1'\] -> None\)"):
+                S.check_settings(tmp_path / "study.json", now, old)
+            continue
+        with pytest.raises(S.StudyError, match=r"\(batch_size 64 -> 128\): rerun with its flags \(--batch-size 64;"):
+            S.check_settings(tmp_path / "study.json", {**now, "batch_size": 128}, old)
+        S.check_settings(tmp_path / "study.json", now, old)
+        assert json.loads((tmp_path / "study.json").read_text()) == now
+    assert S.train_batch({"family": "sd", "preset": None}) is None
+    assert S.train_batch({"family": "ddpm", "preset": "cifar10"}) == 128
 
 
 def test_quick_sd_study_runs_through_finetune_sd(tmp_path):
