@@ -28,7 +28,7 @@ last good checkpoint in place (with --dtype fp16 the loss scaler skips steps wit
 
 Presets (--preset): cifar10 = the DDPM paper's CIFAR-10 U-Net (128 channels, multipliers 1,2,2,2, 2 res blocks,
 attention at 16x16, dropout 0.1; 35.7M parameters + the class embedding); small = a 0.65M-parameter U-Net that
-trains on the embedded digits default at 16 px on a laptop CPU in minutes; tiny = for tests.
+trains on the embedded digits default at 12-16 px on a laptop CPU in minutes; tiny = for tests.
 The reference code (OPTML-Group/BiBadDiff) trained a 64-channel model with attention after every block, batch
 2000 for 1500 epochs with warm-up + cosine, fp32, no EMA; here EMA is on (users expect it) and the DDPM paper's
 recipe (batch 128, 800k steps, warm-up 5000, gradient clipping 1) is the cifar10 default, with a checkpoint every
@@ -106,9 +106,10 @@ PRESETS = {
                               head_channels=64, dropout=0.1, norm_groups=32),
                     train=dict(batch_size=128, steps=800_000, warmup=5000, ema_decay=0.9999, lr=2e-4,
                                save_every=10_000)),  # days of training: a crash loses at most 10k steps
-    # Minutes on a CPU for 16 px digits (study.py's default). 16 channels at full resolution keeps the 16x16
-    # convolutions (most of the work) cheap. For a fixed budget, more updates beat bigger batches: 1600 steps of 64
-    # at lr 2e-3 leave far less residual noise in the samples than 800 of 128 at 1e-3 (benchmarks/RESULTS.md).
+    # Minutes on a CPU for 16 px digits. 16 channels at full resolution keeps the full-size convolutions (most of the
+    # work) cheap. For a fixed budget at 16 px, more updates beat bigger batches: 1600 steps of 64 at lr 2e-3 leave
+    # far less residual noise in the samples than 800 of 128 at 1e-3. study.py's default, 12 px, trains 1600 steps of
+    # 128 in about the same time (benchmarks/RESULTS.md).
     "small": dict(unet=dict(channels=16, channel_mult=(1, 2, 4), num_res_blocks=1, attention_ds=(2,),
                             head_channels=32, dropout=0.0, norm_groups=8),
                   train=dict(batch_size=64, steps=1600, warmup=100, ema_decay=0.9999, lr=2e-3,
