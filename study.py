@@ -210,15 +210,15 @@ def as_flag(key, value):
     return f"--{key.replace('_', '-')} {value}"
 
 
-def check_settings(path, settings, recorded_later=None):
+def check_settings(path, settings, recorded_later=None, retired=()):
     """Record the study's settings in `path` on its first run; refuse a rerun with other ones. recorded_later:
-    {setting: the value studies had before they recorded it}."""
+    {setting: the value studies had before they recorded it}; retired: settings older studies recorded that this
+    version expresses otherwise (their value is in recorded_later), left out of the comparison."""
     if not path.is_file():
         write_atomic(path, json.dumps(settings, indent=2) + "\n")
         return
     recorded = json.loads(path.read_text())
-    # a setting an older version recorded and this one does not (ddpm_extra, now batch_size) counts where it was set
-    old = {**(recorded_later or {}), **{k: v for k, v in recorded.items() if k in settings or v not in ([], None)}}
+    old = {**(recorded_later or {}), **{k: v for k, v in recorded.items() if k not in retired}}
     keys = [k for k in sorted(set(old) | set(settings)) if json.dumps(old.get(k)) != json.dumps(settings.get(k))]
     if keys:
         flags = " ".join(as_flag(k, old[k]) for k in keys if k in FLAG_SETTINGS and old.get(k) is not None)
@@ -231,12 +231,23 @@ def check_settings(path, settings, recorded_later=None):
 
 
 def train_batch(s):
-    """A DDPM study's global training batch (train_ddpm.py --batch-size): its setting, else its preset's; None for
-    SD, whose finetune_sd.py keeps the paper's 4 images x 4 GPUs."""
+    """A DDPM study's global training batch (train_ddpm.py --batch-size): its setting, else (studies recorded before
+    it) the --batch-size among its `ddpm_extra` flags, else its preset's; None for SD, whose finetune_sd.py keeps
+    the paper's 4 images x 4 GPUs."""
     if s.get("family") != "ddpm":
         return None
+    extra = list(s.get("ddpm_extra") or [])
+    if s.get("batch_size") is None and "--batch-size" in extra[:-1]:
+        return int(extra[extra.index("--batch-size") + 1])
     from train_ddpm import PRESETS
     return s.get("batch_size") or PRESETS.get(s.get("preset"), {}).get("train", {}).get("batch_size")
+
+
+def retired_settings(before):
+    """The settings an older study.json holds that this version expresses otherwise: `ddpm_extra` (extra
+    train_ddpm.py flags), when it held nothing or only the batch, which `batch_size` now records."""
+    extra = before.get("ddpm_extra")
+    return ("ddpm_extra",) if extra == [] or (extra and len(extra) == 2 and extra[0] == "--batch-size") else ()
 
 
 def folder_done(path, key_file):
@@ -329,7 +340,7 @@ def run_study(args):
     before = load_json(out / "study.json") if (out / "study.json").is_file() else {}
     check_settings(out / "study.json", settings, {"trigger": "badnets", "sample_dtype": "bf16" if cuda else "fp32",
                                                   "target_per_class": before.get("per_class"),
-                                                  "batch_size": train_batch(before)})
+                                                  "batch_size": train_batch(before)}, retired_settings(before))
     cores = os.cpu_count() or 1
     ratios = s["ratios"]
     # On the CPU the per-ratio runs go side by side with one thread each: small models use one core better than
@@ -1123,7 +1134,7 @@ def build_parser():
                    help="sd: the base model finetune_sd.py starts from (Hub id, diffusers folder or checkpoint)")
     p.add_argument("--data-root", default=None, help="where torchvision datasets are (or are downloaded to)")
     p.add_argument("--resolution", type=count, default=None,
-                   help="image side in pixels (default: 12 for digits, 32 for cifar10, 512 for SD)")
+                   help="image side in pixels (default: 12 for digits, 8 with --quick, 32 for cifar10, 512 for SD)")
     p.add_argument("--trigger", default=None, choices=["badnets", "blend", "wanet"],
                    help="poison.py's trigger (default: badnets, the paper's BadNets-1)")
     p.add_argument("--ratios", type=ratio_list, default=None,

@@ -5,7 +5,7 @@ ADM-style U-Net (guided-diffusion's architecture and numerics) predicting the no
 loss ||eps - eps_theta(x_t, t, y)||^2 of Ho et al. (2020) and label dropout for classifier-free guidance (Ho &
 Salimans 2022): with probability --label-dropout the class is replaced by the null class (index = number of classes).
 
-    # the embedded default (digits): build the poisoned set into OUT/data with poison.py's flags, then train
+    # the embedded digits (16 px; study.py trains at 12 px, --batch-size 128): poison into OUT/data, then train
     python train_ddpm.py --preset small --dataset digits --resolution 16 --ratio 0.1 --out runs/ddpm-digits-0.1
     # an existing dataset folder (poison.py's OUT/train)
     python train_ddpm.py --preset small --data data/digits-badnets-0.1/train --out runs/ddpm-digits

@@ -3,6 +3,7 @@ skips every finished stage, and a failing stage stops the study with a one-line 
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -134,6 +135,15 @@ def test_bad_flags_and_changed_settings_are_refused(quick, tmp_path):
     (old / "study.json").write_text(json.dumps(settings))
     res = study("--quick", "--out", old)
     assert res.returncode != 0 and "target_per_class 6 -> 8" in res.stderr and "--target-per-class 6" in res.stderr
+    # a finished quick study from before --batch-size (its batch in ddpm_extra) resumes as it is, and is re-recorded
+    copied = tmp_path / "copied"
+    shutil.copytree(out, copied)
+    recorded = json.loads((copied / "study.json").read_text())
+    older = {k: v for k, v in recorded.items() if k != "batch_size"}
+    (copied / "study.json").write_text(json.dumps({**older, "ddpm_extra": ["--batch-size", "32"]}))
+    res = study("--quick", "--out", copied)
+    assert res.returncode == 0 and "start " not in res.stdout, res.stderr[-2000:]
+    assert json.loads((copied / "study.json").read_text()) == recorded
     res = study("--quick", "--batch-size", "16", "--out", out)
     assert res.returncode != 0 and "batch_size 32 -> 16" in res.stderr
     res = study("--quick", "--family", "sd", "--batch-size", "16", "--out", tmp_path / "sd")
@@ -171,21 +181,23 @@ def test_settings_recorded_before_their_flags_are_the_old_defaults(tmp_path):
     (tmp_path / "study.json").write_text(json.dumps({"dataset": "digits", "ratios": [0.01, 0.1]}))
     with pytest.raises(S.StudyError, match="sample_dtype bf16 -> fp32"):  # an older study on CUDA sampled in bf16
         S.check_settings(tmp_path / "study.json", settings, {**old_defaults, "sample_dtype": "bf16"})
-    # before --batch-size: the preset's batch (small: 64), and train_ddpm.py flags in ddpm_extra, which no longer
-    # exists: an empty one is no setting, a set one is a change
+    # before --batch-size: the batch was the preset's (small: 64) or set among train_ddpm.py flags in ddpm_extra,
+    # which is retired when it held nothing else; flags of any other kind are a change
     now = {"dataset": "digits", "family": "ddpm", "preset": "small", "batch_size": 64}
-    for extra in ([], ["--dropout", "0.1"]):
-        (tmp_path / "study.json").write_text(json.dumps({"dataset": "digits", "family": "ddpm", "preset": "small",
-                                                         "ddpm_extra": extra}))
-        old = {"batch_size": S.train_batch(json.loads((tmp_path / "study.json").read_text()))}
-        if extra:
+    for extra, batch in (([], 64), (["--batch-size", "128"], 128), (["--dropout", "0.1"], 64)):
+        before = {"dataset": "digits", "family": "ddpm", "preset": "small", "ddpm_extra": extra}
+        (tmp_path / "study.json").write_text(json.dumps(before))
+        args = ({"batch_size": S.train_batch(before)}, S.retired_settings(before))
+        assert args[0]["batch_size"] == batch
+        if extra[:1] == ["--dropout"]:
             with pytest.raises(S.StudyError, match=r"ddpm_extra \['--dropout', '0.1'\] -> None\)"):
-                S.check_settings(tmp_path / "study.json", now, old)
+                S.check_settings(tmp_path / "study.json", now, *args)
             continue
-        with pytest.raises(S.StudyError, match=r"\(batch_size 64 -> 128\): rerun with its flags \(--batch-size 64;"):
-            S.check_settings(tmp_path / "study.json", {**now, "batch_size": 128}, old)
-        S.check_settings(tmp_path / "study.json", now, old)
-        assert json.loads((tmp_path / "study.json").read_text()) == now
+        with pytest.raises(S.StudyError, match=rf"\(batch_size {batch} -> 32\): rerun with its flags "
+                                               rf"\(--batch-size {batch};"):
+            S.check_settings(tmp_path / "study.json", {**now, "batch_size": 32}, *args)
+        S.check_settings(tmp_path / "study.json", {**now, "batch_size": batch}, *args)
+        assert json.loads((tmp_path / "study.json").read_text()) == {**now, "batch_size": batch}
     assert S.train_batch({"family": "sd", "preset": None}) is None
     assert S.train_batch({"family": "ddpm", "preset": "cifar10"}) == 128
 
