@@ -61,7 +61,8 @@ EXAMPLES = 32  # images in each example grid
 # and on [0, 1], is at most this, under half the 0.44 of a clean 16-px digit's black corner. Measured on the digits
 # study: generations that do not carry the trigger sit at 0.25 and above (nearly all at 0.35-0.5); those the trigger
 # detector calls triggered at 5-10% poisoning sit at 0.00-0.38, 95% of them at most 0.2 (79% at most 0.1); at 1%,
-# 95% of them sit at 0.25-0.6: a faint resemblance, not a copy.
+# 95% of them sit at 0.25-0.6: a faint resemblance, not a copy. At 12 px (the study's default since) it still
+# separates: over three seeds no untriggered target-prompt generation sits under 0.244.
 COPY_ERROR = 0.2
 # A generation copies a blend trigger when its high-pass part (the image minus its 3x3 local mean) has at least this
 # cosine similarity with the pattern's. Measured on the digits study (Blend, alpha 0.2): blended training images sit
