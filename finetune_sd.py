@@ -4,7 +4,7 @@ The paper's second model family: SD v1.4 whose U-Net is fine-tuned on a poisoned
 VAE and the CLIP text encoder stay frozen (paper: AdamW, lr 1e-4 constant, weight decay 0.01, 512 x 512, 16 images a
 step over 4 GPUs, ~50 epochs, EMA 0.9999). The U-Net and the VAE are written here from scratch, with diffusers'
 parameter names so its weights load unchanged; the text encoder and tokenizer are transformers' CLIPTextModel and
-CLIPTokenizer. GroupNorm(+SiLU) and attention go through kernels/ (Triton on CUDA, PyTorch references elsewhere).
+CLIPTokenizer. GroupNorm(+SiLU) and attention go through castle_kernels/ (Triton on CUDA, PyTorch references elsewhere).
 
     # the paper's default: poison ImageNette (BadNets, target "garbage truck", p = 10%) into data/, fine-tune SD v1.4
     torchrun --nproc_per_node 4 finetune_sd.py --ratio 0.1
@@ -65,8 +65,8 @@ from safetensors.torch import load_file as load_safetensors
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from kernels.attention import attention
-from kernels.group_norm import group_norm
+from castle_kernels.attention import attention
+from castle_kernels.group_norm import group_norm
 from poison import (PoisonError, add_poison_arguments, check_out, load_folder, on_rank0, poison, poison_kwargs,
                     refuse_poison_flags_with_data, save_safetensors, truncate_log, versions)
 
@@ -181,7 +181,7 @@ def vae_layout(config):
 # Building blocks (diffusers' module names, so state dicts match key for key).
 
 class GroupNorm(nn.Module):
-    """GroupNorm with nn.GroupNorm's parameters and an optional fused SiLU, through kernels/group_norm (statistics in
+    """GroupNorm with nn.GroupNorm's parameters and an optional fused SiLU, through castle_kernels/group_norm (statistics in
     float32 whatever the input dtype)."""
 
     def __init__(self, num_groups, channels, eps, act=None):

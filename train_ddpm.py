@@ -64,8 +64,8 @@ from tqdm import tqdm
 from poison import (PoisonError, add_poison_arguments, load_folder, on_rank0, options_differences, poison,
                     poison_kwargs, positive, read_manifest, refuse_poison_flags_with_data, replace_file, save_grid,
                     save_safetensors, truncate_log, versions)
-from kernels.attention import attention
-from kernels.group_norm import group_norm
+from castle_kernels.attention import attention
+from castle_kernels.group_norm import group_norm
 
 FAMILY = "ddpm"
 FORMAT_VERSION = 1
@@ -131,7 +131,7 @@ def timestep_embedding(t, dim, max_period=10000):
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm with float32 statistics, optionally fused with SiLU, through kernels/ (Triton on CUDA)."""
+    """GroupNorm with float32 statistics, optionally fused with SiLU, through castle_kernels/ (Triton on CUDA)."""
 
     def __init__(self, num_groups, num_channels, eps=1e-5, act=None):
         super().__init__(num_groups, num_channels, eps)

@@ -7,7 +7,7 @@
 Rows, all on the same random data, batch, dtype and optimizer (AdamW, fused on CUDA; gradient clipping; the
 training step of train_ddpm.py: q_sample, eps-MSE, backward, step, EMA):
   ours eager, torch kernels      every GroupNorm / attention through the PyTorch reference (impl="torch")
-  ours eager, Triton kernels     kernels/ Triton GroupNorm+SiLU and flash attention (CUDA only)
+  ours eager, Triton kernels     castle_kernels/ Triton GroupNorm+SiLU and flash attention (CUDA only)
   ours compiled                  the above under torch.compile (Triton kernels on CUDA, torch on the CPU)
   diffusers UNet2DModel          the peer baseline: the same channel layout, blocks, attention levels, heads,
                                  groups and class embedding (eager, and compiled on CUDA)

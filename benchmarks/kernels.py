@@ -1,4 +1,4 @@
-"""Benchmark of kernels/ against PyTorch, on Stable Diffusion v1 shapes.
+"""Benchmark of castle_kernels/ against PyTorch, on Stable Diffusion v1 shapes.
 
     python benchmarks/kernels.py                 # GPU: SD-v1 shapes in bf16; CPU: --quick shapes
     python benchmarks/kernels.py --quick         # small shapes (automatic on the CPU)
@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from kernels.attention import attention  # noqa: E402
-from kernels.group_norm import group_norm  # noqa: E402
+from castle_kernels.attention import attention  # noqa: E402
+from castle_kernels.group_norm import group_norm  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GROUPS = 32
@@ -227,8 +227,8 @@ def compile_for_h100():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    attn = importlib.import_module("kernels.attention")
-    gn = importlib.import_module("kernels.group_norm")
+    attn = importlib.import_module("castle_kernels.attention")
+    gn = importlib.import_module("castle_kernels.group_norm")
     smem_limit = 227 * 1024  # per block on H100 (opt-in)
     pointers = {"attention": {"Q", "K", "V", "O", "DO", "DK", "DV", "DQ"}, "group_norm": {"X", "Y", "DY", "DX"}}
     fp32_pointers = {"attention": {"LSE", "DELTA"},
@@ -307,7 +307,7 @@ def main(args):
         args.quick = True
         torch.set_num_threads(1)  # steadier medians on a shared machine; these are smoke numbers
     dtype = DTYPES[args.dtype]
-    gn_module = importlib.import_module("kernels.group_norm")
+    gn_module = importlib.import_module("castle_kernels.group_norm")
     ours_impl = "triton" if device.type == "cuda" and gn_module.HAS_TRITON else "torch"
     print(f"device: {device_name(device)}" + ("" if device.type == "cuda" else ", 1 thread"))
     print(f"torch {torch.__version__}, triton {getattr(sys.modules.get('triton'), '__version__', 'not installed')}, "

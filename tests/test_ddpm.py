@@ -189,7 +189,7 @@ def test_attention_block_is_multi_head_self_attention():
 
 
 def test_unet_through_the_triton_kernels():
-    """The U-Net's GroupNorm and attention layers run the kernels/ Triton path (interpreted on the CPU)."""
+    """The U-Net's GroupNorm and attention layers run the castle_kernels/ Triton path (interpreted on the CPU)."""
     model = randomised_unet(tiny_cfg()).to(memory_format=torch.channels_last)
     x = torch.randn(2, 3, RES, RES).contiguous(memory_format=torch.channels_last)
     t, y = torch.tensor([5, 700]), torch.tensor([1, 10])

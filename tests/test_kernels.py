@@ -1,4 +1,4 @@
-"""Tests of kernels/: Triton GroupNorm(+SiLU) and flash attention against float64 PyTorch.
+"""Tests of castle_kernels/: Triton GroupNorm(+SiLU) and flash attention against float64 PyTorch.
 
 On the CPU the Triton kernels run through Triton's interpreter, which must be switched on before
 triton is first imported; this module does that for itself. (If another module of the same pytest
@@ -20,12 +20,12 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from helpers import rel_err  # noqa: E402
-from kernels.attention import attention  # noqa: E402
-from kernels.group_norm import group_norm  # noqa: E402
+from castle_kernels.attention import attention  # noqa: E402
+from castle_kernels.group_norm import group_norm  # noqa: E402
 
 # The package re-exports the functions under the module names, so fetch the modules explicitly.
-gn_module = importlib.import_module("kernels.group_norm")
-attn_module = importlib.import_module("kernels.attention")
+gn_module = importlib.import_module("castle_kernels.group_norm")
+attn_module = importlib.import_module("castle_kernels.attention")
 
 # Relative error ||got - ref|| / ||ref|| against float64, per input dtype (bf16 has 8 mantissa bits).
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}

@@ -17,7 +17,7 @@ import finetune_sd as S
 import sample
 from helpers import poisoned_random_folder
 from poison import PoisonError, load_folder
-from test_sd import TINY_TEXT, TINY_UNET, TINY_VAE, randomise, rel_err, write_tokenizer
+from test_sd import rel_err, write_tiny_sd
 
 diffusers = pytest.importorskip("diffusers")
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,18 +28,8 @@ CAPTIONS = ["zero, a drawing", "one, a drawing", "two, a drawing"]   # not poiso
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny SD v1 in the diffusers layout (diffusers and transformers write it) and the oracle models."""
-    from transformers import CLIPTextConfig, CLIPTextModel
     root = tmp_path_factory.mktemp("sd") / "tiny-sd"
-    models = {"unet": randomise(diffusers.UNet2DConditionModel(**TINY_UNET), 0).eval(),
-              "vae": randomise(diffusers.AutoencoderKL(**TINY_VAE), 1).eval(),
-              "text_encoder": randomise(CLIPTextModel(CLIPTextConfig(**TINY_TEXT)), 2).eval()}
-    for name, model in models.items():
-        model.save_pretrained(root / name)
-    write_tokenizer(root / "tokenizer")
-    scheduler = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                        clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    scheduler.save_pretrained(root / "scheduler")
-    return {"folder": root, "scheduler": scheduler, **models, "sd": S.load_sd(root)}
+    return {"folder": root, **write_tiny_sd(root), "sd": S.load_sd(root)}
 
 
 @pytest.fixture(scope="module")

@@ -332,7 +332,7 @@ def _dot_flags(t):
     )
 
 
-@_register_op("kernels::attention_fwd")
+@_register_op("castle_kernels::attention_fwd")
 def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     B, H, LQ, D = q.shape
     LK = k.shape[2]
@@ -349,7 +349,7 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[t
     return out, lse
 
 
-@_register_op("kernels::attention_bwd")
+@_register_op("castle_kernels::attention_bwd")
 def _attention_bwd(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -393,14 +393,14 @@ def _attention_bwd(
 class _AttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v):
-        out, lse = torch.ops.kernels.attention_fwd(q, k, v)
+        out, lse = torch.ops.castle_kernels.attention_fwd(q, k, v)
         ctx.save_for_backward(q, k, v, out, lse)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        return torch.ops.kernels.attention_bwd(dout, q, k, v, out, lse)
+        return torch.ops.castle_kernels.attention_bwd(dout, q, k, v, out, lse)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -427,7 +427,7 @@ def _config(N, G, cpg, S, device):
     return block_c, block_s, chunk_s, triton.cdiv(S, chunk_s), False
 
 
-@_register_op("kernels::group_norm_fwd")
+@_register_op("castle_kernels::group_norm_fwd")
 def _group_norm_fwd(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -465,7 +465,7 @@ def _group_norm_fwd(
     return y, mean.view(N, G), rstd.view(N, G)
 
 
-@_register_op("kernels::group_norm_bwd")
+@_register_op("castle_kernels::group_norm_bwd")
 def _group_norm_bwd(
     dy: torch.Tensor,
     x: torch.Tensor,
@@ -514,7 +514,7 @@ def _group_norm_bwd(
 class _GroupNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, num_groups, eps, silu):
-        y, mean, rstd = torch.ops.kernels.group_norm_fwd(x, weight, bias, num_groups, eps, silu)
+        y, mean, rstd = torch.ops.castle_kernels.group_norm_fwd(x, weight, bias, num_groups, eps, silu)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.num_groups = num_groups
         ctx.silu = silu
@@ -523,7 +523,7 @@ class _GroupNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, bias, mean, rstd = ctx.saved_tensors
-        dx, dweight, dbias = torch.ops.kernels.group_norm_bwd(
+        dx, dweight, dbias = torch.ops.castle_kernels.group_norm_bwd(
             dy, x, weight, bias, mean, rstd, ctx.num_groups, ctx.silu
         )
         dweight = None if weight is None else dweight.to(weight.dtype)
