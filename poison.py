@@ -479,6 +479,13 @@ def wanet_grid(resolution, k=4, s=0.5, seed=0):
     return torch.clamp(identity + s * noise / resolution, -1, 1).float()
 
 
+def wanet_params(kind, resolution, k=None, s=None):
+    """WaNet's (grid side k, strength s), unset ones filled in: the paper's on ImageNette and Caltech-15 (App. A: a grid
+    as fine as the image, strength 1), BackdoorBench's (4, 0.5) elsewhere (CIFAR-10's 32 px, digits, folders)."""
+    paper = kind in ("imagenette", "caltech15")
+    return (resolution if paper else 4) if k is None else k, (1.0 if paper else 0.5) if s is None else s
+
+
 def make_trigger(kind, resolution, seed=0, trigger_image=None, alpha=0.2, wanet_k=4, wanet_s=0.5):
     """The trigger `kind` ('badnets', 'blend', 'wanet') for `resolution`-px square images."""
     params = {"kind": kind, "resolution": resolution}
@@ -942,8 +949,8 @@ def save_grid(images, path, nrow=8, min_tile=64):
 
 def poison(out, dataset="digits", ratio=0.1, attack="badnets", trigger="badnets", target=None, seed=0,
            ratio_of="all", select="random", duplicates=None, data_root="data", resolution=None, split_seed=0,
-           test_fraction=0.2, classes=None, per_class=200, trigger_image=None, blend_alpha=0.2, wanet_k=4,
-           wanet_s=0.5, trigger_seed=0, force=False, workers=4, command=None, quiet=False):
+           test_fraction=0.2, classes=None, per_class=200, trigger_image=None, blend_alpha=0.2, wanet_k=None,
+           wanet_s=None, trigger_seed=0, force=False, workers=4, command=None, quiet=False):
     """Build OUT/train (poisoned), OUT/test (clean), OUT/test_backdoor and OUT/examples.png; return a summary."""
     if attack not in ("badnets", "relabel", "clean-label"):
         raise PoisonError(f"unknown --attack {attack!r}: choose badnets, relabel or clean-label")
@@ -970,6 +977,7 @@ def poison(out, dataset="digits", ratio=0.1, attack="badnets", trigger="badnets"
     if train.class_names != test.class_names:
         raise PoisonError(f"the train and test splits of {dataset} have different classes: fix the dataset")
     t = resolve_target(target, train.class_names)
+    wanet_k, wanet_s = wanet_params(kind, train.resolution, wanet_k, wanet_s)
     trig = None if attack == "relabel" else make_trigger(trigger, train.resolution, trigger_seed, trigger_image,
                                                          blend_alpha, wanet_k, wanet_s)
     if trig is not None:  # a broken trigger image must fail before any work
@@ -1066,7 +1074,8 @@ def options_differences(manifest, kw):
         pairs["blend_alpha"] = (trig.get("alpha"), kw["blend_alpha"])
         pairs["trigger_image"] = (trig.get("trigger_image"), str(kw["trigger_image"]) if kw["trigger_image"] else None)
     if trig.get("kind") == "wanet":
-        pairs["wanet_k"], pairs["wanet_s"] = (trig.get("k"), kw["wanet_k"]), (trig.get("s"), kw["wanet_s"])
+        wk, ws = wanet_params(kind, pairs["resolution"][1], kw["wanet_k"], kw["wanet_s"])
+        pairs["wanet_k"], pairs["wanet_s"] = (trig.get("k"), wk), (trig.get("s"), ws)
     return sorted(k for k, (have, want) in pairs.items() if have != want)
 
 
@@ -1116,8 +1125,11 @@ def add_poison_arguments(parser, out_required=True):
     g.add_argument("--trigger", default="badnets", choices=["badnets", "blend", "wanet"], help="(default: badnets)")
     g.add_argument("--trigger-image", default=None, help="blend: the pattern image (default: a seeded random one)")
     g.add_argument("--blend-alpha", type=float, default=0.2, help="blend: alpha (default: 0.2)")
-    g.add_argument("--wanet-k", type=int, default=4, help="WaNet: control grid side (default: 4)")
-    g.add_argument("--wanet-s", type=float, default=0.5, help="WaNet: warp strength (default: 0.5)")
+    g.add_argument("--wanet-k", type=int, default=None,
+                   help="WaNet: control grid side (default: the image side on imagenette and caltech15, the paper's; "
+                        "else 4)")
+    g.add_argument("--wanet-s", type=float, default=None,
+                   help="WaNet: warp strength (default: 1 on imagenette and caltech15, the paper's; else 0.5)")
     g.add_argument("--trigger-seed", type=int, default=0, help="seed of the blend pattern / WaNet grid (default: 0)")
     g.add_argument("--target", default=None,
                    help="target class name or index (default: the paper's: deer, garbage truck, binoculars; zero)")

@@ -51,6 +51,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent
 
@@ -272,6 +273,19 @@ def model_done(path, steps=None):
 # ----------------------------------------------------------------------------------------------------------------
 # The study
 
+SD_GLOBAL_BATCH, SD_BATCH = 16, 4  # the paper's fine-tuning batch: 4 images on each of 4 GPUs
+
+
+def sd_batch(world):
+    """finetune_sd.py's (--batch-size, --grad-accum) that make the paper's global batch on `world` processes."""
+    if SD_GLOBAL_BATCH % world:
+        raise StudyError(f"--gpus {world}: the paper's global batch of {SD_GLOBAL_BATCH} images needs a number of GPUs "
+                         f"that divides it (1, 2, 4, 8 or 16)")
+    per_process = SD_GLOBAL_BATCH // world
+    batch = math.gcd(per_process, SD_BATCH)
+    return batch, per_process // batch
+
+
 def ratio_name(r):
     return f"{r:g}"
 
@@ -327,6 +341,10 @@ def run_study(args):
     base = str(Path(args.base).expanduser().resolve()) if Path(args.base).expanduser().exists() else args.base
     import torch
     gpus = torch.cuda.device_count() if args.gpus is None else args.gpus
+    sd_batch_flags = []
+    if s["family"] == "sd" and "--batch-size" not in s["sd_extra"]:  # the quick scale sets its own toy batch
+        batch, accum = sd_batch(max(gpus, 1))  # the paper's global batch, on any number of GPUs
+        sd_batch_flags = ["--batch-size", batch, "--grad-accum", accum]
     # sample.py's autocast: bf16 on CUDA (its own default); on a CPU, bf16 for DDPMs where AMX makes it faster (the
     # generations agree with fp32 ones on 99% of dissect.py's verdicts), fp32 elsewhere.
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -406,7 +424,7 @@ def run_study(args):
         steps = ["--max-steps", s["train_steps"]] if s["train_steps"] else []
         run.run_many("finetune_sd", [
             (f"finetune_sd {ratio_name(r)}", "finetune_sd.py",
-             ["--data", data[r] / "train", "--base", base, "--out", model[r], *steps, *s["sd_extra"],
+             ["--data", data[r] / "train", "--base", base, "--out", model[r], *steps, *s["sd_extra"], *sd_batch_flags,
               "--train-seed", args.seed, *device], lambda r=r: sd_done(model[r]), True) for r in ratios])
 
     # 4. Generations: every class at the guidance weight (Fig. 2, Tab. 3/4), the target class without guidance and
@@ -575,10 +593,14 @@ def wilson(fraction, n, z=1.96):
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def clearly_below(a, n_a, b, n_b):
+    """Whether rate a (of n_a) lies below rate b (of n_b) beyond chance: their 95% intervals do not overlap (on 100
+    images, 99% against 100% is the same rate)."""
+    return wilson(a, n_a)[1] < wilson(b, n_b)[0]
+
+
 def clearly_lower(a, b, n):
-    """Whether rate a (of n) is below rate b (of n) beyond chance: their 95% intervals do not overlap (on 100 images,
-    99% against 100% is the same rate)."""
-    return wilson(a, n)[1] < wilson(b, n)[0]
+    return clearly_below(a, n, b, n)
 
 
 MAX_FALSE_POSITIVES = 0.05  # the trigger detector is believed on a model's generations when it calls fewer of its
@@ -648,150 +670,171 @@ def weakened_backdoor(classifiers, ratios):
     return "; ".join(parts), lower
 
 
-def findings(res, ratios, guidance):
-    """(finding, paper, this run, reproduced?) for each goal of the study. The trigger detector's verdicts on a model's
-    generations count only where it is believed: under 5% "triggers" among that model's non-target prompts'
-    generations, which have none to learn, or at least half of those copies of the trigger (a real leak); other
-    ratios are left out of amplification, the phase transition and detection. Amplification counts where the lower
-    end of the trigger ratio's 95% interval is above p_t: reproduced when it holds at the highest ratio at every
-    guidance weight, partly when it holds somewhere. The phase transition
-    is reproduced when it shows in full at some weight and (where copies are counted) most of the lowest ratio's
-    triggered generations copy the trigger; partly when it shows in full on faint triggers, or when G1 overtakes G2
-    between two ratios."""
-    rows = []
-    hi = ratio_name(max(ratios))
+def evidence(res, ratios, guidance):
+    """What every verdict reads: the dissect rows by weight and ratio, their 95% intervals, and the ratios where the
+    trigger detector is believed. It is believed on a model's generations when it calls under MAX_FALSE_POSITIVES of
+    its non-target prompts' generations (which have no trigger to learn) triggered, or when at least half of those
+    copy the trigger (a real leak, not its errors)."""
     w, none, sym, sweep = guidance
     weights = sorted((w, none, *sweep))
     d = {g: {x["ratio"]: x for x in res["dissect"][f"w{g:g}"]} for g in weights}
-    dw = d[w]
-    # the judge's "triggers" where there should be none, per model: its verdicts on that model's generations count
-    # only when they are rare, or mostly real copies of the trigger (a model that makes colour noise for every class
-    # makes the detector fire on every class; one that leaks the trigger itself is judged right)
-    false_positive = {r: dw[r]["non_target_trigger_ratio"] for r in ratios}
-    copies = {r: dw[r].get("non_target_copy_ratio") for r in ratios}
+    false_positive = {r: d[w][r]["non_target_trigger_ratio"] for r in ratios}
+    copies = {r: d[w][r].get("non_target_copy_ratio") for r in ratios}
 
-    def leak(r):  # at least half of the detector's non-target "triggers" copy the trigger: a real leak
-        x = dw[r]
+    def leak(r):
+        x = d[w][r]
         fired = x.get("non_target_triggered")
         if fired is not None:
             return fired > 0 and 2 * x["non_target_copies_of_triggered"] >= fired
         return copies[r] is not None and copies[r] >= false_positive[r] / 2  # summaries from before those counts
-    trusted = [r for r in ratios if false_positive[r] is not None and (
-        false_positive[r] < MAX_FALSE_POSITIVES or leak(r))]
-    trustworthy = max(ratios) in trusted
+    trusted = [r for r in ratios if false_positive[r] is not None and (false_positive[r] < MAX_FALSE_POSITIVES
+                                                                       or leak(r))]
     noisy = [r for r in ratios if r not in trusted and false_positive[r] is not None]
     unchecked = [r for r in ratios if false_positive[r] is None]
-    untrusted = (("; the detector is not believed at " + ", ".join(f"p={ratio_pct(r)}" for r in noisy)
-                  + f" (it calls {pct(MAX_FALSE_POSITIVES)} or more of the non-target prompts' generations triggered"
-                  + (", and fewer than half of those copy the trigger" if any(c is not None for c in copies.values())
-                     else "") + ")" if noisy else "")
-                 + ("; it cannot be checked at " + ", ".join(f"p={ratio_pct(r)}" for r in unchecked)
-                    + ", which has no non-target generations" if unchecked else ""))
+    caveat = (("; the detector is not believed at " + ", ".join(f"p={ratio_pct(r)}" for r in noisy)
+               + f" (it calls {pct(MAX_FALSE_POSITIVES)} or more of the non-target prompts' generations triggered"
+               + (", and fewer than half of those copy the trigger" if any(c is not None for c in copies.values())
+                  else "") + ")" if noisy else "")
+              + ("; it cannot be checked at " + ", ".join(f"p={ratio_pct(r)}" for r in unchecked)
+                 + ", which has no non-target generations" if unchecked else ""))
     ci = {(g, r): wilson(d[g][r]["trigger_ratio"], d[g][r]["n"]) for g in weights for r in ratios}
-    above = {(g, r): d[g][r]["p_t"] is not None and ci[g, r][0] > d[g][r]["p_t"] for g in weights for r in ratios}
-    no_pt = [r for r in ratios if dw[r]["p_t"] is None]
-    top = {g: d[g][max(ratios)] for g in weights}
-    ok = {g: above[g, max(ratios)] for g in weights}
-    lower = {g: [r for r in trusted if r != max(ratios) and above[g, r]] for g in weights}
-    elsewhere = "; ".join(f"{sym}={g:g}: " + ", ".join(f"p={ratio_pct(r)}" for r in lower[g])
-                          for g in weights if lower[g])
-    rows.append(("Trigger amplification",
-                 "generations for the target prompt carry the trigger more often than the target class's "
-                 "training images (trigger ratio > p_t)",
-                 f"at p={ratio_pct(hi)} (p_t {pct(top[w]['p_t'])}), trigger ratio (95% CI): "
-                 + "; ".join(f"{sym}={g:g}: {pct(top[g]['trigger_ratio'])} ({pct(ci[g, max(ratios)][0])}–"
-                             f"{pct(ci[g, max(ratios)][1])}, n={top[g]['n']}"
-                             + (f"; copies {pct(top[g]['trigger_copies']['ratio'])}"
-                                if top[g].get("trigger_copies") else "")
-                             + f") {'✓' if ok[g] else '✗'}" for g in weights)
-                 + f"; at lower ratios, the 95% CI lies above p_t at {elsewhere or 'none'}"
-                 + "; the trigger detector's false positives (non-target prompts): "
-                 + ", ".join(f"p={ratio_pct(r)}: {pct(false_positive[r])}" for r in ratios)
-                 + ("" if trustworthy else " — the detector is not believed at the highest ratio, so no ✓ counts")
-                 + untrusted
-                 + ("; p_t is unknown at " + ", ".join(f"p={ratio_pct(r)}" for r in no_pt)
-                    + " (no training set's manifest gives it)" if no_pt else ""),
-                 "undetermined" if not trusted or max(ratios) in no_pt else
-                 ("partly" if elsewhere else False) if not trustworthy else True if all(ok.values()) else
-                 "partly" if any(ok.values()) or elsewhere else False))
-    kind = {g: transition(d[g], ratios, trusted) for g in weights}
-    readable = any(len(counted_ratios(d[g], ratios, trusted)) >= 2 for g in weights)
+    return SimpleNamespace(res=res, ratios=ratios, w=w, sym=sym, weights=weights, d=d, ci=ci, trusted=trusted,
+                           noisy=noisy, unchecked=unchecked, caveat=caveat, false_positive=false_positive,
+                           copies=copies)
 
-    def faint(g):  # a full transition whose low-ratio "triggers" are mostly not copies of the trigger (where counted)
-        cp = d[g][kind[g][1]].get("trigger_copies")
+
+def trigger_ratio_text(e, g, r):
+    x, (lo, hi) = e.d[g][r], e.ci[g, r]
+    cp = x.get("trigger_copies")
+    return (f"{pct(x['trigger_ratio'])} ({pct(lo)}–{pct(hi)}, n={x['n']}"
+            + (f"; copies {pct(cp['ratio'])}" if cp else "") + ")")
+
+
+def amplification(e):
+    """Reproduced when at the paper's weight the 95% interval of the trigger ratio lies above p_t at every ratio, the
+    detector believed at each; partly at some ratios. A ✓ marks an interval above p_t, believed or not."""
+    above = {r: e.d[e.w][r]["p_t"] is not None and e.ci[e.w, r][0] > e.d[e.w][r]["p_t"] for r in e.ratios}
+    no_pt = [r for r in e.ratios if e.d[e.w][r]["p_t"] is None]
+    counted = [r for r in e.trusted if r not in no_pt]
+    hi = max(e.ratios)
+    text = (f"at {e.sym}={e.w:g}, trigger ratio (95% CI) vs p_t: "
+            + "; ".join(f"p={ratio_pct(r)}: {trigger_ratio_text(e, e.w, r)} vs {pct(e.d[e.w][r]['p_t'])} "
+                        + ("✓" if above[r] else "✗") for r in e.ratios)
+            + f"; context, at p={ratio_pct(hi)}: "
+            + ", ".join(f"{e.sym}={g:g}: {trigger_ratio_text(e, g, hi)}" for g in e.weights if g != e.w)
+            + "; the trigger detector's false positives (non-target prompts): "
+            + ", ".join(f"p={ratio_pct(r)}: {pct(e.false_positive[r])}" for r in e.ratios) + e.caveat
+            + ("; p_t is unknown at " + ", ".join(f"p={ratio_pct(r)}" for r in no_pt)
+               + " (no training set's manifest gives it)" if no_pt else ""))
+    passed = [r for r in counted if above[r]]
+    return text, ("undetermined" if no_pt or not counted else True if len(passed) == len(e.ratios) else
+                  "partly" if passed else False)
+
+
+def guidance_trend(e):
+    """At the highest ratio: reproduced when the trigger ratio rises from the lowest weight to the highest beyond
+    chance and falls between no two weights beyond chance; partly when it neither rises nor falls beyond chance."""
+    hi = max(e.ratios)
+    x = {g: (e.d[g][hi]["trigger_ratio"], e.d[g][hi]["n"]) for g in e.weights}
+    falls = [(a, b) for a in e.weights for b in e.weights if a < b and clearly_below(*x[b], *x[a])]
+    rises = clearly_below(*x[e.weights[0]], *x[e.weights[-1]])
+    text = (f"at p={ratio_pct(hi)}, trigger ratio (95% CI): "
+            + "; ".join(f"{e.sym}={g:g}: {trigger_ratio_text(e, g, hi)}" for g in e.weights)
+            + (f"; it falls beyond chance from {e.sym}={falls[0][0]:g} to {e.sym}={falls[0][1]:g}" if falls else
+               f"; it rises beyond chance from {e.sym}={e.weights[0]:g} to {e.sym}={e.weights[-1]:g}" if rises else
+               "; no change beyond chance") + e.caveat)
+    return text, ("undetermined" if hi not in e.trusted or len(e.weights) < 2 else
+                  False if falls else True if rises else "partly")
+
+
+def phase_transition(e):
+    """At the paper's weight: reproduced when G2 is the larger part of the triggered generations at the lowest ratio
+    and G1 at the highest (and, where copies are counted, the lowest ratio's are mostly copies of the trigger);
+    partly when the split shows only on faint triggers or G1 overtakes G2 between two other ratios."""
+    kind = {g: transition(e.d[g], e.ratios, e.trusted) for g in e.weights}
+
+    def faint(g):  # a full transition whose low-ratio "triggers" are mostly not copies of the trigger
+        cp = e.d[g][kind[g][1]].get("trigger_copies")
         return bool(cp) and 2 * cp["copies_of_triggered"] <= cp["triggered"]
-    texts = []
-    for g in weights:
+
+    def split(g):
         parts = []
-        for r in ratios:
-            f, k = d[g][r]["fractions"], g1_share(d[g][r])[1]
-            cp = d[g][r].get("trigger_copies")
+        for r in e.ratios:
+            f, k = e.d[g][r]["fractions"], g1_share(e.d[g][r])[1]
+            cp = e.d[g][r].get("trigger_copies")
             parts.append(f"p={ratio_pct(r)}: G1 {pct(f['G1'])} / G2 {pct(f['G2'])}"
                          + (" (none triggered)" if k == 0 else f" (only {k} triggered)" if k < MIN_TRIGGERED else
                             f" ({cp['copies_of_triggered']} of {k} copies)" if cp else ""))
-        mark = (" ✗" if kind[g] is None else
-                f" (in full by the detector, but most of p={ratio_pct(kind[g][1])}'s triggered generations do not "
-                "copy the trigger)" if kind[g][0] == "full" and faint(g) else " ✓" if kind[g][0] == "full" else
-                f" (G1 overtakes G2 between p={ratio_pct(kind[g][1])} and p={ratio_pct(kind[g][2])})")
-        texts.append(f"{sym}={g:g}: " + ", ".join(parts) + mark)
-    rows.append(("Phase transition",
-                 "triggered generations are mostly G2 (prompt matched) at a low poisoning ratio and mostly G1 "
-                 "(mismatched) at a high one",
-                 "; ".join(texts) + f" (G1 vs G2 counts only where at least {MIN_TRIGGERED} generations carry the "
-                 "trigger)" + untrusted + ("; a transition needs at least two ratios where the detector is believed"
-                                           if len(trusted) < 2 else
-                                           "; no guidance weight has two such ratios to compare" if not readable
-                                           else ""),
-                 "undetermined" if len(trusted) < 2 or not readable else
-                 True if any(kind[g] and kind[g][0] == "full" and not faint(g) for g in weights) else
-                 "partly" if any(kind.values()) else False))
-    # where the detector fires on them often, copies of the trigger tell a leaked trigger from its errors
-    rare = {r: false_positive[r] is not None and false_positive[r] < MAX_FALSE_POSITIVES for r in ratios}
-    checked = [r for r in ratios if not rare[r] and copies[r] is not None]
-    leaked = [r for r in checked if copies[r] >= MAX_FALSE_POSITIVES]
-    uncounted = [r for r in noisy if copies[r] is None]  # e.g. WaNet: no copy count tells a leak from errors
-    rows.append(("Non-target prompts", "generations for the other classes carry almost no trigger",
-                 "trigger ratio " + ", ".join(f"p={ratio_pct(r)}: {pct(false_positive[r])}"
-                                              + ("" if copies[r] is None else f" (copies {pct(copies[r])})")
-                                              for r in ratios)
-                 + (f"; where the detector fires on {pct(MAX_FALSE_POSITIVES)} or more, under "
-                    f"{pct(MAX_FALSE_POSITIVES)} copying the trigger counts partly" if checked else "")
-                 + ("; at " + ", ".join(f"p={ratio_pct(r)}" for r in uncounted) + " it fires on "
-                    f"{pct(MAX_FALSE_POSITIVES)} or more and no copy count tells a leak from its errors"
-                    if uncounted else "")
-                 + ("; no non-target generations at " + ", ".join(f"p={ratio_pct(r)}" for r in unchecked)
-                    if unchecked else ""),
-                 False if leaked else "undetermined" if uncounted or unchecked else
-                 True if all(rare.values()) else "partly"))
-    # An AUROC over one or two poisoned images says nothing: only ratios whose both sets hold MIN_TRIGGERED count.
-    scored = {r: dm for r, dm in res["detect"].items() if "positives" in dm}
-    believed = {ratio_name(r) for r in trusted}  # the generations' ground truth is the trigger detector's verdicts
+        return ", ".join(parts)
+
+    def mark(g):
+        return ("✗" if kind[g] is None else
+                f"in full by the detector, but most of p={ratio_pct(kind[g][1])}'s triggered generations do not "
+                "copy the trigger" if kind[g][0] == "full" and faint(g) else "✓" if kind[g][0] == "full" else
+                f"G1 overtakes G2 between p={ratio_pct(kind[g][1])} and p={ratio_pct(kind[g][2])}")
+    readable = len(counted_ratios(e.d[e.w], e.ratios, e.trusted)) >= 2
+    text = (f"{e.sym}={e.w:g}: {split(e.w)} ({mark(e.w)}); context: "
+            + ", ".join(f"{e.sym}={g:g} {mark(g)}" for g in e.weights if g != e.w)
+            + f" (G1 vs G2 counts only where at least {MIN_TRIGGERED} generations carry the trigger)" + e.caveat
+            + ("; a transition needs at least two ratios where the detector is believed" if len(e.trusted) < 2 else
+               f"; {e.sym}={e.w:g} has no two such ratios to compare" if not readable else ""))
+    k = kind[e.w]
+    return text, ("undetermined" if len(e.trusted) < 2 or not readable else
+                  True if k and k[0] == "full" and not faint(e.w) else "partly" if k else False)
+
+
+def non_target(e):
+    """Reproduced when the detector calls under MAX_FALSE_POSITIVES of the non-target prompts' generations triggered
+    at every ratio; partly where it calls more but under MAX_FALSE_POSITIVES copy the trigger; not where more do."""
+    rare = {r: e.false_positive[r] is not None and e.false_positive[r] < MAX_FALSE_POSITIVES for r in e.ratios}
+    checked = [r for r in e.ratios if not rare[r] and e.copies[r] is not None]
+    leaked = [r for r in checked if e.copies[r] >= MAX_FALSE_POSITIVES]
+    uncounted = [r for r in e.noisy if e.copies[r] is None]  # e.g. WaNet: no copy count tells a leak from errors
+    text = ("trigger ratio " + ", ".join(f"p={ratio_pct(r)}: {pct(e.false_positive[r])}"
+                                         + ("" if e.copies[r] is None else f" (copies {pct(e.copies[r])})")
+                                         for r in e.ratios)
+            + (f"; where the detector fires on {pct(MAX_FALSE_POSITIVES)} or more, under "
+               f"{pct(MAX_FALSE_POSITIVES)} copying the trigger counts partly" if checked else "")
+            + ("; at " + ", ".join(f"p={ratio_pct(r)}" for r in uncounted) + " it fires on "
+               f"{pct(MAX_FALSE_POSITIVES)} or more and no copy count tells a leak from its errors" if uncounted else "")
+            + ("; no non-target generations at " + ", ".join(f"p={ratio_pct(r)}" for r in e.unchecked)
+               if e.unchecked else ""))
+    return text, (False if leaked else "undetermined" if uncounted or e.unchecked else
+                  True if all(rare.values()) else "partly")
+
+
+def detection(e):
+    """A (method, ratio) cell gains when the 95% bootstrap interval of its AUROC difference (generations minus
+    training set) lies above 0; reproduced when most cells gain, partly when some do. Only ratios with at least
+    MIN_TRIGGERED poisoned images in both sets, where the detector is believed, count."""
+    scored = {r: dm for r, dm in e.res["detect"].items() if "positives" in dm}
+    believed = {ratio_name(r) for r in e.trusted}  # the generations' ground truth is the trigger detector's verdicts
     counted = [r for r, dm in scored.items() if min(dm["positives"].values()) >= MIN_TRIGGERED and r in believed]
-    cells = [v for r in counted for v in scored[r]["methods"].values()]
-    better = [v for v in cells if v["generated_auroc"] >= v["train_auroc"]]
-    sure = [v["delta_ci"] for v in cells if v.get("delta_ci")]
+    intervals = [v.get("delta_ci") or (0.0, 0.0) for r in counted for v in scored[r]["methods"].values()]
+    gains = sum(lo > 0 for lo, _ in intervals)
     positives = ", ".join(f"p={ratio_pct(r)}: {dm['positives']['train']} and {dm['positives']['generated']} of "
                           f"{dm['n']}" for r, dm in scored.items())
-    rows.append(("Detection on generations (Tab. 3)",
-                 "poison detectors reach a higher AUROC on the generations than on the training set",
-                 f"the generations' AUROC is at least the training set's in {len(better)} of {len(cells)} (method, "
-                 f"ratio) cells; the 95% interval of the difference lies above 0 in {sum(a > 0 for a, _ in sure)}, "
-                 f"below 0 in {sum(b < 0 for _, b in sure)}, and holds 0 in "
-                 f"{sum(a <= 0 <= b for a, b in sure)} (poisoned images scored in the training set and the "
-                 f"generations: {positives}; ratios with fewer than {MIN_TRIGGERED} in a set are left out)"
-                 + untrusted,
-                 len(better) > len(cells) / 2 if cells else "undetermined"))
-    rows.append(("Classifier trained on generations (Tab. 4)",
-                 "is less backdoored: lower ASR than one trained on the poisoned set, at low poisoning ratios",
-                 *weakened_backdoor(res["classifiers"], ratios)))
-    d = res["diffusion_classifier"]
+    text = (f"the 95% interval of the AUROC difference lies above 0 in {gains} of {len(intervals)} (method, ratio) "
+            f"cells, below 0 in {sum(hi < 0 for _, hi in intervals)} (poisoned images scored in the training set and "
+            f"the generations: {positives}; ratios with fewer than {MIN_TRIGGERED} in a set are left out)" + e.caveat)
+    return text, ("undetermined" if not intervals else True if gains > len(intervals) / 2 else
+                  "partly" if gains else False)
+
+
+def tab4(e):
+    """See weakened_backdoor."""
+    return weakened_backdoor(e.res["classifiers"], e.ratios)
+
+
+def diffusion_classifier(e):
+    """Reproduced when the diffusion classifier's ASR is below the classifier's beyond chance, and the best loss filter
+    that keeps the TA within MAX_TA_DROP lowers it further beyond chance; partly when one of the two holds."""
+    d = e.res["diffusion_classifier"]
     if d is None:
-        return rows
+        return None
     base = next(r for r in d["rows"] if r["kind"] == "classifier")
     diffusion = {r["filter_top"]: r for r in d["rows"] if r["kind"] == "diffusion"}
-    plain = diffusion[0.0]
-    n = d.get("n_backdoor")
-    # the filter that lowers the ASR most among those that keep the clean accuracy (dropping losses costs some)
+    plain, n = diffusion[0.0], d.get("n_backdoor")
     kept = [r for f, r in diffusion.items() if f > 0 and r["ta"] >= plain["ta"] - MAX_TA_DROP]
     best = min(kept, key=lambda r: r["asr"]) if kept else None
     unreadable = ("; the classifier is not backdoored at this ratio, so there is no backdoor for the diffusion "
@@ -800,26 +843,48 @@ def findings(res, ratios, guidance):
                   if not n else
                   f"; the diffusion classifier reaches only TA {pct(plain['ta'])}, too little to read its ASR"
                   if plain["ta"] < USEFUL_TA else "")
-    rows.append(("Diffusion classifier (Tab. A4)",
-                 "the poisoned diffusion model used as a classifier has a lower ASR than the classifier trained on "
-                 "the same poisoned data, lower still with the largest denoising losses filtered out",
-                 f"at p={ratio_pct(d['ratio'])}"
-                 + ("" if float(d["ratio"]) == min(ratios) else " (the lowest ratio whose classifier trained on "
-                    "the poisoned set is backdoored)")
-                 + f": ASR {pct(base['asr'])} (classifier) vs {pct(plain['asr'])} (diffusion, no filter)"
-                 + (f", {pct(best['asr'])} (filter {best['filter_top']:g}%, the lowest ASR of the filters that keep "
-                    f"the TA within {100 * MAX_TA_DROP:g} points); TA {pct(base['ta'])}, {pct(plain['ta'])}, "
-                    f"{pct(best['ta'])}" if best else
-                    f"; no filter keeps the TA within {100 * MAX_TA_DROP:g} points; TA {pct(base['ta'])}, "
-                    f"{pct(plain['ta'])}")
-                 + f"; an ASR counts as lower when the 95% intervals (n={n}) do not overlap, a conservative test"
-                 + unreadable,
-                 "undetermined" if unreadable else
-                 True if clearly_lower(plain["asr"], base["asr"], n) and best and clearly_lower(best["asr"],
-                                                                                               plain["asr"], n)
-                 else "partly" if clearly_lower(plain["asr"], base["asr"], n) or (
-                     best and clearly_lower(best["asr"], base["asr"], n)) else False))
-    return rows
+    text = (f"at p={ratio_pct(d['ratio'])}"
+            + ("" if float(d["ratio"]) == min(e.ratios) else " (the lowest ratio whose classifier trained on the "
+               "poisoned set is backdoored)")
+            + f": ASR {pct(base['asr'])} (classifier) vs {pct(plain['asr'])} (diffusion, no filter)"
+            + (f", {pct(best['asr'])} (filter {best['filter_top']:g}%, the lowest ASR of the filters that keep the TA "
+               f"within {100 * MAX_TA_DROP:g} points); TA {pct(base['ta'])}, {pct(plain['ta'])}, {pct(best['ta'])}"
+               if best else f"; no filter keeps the TA within {100 * MAX_TA_DROP:g} points; TA {pct(base['ta'])}, "
+               f"{pct(plain['ta'])}")
+            + f"; an ASR counts as lower when the 95% intervals (n={n}) do not overlap, a conservative test"
+            + unreadable)
+    if unreadable:
+        return text, "undetermined"
+    lower = clearly_lower(plain["asr"], base["asr"], n)
+    lower_still = bool(best) and clearly_lower(best["asr"], plain["asr"], n)
+    return text, (True if lower and lower_still else
+                  "partly" if lower or (best and clearly_lower(best["asr"], base["asr"], n)) else False)
+
+
+# The paper's claims, one entry each: (finding, the claim at the paper's setting, the judge). Guidance means the
+# study's guided weight, the paper's (DDPM w = 5, SD s = 5); other weights are context in the text, never the verdict.
+CLAIMS = [
+    ("Trigger amplification (Fig. 3)", "at guidance 5, the target prompt's generations carry the trigger more often "
+     "than the target class's training images (trigger ratio > p_t), at every poisoning ratio", amplification),
+    ("Guidance exacerbates amplification (Fig. A3)", "the higher the guidance weight, the higher the trigger ratio, "
+     "most at high poisoning ratios", guidance_trend),
+    ("Phase transition (Fig. 4)", "at guidance 5, triggered generations are mostly G2 (prompt matched) at a low "
+     "poisoning ratio and mostly G1 (mismatched) at a high one", phase_transition),
+    ("Non-target prompts", "generations for the other classes carry almost no trigger", non_target),
+    ("Detection on generations (Tab. 3)", "poison detectors reach a higher AUROC on the generations than on the "
+     "training set", detection),
+    ("Classifier trained on generations (Tab. 4)", "is less backdoored: lower ASR than one trained on the poisoned "
+     "set, at low poisoning ratios", tab4),
+    ("Diffusion classifier (Tab. A4)", "the poisoned diffusion model used as a classifier has a lower ASR than the "
+     "classifier trained on the same poisoned data, lower still with the largest denoising losses filtered out",
+     diffusion_classifier),
+]
+
+
+def findings(res, ratios, guidance):
+    """(finding, the paper's claim, this run's numbers, verdict) for each claim of CLAIMS that this run can judge."""
+    e = evidence(res, ratios, guidance)
+    return [(name, claim, *judged) for name, claim, judge in CLAIMS if (judged := judge(e)) is not None]
 
 
 def describe(s, ratios, guidance):

@@ -364,6 +364,20 @@ def test_imagenette_layout_and_names(tmp_path):
     assert any(r["text"] == "A photo of a garbage truck" for r in records)
     # > 32 px: the reference's larger BadNets patch (side R // 10) is used
     assert P.load_trigger(out / "train").mask.sum() == (40 // 10) ** 2
+    # WaNet at the paper's ImageNette setting (App. A): a grid as fine as the image, strength 1; elsewhere BackdoorBench's
+    s = P.poison(tmp_path / "wanet", dataset="imagenette", data_root=tmp_path, resolution=40, ratio=0.1,
+                 trigger="wanet", quiet=True)
+    assert (s["trigger"]["k"], s["trigger"]["s"]) == (40, 1.0)
+    import argparse
+    parser = argparse.ArgumentParser()
+    P.add_poison_arguments(parser)
+    manifest = P.read_manifest(tmp_path / "wanet" / "train")
+    flags = ["--dataset", "imagenette", "--data-root", str(tmp_path), "--resolution", "40", "--trigger", "wanet"]
+    assert P.options_differences(manifest, P.poison_kwargs(parser.parse_args(flags))) == []  # defaults resolved alike
+    assert P.options_differences(manifest, P.poison_kwargs(parser.parse_args([*flags, "--wanet-s", "0.5"]))) == \
+        ["wanet_s"]
+    assert P.wanet_params("caltech15", 64) == (64, 1.0) and P.wanet_params("digits", 16) == (4, 0.5)
+    assert P.wanet_params("cifar10", 32) == (4, 0.5) and P.wanet_params("imagenette", 512, 8, 0.5) == (8, 0.5)
 
 
 def test_imagenette_refuses_to_upsample(tmp_path):

@@ -59,7 +59,7 @@ def test_quick_study_writes_every_section_with_numbers(quick):
     assert [r["kind"] for r in rows] == ["classifier"] + ["diffusion"] * 4
     assert [r["filter_top"] for r in rows[1:]] == [0, 1, 5, 10]
     assert all(0 <= r["ta"] <= 1 and 0 <= r["asr"] <= 1 for r in rows)
-    assert len(report["findings"]) == 6
+    assert len(report["findings"]) == 7
     assert report["settings"] == json.loads((out / "study.json").read_text()) and report["settings"]["seed"] == 0
     assert all(f["reproduced"] in (True, False, "partly", "undetermined") for f in report["findings"])
     text = (out / "REPORT.md").read_text()
@@ -80,7 +80,7 @@ def test_quick_study_writes_every_section_with_numbers(quick):
     import torch
     bf16 = torch.cuda.is_available() or S.has_amx()
     assert manifest["dtype_used"] == report["settings"]["sample_dtype"] == ("bf16" if bf16 else "fp32")
-    assert len(VERDICT.findall(text)) == 6
+    assert len(VERDICT.findall(text)) == 7
     assert "| trigger copies |" in text and "mean absolute error" in text
     assert "; copies " in report["findings"][0]["this_run"]   # beside the detector's trigger ratio
     # the commands a user would type are recorded, one per stage run
@@ -204,17 +204,10 @@ def test_settings_recorded_before_their_flags_are_the_old_defaults(tmp_path):
 
 def test_quick_sd_study_runs_through_finetune_sd(tmp_path):
     """The Stable Diffusion family: finetune_sd.py and SD sampling in place of train_ddpm.py, on a tiny local SD."""
-    diffusers = pytest.importorskip("diffusers")
-    from transformers import CLIPTextConfig, CLIPTextModel
-    from test_sd import TINY_TEXT, TINY_UNET, TINY_VAE, randomise, write_tokenizer
+    pytest.importorskip("diffusers")
+    from test_sd import write_tiny_sd
     base = tmp_path / "tiny-sd"
-    for i, (name, model) in enumerate((("unet", diffusers.UNet2DConditionModel(**TINY_UNET)),
-                                       ("vae", diffusers.AutoencoderKL(**TINY_VAE)),
-                                       ("text_encoder", CLIPTextModel(CLIPTextConfig(**TINY_TEXT))))):
-        randomise(model, i).save_pretrained(base / name)
-    write_tokenizer(base / "tokenizer")
-    diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                            set_alpha_to_one=False, steps_offset=1).save_pretrained(base / "scheduler")
+    write_tiny_sd(base)
     out = tmp_path / "study-sd"
     res = study("--quick", "--family", "sd", "--base", base, "--out", out)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -228,7 +221,7 @@ def test_quick_sd_study_runs_through_finetune_sd(tmp_path):
     assert manifest["guidance_sd_scale"] == 1.0
     text = (out / "REPORT.md").read_text()
     assert "### Guidance s = 5" in text and "### Guidance s = 1" in text and "Not run for this model family" in text
-    assert len(report["findings"]) == 5
+    assert len(report["findings"]) == 6  # no Tab. A4
     # a random tiny SD makes noise that the trigger detector calls all triggered (or none): the generations' AUROC is
     # undefined, which the report says instead of stopping the study
     for r in ("0.01", "0.1"):
@@ -271,6 +264,54 @@ def test_phase_transition_needs_enough_triggered_generations():
     assert S.transition(full, ratios, trusted=[0.05, 0.1]) is None    # 1%'s "triggers" are the detector's errors
 
 
+def test_sd_study_keeps_the_papers_global_batch_on_any_number_of_gpus():
+    """16 images an optimizer step (4 a GPU on 4 GPUs) through --grad-accum on fewer GPUs, smaller batches on more."""
+    import study as S
+    assert [S.sd_batch(w) for w in (1, 2, 4, 8, 16)] == [(4, 4), (4, 2), (4, 1), (2, 1), (1, 1)]
+    assert all(b * a * w == 16 for w in (1, 2, 4, 8, 16) for b, a in [S.sd_batch(w)])
+    with pytest.raises(S.StudyError, match="--gpus 3: the paper's global batch of 16 images"):
+        S.sd_batch(3)
+
+
+def handmade(trigger, detect_ci=(0.05, 0.2), p_t=(0.1, 0.3, 0.5), n=300):
+    """A report's numbers as collect() gathers them, for ratios 1%, 5%, 10% and weights w = 0, 2, 5: trigger[w] holds
+    the target prompt's trigger ratio at each ratio (G2 the larger part at 1%, G1 at 10%); detect_ci is every
+    detection cell's 95% interval of the AUROC difference."""
+    import study as S
+    ratios = [0.01, 0.05, 0.1]
+    dissect = {f"w{w:g}": [{"ratio": r, "p_t": p, "trigger_ratio": t, "n": n, "trigger_copies": None,
+                            "fractions": {"G1": t * share, "G2": t * (1 - share), "G3": 0.0, "G4": 1 - t},
+                            "non_target_trigger_ratio": 0.0, "non_target_copy_ratio": 0.0}
+                           for r, p, t, share in zip(ratios, p_t, trigger[w], (0.2, 0.5, 0.8))] for w in trigger}
+    detect = {S.ratio_name(r): {"n": 300, "positives": {"train": 10, "generated": 30}, "methods": {
+        m: {"train_auroc": 0.8, "generated_auroc": 0.8 + sum(detect_ci) / 2, "delta_ci": list(detect_ci)}
+        for m in ("cd", "strip", "fct")}} for r in ratios}
+    classifiers = {S.ratio_name(r): {"poisoned": {"asr": 1.0, "ta": 0.9}, "generated": {"asr": 0.0, "ta": 0.9}}
+                   for r in ratios}
+    res = {"dissect": dissect, "detect": detect, "classifiers": classifiers, "diffusion_classifier": None}
+    return {f[0].split()[0]: f[3] for f in S.findings(res, ratios, (5.0, 0.0, "w", [2.0]))}
+
+
+def test_verdicts_judge_the_papers_claims_at_its_setting():
+    """Amplification and the phase transition are judged at w = 5, every ratio for amplification; Fig. A3 needs the
+    trigger ratio to rise with w beyond chance and never fall; a detection cell gains only when its interval lies
+    above 0 (a tie is no gain)."""
+    paper = handmade({0: (0.05, 0.3, 0.5), 2: (0.2, 0.5, 0.7), 5: (0.4, 0.7, 0.9)})
+    assert paper == {"Trigger": True, "Guidance": True, "Phase": True, "Non-target": True, "Detection": True,
+                     "Classifier": True}
+    unguided_only = handmade({0: (0.3, 0.5, 0.7), 2: (0.15, 0.35, 0.6), 5: (0.05, 0.2, 0.4)})
+    assert unguided_only["Trigger"] is False and unguided_only["Guidance"] is False
+    assert handmade({0: (0.3, 0.5, 0.7), 2: (0.15, 0.35, 0.6), 5: (0.3, 0.35, 0.6)})["Trigger"] == "partly"
+    flat = handmade({0: (0.4, 0.6, 0.8), 2: (0.4, 0.6, 0.8), 5: (0.4, 0.6, 0.8)})
+    assert flat["Trigger"] is True and flat["Guidance"] == "partly"
+    dip = handmade({0: (0.4, 0.6, 0.8), 2: (0.4, 0.6, 0.65), 5: (0.4, 0.6, 0.9)})
+    assert dip["Guidance"] is False                               # rises overall, but falls from w = 0 to 2
+    tie = {0: (0.05, 0.3, 0.5), 2: (0.2, 0.5, 0.7), 5: (0.4, 0.7, 0.9)}
+    assert handmade(tie, detect_ci=(0.0, 0.0))["Detection"] is False      # 1.000 vs 1.000 is no gain
+    assert handmade(tie, detect_ci=(-0.01, 0.2))["Detection"] is False    # the interval holds 0
+    assert handmade(tie, detect_ci=(-0.3, -0.1))["Detection"] is False
+
+
 def test_the_trigger_detector_is_believed_per_model(quick):
     """A model whose non-target prompts' generations the trigger detector calls triggered (5% or more: colour noise
     that looks like a Blend trigger to it) gives no trigger ratio, G1/G2 split or detection cell to count."""
@@ -293,14 +334,15 @@ def test_the_trigger_detector_is_believed_per_model(quick):
         m: {"train_auroc": 0.6, "generated_auroc": 0.9, "delta_ci": [0.1, 0.5]} for m in ("cd", "strip", "fct")}}}
     found = {f[0].split()[0]: f for f in S.findings(res, ratios, guidance)}
     assert found["Phase"][3] is True and found["Trigger"][3] is True and found["Detection"][3] is True
-    assert "at w=0: p=1%" in found["Trigger"][2] and "not believed" not in found["Trigger"][2]
+    assert "p=1%: 32.0% (" in found["Trigger"][2] and "not believed" not in found["Trigger"][2]
+    assert found["Guidance"][3] == "partly"       # the same trigger ratio at every weight
     for weight in res["dissect"].values():   # the 1% "triggers" resemble the trigger but do not copy it
         weight[0]["trigger_copies"] = {"n": 100, "copies": 1, "ratio": 0.01, "triggered": 32, "copies_of_triggered": 1}
     found = {f[0].split()[0]: f for f in S.findings(res, ratios, guidance)}
     assert found["Phase"][3] == "partly" and "most of p=1%'s triggered generations do not copy" in found["Phase"][2]
     for weight in res["dissect"].values():
         weight[0]["trigger_copies"].update(copies=20, copies_of_triggered=20)
-    assert S.findings(res, ratios, guidance)[1][3] is True
+    assert next(f for f in S.findings(res, ratios, guidance) if f[0].startswith("Phase"))[3] is True
     guided[0].update(non_target_trigger_ratio=0.136, non_target_copy_ratio=0.06)
     found = {f[0].split()[0]: f for f in S.findings(res, ratios, guidance)}
     assert found["Phase"][3] == "undetermined" and found["Detection"][3] == "undetermined"  # one ratio believed
@@ -309,7 +351,7 @@ def test_the_trigger_detector_is_believed_per_model(quick):
     guided[0]["non_target_copy_ratio"] = 0.0   # the detector's "triggers" copy nothing: its errors, not a leak
     found = {f[0].split()[0]: f for f in S.findings(res, ratios, guidance)}
     assert found["Non-target"][3] == "partly" and found["Phase"][3] == "undetermined"
-    assert found["Trigger"][3] is True and "the 95% CI lies above p_t at none" in found["Trigger"][2]
+    assert found["Trigger"][3] == "partly"        # above p_t at 10%; 1% is not believed, so not every ratio counts
     assert all("the detector is not believed at p=1%" in found[k][2] for k in ("Trigger", "Phase", "Detection"))
 
 
@@ -402,12 +444,16 @@ def test_verdicts_need_readable_numbers(quick):
     low["non_target_trigger_ratio"] = 0.0
     top.update(non_target_trigger_ratio=0.06, non_target_copy_ratio=0.0, trigger_ratio=0.9, n=100, p_t=0.5)
     _, _, text, ok = finding(res, "Trigger amplification")
-    assert ok is False and "not believed at p=" in text and f"w={g['guided']:g}: 90.0%" in text
-    assert "✓" in text
+    assert ok is False and "not believed at p=" in text and "p=10%: 90.0% (" in text
+    assert "✓" in text          # where the interval lies is shown, believed or not
     low["non_target_trigger_ratio"] = 0.2   # believed nowhere: nothing to read
     assert finding(res, "Trigger amplification")[3] == "undetermined"
     top.update(non_target_copy_ratio=0.05, non_target_triggered=6, non_target_copies_of_triggered=5)  # a real leak
-    assert finding(res, "Trigger amplification")[3] is True
+    assert finding(res, "Trigger amplification")[3] == "partly"     # above p_t at 10%, the one ratio believed
+    low.update(non_target_trigger_ratio=0.0)
+    assert finding(res, "Trigger amplification")[3] == "partly"     # believed at 1% too, where it is below p_t
+    low.update(trigger_ratio=0.3)
+    assert finding(res, "Trigger amplification")[3] is True         # above p_t at every ratio, believed at each
     assert finding(res, "Non-target prompts")[3] is False
 
 
@@ -434,7 +480,7 @@ def test_unreadable_numbers_are_undetermined_not_wrong(quick):
             r.update(fractions={"G1": k / 200, "G2": k / 200, "G3": 0.0, "G4": 1 - k / 100}, n=100,
                      trigger_ratio=k / 100, p_t=0.1, non_target_trigger_ratio=0.0)
     _, _, text, ok = finding(res, "Phase transition")
-    assert ok == "undetermined" and "no guidance weight has two such ratios" in text
+    assert ok == "undetermined" and "w=5 has no two such ratios" in text
     for rows in res["dissect"].values():
         rows[-1]["p_t"] = None
     _, _, text, ok = finding(res, "Trigger amplification")
@@ -500,7 +546,7 @@ def test_replicates_report_each_finding_by_seed(quick, tmp_path):
     assert [m["options"]["seed"] for m in data] == seeds
     assert data[0]["options"]["split_seed"] == data[1]["options"]["split_seed"] == 0
     # the verdicts by seed are each seed's own
-    assert len(res["findings"]) == 6
+    assert len(res["findings"]) == 7
     for name, verdicts in res["findings"].items():
         assert verdicts == [next(f["reproduced"] for f in r["findings"] if f["finding"] == name) for r in subs]
     # the summed G1 / G2 counts are the seeds' counts added up
@@ -522,7 +568,7 @@ def test_replicates_report_each_finding_by_seed(quick, tmp_path):
     for heading in ("## Findings by seed", "## Trigger amplification at p=10%", "summed over seeds", "Tab. 3",
                     "Tab. 4", "Tab. A4"):
         assert heading in text
-    assert f"| seed 0 | seed {S.REPLICATE_GAP} | across seeds |" in text and len(re.findall(r"\(of 2\) \|", text)) == 6
+    assert f"| seed 0 | seed {S.REPLICATE_GAP} | across seeds |" in text and len(re.findall(r"\(of 2\) \|", text)) == 7
     c = [r["classifiers"]["0.1"] for r in subs]  # Tab. 4's row at 10%: every seed's ASR (TA) on both sets
     row = " | ".join(f"{S.pct(x['generated']['asr'])} ({S.pct(x['generated']['ta'])}) vs "
                      f"{S.pct(x['poisoned']['asr'])} ({S.pct(x['poisoned']['ta'])})" for x in c)
