@@ -24,7 +24,7 @@ def run(*argv, timeout=600):
     return r.stdout
 
 
-def test_no_top_level_module_of_ours_is_an_installed_distributions():
+def test_no_top_level_module_of_ours_shadows_an_installed_distribution():
     """A top-level module of ours with the name of an installed package shadows it (transformers 5.25 imports the
     PyPI package `kernels`, which our old `kernels/` folder hid)."""
     ours = {p.stem for p in ROOT.glob("*.py")} | {p.parent.name for p in ROOT.glob("*/__init__.py")}
