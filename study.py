@@ -822,7 +822,7 @@ def detection(e):
 
 
 def tab4(e):
-    """See weakened_backdoor."""
+    """Tab. 4 at the lowest ratio whose poisoned-set classifier is backdoored (weakened_backdoor)."""
     return weakened_backdoor(e.res["classifiers"], e.ratios)
 
 
