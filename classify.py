@@ -731,10 +731,11 @@ DEFAULT_OPTS = dict(epochs=10, batch_size=50, lr=0.01, momentum=0.9, weight_deca
 
 def train_classifier(data, out, test=None, backdoor=None, arch="resnet18", clean=False, pretrained=False,
                      weights=None, input_size=None, width=16, normalize="auto", device="auto", force=False,
-                     progress=True, command=None, **opts):
+                     progress=True, command=None, stamp=0.0, **opts):
     """Train a class classifier on the dataset folder `data` (or a poisoned set's root), evaluating TA on `test` and
     ASR on `backdoor` after every epoch; `clean` drops the poisoned images (the class classifier that judges
-    generations). Writes the classifier folder `out`; returns results (per-epoch, final, best over epochs)."""
+    generations); `stamp`: a seeded share of the training images carries `data`'s trigger, labels kept, so that the
+    trigger does not sway the judge's class. Writes the classifier folder `out`; returns results."""
     opts = {**DEFAULT_OPTS, **opts}
     check_out(out, force, {"--data": data, "--test": test, "--backdoor": backdoor, "--weights": weights}, ClassifyError)
     data, test, backdoor = resolve_sets(data, test, backdoor)
@@ -755,12 +756,17 @@ def train_classifier(data, out, test=None, backdoor=None, arch="resnet18", clean
         lambda: (evaluation_set(config, test, "--test") if test else None,
                  evaluation_set(config, backdoor, "--backdoor") if backdoor else None),
         rank, world, share_result=False) or (None, None)
-    train_set = ImageSet(folder, keep, progress=progress and rank == 0)
+    trigger = load_trigger(data) if stamp else None
+    if stamp and trigger is None:
+        raise ClassifyError(f"--stamp-trigger: {data} has no trigger: give a BadNets, blend or WaNet poisoned set")
+    stamped = torch.from_numpy(np.random.default_rng(opts["seed"] + 4).random(len(keep)) < stamp)
+    train_set = ImageSet(folder, keep, stamp=stamped, trigger=trigger, progress=progress and rank == 0)
     model, fields = make_model(arch, len(folder.class_names), train_set.size, pretrained, weights, input_size,
                                width, normalize, progress, opts["seed"])
     config_extra = {"task": "class", "class_names": folder.class_names, "target": folder.manifest.get("target"),
                     "data": {"train": str(data), "test": str(test) if test else None,
                              "backdoor": str(backdoor) if backdoor else None, "clean_only": clean,
+                             "n_stamped": int(stamped.sum()),
                              "n_train": len(train_set), "p_t": folder.manifest.get("p_t"),
                              "poison_ratio": folder.manifest.get("poison_ratio")},
                     "command": command or "train_classifier()"}
@@ -1414,10 +1420,22 @@ def main(args):
                   width=args.width, normalize=args.normalize, device=args.device, force=args.force,
                   progress=not args.quiet, command=command)
     if args.cmd == "train":
-        train_classifier(args.data, args.out, args.test, args.backdoor, clean=args.clean, **common, **opts)
+        train_classifier(args.data, args.out, args.test, args.backdoor, clean=args.clean, stamp=args.stamp_trigger,
+                         **common, **opts)
     else:
         train_trigger_detector(args.data, args.out, args.test, fraction=args.fraction, holdout=args.holdout,
                                blend_alpha=args.blend_alpha_range, **common, **opts)
+
+
+def share(text):
+    """An argparse type: a fraction in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text}: give a share from 0 to 1")
+    return value
 
 
 def alpha_range(text):
@@ -1490,6 +1508,9 @@ def build_parser():
     p.add_argument("--backdoor", default=None, help="test_backdoor folder for ASR (default: the set's test_backdoor/)")
     p.add_argument("--clean", action="store_true",
                    help="drop the poisoned images: the class classifier that judges whether generations match prompts")
+    p.add_argument("--stamp-trigger", type=share, default=0.0, metavar="FRACTION",
+                   help="stamp --data's trigger on this share of the training images, labels kept, so that the trigger "
+                        "does not sway the judge (default: 0)")
     p = sub.add_parser("trigger-detector", help="train the binary trigger detector of the paper",
                        formatter_class=HelpFormatter)
     add_training_arguments(p, "resnet50")

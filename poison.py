@@ -445,14 +445,17 @@ class Trigger:
                 if v is not None}
 
 
-def badnets_pattern(resolution):
+def badnets_pattern(resolution, size=None):
     """(mask (1,R,R), pattern (3,R,R)) of the reference BadNets trigger, bottom-right.
     <= 32 px: the 3x3 patch with rows [0,0,255], [0,255,0], [255,255,0] on every channel.
     Larger: a black square of side R//10 whose pixel (r, c) is white where r + c = ps - 1 + k, k in [-ps//4, ps//4)
-    (Python's floor division, as the reference code computes it)."""
+    (Python's floor division, as the reference code computes it).
+    `size`: a solid white size x size square instead (a trigger that shows on a black background, e.g. digits)."""
     mask = torch.zeros(1, resolution, resolution)
     pattern = torch.zeros(3, resolution, resolution)
-    if resolution <= 32:
+    if size is not None:
+        patch = torch.ones(size, size)
+    elif resolution <= 32:
         patch = torch.tensor([[0, 0, 1], [0, 1, 0], [1, 1, 0]], dtype=torch.float32)
     else:
         ps = resolution // 10
@@ -486,11 +489,16 @@ def wanet_params(kind, resolution, k=None, s=None):
     return (resolution if paper else 4) if k is None else k, (1.0 if paper else 0.5) if s is None else s
 
 
-def make_trigger(kind, resolution, seed=0, trigger_image=None, alpha=0.2, wanet_k=4, wanet_s=0.5):
+def make_trigger(kind, resolution, seed=0, trigger_image=None, alpha=0.2, wanet_k=4, wanet_s=0.5,
+                 badnets_size=None):
     """The trigger `kind` ('badnets', 'blend', 'wanet') for `resolution`-px square images."""
     params = {"kind": kind, "resolution": resolution}
     if kind == "badnets":
-        mask, pattern = badnets_pattern(resolution)
+        if badnets_size is not None and not 0 < badnets_size <= resolution:
+            raise PoisonError(f"--badnets-size {badnets_size}: give a side from 1 to the image side {resolution}")
+        if badnets_size is not None:
+            params["size"] = badnets_size
+        mask, pattern = badnets_pattern(resolution, badnets_size)
         return Trigger(kind, resolution, params, mask=mask, pattern=pattern)
     if kind == "blend":
         if not 0 < alpha <= 1:
@@ -950,7 +958,7 @@ def save_grid(images, path, nrow=8, min_tile=64):
 def poison(out, dataset="digits", ratio=0.1, attack="badnets", trigger="badnets", target=None, seed=0,
            ratio_of="all", select="random", duplicates=None, data_root="data", resolution=None, split_seed=0,
            test_fraction=0.2, classes=None, per_class=200, trigger_image=None, blend_alpha=0.2, wanet_k=None,
-           wanet_s=None, trigger_seed=0, force=False, workers=4, command=None, quiet=False):
+           wanet_s=None, badnets_size=None, trigger_seed=0, force=False, workers=4, command=None, quiet=False):
     """Build OUT/train (poisoned), OUT/test (clean), OUT/test_backdoor and OUT/examples.png; return a summary."""
     if attack not in ("badnets", "relabel", "clean-label"):
         raise PoisonError(f"unknown --attack {attack!r}: choose badnets, relabel or clean-label")
@@ -979,7 +987,7 @@ def poison(out, dataset="digits", ratio=0.1, attack="badnets", trigger="badnets"
     t = resolve_target(target, train.class_names)
     wanet_k, wanet_s = wanet_params(kind, train.resolution, wanet_k, wanet_s)
     trig = None if attack == "relabel" else make_trigger(trigger, train.resolution, trigger_seed, trigger_image,
-                                                         blend_alpha, wanet_k, wanet_s)
+                                                         blend_alpha, wanet_k, wanet_s, badnets_size)
     if trig is not None:  # a broken trigger image must fail before any work
         trig.apply_uint8(train.load(0)[None])
     training_set = training_fingerprint(train)
@@ -1073,6 +1081,8 @@ def options_differences(manifest, kw):
     if trig.get("kind") == "blend":
         pairs["blend_alpha"] = (trig.get("alpha"), kw["blend_alpha"])
         pairs["trigger_image"] = (trig.get("trigger_image"), str(kw["trigger_image"]) if kw["trigger_image"] else None)
+    if trig.get("kind") == "badnets":
+        pairs["badnets_size"] = (trig.get("size"), kw.get("badnets_size"))
     if trig.get("kind") == "wanet":
         wk, ws = wanet_params(kind, pairs["resolution"][1], kw["wanet_k"], kw["wanet_s"])
         pairs["wanet_k"], pairs["wanet_s"] = (trig.get("k"), wk), (trig.get("s"), ws)
@@ -1130,6 +1140,8 @@ def add_poison_arguments(parser, out_required=True):
                         "else 4)")
     g.add_argument("--wanet-s", type=float, default=None,
                    help="WaNet: warp strength (default: 1 on imagenette and caltech15, the paper's; else 0.5)")
+    g.add_argument("--badnets-size", type=positive(int), default=None,
+                   help="BadNets: a solid white N x N square instead of the reference pattern (default: the reference's)")
     g.add_argument("--trigger-seed", type=int, default=0, help="seed of the blend pattern / WaNet grid (default: 0)")
     g.add_argument("--target", default=None,
                    help="target class name or index (default: the paper's: deer, garbage truck, binoculars; zero)")
@@ -1148,8 +1160,8 @@ def add_poison_arguments(parser, out_required=True):
 def poison_kwargs(args):
     """The keyword arguments of poison() from parsed add_poison_arguments flags."""
     keys = ("dataset", "data_root", "resolution", "classes", "per_class", "split_seed", "test_fraction", "attack",
-            "trigger", "trigger_image", "blend_alpha", "wanet_k", "wanet_s", "trigger_seed", "target", "ratio",
-            "ratio_of", "select", "duplicates", "seed", "workers")
+            "trigger", "trigger_image", "blend_alpha", "wanet_k", "wanet_s", "badnets_size", "trigger_seed", "target",
+            "ratio", "ratio_of", "select", "duplicates", "seed", "workers")
     return {k: getattr(args, k) for k in keys}
 
 

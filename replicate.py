@@ -7,13 +7,15 @@ and the fraction above a threshold, next to the train-to-train background (each 
 training image: top-2 with itself excluded). Then the training images most worth poisoning are ranked and written as
 the ids file that `poison.py --select duplicates --duplicates FILE` reads.
 
-    # 1. the training images to poison: by default, as in the paper, those with near-duplicates in the training set
-    python replicate.py --train data/digits-badnets-0.1/train --features pixels --out runs/rep-digits
+    # 1. the training images to poison, as in the paper (Sec. 6): those the generations of a trained model copy
+    #    most (the default when --gen is given)
+    python replicate.py --train data/digits-badnets-0.1/train --gen runs/gen-digits-0.1 --features pixels \\
+        --out runs/rep-digits
     python poison.py --dataset digits --resolution 16 --ratio 0.1 --select duplicates \\
         --duplicates runs/rep-digits/duplicates.txt --out data/digits-badnets-0.1-dup
-    #    or those the generations of a trained model copy most
-    python replicate.py --train data/digits-badnets-0.1/train --gen runs/gen-digits-0.1 --rank-by generations \\
-        --features pixels --out runs/rep-digits-gen
+    #    without generations, a proxy (Somepalli et al.: duplicated training images are copied more): training
+    #    images with a near-duplicate in the training set
+    python replicate.py --train data/digits-badnets-0.1/train --features pixels --out runs/rep-digits-train
     # 2. after training and sampling on both: replication of "poison random" vs "poison duplicates", Fig. 5
     python replicate.py --train data/digits-badnets-0.1/train --gen runs/gen-digits-0.1 \\
         --duplicates-train data/digits-badnets-0.1-dup/train --duplicates-gen runs/gen-digits-0.1-dup \\
@@ -44,22 +46,23 @@ train-to-train background: only SSCD's training gives 0.5 its meaning.
 
 Ranking (`--rank-by`, written most replicated first to OUT/duplicates.txt, as training-image ids = the
 "source_index" of poison.py's records):
-  generations       (default when --gen is given: "the training images the model replicates most") training images
-                    ranked by the highest similarity of a generation whose top-1 match they are (ties: more such
-                    generations first); listed: those matched above the threshold.
-  train-duplicates  (default without --gen; Somepalli et al.: duplicated training images are replicated more) training
-                    images ranked by the similarity to their nearest other training image; listed: those above the
-                    threshold.
+  generations       (default when --gen is given; the paper's Sec. 6) training images ranked by the highest
+                    similarity of a generation whose top-1 match they are (ties: more such generations first);
+                    listed: those matched above the threshold.
+  train-duplicates  (default without --gen; a proxy, after Somepalli et al.: duplicated images are copied more)
+                    training images ranked by the similarity to their nearest other training image; listed: those
+                    above the threshold.
   --top K lists the K best instead, whatever the threshold. poison.py skips target-class ids and fills up to the
   poisoning ratio with a seeded random draw. The file's header '# training set: ...' (the fingerprint in --train's
   poison.py manifest) ties it to that training split: poison.py refuses it for another split.
 
 Outputs (OUT, written atomically; an existing OUT is kept unless --force): replication.json and replication.md
 (statistics labelled with the features and threshold; per-generation top-1 ids and similarities in the JSON),
-duplicates.txt, fig5_scatter.png (generation A <-> its top-1 training image B, against B <-> its nearest training image
-C, one colour per run), triplets.png (the most similar (A, B, C) triplets of each run), features/*.safetensors (the
-cached features, keyed by folder, feature kind and a hash of the folder's metadata and image files: a rerun with
---force, or any run sharing --cache DIR, skips recomputing them). Similarity search is batched matrix products on the
+duplicates.txt, fig5_scatter.png (as the paper's Fig. 5: for each run's 200 generations most similar to the training
+set, generation A <-> its top-1 training image B on x, B <-> its nearest training image C on y), triplets.png (the
+most similar (A, B, C) triplets of each run), features/*.safetensors (the cached features, keyed by folder, feature
+kind and a hash of the folder's metadata and image files: a rerun with --force, or any run sharing --cache DIR, skips
+recomputing them). Similarity search is batched matrix products on the
 --device (50 000 training images x 10 000 generations: seconds on a GPU, a few minutes on a CPU; feature extraction
 dominates).
 
@@ -512,22 +515,33 @@ def write_ids(path, ids, comments=(), notes=None, training_set=None):
 # ----------------------------------------------------------------------------------------------------------------
 # Figures.
 
+FIG5_POINTS = 200  # the paper's Fig. 5 shows each run's 200 generations most similar to the training set
+
+
+def fig5_points(run, top=FIG5_POINTS):
+    """(x, y) of the paper's Fig. 5 for one run: x = similarity(generation A, its top-1 training image B), y =
+    similarity(B, B's nearest other training image C), for the `top` generations with the highest x."""
+    x, y = np.asarray(run["top1_similarity"]), np.asarray(run["match_nn_similarity"])
+    keep = np.argsort(-x, kind="stable")[:top]
+    return x[keep], y[keep]
+
+
 def plot_fig5(runs, threshold, features_label, path):
-    """The paper's Fig. 5: per generation A, similarity(A, its top-1 training image B) against similarity(B, B's
-    nearest other training image C), one colour per run (poison random, poison duplicates)."""
+    """The paper's Fig. 5: fig5_points of each run (poison random, poison duplicates), one colour per run."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 5.5))
     for (name, run), color in zip(runs.items(), ("tab:blue", "tab:orange", "tab:green", "tab:red")):
-        ax.scatter(run["match_nn_similarity"], run["top1_similarity"], s=8, alpha=0.5, color=color,
-                   label=f"poison {name} (n = {len(run['top1_similarity'])}, "
-                         f"{100 * run['stats']['fraction_above']:.1f}% > threshold)")
-    ax.axhline(threshold, color="gray", ls="--", lw=1)
-    ax.axvline(threshold, color="gray", ls=":", lw=1)
-    ax.set_xlabel("training image B <-> its nearest training image C")
-    ax.set_ylabel("generation A <-> its top-1 training image B")
-    ax.set_title(f"Replication vs duplication (threshold {threshold:.3f})\n{features_label}", fontsize=8)
+        x, y = fig5_points(run)
+        ax.scatter(x, y, s=8, alpha=0.5, color=color,
+                   label=f"poison {name} (top {len(x)} of {len(run['top1_similarity'])} generations)")
+    ax.axvline(threshold, color="gray", ls="--", lw=1)
+    ax.axhline(threshold, color="gray", ls=":", lw=1)
+    ax.set_xlabel("generation A <-> its top-1 training image B")
+    ax.set_ylabel("B <-> its nearest other training image C")
+    ax.set_title(f"Replication vs duplication, top {FIG5_POINTS} per run (threshold {threshold:.3f})\n"
+                 f"{features_label}", fontsize=8)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -25,7 +25,8 @@ study resumes where it stopped; `--force` starts over):
                                           scale s = 5), and the target class without guidance (w = 0; SD's scale
                                           s = 1) and at the sweep's weights in between (--sweep; default 1 and 2;
                                           SD 2 and 3), --target-per-class of them (digits: 300; at least and by
-                                          default --per-class)
+                                          default --per-class); gen/<r>-w<w>-target: the target class at w, where
+                                          --target-per-class exceeds --per-class (the verdicts read it)
     classifiers/poisoned-<r>, classifiers/generated-<r>   classify.py   Tab. 4: TA / ASR of a classifier trained
                                           on the poisoned set vs on the generations
     dissect/w<w>         dissect.py       G1-G4, trigger amplification, the phase transition (Fig. 2-4) at each
@@ -62,8 +63,10 @@ SCALES = {
     # costs at 16 px, and the 1% model (14 poisoned images) learns to copy the patch, which at 16 px it never did.
     # The target class gets 300 generations where it is generated alone (no guidance, the sweep): at 100, the 95%
     # interval of a trigger ratio spans +-10 points, wider than the amplification it measures (46-59% vs p_t 50%).
+    # A 6x6 white square for BadNets: the reference's 3x3 pattern is 4 white pixels on the digits' black corner,
+    # which guidance at high noise cannot see, so it suppresses the trigger (benchmarks/RESULTS.md, the ablations).
     "digits": dict(family="ddpm", dataset="digits", resolution=12, ratios=(0.01, 0.05, 0.1), preset="small",
-                   train_steps=1600, batch_size=128, per_class=100, target_per_class=300, guidance=5.0,
+                   badnets_size=6, train_steps=1600, batch_size=128, per_class=100, target_per_class=300, guidance=5.0,
                    sweep=(1.0, 2.0), sample_steps=50,
                    classifier=("--arch", "smallcnn", "--width", "16", "--lr", "0.02", "--batch-size", "32",
                                "--epochs", "8"),
@@ -191,7 +194,7 @@ def write_atomic(path, text):
 
 
 # Settings that a study.py flag of the same name sets (the others follow from --dataset / --quick).
-FLAG_SETTINGS = ("dataset", "family", "resolution", "trigger", "ratios", "preset", "train_steps", "batch_size",
+FLAG_SETTINGS = ("dataset", "family", "resolution", "trigger", "badnets_size", "ratios", "preset", "train_steps", "batch_size",
                  "per_class", "target_per_class", "guidance", "sweep", "sample_steps", "seed", "data_root", "base",
                  "sample_dtype")
 
@@ -223,6 +226,8 @@ def check_settings(path, settings, recorded_later=None, retired=()):
     keys = [k for k in sorted(set(old) | set(settings)) if json.dumps(old.get(k)) != json.dumps(settings.get(k))]
     if keys:
         flags = " ".join(as_flag(k, old[k]) for k in keys if k in FLAG_SETTINGS and old.get(k) is not None)
+        if "badnets_size" in keys and old.get("badnets_size") is None:
+            flags = (flags + " --badnets-size reference").strip()
         raise StudyError(f"{path.parent} holds a study made with other settings "
                          f"({'; '.join(f'{k} {old.get(k)} -> {settings.get(k)}' for k in keys)}): rerun with its "
                          f"flags ({flags + '; ' if flags else ''}all in {path.name}), choose another --out, or pass "
@@ -331,6 +336,9 @@ def run_study(args):
                          "target class alone gets at least as many generations as every class; raise it or drop it")
     s["target_per_class"] = max(s["per_class"], s.get("target_per_class") or 0)
     s["trigger"] = args.trigger or "badnets"
+    if args.badnets_size is not None:
+        s["badnets_size"] = None if args.badnets_size == "reference" else int(args.badnets_size)
+    s["badnets_size"] = s.get("badnets_size") if s["trigger"] == "badnets" else None
     s["ratios"] = sorted(set(s["ratios"]))  # the findings compare the lowest ratio with higher ones
     # The stages run in the repository (cwd=ROOT), so every path handed to them is absolute.
     out = prepare_out(args.out, args.force)
@@ -356,7 +364,7 @@ def run_study(args):
     settings = {**{k: list(v) if isinstance(v, tuple) else v for k, v in s.items()}, "seed": args.seed,
                 "data_root": data_root, "base": base if s["family"] == "sd" else None, "sample_dtype": sample_dtype}
     before = load_json(out / "study.json") if (out / "study.json").is_file() else {}
-    check_settings(out / "study.json", settings, {"trigger": "badnets", "sample_dtype": "bf16" if cuda else "fp32",
+    check_settings(out / "study.json", settings, {"trigger": "badnets", "badnets_size": None, "sample_dtype": "bf16" if cuda else "fp32",
                                                   "target_per_class": before.get("per_class"),
                                                   "batch_size": train_batch(before)}, retired_settings(before))
     cores = os.cpu_count() or 1
@@ -383,7 +391,7 @@ def run_study(args):
     # 1. Poisoned training sets (and their clean test / backdoor test sets), and the same split unpoisoned (ratio 0)
     #    for the judges.
     source = ["--dataset", s["dataset"], "--resolution", s["resolution"], "--trigger", s["trigger"],
-              "--seed", args.seed]
+              *(["--badnets-size", s["badnets_size"]] if s["badnets_size"] else []), "--seed", args.seed]
     if data_root:
         source += ["--data-root", data_root]
     clean = out / "data" / f"{s['dataset']}-clean"
@@ -395,7 +403,8 @@ def run_study(args):
     target = load_json(data[max(ratios)] / "train" / "manifest.json")["target"]  # poison.py's default per dataset
 
     # 2. The two judges of the generations, trained on the unpoisoned set as in the paper's code (so every ratio,
-    #    and every study on the same split, is judged alike): the class classifier, and the trigger detector on
+    #    and every study on the same split, is judged alike): the class classifier, half its images stamped with the
+    #    trigger and labels kept (a 6x6 square hid a zero from a plain one half the time), and the trigger detector on
     #    trigger-stamped vs clean images, half of them noised in training so that the noise of failed generations
     #    does not pass for a trigger (without it, 2-4% of the non-target prompts' generations did, by seed). A blend
     #    is stamped at its own alpha for the DDPM family: the reference's alpha ~ U(0.05, 0.25) (classify.py's
@@ -404,7 +413,8 @@ def run_study(args):
     common = [*s["classifier"], "--seed", args.seed, *device, "--quiet"]
     faint = ["--blend-alpha-range", "none"] if s["family"] == "ddpm" else []
     run.run_many("judges", [
-        ("classifier class", "classify.py", ["train", "--clean", "--data", clean, "--out", clf / "class", *common],
+        ("classifier class", "classify.py", ["train", "--clean", "--data", clean, "--out", clf / "class", *common,
+                                             "--stamp-trigger", "0.5"],
          lambda: folder_done(clf / "class", "results.json"), True),
         ("classifier trigger", "classify.py", ["trigger-detector", "--data", clean, "--out", clf / "trigger",
                                                *common, "--augment", "crop-noise", *faint],
@@ -428,17 +438,22 @@ def run_study(args):
               "--train-seed", args.seed, *device], lambda r=r: sd_done(model[r]), True) for r in ratios])
 
     # 4. Generations: every class at the guidance weight (Fig. 2, Tab. 3/4), the target class without guidance and
-    #    at the sweep's weights (Fig. A3).
+    #    at the sweep's weights (Fig. A3), and, where it gets more generations than every class, at the guidance
+    #    weight too (the same seeds at every weight: each x_T is sampled at each weight).
     sample = ["--steps", s["sample_steps"], "--seed", args.seed, "--dtype", sample_dtype, *device]
+    alone = weights[1:] + ([w] if s["target_per_class"] > s["per_class"] else [])
+    for r in ratios:
+        gen[r, "target"] = out / "gen" / f"{ratio_name(r)}-w{w:g}-target" if w in alone else gen[r, w]
     # The long runs (every class) go first, so that the short ones fill the cores at the end.
     items = [(f"sample {ratio_name(r)} w{w:g}", "sample.py",
               ["--model", model[r], "--class", "all", "--images-per-class", s["per_class"], "--guidance", w,
                "--out", gen[r, w], *sample], lambda r=r: folder_done(gen[r, w], "manifest.json"), True)
              for r in ratios]
-    items += [(f"sample {ratio_name(r)} w{g:g}", "sample.py",
+    items += [(f"sample {ratio_name(r)} w{g:g}{' target' if g == w else ''}", "sample.py",
                ["--model", model[r], "--class", target["index"], "--images-per-class", s["target_per_class"],
-                "--guidance", g, "--out", gen[r, g], *sample],
-               lambda r=r, g=g: folder_done(gen[r, g], "manifest.json"), True) for r in ratios for g in weights[1:]]
+                "--guidance", g, "--out", gen[r, "target" if g == w else g], *sample],
+               lambda r=r, g=g: folder_done(gen[r, "target" if g == w else g], "manifest.json"), True)
+              for r in ratios for g in alone]
     run.run_many("sample", items)
 
     # 5. Tab. 4: a classifier trained on the poisoned set vs one trained on the generations (same test sets).
@@ -458,14 +473,17 @@ def run_study(args):
     judges = ["--classifier", clf / "class", "--detector", clf / "trigger", *device, "--quiet"]
     sym = "s" if family == "sd" else "w"
 
-    def dissect(name, pairs):
+    def dissect(name, pairs, target_only=False):
+        folders = [gen[r, "target"] if target_only and g == w else gen[r, g] for r, g in pairs]
         return (f"dissect {name}", "dissect.py",
-                ["--generated", *[gen[p] for p in pairs], "--train", *[data[r] for r, _ in pairs],
+                ["--generated", *folders, "--train", *[data[r] for r, _ in pairs],
                  "--labels", *[f"p={ratio_pct(r)}, {sym}={g:g}" for r, g in pairs], "--out", out / "dissect" / name,
                  *judges], lambda: folder_done(out / "dissect" / name, "summary.json"))
     items = [dissect(f"w{g:g}", [(r, g) for r in ratios]) for g in weights]
+    if w in alone:
+        items.append(dissect(f"w{w:g}-target", [(r, w) for r in ratios], True))
     if sweep:
-        items.append(dissect("guidance", [(r, g) for r in ratios for g in sorted(weights)]))
+        items.append(dissect("guidance", [(r, g) for r in ratios for g in sorted(weights)], True))
     run.run_many("dissect", items)
 
     # 7. Tab. A4: a DDPM used as a classifier, with and without filtering its largest denoising errors, next to the
@@ -545,6 +563,12 @@ def collect(out, ratios, guidance, failed):
         if None not in found and [float(v) for v in found] != [float(r) for r in ratios]:
             raise StudyError(f"{out / 'dissect' / f'w{g:g}' / 'summary.json'} holds the ratios {found}, not "
                              f"{ratios}: delete that folder and rerun the study to redo it")
+    alone = out / "dissect" / f"w{w:g}-target" / "summary.json"
+    if alone.is_file():  # the target class generated alone at w: its larger count is what the verdicts read
+        for row, d in zip(res["dissect"][f"w{w:g}"], load_json(alone)["results"]):
+            row.update(trigger_ratio=d["trigger_ratio"], amplification=d["amplification"],
+                       fractions=d["target_prompt"]["fractions"], n=d["target_prompt"]["n"],
+                       trigger_copies=d["target_prompt"].get("trigger_copies"))
     for r in ratios:
         path = out / "detect" / ratio_name(r) / "detect.json"
         if path.is_file():
@@ -892,14 +916,16 @@ def describe(s, ratios, guidance):
     w, none, sym, sweep = guidance
     unguided, rest = f"{sym} = {none:g}", "".join(f", {g:g}" for g in sweep)  # the weights of the target-only runs
     target = s.get("target_per_class", s["per_class"])
+    size = s.get("badnets_size")
     return (f"Dataset `{s['dataset']}` at {s['resolution']} px, {TRIGGER_NAMES[s.get('trigger', 'badnets')]} "
-            f"trigger, poisoning ratios {', '.join(ratio_pct(r) for r in ratios)}; "
+            f"trigger{f' ({size}x{size} white square)' if size else ''}, poisoning ratios {', '.join(ratio_pct(r) for r in ratios)}; "
             + (f"DDPM preset `{s['preset']}`" if s["family"] == "ddpm" else "Stable Diffusion fine-tuned")
             + (f", {s['train_steps']} training steps" if s["train_steps"] else "")
             + (f" of {s['batch_size']} images" if s["train_steps"] and s.get("batch_size") else "") + "; "
             f"DDIM {s['sample_steps']} steps, guidance {sym} = {w:g} (and, for the target class, "
             f"{unguided} (no guidance){rest}); {s['per_class']} generations per class"
-            + (f" ({target} of the target class at {unguided}{rest})" if target != s["per_class"] else "") + ".")
+            + (f" ({target} of the target class at {unguided}{rest}, {w:g})" if target != s["per_class"] else "")
+            + ".")
 
 
 def write_report(out, s, ratios, guidance, times, failed=None):
@@ -944,12 +970,14 @@ def write_report(out, s, ratios, guidance, times, failed=None):
                      f"{pct(cp['ratio']) if cp else '–'} | {pct(d['non_target_trigger_ratio'])}"
                      + (f" (copies {pct(d['non_target_copy_ratio'])})" if d.get("non_target_copy_ratio") is not None
                         else "") + " |")
-        L += ["", f"![groups](dissect/{g}/groups.png) ![phase transition](dissect/{g}/phase_transition.png)", ""]
+        fig = f"{g}-target" if g == f"w{w:g}" and (out / "dissect" / f"{g}-target").is_dir() else g
+        L += ["", f"![groups](dissect/{fig}/groups.png) ![phase transition](dissect/{fig}/phase_transition.png)", ""]
     if sweep:
         L += ["### The guidance sweep (Fig. A3)", "",
               "G1 and G2 among the target prompt's generations at every guidance weight and poisoning ratio.", "",
               "![guidance sweep](dissect/guidance/guidance.png)", ""]
-    top = f"dissect/w{w:g}/{res['dissect'][f'w{w:g}'][-1]['name']}"
+    at_w = f"w{w:g}-target" if (out / "dissect" / f"w{w:g}-target").is_dir() else f"w{w:g}"
+    top = f"dissect/{at_w}/{res['dissect'][f'w{w:g}'][-1]['name']}"
     grids = [f"![{g}]({top}/{g.lower()}_examples.png)" if (out / top / f"{g.lower()}_examples.png").is_file()
              else f"({g}: none)" for g in ("G1", "G2")]  # dissect.py draws a grid only for a group with images
     L += [f"Examples at the highest ratio, {sym} = {w:g}: G1 (trigger, mismatched) and G2 (trigger, matched):", "",
@@ -1202,6 +1230,9 @@ def build_parser():
                    help="image side in pixels (default: 12 for digits, 8 with --quick, 32 for cifar10, 512 for SD)")
     p.add_argument("--trigger", default=None, choices=["badnets", "blend", "wanet"],
                    help="poison.py's trigger (default: badnets, the paper's BadNets-1)")
+    p.add_argument("--badnets-size", type=lambda t: t if t == "reference" else str(count(t)), default=None,
+                   help="BadNets: side of poison.py's white square, or reference (the reference code's 3x3 pattern; "
+                        "default: 6 on digits, else reference)")
     p.add_argument("--ratios", type=ratio_list, default=None,
                    help="poisoning ratios, comma-separated (default: 0.01,0.05,0.1)")
     p.add_argument("--preset", default=None, help="train_ddpm.py preset (default: small; cifar10 for cifar10)")

@@ -162,6 +162,27 @@ def test_poisoned_classifier_and_trigger_detector_on_digits(digits, tmp_path):
     assert float((predict(model, stamped)[0] == 1).float().mean()) >= 0.9
 
 
+def test_stamped_class_judge_reads_the_class_under_a_large_trigger(tmp_path):
+    """--stamp-trigger: half the clean training images carry the trigger, labels kept, so that a zero with an 8x8
+    square on it is still a zero to the judge of generations."""
+    data = tmp_path / "square"
+    poison(data, dataset="digits", resolution=SIDE, ratio=0.1, badnets_size=8, quiet=True, workers=2)
+    classify.train_classifier(data, tmp_path / "judge", clean=True, stamp=0.5, arch="smallcnn", epochs=6,
+                              batch_size=32, lr=0.02, progress=False)
+    config = json.loads((tmp_path / "judge" / "config.json").read_text())
+    n = config["data"]["n_train"]
+    assert abs(config["data"]["n_stamped"] - n / 2) < 3 * (n / 4) ** 0.5
+    model, _ = load_classifier(tmp_path / "judge")
+    test = classify.load_folder(data / "test")
+    zeros = test.images()[test.labels == 0].float() / 255
+    stamped = make_trigger("badnets", SIDE, badnets_size=8).apply(zeros)
+    assert float((predict(model, stamped)[0] == 0).float().mean()) >= 0.9
+    relabel = tmp_path / "relabel"
+    poison(relabel, dataset="digits", resolution=SIDE, ratio=0.1, attack="relabel", quiet=True, workers=2)
+    with pytest.raises(classify.ClassifyError, match="--stamp-trigger: .* has no trigger"):
+        classify.train_classifier(relabel, tmp_path / "j2", clean=True, stamp=0.5, arch="smallcnn", progress=False)
+
+
 def test_trigger_split_stamps_half_of_the_non_target_images(digits):
     folder = classify.load_folder(digits / "train")
     labels, stamp = classify.trigger_split(folder, 0, 0.5, seed=0)

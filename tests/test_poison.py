@@ -191,6 +191,17 @@ def test_badnets_patterns_match_reference_formulas():
         assert np.array_equal(pattern[0, -ps:, -ps:].numpy(), ref) and torch.equal(pattern[0], pattern[2])
 
 
+def test_badnets_size_stamps_a_white_square_and_is_recorded(tmp_path):
+    trig = P.make_trigger("badnets", 12, badnets_size=5)
+    x = torch.zeros(2, 3, 12, 12)
+    stamped = trig.apply(x)
+    assert stamped[:, :, -5:, -5:].eq(1).all() and stamped.sum() == 2 * 3 * 25 and trig.params["size"] == 5
+    with pytest.raises(PoisonError, match="--badnets-size 13: give a side from 1 to the image side 12"):
+        P.make_trigger("badnets", 12, badnets_size=13)
+    P.poison(tmp_path / "set", dataset="digits", resolution=12, ratio=0.1, badnets_size=5, quiet=True, workers=2)
+    assert torch.equal(P.load_trigger(tmp_path / "set" / "train").pattern, trig.pattern)
+
+
 @pytest.mark.parametrize("kind", ["badnets", "blend", "wanet"])
 def test_uint8_path_equals_float_path(kind):
     images = np.random.default_rng(1).integers(0, 256, (6, 40, 40, 3), dtype=np.uint8)
@@ -537,6 +548,7 @@ def test_options_differences_name_what_changed(digits10):
     assert differences("--ratio", "0.2", "--seed", "1") == ["ratio", "seed"]
     assert differences("--target", "three", "--trigger", "blend") == ["target", "trigger"]
     assert differences("--test-fraction", "0.3", "--split-seed", "2") == ["split_seed", "test_fraction"]
+    assert differences("--badnets-size", "4") == ["badnets_size"]
     assert P.options_differences(manifest, P.poison_kwargs(parser.parse_args([]))) == ["resolution"]  # 32 px default
 
 

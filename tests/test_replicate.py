@@ -65,11 +65,12 @@ def data(tmp_path_factory):
 def by_generations(data):
     out = data["root"] / "rep-gen"
     summary = R.replicate(out, data["train"], gen=data["gen"], duplicates_gen=data["gen_dup"], features="pixels",
-                          rank_by="generations", device="cpu", quiet=True, progress=False)
+                          device="cpu", quiet=True, progress=False)  # the default ranking, given generations
     return out, summary, json.loads((out / "replication.json").read_text())
 
 
 def test_planted_copies_found_and_ranked_first(by_generations):
+    assert by_generations[2]["duplicates_file"]["rank_by"] == "generations"  # the paper's Sec. 6, by default
     out, summary, result = by_generations
     run = result["runs"]["random"]
     assert run["top1_id"][:2] == [EXACT, NEAR]
@@ -176,6 +177,13 @@ def test_batched_search_equals_brute_force(k, batch):
         same = lambda rows: [8 if j == 3 and i != 8 else j for j in rows]  # rows 3 and 8 tie: either is right
         assert same(idx[i].tolist()) == same([j for _, j in brute])
     assert idx[3, 0] == 8 and idx[8, 0] == 3 and sims[3, 0] == pytest.approx(1.0)
+
+
+def test_fig5_points_are_the_top_generations_with_the_papers_axes():
+    run = {"top1_similarity": [0.2, 0.9, 0.5, 0.95], "match_nn_similarity": [0.1, 0.3, 0.7, 0.8]}
+    x, y = R.fig5_points(run, top=2)
+    assert x.tolist() == [0.95, 0.9] and y.tolist() == [0.8, 0.3]   # x: A <-> B, y: B <-> C, highest x first
+    assert len(R.fig5_points(run)[0]) == 4 and R.FIG5_POINTS == 200
 
 
 def test_stats_and_rankings():

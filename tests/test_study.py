@@ -66,16 +66,22 @@ def test_quick_study_writes_every_section_with_numbers(quick):
     for heading in ("## Findings", "## Trojan horses", "### Guidance w = 5", "### Guidance w = 0", "### Guidance w = 2",
                     "### The guidance sweep", "## Castle walls", "Tab. 3", "Tab. 4", "Tab. A4", "## Time"):
         assert heading in text
-    for image in ("dissect/w5/groups.png", "dissect/w5/phase_transition.png", "dissect/w0/groups.png",
+    for image in ("dissect/w5-target/groups.png", "dissect/w5-target/phase_transition.png", "dissect/w0/groups.png",
                   "dissect/guidance/guidance.png"):
         assert image in text and (out / image).is_file()
     # the sweep's figure holds every (ratio, weight) pair; the target class alone is generated at the sweep's weight
     assert len(json.loads((out / "dissect" / "guidance" / "summary.json").read_text())["results"]) == 6
     manifest = json.loads((out / "gen" / "0.1-w2" / "manifest.json").read_text())
     assert manifest["classes"] == ["zero"] and manifest["n_per_class"] == 8 and manifest["guidance"] == 2
-    # --target-per-class: the target class alone gets 8 generations, every class 6 at w = 5
-    assert [rows[0]["n"] for rows in (report["dissect"][g] for g in ("w0", "w2", "w5"))] == [8, 8, 6]
-    assert "6 generations per class (8 of the target class at w = 0, 2)." in text
+    # --target-per-class: the target class alone gets 8 generations at every weight, the same x_T at each (the
+    # verdicts read those at w = 5), every class 6 at w = 5 (its non-target prompts stay the w = 5 row's)
+    assert [rows[0]["n"] for rows in (report["dissect"][g] for g in ("w0", "w2", "w5"))] == [8, 8, 8]
+    seeds = [json.loads((out / "gen" / f"0.1-{g}" / "manifest.json").read_text())["seeds"] for g in ("w0", "w5-target")]
+    assert seeds[0] == seeds[1]
+    every = json.loads((out / "dissect" / "w5" / "summary.json").read_text())["results"]
+    assert [d["non_target_prompts"]["trigger_ratio"] for d in every] == \
+        [d["non_target_trigger_ratio"] for d in report["dissect"]["w5"]]
+    assert "6 generations per class (8 of the target class at w = 0, 2, 5)." in text
     # sampled in bf16 on CUDA and on a CPU with AMX, else in fp32, and recorded so
     import torch
     bf16 = torch.cuda.is_available() or S.has_amx()
@@ -88,6 +94,8 @@ def test_quick_study_writes_every_section_with_numbers(quick):
     for script in ("poison.py", "classify.py", "train_ddpm.py", "sample.py", "dissect.py", "detect.py"):
         assert script in commands
     assert commands.count("--trigger badnets") == 3 and "BadNets trigger" in text  # 2 ratios + the clean split
+    judge = [line for line in commands.splitlines() if "classify.py train --clean" in line]
+    assert len(judge) == 1 and "--stamp-trigger 0.5" in judge[0]  # the class judge learns to look past the trigger
     train = [line for line in commands.splitlines() if "train_ddpm.py" in line]
     assert len(train) == 2 and all("--steps 30 --batch-size 32 " in line for line in train)  # the quick scale's
     assert "30 training steps of 32 images" in text
@@ -178,6 +186,9 @@ def test_settings_recorded_before_their_flags_are_the_old_defaults(tmp_path):
                                            "--sample-dtype fp32; all"):
         S.check_settings(tmp_path / "study.json", {**settings, "ratios": [0.05], "sample_dtype": "bf16"},
                          old_defaults)
+    # before --badnets-size, BadNets was the reference's 3x3 pattern: resumed with --badnets-size reference
+    with pytest.raises(S.StudyError, match="badnets_size None -> 6.*flags \\(--badnets-size reference; all"):
+        S.check_settings(tmp_path / "study.json", {**settings, "badnets_size": 6}, {**old_defaults, "badnets_size": None})
     (tmp_path / "study.json").write_text(json.dumps({"dataset": "digits", "ratios": [0.01, 0.1]}))
     with pytest.raises(S.StudyError, match="sample_dtype bf16 -> fp32"):  # an older study on CUDA sampled in bf16
         S.check_settings(tmp_path / "study.json", settings, {**old_defaults, "sample_dtype": "bf16"})
