@@ -75,8 +75,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from poison import (PoisonError, atomic_output, caption, check_out, load_folder, load_trigger, manifest_target,
-                    on_rank0, positive, replace_file, save_safetensors, versions)
+from poison import (PoisonError, atomic_output, caption, check_file_out, check_out, load_folder, load_trigger,
+                    manifest_target, on_rank0, positive, replace_file, save_safetensors, versions)
 
 ARCHS = ("smallcnn", "resnet18", "resnet50", "vgg16", "densenet121")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -1388,11 +1388,9 @@ def main(args):
                                  args.force, not args.quiet, command)
         return
     if args.cmd == "eval":
-        if args.json and Path(args.json).is_dir():
-            raise ClassifyError(f"--json {args.json} is a folder: give a file name, e.g. "
-                                f"{Path(args.json) / 'eval.json'}")
-        if args.json and Path(args.json).exists() and not args.force:
-            raise ClassifyError(f"--json {args.json} exists: pass --force to overwrite it, or choose another file")
+        if args.json:
+            check_file_out(args.json, args.force, {"--classifier": args.classifier, "--data": args.data,
+                                                   "--test": args.test, "--backdoor": args.backdoor}, ClassifyError)
         model, config = load_classifier(args.classifier, "cuda" if args.device == "cuda" or (
             args.device == "auto" and torch.cuda.is_available()) else "cpu")
         data, test, backdoor = (args.data, args.test, args.backdoor)

@@ -644,6 +644,24 @@ def check_out(out, force=False, inputs=None, error=None):
         raise error(f"{out} exists: pass --force to overwrite it, or choose another --out")
 
 
+def check_file_out(path, force=False, inputs=None, error=None, flag="--json"):
+    """A stage's check of a single output file (--json, --grid): never an input, a file inside an input folder or a
+    folder, and an existing one only with --force. inputs as check_out's."""
+    error = error or PoisonError
+    resolved = Path(path).resolve()
+    for name, paths in (inputs or {}).items():
+        for given in paths if isinstance(paths, (list, tuple)) else [paths]:
+            if isinstance(given, (str, os.PathLike)):
+                p = Path(given).resolve()
+                if p == resolved or p in resolved.parents:
+                    raise error(f"{flag} {path} {'is' if p == resolved else 'lies in'} the input {name} {given}: "
+                                f"choose a file outside it (--force would overwrite the input)")
+    if resolved.is_dir():
+        raise error(f"{flag} {path} is a folder: give a file name, e.g. {Path(path) / 'out.json'}")
+    if resolved.exists() and not force:
+        raise error(f"{flag} {path} exists: pass --force to overwrite it, or choose another file")
+
+
 def temp_tag():
     """This process's mark in temporary names, PID@host: a later run on this machine tells the leftovers of a killed
     run (its process is gone) from a live run's, and removes them (remove_stale)."""
@@ -1141,7 +1159,8 @@ def add_poison_arguments(parser, out_required=True):
     g.add_argument("--wanet-s", type=float, default=None,
                    help="WaNet: warp strength (default: 1 on imagenette and caltech15, the paper's; else 0.5)")
     g.add_argument("--badnets-size", type=positive(int), default=None,
-                   help="BadNets: a solid white N x N square instead of the reference pattern (default: the reference's)")
+                   help="BadNets: a solid white N x N square instead of the reference pattern (default: the "
+                        "reference's)")
     g.add_argument("--trigger-seed", type=int, default=0, help="seed of the blend pattern / WaNet grid (default: 0)")
     g.add_argument("--target", default=None,
                    help="target class name or index (default: the paper's: deer, garbage truck, binoculars; zero)")

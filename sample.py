@@ -79,8 +79,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import finetune_sd
-from poison import (PoisonError, atomic_output, caption, check_out, finite, positive, save_grid, versions,
-                    write_folder)
+from poison import (PoisonError, atomic_output, caption, check_file_out, check_out, finite, positive, save_grid,
+                    versions, write_folder)
 from train_ddpm import (autocast, autocast_dtype, barrier, diffusion_from_config, dtype_name, load_model,
                         read_config, resolve_device, setup_distributed)
 
@@ -513,8 +513,9 @@ def main(args):
     check_out(out, args.force, {"--model": args.model, "--config": args.config, "--tokenizer": args.tokenizer})
     if args.grid and Path(args.grid).suffix.lower() != ".png":
         raise PoisonError(f"--grid {args.grid}: give a .png file name, e.g. grid.png")
-    if args.grid and Path(args.grid).exists() and not args.force:
-        raise PoisonError(f"{args.grid} exists: pass --force to overwrite it, or choose another --grid")
+    if args.grid:
+        check_file_out(args.grid, args.force, {"--model": args.model, "--config": args.config,
+                                               "--tokenizer": args.tokenizer}, flag="--grid")
     if args.sampler not in SAMPLERS:
         raise PoisonError(f"unknown --sampler {args.sampler!r}: choose one of {', '.join(SAMPLERS)}")
     if args.eta < 0:

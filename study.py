@@ -66,8 +66,8 @@ SCALES = {
     # A 6x6 white square for BadNets: the reference's 3x3 pattern is 4 white pixels on the digits' black corner,
     # which guidance at high noise cannot see, so it suppresses the trigger (benchmarks/RESULTS.md, the ablations).
     "digits": dict(family="ddpm", dataset="digits", resolution=12, ratios=(0.01, 0.05, 0.1), preset="small",
-                   badnets_size=6, train_steps=1600, batch_size=128, per_class=100, target_per_class=300, guidance=5.0,
-                   sweep=(1.0, 2.0), sample_steps=50,
+                   badnets_size=6, train_steps=1600, batch_size=128, per_class=100, target_per_class=300,
+                   guidance=5.0, sweep=(1.0, 2.0), sample_steps=50,
                    classifier=("--arch", "smallcnn", "--width", "16", "--lr", "0.02", "--batch-size", "32",
                                "--epochs", "8"),
                    detect=("--n", "300"), diffusion=("--images", "100", "--timesteps", "25")),
@@ -194,9 +194,9 @@ def write_atomic(path, text):
 
 
 # Settings that a study.py flag of the same name sets (the others follow from --dataset / --quick).
-FLAG_SETTINGS = ("dataset", "family", "resolution", "trigger", "badnets_size", "ratios", "preset", "train_steps", "batch_size",
-                 "per_class", "target_per_class", "guidance", "sweep", "sample_steps", "seed", "data_root", "base",
-                 "sample_dtype")
+FLAG_SETTINGS = ("dataset", "family", "resolution", "trigger", "badnets_size", "ratios", "preset", "train_steps",
+                 "batch_size", "per_class", "target_per_class", "guidance", "sweep", "sample_steps", "seed",
+                 "data_root", "base", "sample_dtype")
 
 
 def has_amx():
@@ -364,7 +364,8 @@ def run_study(args):
     settings = {**{k: list(v) if isinstance(v, tuple) else v for k, v in s.items()}, "seed": args.seed,
                 "data_root": data_root, "base": base if s["family"] == "sd" else None, "sample_dtype": sample_dtype}
     before = load_json(out / "study.json") if (out / "study.json").is_file() else {}
-    check_settings(out / "study.json", settings, {"trigger": "badnets", "badnets_size": None, "sample_dtype": "bf16" if cuda else "fp32",
+    check_settings(out / "study.json", settings, {"trigger": "badnets", "badnets_size": None,
+                                                  "sample_dtype": "bf16" if cuda else "fp32",
                                                   "target_per_class": before.get("per_class"),
                                                   "batch_size": train_batch(before)}, retired_settings(before))
     cores = os.cpu_count() or 1
@@ -917,8 +918,9 @@ def describe(s, ratios, guidance):
     unguided, rest = f"{sym} = {none:g}", "".join(f", {g:g}" for g in sweep)  # the weights of the target-only runs
     target = s.get("target_per_class", s["per_class"])
     size = s.get("badnets_size")
+    square = f" ({size}x{size} white square)" if size else ""
     return (f"Dataset `{s['dataset']}` at {s['resolution']} px, {TRIGGER_NAMES[s.get('trigger', 'badnets')]} "
-            f"trigger{f' ({size}x{size} white square)' if size else ''}, poisoning ratios {', '.join(ratio_pct(r) for r in ratios)}; "
+            f"trigger{square}, poisoning ratios {', '.join(ratio_pct(r) for r in ratios)}; "
             + (f"DDPM preset `{s['preset']}`" if s["family"] == "ddpm" else "Stable Diffusion fine-tuned")
             + (f", {s['train_steps']} training steps" if s["train_steps"] else "")
             + (f" of {s['batch_size']} images" if s["train_steps"] and s.get("batch_size") else "") + "; "

@@ -230,13 +230,22 @@ def test_cli_eval_and_one_line_errors(colors, tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["n_test"] == 30 and 0 <= printed["ta"] <= 1
     assert json.loads((tmp_path / "r.json").read_text())["ta"] == printed["ta"]
-    # an existing --json (here the classifier's own results.json) is kept unless --force; a folder is no file name
-    kept = (tmp_path / "clf" / "results.json").read_text()
-    for target, message in ((tmp_path / "clf" / "results.json", "exists: pass --force"), (tmp_path, "is a folder")):
+    # an existing --json is kept unless --force; a folder is no file name; a file of an input is refused, --force
+    # or not (it would replace the classifier's weights or the test set's manifest)
+    (tmp_path / "old.json").write_text("old")
+    inputs = [tmp_path / "clf" / "model.safetensors", tmp_path / "clf" / "results.json",
+              colors / "test" / "manifest.json"]
+    kept = [p.read_bytes() for p in inputs]
+    for target, force, message in ((tmp_path / "old.json", [], "exists: pass --force"),
+                                   (tmp_path, [], "is a folder"),
+                                   (inputs[0], ["--force"], "lies in the input --classifier"),
+                                   (inputs[1], [], "lies in the input --classifier"),
+                                   (inputs[2], ["--force"], "lies in the input --data"),
+                                   (colors / "test", ["--force"], "is the input --data")):
         with pytest.raises(ClassifyError, match=message):
             classify.main(classify.build_parser().parse_args(["eval", "--classifier", str(tmp_path / "clf"), "--data",
-                                                              str(colors / "test"), "--json", str(target)]))
-    assert (tmp_path / "clf" / "results.json").read_text() == kept
+                                                              str(colors / "test"), "--json", str(target), *force]))
+    assert [p.read_bytes() for p in inputs] == kept and (tmp_path / "old.json").read_text() == "old"
     classify.main(classify.build_parser().parse_args(["eval", "--classifier", str(tmp_path / "clf"), "--data",
                                                       str(colors / "test"), "--json", str(tmp_path / "r.json"),
                                                       "--force"]))

@@ -826,6 +826,9 @@ def test_generations_folder_contract(model_dir, data, tmp_path):
     with pytest.raises(PoisonError, match=r"g.png exists: pass --force"):
         run_sample(model_dir, tmp_path / "two", "--class", "0", "--n", 1, "--steps", 2, "--grid", tmp_path / "g.png")
     assert (tmp_path / "g.png").read_bytes() == grid and not (tmp_path / "two").exists()
+    with pytest.raises(PoisonError, match=r"--grid .*x\.png lies in the input --model"):  # --force or not
+        run_sample(model_dir, tmp_path / "two", "--n", 1, "--steps", 2, "--grid", model_dir / "x.png", "--force")
+    assert not (model_dir / "x.png").exists() and not (tmp_path / "two").exists()
     with pytest.raises(PoisonError, match=r"--grid .*g\.jpg: give a \.png file name"):
         run_sample(model_dir, tmp_path / "two", "--class", "0", "--n", 1, "--steps", 2, "--grid", tmp_path / "g.jpg")
     assert not (tmp_path / "two").exists()

@@ -188,7 +188,8 @@ def test_settings_recorded_before_their_flags_are_the_old_defaults(tmp_path):
                          old_defaults)
     # before --badnets-size, BadNets was the reference's 3x3 pattern: resumed with --badnets-size reference
     with pytest.raises(S.StudyError, match="badnets_size None -> 6.*flags \\(--badnets-size reference; all"):
-        S.check_settings(tmp_path / "study.json", {**settings, "badnets_size": 6}, {**old_defaults, "badnets_size": None})
+        S.check_settings(tmp_path / "study.json", {**settings, "badnets_size": 6},
+                         {**old_defaults, "badnets_size": None})
     (tmp_path / "study.json").write_text(json.dumps({"dataset": "digits", "ratios": [0.01, 0.1]}))
     with pytest.raises(S.StudyError, match="sample_dtype bf16 -> fp32"):  # an older study on CUDA sampled in bf16
         S.check_settings(tmp_path / "study.json", settings, {**old_defaults, "sample_dtype": "bf16"})
