@@ -8,6 +8,7 @@ the paper ("From Trojan Horses to Castle Walls", Pan, Yao et al.) and its refere
     python poison.py --dataset imagenette --data-root ~/data --ratio 0.1 --trigger blend --out data/inette-blend-0.1
     python poison.py --dataset caltech15 --data-root ~/data --ratio 0.1 --out data/caltech15-badnets-0.1
     python poison.py --dataset folder:/path/to/classes --target cat --ratio 0.1 --out data/mine-badnets-0.1
+    python poison.py --dataset digits --resolution 12 --ratio 0.1 --badnets-size 6 --out data/digits-square-0.1
 
 `--attack relabel` changes labels only (no trigger). `--attack clean-label` is a simplified label-consistent attack:
 the trigger is stamped on target-class images and every label is kept, but without the PGD adversarial perturbation
@@ -21,7 +22,8 @@ layout): metadata.jsonl, images/*.png, manifest.json, and trigger.safetensors (t
 stamp the same one). Output is written to a temporary folder and renamed into place.
 
 Python API for the other stages: `poison(...)`, `make_trigger(...)`, `load_trigger(folder)`, `load_folder(folder)`,
-`check_out(out, force, inputs)` (--out: not an input, existing only with --force), `atomic_output(path)`,
+`check_out(out, force, inputs)` (--out: not an input, existing only with --force), `check_file_out(path, force,
+inputs)` (the same for one file, --json or --grid: not in an input either), `atomic_output(path)`,
 `write_folder(...)`, `save_grid(...)`, `replace_file(path, write)` (one file, atomically),
 `truncate_log(path, step)` (a JSON-lines log cut back to a resumed checkpoint), `on_rank0(fn, rank, world)` (under
 torchrun: an error on rank 0 stops every rank, none waits at a barrier), `positive(int)` / `positive(float)` (an
