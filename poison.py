@@ -921,6 +921,12 @@ class FolderDataset(torch.utils.data.Dataset):
         self.poisoned = torch.tensor([bool(r.get("poisoned", False)) for r in self.records])
         self.poisoned_unknown = (any(r.get("poisoned", False) is None for r in self.records)
                                  or self.manifest.get("stage") == "sample")  # older generations said false
+        lowest = -1 if self.poisoned_unknown else 0  # generations for a free prompt have no class: label -1
+        bad = next((r for r in self.records if not lowest <= r["label"] < len(self.class_names)), None)
+        if bad is not None:  # a label past the classes would train the DDPM's null class, silently
+            raise PoisonError(f"{self.root / 'metadata.jsonl'}: {bad['file_name']} has label {bad['label']}, outside "
+                              f"the {len(self.class_names)} classes of manifest.json: the folder is damaged; make it "
+                              "again with the stage that made it")
         self.transform = transform
 
     def __len__(self):

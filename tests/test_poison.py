@@ -552,6 +552,20 @@ def test_options_differences_name_what_changed(digits10):
     assert P.options_differences(manifest, P.poison_kwargs(parser.parse_args([]))) == ["resolution"]  # 32 px default
 
 
+def test_loader_refuses_labels_outside_the_classes(digits10, tmp_path):
+    """A label equal to the number of classes would be the DDPM's null class: refused when the folder is opened."""
+    import shutil
+    out, _ = digits10
+    for label in (10, -1):
+        copy = tmp_path / f"set{label}"
+        shutil.copytree(out / "train", copy)
+        lines = (copy / "metadata.jsonl").read_text().splitlines()
+        lines[3] = json.dumps({**json.loads(lines[3]), "label": label})
+        (copy / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+        with pytest.raises(PoisonError, match=rf"has label {label}, outside the 10 classes of manifest.json"):
+            P.load_folder(copy)
+
+
 def test_loader_rejects_non_dataset_folders(tmp_path):
     with pytest.raises(PoisonError, match="not a dataset folder.*--dataset folder:PATH --ratio 0"):
         P.load_folder(tmp_path)
