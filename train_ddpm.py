@@ -430,6 +430,14 @@ def load_model(folder, weights="ema", device="cpu"):
     except (SafetensorError, OSError) as e:
         raise PoisonError(f"{path} is not a readable safetensors file ({e}): restore the model folder") from None
     check_state_dict(model, state, path)
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:  # a diverged run samples black images and says nothing
+        raise PoisonError(f"{path}: {bad[0]} (and {len(bad) - 1} more tensors) holds NaN or inf: training diverged; "
+                          "retrain with a lower --lr")
+    step, planned = config.get("step"), (config.get("training") or {}).get("steps")
+    if isinstance(step, int) and isinstance(planned, int) and step < planned:
+        print(f"train_ddpm.py: warning: {folder} was trained {step} of its {planned} steps: rerun train_ddpm.py with "
+              "the same --out to finish it", file=sys.stderr)
     model.load_state_dict(state)
     return model.to(device).eval().requires_grad_(False), config
 

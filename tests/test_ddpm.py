@@ -796,6 +796,26 @@ def run_sample(model_dir, out, *extra):
     sample.main(args)
 
 
+def test_a_diverged_or_unfinished_model_is_named_when_loaded(model_dir, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+    short = tmp_path / "short"
+    shutil.copytree(model_dir, short)
+    config = json.loads((short / "config.json").read_text())
+    assert config["step"] == config["training"]["steps"] == 30
+    train_ddpm.load_model(model_dir)
+    assert "warning" not in capsys.readouterr().err
+    (short / "config.json").write_text(json.dumps({**config, "step": 20}))
+    train_ddpm.load_model(short)
+    assert "was trained 20 of its 30 steps" in capsys.readouterr().err
+    state = load_file(str(short / "ema.safetensors"))
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    state[name] = torch.full_like(state[name], float("nan"))
+    save_file(state, str(short / "ema.safetensors"))
+    with pytest.raises(PoisonError, match=rf"ema.safetensors: {name} .* holds NaN or inf: training diverged"):
+        train_ddpm.load_model(short)
+    train_ddpm.load_model(short, "model")  # the raw weights are finite
+
+
 def test_generations_folder_contract(model_dir, data, tmp_path):
     out = tmp_path / "gen"
     run_sample(model_dir, out, "--class", "all", "--n", 2, "--steps", 5, "--seed", 7, "--grid", tmp_path / "g.png")
