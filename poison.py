@@ -628,6 +628,15 @@ def resolve_target(target, class_names):
 # ----------------------------------------------------------------------------------------------------------------
 # Dataset folders: metadata.jsonl + images/*.png + manifest.json (+ trigger.safetensors).
 
+def input_paths(inputs):
+    """(flag, path as given, resolved path) of every path in {flag: path, list of paths, or None}; models and other
+    objects given in place of paths are skipped."""
+    for flag, paths in (inputs or {}).items():
+        for path in paths if isinstance(paths, (list, tuple)) else [paths]:
+            if isinstance(path, (str, os.PathLike)):
+                yield flag, path, Path(path).resolve()
+
+
 def check_out(out, force=False, inputs=None, error=None):
     """A stage's first check of its --out: never one of its inputs or a folder holding one (with --force it would be
     replaced, input and all), and an existing one only with --force. inputs: {flag: path, list of paths, or None
@@ -635,13 +644,10 @@ def check_out(out, force=False, inputs=None, error=None):
     error = error or PoisonError
     out = Path(out)
     resolved = out.resolve()
-    for flag, paths in (inputs or {}).items():
-        for path in paths if isinstance(paths, (list, tuple)) else [paths]:
-            if isinstance(path, (str, os.PathLike)):
-                p = Path(path).resolve()
-                if p == resolved or resolved in p.parents:
-                    raise error(f"--out {out} {'is' if p == resolved else 'holds'} the input {flag} {path}: choose "
-                                "another --out (--force would replace it, input and all)")
+    for flag, path, p in input_paths(inputs):
+        if p == resolved or resolved in p.parents:
+            raise error(f"--out {out} {'is' if p == resolved else 'holds'} the input {flag} {path}: choose "
+                        "another --out (--force would replace it, input and all)")
     if out.exists() and not force:
         raise error(f"{out} exists: pass --force to overwrite it, or choose another --out")
 
@@ -651,13 +657,10 @@ def check_file_out(path, force=False, inputs=None, error=None, flag="--json"):
     folder, and an existing one only with --force. inputs as check_out's."""
     error = error or PoisonError
     resolved = Path(path).resolve()
-    for name, paths in (inputs or {}).items():
-        for given in paths if isinstance(paths, (list, tuple)) else [paths]:
-            if isinstance(given, (str, os.PathLike)):
-                p = Path(given).resolve()
-                if p == resolved or p in resolved.parents:
-                    raise error(f"{flag} {path} {'is' if p == resolved else 'lies in'} the input {name} {given}: "
-                                f"choose a file outside it (--force would overwrite the input)")
+    for name, given, p in input_paths(inputs):
+        if p == resolved or p in resolved.parents:
+            raise error(f"{flag} {path} {'is' if p == resolved else 'lies in'} the input {name} {given}: "
+                        f"choose a file outside it (--force would overwrite the input)")
     if resolved.is_dir():
         raise error(f"{flag} {path} is a folder: give a file name, e.g. {Path(path) / 'out.json'}")
     if resolved.exists() and not force:
