@@ -75,8 +75,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from poison import (PoisonError, atomic_output, caption, check_file_out, check_out, load_folder, load_trigger,
-                    manifest_target, on_rank0, positive, replace_file, save_safetensors, versions)
+from common import HelpFormatter, UsageError, atomic_output, check_file_out, check_out, load_folder, manifest_target, on_rank0, positive, replace_file, save_safetensors, share, versions
+from poison import caption, load_trigger
 
 ARCHS = ("smallcnn", "resnet18", "resnet50", "vgg16", "densenet121")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -100,10 +100,6 @@ DENSENET_OLD_KEY = re.compile(
     r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
 TRIGGER_CLASSES = ["clean", "trigger"]
 BLEND_ALPHA_RANGE = (0.05, 0.25)  # the reference code stamps blends for its trigger detector with alpha ~ U(lo, hi)
-
-
-class ClassifyError(PoisonError):
-    """Bad input: the message is one line naming the problem and the fix."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -184,7 +180,7 @@ def build_model(arch, num_classes, input_size, width=16, normalization=None):
     """A randomly initialised Classifier. input_size <= SMALL_INPUT gets the CIFAR-style stem. `normalization`:
     None or {"mean": [3], "std": [3]}."""
     if arch not in ARCHS:
-        raise ClassifyError(f"unknown --arch {arch!r}: choose one of {', '.join(ARCHS)}")
+        raise UsageError(f"unknown --arch {arch!r}: choose one of {', '.join(ARCHS)}")
     backbone = SmallCNN(width) if arch == "smallcnn" else torchvision_backbone(arch, input_size <= SMALL_INPUT)
     norm = normalization or {}
     return Classifier(backbone, backbone.out_features, num_classes, input_size, norm.get("mean"), norm.get("std"))
@@ -217,7 +213,7 @@ def model_input_size(arch, resolution, pretrained, input_size=None):
     32 for VGG)."""
     size = input_size or (IMAGENET_SIZE if pretrained else resolution)
     if arch == "smallcnn" and size < 4:  # its two 2x2 max-pools leave nothing of a smaller image
-        raise ClassifyError(f"smallcnn needs inputs of at least 4 px, got {size}: pass --input-size 4 or more")
+        raise UsageError(f"smallcnn needs inputs of at least 4 px, got {size}: pass --input-size 4 or more")
     return max(size, VGG_MIN_INPUT) if arch == "vgg16" else size
 
 
@@ -225,26 +221,26 @@ def read_state_dict(path):
     """A state dict from a .safetensors file or a torch file of tensors (never unpickles code)."""
     path = Path(path)
     if not path.is_file():
-        raise ClassifyError(f"--weights {path}: no such file; give a state dict (.pth/.pt/.safetensors)")
+        raise UsageError(f"--weights {path}: no such file; give a state dict (.pth/.pt/.safetensors)")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         return load_file(str(path))
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ClassifyError(f"--weights {path} is not a plain state dict of tensors ({type(e).__name__}): save "
+        raise UsageError(f"--weights {path} is not a plain state dict of tensors ({type(e).__name__}): save "
                             "one with torch.save(model.state_dict(), FILE)") from None
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict):
-        raise ClassifyError(f"--weights {path} holds a {type(sd).__name__}, not a state dict")
+        raise UsageError(f"--weights {path} holds a {type(sd).__name__}, not a state dict")
     return sd
 
 
 def imagenet_state_dict(arch, weights_file=None, progress=True):
     """torchvision-named ImageNet weights of `arch`: from `weights_file`, or torchvision's download (cached)."""
     if arch not in TORCHVISION_WEIGHTS:
-        raise ClassifyError(f"--pretrained: there are no ImageNet weights for {arch}; choose one of "
+        raise UsageError(f"--pretrained: there are no ImageNet weights for {arch}; choose one of "
                             f"{', '.join(TORCHVISION_WEIGHTS)} or train from scratch")
     if weights_file:
         sd, source = read_state_dict(weights_file), f"file:{weights_file}"
@@ -255,7 +251,7 @@ def imagenet_state_dict(arch, weights_file=None, progress=True):
             sd = torch.hub.load_state_dict_from_url(weights.url, progress=progress, check_hash=True,
                                                     weights_only=True)
         except Exception as e:
-            raise ClassifyError(f"could not download the ImageNet weights of {arch} from {weights.url} "
+            raise UsageError(f"could not download the ImageNet weights of {arch} from {weights.url} "
                                 f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}): download "
                                 "that file elsewhere and pass --weights FILE, or train from scratch without "
                                 "--pretrained") from None
@@ -277,12 +273,12 @@ def load_pretrained_backbone(model, arch, sd):
     missing = sorted(set(own) - set(kept) - {k for k in own if k.startswith(dropped)})
     unexpected = sorted(set(kept) - set(own))
     if missing or unexpected:
-        raise ClassifyError(f"the pretrained weights do not fit {arch}: missing {missing[:5]}"
+        raise UsageError(f"the pretrained weights do not fit {arch}: missing {missing[:5]}"
                             f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
                             f"{' ...' if len(unexpected) > 5 else ''}; pass the ImageNet state dict of {arch}")
     bad = [k for k in kept if kept[k].shape != own[k].shape]
     if bad:
-        raise ClassifyError(f"the pretrained weights do not fit {arch}: {bad[0]} has shape "
+        raise UsageError(f"the pretrained weights do not fit {arch}: {bad[0]} has shape "
                             f"{tuple(kept[bad[0]].shape)}, the model {tuple(own[bad[0]].shape)}")
     model.backbone.load_state_dict(kept, strict=False)
     return sorted(k for k in sd if k.startswith(dropped))
@@ -316,26 +312,26 @@ def load_classifier(folder, device="cpu"):
     try:
         config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ClassifyError(f"{folder}/config.json is not valid JSON ({e}): the folder is damaged, train it again"
+        raise UsageError(f"{folder}/config.json is not valid JSON ({e}): the folder is damaged, train it again"
                             ) from None
     if not (folder / "model.safetensors").is_file() or "arch" not in config or other_maker(config):
         maker = other_maker(config)
         what = f"{maker}, not a classifier folder" if maker else \
             "not a classifier folder (config.json with an arch + model.safetensors)"
-        raise ClassifyError(f"{folder} is {what}: make a classifier with classify.py train (a class classifier) or "
+        raise UsageError(f"{folder} is {what}: make a classifier with classify.py train (a class classifier) or "
                             "classify.py trigger-detector")
     model = build_model(config["arch"], config["num_classes"], config["input_size"], config.get("width") or 16,
                         config.get("normalization"))
     try:
         sd = load_file(str(folder / "model.safetensors"))
     except Exception as e:  # a truncated or foreign file: safetensors' SafetensorError, OSError
-        raise ClassifyError(f"{folder}/model.safetensors is not readable ({type(e).__name__}: "
+        raise UsageError(f"{folder}/model.safetensors is not readable ({type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''}): the folder is damaged, train it again"
                             ) from None
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
     if missing or unexpected:
-        raise ClassifyError(f"{folder}/model.safetensors does not fit its config.json: missing {missing[:5]}, "
+        raise UsageError(f"{folder}/model.safetensors does not fit its config.json: missing {missing[:5]}, "
                             f"unexpected {unexpected[:5]}; the folder is damaged, train it again")
     model.load_state_dict(sd)
     return model.to(device).eval(), config
@@ -355,7 +351,7 @@ def require_resolution(config, size, what, images="the images"):
     if config.get("input_size") and config["input_size"] <= min(th, tw, h, w) and same_shape:
         return  # both are scaled down to the model's input (e.g. 224 for ImageNet weights) alike: what it saw
     if (h, w) != (th, tw):
-        raise ClassifyError(f"{what} was trained on {th}x{tw}-px images but {images} are {h}x{w} px: train it on "
+        raise UsageError(f"{what} was trained on {th}x{tw}-px images but {images} are {h}x{w} px: train it on "
                             f"data of the same resolution ({h}x{w} px), or give it {th}x{tw}-px images")
 
 
@@ -387,7 +383,7 @@ class ImageSet(torch.utils.data.Dataset):
         self.stamp = torch.zeros(len(self.indices), dtype=torch.bool) if stamp is None else torch.as_tensor(stamp)
         self.trigger, self.alphas = trigger, alphas
         if self.stamp.any() and trigger is None:
-            raise ClassifyError("images to stamp but no trigger given")
+            raise UsageError("images to stamp but no trigger given")
         self.size = tuple(folder.image_uint8(int(self.indices[0])).shape[-2:]) if len(self.indices) else None
         self.cache = None
         if in_memory is None:
@@ -425,7 +421,7 @@ def map_labels(labels, from_names, to_names, what):
     if unknown:
         common = sorted(set(n.lower() for n in from_names) & set(lowered))
         reason = "no class names in common" if not common else f"classes {unknown} are unknown to it"
-        raise ClassifyError(f"{what} holds classes {from_names}, the classifier knows {list(to_names)}: {reason}; "
+        raise UsageError(f"{what} holds classes {from_names}, the classifier knows {list(to_names)}: {reason}; "
                             "use a classifier trained on these classes")
     table = torch.tensor([lowered.index(n.lower()) if n.lower() in lowered else -1 for n in from_names])
     return table[torch.as_tensor(labels, dtype=torch.long)]
@@ -439,7 +435,7 @@ def target_of(folder):
 def require_poison_flags(folder, what, fix="give a poisoned set's folder (generations are judged by dissect.py)"):
     """Refuse a folder whose records do not say which images carry the trigger (generations)."""
     if folder.poisoned_unknown:
-        raise ClassifyError(f"{what} {folder.root} does not say which images carry the trigger (generations: "
+        raise UsageError(f"{what} {folder.root} does not say which images carry the trigger (generations: "
                             f"`poisoned` is null): {fix}")
 
 
@@ -483,7 +479,7 @@ def predict(model, data, batch_size=256, device=None, progress=False, workers=0)
         probs.append(model(x.to(device)).float().softmax(-1).cpu())
     model.train(was_training)
     if not probs:
-        raise ClassifyError("nothing to predict: the data holds no images")
+        raise UsageError("nothing to predict: the data holds no images")
     probs = torch.cat(probs)
     return probs.argmax(-1), probs
 
@@ -520,7 +516,7 @@ def evaluate(model, config, test=None, backdoor=None, batch_size=256, device=Non
 def setup_device(flag):
     """(device, rank, world) -- initialises the process group when launched by torchrun."""
     if flag == "cuda" and not torch.cuda.is_available():
-        raise ClassifyError("--device cuda but no CUDA device is visible: use --device cpu or auto")
+        raise UsageError("--device cuda but no CUDA device is visible: use --device cpu or auto")
     use_cuda = flag == "cuda" or (flag == "auto" and torch.cuda.is_available())
     if "RANK" in os.environ:
         if not dist.is_initialized():
@@ -737,7 +733,7 @@ def train_classifier(data, out, test=None, backdoor=None, arch="resnet18", clean
     generations); `stamp`: a seeded share of the training images carries `data`'s trigger, labels kept, so that the
     trigger does not sway the judge's class. Writes the classifier folder `out`; returns results."""
     opts = {**DEFAULT_OPTS, **opts}
-    check_out(out, force, {"--data": data, "--test": test, "--backdoor": backdoor, "--weights": weights}, ClassifyError)
+    check_out(out, force, {"--data": data, "--test": test, "--backdoor": backdoor, "--weights": weights})
     data, test, backdoor = resolve_sets(data, test, backdoor)
     dev, rank, world = setup_device(device)
     folder = load_folder(data)  # a wrong --data is told before the warning below
@@ -748,7 +744,7 @@ def train_classifier(data, out, test=None, backdoor=None, arch="resnet18", clean
         require_poison_flags(folder, "--clean: --data", "drop --clean to train on every image")
     keep = torch.nonzero(~folder.poisoned).flatten() if clean else torch.arange(len(folder))
     if len(keep) == 0:
-        raise ClassifyError(f"{data} holds no clean images to train on")
+        raise UsageError(f"{data} holds no clean images to train on")
     # the test sets first: one of another size or other classes is refused before the training images are read
     size = folder.image_uint8(int(keep[0])).shape[-2:]  # ImageSet brings the kept images to the first one's size
     config = {"task": "class", "class_names": folder.class_names, "data_resolution": resolution_field(size)}
@@ -758,7 +754,7 @@ def train_classifier(data, out, test=None, backdoor=None, arch="resnet18", clean
         rank, world, share_result=False) or (None, None)
     trigger = load_trigger(data) if stamp else None
     if stamp and trigger is None:
-        raise ClassifyError(f"--stamp-trigger: {data} has no trigger: give a BadNets, blend or WaNet poisoned set")
+        raise UsageError(f"--stamp-trigger: {data} has no trigger: give a BadNets, blend or WaNet poisoned set")
     stamped = torch.from_numpy(np.random.default_rng(opts["seed"] + 4).random(len(keep)) < stamp)
     train_set = ImageSet(folder, keep, stamp=stamped, trigger=trigger, progress=progress and rank == 0)
     model, fields = make_model(arch, len(folder.class_names), train_set.size, pretrained, weights, input_size,
@@ -807,23 +803,23 @@ def train_trigger_detector(data, out, test=None, arch="resnet50", fraction=0.5, 
     `blend_alpha` (lo, hi) as the reference code does (U(0.05, 0.25)), so that fainter blends count too; None stamps
     the set's own alpha. Writes the detector folder `out`; returns results."""
     opts = {**DEFAULT_OPTS, **opts}
-    check_out(out, force, {"--data": data, "--test": test, "--weights": weights}, ClassifyError)
+    check_out(out, force, {"--data": data, "--test": test, "--weights": weights})
     if not 0 < fraction <= 1:
-        raise ClassifyError(f"--fraction {fraction} is outside (0, 1]: give the share of non-target images that "
+        raise UsageError(f"--fraction {fraction} is outside (0, 1]: give the share of non-target images that "
                             "carry the trigger, e.g. 0.5")
     data, test, _ = resolve_sets(data, test)
     dev, rank, world = setup_device(device)
     folder = load_folder(data)
     trigger = load_trigger(data)
     if trigger is None:
-        raise ClassifyError(f"{data} has no trigger (made with --attack relabel?): a trigger detector needs the "
+        raise UsageError(f"{data} has no trigger (made with --attack relabel?): a trigger detector needs the "
                             "trigger of a BadNets, blend or WaNet poisoned set")
     target = (folder.manifest.get("target") or {}).get("index")
     if target is None:
-        raise ClassifyError(f"{data}/manifest.json names no target class: give the train folder of a poisoned set")
+        raise UsageError(f"{data}/manifest.json names no target class: give the train folder of a poisoned set")
     labels, stamp = trigger_split(folder, target, fraction, opts["seed"])
     if blend_alpha is not None and not 0 < blend_alpha[0] <= blend_alpha[1] <= 1:
-        raise ClassifyError(f"--blend-alpha-range {blend_alpha[0]:g},{blend_alpha[1]:g}: give 0 < lo <= hi <= 1, "
+        raise UsageError(f"--blend-alpha-range {blend_alpha[0]:g},{blend_alpha[1]:g}: give 0 < lo <= hi <= 1, "
                             "e.g. 0.05,0.25 (the reference's), or none for the set's own alpha")
     if trigger.kind != "blend":
         blend_alpha = None
@@ -837,7 +833,7 @@ def train_trigger_detector(data, out, test=None, arch="resnet50", fraction=0.5, 
         test_folder = load_folder(test)
         if test_folder.image_size() != folder.image_size():  # on every rank: rank 0 alone builds the held-out set
             (h, w), (th, tw) = test_folder.image_size(), folder.image_size()
-            raise ClassifyError(f"the images of --test {test} are {h}x{w} px but those of --data {data} are {th}x{tw} "
+            raise UsageError(f"the images of --test {test} are {h}x{w} px but those of --data {data} are {th}x{tw} "
                                 "px: give the test set made with the training set (poison.py's OUT/test)")
         t_labels, t_stamp = trigger_split(test_folder, resolve_name(target_of(folder), test_folder.class_names),
                                           fraction, opts["seed"] + 1, "--test")
@@ -882,7 +878,7 @@ def train_trigger_detector(data, out, test=None, arch="resnet50", fraction=0.5, 
 def resolve_name(name, class_names):
     lowered = [c.lower() for c in class_names]
     if name is None or name.lower() not in lowered:
-        raise ClassifyError(f"the target class {name!r} is not among {class_names}")
+        raise UsageError(f"the target class {name!r} is not among {class_names}")
     return lowered.index(name.lower())
 
 
@@ -927,7 +923,7 @@ def ddpm_denoiser(model, config):
     def encode(images):
         bad = [tuple(im.shape[-2:]) for im in images if tuple(im.shape[-2:]) != (R, R)]
         if bad:
-            raise ClassifyError(f"the images are {bad[0][0]}x{bad[0][1]} px, the model was trained at {R}x{R}: "
+            raise UsageError(f"the images are {bad[0][0]}x{bad[0][1]} px, the model was trained at {R}x{R}: "
                                 "classify a dataset folder made at the model's resolution")
         return torch.stack(list(images)) * 2 - 1                      # [-1, 1], as train_ddpm.py trains
 
@@ -944,7 +940,7 @@ def sd_denoiser(sd, class_names, resolution):
     vae = vae_layout(sd.vae.config)
     scale = 2 ** (len(vae["block_out_channels"]) - 1)                  # SD v1: 8
     if resolution % scale:
-        raise ClassifyError(f"--resolution {resolution} is not a multiple of {scale} (the VAE downsamples by {scale})")
+        raise UsageError(f"--resolution {resolution} is not a multiple of {scale} (the VAE downsamples by {scale})")
     prompts = [caption(n) for n in class_names]
     context = encode_prompts(sd.text_encoder, sd.tokenizer, prompts).float()       # (K, 77, D)
     channels = vae["latent_channels"]
@@ -972,23 +968,23 @@ def load_denoiser(source, weights="ema", device="cpu", class_names=None, resolut
         model, config = load_model(path, weights=weights, device=device)
         return ddpm_denoiser(model, config)
     if not path.exists() and (path.is_absolute() or str(source).startswith(".") or str(source).count("/") != 1):
-        raise ClassifyError(f"--model {source}: no such model folder; give a train_ddpm.py or finetune_sd.py model "
+        raise UsageError(f"--model {source}: no such model folder; give a train_ddpm.py or finetune_sd.py model "
                             "folder, or a Stable Diffusion (Hub id owner/name, diffusers folder, checkpoint)")
     if path.is_dir() and not config and not (path / "model_index.json").is_file() and not (path / "unet").is_dir():
-        raise ClassifyError(f"--model {source} is not a model folder (no config.json): give a train_ddpm.py or "
+        raise UsageError(f"--model {source} is not a model folder (no config.json): give a train_ddpm.py or "
                             "finetune_sd.py model folder, or a Stable Diffusion (Hub id, diffusers folder)")
     if config.get("stage") == "classify":
-        raise ClassifyError(f"--model {source} is a classifier folder (config.json stage 'classify'), not a diffusion "
+        raise UsageError(f"--model {source} is a classifier folder (config.json stage 'classify'), not a diffusion "
                             "model: --model wants a train_ddpm.py model folder or a Stable Diffusion (a finetune_sd.py "
                             "folder, Hub id, diffusers folder); give the classifier as --classifier")
     if family not in (None, "sd"):
-        raise ClassifyError(f"--model {source} holds a {family!r} model: the diffusion classifier takes the ddpm "
+        raise UsageError(f"--model {source} holds a {family!r} model: the diffusion classifier takes the ddpm "
                             "and sd families")
     from finetune_sd import load_sd
     sd = load_sd(source, device=device, use_ema=family == "sd" and weights == "ema")
     names = config.get("class_names") or class_names
     if not names:
-        raise ClassifyError(f"--model {source} names no classes: prompt it with the data's classes")
+        raise UsageError(f"--model {source} names no classes: prompt it with the data's classes")
     return sd_denoiser(sd, names, resolution or config.get("resolution") or data_resolution or 512)
 
 
@@ -996,7 +992,7 @@ def timestep_grid(T, n):
     """Li et al.'s n timesteps: the midpoints of n equal bins of [0, T), T//n//2 + i * (T//n) (50 of 1000: 10, 30,
     ..., 990)."""
     if not 1 <= n <= T:
-        raise ClassifyError(f"--timesteps {n} is outside [1, {T}] (the model's T)")
+        raise UsageError(f"--timesteps {n} is outside [1, {T}] (the model's T)")
     return list(range(T // n // 2, T, T // n))[:n]
 
 
@@ -1014,16 +1010,16 @@ def parse_stages(timesteps, keep, num_classes):
     keep = [int(v) for v in keep] if keep else []
     given = ",".join(map(str, keep)) or "(none)"                        # errors quote what was typed
     if not timesteps or timesteps[0] < 1 or any(a >= b for a, b in zip(timesteps, timesteps[1:])):
-        raise ClassifyError(f"--timesteps {','.join(map(str, timesteps))}: give a positive count, or stages with "
+        raise UsageError(f"--timesteps {','.join(map(str, timesteps))}: give a positive count, or stages with "
                             "increasing counts (e.g. 50,500)")
     if len(keep) == len(timesteps) - 1:
         keep = keep + [1]
     if len(keep) != len(timesteps) or keep[-1] != 1:
-        raise ClassifyError(f"--keep {given} does not fit --timesteps "
+        raise UsageError(f"--keep {given} does not fit --timesteps "
                             f"{','.join(map(str, timesteps))}: give the classes kept after each stage but the last "
                             "(e.g. --timesteps 50,500 --keep 5)")
     if any(a <= b for a, b in zip(keep, keep[1:])) or keep[0] > num_classes:
-        raise ClassifyError(f"--keep {given}: keep fewer classes after every stage, at most the "
+        raise UsageError(f"--keep {given}: keep fewer classes after every stage, at most the "
                             f"model's {num_classes}")
     return list(zip(timesteps, keep))
 
@@ -1033,7 +1029,7 @@ def drop_counts(filters, numel):
     int(q * numel) smallest (q = 1 - p), so it drops numel - int(q * numel), i.e. p% of numel rounded up."""
     bad = [p for p in filters if not 0 <= p < 100]
     if bad:
-        raise ClassifyError(f"--filter-top {bad[0]} is outside [0, 100): give percents, e.g. 0,1,5,10")
+        raise UsageError(f"--filter-top {bad[0]} is outside [0, 100): give percents, e.g. 0,1,5,10")
     return [numel - int(math.floor((100 - p) / 100 * numel + 1e-9)) for p in filters]
 
 
@@ -1124,7 +1120,7 @@ def classify_images(eps_fn, x0, noise, alphas_cumprod, timesteps, stages, num_cl
     evaluations: the number of (image, class, timestep) forwards)."""
     B, P, L, K = len(x0), noise.shape[1], len(drops), num_classes
     if stages[-1][0] != P:
-        raise ClassifyError(f"the last stage has {stages[-1][0]} evaluations but the grid {P} points")
+        raise UsageError(f"the last stage has {stages[-1][0]} evaluations but the grid {P} points")
     errors = torch.full((L, B, K, P), float("nan"), dtype=torch.float64)   # points last: scores reduce rows
     alive = torch.ones(L, B, K, dtype=torch.bool)
     done = torch.zeros(P, dtype=torch.bool)
@@ -1195,7 +1191,7 @@ def choose_images(n_total, n, seed):
     if n is None or n >= n_total:
         return np.arange(n_total)
     if n < 1:
-        raise ClassifyError(f"--n {n}: give at least one image per set")
+        raise UsageError(f"--n {n}: give at least one image per set")
     return np.sort(np.random.default_rng(seed).choice(n_total, n, replace=False))
 
 
@@ -1258,20 +1254,20 @@ def run_diffusion_classifier(model, data, out, test=None, backdoor=None, classif
     poisoned set (its test/ and test_backdoor/) or a test folder; `n`: a seeded random subset of n images per set.
     Sharded over torchrun ranks. Writes OUT/results.json, OUT/results.md, OUT/scores.safetensors; returns results."""
     if loss not in LOSSES:
-        raise ClassifyError(f"unknown --loss {loss!r}: choose l2 or l1")
+        raise UsageError(f"unknown --loss {loss!r}: choose l2 or l1")
     check_out(out, force, {"--model": model, "--data": data, "--test": test, "--backdoor": backdoor,
-                           "--classifier": classifier}, ClassifyError)
+                           "--classifier": classifier})
     data_path = Path(data)
     _, t_default, b_default = resolve_sets(data_path)
     if t_default is None and b_default is None and (data_path / "metadata.jsonl").is_file():
         if test is None and is_training_split(data_path):
-            raise ClassifyError(f"--data {data} is a poisoned training set with no test/ beside it: TA on training "
+            raise UsageError(f"--data {data} is a poisoned training set with no test/ beside it: TA on training "
                                 "images is no test accuracy; give --test (a clean test folder), or --data the "
                                 "poisoned set's root")
         t_default = data_path                                           # a plain dataset folder: accuracy on it
     test, backdoor = test or t_default, backdoor or b_default
     if test is None and backdoor is None:
-        raise ClassifyError(f"--data {data}: no test/ or test_backdoor/ inside and no --test or --backdoor given; "
+        raise UsageError(f"--data {data}: no test/ or test_backdoor/ inside and no --test or --backdoor given; "
                             "give a poisoned set (poison.py's OUT) or a dataset folder")
     dev, rank, world = setup_device(device)
     if dtype == "auto" or dev.type != "cuda":                          # the CPU runs in fp32
@@ -1290,7 +1286,7 @@ def run_diffusion_classifier(model, data, out, test=None, backdoor=None, classif
     def load_baseline():  # on rank 0, which evaluates it: a wrong folder is refused before the long part, on all ranks
         clf, clf_config = load_classifier(classifier, dev)
         if clf_config["task"] != "class":
-            raise ClassifyError(f"--classifier {classifier} is a trigger detector: give a class classifier")
+            raise UsageError(f"--classifier {classifier} is a trigger detector: give a class classifier")
         for name, folder in sets.items():
             require_resolution(clf_config, folder.image_size(), f"--classifier {classifier}",
                                f"the images of {folder.root}")
@@ -1390,7 +1386,7 @@ def main(args):
     if args.cmd == "eval":
         if args.json:
             check_file_out(args.json, args.force, {"--classifier": args.classifier, "--data": args.data,
-                                                   "--test": args.test, "--backdoor": args.backdoor}, ClassifyError)
+                                                   "--test": args.test, "--backdoor": args.backdoor})
         model, config = load_classifier(args.classifier, "cuda" if args.device == "cuda" or (
             args.device == "auto" and torch.cuda.is_available()) else "cpu")
         data, test, backdoor = (args.data, args.test, args.backdoor)
@@ -1400,7 +1396,7 @@ def main(args):
                 t = data  # a plain dataset folder: accuracy on it
             test, backdoor = test or t, backdoor or b
         if test is None and backdoor is None:
-            raise ClassifyError("nothing to evaluate: give --data (a poisoned set or a dataset folder), --test or "
+            raise UsageError("nothing to evaluate: give --data (a poisoned set or a dataset folder), --test or "
                                 "--backdoor")
         result = {"classifier": str(args.classifier), "task": config["task"],
                   "test": str(test) if test else None, "backdoor": str(backdoor) if backdoor else None,
@@ -1425,15 +1421,6 @@ def main(args):
                                blend_alpha=args.blend_alpha_range, **common, **opts)
 
 
-def share(text):
-    """An argparse type: a fraction in [0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"{text}: give a share from 0 to 1")
-    return value
 
 
 def alpha_range(text):
@@ -1485,14 +1472,6 @@ def add_training_arguments(p, arch_default):
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Every flag's default once: argparse's "(default: ...)" unless the help already speaks of it; none for required
-    flags, switches (--force) and None, which have no default to tell."""
-
-    def _get_help_string(self, action):
-        if "default" in action.help or action.required or action.nargs == 0 or action.default is None:
-            return action.help
-        return super()._get_help_string(action)
 
 
 def build_parser():
@@ -1587,7 +1566,7 @@ if __name__ == "__main__":
     parser = build_parser()
     try:
         main(parser.parse_args())
-    except PoisonError as e:
+    except UsageError as e:
         sys.exit(f"classify.py: error: {e}")
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback
         print("classify.py: interrupted; --out not written (outputs appear whole or not at all)", file=sys.stderr)

@@ -62,8 +62,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from poison import PoisonError, atomic_output, check_out, load_folder, positive, same_classes, versions
-from classify import ClassifyError, HelpFormatter, load_classifier, require_resolution
+from common import HelpFormatter, UsageError, atomic_output, check_out, load_folder, positive, same_classes, versions
+from classify import load_classifier, require_resolution
 
 METHODS = ("cd", "strip", "fct")
 METHOD_NAMES = {"cd": "CD", "strip": "STRIP", "fct": "FCT"}
@@ -88,10 +88,6 @@ FCT_WEIGHT_DECAY = 5e-4
 FCT_DEGREES = 180.0     # RandomRotation(180)
 FCT_TRANSLATE = 0.2     # RandomAffine(degrees=0, translate=(0.2, 0.2))
 GROUPS_WITH_TRIGGER = ("G1", "G2")
-
-
-class DetectError(ClassifyError):
-    """Bad input: the message is one line naming the problem and the fix."""
 
 
 def autocast(device, dtype):
@@ -175,7 +171,7 @@ def cd_scores(model, images, steps=CD_STEPS, lr=CD_LR, betas=CD_BETAS, gamma=CD_
     n = len(images)
     colors = cd_colors(n, steps, seed) if colors is None else colors
     if colors.shape != (n, colors.shape[1], 3):
-        raise DetectError(f"colors have shape {tuple(colors.shape)}, expected ({n}, steps, 3)")
+        raise UsageError(f"colors have shape {tuple(colors.shape)}, expected ({n}, steps, 3)")
     size = getattr(model, "input_size", None)  # the side the classifier sees: the mask lives there
     scores, masks = [], []
     with tqdm(total=math.ceil(n / batch_size) * colors.shape[1], desc=desc, leave=False, disable=not progress,
@@ -344,7 +340,7 @@ def suspicion(scores, method):
     """Higher = more likely poisoned: 1 - minmax(score) for CD and STRIP (low = poisoned), the score for FCT."""
     s = np.asarray(scores, dtype=np.float64)
     if not np.isfinite(s).all():
-        raise DetectError(f"{METHOD_NAMES[method]} produced non-finite scores: check the classifier "
+        raise UsageError(f"{METHOD_NAMES[method]} produced non-finite scores: check the classifier "
                           "(NaN weights?) and --dtype")
     return 1.0 - minmax(s) if POISONED_END[method] == "low" else s
 
@@ -362,7 +358,7 @@ def auroc_of(pos, neg):
     clean scores. It equals scikit-learn's roc_auc_score (a test checks) and takes microseconds instead of its
     milliseconds of input checks, which the bootstrap's thousands of resamples would pay each."""
     if len(pos) == 0 or len(neg) == 0:
-        raise DetectError("the AUROC needs poisoned and clean images, and this set holds only "
+        raise UsageError("the AUROC needs poisoned and clean images, and this set holds only "
                           f"{'clean' if len(pos) == 0 else 'poisoned'} ones")
     neg = np.sort(neg)
     below = np.searchsorted(neg, pos, side="left").sum()
@@ -392,7 +388,7 @@ def read_images(folder, indices, workers=4, progress=False, desc=None):
     """(N, 3, H, W) uint8 of the images `indices` of a FolderDataset, all brought to the first one's size."""
     indices = [int(i) for i in indices]
     if not indices:
-        raise DetectError(f"no images to read from {folder.root}")
+        raise UsageError(f"no images to read from {folder.root}")
     with ThreadPoolExecutor(max(1, workers)) as pool:
         images = list(tqdm(pool.map(folder.image_uint8, indices), total=len(indices), desc=desc or "load",
                            leave=False, disable=not progress))
@@ -430,7 +426,7 @@ def open_train(path):
 
 def check_classes(config, folder, what, classifier):
     if not same_classes(config["class_names"], folder.class_names):
-        raise DetectError(f"{what} {folder.root} holds classes {folder.class_names} but the classifier {classifier} "
+        raise UsageError(f"{what} {folder.root} holds classes {folder.class_names} but the classifier {classifier} "
                           f"knows {config['class_names']}: use the classifier trained on this poisoned set")
 
 
@@ -451,7 +447,7 @@ def groups_file(path, folder):
                 return None
         settings = [d for d in settings if folder_of(d) == Path(folder.root).resolve()]
     if len(settings) != 1:
-        raise DetectError(f"--groups {path}: no (single) verdicts.jsonl for {folder.root} there; give dissect.py's "
+        raise UsageError(f"--groups {path}: no (single) verdicts.jsonl for {folder.root} there; give dissect.py's "
                           "OUT/<setting>/verdicts.jsonl of this generation folder")
     return settings[0] / "verdicts.jsonl"
 
@@ -469,7 +465,7 @@ def read_groups(path, folder):
         try:
             data = [json.loads(line) for line in text.splitlines() if line.strip()]
         except json.JSONDecodeError as e:
-            raise DetectError(f"--groups {path} is neither JSON nor JSON Lines ({e})") from None
+            raise UsageError(f"--groups {path} is neither JSON nor JSON Lines ({e})") from None
     if isinstance(data, dict):
         data = data.get("images") or data.get("per_image") or []
     by_name = {r["file_name"]: i for i, r in enumerate(folder.records)}
@@ -487,7 +483,7 @@ def read_groups(path, folder):
             flags[int(i)] = rec["trigger"]
     missing = int((flags < 0).sum())
     if missing:
-        raise DetectError(f"--groups {path} gives no group for {missing} of the {len(folder)} images of "
+        raise UsageError(f"--groups {path} gives no group for {missing} of the {len(folder)} images of "
                           f"{folder.root}: was it made for this generation folder?")
     return flags.astype(bool)
 
@@ -497,7 +493,7 @@ def detector_verdicts(detector, folder, device, batch_size=1024, dtype="fp32", w
     """Trigger detector verdicts (predicted class 1 = carries the trigger) on every image of a dataset folder."""
     model, config = load_classifier(detector, device)
     if config.get("task") != "trigger":
-        raise DetectError(f"--detector {detector} is a {config.get('task')!r} classifier, not a trigger detector: "
+        raise UsageError(f"--detector {detector} is a {config.get('task')!r} classifier, not a trigger detector: "
                           "make one with classify.py trigger-detector")
     require_resolution(config, folder.image_size(), f"--detector {detector}", f"the generations {folder.root}")
     names = [c.lower() for c in config.get("class_names", [])]
@@ -517,11 +513,11 @@ def generation_truth(folder, detector=None, groups=None, field=None, device=torc
     detector folder, dissect.py's groups file, or a boolean field of the folder's metadata."""
     given = [s for s in (detector, groups, field) if s is not None]
     if not given:
-        raise DetectError(f"no trigger verdicts for the generations {folder.root}: pass --detector DIR (a trigger "
+        raise UsageError(f"no trigger verdicts for the generations {folder.root}: pass --detector DIR (a trigger "
                           "detector from classify.py trigger-detector), --groups FILE (dissect.py's per-image "
                           "groups) or --generated-labels FIELD (a boolean field of its metadata)")
     if len(given) > 1:
-        raise DetectError("give one ground truth for the generations: --detector, --groups or --generated-labels")
+        raise UsageError("give one ground truth for the generations: --detector, --groups or --generated-labels")
     if detector is not None:
         flags = detector_verdicts(detector, folder, device, batch_size, dtype, workers, progress)
         how = f"trigger detector {detector} (predicted class 1 = trigger)"
@@ -532,13 +528,13 @@ def generation_truth(folder, detector=None, groups=None, field=None, device=torc
         values = [r.get(field) for r in folder.records]
         if any(not isinstance(v, bool) for v in values):
             n_bad = sum(not isinstance(v, bool) for v in values)
-            raise DetectError(f"--generated-labels {field}: {n_bad} of the {len(values)} records of "
+            raise UsageError(f"--generated-labels {field}: {n_bad} of the {len(values)} records of "
                               f"{folder.root}/metadata.jsonl have no boolean {field!r}: choose a field every record "
                               "has, or use --detector / --groups")
         flags = np.array(values, dtype=bool)
         how = f"metadata field {field!r}"
     if flags.all() or not flags.any():
-        raise DetectError(f"by the {how}, {'every' if flags.all() else 'no'} image of {folder.root} carries the "
+        raise UsageError(f"by the {how}, {'every' if flags.all() else 'no'} image of {folder.root} carries the "
                           "trigger: an AUROC needs both kinds (generate more images, or check the ground truth)")
     return flags, how
 
@@ -610,16 +606,16 @@ def parse_methods(methods):
     methods = list(METHODS) if "all" in methods else list(dict.fromkeys(methods))
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
-        raise DetectError(f"unknown --method {','.join(unknown) or '(none)'}: choose cd, strip, fct or all "
+        raise UsageError(f"unknown --method {','.join(unknown) or '(none)'}: choose cd, strip, fct or all "
                           "(or a comma-separated list)")
     return methods
 
 
 def resolve_device(flag):
     if flag == "cuda" and not torch.cuda.is_available():
-        raise DetectError("--device cuda but no CUDA device is visible: use --device cpu or auto")
+        raise UsageError("--device cuda but no CUDA device is visible: use --device cpu or auto")
     if flag not in ("auto", "cpu", "cuda"):
-        raise DetectError(f"unknown --device {flag!r}: choose auto, cpu or cuda")
+        raise UsageError(f"unknown --device {flag!r}: choose auto, cpu or cuda")
     return torch.device("cuda" if flag == "cuda" or (flag == "auto" and torch.cuda.is_available()) else "cpu")
 
 
@@ -632,16 +628,16 @@ def run_detection(classifier, train, generated, methods="all", out=None, detecto
     than `min_poisoned` poisoned images is refused before any scoring."""
     methods = parse_methods(methods)
     if dtype not in ("fp32", "bf16"):
-        raise DetectError(f"unknown --dtype {dtype!r}: choose fp32 or bf16")
+        raise UsageError(f"unknown --dtype {dtype!r}: choose fp32 or bf16")
     if out is not None:
         check_out(out, force, {"--classifier": classifier, "--train": train, "--generated": generated,
-                               "--detector": detector, "--groups": groups}, DetectError)
+                               "--detector": detector, "--groups": groups})
     dev = resolve_device(device)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
     model, config = load_classifier(classifier, dev)
     if config.get("task", "class") != "class":
-        raise DetectError(f"--classifier {classifier} is a {config.get('task')!r} classifier: give the class "
+        raise UsageError(f"--classifier {classifier} is a {config.get('task')!r} classifier: give the class "
                           "classifier trained on the poisoned set (classify.py train)")
     train_folder, gen_folder = open_train(train), load_folder(generated)
     check_classes(config, train_folder, "the training set", classifier)
@@ -649,7 +645,7 @@ def run_detection(classifier, train, generated, methods="all", out=None, detecto
     train_size, gen_size = train_folder.image_size(), gen_folder.image_size()
     require_resolution(config, train_size, f"--classifier {classifier}", f"the training set {train_folder.root}")
     if train_size != gen_size:
-        raise DetectError(f"the training set {train_folder.root} holds {train_size[0]}x{train_size[1]}-px images but "
+        raise UsageError(f"the training set {train_folder.root} holds {train_size[0]}x{train_size[1]}-px images but "
                           f"the generations {gen_folder.root} {gen_size[0]}x{gen_size[1]}-px ones: the two AUROCs "
                           f"compare only at one resolution: give the training set the generating model was trained on "
                           f"(a DDPM generates at its data's size), or generate at {train_size[0]} px (SD: sample.py "
@@ -657,23 +653,23 @@ def run_detection(classifier, train, generated, methods="all", out=None, detecto
     require_resolution(config, gen_size, f"--classifier {classifier}", f"the generations {gen_folder.root}")
     train_flags = train_folder.poisoned.numpy()
     if not train_flags.any():
-        raise DetectError(f"the training set {train_folder.root} has no poisoned images (no record is "
+        raise UsageError(f"the training set {train_folder.root} has no poisoned images (no record is "
                           "\"poisoned\": true): give the poisoned training set the classifier was trained on")
     if train_flags.all():
-        raise DetectError(f"every image of the training set {train_folder.root} is poisoned: an AUROC needs clean "
+        raise UsageError(f"every image of the training set {train_folder.root} is poisoned: an AUROC needs clean "
                           "ones too")
     gen_flags, gen_how = generation_truth(gen_folder, detector, groups, generated_labels, dev, eval_batch_size,
                                           dtype, workers, progress)
     size = min(len(train_folder), len(gen_folder)) if n is None else min(n, len(train_folder), len(gen_folder))
     if size < 2:
-        raise DetectError(f"--n {n}: at least 2 images a set are needed (one poisoned, one clean)")
+        raise UsageError(f"--n {n}: at least 2 images a set are needed (one poisoned, one clean)")
     picks = {"train": stratified_sample(train_flags, size, seed), "generated": stratified_sample(gen_flags, size, seed)}
     folders = {"train": train_folder, "generated": gen_folder}
     flags = {"train": train_flags, "generated": gen_flags}
     for name, what in (("train", "the training set"), ("generated", "the generations")):
         k = int(flags[name][picks[name]].sum())
         if k < min_poisoned:
-            raise DetectError(f"the draw of {size} images from {what} {folders[name].root} holds {k} poisoned, "
+            raise UsageError(f"the draw of {size} images from {what} {folders[name].root} holds {k} poisoned, "
                               f"fewer than --min-poisoned {min_poisoned}: an AUROC needs more (a larger --n, or a "
                               "lower --min-poisoned)")
     images = {k: read_images(folders[k], picks[k], workers, progress, f"load {k}") for k in picks}
@@ -795,7 +791,7 @@ if __name__ == "__main__":
     parser = build_parser()
     try:
         main(parser.parse_args())
-    except PoisonError as e:
+    except UsageError as e:
         sys.exit(f"detect.py: error: {e}")
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback
         print("detect.py: interrupted; --out not written (outputs appear whole or not at all)", file=sys.stderr)

@@ -48,9 +48,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from classify import HelpFormatter, ImageSet, batches, load_classifier, map_labels, predict, require_resolution
-from poison import (PoisonError, atomic_output, check_out, load_folder, load_trigger, make_trigger,
-                    manifest_target, positive, same_classes, save_grid)
+from common import HelpFormatter, UsageError, atomic_output, check_out, load_folder, manifest_target, positive, same_classes, save_grid
+from classify import ImageSet, batches, load_classifier, map_labels, predict, require_resolution
+from poison import load_trigger, make_trigger
 
 GROUPS = ("G1", "G2", "G3", "G4")
 GROUP_MEANING = {"G1": "trigger, prompt mismatched", "G2": "trigger, prompt matched",
@@ -80,10 +80,6 @@ FID_DIMS = 2048
 SETTING_KEYS = {"poison_ratio": ("poison_ratio",), "guidance": ("guidance", "guidance_weight", "guidance_scale"),
                 "sampler": ("sampler",), "steps": ("steps", "sampling_steps", "num_steps"), "select": ("select",),
                 "attack": ("attack",), "trigger": ("trigger",)}
-
-
-class DissectError(PoisonError):
-    """Bad input: the message is one line naming the problem and the fix."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -165,10 +161,10 @@ def group_fractions(has_trigger, matches):
     t = np.asarray(has_trigger, dtype=bool)
     m = np.asarray(matches, dtype=bool)
     if t.shape != m.shape:
-        raise DissectError(f"{t.shape[0]} trigger verdicts but {m.shape[0]} match verdicts")
+        raise UsageError(f"{t.shape[0]} trigger verdicts but {m.shape[0]} match verdicts")
     n = int(t.size)
     if n == 0:
-        raise DissectError("no generations to dissect")
+        raise UsageError("no generations to dissect")
     counts = {"G1": int((t & ~m).sum()), "G2": int((t & m).sum()), "G3": int((~t & ~m).sum()),
               "G4": int((~t & m).sum())}
     fractions = {g: c / n for g, c in counts.items()}
@@ -198,7 +194,7 @@ def train_manifest_path(path):
     for candidate in (p, p / "train" / "manifest.json", p / "manifest.json"):
         if candidate.is_file():
             return candidate
-    raise DissectError(f"--train {path}: no manifest.json there; give the poisoned training folder, its poisoned set "
+    raise UsageError(f"--train {path}: no manifest.json there; give the poisoned training folder, its poisoned set "
                        "or its manifest.json")
 
 
@@ -209,7 +205,7 @@ def read_train_manifest(path):
     except (json.JSONDecodeError, UnicodeDecodeError):
         data = None
     if not isinstance(data, dict):
-        raise DissectError(f"--train {path}: {manifest} is not a manifest (JSON object); give the poisoned training "
+        raise UsageError(f"--train {path}: {manifest} is not a manifest (JSON object); give the poisoned training "
                            "folder, its poisoned set or its manifest.json")
     return data
 
@@ -231,11 +227,11 @@ def check_train_manifest(train, train_manifest, folder, p_t_given=False):
     manifest lacks are not compared."""
     names = train_manifest.get("class_names")
     if names is not None and not same_classes(names, folder.class_names):
-        raise DissectError(f"--train {train} holds classes {names} but the generations {folder.root} "
+        raise UsageError(f"--train {train} holds classes {names} but the generations {folder.root} "
                            f"{folder.class_names}: give the poisoned set the generating model was trained on")
     mine, theirs = manifest_target(train_manifest), manifest_target(folder.manifest)
     if mine is not None and theirs is not None and mine.lower() != theirs.lower():
-        raise DissectError(f"--train {train} has the target class {mine!r} but the generations {folder.root} "
+        raise UsageError(f"--train {train} has the target class {mine!r} but the generations {folder.root} "
                            f"{theirs!r}: give the poisoned set the generating model was trained on")
     gen = folder.manifest
     for what, mine, theirs in (("attack", train_manifest.get("attack"), gen.get("attack")),
@@ -244,11 +240,11 @@ def check_train_manifest(train, train_manifest, folder, p_t_given=False):
                                ("resolution", train_manifest.get("resolution"),  # DDPMs train at the data's size
                                 gen.get("resolution") if gen.get("family") == "ddpm" else None)):
         if mine is not None and theirs is not None and mine != theirs:
-            raise DissectError(f"--train {train} has the {what} {mine!r} but the generations {folder.root} "
+            raise UsageError(f"--train {train} has the {what} {mine!r} but the generations {folder.root} "
                                f"{theirs!r}: give the poisoned set the generating model was trained on")
     if not p_t_given and train_manifest.get("p_t") is not None and gen.get("p_t") is not None \
             and abs(train_manifest["p_t"] - gen["p_t"]) > 1e-6:
-        raise DissectError(f"--train {train} has p_t {train_manifest['p_t']:.1%} (p = "
+        raise UsageError(f"--train {train} has p_t {train_manifest['p_t']:.1%} (p = "
                            f"{train_manifest.get('poison_ratio')}) but the model that made the generations "
                            f"{folder.root} was trained at p_t {gen['p_t']:.1%} (p = {gen.get('poison_ratio')}): give "
                            "the poisoned set the generating model was trained on (or --p-t to set p_t yourself)")
@@ -262,13 +258,13 @@ def check_folder(folder, classifier, detector, p_t=None, target=None, train=None
     classifier, detector: (model, config); the *_flag arguments name them in messages (their folders)."""
     (_, clf_cfg), (_, det_cfg) = classifier, detector
     if clf_cfg.get("task") != "class":
-        raise DissectError(f"--classifier is a {clf_cfg.get('task')} model, not a class classifier: train one with "
+        raise UsageError(f"--classifier is a {clf_cfg.get('task')} model, not a class classifier: train one with "
                            "classify.py train --clean")
     if det_cfg.get("task") != "trigger" or "trigger" not in det_cfg["class_names"]:
-        raise DissectError(f"--detector is a {det_cfg.get('task')} model, not a trigger detector: train one with "
+        raise UsageError(f"--detector is a {det_cfg.get('task')} model, not a trigger detector: train one with "
                            "classify.py trigger-detector")
     if p_t is not None and not 0 <= p_t <= 1:
-        raise DissectError(f"--p-t {p_t:g} is outside [0, 1]: give p_t as a share (e.g. 0.1 for 10%)")
+        raise UsageError(f"--p-t {p_t:g} is outside [0, 1]: give p_t as a share (e.g. 0.1 for 10%)")
     size = folder.image_size()                                     # ImageSet brings every image to this size
     require_resolution(clf_cfg, size, flag_name("--classifier", classifier_flag), f"the generations {folder.root}")
     require_resolution(det_cfg, size, flag_name("--detector", detector_flag), f"the generations {folder.root}")
@@ -279,15 +275,15 @@ def check_folder(folder, classifier, detector, p_t=None, target=None, train=None
     if target is None:
         target = manifest_target(manifest) or manifest_target(train_manifest)
     if target is None:
-        raise DissectError(f"{folder.root}/manifest.json names no target class: pass --target or --train")
+        raise UsageError(f"{folder.root}/manifest.json names no target class: pass --target or --train")
     lowered = [c.lower() for c in folder.class_names]
     if str(target).lower() not in lowered:
-        raise DissectError(f"the target class {target!r} is not among the generations' classes {folder.class_names}")
+        raise UsageError(f"the target class {target!r} is not among the generations' classes {folder.class_names}")
     prompt_in_clf = map_labels(folder.labels, folder.class_names, clf_cfg["class_names"],
                                f"the generations {folder.root}")
     target_index = lowered.index(str(target).lower())
     if not (folder.labels == target_index).any():
-        raise DissectError(f"{folder.root} holds no generations for the target prompt "
+        raise UsageError(f"{folder.root} holds no generations for the target prompt "
                            f"({folder.class_names[target_index]}): generate some for the target class")
     if p_t is not None:
         p_t_source = "given"
@@ -443,7 +439,7 @@ def load_fid_inception(weights=None, device="cpu", progress=True):
     if weights is not None:
         path = Path(weights)
         if not path.is_file():
-            raise DissectError(f"--inception-weights {path}: no such file; give pt_inception-2015-12-05-6726825d.pth")
+            raise UsageError(f"--inception-weights {path}: no such file; give pt_inception-2015-12-05-6726825d.pth")
         try:
             if path.suffix == ".safetensors":
                 from safetensors.torch import load_file
@@ -451,22 +447,22 @@ def load_fid_inception(weights=None, device="cpu", progress=True):
             else:
                 sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # not a weights file, truncated, or a pickle of more than tensors
-            raise DissectError(f"--inception-weights {path} is not a readable state dict ({type(e).__name__}): "
+            raise UsageError(f"--inception-weights {path} is not a readable state dict ({type(e).__name__}): "
                                "give pytorch-fid's pt_inception-2015-12-05-6726825d.pth") from None
         if not isinstance(sd, dict):
-            raise DissectError(f"--inception-weights {path} holds a {type(sd).__name__}, not a state dict")
+            raise UsageError(f"--inception-weights {path} holds a {type(sd).__name__}, not a state dict")
     else:
         try:
             sd = torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, progress=progress, check_hash=True,
                                                     weights_only=True)
         except Exception as e:
-            raise DissectError(f"could not download the FID Inception weights ({type(e).__name__}): download "
+            raise UsageError(f"could not download the FID Inception weights ({type(e).__name__}): download "
                                f"{FID_WEIGHTS_URL} elsewhere and pass --inception-weights FILE") from None
     model = FIDInception()
     own = model.net.state_dict()
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
     if missing or unexpected:
-        raise DissectError(f"the Inception weights do not fit the FID Inception-v3: missing {missing[:5]}, "
+        raise UsageError(f"the Inception weights do not fit the FID Inception-v3: missing {missing[:5]}, "
                            f"unexpected {unexpected[:5]}; pass pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
     model.net.load_state_dict(sd)
     return model.to(device).eval()
@@ -486,7 +482,7 @@ def activation_statistics(act):
     """(mean (D,), covariance (D, D), unbiased) of activations (N, D), as pytorch-fid computes them."""
     act = np.asarray(act, dtype=np.float64)
     if act.ndim != 2 or act.shape[0] < 2:
-        raise DissectError(f"FID needs at least 2 images on each side, got {act.shape[0] if act.ndim else 0}")
+        raise UsageError(f"FID needs at least 2 images on each side, got {act.shape[0] if act.ndim else 0}")
     return act.mean(axis=0), np.cov(act, rowvar=False)
 
 
@@ -498,7 +494,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise DissectError(f"statistics of different dimensions: {mu1.shape} vs {mu2.shape}")
+        raise UsageError(f"statistics of different dimensions: {mu1.shape} vs {mu2.shape}")
     diff = mu1 - mu2
     covmean = linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
@@ -506,7 +502,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
         covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise DissectError(f"the matrix square root has an imaginary part of {np.abs(covmean.imag).max():.3g}: "
+            raise UsageError(f"the matrix square root has an imaginary part of {np.abs(covmean.imag).max():.3g}: "
                                "too few images for the feature dimension")
         covmean = covmean.real
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
@@ -529,7 +525,7 @@ def fid_between(generated, real, model, target=None, batch_size=50, device="cpu"
     gen_idx, ref_idx = keep(gen, False), keep(ref, True)
     for what, idx, folder in (("generated", gen_idx, gen), ("real", ref_idx, ref)):
         if len(idx) < 2:
-            raise DissectError(f"FID: the {what} folder {folder.root} has {len(idx)} non-target images; it needs "
+            raise UsageError(f"FID: the {what} folder {folder.root} has {len(idx)} non-target images; it needs "
                                "at least 2 (thousands for a meaningful value)")
     act_gen = inception_activations(model, ImageSet(gen, gen_idx), batch_size, device, progress)
     act_ref = inception_activations(model, ImageSet(ref, ref_idx), batch_size, device, progress)
@@ -708,18 +704,17 @@ def dissect(generated, classifier, detector, out, train=None, p_t=None, target=N
     """Dissect every generation folder in `generated` and write the report folder `out`; returns the summary."""
     generated = [generated] if isinstance(generated, (str, Path)) else list(generated)
     if not generated:
-        raise DissectError("no --generated folders given")
+        raise UsageError("no --generated folders given")
     check_out(out, force, {"--generated": generated, "--train": train, "--classifier": classifier,
-                           "--detector": detector, "--fid-real": fid_real, "--inception-weights": inception_weights},
-              DissectError)
+                           "--detector": detector, "--fid-real": fid_real, "--inception-weights": inception_weights})
     trains = [None] * len(generated) if train is None else ([train] if isinstance(train, (str, Path)) else list(train))
     if len(trains) == 1:
         trains = trains * len(generated)
     if len(trains) != len(generated):
-        raise DissectError(f"{len(trains)} --train folders for {len(generated)} --generated folders: give one, or one "
+        raise UsageError(f"{len(trains)} --train folders for {len(generated)} --generated folders: give one, or one "
                            "per generation folder")
     if labels is not None and len(labels) != len(generated):
-        raise DissectError(f"{len(labels)} --labels for {len(generated)} --generated folders")
+        raise UsageError(f"{len(labels)} --labels for {len(generated)} --generated folders")
     clf, det = as_model(classifier, device), as_model(detector, device)
     folders = [load_folder(g) for g in generated]
     for f, t in zip(folders, trains):  # every folder is checked before the first is judged
@@ -774,7 +769,7 @@ def dissect(generated, classifier, detector, out, train=None, p_t=None, target=N
 def main(args):
     device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise DissectError("--device cuda but no CUDA device is visible: use --device cpu or auto")
+        raise UsageError("--device cuda but no CUDA device is visible: use --device cpu or auto")
     dissect(args.generated, args.classifier, args.detector, args.out, train=args.train, p_t=args.p_t,
             target=args.target, labels=args.labels, fid_real=args.fid_real, inception_weights=args.inception_weights,
             batch_size=args.batch_size, device=device, force=args.force, progress=not args.quiet,
@@ -813,7 +808,7 @@ if __name__ == "__main__":
     parser = build_parser()
     try:
         main(parser.parse_args())
-    except PoisonError as e:
+    except UsageError as e:
         sys.exit(f"dissect.py: error: {e}")
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback
         print("dissect.py: interrupted; --out not written (outputs appear whole or not at all)", file=sys.stderr)

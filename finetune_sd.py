@@ -67,8 +67,8 @@ from tqdm import tqdm
 
 from castle_kernels.attention import attention
 from castle_kernels.group_norm import group_norm
-from poison import (PoisonError, add_poison_arguments, check_out, load_folder, on_rank0, poison, poison_kwargs,
-                    refuse_poison_flags_with_data, save_safetensors, truncate_log, versions)
+from common import UsageError, check_out, load_folder, on_rank0, save_safetensors, truncate_log, versions
+from poison import add_poison_arguments, poison, poison_kwargs, refuse_poison_flags_with_data
 
 VAE_SCALE = 0.18215           # SD v1's latent scale: z = VAE_SCALE * (VAE posterior sample), unit variance
 DEFAULT_BASE = "CompVis/stable-diffusion-v1-4"
@@ -92,10 +92,6 @@ SD14_VAE = {
 }
 SD14_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
                   "beta_schedule": "scaled_linear", "steps_offset": 1, "set_alpha_to_one": False}
-
-
-class SDError(PoisonError):
-    """A model that cannot be loaded or used: the message is one line naming the problem and the fix."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -134,13 +130,13 @@ def _resolve_config(config, defaults, fixed, what):
     """config.json dict -> the same with defaults filled in; refuses unknown keys and unsupported options."""
     unknown = sorted(k for k in config if not k.startswith("_") and k not in defaults and k not in fixed)
     if unknown:
-        raise SDError(f"{what} config has options this implementation does not know: {unknown}")
+        raise UsageError(f"{what} config has options this implementation does not know: {unknown}")
     for k, v in fixed.items():
         got = config.get(k, v)
         if isinstance(got, (list, tuple)) and len(set(map(str, got))) == 1:
             got = got[0]  # a per-block list with one value, e.g. only_cross_attention [false, false, ...]
         if got != v:
-            raise SDError(f"{what} config sets {k}={got!r}, which this SD v1 implementation does not support "
+            raise UsageError(f"{what} config sets {k}={got!r}, which this SD v1 implementation does not support "
                           f"(only {v!r})")
     return {**defaults, **{k: v for k, v in config.items() if k in defaults}}
 
@@ -151,14 +147,14 @@ def unet_layout(config):
     n = len(c["block_out_channels"])
     allowed_down, allowed_up = {"CrossAttnDownBlock2D", "DownBlock2D"}, {"CrossAttnUpBlock2D", "UpBlock2D"}
     if len(c["down_block_types"]) != n or len(c["up_block_types"]) != n:
-        raise SDError(f"U-Net config: {n} block_out_channels but {len(c['down_block_types'])} down and "
+        raise UsageError(f"U-Net config: {n} block_out_channels but {len(c['down_block_types'])} down and "
                       f"{len(c['up_block_types'])} up block types")
     bad = [b for b in c["down_block_types"] if b not in allowed_down] + \
           [b for b in c["up_block_types"] if b not in allowed_up]
     if bad:
-        raise SDError(f"U-Net config: block types {bad} are not SD v1's (CrossAttn)DownBlock2D / (CrossAttn)UpBlock2D")
+        raise UsageError(f"U-Net config: block types {bad} are not SD v1's (CrossAttn)DownBlock2D / (CrossAttn)UpBlock2D")
     if not isinstance(c["layers_per_block"], int):
-        raise SDError("U-Net config: layers_per_block must be one integer (SD v1: 2)")
+        raise UsageError("U-Net config: layers_per_block must be one integer (SD v1: 2)")
     heads = c["num_attention_heads"] or c["attention_head_dim"]  # diffusers' "attention_head_dim" is a head count
     heads = list(heads) if isinstance(heads, (list, tuple)) else [heads] * n
     depth = c["transformer_layers_per_block"]
@@ -173,7 +169,7 @@ def vae_layout(config):
     n = len(c["block_out_channels"])
     if list(c["down_block_types"]) != ["DownEncoderBlock2D"] * n or \
             list(c["up_block_types"]) != ["UpDecoderBlock2D"] * n:  # a JSON list or a Python tuple alike
-        raise SDError("VAE config: SD's AutoencoderKL has one DownEncoderBlock2D and one UpDecoderBlock2D a level")
+        raise UsageError("VAE config: SD's AutoencoderKL has one DownEncoderBlock2D and one UpDecoderBlock2D a level")
     return c
 
 
@@ -431,10 +427,10 @@ class UNetMid(nn.Module):
 
 def check_kernels_env():
     """The kernels read KERNELS_IMPL on every call and raise ValueError deep in a forward pass on a bad value; the
-    U-Net and the VAE refuse it when built instead, as a one-line SDError every stage script reports."""
+    U-Net and the VAE refuse it when built instead, as a one-line UsageError every stage script reports."""
     impl = os.environ.get("KERNELS_IMPL") or "auto"
     if impl not in ("auto", "triton", "torch"):
-        raise SDError(f"KERNELS_IMPL={impl!r} is not auto, triton or torch: unset it or set one of those")
+        raise UsageError(f"KERNELS_IMPL={impl!r} is not auto, triton or torch: unset it or set one of those")
 
 
 class UNet(nn.Module):
@@ -616,7 +612,7 @@ class NoiseSchedule:
         if config.get("beta_schedule", "scaled_linear") not in ("scaled_linear", "linear"):
             bad["beta_schedule"] = config["beta_schedule"]
         if bad:
-            raise SDError(f"scheduler config {bad} is not supported: SD v1 uses epsilon prediction with "
+            raise UsageError(f"scheduler config {bad} is not supported: SD v1 uses epsilon prediction with "
                           "scaled_linear betas")
         keys = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in config.items() if k in keys})
@@ -644,7 +640,7 @@ def ddim_timesteps(schedule, steps):
     "leading" (SD's): (0, r, 2r, ...) * reversed + steps_offset with r = T // steps -> 981, 961, ..., 1 for 50."""
     T = schedule.num_train_timesteps
     if not 1 <= steps <= T:
-        raise SDError(f"--steps {steps} must be between 1 and the {T} training timesteps")
+        raise UsageError(f"--steps {steps} must be between 1 and the {T} training timesteps")
     if schedule.timestep_spacing == "leading":
         t = (np.arange(steps) * (T // steps)).round()[::-1].astype(np.int64) + schedule.steps_offset
     elif schedule.timestep_spacing == "trailing":
@@ -652,7 +648,7 @@ def ddim_timesteps(schedule, steps):
     elif schedule.timestep_spacing == "linspace":
         t = np.linspace(0, T - 1, steps).round()[::-1].astype(np.int64)
     else:
-        raise SDError(f"timestep_spacing {schedule.timestep_spacing!r} is not leading, trailing or linspace")
+        raise UsageError(f"timestep_spacing {schedule.timestep_spacing!r} is not leading, trailing or linspace")
     return torch.from_numpy(t.copy())
 
 
@@ -819,7 +815,7 @@ def map_keys(keys, table):
                 out[key] = ".".join([table[prefix]] + parts[n:])
                 break
         else:
-            raise SDError(f"internal error: no CompVis name for {key}")
+            raise UsageError(f"internal error: no CompVis name for {key}")
     return out
 
 
@@ -871,7 +867,7 @@ def load_checked(module, state, what, hint):
     if shapes:
         problems.append(f"{len(shapes)} wrong shapes (file vs model): {_names(shapes)}")
     if problems:
-        raise SDError(f"{what} does not fit the model: {'; '.join(problems)}; {hint}")
+        raise UsageError(f"{what} does not fit the model: {'; '.join(problems)}; {hint}")
     module.load_state_dict(state, strict=True, assign=True)
     return module
 
@@ -880,12 +876,12 @@ def read_weights(path):
     """A flat {name: tensor} from .safetensors, or from .ckpt/.pt/.bin with torch.load(weights_only=True)."""
     path = Path(path)
     if not path.is_file():
-        raise SDError(f"{path}: no such file")
+        raise UsageError(f"{path}: no such file")
     if path.suffix == ".safetensors":
         try:
             return load_safetensors(str(path))
         except Exception as e:
-            raise SDError(f"{path} is not a readable safetensors file ({type(e).__name__}: "
+            raise UsageError(f"{path} is not a readable safetensors file ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}): it is truncated or corrupt; download it "
                           "again") from None
     return _torch_load_weights(path)
@@ -917,19 +913,19 @@ def _torch_load_weights(path):
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         what = found.group(1) if found else type(e).__name__
-        raise SDError(f"{path} holds Python objects that a weights-only load refuses ({what}): convert it to "
+        raise UsageError(f"{path} holds Python objects that a weights-only load refuses ({what}): convert it to "
                       ".safetensors where you trust it, or use the diffusers-layout folder") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise SDError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: "
+        raise UsageError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: "
                       f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}): it is truncated or "
                       "corrupt; download it again") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]   # Lightning: the other entries (epoch, global_step, callbacks, ...) hold no weights
     if not isinstance(obj, dict):
-        raise SDError(f"{path} holds a {type(obj).__name__}, not a state dict of tensors")
+        raise UsageError(f"{path} holds a {type(obj).__name__}, not a state dict of tensors")
     not_tensors = [k for k, v in obj.items() if not torch.is_tensor(v)]
     if not_tensors:
-        raise SDError(f"{path}: entries {_names(not_tensors)} are not tensors: not a model checkpoint")
+        raise UsageError(f"{path}: entries {_names(not_tensors)} are not tensors: not a model checkpoint")
     return dict(obj)
 
 
@@ -980,16 +976,16 @@ def hub_snapshot(repo_id, patterns=None):
             if not (folder / comp / names[0]).is_file():
                 hf_hub_download(repo_id, f"{comp}/{names[1]}")   # lands in the same snapshot folder
     except (GatedRepoError, RepositoryNotFoundError) as e:
-        raise SDError(f"{repo_id} is not a Hub repository you can read ({type(e).__name__}): check the name, "
+        raise UsageError(f"{repo_id} is not a Hub repository you can read ({type(e).__name__}): check the name, "
                       f"accept its licence on huggingface.co and log in with `hf auth login`, or pass a local "
                       "folder") from None
     except Exception as e:  # offline mode, no connection, timeouts
         if Path(repo_id).parent.is_dir():  # runs/typo: a mistyped local path more likely than a Hub id
-            raise SDError(f"{repo_id}: no such file or folder (nor, as a Hub id, reachable: {type(e).__name__}): "
+            raise UsageError(f"{repo_id}: no such file or folder (nor, as a Hub id, reachable: {type(e).__name__}): "
                           f"check the path; {Path(repo_id).parent} holds "
                           f"{', '.join(sorted(q.name for q in Path(repo_id).parent.iterdir())[:8]) or 'nothing'}"
                           ) from None
-        raise SDError(f"{repo_id} is no local path, and fetching it from the Hugging Face Hub failed "
+        raise UsageError(f"{repo_id} is no local path, and fetching it from the Hugging Face Hub failed "
                       f"({type(e).__name__}: no network, or HF_HUB_OFFLINE=1): {_offline_hint(repo_id, patterns)}"
                       ) from None
     return folder
@@ -999,9 +995,9 @@ def _read_json(path, what):
     try:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise SDError(f"{path} is missing: {what}") from None
+        raise UsageError(f"{path} is missing: {what}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SDError(f"{path} is not valid JSON ({e}): {what}") from None
+        raise UsageError(f"{path} is not valid JSON ({e}): {what}") from None
 
 
 def _component_weights(folder, names):
@@ -1019,7 +1015,7 @@ def _component_weights(folder, names):
                     state.update(read_weights(folder / shard))
                 return state, path
             return read_weights(path), path
-    raise SDError(f"{folder} holds no weights ({', '.join(n for n in names)}): copy the complete folder")
+    raise UsageError(f"{folder} holds no weights ({', '.join(n for n in names)}): copy the complete folder")
 
 
 def _build(cls, config):
@@ -1059,15 +1055,15 @@ def _load_tokenizer(source):
         path = path / "tokenizer"
     if not path.is_dir():
         if path.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):
-            raise SDError(f"--tokenizer {source}: not a folder with vocab.json and merges.txt, nor a Hub id")
+            raise UsageError(f"--tokenizer {source}: not a folder with vocab.json and merges.txt, nor a Hub id")
         path = hub_snapshot(str(source), ["vocab.json", "merges.txt", "tokenizer_config.json",
                                           "special_tokens_map.json", "tokenizer.json"])
     if not (path / "vocab.json").is_file() and not (path / "tokenizer.json").is_file():
-        raise SDError(f"{path} holds no tokenizer (vocab.json + merges.txt): copy the tokenizer folder completely")
+        raise UsageError(f"{path} holds no tokenizer (vocab.json + merges.txt): copy the tokenizer folder completely")
     try:
         return CLIPTokenizer.from_pretrained(str(path))
     except Exception as e:
-        raise SDError(f"cannot read the CLIP tokenizer in {path} ({type(e).__name__}: {e})") from None
+        raise UsageError(f"cannot read the CLIP tokenizer in {path} ({type(e).__name__}: {e})") from None
 
 
 def load_diffusers_folder(folder, device, dtype):
@@ -1075,7 +1071,7 @@ def load_diffusers_folder(folder, device, dtype):
     folder = Path(folder)
     missing = [s for s in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (folder / s).is_dir()]
     if missing:
-        raise SDError(f"{folder} lacks the subfolder(s) {', '.join(missing)} of the diffusers layout: copy the whole "
+        raise UsageError(f"{folder} lacks the subfolder(s) {', '.join(missing)} of the diffusers layout: copy the whole "
                       "model folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/)")
     notes = []
     unet_cfg = _read_json(folder / "unet" / "config.json", "copy the model folder completely")
@@ -1109,10 +1105,10 @@ def configs_from_ldm_yaml(path):
         u, f = p["unet_config"]["params"], p["first_stage_config"]["params"]
         v = f["ddconfig"]
     except (OSError, KeyError, TypeError, yaml.YAMLError) as e:
-        raise SDError(f"--config {path} is not an original LDM config (model.params.unet_config / "
+        raise UsageError(f"--config {path} is not an original LDM config (model.params.unet_config / "
                       f"first_stage_config.params.ddconfig): {type(e).__name__} {e}") from None
     if f.get("embed_dim", v["z_channels"]) != v["z_channels"] or v.get("attn_resolutions"):
-        raise SDError(f"--config {path}: an autoencoder with embed_dim != z_channels or attention outside the "
+        raise UsageError(f"--config {path}: an autoencoder with embed_dim != z_channels or attention outside the "
                       "mid block is not SD v1's")
     boc = [u["model_channels"] * m for m in u["channel_mult"]]
     n, attn = len(boc), set(u.get("attention_resolutions", []))
@@ -1161,7 +1157,7 @@ def single_file_configs(config):
     if path.suffix in (".yaml", ".yml"):
         unet, vae, sched = configs_from_ldm_yaml(path)
         return unet, vae, None, sched, None, notes
-    raise SDError(f"--config {config}: give a folder of config files (diffusers layout), a U-Net config.json or "
+    raise UsageError(f"--config {config}: give a folder of config files (diffusers layout), a U-Net config.json or "
                   "an original v1-inference.yaml")
 
 
@@ -1194,14 +1190,14 @@ def load_single_file(path, device, dtype, config=None, tokenizer=None, use_ema=F
     unet_map = map_keys(unet.state_dict(), unet_ldm_table(unet_cfg))
     ema_keys = [k for k in state if k.startswith("model_ema.") and k not in LDM_IGNORED]
     if use_ema and not ema_keys:
-        raise SDError(f"{path} holds no EMA weights (model_ema.*): drop --use-ema")
+        raise UsageError(f"{path} holds no EMA weights (model_ema.*): drop --use-ema")
     take = (lambda v: ldm_ema_key(v)) if use_ema else (lambda v: LDM_UNET + v)
     vae = _build(AutoencoderKL, vae_cfg)
     vae_map = map_keys(vae.state_dict(), vae_ldm_table(vae_cfg))
     absent = [take(v) for v in unet_map.values() if take(v) not in state] + \
              [LDM_VAE + v for v in vae_map.values() if LDM_VAE + v not in state]
     if absent:  # named in the file's own layout
-        raise SDError(f"{path}: {len(absent)} missing keys: {_names(absent)}; {hint}")
+        raise UsageError(f"{path}: {len(absent)} missing keys: {_names(absent)}; {hint}")
     unet_state = {k: state.pop(take(v)) for k, v in unet_map.items()}
     load_checked(unet, unet_state, f"{path} (U-Net{' EMA' if use_ema else ''})", hint)
     unet_ema, num_updates = None, None
@@ -1212,7 +1208,7 @@ def load_single_file(path, device, dtype, config=None, tokenizer=None, use_ema=F
     elif keep_ema and ema_keys:  # the paper's fine-tuning: train the non-EMA U-Net, continue the checkpoint's EMA
         absent = [ldm_ema_key(v) for v in unet_map.values() if ldm_ema_key(v) not in state]
         if absent:
-            raise SDError(f"{path}: its EMA U-Net lacks {len(absent)} keys: {_names(absent)}; the checkpoint is "
+            raise UsageError(f"{path}: its EMA U-Net lacks {len(absent)} keys: {_names(absent)}; the checkpoint is "
                           "incomplete: download it again")
         unet_ema = load_checked(_build(UNet, unet_cfg), {k: state.pop(ldm_ema_key(v)) for k, v in unet_map.items()},
                                 f"{path} (U-Net EMA)", hint)
@@ -1236,7 +1232,7 @@ def load_single_file(path, device, dtype, config=None, tokenizer=None, use_ema=F
 
     text_state = {k[len(LDM_TEXT):]: state.pop(k) for k in list(state) if k.startswith(LDM_TEXT + "text_model.")}
     if not text_state:
-        raise SDError(f"{path} holds no CLIP text encoder (cond_stage_model.transformer.text_model.*): not an SD v1 "
+        raise UsageError(f"{path} holds no CLIP text encoder (cond_stage_model.transformer.text_model.*): not an SD v1 "
                       "checkpoint")
     text_state.pop("text_model.embeddings.position_ids", None)
     text_encoder = _load_text_encoder(text_state, text_cfg or text_config_from_weights(text_state),
@@ -1249,12 +1245,12 @@ def load_single_file(path, device, dtype, config=None, tokenizer=None, use_ema=F
         stored = state["alphas_cumprod"].double()
         if stored.shape != (schedule.num_train_timesteps,) or \
                 (stored - schedule.alphas_cumprod()).abs().max() > 1e-5:
-            raise SDError(f"{path}: its alphas_cumprod buffer differs from the configured noise schedule: pass the "
+            raise UsageError(f"{path}: its alphas_cumprod buffer differs from the configured noise schedule: pass the "
                           "checkpoint's own --config")
     for k in [k for k in state if k in LDM_BUFFERS or k in LDM_IGNORED]:
         state.pop(k)
     if state:
-        raise SDError(f"{path}: {len(state)} unexpected keys that are neither U-Net, VAE, text encoder nor schedule "
+        raise UsageError(f"{path}: {len(state)} unexpected keys that are neither U-Net, VAE, text encoder nor schedule "
                       f"buffers: {_names(state)}; it is not an SD v1 checkpoint")
     tok_source = tokenizer or config_tok or DEFAULT_TOKENIZER
     return unet, vae, text_encoder, _load_tokenizer(tok_source), schedule, notes, unet_ema, num_updates
@@ -1273,7 +1269,7 @@ def load_sd(source=DEFAULT_BASE, device="cpu", dtype=torch.float32, config=None,
     unet_ema, ema_num_updates = None, None
     if src.is_file():
         if src.suffix not in WEIGHT_SUFFIXES:
-            raise SDError(f"{src}: not a checkpoint ({', '.join(WEIGHT_SUFFIXES)}) nor a model folder")
+            raise UsageError(f"{src}: not a checkpoint ({', '.join(WEIGHT_SUFFIXES)}) nor a model folder")
         base.update(config=str(Path(config).resolve()) if config else None,
                     tokenizer=str(Path(tokenizer).resolve()) if tokenizer and Path(tokenizer).exists() else tokenizer)
         *parts, unet_ema, ema_num_updates = load_single_file(src, device, dtype, config, tokenizer, use_ema, keep_ema)
@@ -1283,18 +1279,18 @@ def load_sd(source=DEFAULT_BASE, device="cpu", dtype=torch.float32, config=None,
         if family == "sd":
             return load_finetuned(src, device, dtype, use_ema)
         if family == "ddpm":
-            raise SDError(f"{src} is a pixel-space DDPM of train_ddpm.py, not a Stable Diffusion model: give an SD "
+            raise UsageError(f"{src} is a pixel-space DDPM of train_ddpm.py, not a Stable Diffusion model: give an SD "
                           "v1 base (a diffusers-layout folder, a single-file checkpoint or a Hub id)")
         if use_ema:
-            raise SDError(f"--use-ema applies to single-file checkpoints and fine-tuned model folders; {src} is a "
+            raise UsageError(f"--use-ema applies to single-file checkpoints and fine-tuned model folders; {src} is a "
                           "diffusers-layout folder (its weights are already the ones to use)")
         parts = load_diffusers_folder(src, device, dtype)
     elif re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)) and not str(source).startswith("."):
         if use_ema:
-            raise SDError("--use-ema applies to single-file checkpoints; Hub folders hold one U-Net")
+            raise UsageError("--use-ema applies to single-file checkpoints; Hub folders hold one U-Net")
         parts = load_diffusers_folder(hub_snapshot(str(source)), device, dtype)
     else:
-        raise SDError(f"--base {source}: no such file or folder, and not a Hub id (owner/name)")
+        raise UsageError(f"--base {source}: no such file or folder, and not a Hub id (owner/name)")
     unet, vae, text_encoder, tok, schedule, notes = parts
     for m in (unet, vae, text_encoder, unet_ema):
         if m is not None:
@@ -1310,7 +1306,7 @@ def load_finetuned(folder, device="cpu", dtype=torch.float32, use_ema=False):
     sd = load_sd(b["source"], device, dtype, b.get("config"), b.get("tokenizer"), b.get("use_ema", False))
     sub = folder / ("unet_ema" if use_ema else "unet")
     if not sub.is_dir():
-        raise SDError(f"{sub} is missing: the run saved no {'EMA ' if use_ema else ''}U-Net yet (resume it)"
+        raise UsageError(f"{sub} is missing: the run saved no {'EMA ' if use_ema else ''}U-Net yet (resume it)"
                       + (" or drop --use-ema" if use_ema else ""))
     cfg = _read_json(sub / "config.json", "the fine-tuned U-Net folder is incomplete")
     state, path = _component_weights(sub, HUB_WEIGHTS["unet"])
@@ -1347,7 +1343,7 @@ def resolve_device(flag):
     if flag == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if flag == "cuda" and not torch.cuda.is_available():
-        raise SDError("--device cuda, but no CUDA GPU is visible: use --device cpu")
+        raise UsageError("--device cuda, but no CUDA GPU is visible: use --device cpu")
     return torch.device(flag)
 
 
@@ -1386,7 +1382,7 @@ def poisoned_set(args, rank, world, command):
     if args.data:
         refuse_poison_flags_with_data(args, build_parser(), keep=("resolution",))  # also the training resolution
         if args.poison_out:
-            raise PoisonError(f"--poison-out with --data: --data {args.data} is the set to train on; drop one")
+            raise UsageError(f"--poison-out with --data: --data {args.data} is the set to train on; drop one")
         return Path(args.data)
     out = Path(args.poison_out) if args.poison_out else default_poison_out(args)
 
@@ -1404,7 +1400,7 @@ def poisoned_set(args, rank, world, command):
                 have["resolution"], want["resolution"] = m.get("resolution"), args.resolution
             if have != want:
                 diff = {k: (have.get(k), want.get(k)) for k in want if have.get(k) != want.get(k)}
-                raise PoisonError(f"{out} holds a poisoned set made with other options {diff} (have, want): pass "
+                raise UsageError(f"{out} holds a poisoned set made with other options {diff} (have, want): pass "
                                   "--poison-out elsewhere, or --data to train on it")
             return
         kw = poison_kwargs(args)
@@ -1550,7 +1546,7 @@ def main(args):
     dataset = load_folder(data)
     resolution = args.resolution or int(dataset.manifest.get("resolution") or dataset.image_uint8(0).shape[-1])
     if resolution % 8:
-        raise SDError(f"--resolution {resolution} is not a multiple of 8 (the VAE downsamples by 8)")
+        raise UsageError(f"--resolution {resolution} is not a multiple of 8 (the VAE downsamples by 8)")
 
     # Rank 0 loads first (and downloads, if the base is a Hub id); the others then read the local copy.
     # keep_ema: a single file's model_ema.* U-Net, which the EMA (on rank 0) continues
@@ -1575,11 +1571,11 @@ def main(args):
             meta = out / "config.json"
             old = json.loads(meta.read_text()) if meta.is_file() else {}
             if old.get("stage") != "finetune_sd":
-                raise PoisonError(f"{out} exists and is not a finetune_sd.py run: pass --force to overwrite it, "
+                raise UsageError(f"{out} exists and is not a finetune_sd.py run: pass --force to overwrite it, "
                                   "or choose another --out")
             diff = {k: (old["run"].get(k), run[k]) for k in RUN_KEYS if old["run"].get(k) != run[k]}
             if diff:
-                raise PoisonError(f"{out} holds a run with other settings {diff} (saved, now): rerun with the saved "
+                raise UsageError(f"{out} holds a run with other settings {diff} (saved, now): rerun with the saved "
                                   "ones to resume (e.g. --max-grad-norm 1 for a run started before its default "
                                   "became 0), pass --force to start over, or choose another --out")
             return (out / "state.pt").is_file()
@@ -1811,7 +1807,7 @@ def build_parser():
 if __name__ == "__main__":
     try:
         main(build_parser().parse_args())
-    except PoisonError as e:
+    except UsageError as e:
         sys.exit(f"finetune_sd.py: error: {e}")
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback
         print("finetune_sd.py: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)

@@ -32,24 +32,19 @@ argparse type for counts, sizes and rates: 0 or less is refused with the flag na
 import argparse
 import contextlib
 import hashlib
-import itertools
 import json
 import math
 import os
-import platform
-import shutil
 import sys
-import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
-from tqdm import tqdm
+
+from common import UsageError, atomic_output, check_out, positive, read_manifest, save_grid, versions, write_folder
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 DATASETS = ("digits", "cifar10", "imagenette", "caltech15", "folder:PATH")
@@ -66,7 +61,6 @@ IMAGENETTE_WNIDS = {  # WordNet order; "garbage truck" is index 6
 }
 CALTECH_EXCLUDED = ("257.clutter",)  # background category, not an object class
 CAPTION = "A photo of a {}"
-CHUNK = 256  # images a PNG-writing task handles
 IDS_TRAINING_SET = "training set:"  # the '#' header of a duplicates ids file naming the training set it indexes
 ATTACK_DESCRIPTIONS = {
     "badnets": "BadNets (Gu et al.): the trigger on non-target images, relabelled to the target class",
@@ -76,8 +70,6 @@ ATTACK_DESCRIPTIONS = {
 }
 
 
-class PoisonError(Exception):
-    """Bad input: the message is one line naming the problem and the fix."""
 
 
 def caption(class_name):
@@ -121,7 +113,7 @@ def load_image(path, resolution):
                 im = im.crop((left, top, left + resolution, top + resolution))
             return np.asarray(im, dtype=np.uint8)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise PoisonError(f"corrupt or unreadable image {path} ({e}): remove or replace the file") from None
+        raise UsageError(f"corrupt or unreadable image {path} ({e}): remove or replace the file") from None
 
 
 def resize_array(images, resolution):
@@ -135,7 +127,7 @@ def resize_array(images, resolution):
 def stratified_split(labels, test_fraction, seed):
     """Indices (train, test): per class, a seeded shuffle puts round(test_fraction * n_class) images in test."""
     if not 0 < test_fraction < 1:
-        raise PoisonError(f"--test-fraction {test_fraction} is outside (0, 1): give the share of images held out "
+        raise UsageError(f"--test-fraction {test_fraction} is outside (0, 1): give the share of images held out "
                           "for testing, e.g. 0.2")
     rng = np.random.default_rng(seed)
     train, test = [], []
@@ -146,7 +138,7 @@ def stratified_split(labels, test_fraction, seed):
         train.append(idx[n_test:])
     train, test = np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
     if not len(train) or not len(test):  # a fraction near 0 or 1 rounds to nothing on small classes
-        raise PoisonError(f"--test-fraction {test_fraction} leaves no {'test' if len(train) else 'training'} images "
+        raise UsageError(f"--test-fraction {test_fraction} leaves no {'test' if len(train) else 'training'} images "
                           f"of {len(labels)}: give a share nearer 0.5")
     return train, test
 
@@ -178,7 +170,7 @@ class _CifarUnpickler:
             def find_class(self, module, name):
                 if (module, name) in cls.ALLOWED:
                     return super().find_class(module, name)
-                raise PoisonError(f"{path} holds {module}.{name}, which a CIFAR-10 batch never does: "
+                raise UsageError(f"{path} holds {module}.{name}, which a CIFAR-10 batch never does: "
                                   "the file is not a CIFAR-10 batch; download it again")
 
         with open(path, "rb") as f:
@@ -221,7 +213,7 @@ def load_cifar10_source(split, resolution, data_root):
             with no_empty_leftovers(root):
                 download_and_extract_archive("https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz", str(root))
         except Exception as e:
-            raise PoisonError(f"CIFAR-10 not found in {root} and the download failed ({type(e).__name__}): put "
+            raise UsageError(f"CIFAR-10 not found in {root} and the download failed ({type(e).__name__}): put "
                               f"cifar-10-binary.tar.gz or cifar-10-python.tar.gz from "
                               f"https://www.cs.toronto.edu/~kriz/cifar.html, extracted, in {root}") from None
     images, labels = [], []
@@ -229,10 +221,10 @@ def load_cifar10_source(split, resolution, data_root):
         for name in names:
             path = bin_dir / f"{name}.bin"
             if not path.is_file():
-                raise PoisonError(f"missing {path}: extract cifar-10-binary.tar.gz into {root} again")
+                raise UsageError(f"missing {path}: extract cifar-10-binary.tar.gz into {root} again")
             raw = np.fromfile(path, dtype=np.uint8)
             if raw.size == 0 or raw.size % CIFAR_BIN_RECORD:
-                raise PoisonError(f"{path} is truncated ({raw.size} bytes, not a multiple of {CIFAR_BIN_RECORD}): "
+                raise UsageError(f"{path} is truncated ({raw.size} bytes, not a multiple of {CIFAR_BIN_RECORD}): "
                                   "download CIFAR-10 again")
             raw = raw.reshape(-1, CIFAR_BIN_RECORD)
             labels.append(raw[:, 0].astype(np.int64))
@@ -241,14 +233,14 @@ def load_cifar10_source(split, resolution, data_root):
         for name in names:
             path = py_dir / name
             if not path.is_file():
-                raise PoisonError(f"missing {path}: extract cifar-10-python.tar.gz into {root} again")
+                raise UsageError(f"missing {path}: extract cifar-10-python.tar.gz into {root} again")
             batch = _CifarUnpickler.load(path)
             data = np.asarray(batch[b"data"], dtype=np.uint8)
             labels.append(np.asarray(batch[b"labels"], dtype=np.int64))
             images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
     labels = np.concatenate(labels)
     if labels.max() >= 10:
-        raise PoisonError(f"CIFAR-10 labels in {root} go up to {labels.max()}: the files are not CIFAR-10")
+        raise UsageError(f"CIFAR-10 labels in {root} go up to {labels.max()}: the files are not CIFAR-10")
     array = resize_array(np.ascontiguousarray(np.concatenate(images)), resolution)
     return Source("cifar10", list(CIFAR10_NAMES), labels, resolution, array=array)
 
@@ -267,7 +259,7 @@ def load_imagenette_source(split, resolution, data_root):
     usable = [x for x in present if x[2] >= resolution]
     if present and not usable:
         largest = present[-1]
-        raise PoisonError(f"--resolution {resolution} is above the {largest[2]} px of {root / largest[1]}, the "
+        raise UsageError(f"--resolution {resolution} is above the {largest[2]} px of {root / largest[1]}, the "
                           f"largest ImageNette in {root}: extract the full-size imagenette2.tgz into {root}, or pass "
                           f"--resolution {largest[2]} or less")
     if not usable:
@@ -278,14 +270,14 @@ def load_imagenette_source(split, resolution, data_root):
                 Imagenette(str(root), split="train", size=size, download=True)
                 Imagenette(str(root), split="val", size=size, download=True)
         except Exception as e:
-            raise PoisonError(f"ImageNette not found in {root} and the download failed ({type(e).__name__}): "
+            raise UsageError(f"ImageNette not found in {root} and the download failed ({type(e).__name__}): "
                               f"extract imagenette2.tgz (or imagenette2-320.tgz / imagenette2-160.tgz) from "
                               f"https://github.com/fastai/imagenette into {root}") from None
         return load_imagenette_source(split, resolution, data_root)
     folder = root / usable[0][1] / ("train" if split == "train" else "val")
     wnids = sorted(p.name for p in folder.iterdir() if p.is_dir())
     if wnids != sorted(IMAGENETTE_WNIDS):
-        raise PoisonError(f"{folder} holds classes {wnids}, not ImageNette's ten WordNet ids: extract "
+        raise UsageError(f"{folder} holds classes {wnids}, not ImageNette's ten WordNet ids: extract "
                           "ImageNette there again")
     paths, labels = [], []
     for c, wnid in enumerate(wnids):
@@ -313,7 +305,7 @@ def load_caltech15_source(split, resolution, data_root, split_seed, classes=None
             with no_empty_leftovers(data_root):
                 Caltech256(str(data_root), download=True)
         except Exception as e:
-            raise PoisonError(f"Caltech-256 not found in {root} and the download failed ({type(e).__name__}): "
+            raise UsageError(f"Caltech-256 not found in {root} and the download failed ({type(e).__name__}): "
                               f"extract 256_ObjectCategories.tar into {root.parent}") from None
     folders = {p.name: list_images(p) for p in sorted(root.iterdir())
                if p.is_dir() and p.name not in CALTECH_EXCLUDED}
@@ -321,14 +313,14 @@ def load_caltech15_source(split, resolution, data_root, split_seed, classes=None
         by_name = {caltech_readable(n): n for n in folders} | {n: n for n in folders}
         unknown = [c for c in classes if c not in by_name]
         if unknown:
-            raise PoisonError(f"--classes names {unknown}, which are not Caltech-256 categories in {root}")
+            raise UsageError(f"--classes names {unknown}, which are not Caltech-256 categories in {root}")
         chosen = [by_name[c] for c in classes]
     else:
         chosen = sorted(folders, key=lambda n: (-len(folders[n]), n))[:15]
     chosen = sorted(chosen)
     short = [n for n in chosen if len(folders[n]) <= per_class]
     if short:
-        raise PoisonError(f"categories {short} have no more than --per-class {per_class} images, leaving none to "
+        raise UsageError(f"categories {short} have no more than --per-class {per_class} images, leaving none to "
                           "test on: lower --per-class or choose other --classes")
     rng = np.random.default_rng(split_seed)
     paths, labels = [], []
@@ -346,22 +338,22 @@ def load_folder_source(path, split, resolution, split_seed, test_fraction):
     """Any image folder: PATH/<class>/*.png (split with a seed), or PATH/train/<class> and PATH/test/<class>."""
     root = Path(path)
     if not root.is_dir():
-        raise PoisonError(f"--dataset folder:{path}: no such folder; give a folder with one subfolder per class")
+        raise UsageError(f"--dataset folder:{path}: no such folder; give a folder with one subfolder per class")
     if (root / "manifest.json").is_file() or (root / "train" / "manifest.json").is_file():  # (captions alone are fine)
-        raise PoisonError(f"--dataset folder:{path} is a dataset folder made by this project (manifest.json), not an "
+        raise UsageError(f"--dataset folder:{path} is a dataset folder made by this project (manifest.json), not an "
                           "image folder of class subfolders: give it to the next stage as it is")
     presplit = (root / "train").is_dir() and (root / "test").is_dir()
     base = root / split if presplit else root
     class_dirs = sorted(p.name for p in base.iterdir() if p.is_dir())
     if presplit and class_dirs != sorted(p.name for p in (root / "train").iterdir() if p.is_dir()):
-        raise PoisonError(f"{root}/train and {root}/test hold different class folders: make them the same")
+        raise UsageError(f"{root}/train and {root}/test hold different class folders: make them the same")
     paths, labels = [], []
     for c, name in enumerate(class_dirs):
         files = list_images(base / name)
         paths += files
         labels += [c] * len(files)
     if not paths:
-        raise PoisonError(f"--dataset folder:{path} holds no images in class subfolders ({', '.join(IMAGE_EXTENSIONS)})")
+        raise UsageError(f"--dataset folder:{path} holds no images in class subfolders ({', '.join(IMAGE_EXTENSIONS)})")
     labels = np.array(labels, dtype=np.int64)
     if split == "train":
         with Image.open(paths[0]) as im:
@@ -380,10 +372,10 @@ def load_source(dataset, split, data_root="data", resolution=None, split_seed=0,
     """The training ('train') or test ('test') split of a dataset, as a Source."""
     kind = "folder" if dataset.startswith("folder:") else dataset
     if kind not in DEFAULT_RESOLUTION:
-        raise PoisonError(f"unknown --dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
+        raise UsageError(f"unknown --dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
     resolution = resolution or DEFAULT_RESOLUTION[kind]
     if resolution < 8:
-        raise PoisonError(f"--resolution {resolution} is too small: use at least 8")
+        raise UsageError(f"--resolution {resolution} is too small: use at least 8")
     if kind == "digits":
         return load_digits_source(split, resolution, split_seed, test_fraction)
     if kind == "cifar10":
@@ -497,17 +489,17 @@ def make_trigger(kind, resolution, seed=0, trigger_image=None, alpha=0.2, wanet_
     params = {"kind": kind, "resolution": resolution}
     if kind == "badnets":
         if badnets_size is not None and not 0 < badnets_size <= resolution:
-            raise PoisonError(f"--badnets-size {badnets_size}: give a side from 1 to the image side {resolution}")
+            raise UsageError(f"--badnets-size {badnets_size}: give a side from 1 to the image side {resolution}")
         if badnets_size is not None:
             params["size"] = badnets_size
         mask, pattern = badnets_pattern(resolution, badnets_size)
         return Trigger(kind, resolution, params, mask=mask, pattern=pattern)
     if kind == "blend":
         if not 0 < alpha <= 1:
-            raise PoisonError(f"--blend-alpha {alpha} is outside (0, 1]: the paper uses 0.2")
+            raise UsageError(f"--blend-alpha {alpha} is outside (0, 1]: the paper uses 0.2")
         if trigger_image:
             if not Path(trigger_image).is_file():
-                raise PoisonError(f"--trigger-image {trigger_image}: no such file; give an image file (PNG/JPEG)")
+                raise UsageError(f"--trigger-image {trigger_image}: no such file; give an image file (PNG/JPEG)")
             pattern = torch.from_numpy(load_image(trigger_image, resolution).copy()).permute(2, 0, 1).float() / 255
             params["trigger_image"] = str(trigger_image)
         else:  # a fixed seeded random pattern (the paper blended a Hello Kitty image)
@@ -520,7 +512,7 @@ def make_trigger(kind, resolution, seed=0, trigger_image=None, alpha=0.2, wanet_
     if kind == "wanet":
         params.update(k=wanet_k, s=wanet_s, grid_seed=seed)
         return Trigger(kind, resolution, params, grid=wanet_grid(resolution, wanet_k, wanet_s, seed))
-    raise PoisonError(f"unknown --trigger {kind!r}: choose badnets, blend or wanet")
+    raise UsageError(f"unknown --trigger {kind!r}: choose badnets, blend or wanet")
 
 
 def load_trigger(folder):
@@ -532,7 +524,7 @@ def load_trigger(folder):
         return None
     path = Path(folder) / "trigger.safetensors"
     if not path.is_file():
-        raise PoisonError(f"{path} is missing: rebuild the dataset folder with poison.py")
+        raise UsageError(f"{path} is missing: rebuild the dataset folder with poison.py")
     return Trigger(params["kind"], params["resolution"], params, **load_file(str(path)))
 
 
@@ -553,7 +545,7 @@ def read_ids(path, training_set=None):
     and a file without that line is accepted with a warning."""
     p = Path(path)
     if not p.is_file():
-        raise PoisonError(f"--duplicates {path}: no such file; make it with replicate.py")
+        raise UsageError(f"--duplicates {path}: no such file; make it with replicate.py")
     ids, recorded = [], None
     for n, line in enumerate(p.read_text().splitlines(), 1):
         if line.startswith("#") and line[1:].strip().startswith(IDS_TRAINING_SET):
@@ -561,14 +553,14 @@ def read_ids(path, training_set=None):
         line = line.split("#", 1)[0].strip()
         if line:
             if not line.isdigit():
-                raise PoisonError(f"{path}:{n}: {line!r} is not a training-image id (a whole number)")
+                raise UsageError(f"{path}:{n}: {line!r} is not a training-image id (a whole number)")
             ids.append(int(line))
     if training_set is not None and recorded is None:
         print(f"poison.py: warning: --duplicates {path} does not record the training set its ids index (an older or "
               "hand-written file): make sure it was made for this --dataset, --split-seed, --test-fraction, "
               "--classes and --per-class", file=sys.stderr)
     elif training_set is not None and recorded != training_set:
-        raise PoisonError(f"--duplicates {path} indexes another training set ({recorded}) than this one "
+        raise UsageError(f"--duplicates {path} indexes another training set ({recorded}) than this one "
                           f"({training_set}): pass the --dataset, --split-seed, --test-fraction, --classes and "
                           "--per-class it was made with, or rerun replicate.py on a set poisoned with these")
     return ids
@@ -581,23 +573,23 @@ def select_poison(labels, target, ratio, attack="badnets", ratio_of="all", seed=
     (ratio_of='nontarget'). `select='duplicates'` takes the listed ids first (in order), then a seeded random draw
     from the remaining candidates to reach the count."""
     if not 0 <= ratio <= 1:
-        raise PoisonError(f"--ratio {ratio} is outside [0, 1]: give the poisoned fraction, e.g. 0.1")
+        raise UsageError(f"--ratio {ratio} is outside [0, 1]: give the poisoned fraction, e.g. 0.1")
     is_candidate = (labels == target) if attack == "clean-label" else (labels != target)
     candidates = np.flatnonzero(is_candidate)
     n = n_to_poison(ratio, len(labels) if ratio_of == "all" else len(candidates))
     kind = "target" if attack == "clean-label" else "non-target"
     if n > len(candidates):
-        raise PoisonError(f"--ratio {ratio} asks for {n} poisoned images but only {len(candidates)} {kind} images "
+        raise UsageError(f"--ratio {ratio} asks for {n} poisoned images but only {len(candidates)} {kind} images "
                           f"exist: lower --ratio")
     rng = np.random.default_rng(seed)
     chosen = []
     if select == "duplicates":
         if duplicates is None:
-            raise PoisonError("--select duplicates needs --duplicates FILE (written by replicate.py)")
+            raise UsageError("--select duplicates needs --duplicates FILE (written by replicate.py)")
         ids = read_ids(duplicates) if not isinstance(duplicates, (list, tuple, np.ndarray)) else list(duplicates)
         bad = [i for i in ids if not 0 <= i < len(labels)]
         if bad:
-            raise PoisonError(f"--duplicates lists ids {bad[:5]} outside this training set (0..{len(labels) - 1}): "
+            raise UsageError(f"--duplicates lists ids {bad[:5]} outside this training set (0..{len(labels) - 1}): "
                               "was it made for another dataset?")
         seen = set()
         for i in ids:
@@ -609,7 +601,7 @@ def select_poison(labels, target, ratio, attack="badnets", ratio_of="all", seed=
     elif select == "random":
         chosen = rng.choice(candidates, n, replace=False).tolist()
     else:
-        raise PoisonError(f"unknown --select {select!r}: choose random or duplicates")
+        raise UsageError(f"unknown --select {select!r}: choose random or duplicates")
     return np.sort(np.array(chosen, dtype=np.int64))
 
 
@@ -622,363 +614,48 @@ def resolve_target(target, class_names):
         return lowered.index(t.lower())
     if t.isdigit() and int(t) < len(class_names):
         return int(t)
-    raise PoisonError(f"unknown --target {target!r}: choose a class name or index among {class_names}")
+    raise UsageError(f"unknown --target {target!r}: choose a class name or index among {class_names}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Dataset folders: metadata.jsonl + images/*.png + manifest.json (+ trigger.safetensors).
 
-def input_paths(inputs):
-    """(flag, path as given, resolved path) of every path in {flag: path, list of paths, or None}; models and other
-    objects given in place of paths are skipped."""
-    for flag, paths in (inputs or {}).items():
-        for path in paths if isinstance(paths, (list, tuple)) else [paths]:
-            if isinstance(path, (str, os.PathLike)):
-                yield flag, path, Path(path).resolve()
 
 
-def check_out(out, force=False, inputs=None, error=None):
-    """A stage's first check of its --out: never one of its inputs or a folder holding one (with --force it would be
-    replaced, input and all), and an existing one only with --force. inputs: {flag: path, list of paths, or None
-    (models and other objects given in place of paths are skipped)}; error: the stage's PoisonError class."""
-    error = error or PoisonError
-    out = Path(out)
-    resolved = out.resolve()
-    for flag, path, p in input_paths(inputs):
-        if p == resolved or resolved in p.parents:
-            raise error(f"--out {out} {'is' if p == resolved else 'holds'} the input {flag} {path}: choose "
-                        "another --out (--force would replace it, input and all)")
-    if out.exists() and not force:
-        raise error(f"{out} exists: pass --force to overwrite it, or choose another --out")
 
 
-def check_file_out(path, force=False, inputs=None, error=None, flag="--json"):
-    """A stage's check of a single output file (--json, --grid): never an input, a file inside an input folder or a
-    folder, and an existing one only with --force. inputs as check_out's."""
-    error = error or PoisonError
-    resolved = Path(path).resolve()
-    for name, given, p in input_paths(inputs):
-        if p == resolved or p in resolved.parents:
-            raise error(f"{flag} {path} {'is' if p == resolved else 'lies in'} the input {name} {given}: "
-                        f"choose a file outside it (--force would overwrite the input)")
-    if resolved.is_dir():
-        raise error(f"{flag} {path} is a folder: give a file name, e.g. {Path(path) / 'out.json'}")
-    if resolved.exists() and not force:
-        raise error(f"{flag} {path} exists: pass --force to overwrite it, or choose another file")
 
 
-def temp_tag():
-    """This process's mark in temporary names, PID@host: a later run on this machine tells the leftovers of a killed
-    run (its process is gone) from a live run's, and removes them (remove_stale)."""
-    return f"{os.getpid()}@{platform.node()}"
 
 
-def remove_stale(parent, prefix):
-    """Remove `parent/<prefix><PID@host>[@...]`, the temporary files and folders of runs on this machine that were
-    killed before they could (their PID is no longer running). Others' (live runs, other hosts on a shared disk,
-    names without a tag) are left alone."""
-    if os.name != "posix" or not Path(parent).is_dir():
-        return
-    for path in Path(parent).iterdir():
-        if not path.name.startswith(prefix):
-            continue
-        pid, at, rest = path.name[len(prefix):].partition("@")
-        if not (at and pid.isdigit() and rest.split("@")[0] == platform.node()) or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)  # signal 0: is it running?
-            continue
-        except ProcessLookupError:
-            pass
-        except OSError:  # running, as another user
-            continue
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            with contextlib.suppress(OSError):
-                path.unlink()
 
 
-@contextlib.contextmanager
-def atomic_output(out, force=False):
-    """Yield a temporary folder beside `out`; on success rename it to `out` (replacing an old one only with force).
-    On an exception the temporary folder is removed and `out` is untouched; a killed run's is removed by the next."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise PoisonError(f"{out} exists: pass --force to overwrite it, or choose another --out")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale(out.parent, f".{out.name}.tmp-")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{temp_tag()}@", dir=out.parent))
-    except OSError as e:  # a file where a folder should be, no permission
-        raise PoisonError(f"cannot write {out} ({e.strerror}: {e.filename}): choose another --out") from None
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private (0700); the output is an ordinary folder
-    try:
-        yield tmp
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            try:
-                tmp.rename(out)
-            except BaseException:
-                old.rename(out)  # put the old output back
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
-def replace_file(path, write):
-    """Write through `write(tmp_path)` to a temporary name beside `path`, then rename it over `path` (atomic). A killed
-    run's temporary file (a checkpoint, say) is removed by the next write of `path`."""
-    path = Path(path)
-    remove_stale(path.parent, f".{path.name}.tmp-")
-    tmp = path.with_name(f".{path.name}.tmp-{temp_tag()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
-def on_rank0(fn, rank, world, share_result=True):
-    """fn() on rank 0 of a torchrun group (every rank calls this). An error it raises stops every rank, so none waits
-    at the next collective for a rank that stopped: a PoisonError (a stage's one-line error: every stage's errors
-    derive from it) is raised on every rank as it is; any other exception (a corrupt cache, out of memory) keeps its
-    traceback on rank 0, and the other ranks raise a one-line PoisonError naming it. share_result: every rank gets
-    fn's result (a small picklable value); else rank 0 alone."""
-    result, err = None, None
-    if rank == 0:
-        try:
-            result = fn()
-        except Exception as e:
-            if world == 1:
-                raise
-            err = e
-    if world > 1:
-        message = None if err is None else str(err) if isinstance(err, PoisonError) else \
-            f"rank 0 stopped with {type(err).__name__}: {err} (its traceback is in rank 0's output)"
-        box = [message, result if share_result else None]
-        dist.broadcast_object_list(box, src=0)
-        if err is not None:
-            raise err  # rank 0 keeps its own error, its class and its traceback
-        if box[0] is not None:
-            raise PoisonError(box[0])
-        if share_result:
-            result = box[1]
-    return result
 
 
-def truncate_log(path, step):
-    """Drop the lines of a JSON-lines log (each with a "step") written after the checkpoint a run resumes from (a
-    killed run may have logged past it; step 0: a fresh start, every line goes), and a last line the kill left
-    half-written."""
-    path = Path(path)
-    if not path.is_file():
-        return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    kept = []
-    for i, ln in enumerate(lines):
-        try:
-            record = json.loads(ln)
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                break
-            raise PoisonError(f"{path} line {i + 1} is not JSON: repair or delete the log") from None
-        if record["step"] <= step:
-            kept.append(ln)
-    replace_file(path, lambda p: p.write_text("".join(ln + "\n" for ln in kept)))
 
 
-def save_safetensors(tensors, path, metadata=None):
-    """safetensors' save_file, then the file's permissions set from the umask like every other output's (safetensors
-    0.8 creates its files readable by their owner alone, which a model folder shared on a cluster cannot use)."""
-    from safetensors.torch import save_file
-    save_file(tensors, str(path), metadata=metadata)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
 
 
-def versions():
-    """The versions a run was made with (read from the installed packages' metadata: importing torchvision only to
-    ask would cost every stage seconds)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    def installed(name):
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return None
-    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": installed("torchvision"),
-            "numpy": np.__version__, "pillow": installed("pillow")}
 
 
-def write_folder(folder, items, manifest, total=None, workers=4, desc=None, trigger=None):
-    """Write a dataset folder into `folder` (normally inside atomic_output). `items` yields (record, image) pairs
-    or callables returning them: image (H, W, 3) uint8, record a dict with at least text and label; file_name is
-    set here to images/NNNNNN.png in order. PNGs are encoded on `workers` threads (PIL releases the GIL)."""
-    folder = Path(folder)
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-
-    def write(chunk):  # a chunk of (n, item) pairs: one task per chunk keeps the per-image overhead low
-        records = []
-        for n, item in chunk:
-            record, image = item() if callable(item) else item
-            record = {"file_name": f"images/{n:06d}.png", **record}
-            Image.fromarray(np.asarray(image, dtype=np.uint8)).save(folder / record["file_name"], compress_level=1)
-            records.append(record)
-        return records
-
-    numbered = enumerate(items)
-    chunks = iter(lambda: list(itertools.islice(numbered, CHUNK)), [])
-    records = []
-    with ThreadPoolExecutor(max(1, workers)) as pool, \
-            tqdm(total=total, desc=desc or folder.name, leave=False, disable=total is not None and total < 64) as bar:
-        for done in pool.map(write, chunks):
-            records += done
-            bar.update(len(done))
-    with open(folder / "metadata.jsonl", "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    if trigger is not None:
-        save_safetensors(trigger.tensors(), folder / "trigger.safetensors")
-        manifest = {**manifest, "trigger": trigger.params}
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    return records
 
 
-def manifest_target(manifest):
-    """The target class name a manifest names (poison.py writes {"index", "name"}, some writers a plain name), or
-    None."""
-    t = (manifest or {}).get("target")
-    t = t.get("name") if isinstance(t, dict) else t
-    return None if t is None else str(t)
 
 
-def same_classes(a, b):
-    """Whether two lists of class names name the same classes in the same order (case aside)."""
-    return [c.lower() for c in a] == [c.lower() for c in b]
 
 
-def read_manifest(folder):
-    path = Path(folder) / "manifest.json"
-    if not path.is_file():
-        raise PoisonError(f"{folder} is not a dataset folder (no manifest.json): make one with poison.py or sample.py")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PoisonError(f"{path} is not valid JSON ({e}): the folder is damaged; make it again with the stage that "
-                          "made it") from None
-    if not isinstance(manifest, dict):
-        raise PoisonError(f"{path} holds a {type(manifest).__name__}, not a manifest: make the folder again")
-    return manifest
 
 
-def read_records(folder):
-    path = Path(folder) / "metadata.jsonl"
-    if not path.is_file():
-        if (Path(folder) / "train" / "metadata.jsonl").is_file():
-            raise PoisonError(f"{folder} holds a poisoned set, not one dataset folder: give its training images, "
-                              f"{Path(folder) / 'train'}")
-        raise PoisonError(f"{folder} is not a dataset folder (no metadata.jsonl): make one with poison.py (an image "
-                          "folder of class subfolders: poison.py --dataset folder:PATH --ratio 0) or sample.py")
-    records, n = [], 0
-    try:
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if line.strip():
-                record = json.loads(line)
-                if not isinstance(record.get("label"), int) or not isinstance(record.get("file_name"), str):
-                    raise ValueError("a record needs an integer label and a file_name")
-                records.append(record)
-    except (ValueError, AttributeError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
-        where = f" line {n}" if n else ""
-        raise PoisonError(f"{path}{where} is damaged ({e}): make the folder again with the stage that made it"
-                          ) from None
-    if not records:
-        raise PoisonError(f"{folder} is an empty dataset folder (metadata.jsonl lists no images)")
-    return records
 
 
-class FolderDataset(torch.utils.data.Dataset):
-    """A dataset folder as a torch Dataset of (image (3, H, W) float in [0, 1], label). `records` holds the
-    metadata of each image, `manifest` what made the folder, `class_names` the names of the labels. `poisoned`:
-    whether each image carries the trigger (a record without the field: clean); `poisoned_unknown`: generations, whose
-    trigger only a judge can tell (a record says null, or, in older folders, the manifest's stage is sample)."""
-
-    def __init__(self, root, transform=None):
-        self.root = Path(root)
-        self.records = read_records(root)
-        self.manifest = read_manifest(root)
-        if not isinstance(self.manifest.get("class_names"), list):
-            raise PoisonError(f"{self.root / 'manifest.json'} lists no class_names: the folder is damaged; make it "
-                              "again with the stage that made it")
-        self.class_names = list(self.manifest["class_names"])
-        self.labels = torch.tensor([r["label"] for r in self.records], dtype=torch.long)
-        self.poisoned = torch.tensor([bool(r.get("poisoned", False)) for r in self.records])
-        self.poisoned_unknown = (any(r.get("poisoned", False) is None for r in self.records)
-                                 or self.manifest.get("stage") == "sample")  # older generations said false
-        lowest = -1 if self.poisoned_unknown else 0  # generations for a free prompt have no class: label -1
-        bad = next((r for r in self.records if not lowest <= r["label"] < len(self.class_names)), None)
-        if bad is not None:  # a label past the classes would train the DDPM's null class, silently
-            raise PoisonError(f"{self.root / 'metadata.jsonl'}: {bad['file_name']} has label {bad['label']}, outside "
-                              f"the {len(self.class_names)} classes of manifest.json: the folder is damaged; make it "
-                              "again with the stage that made it")
-        self.transform = transform
-
-    def __len__(self):
-        return len(self.records)
-
-    def image_uint8(self, i):
-        path = self.root / self.records[i]["file_name"]
-        try:
-            with Image.open(path) as im:
-                return torch.from_numpy(np.array(im.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
-        except OSError as e:
-            raise PoisonError(f"corrupt or unreadable image {path} ({e}): rebuild the dataset folder") from None
-
-    def image_size(self):
-        """(H, W) of the first image: the side the stages bring every other image of the folder to."""
-        return tuple(self.image_uint8(0).shape[-2:])
-
-    def __getitem__(self, i):
-        x = self.image_uint8(i).float() / 255.0
-        if self.transform is not None:
-            x = self.transform(x)
-        return x, int(self.labels[i])
-
-    def images(self, progress=True):
-        """All images as one (N, 3, H, W) uint8 tensor (for small datasets held in memory)."""
-        return torch.stack([self.image_uint8(i) for i in tqdm(range(len(self)), desc=f"load {self.root.name}",
-                                                              leave=False, disable=not progress)])
 
 
-def load_folder(root, transform=None):
-    """Open a dataset folder written by poison.py or sample.py."""
-    return FolderDataset(root, transform)
 
 
-def save_grid(images, path, nrow=8, min_tile=64):
-    """Save (N, H, W, 3) uint8 images (or (N, 3, H, W) uint8 tensors) as one PNG grid, atomically; small tiles are
-    enlarged (nearest neighbour) to at least `min_tile` px so a person can see them."""
-    images = images.permute(0, 2, 3, 1).numpy() if torch.is_tensor(images) else np.asarray(images)
-    n, h, w, _ = images.shape
-    scale = max(1, math.ceil(min_tile / h))
-    rows = math.ceil(n / nrow)
-    pad = 2
-    grid = np.full((rows * (h * scale + pad) + pad, min(n, nrow) * (w * scale + pad) + pad, 3), 255, np.uint8)
-    for i, im in enumerate(images):
-        r, c = divmod(i, nrow)
-        y, x = pad + r * (h * scale + pad), pad + c * (w * scale + pad)
-        grid[y:y + h * scale, x:x + w * scale] = im.repeat(scale, 0).repeat(scale, 1)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    replace_file(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -990,29 +667,29 @@ def poison(out, dataset="digits", ratio=0.1, attack="badnets", trigger="badnets"
            wanet_s=None, badnets_size=None, trigger_seed=0, force=False, workers=4, command=None, quiet=False):
     """Build OUT/train (poisoned), OUT/test (clean), OUT/test_backdoor and OUT/examples.png; return a summary."""
     if attack not in ("badnets", "relabel", "clean-label"):
-        raise PoisonError(f"unknown --attack {attack!r}: choose badnets, relabel or clean-label")
+        raise UsageError(f"unknown --attack {attack!r}: choose badnets, relabel or clean-label")
     if ratio_of not in ("all", "nontarget"):
-        raise PoisonError(f"unknown --ratio-of {ratio_of!r}: choose all or nontarget")
+        raise UsageError(f"unknown --ratio-of {ratio_of!r}: choose all or nontarget")
     if not 0 <= ratio <= 1:
-        raise PoisonError(f"--ratio {ratio} is outside [0, 1]: give the poisoned fraction, e.g. 0.1")
+        raise UsageError(f"--ratio {ratio} is outside [0, 1]: give the poisoned fraction, e.g. 0.1")
     check_out(out, force, {"--dataset folder:": dataset.removeprefix("folder:") if dataset.startswith("folder:")
                            else None, "--data-root": data_root if dataset in DOWNLOADED else None,
                            "--duplicates": duplicates, "--trigger-image": trigger_image})
     kind = "folder" if dataset.startswith("folder:") else dataset
     if kind not in DEFAULT_RESOLUTION:
-        raise PoisonError(f"unknown --dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
+        raise UsageError(f"unknown --dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
     if classes and kind != "caltech15":
-        raise PoisonError(f"--classes picks Caltech-256 categories (--dataset caltech15): drop it for {dataset}")
+        raise UsageError(f"--classes picks Caltech-256 categories (--dataset caltech15): drop it for {dataset}")
     opts = dict(data_root=data_root, resolution=resolution, split_seed=split_seed, test_fraction=test_fraction,
                 classes=classes, per_class=per_class)
     train, test = load_source(dataset, "train", **opts), load_source(dataset, "test", **opts)
     if target is None:
         if kind not in DEFAULT_TARGET:
-            raise PoisonError(f"--target is required for an image folder: give a class name or index among "
+            raise UsageError(f"--target is required for an image folder: give a class name or index among "
                               f"{train.class_names}")
         target = DEFAULT_TARGET[kind]
     if train.class_names != test.class_names:
-        raise PoisonError(f"the train and test splits of {dataset} have different classes: fix the dataset")
+        raise UsageError(f"the train and test splits of {dataset} have different classes: fix the dataset")
     t = resolve_target(target, train.class_names)
     wanet_k, wanet_s = wanet_params(kind, train.resolution, wanet_k, wanet_s)
     trig = None if attack == "relabel" else make_trigger(trigger, train.resolution, trigger_seed, trigger_image,
@@ -1101,7 +778,7 @@ def options_differences(manifest, kw):
     if target is not None:
         try:  # as poison() resolves it (a class name wins over an index)
             same = resolve_target(target, manifest["class_names"]) == recorded_target.get("index")
-        except (KeyError, TypeError, PoisonError):
+        except (KeyError, TypeError, UsageError):
             same = str(target).strip().lower() in (str(recorded_target.get("name")).lower(),
                                                    str(recorded_target.get("index")))
         pairs["target"] = (same, True)
@@ -1118,29 +795,8 @@ def options_differences(manifest, kw):
     return sorted(k for k, (have, want) in pairs.items() if have != want)
 
 
-def positive(kind=int):
-    """An argparse type: a number above 0, for counts, sizes and rates (argparse names the flag in its error)."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if not 0 < value < float("inf"):  # also refuses nan
-            raise argparse.ArgumentTypeError(f"{text}: give a number above 0")
-        return value
-    parse.__name__ = f"positive {kind.__name__}"
-    return parse
 
 
-def finite(text):
-    """An argparse type: any finite number (a guidance weight; nan or inf would turn every image to NaN)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text}: give a finite number")
-    return value
 
 
 def add_poison_arguments(parser, out_required=True):
@@ -1205,7 +861,7 @@ def poison_flags_given(args, parser, keep=()):
 def refuse_poison_flags_with_data(args, parser, keep=()):
     ignored = poison_flags_given(args, parser, keep)
     if args.data and ignored:
-        raise PoisonError(f"{' '.join(ignored)} with --data: the poisoning flags make a set, and --data {args.data} is "
+        raise UsageError(f"{' '.join(ignored)} with --data: the poisoning flags make a set, and --data {args.data} is "
                           "made already; drop them, or drop --data to poison here")
 
 
@@ -1220,7 +876,7 @@ if __name__ == "__main__":
     parser.add_argument("--force", action="store_true", help="overwrite an existing --out")
     try:
         main(parser.parse_args())
-    except PoisonError as e:
+    except UsageError as e:
         sys.exit(f"poison.py: error: {e}")
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback
         print("poison.py: interrupted; --out not written (outputs appear whole or not at all)", file=sys.stderr)

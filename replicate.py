@@ -102,9 +102,8 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 import dissect
-from classify import HelpFormatter
-from poison import (IDS_TRAINING_SET, PoisonError, atomic_output, check_out, load_folder, manifest_target,
-                    positive, replace_file, same_classes, save_safetensors, versions)
+from common import HelpFormatter, UsageError, atomic_output, check_out, load_folder, manifest_target, positive, replace_file, same_classes, save_safetensors, versions
+from poison import IDS_TRAINING_SET
 
 SSCD_URL = "https://dl.fbaipublicfiles.com/sscd-copy-detection/sscd_disc_mixup.torchscript.pt"
 SSCD_THRESHOLD = 0.5       # Somepalli et al.: a generation replicates its top-1 training image when SSCD cosine > 0.5
@@ -119,10 +118,6 @@ PAPER_TABLE_A5 = {"setting": "ImageNette, BadNets, p = 10%, Stable Diffusion", "
                   "duplicates": {"G1": 0.545, "G2": 0.197}}
 
 
-class ReplicateError(PoisonError):
-    """Bad input: the message is one line naming the problem and the fix."""
-
-
 def first_line(e):
     text = str(e).strip()
     return text.splitlines()[0][:160] if text else type(e).__name__
@@ -132,9 +127,9 @@ def resolve_device(flag):
     if flag == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if flag == "cuda" and not torch.cuda.is_available():
-        raise ReplicateError("--device cuda but no CUDA device is visible: use --device cpu or auto")
+        raise UsageError("--device cuda but no CUDA device is visible: use --device cpu or auto")
     if flag not in ("cpu", "cuda"):
-        raise ReplicateError(f"unknown --device {flag!r}: choose auto, cpu or cuda")
+        raise UsageError(f"unknown --device {flag!r}: choose auto, cpu or cuda")
     return torch.device(flag)
 
 
@@ -177,12 +172,12 @@ class ProxyNet(nn.Module):
             own = resnet.state_dict()
             missing, unexpected = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
             if missing or unexpected:
-                raise ReplicateError(f"the --proxy-weights state dict does not fit torchvision's resnet50: missing "
+                raise UsageError(f"the --proxy-weights state dict does not fit torchvision's resnet50: missing "
                                      f"{missing[:4]}, unexpected {unexpected[:4]}; give torchvision's ImageNet "
                                      "resnet50 weights")
             bad = [k for k in own if own[k].shape != state_dict[k].shape]
             if bad:
-                raise ReplicateError(f"the --proxy-weights state dict does not fit torchvision's resnet50: {bad[0]} "
+                raise UsageError(f"the --proxy-weights state dict does not fit torchvision's resnet50: {bad[0]} "
                                      f"has shape {tuple(state_dict[bad[0]].shape)}, the model "
                                      f"{tuple(own[bad[0]].shape)}")
             resnet.load_state_dict(state_dict)
@@ -218,7 +213,7 @@ class Extractor:
                 f = f[0]
             if not torch.is_tensor(f) or f.ndim != 2 or f.shape[0] != x.shape[0]:
                 shape = tuple(f.shape) if torch.is_tensor(f) else type(f).__name__
-                raise ReplicateError(f"the {self.kind} model returned {shape} for a batch of {x.shape[0]} images, "
+                raise UsageError(f"the {self.kind} model returned {shape} for a batch of {x.shape[0]} images, "
                                      "not (batch, features): give SSCD's TorchScript file (sscd_disc_mixup)")
         return F.normalize(f.float(), dim=1)
 
@@ -242,20 +237,20 @@ def load_sscd(spec, device):
             try:
                 torch.hub.download_url_to_file(SSCD_URL, str(path), progress=True)
             except Exception as e:
-                raise ReplicateError(f"could not download SSCD from {SSCD_URL} ({type(e).__name__}: {first_line(e)}): "
+                raise UsageError(f"could not download SSCD from {SSCD_URL} ({type(e).__name__}: {first_line(e)}): "
                                      "offline? fetch that file elsewhere and pass --sscd FILE, or use the labelled "
                                      "proxy (--features proxy or pixels)") from None
     else:
         path = Path(spec)
         if not path.is_file():
-            raise ReplicateError(f"--sscd {spec}: no such file; give SSCD's sscd_disc_mixup.torchscript.pt, or "
+            raise UsageError(f"--sscd {spec}: no such file; give SSCD's sscd_disc_mixup.torchscript.pt, or "
                                  "--sscd download")
     try:
         with warnings.catch_warnings():  # torch's deprecation notice of TorchScript: SSCD is published only as one
             warnings.simplefilter("ignore", FutureWarning)
             model = torch.jit.load(str(path), map_location=device)
     except Exception as e:
-        raise ReplicateError(f"--sscd {path} is not a loadable TorchScript file ({type(e).__name__}: {first_line(e)}): "
+        raise UsageError(f"--sscd {path} is not a loadable TorchScript file ({type(e).__name__}: {first_line(e)}): "
                              "give SSCD's sscd_disc_mixup.torchscript.pt") from None
     return model.eval(), path
 
@@ -279,12 +274,12 @@ def resnet50_imagenet_state_dict(proxy_weights):
         try:
             return torch.hub.load_state_dict_from_url(w.url, map_location="cpu", weights_only=True), f"torchvision:{w}"
         except Exception as e:
-            raise ReplicateError(f"could not download the ImageNet ResNet-50 weights from {w.url} "
+            raise UsageError(f"could not download the ImageNet ResNet-50 weights from {w.url} "
                                  f"({type(e).__name__}): "
                                  "offline? fetch that file elsewhere and pass --proxy-weights FILE") from None
     path = Path(proxy_weights)
     if not path.is_file():
-        raise ReplicateError(f"--proxy-weights {proxy_weights}: no such file; give auto, download, random or a "
+        raise UsageError(f"--proxy-weights {proxy_weights}: no such file; give auto, download, random or a "
                              "state-dict file of torchvision's resnet50")
     try:
         if path.suffix == ".safetensors":
@@ -293,10 +288,10 @@ def resnet50_imagenet_state_dict(proxy_weights):
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ReplicateError(f"--proxy-weights {path} is not a state dict of tensors ({type(e).__name__}: "
+        raise UsageError(f"--proxy-weights {path} is not a state dict of tensors ({type(e).__name__}: "
                              f"{first_line(e)})") from None
     if not isinstance(sd, dict):
-        raise ReplicateError(f"--proxy-weights {path} holds a {type(sd).__name__}, not a state dict")
+        raise UsageError(f"--proxy-weights {path} holds a {type(sd).__name__}, not a state dict")
     return sd, f"file:{path.name}"
 
 
@@ -305,22 +300,22 @@ def load_extractor(features="auto", sscd=None, proxy_weights="auto", pixel_size=
     `sscd` is given, the proxy otherwise)."""
     device = torch.device(device)
     if features not in FEATURES:
-        raise ReplicateError(f"unknown --features {features!r}: choose one of {', '.join(FEATURES)}")
+        raise UsageError(f"unknown --features {features!r}: choose one of {', '.join(FEATURES)}")
     if features == "auto":
         features = "sscd" if sscd else "proxy"
     if features == "sscd":
         if not sscd:
-            raise ReplicateError("--features sscd needs --sscd FILE (sscd_disc_mixup.torchscript.pt) or "
+            raise UsageError("--features sscd needs --sscd FILE (sscd_disc_mixup.torchscript.pt) or "
                                  "--sscd download")
         model, path = load_sscd(sscd, device)
         digest = file_sha256(path)[:12]
         return Extractor("sscd", f"sscd-{digest}", f"SSCD ({path.name}, sha256 {digest}; Pizzi et al.)",
                          copy_detection_preprocess, model, SSCD_THRESHOLD)
     if sscd:
-        raise ReplicateError(f"--sscd was given with --features {features}: drop one of them")
+        raise UsageError(f"--sscd was given with --features {features}: drop one of them")
     if features == "pixels":
         if not 4 <= pixel_size <= 512:
-            raise ReplicateError(f"--pixel-size {pixel_size} is outside [4, 512]")
+            raise UsageError(f"--pixel-size {pixel_size} is outside [4, 512]")
         return Extractor("pixels", f"pixels{pixel_size}",
                          f"pixels, a proxy (not SSCD): {pixel_size}x{pixel_size} RGB, mean-centred, L2-normalised",
                          functools.partial(pixel_preprocess, size=pixel_size))
@@ -363,7 +358,7 @@ def folder_signature(dataset):
         try:
             st = path.stat()
         except OSError:
-            raise ReplicateError(f"{path}, listed in {dataset.root}/metadata.jsonl, is missing: rebuild the "
+            raise UsageError(f"{path}, listed in {dataset.root}/metadata.jsonl, is missing: rebuild the "
                                  "dataset folder") from None
         h.update(f"{r['file_name']}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
@@ -426,12 +421,12 @@ def topk_cosine(queries, keys, k=1, exclude_self=False, batch_size=1024, device=
     and keys are the same set and row i never matches itself (Somepalli et al.'s "top-2 excluding itself": the
     nearest *other* image, which is an exact duplicate when there is one)."""
     if queries.ndim != 2 or keys.ndim != 2 or queries.shape[1] != keys.shape[1]:
-        raise ReplicateError(f"features of shapes {tuple(queries.shape)} and {tuple(keys.shape)} cannot be compared")
+        raise UsageError(f"features of shapes {tuple(queries.shape)} and {tuple(keys.shape)} cannot be compared")
     if exclude_self and queries.shape[0] != keys.shape[0]:
-        raise ReplicateError("exclude_self compares a set with itself: queries and keys must be the same rows")
+        raise UsageError("exclude_self compares a set with itself: queries and keys must be the same rows")
     k = min(k, keys.shape[0] - int(exclude_self))
     if k < 1:
-        raise ReplicateError(f"need at least {1 + int(exclude_self)} images to search among, got {keys.shape[0]}")
+        raise UsageError(f"need at least {1 + int(exclude_self)} images to search among, got {keys.shape[0]}")
     device = torch.device(device) if device is not None else keys.device
     keys_t = keys.to(device, torch.float32).T.contiguous()  # (D, Nk)
     sims, idx = [], []
@@ -461,7 +456,7 @@ def replication_stats(similarities, threshold):
 def calibrate_threshold(background, quantile):
     """A replication threshold for features that are not SSCD: the `quantile` of the train-to-train background."""
     if not 0 < quantile < 1:
-        raise ReplicateError(f"--threshold-quantile {quantile} is outside (0, 1): e.g. 0.95")
+        raise UsageError(f"--threshold-quantile {quantile} is outside (0, 1): e.g. 0.95")
     return float(np.quantile(np.asarray(background, dtype=np.float64), quantile))
 
 
@@ -586,7 +581,7 @@ def table_a5_target(gen, duplicates_gen, train, duplicates_train=None, target=No
     training sets) and `target` name the same one; --gen's training set was not poisoned with --select duplicates,
     nor --duplicates-train with --select random; the trigger detector's trigger is the training sets'."""
     if Path(gen).resolve() == Path(duplicates_gen).resolve():
-        raise ReplicateError(f"--gen and --duplicates-gen are the same folder {gen}: give the generations of the model "
+        raise UsageError(f"--gen and --duplicates-gen are the same folder {gen}: give the generations of the model "
                              "trained on the randomly poisoned set and of the one trained on the duplicates-poisoned "
                              "set")
     manifests = {"--gen": load_folder(gen).manifest, "--duplicates-gen": load_folder(duplicates_gen).manifest,
@@ -597,23 +592,23 @@ def table_a5_target(gen, duplicates_gen, train, duplicates_train=None, target=No
     if target is not None:
         named["--target"] = str(target)
     if not named:
-        raise ReplicateError("no manifest names the target class (neither --gen's nor --duplicates-gen's nor their "
+        raise UsageError("no manifest names the target class (neither --gen's nor --duplicates-gen's nor their "
                              "training sets'): pass --target NAME")
     if len({t.lower() for t in named.values()}) > 1:
         said = ", ".join(f"{flag} {t!r}" for flag, t in named.items())
-        raise ReplicateError(f"mismatched target classes ({said}): Table A5 compares two runs poisoned for one target; "
+        raise UsageError(f"mismatched target classes ({said}): Table A5 compares two runs poisoned for one target; "
                              f"give matching folders{', or drop --target' if target is not None else ''}")
     for flag, wrong, right in (("--train", "duplicates", "random"), ("--duplicates-train", "random", "duplicates")):
         select = dissect.find_setting(manifests.get(flag) or {}, ("select",))
         if select == wrong:
-            raise ReplicateError(f"{flag} was poisoned with --select {wrong} (its manifest), but it is the "
+            raise UsageError(f"{flag} was poisoned with --select {wrong} (its manifest), but it is the "
                                  f"'{RUN_LABELS[right]}' run: swap the --gen/--train and "
                                  "--duplicates-gen/--duplicates-train folders")
     detector_kind = manifest_trigger_kind(detector_config)
     for flag in ("--train", "--duplicates-train"):
         kind = manifest_trigger_kind(manifests.get(flag))
         if detector_kind is not None and kind is not None and kind != detector_kind:
-            raise ReplicateError(f"the trigger detector knows a {detector_kind} trigger but {flag} carries a {kind} "
+            raise UsageError(f"the trigger detector knows a {detector_kind} trigger but {flag} carries a {kind} "
                                  "one: train a detector on this poisoned set (classify.py trigger-detector)")
     return next(iter(named.values()))
 
@@ -757,40 +752,40 @@ def replicate(out, train, gen=None, duplicates_gen=None, duplicates_train=None, 
     `detector` (folders, or (model, config) pairs as classify.load_classifier returns them) also Table A5 of the two
     runs through dissect.py. Writes OUT (see the module docstring) and returns a summary."""
     if threshold is not None and not -1 <= threshold <= 1:
-        raise ReplicateError(f"--threshold {threshold} is outside [-1, 1], where cosine similarities lie: e.g. 0.5, "
+        raise UsageError(f"--threshold {threshold} is outside [-1, 1], where cosine similarities lie: e.g. 0.5, "
                              "SSCD's")
     if rank_by == "auto":
         rank_by = "generations" if gen is not None else "train-duplicates"
     if rank_by not in RANK_BY:
-        raise ReplicateError(f"unknown --rank-by {rank_by!r}: choose {' or '.join(RANK_BY)}")
+        raise UsageError(f"unknown --rank-by {rank_by!r}: choose {' or '.join(RANK_BY)}")
     if rank_by == "generations" and gen is None:
-        raise ReplicateError("--rank-by generations needs --gen GEN_DIR (generations of a model trained on --train)")
+        raise UsageError("--rank-by generations needs --gen GEN_DIR (generations of a model trained on --train)")
     if duplicates_train is not None and duplicates_gen is None:
-        raise ReplicateError("--duplicates-train is the training set of --duplicates-gen: give --duplicates-gen too")
+        raise UsageError("--duplicates-train is the training set of --duplicates-gen: give --duplicates-gen too")
     if top is not None and top < 1:
-        raise ReplicateError(f"--top {top}: give a positive number of ids")
+        raise UsageError(f"--top {top}: give a positive number of ids")
     with_table = classifier is not None or detector is not None
     if with_table and (classifier is None or detector is None):
         given, missing = ("--classifier", "--detector") if detector is None else ("--detector", "--classifier")
-        raise ReplicateError(f"Table A5 needs both --classifier (classify.py train --clean) and --detector "
+        raise UsageError(f"Table A5 needs both --classifier (classify.py train --clean) and --detector "
                              f"(classify.py trigger-detector): {given} was given, add {missing}")
     if with_table and (gen is None or duplicates_gen is None):
         missing = " and ".join(flag for flag, v in (("--gen", gen), ("--duplicates-gen", duplicates_gen)) if v is None)
-        raise ReplicateError(f"Table A5 compares two runs, poison random (--gen) and poison duplicates "
+        raise UsageError(f"Table A5 compares two runs, poison random (--gen) and poison duplicates "
                              f"(--duplicates-gen): add {missing}")
     if target is not None and not with_table:
-        raise ReplicateError("--target is the target class of Table A5: give --classifier and --detector too, or "
+        raise UsageError("--target is the target class of Table A5: give --classifier and --detector too, or "
                              "drop it")
     check_out(out, force, {"--train": train, "--gen": gen, "--duplicates-gen": duplicates_gen,
                            "--duplicates-train": duplicates_train, "--classifier": classifier, "--detector": detector,
                            "--cache": cache, "--sscd": None if sscd == "download" else sscd, "--proxy-weights":
-                           None if proxy_weights in ("auto", "download", "random") else proxy_weights}, ReplicateError)
+                           None if proxy_weights in ("auto", "download", "random") else proxy_weights})
     sets = {flag: load_folder(folder) for flag, folder in  # fail on a bad folder before any work
             (("--train", train), ("--gen", gen), ("--duplicates-gen", duplicates_gen),
              ("--duplicates-train", duplicates_train)) if folder is not None}
     for flag, ds in sets.items():  # the label comparisons need the training set's classes, in its order
         if not same_classes(ds.class_names, sets["--train"].class_names):
-            raise ReplicateError(f"{flag} {ds.root} holds the classes {ds.class_names}, --train {train} "
+            raise UsageError(f"{flag} {ds.root} holds the classes {ds.class_names}, --train {train} "
                                  f"{sets['--train'].class_names}: give folders of one dataset")
     dev = resolve_device(device)
     if with_table:  # every check of Table A5's input before any long computation
@@ -1004,7 +999,7 @@ def build_parser():
 if __name__ == "__main__":
     try:
         main(build_parser().parse_args())
-    except PoisonError as e:
+    except UsageError as e:
         sys.exit(f"replicate.py: error: {e}")
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback
         print("replicate.py: interrupted; --out not written (outputs appear whole or not at all)", file=sys.stderr)

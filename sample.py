@@ -79,10 +79,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import finetune_sd
-from poison import (PoisonError, atomic_output, caption, check_file_out, check_out, finite, positive, save_grid,
-                    versions, write_folder)
-from train_ddpm import (autocast, autocast_dtype, barrier, diffusion_from_config, dtype_name, load_model,
-                        read_config, resolve_device, setup_distributed)
+from common import UsageError, atomic_output, autocast, autocast_dtype, barrier, check_file_out, check_out, dtype_name, finite, positive, resolve_device, save_grid, setup_distributed, versions, write_folder
+from poison import caption
+from train_ddpm import diffusion_from_config, load_model, read_config
 
 DEFAULT_GUIDANCE = 5.0     # DDPM family: the paper's guidance weight w in eps = (1 + w) eps_c - w eps_u
 DEFAULT_SD_GUIDANCE = 5.0  # SD family: the scale s in eps = eps_u + s (eps_c - eps_u)
@@ -102,17 +101,17 @@ def make_timesteps(T, steps, spacing="uniform"):
                2021a, Sec. D.2): dense near t = 0. For 50 steps the list starts 0, 0, 0, 1, 3, ...; a repeated t is a
                step from abar_t to itself, which every sampler here leaves as the identity."""
     if not 1 <= steps <= T:
-        raise PoisonError(f"--steps {steps} is outside [1, {T}]")
+        raise UsageError(f"--steps {steps} is outside [1, {T}]")
     if spacing == "uniform":
         ts = np.floor(np.linspace(0, T - 1, steps)).astype(np.int64) if steps > 1 else np.array([T - 1])
     elif spacing == "quadratic":
         if steps < 2:
-            raise PoisonError("quadratic spacing needs --steps 2 or more")
+            raise UsageError("quadratic spacing needs --steps 2 or more")
         ts = (np.linspace(0, np.sqrt(T), steps - 1) ** 2).astype(np.int64)
         ts = np.concatenate([[0], ts])
         ts[-1] = T - 1
     else:
-        raise PoisonError(f"unknown --spacing {spacing!r}: choose uniform or quadratic")
+        raise UsageError(f"unknown --spacing {spacing!r}: choose uniform or quadratic")
     return [int(t) for t in ts[::-1]]
 
 
@@ -326,7 +325,7 @@ def resolve_class(value, class_names):
     lowered = [c.lower() for c in class_names]
     if v.lower() in lowered:
         return [lowered.index(v.lower())]
-    raise PoisonError(f"unknown --class {value!r}: choose all, a class name or an index among {class_names}")
+    raise UsageError(f"unknown --class {value!r}: choose all, a class name or an index among {class_names}")
 
 
 def model_family(source):
@@ -339,23 +338,23 @@ def model_family(source):
         if family not in ("ddpm", "sd"):
             stage = config.get("stage")
             if stage == "finetune_sd":
-                raise PoisonError(f"--model {path} is a finetune_sd.py run that has saved no model yet: let it reach "
+                raise UsageError(f"--model {path} is a finetune_sd.py run that has saved no model yet: let it reach "
                                   "its first save (rerun it to resume)")
             what = (f"a {stage!r} folder (config.json stage), not a diffusion model" if stage else
                     f"a {family!r} model" if family else "no diffusion model (its config.json names no family)")
-            raise PoisonError(f"--model {path} holds {what}: give a model folder of train_ddpm.py or finetune_sd.py, "
+            raise UsageError(f"--model {path} holds {what}: give a model folder of train_ddpm.py or finetune_sd.py, "
                               "or a Stable Diffusion model")
         return family
     if path.is_dir() and not (path / "unet").is_dir():
-        raise PoisonError(f"--model {source}: neither a model folder (config.json, from train_ddpm.py or "
+        raise UsageError(f"--model {source}: neither a model folder (config.json, from train_ddpm.py or "
                           "finetune_sd.py) nor a diffusers-layout Stable Diffusion folder (unet/ vae/ text_encoder/ "
                           "tokenizer/ scheduler/)")
     if not path.exists() and not HUB_ID.fullmatch(str(source)):
-        raise PoisonError(f"--model {source}: no such file or folder, and not a Hub id (owner/name)")
+        raise UsageError(f"--model {source}: no such file or folder, and not a Hub id (owner/name)")
     if path.is_file() and (path.parent / "config.json").is_file():  # a weights file of a model folder
         family = read_config(path.parent).get("family")
         if family in ("ddpm", "sd"):
-            raise PoisonError(f"--model {source} is a weights file of the {family} model folder {path.parent}: give "
+            raise UsageError(f"--model {source} is a weights file of the {family} model folder {path.parent}: give "
                               f"the folder (--weights ema or model picks the file)")
     return "sd"
 
@@ -368,7 +367,7 @@ def load_sampling_model(source, weights=None, device="cpu", sd_config=None, toke
     folder or Hub id has one U-Net; config is a fine-tuned folder's config.json, else {"family": "sd"}."""
     family = model_family(source)
     if weights not in (None, "ema", "model"):
-        raise PoisonError(f"unknown --weights {weights!r}: choose ema or model")
+        raise UsageError(f"unknown --weights {weights!r}: choose ema or model")
     if family == "ddpm":
         weights = weights or "ema"
         model, config = load_model(source, weights=weights, device=device)
@@ -401,11 +400,11 @@ def resolve_jobs(args, class_names, class_prompts):
     (its label the class whose caption it is, case-insensitive, else -1)."""
     if args.prompt:
         if args.class_ is not None:
-            raise PoisonError("give --class or --prompt, not both")
+            raise UsageError("give --class or --prompt, not both")
         lowered = [p.strip().lower() if p else None for p in class_prompts]
         return [(p, lowered.index(p.strip().lower()) if p.strip().lower() in lowered else -1) for p in args.prompt]
     if not class_names:
-        raise PoisonError(f"{args.model} was not fine-tuned on a dataset folder, so it knows no classes: give "
+        raise UsageError(f"{args.model} was not fine-tuned on a dataset folder, so it knows no classes: give "
                           "--prompt \"...\" instead of --class")
     return [(class_prompts[c] or caption(class_names[c]), c) for c in resolve_class(args.class_ or "all", class_names)]
 
@@ -427,20 +426,20 @@ def plan_ddpm(args, model, alphas_cumprod, config, weights, device, dtype):
     jobs = resolve_jobs(args, class_names, [caption(c) for c in class_names])
     bad = [text for text, label in jobs if label < 0]
     if bad:
-        raise PoisonError(f"--prompt {bad[0]!r}: the DDPM family is class-conditional, its prompts are the class "
+        raise UsageError(f"--prompt {bad[0]!r}: the DDPM family is class-conditional, its prompts are the class "
                           f"captions {[caption(c) for c in class_names]}: use --class")
     if args.resolution not in (None, model.cfg.resolution):
-        raise PoisonError(f"--resolution {args.resolution}: this DDPM was trained at {model.cfg.resolution} px only")
+        raise UsageError(f"--resolution {args.resolution}: this DDPM was trained at {model.cfg.resolution} px only")
     T = len(alphas_cumprod)
     guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
     if guidance != 0 and (config.get("guidance") or {}).get("label_dropout") == 0:
-        raise PoisonError(f"{args.model} was trained with --label-dropout 0, so its null class never learned the "
+        raise UsageError(f"{args.model} was trained with --label-dropout 0, so its null class never learned the "
                           f"unconditional eps that --guidance {guidance:g} needs: sample with --guidance 0")
     clip_x0 = True if args.clip_x0 is None else args.clip_x0
     steps = args.steps or (50 if args.sampler == "ddim" else T)
     spacing = args.spacing or ("quadratic" if args.sampler == "ddim" else "uniform")
     if spacing not in DDPM_SPACINGS:
-        raise PoisonError(f"--spacing {spacing} is the SD scheduler's: the DDPM family takes uniform or quadratic")
+        raise UsageError(f"--spacing {spacing} is the SD scheduler's: the DDPM family takes uniform or quadratic")
     timesteps = make_timesteps(T, steps, spacing)
     labels = [label for _, label in jobs for _ in range(args.n)]
 
@@ -465,7 +464,7 @@ def plan_sd(args, sd, alphas_cumprod, config, weights, device, dtype):
     T = len(alphas_cumprod)
     guidance = DEFAULT_SD_GUIDANCE if args.guidance is None else args.guidance
     if args.clip_x0:
-        raise PoisonError("--clip-x0 does not apply to SD: its latents are not bounded to [-1, 1]")
+        raise UsageError("--clip-x0 does not apply to SD: its latents are not bounded to [-1, 1]")
     steps = args.steps or (50 if args.sampler == "ddim" else T)
     spacing = args.spacing or (sd.schedule.timestep_spacing if args.sampler == "ddim" else "uniform")
     if spacing in DDPM_SPACINGS:
@@ -473,12 +472,12 @@ def plan_sd(args, sd, alphas_cumprod, config, weights, device, dtype):
     else:   # the scheduler's (SD v1: leading, steps_offset 1): 981, 961, ..., 1 for 50 steps, as diffusers' pipelines
         timesteps = finetune_sd.ddim_timesteps(replace(sd.schedule, timestep_spacing=spacing), steps).tolist()
     if max(timesteps) >= T:
-        raise PoisonError(f"--steps {steps} with {spacing} spacing and steps_offset {sd.schedule.steps_offset} "
+        raise UsageError(f"--steps {steps} with {spacing} spacing and steps_offset {sd.schedule.steps_offset} "
                           f"reaches t = {max(timesteps)}, past the last training step {T - 1}: use fewer --steps "
                           "or --spacing uniform")
     resolution = args.resolution or default_resolution(sd, config)
     if resolution < 1 or resolution % vae_factor(sd.vae):
-        raise PoisonError(f"--resolution {resolution} is not a positive multiple of the VAE's downsampling "
+        raise UsageError(f"--resolution {resolution} is not a positive multiple of the VAE's downsampling "
                           f"{vae_factor(sd.vae)}")
     texts = sorted({text for text, _ in jobs})
     embeds = finetune_sd.encode_prompts(sd.text_encoder, sd.tokenizer, texts + [""]).float()
@@ -512,14 +511,14 @@ def main(args):
     out = Path(args.out)
     check_out(out, args.force, {"--model": args.model, "--config": args.config, "--tokenizer": args.tokenizer})
     if args.grid and Path(args.grid).suffix.lower() != ".png":
-        raise PoisonError(f"--grid {args.grid}: give a .png file name, e.g. grid.png")
+        raise UsageError(f"--grid {args.grid}: give a .png file name, e.g. grid.png")
     if args.grid:
         check_file_out(args.grid, args.force, {"--model": args.model, "--config": args.config,
                                                "--tokenizer": args.tokenizer}, flag="--grid")
     if args.sampler not in SAMPLERS:
-        raise PoisonError(f"unknown --sampler {args.sampler!r}: choose one of {', '.join(SAMPLERS)}")
+        raise UsageError(f"unknown --sampler {args.sampler!r}: choose one of {', '.join(SAMPLERS)}")
     if args.eta < 0:
-        raise PoisonError(f"--eta {args.eta}: give 0 (deterministic DDIM, the default) or more (1: DDPM's noise)")
+        raise UsageError(f"--eta {args.eta}: give 0 (deterministic DDIM, the default) or more (1: DDPM's noise)")
     model, alphas_cumprod, config, weights = load_sampling_model(args.model, args.weights, device, args.config,
                                                                  args.tokenizer)
     dtype = autocast_dtype(args.dtype, device)
@@ -634,7 +633,7 @@ def build_parser():
 if __name__ == "__main__":
     try:
         main(build_parser().parse_args())
-    except PoisonError as e:
+    except UsageError as e:
         sys.exit(f"sample.py: error: {e}")
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback
         print("sample.py: interrupted; --out not written (outputs appear whole or not at all)", file=sys.stderr)

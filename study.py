@@ -54,6 +54,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
+from common import UsageError
+
 ROOT = Path(__file__).resolve().parent
 
 # Settings per scale. `digits` was tuned to show the paper's effects within the CPU budget (see REPORT.md and
@@ -101,10 +103,6 @@ SCALES = {
 
 
 TRIGGER_NAMES = {"badnets": "BadNets", "blend": "Blend", "wanet": "WaNet"}
-
-
-class StudyError(Exception):
-    pass
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -158,7 +156,7 @@ class Runner:
                 self.say(f"fail  {name} (its log: {log}); the study goes on")
                 return seconds
             tail = "\n".join(lines[-15:])
-            raise StudyError(f"stage {name!r} failed (exit {rc}); its log is {log}:\n{tail}")
+            raise UsageError(f"stage {name!r} failed (exit {rc}); its log is {log}:\n{tail}")
         self.times[name] = round(seconds, 1)
         self.say(f"done  {name} in {seconds:.0f} s")
         return seconds
@@ -228,7 +226,7 @@ def check_settings(path, settings, recorded_later=None, retired=()):
         flags = " ".join(as_flag(k, old[k]) for k in keys if k in FLAG_SETTINGS and old.get(k) is not None)
         if "badnets_size" in keys and old.get("badnets_size") is None:
             flags = (flags + " --badnets-size reference").strip()
-        raise StudyError(f"{path.parent} holds a study made with other settings "
+        raise UsageError(f"{path.parent} holds a study made with other settings "
                          f"({'; '.join(f'{k} {old.get(k)} -> {settings.get(k)}' for k in keys)}): rerun with its "
                          f"flags ({flags + '; ' if flags else ''}all in {path.name}), choose another --out, or pass "
                          "--force to start over")
@@ -284,7 +282,7 @@ SD_GLOBAL_BATCH, SD_BATCH = 16, 4  # the paper's fine-tuning batch: 4 images on 
 def sd_batch(world):
     """finetune_sd.py's (--batch-size, --grad-accum) that make the paper's global batch on `world` processes."""
     if SD_GLOBAL_BATCH % world:
-        raise StudyError(f"--gpus {world}: the paper's global batch of {SD_GLOBAL_BATCH} images needs a number of GPUs "
+        raise UsageError(f"--gpus {world}: the paper's global batch of {SD_GLOBAL_BATCH} images needs a number of GPUs "
                          f"that divides it (1, 2, 4, 8 or 16)")
     per_process = SD_GLOBAL_BATCH // world
     batch = math.gcd(per_process, SD_BATCH)
@@ -304,9 +302,9 @@ def prepare_out(path, force):
     """The study folder, made: a new or empty folder, or one that holds a study (--force deletes only such a one)."""
     out = Path(path).resolve()
     if out.exists() and not out.is_dir():
-        raise StudyError(f"--out {out} is a file: give a folder for the study")
+        raise UsageError(f"--out {out} is a file: give a folder for the study")
     if out.exists() and any(out.iterdir()) and not any((out / f).is_file() for f in ("study.json", "commands.sh")):
-        raise StudyError(f"--out {out} holds other files and no study (no study.json): choose a new or empty folder"
+        raise UsageError(f"--out {out} holds other files and no study (no study.json): choose a new or empty folder"
                          + (" (--force deletes only a study folder)" if force else ""))
     if out.exists() and force:
         import shutil
@@ -319,7 +317,7 @@ def run_study(args):
     sd = args.family == "sd" or (args.family is None and args.dataset in ("imagenette", "caltech15"))
     scale = ("quick-sd" if sd else "quick") if args.quick else ("sd" if sd else args.dataset or "digits")
     if scale not in SCALES:
-        raise StudyError(f"--dataset {args.dataset}: the study knows digits and cifar10 (DDPM), imagenette and "
+        raise UsageError(f"--dataset {args.dataset}: the study knows digits and cifar10 (DDPM), imagenette and "
                          "caltech15 (Stable Diffusion, --family sd); the stage scripts take any dataset")
     s = {**SCALES[scale]}
     for key in ("dataset", "resolution", "ratios", "preset", "train_steps", "batch_size", "per_class",
@@ -327,12 +325,12 @@ def run_study(args):
         if getattr(args, key) is not None:
             s[key] = getattr(args, key)
     if args.batch_size is not None and s["family"] != "ddpm":
-        raise StudyError("--batch-size is train_ddpm.py's (the DDPM family); the SD study keeps finetune_sd.py's "
+        raise UsageError("--batch-size is train_ddpm.py's (the DDPM family); the SD study keeps finetune_sd.py's "
                          "batch, the paper's 4 images x 4 GPUs: drop --batch-size")
     s["batch_size"] = train_batch(s)
     # the target-only runs (no guidance and the sweep) hold at least as many generations as every class gets
     if args.target_per_class is not None and args.target_per_class < s["per_class"]:
-        raise StudyError(f"--target-per-class {args.target_per_class} is below --per-class {s['per_class']}: the "
+        raise UsageError(f"--target-per-class {args.target_per_class} is below --per-class {s['per_class']}: the "
                          "target class alone gets at least as many generations as every class; raise it or drop it")
     s["target_per_class"] = max(s["per_class"], s.get("target_per_class") or 0)
     s["trigger"] = args.trigger or "badnets"
@@ -343,7 +341,7 @@ def run_study(args):
     # The stages run in the repository (cwd=ROOT), so every path handed to them is absolute.
     out = prepare_out(args.out, args.force)
     if (out / "study.json").is_file() and "replicates" in load_json(out / "study.json"):
-        raise StudyError(f"--out {out} holds replicates of a study: rerun with --replicates, or give --out "
+        raise UsageError(f"--out {out} holds replicates of a study: rerun with --replicates, or give --out "
                          f"{out / 'seed-<seed>'} (and that --seed) to resume one of them")
     data_root = str(Path(args.data_root).expanduser().resolve()) if args.data_root else None
     base = str(Path(args.base).expanduser().resolve()) if Path(args.base).expanduser().exists() else args.base
@@ -562,7 +560,7 @@ def collect(out, ratios, guidance, failed):
             for r, d in zip(ratios, summary["results"])]
         found = [x["setting"].get("poison_ratio") for x in summary["results"]]
         if None not in found and [float(v) for v in found] != [float(r) for r in ratios]:
-            raise StudyError(f"{out / 'dissect' / f'w{g:g}' / 'summary.json'} holds the ratios {found}, not "
+            raise UsageError(f"{out / 'dissect' / f'w{g:g}' / 'summary.json'} holds the ratios {found}, not "
                              f"{ratios}: delete that folder and rerun the study to redo it")
     alone = out / "dissect" / f"w{w:g}-target" / "summary.json"
     if alone.is_file():  # the target class generated alone at w: its larger count is what the verdicts read
@@ -1038,7 +1036,7 @@ def run_replicates(args):
     seeds = [args.seed + k * REPLICATE_GAP for k in range(args.replicates)]
     recorded = load_json(out / "study.json") if (out / "study.json").is_file() else None
     if recorded is not None and "replicates" not in recorded:
-        raise StudyError(f"--out {out} holds a single study: give the replicates a folder of their own (their seed "
+        raise UsageError(f"--out {out} holds a single study: give the replicates a folder of their own (their seed "
                          "folders go inside it), or rerun that study without --replicates")
     # the seeds follow from --seed, so a rerun may ask for more replicates (or fewer: the report covers those asked)
     check_settings(out / "study.json", {"replicates": f"seed + k * {REPLICATE_GAP}", "seed": args.seed})
@@ -1272,7 +1270,7 @@ def main(argv=None):
     t0 = time.time()
     try:
         report = run_replicates(args) if args.replicates else run_study(args)
-    except StudyError as e:
+    except UsageError as e:
         sys.exit(f"study.py: {e}")
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback
         print("study.py: interrupted; rerun the same command to resume (finished stages are skipped)", file=sys.stderr)

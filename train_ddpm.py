@@ -47,7 +47,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse  # noqa: E402  (after the OpenMP setting, which must precede torch's import)
 import contextlib
 import copy
-import datetime
 import json
 import math
 import sys
@@ -61,19 +60,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from poison import (PoisonError, add_poison_arguments, load_folder, on_rank0, options_differences, poison,
-                    poison_kwargs, positive, read_manifest, refuse_poison_flags_with_data, replace_file, save_grid,
-                    save_safetensors, truncate_log, versions)
+from common import UsageError, autocast, autocast_dtype, barrier, dtype_name, load_folder, on_rank0, positive, read_manifest, replace_file, resolve_device, save_grid, save_safetensors, setup_distributed, truncate_log, versions
+from poison import add_poison_arguments, options_differences, poison, poison_kwargs, refuse_poison_flags_with_data
 from castle_kernels.attention import attention
 from castle_kernels.group_norm import group_norm
 
 FAMILY = "ddpm"
 FORMAT_VERSION = 1
-
-
-class TrainingError(Exception):
-    """The run cannot go on (a non-finite loss or gradient, a model folder made with other settings): one line with
-    the fix."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -234,10 +227,10 @@ class Stage(nn.Module):
 
 def check_kernels_env():
     """The kernels read KERNELS_IMPL on every call and raise ValueError deep in a forward pass on a bad value; a
-    model refuses it when built instead, as a one-line PoisonError every stage script reports."""
+    model refuses it when built instead, as a one-line UsageError every stage script reports."""
     impl = os.environ.get("KERNELS_IMPL") or "auto"
     if impl not in ("auto", "triton", "torch"):
-        raise PoisonError(f"KERNELS_IMPL={impl!r} is not auto, triton or torch: unset it or set one of those")
+        raise UsageError(f"KERNELS_IMPL={impl!r} is not auto, triton or torch: unset it or set one of those")
 
 
 class UNet(nn.Module):
@@ -309,7 +302,7 @@ def set_kernel_impl(model, impl):
 def unet_config(preset, resolution, num_classes, **overrides):
     """A UNetConfig from a preset name, the data's resolution and class count, and non-None overrides."""
     if preset not in PRESETS:
-        raise PoisonError(f"unknown --preset {preset!r}: choose one of {', '.join(PRESETS)}")
+        raise UsageError(f"unknown --preset {preset!r}: choose one of {', '.join(PRESETS)}")
     u = dict(PRESETS[preset]["unet"])
     attention_ds = u.pop("attention_ds")
     u["attention_resolutions"] = tuple(resolution // d for d in attention_ds)
@@ -317,16 +310,16 @@ def unet_config(preset, resolution, num_classes, **overrides):
     cfg = UNetConfig(resolution=resolution, num_classes=num_classes, **u)
     levels = len(cfg.channel_mult)
     if resolution % 2 ** (levels - 1):
-        raise PoisonError(f"{resolution}px images cannot be halved {levels - 1} times: use a resolution divisible "
+        raise UsageError(f"{resolution}px images cannot be halved {levels - 1} times: use a resolution divisible "
                           f"by {2 ** (levels - 1)} or fewer --channel-mult levels")
     for i, m in enumerate(cfg.channel_mult):
         ch = cfg.channels * m
         if ch % cfg.norm_groups:
-            raise PoisonError(f"--norm-groups {cfg.norm_groups} does not divide {ch} channels")
+            raise UsageError(f"--norm-groups {cfg.norm_groups} does not divide {ch} channels")
         heads = max(1, ch // cfg.head_channels)
         attends = resolution // 2 ** i in cfg.attention_resolutions or i == levels - 1  # the middle block always
         if attends and ch % heads:
-            raise PoisonError(f"--head-channels {cfg.head_channels} splits the {ch} channels of the attention at "
+            raise UsageError(f"--head-channels {cfg.head_channels} splits the {ch} channels of the attention at "
                               f"{resolution // 2 ** i} px into {heads} heads unevenly: give a divisor of {ch}")
     return cfg
 
@@ -344,7 +337,7 @@ class Diffusion:
         # beta >= 1 zeroes abar (sqrt(abar) divides in every sampler) or makes it negative: NaN losses and images
         shortest = math.floor(1000 * max(beta_start, beta_end)) + 1
         if T < shortest:
-            raise PoisonError(f"--timesteps {T}: the linear betas (scaled by 1000 / T) would reach "
+            raise UsageError(f"--timesteps {T}: the linear betas (scaled by 1000 / T) would reach "
                               f"{1000 * max(beta_start, beta_end) / max(T, 1):.3g}, not below 1, so the noise schedule "
                               f"breaks down: use --timesteps {shortest} or more (1000: the DDPM paper's)")
         scale = 1000.0 / T
@@ -370,7 +363,7 @@ class Diffusion:
 def diffusion_from_config(config):
     d = config["diffusion"]
     if d.get("schedule") != "linear" or d.get("prediction") != "epsilon":
-        raise PoisonError(f"diffusion {d} is not a linear-beta eps-prediction schedule: not a train_ddpm.py model")
+        raise UsageError(f"diffusion {d} is not a linear-beta eps-prediction schedule: not a train_ddpm.py model")
     return Diffusion(d["T"], d["beta_start"], d["beta_end"])
 
 
@@ -393,18 +386,18 @@ def check_state_dict(model, state, source):
     if mismatched:
         problems.append(f"shape mismatches (file vs config) {mismatched}")
     if problems:
-        raise PoisonError(f"{source} does not fit its config.json: {'; '.join(problems)}; retrain or restore the "
+        raise UsageError(f"{source} does not fit its config.json: {'; '.join(problems)}; retrain or restore the "
                           "model folder")
 
 
 def read_config(folder):
     path = Path(folder) / "config.json"
     if not path.is_file():
-        raise PoisonError(f"{folder} is not a model folder (no config.json): train one with train_ddpm.py")
+        raise UsageError(f"{folder} is not a model folder (no config.json): train one with train_ddpm.py")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise PoisonError(f"{path} is not valid JSON ({e}): restore the model folder") from None
+        raise UsageError(f"{path} is not valid JSON ({e}): restore the model folder") from None
 
 
 def load_model(folder, weights="ema", device="cpu"):
@@ -413,26 +406,26 @@ def load_model(folder, weights="ema", device="cpu"):
     from safetensors.torch import load_file
     config = read_config(folder)
     if config.get("family") != FAMILY:
-        raise PoisonError(f"{folder} holds a {config.get('family')!r} model, not a train_ddpm.py model")
+        raise UsageError(f"{folder} holds a {config.get('family')!r} model, not a train_ddpm.py model")
     if weights not in ("ema", "model"):
-        raise PoisonError(f"unknown weights {weights!r}: choose ema or model")
+        raise UsageError(f"unknown weights {weights!r}: choose ema or model")
     path = Path(folder) / f"{weights}.safetensors"
     if not path.is_file():
-        raise PoisonError(f"{path} is missing: the model folder is incomplete (was training stopped before "
+        raise UsageError(f"{path} is missing: the model folder is incomplete (was training stopped before "
                           "its first checkpoint?)")
     try:
         cfg = UNetConfig(**config["unet"])
     except (KeyError, TypeError) as e:
-        raise PoisonError(f"{folder}/config.json has no valid 'unet' section ({e}): restore the model folder")
+        raise UsageError(f"{folder}/config.json has no valid 'unet' section ({e}): restore the model folder")
     model = UNet(cfg)
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError) as e:
-        raise PoisonError(f"{path} is not a readable safetensors file ({e}): restore the model folder") from None
+        raise UsageError(f"{path} is not a readable safetensors file ({e}): restore the model folder") from None
     check_state_dict(model, state, path)
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:  # a diverged run samples black images and says nothing
-        raise PoisonError(f"{path}: {bad[0]} (and {len(bad) - 1} more tensors) holds NaN or inf: training diverged; "
+        raise UsageError(f"{path}: {bad[0]} (and {len(bad) - 1} more tensors) holds NaN or inf: training diverged; "
                           "retrain with a lower --lr")
     step, planned = config.get("step"), (config.get("training") or {}).get("steps")
     if isinstance(step, int) and isinstance(planned, int) and step < planned:
@@ -471,55 +464,23 @@ def load_state(path):
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file; torch's own message runs to many lines: keep the first
         reason = (str(e).strip().splitlines() or [""])[0]
-        raise TrainingError(f"{path} is not a readable training state ({type(e).__name__}: {reason}): pass --force "
+        raise UsageError(f"{path} is not a readable training state ({type(e).__name__}: {reason}): pass --force "
                             "to train a new model over it, or choose another --out") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Devices, precision, processes.
 
-def resolve_device(flag):
-    if flag == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if flag == "cuda" and not torch.cuda.is_available():
-        raise PoisonError("--device cuda but no CUDA device is visible: use --device cpu")
-    if flag not in ("cpu", "cuda"):
-        raise PoisonError(f"unknown --device {flag!r}: choose auto, cpu or cuda")
-    return torch.device(flag)
 
 
-def autocast_dtype(flag, device):
-    """None for fp32; auto = bf16 on CUDA, fp32 on the CPU."""
-    if flag == "auto":
-        flag = "bf16" if device.type == "cuda" else "fp32"
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[flag]
 
 
-def dtype_name(dtype):
-    """The name of what autocast_dtype returned (None: fp32), as --dtype spells it: what a run recorded it used."""
-    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
-def autocast(device, dtype):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
-def setup_distributed(device):
-    """(rank, world, device). Under torchrun (RANK set) joins the process group: NCCL on CUDA, gloo on the CPU."""
-    if "RANK" not in os.environ:
-        return 0, 1, device
-    if device.type == "cuda":
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    if not dist.is_initialized():  # long timeout: the other ranks wait while rank 0 downloads and poisons a dataset
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=3))
-    return dist.get_rank(), dist.get_world_size(), device
 
 
-def barrier():
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -577,7 +538,7 @@ def build_data(args, out, rank, world):
     built = (data / "train" / "manifest.json").is_file()
     differ = options_differences(read_manifest(data / "train"), kwargs) if built else []
     if differ and not args.force:
-        raise TrainingError(f"{data} was poisoned with other options ({', '.join(differ)} differ): rerun with the "
+        raise UsageError(f"{data} was poisoned with other options ({', '.join(differ)} differ): rerun with the "
                             "same options, choose another --out, or pass --force to rebuild it and train a new model")
 
     def build():  # on rank 0; every rank calls on_rank0 (a barrier), and a bad flag stops all with its error
@@ -622,39 +583,39 @@ def main(args):
     amp_dtype = autocast_dtype(args.dtype, device)
     compile_model = args.compile if args.compile is not None else device.type == "cuda"
     if args.preset not in PRESETS:
-        raise PoisonError(f"unknown --preset {args.preset!r}: choose one of {', '.join(PRESETS)}")
+        raise UsageError(f"unknown --preset {args.preset!r}: choose one of {', '.join(PRESETS)}")
     if not 0 <= args.label_dropout < 1:
-        raise PoisonError(f"--label-dropout {args.label_dropout} is outside [0, 1): give the null-class probability, "
+        raise UsageError(f"--label-dropout {args.label_dropout} is outside [0, 1): give the null-class probability, "
                           "e.g. 0.1 (0: no classifier-free guidance)")
     for flag, every in (("--log-every", args.log_every), ("--save-every", args.save_every)):
         if every is not None and every < 1:
-            raise PoisonError(f"{flag} {every}: give an interval of at least 1 step")
+            raise UsageError(f"{flag} {every}: give an interval of at least 1 step")
     diffusion = Diffusion(args.timesteps)  # refuses a T whose betas reach 1
     hp = training_settings(args, args.preset)
     for flag, key in (("--steps", "steps"), ("--batch-size", "batch_size")):
         if hp[key] < 1:
-            raise PoisonError(f"{flag} {hp[key]}: give at least 1 (the {args.preset} preset's: "
+            raise UsageError(f"{flag} {hp[key]}: give at least 1 (the {args.preset} preset's: "
                               f"{PRESETS[args.preset]['train'][key]})")
     if not hp["lr"] > 0 or hp["warmup"] < 0:
-        raise PoisonError(f"--lr {hp['lr']} / --warmup {hp['warmup']}: give a positive learning rate and a warm-up "
+        raise UsageError(f"--lr {hp['lr']} / --warmup {hp['warmup']}: give a positive learning rate and a warm-up "
                           "of 0 steps or more")
     if not 0 <= hp["ema_decay"] < 1:
-        raise PoisonError(f"--ema-decay {hp['ema_decay']} is outside [0, 1): e.g. 0.9999 (0: the EMA is the model)")
+        raise UsageError(f"--ema-decay {hp['ema_decay']} is outside [0, 1): e.g. 0.9999 (0: the EMA is the model)")
     if args.weight_decay < 0 or args.grad_clip < 0 or not 0 <= (args.dropout or 0) < 1:
-        raise PoisonError(f"--weight-decay {args.weight_decay} / --grad-clip {args.grad_clip} / --dropout "
+        raise UsageError(f"--weight-decay {args.weight_decay} / --grad-clip {args.grad_clip} / --dropout "
                           f"{args.dropout}: give a weight decay and a gradient clip of 0 or more (--grad-clip 0: off) "
                           "and a dropout in [0, 1)")
     if hp["batch_size"] % world:
-        raise PoisonError(f"--batch-size {hp['batch_size']} is not divisible by the {world} processes")
+        raise UsageError(f"--batch-size {hp['batch_size']} is not divisible by the {world} processes")
     local_batch = hp["batch_size"] // world
     if args.data:  # before --out is made
         if not Path(args.data).is_dir():
-            raise PoisonError(f"--data {args.data}: no such folder; give a dataset folder (poison.py's OUT/train)")
+            raise UsageError(f"--data {args.data}: no such folder; give a dataset folder (poison.py's OUT/train)")
         refuse_poison_flags_with_data(args, build_parser())
     if out.exists() and not out.is_dir():
-        raise PoisonError(f"--out {out} is a file: give a folder for the model (a new one, or a run to resume)")
+        raise UsageError(f"--out {out} is a file: give a folder for the model (a new one, or a run to resume)")
     if (out / "metadata.jsonl").is_file() or (out / "train" / "metadata.jsonl").is_file():  # --data itself, say
-        raise PoisonError(f"--out {out} is a dataset folder: give a folder for the model (a new one, or a run to "
+        raise UsageError(f"--out {out} is a dataset folder: give a folder for the model (a new one, or a run to "
                           "resume)")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -665,7 +626,7 @@ def main(args):
     images = ds.images(progress=rank == 0)                             # (N, 3, R, R) uint8
     labels = ds.labels
     if images.shape[-1] != images.shape[-2]:
-        raise PoisonError(f"{data_dir} holds {tuple(images.shape[-2:])} images: train_ddpm.py needs square images")
+        raise UsageError(f"{data_dir} holds {tuple(images.shape[-2:])} images: train_ddpm.py needs square images")
     N, num_classes, R = len(images), len(ds.class_names), images.shape[-1]
     if N < local_batch * world:  # tiny sets: one batch is the whole set (what divides evenly over the processes)
         local_batch = max(1, N // world)
@@ -715,7 +676,7 @@ def main(args):
             saved.update(unet=json.loads(state["unet"]), diffusion=json.loads(state["diffusion"]))
         diff = setting_differences(saved, config)
         if diff:
-            raise TrainingError(f"{out} holds a model trained with other settings ({', '.join(diff)} differ): rerun "
+            raise UsageError(f"{out} holds a model trained with other settings ({', '.join(diff)} differ): rerun "
                                 "with the same options, choose another --out, or pass --force to train a new one "
                                 "over it")
         step = saved_step = int(state["step"])
@@ -723,7 +684,7 @@ def main(args):
         if args.lr_decay == "cosine" and hp["steps"] != planned and step < hp["steps"]:
             # lr_at decays to zero at --steps: another --steps mid-run moves the curve (raised, the rate climbs
             # back from near zero), so the run would match neither schedule
-            raise TrainingError(f"{out} follows a cosine learning-rate schedule that ends at step {planned}: "
+            raise UsageError(f"{out} follows a cosine learning-rate schedule that ends at step {planned}: "
                                 f"--steps {hp['steps']} would change it midway (raised, the rate climbs back from "
                                 f"near zero); keep --steps {planned}, choose another --out, or train runs meant to be "
                                 "extended with --lr-decay none")
@@ -741,7 +702,7 @@ def main(args):
         # from step 0 would overwrite them at its first checkpoint; only a finished run of these settings is left be
         step = saved.get("step", 0)
         if step < hp["steps"] or setting_differences(saved, config):
-            raise TrainingError(f"{out} holds a trained model (step {saved.get('step', 'unknown')}) but no state.pt "
+            raise UsageError(f"{out} holds a trained model (step {saved.get('step', 'unknown')}) but no state.pt "
                                 "to resume from: choose another --out, or pass --force to train a new one over it")
     # --force over an older model: that model stays until the new one's first checkpoint, and so does its log (the
     # new lines wait in memory), so a kill before then leaves the older run whole, weights and log together
@@ -782,7 +743,7 @@ def main(args):
     def stopped(what):
         """The error that ends a run whose loss or gradients stopped being finite (before any of it is saved)."""
         bar.close()
-        return TrainingError(f"{what}: stopped; " + (f"the last good checkpoint (step {saved_step}) is kept in {out}"
+        return UsageError(f"{what}: stopped; " + (f"the last good checkpoint (step {saved_step}) is kept in {out}"
                                                      if saved_step is not None else "no checkpoint was saved")
                              + "; lower --lr, keep --grad-clip on, or use --dtype fp32")
 
@@ -943,7 +904,7 @@ if __name__ == "__main__":
     new_out = not Path(args.out).exists()
     try:
         main(args)
-    except (PoisonError, TrainingError) as e:
+    except UsageError as e:
         if new_out and os.environ.get("RANK", "0") == "0":  # refused before anything was written: no empty --out
             with contextlib.suppress(OSError):
                 Path(args.out).rmdir()  # only if empty

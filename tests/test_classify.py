@@ -15,8 +15,9 @@ import torch.nn as nn
 import torchvision
 
 import classify
-from classify import ClassifyError, evaluate, load_classifier, predict
-from poison import FolderDataset, PoisonError, make_trigger, poison, write_folder
+from common import FolderDataset, UsageError, write_folder
+from classify import evaluate, load_classifier, predict
+from poison import make_trigger, poison
 
 SIDE = 16
 COLORS = {"red": 0, "green": 1, "blue": 2}
@@ -104,7 +105,7 @@ def test_training_reaches_high_accuracy_and_round_trips(colors, tmp_path):
     assert torch.equal(predict(model, x)[0], labels[:5])                  # uint8 tensors are scaled to [0, 1]
     # resizing lives in the model: 32-px input gives logits too
     assert model(torch.rand(2, 3, 32, 32)).shape == (2, 3)
-    with pytest.raises(ClassifyError, match="exists"):
+    with pytest.raises(UsageError, match="exists"):
         classify.train_classifier(colors / "train", out, arch="smallcnn", epochs=1, progress=False)
 
 
@@ -179,7 +180,7 @@ def test_stamped_class_judge_reads_the_class_under_a_large_trigger(tmp_path):
     assert float((predict(model, stamped)[0] == 0).float().mean()) >= 0.9
     relabel = tmp_path / "relabel"
     poison(relabel, dataset="digits", resolution=SIDE, ratio=0.1, attack="relabel", quiet=True, workers=2)
-    with pytest.raises(classify.ClassifyError, match="--stamp-trigger: .* has no trigger"):
+    with pytest.raises(classify.UsageError, match="--stamp-trigger: .* has no trigger"):
         classify.train_classifier(relabel, tmp_path / "j2", clean=True, stamp=0.5, arch="smallcnn", progress=False)
 
 
@@ -217,7 +218,7 @@ def test_blend_detector_stamps_alphas_drawn_as_the_reference(tmp_path):
         assert json.loads((out / "config.json").read_text())["data"]["blend_alpha_range"] == recorded
     args = classify.build_parser().parse_args(["trigger-detector", "--data", "d", "--out", "o"])
     assert args.blend_alpha_range == (0.05, 0.25)
-    with pytest.raises(ClassifyError, match="--blend-alpha-range 0.3,0.1"):
+    with pytest.raises(UsageError, match="--blend-alpha-range 0.3,0.1"):
         classify.train_trigger_detector(data, tmp_path / "x", arch="smallcnn", blend_alpha=(0.3, 0.1),
                                         progress=False)
 
@@ -242,14 +243,14 @@ def test_cli_eval_and_one_line_errors(colors, tmp_path, capsys):
                                    (inputs[1], [], "lies in the input --classifier"),
                                    (inputs[2], ["--force"], "lies in the input --data"),
                                    (colors / "test", ["--force"], "is the input --data")):
-        with pytest.raises(ClassifyError, match=message):
+        with pytest.raises(UsageError, match=message):
             classify.main(classify.build_parser().parse_args(["eval", "--classifier", str(tmp_path / "clf"), "--data",
                                                               str(colors / "test"), "--json", str(target), *force]))
     assert [p.read_bytes() for p in inputs] == kept and (tmp_path / "old.json").read_text() == "old"
     classify.main(classify.build_parser().parse_args(["eval", "--classifier", str(tmp_path / "clf"), "--data",
                                                       str(colors / "test"), "--json", str(tmp_path / "r.json"),
                                                       "--force"]))
-    with pytest.raises(ClassifyError, match="not a classifier folder"):
+    with pytest.raises(UsageError, match="not a classifier folder"):
         classify.main(classify.build_parser().parse_args(["eval", "--classifier", str(colors), "--data",
                                                           str(colors / "test")]))
     # a damaged copy: truncated weights, then a config.json cut short (were tracebacks)
@@ -257,10 +258,10 @@ def test_cli_eval_and_one_line_errors(colors, tmp_path, capsys):
     shutil.copytree(tmp_path / "clf", tmp_path / "broken")
     weights = (tmp_path / "broken" / "model.safetensors").read_bytes()
     (tmp_path / "broken" / "model.safetensors").write_bytes(weights[:len(weights) // 2])
-    with pytest.raises(ClassifyError, match="model.safetensors is not readable .*: the folder is damaged, train it"):
+    with pytest.raises(UsageError, match="model.safetensors is not readable .*: the folder is damaged, train it"):
         classify.load_classifier(tmp_path / "broken")
     (tmp_path / "broken" / "config.json").write_text((tmp_path / "clf" / "config.json").read_text()[:20])
-    with pytest.raises(ClassifyError, match="config.json is not valid JSON .*train it again"):
+    with pytest.raises(UsageError, match="config.json is not valid JSON .*train it again"):
         classify.load_classifier(tmp_path / "broken")
 
 
@@ -269,36 +270,36 @@ def test_bad_input(colors, digits, tmp_path):
     rng = np.random.default_rng(2)
     # no class names in common
     make_folder(tmp_path / "animals", ["cat", "dog"], [(0, color_image(0, rng), False)])
-    with pytest.raises(ClassifyError, match="no class names in common"):
+    with pytest.raises(UsageError, match="no class names in common"):
         evaluate(model, config, tmp_path / "animals")
     # a classifier trained on other classes (some overlap)
     make_folder(tmp_path / "mixed", ["red", "cat"], [(0, color_image(0, rng), False), (1, color_image(1, rng), False)])
-    with pytest.raises(ClassifyError, match=r"\['cat'\] are unknown"):
+    with pytest.raises(UsageError, match=r"\['cat'\] are unknown"):
         evaluate(model, config, tmp_path / "mixed")
     # an empty dataset folder
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "metadata.jsonl").write_text("")
     (tmp_path / "empty" / "manifest.json").write_text(json.dumps({"class_names": ["red"]}))
-    with pytest.raises(PoisonError, match="empty"):
+    with pytest.raises(UsageError, match="empty"):
         classify.train_classifier(tmp_path / "empty", tmp_path / "x", arch="smallcnn", progress=False)
-    with pytest.raises(PoisonError, match="not a dataset folder"):
+    with pytest.raises(UsageError, match="not a dataset folder"):
         classify.train_classifier(tmp_path / "nothing", tmp_path / "x", arch="smallcnn", progress=False)
-    with pytest.raises(ClassifyError, match="unknown --arch"):
+    with pytest.raises(UsageError, match="unknown --arch"):
         classify.build_model("resnet9", 3, SIDE)
     # an input the small CNN's two max-pools would shrink to nothing (a traceback inside the network before)
-    with pytest.raises(ClassifyError, match="smallcnn needs inputs of at least 4 px, got 3: pass --input-size 4"):
+    with pytest.raises(UsageError, match="smallcnn needs inputs of at least 4 px, got 3: pass --input-size 4"):
         classify.train_classifier(colors / "train", tmp_path / "x", arch="smallcnn", input_size=3, progress=False)
     assert not (tmp_path / "x").exists()
     # a set without a trigger has no trigger detector
-    with pytest.raises(ClassifyError, match="no trigger"):
+    with pytest.raises(UsageError, match="no trigger"):
         classify.train_trigger_detector(colors / "train", tmp_path / "d", arch="smallcnn", progress=False)
     # a held-out --test of another size than the training images (checked on every rank, before training)
     make_folder(tmp_path / "big", ["zero"], [(0, color_image(0, rng).repeat(2, 0).repeat(2, 1), False)])
-    with pytest.raises(ClassifyError, match=r"the images of --test .*big are 32x32 px but those of --data .* 16x16 px"):
+    with pytest.raises(UsageError, match=r"the images of --test .*big are 32x32 px but those of --data .* 16x16 px"):
         classify.train_trigger_detector(digits, tmp_path / "d", test=tmp_path / "big", arch="smallcnn",
                                         progress=False)
     assert not (tmp_path / "d").exists()
-    with pytest.raises(ClassifyError, match="--fraction 0"):
+    with pytest.raises(UsageError, match="--fraction 0"):
         classify.train_trigger_detector(colors / "train", tmp_path / "d", arch="smallcnn", fraction=0,
                                         progress=False)
     # a held-out rate that no epoch could measure (None) is kept as None, not a crash that loses the model
@@ -328,12 +329,12 @@ def test_generations_without_trigger_flags_are_refused_where_the_flags_are_neede
     write_folder(tmp_path / "plain", plain, {"class_names": names}, total=len(plain), workers=1)
     assert not classify.load_folder(tmp_path / "plain").poisoned_unknown
     detector = {"task": "trigger", "class_names": ["clean", "trigger"]}
-    with pytest.raises(ClassifyError, match=r"--test .*gen does not say which images carry the trigger"):
+    with pytest.raises(UsageError, match=r"--test .*gen does not say which images carry the trigger"):
         evaluate(StubClassifier(), detector, tmp_path / "gen")
-    with pytest.raises(ClassifyError, match="--clean: --data .*does not say which images carry the trigger.*: drop "
+    with pytest.raises(UsageError, match="--clean: --data .*does not say which images carry the trigger.*: drop "
                                             "--clean"):
         classify.train_classifier(tmp_path / "gen", tmp_path / "x", clean=True, arch="smallcnn", progress=False)
-    with pytest.raises(ClassifyError, match="does not say which images carry the trigger"):
+    with pytest.raises(UsageError, match="does not say which images carry the trigger"):
         classify.trigger_split(gen, 0, 0.5, seed=0)
     assert not (tmp_path / "x").exists()
     # the class task reads the labels alone
@@ -362,18 +363,18 @@ def test_pretrained_weights_from_a_local_file_and_offline_message(tmp_path, monk
     assert torch.equal(model.backbone.layer1[0].conv1.weight, sd["layer1.0.conv1.weight"])
     # an unexpected key is named and refused
     torch.save({**sd, "extra.weight": torch.zeros(1)}, tmp_path / "bad.pth")
-    with pytest.raises(ClassifyError, match="extra.weight"):
+    with pytest.raises(UsageError, match="extra.weight"):
         classify.make_model("resnet18", 3, SIDE, weights=tmp_path / "bad.pth")
-    with pytest.raises(ClassifyError, match="no such file"):
+    with pytest.raises(UsageError, match="no such file"):
         classify.make_model("resnet18", 3, SIDE, weights=tmp_path / "missing.pth")
 
     def offline(*args, **kwargs):
         raise OSError("network is unreachable")
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    with pytest.raises(ClassifyError, match="--weights FILE"):
+    with pytest.raises(UsageError, match="--weights FILE"):
         classify.make_model("resnet18", 3, SIDE, pretrained=True)
-    with pytest.raises(ClassifyError, match="no ImageNet weights for smallcnn"):
+    with pytest.raises(UsageError, match="no ImageNet weights for smallcnn"):
         classify.make_model("smallcnn", 3, SIDE, pretrained=True)
 
 
@@ -429,12 +430,12 @@ def test_folders_of_other_stages_are_named_not_loaded(tmp_path):
     ddpm.mkdir()
     (ddpm / "config.json").write_text(json.dumps({"family": "ddpm", "format_version": 1, "unet": {}, "data": {}}))
     (ddpm / "model.safetensors").write_bytes(b"")
-    with pytest.raises(ClassifyError, match=r"train_ddpm.py model folder .*not a classifier folder: make a "
+    with pytest.raises(UsageError, match=r"train_ddpm.py model folder .*not a classifier folder: make a "
                                             r"classifier with classify.py train") as e:
         load_classifier(ddpm)
     assert "\n" not in str(e.value)
     (ddpm / "config.json").write_text(json.dumps({"stage": "finetune_sd", "run": {}}))
-    with pytest.raises(ClassifyError, match="finetune_sd.py model folder"):
+    with pytest.raises(UsageError, match="finetune_sd.py model folder"):
         load_classifier(ddpm)
 
 
@@ -443,14 +444,14 @@ def test_judges_refuse_images_of_another_resolution(colors, tmp_path):
     never saw, so that is refused (naming both sizes); configs older than data_resolution pass."""
     classify.require_resolution({"task": "class"}, 32, "--classifier old")          # no data_resolution: accepted
     classify.require_resolution({"data_resolution": 16}, (16, 16), "--classifier c")
-    with pytest.raises(ClassifyError, match=r"--classifier c was trained on 32x32-px images but the generations g "
+    with pytest.raises(UsageError, match=r"--classifier c was trained on 32x32-px images but the generations g "
                                             r"are 16x16 px: train it on data of the same resolution"):
         classify.require_resolution({"data_resolution": 32}, 16, "--classifier c", "the generations g")
     rng = np.random.default_rng(3)
     big = [(c, color_image(c, rng).repeat(2, 0).repeat(2, 1), False) for c in range(3)]
     make_folder(tmp_path / "test32", list(COLORS), big)
     config = {"task": "class", "class_names": list(COLORS), "data_resolution": SIDE}
-    with pytest.raises(ClassifyError, match="16x16-px images but the images of --test .* are 32x32 px"):
+    with pytest.raises(UsageError, match="16x16-px images but the images of --test .* are 32x32 px"):
         evaluate(StubClassifier(), config, tmp_path / "test32")
     # train_classifier refuses such a --test before it reads its training images (only the first, for its size)
     small = [(c, color_image(c, rng), False) for c in range(3) for _ in range(4)]
@@ -459,7 +460,7 @@ def test_judges_refuse_images_of_another_resolution(colors, tmp_path):
     original = FolderDataset.image_uint8
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(FolderDataset, "image_uint8", lambda self, i: read.append((self.root.name, i)) or original(self, i))
-        with pytest.raises(ClassifyError, match="the images of --test .*test32 are 32x32 px"):
+        with pytest.raises(UsageError, match="the images of --test .*test32 are 32x32 px"):
             classify.train_classifier(tmp_path / "train16", tmp_path / "clf", test=tmp_path / "test32",
                                       arch="smallcnn", width=8, epochs=1, progress=False)
     assert {i for name, i in read if name == "train16"} == {0} and not (tmp_path / "clf").exists()
@@ -472,7 +473,7 @@ def test_judges_refuse_images_of_another_resolution(colors, tmp_path):
     model, config = load_classifier(tmp_path / "wide-clf")
     assert config["data_resolution"] == [SIDE, SIDE + 8] and config["input_size"] == SIDE
     assert 0 <= evaluate(model, config, tmp_path / "wide")["ta"] <= 1
-    with pytest.raises(ClassifyError, match=r"trained on 16x24-px images but the images of --test .* are 16x16 px"):
+    with pytest.raises(UsageError, match=r"trained on 16x24-px images but the images of --test .* are 16x16 px"):
         evaluate(model, config, tmp_path / "train16")
     # under torchrun rank 0 alone reads --test; its error stops both processes (none waits in DDP's set-up)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -17,7 +17,8 @@ import torch
 import sample
 import train_ddpm
 from helpers import rel_err
-from poison import PoisonError, load_folder, poison
+from common import UsageError, load_folder
+from poison import poison
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -213,7 +214,7 @@ def test_presets_and_attention_layout():
     assert cfg.attention_resolutions == (16,) and cfg.dropout == 0.1 and cfg.channel_mult == (1, 2, 2, 2)
     attn = [m for m in model.modules() if isinstance(m, train_ddpm.AttentionBlock)]
     assert len(attn) == 2 + 3 + 1  # down at 16x16, up at 16x16, middle
-    with pytest.raises(PoisonError, match="halved"):
+    with pytest.raises(UsageError, match="halved"):
         train_ddpm.unet_config("cifar10", 36, 10)
 
 
@@ -246,7 +247,7 @@ def test_schedule_float64_and_q_sample():
     short = train_ddpm.Diffusion(21)
     assert short.betas.max() < 1 and short.alphas_cumprod[-1] > 0
     for T in (20, 2):
-        with pytest.raises(PoisonError, match=rf"--timesteps {T}: .* not below 1.*use --timesteps 21 or more"):
+        with pytest.raises(UsageError, match=rf"--timesteps {T}: .* not below 1.*use --timesteps 21 or more"):
             train_ddpm.Diffusion(T)
 
 
@@ -257,9 +258,9 @@ def test_timesteps():
     assert sample.make_timesteps(1000, 1000, "uniform") == list(range(999, -1, -1))
     u = sample.make_timesteps(1000, 50, "uniform")
     assert u[0] == 999 and u[-1] == 0 and len(u) == 50 and u == sorted(u, reverse=True)
-    with pytest.raises(PoisonError):
+    with pytest.raises(UsageError):
         sample.make_timesteps(1000, 0, "uniform")
-    with pytest.raises(PoisonError, match="spacing"):
+    with pytest.raises(UsageError, match="spacing"):
         sample.make_timesteps(1000, 10, "cosine")
 
 
@@ -461,7 +462,7 @@ def test_resume_continues_exactly(data, tmp_path, monkeypatch, capsys):
     # a finished run has nothing to do; other model settings in the same --out are refused
     train_ddpm.main(tiny_args(interrupted, data, "--steps", 6))
     assert "already trained" in capsys.readouterr().out
-    with pytest.raises(train_ddpm.TrainingError, match="channels"):
+    with pytest.raises(train_ddpm.UsageError, match="channels"):
         train_ddpm.main(tiny_args(interrupted, data, "--steps", 8, "--channels", 8))
 
 
@@ -500,7 +501,7 @@ def spoil_loss(monkeypatch, spoil):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):
     out = tmp_path / "run"
     spoil_loss(monkeypatch, lambda value, n: value * float("nan") if n >= 5 else value)
-    with pytest.raises(train_ddpm.TrainingError, match=r"loss became nan by step 5.*checkpoint \(step 4\)"):
+    with pytest.raises(train_ddpm.UsageError, match=r"loss became nan by step 5.*checkpoint \(step 4\)"):
         train_ddpm.main(tiny_args(out, data, "--steps", 10, "--save-every", 2, "--preview-per-class", 0))
     state = torch.load(out / "state.pt", weights_only=True)
     assert state["step"] == 4 and all(v.isfinite().all() for v in state["model"].values())
@@ -529,7 +530,7 @@ def test_nan_gradients_never_reach_a_checkpoint(data, tmp_path, monkeypatch, fla
         train_ddpm.main(args)
         step = 6
     else:
-        with pytest.raises(train_ddpm.TrainingError, match=r"the gradient norm became inf or NaN by step 4: stopped; the "
+        with pytest.raises(train_ddpm.UsageError, match=r"the gradient norm became inf or NaN by step 4: stopped; the "
                                                            r"last good checkpoint \(step 2\) is kept"):
             train_ddpm.main(args)
         step = 2
@@ -572,7 +573,7 @@ def test_exported_model_without_state_is_kept(data, tmp_path, capsys):
     (out / "state.pt").unlink()
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     for extra in (["--steps", 4], ["--steps", 2, "--lr", 5e-3]):
-        with pytest.raises(train_ddpm.TrainingError, match=r"holds a trained model \(step 2\) but no state.pt to "
+        with pytest.raises(train_ddpm.UsageError, match=r"holds a trained model \(step 2\) but no state.pt to "
                                                            r"resume from: .*pass --force"):
             train_ddpm.main(tiny_args(out, data, "--preview-per-class", 0, *extra))
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
@@ -587,7 +588,7 @@ def test_exported_model_without_state_is_kept(data, tmp_path, capsys):
     assert torch.load(out / "state.pt", weights_only=True)["step"] == 3
     # --force also ignores a state.pt; a broken one names --force as the way out
     (out / "state.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(train_ddpm.TrainingError, match="not a readable training state .*--force") as e:
+    with pytest.raises(train_ddpm.UsageError, match="not a readable training state .*--force") as e:
         train_ddpm.main(tiny_args(out, data, "--steps", 3, "--lr", 5e-3, "--preview-per-class", 0))
     assert "\n" not in str(e.value)
     train_ddpm.main(tiny_args(out, data, "--steps", 2, "--force", "--preview-per-class", 0))
@@ -605,9 +606,9 @@ def test_resume_refuses_other_training_settings(data, tmp_path, capsys):
                        (["--weight-decay", 0], "training.weight_decay"), (["--grad-clip", 0], "training.grad_clip"),
                        (["--lr-decay", "none"], "training.lr_decay"), (["--train-seed", 1], "training.seed"),
                        (["--label-dropout", 0.2], "guidance.label_dropout"), (["--channels", 8], "unet.channels")):
-        with pytest.raises(train_ddpm.TrainingError, match=rf"other settings \({key} differ\): .*--force"):
+        with pytest.raises(train_ddpm.UsageError, match=rf"other settings \({key} differ\): .*--force"):
             train_ddpm.main(tiny_args(out, data, *common, *extra))
-    with pytest.raises(train_ddpm.TrainingError, match=r"\(data\.p_t, data\.poison_ratio differ\)"):
+    with pytest.raises(train_ddpm.UsageError, match=r"\(data\.p_t, data\.poison_ratio differ\)"):
         train_ddpm.main(tiny_args(out, other / "train", *common))
     # what may change: the data folder's path, dtype, logging, saving (and --steps, within the schedule's rules)
     shutil.copytree(data, tmp_path / "moved")
@@ -625,7 +626,7 @@ def test_resume_checks_the_settings_saved_in_state(data, tmp_path, capsys):
     train_ddpm.main(tiny_args(out, data, "--steps", 2, *common))
     (out / "config.json").unlink()
     for extra, key in ((["--lr", 5e-3], "training.lr"), (["--label-dropout", 0.2], "guidance.label_dropout")):
-        with pytest.raises(train_ddpm.TrainingError, match=rf"other settings \({key} differ\): .*--force"):
+        with pytest.raises(train_ddpm.UsageError, match=rf"other settings \({key} differ\): .*--force"):
             train_ddpm.main(tiny_args(out, data, "--steps", 4, *common, *extra))
     train_ddpm.main(tiny_args(out, data, "--steps", 4, *common))
     assert f"resuming from {out / 'state.pt'} at step 2" in capsys.readouterr().out
@@ -636,7 +637,7 @@ def test_resume_checks_the_settings_saved_in_state(data, tmp_path, capsys):
     del state["config"], config["training"]["dtype_used"]
     torch.save(state, out / "state.pt")
     (out / "config.json").write_text(json.dumps(config))
-    with pytest.raises(train_ddpm.TrainingError, match=r"other settings \(training\.lr differ\)"):
+    with pytest.raises(train_ddpm.UsageError, match=r"other settings \(training\.lr differ\)"):
         train_ddpm.main(tiny_args(out, data, "--steps", 6, *common, "--lr", 5e-3))
     train_ddpm.main(tiny_args(out, data, "--steps", 6, *common, "--dtype", "fp32"))
     assert f"resuming from {out / 'state.pt'} at step 4" in capsys.readouterr().out
@@ -647,7 +648,7 @@ def test_cosine_schedule_is_not_extended(data, tmp_path, capsys):
     """lr_at's cosine reaches zero at --steps: a raised --steps would send the rate back up from near zero."""
     out = tmp_path / "cosine"
     train_ddpm.main(tiny_args(out, data, "--steps", 2, "--preview-per-class", 0))
-    with pytest.raises(train_ddpm.TrainingError, match=r"cosine .* ends at step 2: --steps 4 .*--lr-decay none"):
+    with pytest.raises(train_ddpm.UsageError, match=r"cosine .* ends at step 2: --steps 4 .*--lr-decay none"):
         train_ddpm.main(tiny_args(out, data, "--steps", 4, "--preview-per-class", 0))
     out = tmp_path / "constant"
     train_ddpm.main(tiny_args(out, data, "--steps", 2, "--lr-decay", "none", "--preview-per-class", 0))
@@ -708,7 +709,7 @@ def test_fresh_start_empties_the_log_and_half_lines_are_dropped(data, tmp_path, 
     train_ddpm.truncate_log(log, 3)
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3]
     log.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
-    with pytest.raises(PoisonError, match="line 2 is not JSON"):
+    with pytest.raises(UsageError, match="line 2 is not JSON"):
         train_ddpm.truncate_log(log, 3)
 
 
@@ -728,7 +729,7 @@ def test_built_poisoned_set_is_checked_before_the_first_checkpoint(tmp_path, mon
         train_ddpm.main(args("--ratio", 0.1))
     monkeypatch.undo()
     assert (out / "data" / "train" / "manifest.json").is_file() and not (out / "config.json").exists()
-    with pytest.raises(train_ddpm.TrainingError, match=r"data was poisoned with other options \(ratio, seed differ\)"):
+    with pytest.raises(train_ddpm.UsageError, match=r"data was poisoned with other options \(ratio, seed differ\)"):
         train_ddpm.main(args("--ratio", 0.2, "--seed", 1))
     train_ddpm.main(args("--ratio", 0.2, "--force"))
     assert load_folder(out / "data" / "train").manifest["poison_ratio"] == 0.2
@@ -759,16 +760,16 @@ def test_bad_training_flags(data, tmp_path):
                            (["--ema-decay", 1.5], r"--ema-decay 1.5 is outside \[0, 1\)"),  # was: silently min()
                            (["--grad-clip", -1], "--grad-clip -1.0 .* of 0 or more"),
                            (["--dropout", 2], r"--dropout 2.0: .*dropout in \[0, 1\)")):
-        with pytest.raises(PoisonError, match=message):
+        with pytest.raises(UsageError, match=message):
             train_ddpm.main(tiny_args(tmp_path / "x", data, *flags))
     assert not (tmp_path / "x").exists()
-    with pytest.raises(PoisonError, match="--head-channels 5 splits the .* channels .* unevenly"):  # was: reshape
+    with pytest.raises(UsageError, match="--head-channels 5 splits the .* channels .* unevenly"):  # was: reshape
         train_ddpm.main(tiny_args(tmp_path / "heads", data, "--head-channels", 5))
     another_set = shutil.copytree(data, tmp_path / "another-set")  # was: 'holds a trained model (step unknown)'
-    with pytest.raises(PoisonError, match="--out .* is a dataset folder: give a folder for the model"):
+    with pytest.raises(UsageError, match="--out .* is a dataset folder: give a folder for the model"):
         train_ddpm.main(tiny_args(another_set, data))
     (tmp_path / "afile").write_text("kept")
-    with pytest.raises(PoisonError, match="--out .*afile is a file: give a folder"):  # was: FileExistsError
+    with pytest.raises(UsageError, match="--out .*afile is a file: give a folder"):  # was: FileExistsError
         train_ddpm.main(tiny_args(tmp_path / "afile", data))
     assert (tmp_path / "afile").read_text() == "kept"
 
@@ -811,7 +812,7 @@ def test_a_diverged_or_unfinished_model_is_named_when_loaded(model_dir, tmp_path
     name = next(k for k, v in state.items() if v.is_floating_point())
     state[name] = torch.full_like(state[name], float("nan"))
     save_file(state, str(short / "ema.safetensors"))
-    with pytest.raises(PoisonError, match=rf"ema.safetensors: {name} .* holds NaN or inf: training diverged"):
+    with pytest.raises(UsageError, match=rf"ema.safetensors: {name} .* holds NaN or inf: training diverged"):
         train_ddpm.load_model(short)
     train_ddpm.load_model(short, "model")  # the raw weights are finite
 
@@ -839,17 +840,17 @@ def test_generations_folder_contract(model_dir, data, tmp_path):
     run_sample(model_dir, tmp_path / "one", "--class", ds.class_names[0], "--n", 2, "--steps", 5, "--seed", 7)
     one = load_folder(tmp_path / "one")
     assert (one.images().int() - ds.images()[:2].int()).abs().max() <= 1
-    with pytest.raises(PoisonError, match="exists"):
+    with pytest.raises(UsageError, match="exists"):
         run_sample(model_dir, tmp_path / "one", "--class", "0", "--n", 1)
     # an existing --grid file is kept unless --force, as --out
     grid = (tmp_path / "g.png").read_bytes()
-    with pytest.raises(PoisonError, match=r"g.png exists: pass --force"):
+    with pytest.raises(UsageError, match=r"g.png exists: pass --force"):
         run_sample(model_dir, tmp_path / "two", "--class", "0", "--n", 1, "--steps", 2, "--grid", tmp_path / "g.png")
     assert (tmp_path / "g.png").read_bytes() == grid and not (tmp_path / "two").exists()
-    with pytest.raises(PoisonError, match=r"--grid .*x\.png lies in the input --model"):  # --force or not
+    with pytest.raises(UsageError, match=r"--grid .*x\.png lies in the input --model"):  # --force or not
         run_sample(model_dir, tmp_path / "two", "--n", 1, "--steps", 2, "--grid", model_dir / "x.png", "--force")
     assert not (model_dir / "x.png").exists() and not (tmp_path / "two").exists()
-    with pytest.raises(PoisonError, match=r"--grid .*g\.jpg: give a \.png file name"):
+    with pytest.raises(UsageError, match=r"--grid .*g\.jpg: give a \.png file name"):
         run_sample(model_dir, tmp_path / "two", "--class", "0", "--n", 1, "--steps", 2, "--grid", tmp_path / "g.jpg")
     assert not (tmp_path / "two").exists()
     run_sample(model_dir, tmp_path / "two", "--class", "0", "--n", 1, "--steps", 2, "--grid", tmp_path / "g.png",
@@ -877,9 +878,9 @@ def test_guidance_needs_a_trained_null_class(model_dir, tmp_path):
     config["guidance"]["label_dropout"] = 0.0
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "ema.safetensors").write_bytes((model_dir / "ema.safetensors").read_bytes())
-    with pytest.raises(PoisonError, match=r"--label-dropout 0.*sample with --guidance 0"):
+    with pytest.raises(UsageError, match=r"--label-dropout 0.*sample with --guidance 0"):
         run_sample(folder, tmp_path / "g", "--class", "0", "--n", 1, "--steps", 2)
-    with pytest.raises(PoisonError, match="--eta -0.5: give 0"):  # was: accepted
+    with pytest.raises(UsageError, match="--eta -0.5: give 0"):  # was: accepted
         run_sample(folder, tmp_path / "g", "--class", "0", "--n", 1, "--steps", 2, "--guidance", 0, "--eta", -0.5)
     assert not (tmp_path / "g").exists()
     run_sample(folder, tmp_path / "g", "--class", "0", "--n", 1, "--steps", 2, "--guidance", 0)
@@ -931,31 +932,31 @@ def test_a_bad_poisoning_flag_under_torchrun_stops_every_process(tmp_path):
 
 
 def test_bad_input(model_dir, data, tmp_path):
-    with pytest.raises(PoisonError, match="no such folder"):
+    with pytest.raises(UsageError, match="no such folder"):
         train_ddpm.main(tiny_args(tmp_path / "x", tmp_path / "missing"))
-    with pytest.raises(PoisonError, match="unknown --class 'zebra'"):
+    with pytest.raises(UsageError, match="unknown --class 'zebra'"):
         sample.resolve_class("zebra", ["cat", "dog"])
     assert sample.resolve_class("DOG", ["cat", "dog"]) == [1] and sample.resolve_class("0", ["cat", "dog"]) == [0]
-    with pytest.raises(PoisonError, match="unknown --class '7'"):
+    with pytest.raises(UsageError, match="unknown --class '7'"):
         sample.resolve_class("7", ["cat", "dog"])
-    with pytest.raises(PoisonError, match="not a model folder"):
+    with pytest.raises(UsageError, match="not a model folder"):
         train_ddpm.load_model(tmp_path)
     other = tmp_path / "classifier"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"stage": "classify", "arch": "smallcnn"}))
-    with pytest.raises(PoisonError, match="holds a 'classify' folder .*: give a model folder of train_ddpm.py"):
+    with pytest.raises(UsageError, match="holds a 'classify' folder .*: give a model folder of train_ddpm.py"):
         sample.model_family(other)  # was: 'holds a None model'
     (other / "config.json").write_text(json.dumps({"stage": "finetune_sd", "run": {}}))  # before its first save
-    with pytest.raises(PoisonError, match="a finetune_sd.py run that has saved no model yet"):
+    with pytest.raises(UsageError, match="a finetune_sd.py run that has saved no model yet"):
         sample.model_family(other)
-    with pytest.raises(PoisonError, match="is a weights file of the ddpm model folder .*: give the folder"):
+    with pytest.raises(UsageError, match="is a weights file of the ddpm model folder .*: give the folder"):
         sample.model_family(model_dir / "ema.safetensors")  # was read as an SD checkpoint: '934 missing keys'
     # a broken copy of the model folder: a missing weights file, then mismatched keys and shapes
     from safetensors.torch import load_file, save_file
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text((model_dir / "config.json").read_text())
-    with pytest.raises(PoisonError, match="ema.safetensors is missing"):
+    with pytest.raises(UsageError, match="ema.safetensors is missing"):
         train_ddpm.load_model(broken)
     state = load_file(str(model_dir / "ema.safetensors"))
     state.pop("conv_out.bias")
@@ -963,7 +964,7 @@ def test_bad_input(model_dir, data, tmp_path):
     state["extra.weight"] = torch.zeros(1)
     state["conv_in.weight"] = torch.zeros(3, 3, 3, 3)
     save_file(state, str(broken / "ema.safetensors"))
-    with pytest.raises(PoisonError) as e:
+    with pytest.raises(UsageError) as e:
         train_ddpm.load_model(broken)
     msg = str(e.value)
     for key in ("conv_out.bias", "label_embed.weight", "extra.weight", "conv_in.weight"):
@@ -989,7 +990,7 @@ def test_bad_input(model_dir, data, tmp_path):
                        env={**ENV, "KERNELS_IMPL": "fast"}, capture_output=True, text=True)
     assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("train_ddpm.py: error: KERNELS_IMPL")
     assert not (tmp_path / "m").exists()  # refused before the poisoned set was built
-    with pytest.raises(PoisonError, match=r"--trigger --ratio with --data: .*drop them, or drop --data"):
+    with pytest.raises(UsageError, match=r"--trigger --ratio with --data: .*drop them, or drop --data"):
         train_ddpm.main(tiny_args(tmp_path / "y", data, "--ratio", 0.05, "--trigger", "blend"))  # were ignored
-    with pytest.raises(PoisonError, match=f"holds a poisoned set.*give its training images, {data}"):
+    with pytest.raises(UsageError, match=f"holds a poisoned set.*give its training images, {data}"):
         train_ddpm.main(tiny_args(tmp_path / "y", data.parent))  # the set's root instead of its train/

@@ -23,9 +23,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 import detect as D
-from classify import ClassifyError, train_classifier, train_trigger_detector, load_classifier
+from common import UsageError, atomic_output, load_folder, write_folder
+from classify import train_classifier, train_trigger_detector, load_classifier
 from helpers import rel_err
-from poison import PoisonError, atomic_output, load_folder, poison, write_folder
+from poison import poison
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = 16
@@ -153,9 +154,9 @@ def test_auroc_sign_conventions():
     assert D.auroc(-scores, poisoned, "fct") == 1.0
     np.testing.assert_allclose(D.suspicion(scores, "cd"), [1, 2 / 3, 1 / 3, 0])  # 1 - minmax(score)
     assert D.auroc(np.ones(4), poisoned, "cd") == 0.5   # constant scores: no information, no NaN
-    with pytest.raises(D.DetectError, match="poisoned and clean"):
+    with pytest.raises(D.UsageError, match="poisoned and clean"):
         D.auroc(scores, np.ones(4, bool), "cd")
-    with pytest.raises(D.DetectError, match="non-finite"):
+    with pytest.raises(D.UsageError, match="non-finite"):
         D.auroc(np.array([1.0, np.nan, 2.0, 3.0]), poisoned, "strip")
 
 
@@ -172,7 +173,7 @@ def test_auroc_counts_as_scikit_learn_does():
         assert D.auroc_of(pos, neg) == pytest.approx(expected, abs=1e-12)
         assert D.auroc_of(pos + 10, neg) == 1.0 and D.auroc_of(pos - 10, neg) == 0.0
     for pos, neg, only in (([], [0.5], "clean"), ([0.5], [], "poisoned")):
-        with pytest.raises(D.DetectError, match=f"holds only {only} ones"):
+        with pytest.raises(D.UsageError, match=f"holds only {only} ones"):
             D.auroc_of(np.array(pos), np.array(neg))
     scores = rng.normal(size=60).round(1)
     poisoned = rng.random(60) < 0.3
@@ -349,7 +350,7 @@ def test_cli_end_to_end(toy, tmp_path):
     settings = result["settings"]
     assert settings["cd"]["steps"] == 30 and settings["cd"]["gamma"] == 0.02 and settings["strip"]["overlays"] == 20
     # an existing --out is kept without --force
-    with pytest.raises(D.DetectError, match="exists: pass --force"):
+    with pytest.raises(D.UsageError, match="exists: pass --force"):
         D.run_detection(toy["clf"], toy["data"], toy["gen"], "strip", out=out, generated_labels="trigger")
 
 
@@ -396,44 +397,44 @@ def test_bad_inputs(toy, tmp_path):
     fewest = min(drawn, key=drawn.get)  # the training set is checked first
     assert D.run_detection(toy["clf"], toy["data"], toy["gen"], "strip", generated_labels="trigger", min_poisoned=k,
                            **common)["results"]["strip"]
-    with pytest.raises(D.DetectError, match=f"draw of 20 images from {fewest} .* holds {k} poisoned, fewer "
+    with pytest.raises(D.UsageError, match=f"draw of 20 images from {fewest} .* holds {k} poisoned, fewer "
                                             f"than --min-poisoned {k + 1}: an AUROC needs more"):
         D.run_detection(toy["clf"], toy["data"], toy["gen"], "strip", generated_labels="trigger",
                         min_poisoned=k + 1, **common)
     # a generation folder with no trigger verdicts
-    with pytest.raises(D.DetectError, match="no trigger verdicts.*--detector.*--groups.*--generated-labels"):
+    with pytest.raises(D.UsageError, match="no trigger verdicts.*--detector.*--groups.*--generated-labels"):
         D.run_detection(toy["clf"], toy["data"], toy["gen"], "strip", **common)
-    with pytest.raises(D.DetectError, match="no boolean 'nonexistent'"):
+    with pytest.raises(D.UsageError, match="no boolean 'nonexistent'"):
         D.run_detection(toy["clf"], toy["data"], toy["gen"], "strip", generated_labels="nonexistent", **common)
     # sample.py writes "poisoned": false on every generation: one kind only, no AUROC
-    with pytest.raises(D.DetectError, match="no image .* carries the trigger"):
+    with pytest.raises(D.UsageError, match="no image .* carries the trigger"):
         D.run_detection(toy["clf"], toy["data"], toy["gen"], "strip", generated_labels="poisoned", **common)
-    with pytest.raises(D.DetectError, match="one ground truth"):
+    with pytest.raises(D.UsageError, match="one ground truth"):
         D.run_detection(toy["clf"], toy["data"], toy["gen"], "strip", generated_labels="trigger",
                         groups=tmp_path / "g.jsonl", **common)
     groups = tmp_path / "partial.jsonl"
     groups.write_text(json.dumps({"index": 0, "group": "G1"}) + "\n")
-    with pytest.raises(D.DetectError, match="no group for"):
+    with pytest.raises(D.UsageError, match="no group for"):
         D.run_detection(toy["clf"], toy["data"], toy["gen"], "strip", groups=groups, **common)
     # classifier and data of different classes
     other = make_generations(tmp_path / "gen-other", toy["data"], class_names=["a", "b", "c", "d"])
-    with pytest.raises(D.DetectError, match="holds classes .* classifier .* knows"):
+    with pytest.raises(D.UsageError, match="holds classes .* classifier .* knows"):
         D.run_detection(toy["clf"], toy["data"], other, "strip", generated_labels="trigger", **common)
     renamed = tmp_path / "clf-other"
     shutil.copytree(toy["clf"], renamed)
     config = json.loads((renamed / "config.json").read_text())
     (renamed / "config.json").write_text(json.dumps({**config, "class_names": ["w", "x", "y", "z"]}))
-    with pytest.raises(D.DetectError, match="the training set .* holds classes"):
+    with pytest.raises(D.UsageError, match="the training set .* holds classes"):
         D.run_detection(renamed, toy["data"], toy["gen"], "strip", generated_labels="trigger", **common)
     # a trigger detector is not the classifier to probe, and a class classifier is not a trigger detector
-    with pytest.raises(D.DetectError, match="not a trigger detector"):
+    with pytest.raises(D.UsageError, match="not a trigger detector"):
         D.run_detection(toy["clf"], toy["data"], toy["gen"], "strip", detector=toy["clean"], **common)
     # a clean training set: nothing to detect
-    with pytest.raises(D.DetectError, match="no poisoned images"):
+    with pytest.raises(D.UsageError, match="no poisoned images"):
         D.run_detection(toy["clf"], toy["data"] / "test", toy["gen"], "strip", generated_labels="trigger", **common)
-    with pytest.raises(D.DetectError, match="unknown --method"):
+    with pytest.raises(D.UsageError, match="unknown --method"):
         D.run_detection(toy["clf"], toy["data"], toy["gen"], "cd,spectral", generated_labels="trigger", **common)
-    with pytest.raises(PoisonError, match="not a classifier folder"):
+    with pytest.raises(UsageError, match="not a classifier folder"):
         D.run_detection(tmp_path, toy["data"], toy["gen"], "strip", generated_labels="trigger", **common)
     # the CLI: one line, non-zero, nothing written
     out = tmp_path / "never"
@@ -451,18 +452,18 @@ def test_sets_and_classifier_of_other_resolutions_are_refused(toy, tmp_path):
     line naming both sizes."""
     common = dict(device="cpu", workers=1, progress=False, n=20, strip_overlays_n=5, generated_labels="trigger")
     big = make_generations(tmp_path / "gen-32", toy["data"], scale=2)
-    with pytest.raises(D.DetectError, match="holds 16x16-px images but the generations .* 32x32-px ones"):
+    with pytest.raises(D.UsageError, match="holds 16x16-px images but the generations .* 32x32-px ones"):
         D.run_detection(toy["clf"], toy["data"], big, "strip", **common)
     moved = tmp_path / "clf-32"
     shutil.copytree(toy["clf"], moved)
     config = json.loads((moved / "config.json").read_text())
     (moved / "config.json").write_text(json.dumps({**config, "data_resolution": 32, "input_size": 32}))
-    with pytest.raises(ClassifyError, match="--classifier .* trained on 32x32-px images but the training set .* are "
+    with pytest.raises(UsageError, match="--classifier .* trained on 32x32-px images but the training set .* are "
                                             "16x16 px"):
         D.run_detection(moved, toy["data"], toy["gen"], "strip", **common)
     (moved / "config.json").write_text(json.dumps({**config, "task": "trigger", "class_names": ["clean", "trigger"],
                                                    "data_resolution": 32, "input_size": 32}))
-    with pytest.raises(ClassifyError, match="--detector .* trained on 32x32-px images but the generations"):
+    with pytest.raises(UsageError, match="--detector .* trained on 32x32-px images but the generations"):
         D.detector_verdicts(moved, load_folder(toy["gen"]), torch.device("cpu"))
 
 

@@ -19,8 +19,8 @@ from PIL import Image
 
 import classify
 import train_ddpm
-from classify import ClassifyError
-from poison import load_folder, poison, write_folder
+from common import UsageError, load_folder, write_folder
+from poison import poison
 
 ROOT = Path(__file__).resolve().parent.parent
 SIDE = 8                                   # the smallest images the tiny U-Net takes: fast
@@ -96,7 +96,7 @@ def test_tiny_model_beats_chance_and_the_cli_writes_table_a4(toy, tmp_path, caps
     idx = subset["test/indices"]
     assert len(idx) == 5 and len(set(idx.tolist())) == 5
     assert torch.allclose(subset["test/scores"][0], scores["test/scores"][0, idx], rtol=1e-5)
-    with pytest.raises(ClassifyError, match="exists"):
+    with pytest.raises(UsageError, match="exists"):
         classify.main(classify.build_parser().parse_args(argv))
 
 
@@ -113,7 +113,7 @@ def test_filtered_means_against_sorting_and_p0_is_the_plain_mean():
     assert torch.allclose(got[:, 0], err.double().mean(1), rtol=1e-12, atol=0)
     assert torch.equal(classify.filtered_means(err, [0])[:, 0], got[:, 0])
     assert (got[:, 1:] < got[:, :1]).all()                    # dropping the largest lowers the mean
-    with pytest.raises(ClassifyError, match="outside"):
+    with pytest.raises(UsageError, match="outside"):
         classify.drop_counts([100], 192)
 
 
@@ -293,7 +293,7 @@ def test_sd_denoiser_on_a_tiny_stable_diffusion():
                                             batch_size=7)
     assert torch.allclose(scores, loop.mean(2).permute(2, 0, 1), rtol=1e-5, atol=1e-8)
     assert len(set(scores[0, 0].tolist())) == 3                 # the prompts condition the U-Net
-    with pytest.raises(ClassifyError, match="multiple of 2"):
+    with pytest.raises(UsageError, match="multiple of 2"):
         classify.sd_denoiser(sd, NAMES, 15)
 
 
@@ -326,16 +326,16 @@ def test_the_train_folder_resolves_to_the_sets_test_folders(toy, tmp_path):
 
 
 def test_bad_input(toy, tmp_path):
-    with pytest.raises(ClassifyError, match="--keep"):
+    with pytest.raises(UsageError, match="--keep"):
         classify.parse_stages([50, 500], [5, 2], 10)
-    with pytest.raises(ClassifyError, match="increasing"):
+    with pytest.raises(UsageError, match="increasing"):
         classify.parse_stages([500, 50], [5], 10)
-    with pytest.raises(ClassifyError, match="^--keep 20: .*at most"):     # what was typed, not 20,1
+    with pytest.raises(UsageError, match="^--keep 20: .*at most"):     # what was typed, not 20,1
         classify.parse_stages([5, 50], [20], 10)
-    with pytest.raises(ClassifyError, match="^--keep 3,2 does not fit"):
+    with pytest.raises(UsageError, match="^--keep 3,2 does not fit"):
         classify.parse_stages([5, 50], [3, 2], 10)
     assert classify.parse_stages([50, 500], [5], 10) == [(50, 5), (500, 1)]
-    with pytest.raises(ClassifyError, match="outside"):
+    with pytest.raises(UsageError, match="outside"):
         classify.timestep_grid(1000, 2000)
 
     def run(*extra, model=toy / "ddpm", data=toy / "set"):
@@ -343,16 +343,16 @@ def test_bad_input(toy, tmp_path):
                 "--device", "cpu", "--timesteps", "2", *map(str, extra)]
         classify.main(classify.build_parser().parse_args(argv))
 
-    with pytest.raises(ClassifyError, match="not a model folder"):
+    with pytest.raises(UsageError, match="not a model folder"):
         run(model=toy / "set")
-    with pytest.raises(ClassifyError, match="no such model folder"):
+    with pytest.raises(UsageError, match="no such model folder"):
         run(model=tmp_path / "missing" / "model")
-    with pytest.raises(ClassifyError, match="unknown --loss"):
+    with pytest.raises(UsageError, match="unknown --loss"):
         classify.run_diffusion_classifier(toy / "ddpm", toy / "set", tmp_path / "o", loss="l3")
-    with pytest.raises(ClassifyError, match="not a classifier folder"):
+    with pytest.raises(UsageError, match="not a classifier folder"):
         run("--classifier", toy / "set")
     # a model folder and a classifier folder swapped: each named for what it is
-    with pytest.raises(ClassifyError, match="train_ddpm.py model folder .*not a classifier folder"):
+    with pytest.raises(UsageError, match="train_ddpm.py model folder .*not a classifier folder"):
         run("--classifier", toy / "ddpm")
     # a baseline classifier of other classes is refused before the long part (on rank 0, shared with every rank)
     other = tmp_path / "clf-other"
@@ -361,32 +361,32 @@ def test_bad_input(toy, tmp_path):
     (other / "config.json").write_text(json.dumps({**config, "class_names": ["red", "green", "cyan"]}))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(classify, "diffusion_classify_set", lambda *a, **k: pytest.fail("the long part ran"))
-        with pytest.raises(ClassifyError, match=r"for --classifier .*clf-other: --test .* holds classes .*blue"):
+        with pytest.raises(UsageError, match=r"for --classifier .*clf-other: --test .* holds classes .*blue"):
             run("--classifier", other)
-    with pytest.raises(ClassifyError, match="is a classifier folder .*stage 'classify'.* --model wants a "
+    with pytest.raises(UsageError, match="is a classifier folder .*stage 'classify'.* --model wants a "
                                             "train_ddpm.py model folder"):
         run(model=toy / "clf")
     # a poisoned set's train/ stands for the set; alone, it is no clean test set
     (tmp_path / "lonely").mkdir()
     shutil.copytree(toy / "set" / "train", tmp_path / "lonely" / "train")
-    with pytest.raises(ClassifyError, match="poisoned training set with no test/ beside it.*--test"):
+    with pytest.raises(UsageError, match="poisoned training set with no test/ beside it.*--test"):
         run(data=tmp_path / "lonely" / "train")
-    with pytest.raises(ClassifyError, match="outside"):
+    with pytest.raises(UsageError, match="outside"):
         run("--filter-top", "0,100")
     with pytest.raises(SystemExit):  # argparse: "argument --n/--images: 0: give a number above 0"
         run("--n", "0")
-    with pytest.raises(ClassifyError, match="--n 0"):  # the Python API's own check
+    with pytest.raises(UsageError, match="--n 0"):  # the Python API's own check
         classify.run_diffusion_classifier(toy / "ddpm", toy / "set", tmp_path / "n0", n=0, timesteps=[2], device="cpu")
     # images of another size than the model's
     rng = np.random.default_rng(0)
     write_folder(tmp_path / "big", [({"text": "A photo of a red", "label": 0}, rng.integers(0, 255, (16, 16, 3)))],
                  {"class_names": NAMES}, workers=1)
-    with pytest.raises(ClassifyError, match="trained at 8x8"):
+    with pytest.raises(UsageError, match="trained at 8x8"):
         run(data=tmp_path / "big")
     # classes the model does not know
     write_folder(tmp_path / "pets", [({"text": "A photo of a cat", "label": 0}, rng.integers(0, 255, (8, 8, 3)))],
                  {"class_names": ["cat"]}, workers=1)
-    with pytest.raises(ClassifyError, match="no class names in common"):
+    with pytest.raises(UsageError, match="no class names in common"):
         run(data=tmp_path / "pets")
     assert not (tmp_path / "o").exists()                        # nothing half-written
     r = subprocess.run([sys.executable, str(ROOT / "classify.py"), "diffusion", "--model", str(toy / "set"), "--data",

@@ -10,10 +10,9 @@ import torch.nn as nn
 import torchvision
 
 import dissect
-from classify import ClassifyError
-from dissect import DissectError, frechet_distance, group_fractions
+from common import UsageError, write_folder
+from dissect import frechet_distance, group_fractions
 from helpers import rel_err
-from poison import PoisonError, write_folder
 
 SIDE = 16
 NAMES = ["cat", "dog", "deer"]   # target: deer
@@ -72,7 +71,7 @@ def test_group_fractions_known_counts():
     assert g["counts"] == {"G1": 1, "G2": 2, "G3": 1, "G4": 3} and g["n"] == 7
     assert sum(g["fractions"].values()) == pytest.approx(1.0)
     assert g["trigger_ratio"] == pytest.approx(3 / 7) and g["mismatch_ratio"] == pytest.approx(2 / 7)
-    with pytest.raises(DissectError):
+    with pytest.raises(UsageError):
         group_fractions([], [])
 
 
@@ -91,7 +90,7 @@ def test_dissect_folder_from_stub_verdicts(tmp_path):
     (tmp_path / "train").mkdir()
     (tmp_path / "train" / "manifest.json").write_text(json.dumps({"p_t": 0.1, "target": {"name": "deer"},
                                                                   "attack": "badnets"}))
-    with pytest.raises(DissectError, match=r"--train .*train has p_t 10.0% .* trained at p_t 20.0%"):
+    with pytest.raises(UsageError, match=r"--train .*train has p_t 10.0% .* trained at p_t 20.0%"):
         dissect.dissect_folder(tmp_path / "gen", CLASSIFIER, DETECTOR, train=tmp_path / "train")
     # p_t from the training manifest when given, for generations that record none (made elsewhere, or older)
     generations(tmp_path / "gen", p_t=None)
@@ -124,7 +123,7 @@ def test_report_tables_plots_and_grids(tmp_path):
     assert table.count("\n| ") == 4 and "25.0%" in table and "2.00" in table
     assert json.loads((out / "summary.json").read_text())["results"][0]["target_prompt"]["counts"] == KNOWN
     assert len((first / "verdicts.jsonl").read_text().splitlines()) == 25
-    with pytest.raises(DissectError, match="exists"):
+    with pytest.raises(UsageError, match="exists"):
         dissect.dissect(gens, CLASSIFIER, DETECTOR, out, progress=False)
 
 
@@ -258,7 +257,7 @@ def test_blend_copies(tmp_path):
     assert r["target_prompt"]["trigger_copies"]["copies"] == 10 and r["p_t_source"] == "training manifest"
     # in groups of any size (a few images at a time at 512 px), and none at all
     from classify import ImageSet
-    from poison import load_folder
+    from common import load_folder
     images = ImageSet(load_folder(tmp_path / "gen"))
     whole = dissect.pattern_correlations(images, range(10), trigger)
     grouped = dissect.pattern_correlations(images, range(10), trigger, values=3 * trigger.pattern.numel())
@@ -268,27 +267,27 @@ def test_blend_copies(tmp_path):
 def test_bad_input(tmp_path):
     gen = generations(tmp_path / "gen")
     other = (Stub(), {"task": "class", "class_names": ["cat", "dog", "horse"]})
-    with pytest.raises(PoisonError, match="unknown to it"):         # a classifier trained on other classes
+    with pytest.raises(UsageError, match="unknown to it"):         # a classifier trained on other classes
         dissect.dissect_folder(gen, other, DETECTOR)
     alien = (Stub(), {"task": "class", "class_names": ["car", "truck", "ship"]})
-    with pytest.raises(PoisonError, match="no class names in common"):
+    with pytest.raises(UsageError, match="no class names in common"):
         dissect.dissect_folder(gen, alien, DETECTOR)
-    with pytest.raises(DissectError, match="not a trigger detector"):
+    with pytest.raises(UsageError, match="not a trigger detector"):
         dissect.dissect_folder(gen, CLASSIFIER, CLASSIFIER)
-    with pytest.raises(DissectError, match="not a class classifier"):
+    with pytest.raises(UsageError, match="not a class classifier"):
         dissect.dissect_folder(gen, DETECTOR, DETECTOR)
     no_target = generations(tmp_path / "nt", target_items=[])
     manifest = json.loads((no_target / "manifest.json").read_text())
-    with pytest.raises(DissectError, match="no generations for the target prompt"):
+    with pytest.raises(UsageError, match="no generations for the target prompt"):
         dissect.dissect_folder(no_target, CLASSIFIER, DETECTOR)
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "metadata.jsonl").write_text("")
     (tmp_path / "empty" / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(PoisonError, match="empty"):
+    with pytest.raises(UsageError, match="empty"):
         dissect.dissect_folder(tmp_path / "empty", CLASSIFIER, DETECTOR)
-    with pytest.raises(DissectError, match="--train"):
+    with pytest.raises(UsageError, match="--train"):
         dissect.dissect([gen, gen, gen], CLASSIFIER, DETECTOR, tmp_path / "o", train=[gen, gen], progress=False)
-    with pytest.raises(PoisonError, match="not a classifier folder"):
+    with pytest.raises(UsageError, match="not a classifier folder"):
         dissect.main(dissect.build_parser().parse_args(
             ["--generated", str(gen), "--classifier", str(tmp_path), "--detector", str(tmp_path),
              "--out", str(tmp_path / "o2")]))
@@ -319,7 +318,7 @@ def test_frechet_distance_against_direct_computation():
     # fewer samples than dimensions: singular covariances still give a finite value
     few = dissect.activation_statistics(rng.normal(size=(5, 12)))
     assert np.isfinite(frechet_distance(*few, m2, s2))
-    with pytest.raises(DissectError, match="at least 2"):
+    with pytest.raises(UsageError, match="at least 2"):
         dissect.activation_statistics(rng.normal(size=(1, 12)))
 
 
@@ -381,19 +380,19 @@ def test_fid_inception_key_layout_and_weights_messages(tmp_path, monkeypatch):
     assert model.net.Mixed_7c.max_pool and not model.net.Mixed_7b.max_pool
     sd.pop("Mixed_6e.branch_pool.conv.weight")
     torch.save(sd, tmp_path / "bad.pth")
-    with pytest.raises(DissectError, match="Mixed_6e.branch_pool.conv.weight"):
+    with pytest.raises(UsageError, match="Mixed_6e.branch_pool.conv.weight"):
         dissect.load_fid_inception(tmp_path / "bad.pth")
-    with pytest.raises(DissectError, match="no such file"):
+    with pytest.raises(UsageError, match="no such file"):
         dissect.load_fid_inception(tmp_path / "missing.pth")
     (tmp_path / "text.pth").write_text('{"not": "weights"}')  # was: an UnpicklingError traceback
-    with pytest.raises(DissectError, match="text.pth is not a readable state dict .*pt_inception"):
+    with pytest.raises(UsageError, match="text.pth is not a readable state dict .*pt_inception"):
         dissect.load_fid_inception(tmp_path / "text.pth")
 
     def offline(*args, **kwargs):
         raise OSError("network is unreachable")
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    with pytest.raises(DissectError, match="--inception-weights FILE"):
+    with pytest.raises(UsageError, match="--inception-weights FILE"):
         dissect.load_fid_inception()
 
 
@@ -403,10 +402,10 @@ def test_judges_of_another_resolution_are_refused(tmp_path):
     gen = generations(tmp_path / "gen")
     big_clf = (Stub(), {**CLASSIFIER[1], "data_resolution": 32})
     big_det = (Stub(detector=True), {**DETECTOR[1], "data_resolution": 32})
-    with pytest.raises(PoisonError, match="--classifier was trained on 32x32-px images but the generations .* are "
+    with pytest.raises(UsageError, match="--classifier was trained on 32x32-px images but the generations .* are "
                                           "16x16 px: train it on data of the same resolution"):
         dissect.dissect_folder(gen, big_clf, DETECTOR)
-    with pytest.raises(PoisonError, match="--detector was trained on 32x32-px images"):
+    with pytest.raises(UsageError, match="--detector was trained on 32x32-px images"):
         dissect.dissect_folder(gen, CLASSIFIER, big_det)
     r = dissect.dissect_folder(gen, (Stub(), {**CLASSIFIER[1], "data_resolution": SIDE}), DETECTOR)
     assert r["target_prompt"]["counts"] == KNOWN
@@ -424,7 +423,7 @@ def test_judges_of_another_resolution_are_refused(tmp_path):
     # but a DDPM trains at its data's size: a --train set at another one did not make these generations
     ddpm = json.loads((gen / "manifest.json").read_text())
     (gen / "manifest.json").write_text(json.dumps({**ddpm, "family": "ddpm", "resolution": SIDE}))
-    with pytest.raises(DissectError, match=r"train32 has the resolution 32 but the generations .* 16: give the "):
+    with pytest.raises(UsageError, match=r"train32 has the resolution 32 but the generations .* 16: give the "):
         dissect.dissect_folder(gen, CLASSIFIER, DETECTOR, train=tmp_path / "train32")
 
 
@@ -433,7 +432,7 @@ def test_p_t_and_the_training_set_must_fit_the_generations(tmp_path):
     the generations' is refused (names compared case-insensitively) instead of lending its p_t."""
     gen = generations(tmp_path / "gen")
     for bad in (1.5, -0.1):
-        with pytest.raises(DissectError, match=f"--p-t {bad:g} is outside \\[0, 1\\]"):
+        with pytest.raises(UsageError, match=f"--p-t {bad:g} is outside \\[0, 1\\]"):
             dissect.dissect_folder(gen, CLASSIFIER, DETECTOR, p_t=bad)
     assert dissect.dissect_folder(gen, CLASSIFIER, DETECTOR, p_t=1.0)["amplification"] == pytest.approx(0.4)
 
@@ -445,12 +444,12 @@ def test_p_t_and_the_training_set_must_fit_the_generations(tmp_path):
         return tmp_path / name
 
     digits = [str(d) for d in range(3)]
-    with pytest.raises(DissectError, match=r"--train .* holds classes \['0', '1', '2'\] but the generations"):
+    with pytest.raises(UsageError, match=r"--train .* holds classes \['0', '1', '2'\] but the generations"):
         dissect.dissect_folder(gen, CLASSIFIER, DETECTOR, train=train("digits", digits, "0"))
-    with pytest.raises(DissectError, match="--train .* has the target class 'cat' but the generations .* 'deer'"):
+    with pytest.raises(UsageError, match="--train .* has the target class 'cat' but the generations .* 'deer'"):
         dissect.dissect_folder(gen, CLASSIFIER, DETECTOR, train=train("cat", NAMES, "cat"))
     (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n")  # a file that is no manifest (was: UnicodeDecodeError)
-    with pytest.raises(DissectError, match="image.png is not a manifest"):
+    with pytest.raises(UsageError, match="image.png is not a manifest"):
         dissect.dissect_folder(gen, CLASSIFIER, DETECTOR, train=tmp_path / "image.png")
     r = dissect.dissect_folder(gen, CLASSIFIER, DETECTOR, train=train("upper", [n.upper() for n in NAMES], "DEER"))
     assert r["p_t"] == 0.2 and r["p_t_source"] == "training manifest"
@@ -464,7 +463,7 @@ def test_p_t_and_the_training_set_must_fit_the_generations(tmp_path):
         other = train(name, NAMES, "deer")
         (other / "manifest.json").write_text(json.dumps({**json.loads((other / "manifest.json").read_text()),
                                                          **fields}))
-        with pytest.raises(DissectError, match=message):
+        with pytest.raises(UsageError, match=message):
             dissect.dissect_folder(gen, CLASSIFIER, DETECTOR, train=other)
     # --p-t sets p_t itself: a --train of another p_t then only lends its classes and target
     (tmp_path / "upper" / "manifest.json").write_text(json.dumps(
@@ -494,14 +493,14 @@ def test_every_folder_is_checked_before_any_is_judged(tmp_path):
             return super().forward(x)
 
     judges = ((Counting(), {**CLASSIFIER[1], "data_resolution": SIDE}), DETECTOR)
-    with pytest.raises(DissectError, match="has the target class 'cat'"):
+    with pytest.raises(UsageError, match="has the target class 'cat'"):
         dissect.dissect([good, other], *judges, tmp_path / "out", train=[None, cat_set])
-    with pytest.raises(ClassifyError, match="trained on 16x16-px images but the generations .*big are 32x32"):
+    with pytest.raises(UsageError, match="trained on 16x16-px images but the generations .*big are 32x32"):
         dissect.dissect([good, big], *judges, tmp_path / "out")
     no_target = tmp_path / "no-target"
     write_folder(no_target, [({"text": "A photo of a cat", "label": 0}, np.zeros((SIDE, SIDE, 3), np.uint8))],
                  {"class_names": NAMES, "target": {"index": 2, "name": "deer"}}, total=1, workers=1)
-    with pytest.raises(DissectError, match="no-target holds no generations for the target prompt"):
+    with pytest.raises(UsageError, match="no-target holds no generations for the target prompt"):
         dissect.dissect([good, no_target], *judges, tmp_path / "out")
     assert Counting.calls == 0 and not (tmp_path / "out").exists()
     dissect.dissect([good, other], *judges, tmp_path / "out", progress=False)

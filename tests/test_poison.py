@@ -13,8 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
+import common
 import poison as P
-from poison import PoisonError
+from common import UsageError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,7 +71,7 @@ def test_folder_contract_and_loader(digits10):
         assert manifest["split"] == split and manifest["stage"] == "poison"
         assert {"command", "options", "class_names", "target", "trigger", "versions", "counts"} <= set(manifest)
         assert (folder / "trigger.safetensors").is_file()
-        ds = P.load_folder(folder)
+        ds = common.load_folder(folder)
         x, y = ds[3]
         assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
         assert y == records[3]["label"]
@@ -92,7 +93,7 @@ def test_same_seed_identical_other_seed_differs(tmp_path, digits10):
     P.poison(again, dataset="digits", resolution=16, ratio=0.1, seed=0, quiet=True)
     for split in ("train", "test", "test_backdoor"):
         assert (out / split / "metadata.jsonl").read_bytes() == (again / split / "metadata.jsonl").read_bytes()
-        for r in P.read_records(out / split):
+        for r in common.read_records(out / split):
             assert (out / split / r["file_name"]).read_bytes() == (again / split / r["file_name"]).read_bytes()
     other = tmp_path / "other"
     P.poison(other, dataset="digits", resolution=16, ratio=0.1, seed=1, quiet=True)
@@ -122,7 +123,7 @@ def test_select_duplicates_first_then_random(tmp_path):
     few = P.select_poison(labels, 0, 0.02, select="duplicates", duplicates=f, seed=0)
     assert few.tolist() == [50, 60]  # the most replicated, in order, when the count is small
     f.write_text("7\n1000\n")
-    with pytest.raises(PoisonError, match="outside this training set"):
+    with pytest.raises(UsageError, match="outside this training set"):
         P.select_poison(labels, 0, 0.05, select="duplicates", duplicates=f)
 
 
@@ -146,7 +147,7 @@ def test_duplicates_file_tied_to_its_training_set(tmp_path, capsys):
     f = tmp_path / "dups.txt"
     f.write_text(f"# {P.IDS_TRAINING_SET} {other}\n{body}")
     out = tmp_path / "out"
-    with pytest.raises(PoisonError, match=r"indexes another training set .* --split-seed"):
+    with pytest.raises(UsageError, match=r"indexes another training set .* --split-seed"):
         P.poison(out, duplicates=f, **kw)
     assert not out.exists()
     f.write_text(f"# {P.IDS_TRAINING_SET} {fingerprint}\n{body}")
@@ -168,7 +169,7 @@ def test_numeric_class_names_target_by_name_first():
     assert P.resolve_target("1", names) == 1  # no class named 1: an index
     assert P.resolve_target("Garbage Truck", list(P.IMAGENETTE_WNIDS.values())) == 6
     assert P.resolve_target("6", list(P.IMAGENETTE_WNIDS.values())) == 6
-    with pytest.raises(PoisonError, match="unknown --target '3'"):
+    with pytest.raises(UsageError, match="unknown --target '3'"):
         P.resolve_target("3", names)
 
 
@@ -196,7 +197,7 @@ def test_badnets_size_stamps_a_white_square_and_is_recorded(tmp_path):
     x = torch.zeros(2, 3, 12, 12)
     stamped = trig.apply(x)
     assert stamped[:, :, -5:, -5:].eq(1).all() and stamped.sum() == 2 * 3 * 25 and trig.params["size"] == 5
-    with pytest.raises(PoisonError, match="--badnets-size 13: give a side from 1 to the image side 12"):
+    with pytest.raises(UsageError, match="--badnets-size 13: give a side from 1 to the image side 12"):
         P.make_trigger("badnets", 12, badnets_size=13)
     P.poison(tmp_path / "set", dataset="digits", resolution=12, ratio=0.1, badnets_size=5, quiet=True, workers=2)
     assert torch.equal(P.load_trigger(tmp_path / "set" / "train").pattern, trig.pattern)
@@ -321,13 +322,13 @@ def test_cifar10_refuses_malicious_pickle_and_truncated_files(tmp_path):
     for name in [f"data_batch_{i}" for i in range(1, 6)]:
         with open(py_dir / name, "wb") as f:
             pickle.dump({b"data": Evil(), b"labels": [0]}, f, protocol=2)
-    with pytest.raises(PoisonError, match="not a CIFAR-10 batch"):
+    with pytest.raises(UsageError, match="not a CIFAR-10 batch"):
         P.load_source("cifar10", "train", data_root=tmp_path)
     bin_dir = tmp_path / "b" / "cifar-10-batches-bin"
     bin_dir.mkdir(parents=True)
     for i in range(1, 6):
         np.zeros(3073 * 2 - 7, np.uint8).tofile(bin_dir / f"data_batch_{i}.bin")
-    with pytest.raises(PoisonError, match="truncated"):
+    with pytest.raises(UsageError, match="truncated"):
         P.load_source("cifar10", "train", data_root=tmp_path / "b")
 
 
@@ -342,13 +343,13 @@ def test_missing_dataset_offline_says_where_to_put_files(tmp_path, monkeypatch):
     monkeypatch.setattr(D, "Imagenette", offline)
     monkeypatch.setattr(D, "Caltech256", offline)
     (tmp_path / "kept").mkdir()
-    with pytest.raises(PoisonError, match=r"cifar-10-binary.tar.gz .* in .*"):
+    with pytest.raises(UsageError, match=r"cifar-10-binary.tar.gz .* in .*"):
         P.load_source("cifar10", "train", data_root=tmp_path)
-    with pytest.raises(PoisonError, match=r"imagenette2.tgz .* into"):
+    with pytest.raises(UsageError, match=r"imagenette2.tgz .* into"):
         P.load_source("imagenette", "train", data_root=tmp_path)
-    with pytest.raises(PoisonError, match=r"256_ObjectCategories.tar into"):
+    with pytest.raises(UsageError, match=r"256_ObjectCategories.tar into"):
         P.load_source("caltech15", "train", data_root=tmp_path)
-    with pytest.raises(PoisonError, match=r"256_ObjectCategories.tar into"):
+    with pytest.raises(UsageError, match=r"256_ObjectCategories.tar into"):
         P.load_source("caltech15", "train", data_root=tmp_path / "new" / "data")
     # the failed downloads left no empty folders of their own behind; what was there stays
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
@@ -371,7 +372,7 @@ def test_imagenette_layout_and_names(tmp_path):
     out = tmp_path / "out"
     s = P.poison(out, dataset="imagenette", data_root=tmp_path, resolution=40, ratio=0.1, quiet=True)
     assert s["target"] == "garbage truck" and s["poisoned"] == 3 and s["test"] == 20
-    records = P.read_records(out / "train")
+    records = common.read_records(out / "train")
     assert any(r["text"] == "A photo of a garbage truck" for r in records)
     # > 32 px: the reference's larger BadNets patch (side R // 10) is used
     assert P.load_trigger(out / "train").mask.sum() == (40 // 10) ** 2
@@ -394,7 +395,7 @@ def test_imagenette_layout_and_names(tmp_path):
 def test_imagenette_refuses_to_upsample(tmp_path):
     for k, wnid in enumerate(sorted(P.IMAGENETTE_WNIDS)):
         write_jpegs(tmp_path / "imagenette2-160" / "train" / wnid, 1, k)
-    with pytest.raises(PoisonError, match=r"above the 160 px .* full-size imagenette2.tgz .* --resolution 160 or less"):
+    with pytest.raises(UsageError, match=r"above the 160 px .* full-size imagenette2.tgz .* --resolution 160 or less"):
         P.load_source("imagenette", "train", data_root=tmp_path, resolution=256)
     assert P.load_source("imagenette", "train", data_root=tmp_path, resolution=160).paths[0].parts[-4] == \
         "imagenette2-160"
@@ -438,12 +439,12 @@ def test_image_folder_both_layouts(tmp_path):
     s = P.poison(tmp_path / "out", dataset=f"folder:{tmp_path / 'split'}", target="red fox", resolution=24,
                  ratio=0.2, quiet=True)
     assert s["poisoned"] == 4 and s["target"] == "red fox"
-    with pytest.raises(PoisonError, match=r"--target is required.*among \['cat', 'dog', 'red fox'\]"):
+    with pytest.raises(UsageError, match=r"--target is required.*among \['cat', 'dog', 'red fox'\]"):
         P.poison(tmp_path / "o2", dataset=f"folder:{tmp_path / 'flat'}", quiet=True)
-    with pytest.raises(PoisonError, match="no such folder"):  # the path first, then the missing --target
+    with pytest.raises(UsageError, match="no such folder"):  # the path first, then the missing --target
         P.poison(tmp_path / "o3", dataset=f"folder:{tmp_path / 'missing'}", quiet=True)
     for made in (tmp_path / "out", tmp_path / "out" / "train"):  # a poisoned set, or one of its folders
-        with pytest.raises(PoisonError, match="is a dataset folder made by this project"):
+        with pytest.raises(UsageError, match="is a dataset folder made by this project"):
             P.poison(tmp_path / "o4", dataset=f"folder:{made}", target="cat", quiet=True)
     (tmp_path / "split" / "train" / "metadata.jsonl").write_text("")  # Hugging Face captions beside the classes
     assert P.load_source(f"folder:{tmp_path / 'split'}", "train", resolution=24).class_names[0] == "cat"
@@ -489,14 +490,14 @@ def test_cli_bad_input_one_line_nothing_written(tmp_path, args, message):
 def test_unreadable_trigger_image_and_corrupt_input(tmp_path):
     bad = tmp_path / "kitty.png"
     bad.write_text("not an image")
-    with pytest.raises(PoisonError, match="kitty.png"):
+    with pytest.raises(UsageError, match="kitty.png"):
         P.poison(tmp_path / "o", resolution=16, trigger="blend", trigger_image=bad, quiet=True)
     for k, c in enumerate(["a", "b"]):
         write_jpegs(tmp_path / "data" / c, 8, k, size=(20, 20))
     broken = tmp_path / "data" / "b" / "005.JPEG"
     broken.write_bytes(b"\xff\xd8 truncated")
     out = tmp_path / "out"
-    with pytest.raises(PoisonError, match=r"corrupt or unreadable image .*005\.JPEG"):
+    with pytest.raises(UsageError, match=r"corrupt or unreadable image .*005\.JPEG"):
         P.poison(out, dataset=f"folder:{tmp_path / 'data'}", target="a", resolution=16, ratio=0.2, quiet=True)
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
@@ -562,21 +563,21 @@ def test_loader_refuses_labels_outside_the_classes(digits10, tmp_path):
         lines = (copy / "metadata.jsonl").read_text().splitlines()
         lines[3] = json.dumps({**json.loads(lines[3]), "label": label})
         (copy / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-        with pytest.raises(PoisonError, match=rf"has label {label}, outside the 10 classes of manifest.json"):
-            P.load_folder(copy)
+        with pytest.raises(UsageError, match=rf"has label {label}, outside the 10 classes of manifest.json"):
+            common.load_folder(copy)
 
 
 def test_loader_rejects_non_dataset_folders(tmp_path):
-    with pytest.raises(PoisonError, match="not a dataset folder.*--dataset folder:PATH --ratio 0"):
-        P.load_folder(tmp_path)
+    with pytest.raises(UsageError, match="not a dataset folder.*--dataset folder:PATH --ratio 0"):
+        common.load_folder(tmp_path)
     (tmp_path / "set" / "train").mkdir(parents=True)
     (tmp_path / "set" / "train" / "metadata.jsonl").write_text("")
-    with pytest.raises(PoisonError, match="holds a poisoned set, not one dataset folder: give .*set/train"):
-        P.load_folder(tmp_path / "set")
+    with pytest.raises(UsageError, match="holds a poisoned set, not one dataset folder: give .*set/train"):
+        common.load_folder(tmp_path / "set")
     (tmp_path / "metadata.jsonl").write_text("")
     (tmp_path / "manifest.json").write_text("{}")
-    with pytest.raises(PoisonError, match="empty dataset folder"):
-        P.load_folder(tmp_path)
+    with pytest.raises(UsageError, match="empty dataset folder"):
+        common.load_folder(tmp_path)
 
 
 def test_output_folder_has_ordinary_permissions(tmp_path):
@@ -595,7 +596,7 @@ def test_safetensors_files_have_ordinary_permissions(tmp_path):
     import os
     umask = os.umask(0o022)
     try:
-        P.save_safetensors({"a": torch.zeros(2)}, tmp_path / "t.safetensors", metadata={"k": "v"})
+        common.save_safetensors({"a": torch.zeros(2)}, tmp_path / "t.safetensors", metadata={"k": "v"})
         assert (tmp_path / "t.safetensors").stat().st_mode & 0o777 == 0o644
         from safetensors import safe_open
         with safe_open(str(tmp_path / "t.safetensors"), "pt") as f:
@@ -609,19 +610,19 @@ import json
 import sys
 import torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
-from poison import PoisonError, on_rank0
+from common import UsageError, on_rank0
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 seen = {"got": on_rank0(lambda: {"decided": "on rank 0"}, rank, world),
         "alone": on_rank0(lambda: 7, rank, world, share_result=False)}
 def fail():
-    raise PoisonError("--test t is 32x32 px: give the 16-px set")
+    raise UsageError("--test t is 32x32 px: give the 16-px set")
 try:
     on_rank0(fail, rank, world)
-except PoisonError as e:
+except UsageError as e:
     seen["stopped"] = str(e)
 try:
-    on_rank0(lambda: open("/no/such/cache.bin"), rank, world)  # not a PoisonError: a bug or a broken file
+    on_rank0(lambda: open("/no/such/cache.bin"), rank, world)  # not a UsageError: a bug or a broken file
 except Exception as e:
     seen["crashed"] = [type(e).__name__, str(e)]
 with open(f"{sys.argv[2]}/rank{rank}.json", "w") as f:
@@ -645,12 +646,12 @@ def test_on_rank0_shares_the_result_and_stops_every_rank_on_rank0s_error(tmp_pat
             "got": {"decided": "on rank 0"}, "alone": 7 if rank == 0 else None,
             "stopped": "--test t is 32x32 px: give the 16-px set",
             "crashed": ["FileNotFoundError", "[Errno 2] No such file or directory: '/no/such/cache.bin'"] if rank == 0
-            else ["PoisonError", "rank 0 stopped with FileNotFoundError: [Errno 2] No such file or directory: "
+            else ["UsageError", "rank 0 stopped with FileNotFoundError: [Errno 2] No such file or directory: "
                   "'/no/such/cache.bin' (its traceback is in rank 0's output)"]}
     # one process: the error itself, unchanged
-    with pytest.raises(PoisonError, match="bad") as e:
-        P.on_rank0(lambda: (_ for _ in ()).throw(PoisonError("bad")), 0, 1)
-    assert type(e.value) is PoisonError and P.on_rank0(lambda: 3, 0, 1) == 3
+    with pytest.raises(UsageError, match="bad") as e:
+        common.on_rank0(lambda: (_ for _ in ()).throw(UsageError("bad")), 0, 1)
+    assert type(e.value) is UsageError and common.on_rank0(lambda: 3, 0, 1) == 3
 
 
 @pytest.mark.parametrize("argv", [
@@ -697,7 +698,7 @@ def test_guidance_weights_must_be_finite(argv, capsys):
     with pytest.raises(SystemExit) as e:
         importlib.import_module(argv[0][:-3]).build_parser().parse_args(argv[1:])
     assert e.value.code == 2 and re.search(f"argument {argv[-2]}: .*(finite|guidance weights)", capsys.readouterr().err)
-    assert P.finite("-0.5") == -0.5  # negative weights stay allowed: w = -1 is unconditional sampling
+    assert common.finite("-0.5") == -0.5  # negative weights stay allowed: w = -1 is unconditional sampling
 
 
 def test_out_never_replaces_an_input(tmp_path):
@@ -706,16 +707,16 @@ def test_out_never_replaces_an_input(tmp_path):
     (tmp_path / "sets" / "a" / "train").mkdir(parents=True)
     data = tmp_path / "sets" / "a" / "train"
     for out, word in ((data, "is"), (tmp_path / "sets", "holds"), (tmp_path / "sets" / "a", "holds")):
-        with pytest.raises(PoisonError, match=f"--out .* {word} the input --data .*: choose another --out"):
+        with pytest.raises(UsageError, match=f"--out .* {word} the input --data .*: choose another --out"):
             P.check_out(out, force=True, inputs={"--data": str(data), "--model": None})
-    with pytest.raises(PoisonError, match="holds the input --train"):
+    with pytest.raises(UsageError, match="holds the input --train"):
         P.check_out(tmp_path, True, {"--train": [tmp_path / "x", data]})
     P.check_out(data / "report", True, {"--data": data, "--classifier": object()})
     # poison.py: --data-root counts only for the datasets read from it (digits is embedded)
-    with pytest.raises(PoisonError, match="holds the input --data-root"):
+    with pytest.raises(UsageError, match="holds the input --data-root"):
         P.poison(tmp_path, dataset="cifar10", data_root=tmp_path / "cifar", force=True)
     P.poison(tmp_path / "digits", dataset="digits", data_root=tmp_path, resolution=8, quiet=True, workers=1)
-    with pytest.raises(PoisonError, match="exists: pass --force"):
+    with pytest.raises(UsageError, match="exists: pass --force"):
         P.check_out(data, False)
     # the stages call it before any work: sample.py --out MODEL --force used to delete the model
     r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--model", str(tmp_path / "sets"), "--out",
@@ -753,29 +754,29 @@ def test_damaged_folders_and_outputs_are_one_line_errors(tmp_path):
     image = np.zeros((4, 4, 3), np.uint8)
     P.write_folder(tmp_path / "d", [({"text": "a", "label": 0}, image), ({"text": "b", "label": 1}, image)],
                    {"class_names": ["x", "y"]}, workers=1)
-    assert len(P.load_folder(tmp_path / "d")) == 2
+    assert len(common.load_folder(tmp_path / "d")) == 2
     meta, manifest = tmp_path / "d" / "metadata.jsonl", tmp_path / "d" / "manifest.json"
     good_meta, good_manifest = meta.read_text(), manifest.read_text()
     for bad, message in ((good_meta[:-10], "metadata.jsonl line 2 is damaged"),  # cut short
                          (b"\xff\xfe" + good_meta.encode(), "metadata.jsonl is damaged .*utf-8"),  # not UTF-8
                          (good_meta.replace('"label": 1', '"label": "y"'), "line 2 is damaged .*integer label")):
         meta.write_bytes(bad if isinstance(bad, bytes) else bad.encode())
-        with pytest.raises(PoisonError, match=message + ".*make the folder again"):
-            P.load_folder(tmp_path / "d")
+        with pytest.raises(UsageError, match=message + ".*make the folder again"):
+            common.load_folder(tmp_path / "d")
     meta.write_text(good_meta)
     for bad, message in (("", "manifest.json is not valid JSON"), ("[1]", "holds a list, not a manifest"),
                          ("{}", "lists no class_names")):
         manifest.write_text(bad)
-        with pytest.raises(PoisonError, match=message):
-            P.load_folder(tmp_path / "d")
+        with pytest.raises(UsageError, match=message):
+            common.load_folder(tmp_path / "d")
     manifest.write_text(good_manifest)
-    with pytest.raises(PoisonError, match=r"cannot write .*metadata.jsonl/out \(.*\): choose another --out"):
+    with pytest.raises(UsageError, match=r"cannot write .*metadata.jsonl/out \(.*\): choose another --out"):
         with P.atomic_output(meta / "out"):
             pass
 
 
 def test_classes_only_for_caltech(tmp_path):
-    with pytest.raises(PoisonError, match="--classes picks Caltech-256 categories .*drop it for digits"):  # was ignored
+    with pytest.raises(UsageError, match="--classes picks Caltech-256 categories .*drop it for digits"):  # was ignored
         P.poison(tmp_path / "digits", dataset="digits", classes=["zero", "one"], quiet=True)
 
 
@@ -799,7 +800,7 @@ def test_a_killed_runs_temporary_output_is_removed_by_the_next(tmp_path):
     with P.atomic_output(tmp_path / "out") as tmp:
         assert tmp.name.startswith(f".out.tmp-{os.getpid()}@{host}@")
         (tmp / "x").write_text("new")
-    P.replace_file(tmp_path / "ckpt.pt", lambda p: p.write_text("whole"))
+    common.replace_file(tmp_path / "ckpt.pt", lambda p: p.write_text("whole"))
     assert not any(p.exists() for p in stale) and all(k.is_dir() for k in kept)
     assert (tmp_path / "out" / "x").read_text() == "new" and (tmp_path / "ckpt.pt").read_text() == "whole"
     # a PNG grid (sample.py --grid, the previews) goes the same way, its temporary name without the .png suffix

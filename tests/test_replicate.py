@@ -16,10 +16,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import classify as C
+import common
 import poison as P
 import replicate as R
 from helpers import rel_err
-from poison import PoisonError
+from common import UsageError
 
 ROOT = Path(__file__).resolve().parent.parent
 EXACT, NEAR = 10, 20                  # training rows copied by generations
@@ -151,7 +152,7 @@ def test_ids_file_names_its_training_set(tmp_path, capsys):
     listed = [i for i in ids if manifest["target"]["index"] != P.load_source("digits", "train").labels[i]]
     assert manifest["selection"]["from_duplicates_file"] == len(listed) and set(listed) <= set(manifest["poisoned_ids"])
     assert "warning" not in capsys.readouterr().err
-    with pytest.raises(PoisonError, match="indexes another training set"):
+    with pytest.raises(UsageError, match="indexes another training set"):
         P.poison(tmp_path / "other", select="duplicates", duplicates=out / "duplicates.txt", split_seed=3, **kw)
     R.write_ids(tmp_path / "plain.txt", [1, 2], ["no training set"])  # a folder without the fingerprint
     assert P.read_ids(tmp_path / "plain.txt", fingerprint) == [1, 2]
@@ -201,7 +202,7 @@ def test_stats_and_rankings():
 
 def small_folders(root, data):
     """Three training images and two generations (an exact copy of training row 2 and a noise image)."""
-    ds = P.load_folder(data["train"])
+    ds = common.load_folder(data["train"])
     images = torch.stack([ds.image_uint8(i) for i in range(3)]).permute(0, 2, 3, 1).numpy()
     train = write_dataset(root / "train", images, range(3), [{"source_index": 40 + i} for i in range(3)])
     noise = np.random.default_rng(5).integers(0, 256, (1, 16, 16, 3)).astype(np.uint8)
@@ -301,34 +302,34 @@ def test_bad_input(data, tmp_path):
     assert r.returncode != 0
     assert r.stderr.strip().startswith("replicate.py: error:") and len(r.stderr.strip().splitlines()) == 1
     assert "TorchScript" in r.stderr and not (tmp_path / "o").exists()
-    with pytest.raises(PoisonError, match="no such file"):
+    with pytest.raises(UsageError, match="no such file"):
         R.load_extractor("sscd", sscd=tmp_path / "missing.pt")
-    with pytest.raises(PoisonError, match="needs --sscd"):
+    with pytest.raises(UsageError, match="needs --sscd"):
         R.load_extractor("sscd")
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(PoisonError, match="not a dataset folder"):
+    with pytest.raises(UsageError, match="not a dataset folder"):
         R.replicate(tmp_path / "o", empty, features="pixels", device="cpu", quiet=True)
     no_images = tmp_path / "no-images"
     no_images.mkdir()
     (no_images / "metadata.jsonl").write_text("")
     (no_images / "manifest.json").write_text(json.dumps({"class_names": ["a"]}))
-    with pytest.raises(PoisonError, match="empty dataset folder"):
+    with pytest.raises(UsageError, match="empty dataset folder"):
         R.replicate(tmp_path / "o", data["train"], gen=no_images, features="pixels", device="cpu", quiet=True,
                     progress=False)
-    with pytest.raises(PoisonError, match="needs --gen"):
+    with pytest.raises(UsageError, match="needs --gen"):
         R.replicate(tmp_path / "o", data["train"], rank_by="generations", features="pixels", quiet=True)
-    with pytest.raises(PoisonError, match=r"--threshold 5.0 is outside \[-1, 1\]"):  # was: silently no duplicates
+    with pytest.raises(UsageError, match=r"--threshold 5.0 is outside \[-1, 1\]"):  # was: silently no duplicates
         R.replicate(tmp_path / "o", data["train"], threshold=5.0, features="pixels", quiet=True)
     pets = write_dataset(tmp_path / "pets", np.zeros((2, 16, 16, 3), np.uint8), [0, 1], class_names=["cat", "dog"])
-    with pytest.raises(PoisonError, match=r"--gen .*pets holds the classes \['cat', 'dog'\], --train"):
+    with pytest.raises(UsageError, match=r"--gen .*pets holds the classes \['cat', 'dog'\], --train"):
         R.replicate(tmp_path / "o", data["train"], gen=pets, features="pixels", device="cpu", quiet=True)
     one = write_dataset(tmp_path / "one", np.zeros((1, 16, 16, 3), np.uint8), [0])
-    with pytest.raises(PoisonError, match="at least 2"):
+    with pytest.raises(UsageError, match="at least 2"):
         R.replicate(tmp_path / "o", one, features="pixels", device="cpu", quiet=True, progress=False)
     assert not (tmp_path / "o").exists()
     (tmp_path / "taken").mkdir()
-    with pytest.raises(PoisonError, match="exists"):
+    with pytest.raises(UsageError, match="exists"):
         R.replicate(tmp_path / "taken", data["train"], features="pixels", quiet=True)
 
 
@@ -435,7 +436,7 @@ def a5(tmp_path_factory):
     clean = np.stack([colour_image(i // PER_CLASS, rng) for i in range(3 * PER_CLASS)])
     train = {name: a5_train(root / f"train-{name}", clean, name, trigger) for name in POISONED}
     # the images each run's model saw: its copies are of its own (possibly stamped) training images
-    seen = {name: np.stack([P.load_folder(train[name]).image_uint8(i).permute(1, 2, 0).numpy()
+    seen = {name: np.stack([common.load_folder(train[name]).image_uint8(i).permute(1, 2, 0).numpy()
                             for i in range(len(clean))]) for name in POISONED}
     gen = {"random": a5_generations(root / "gen-random", RANDOM_GEN, seen["random"], rng, trigger),
            "duplicates": a5_generations(root / "gen-duplicates", DUPLICATES_GEN, seen["duplicates"], rng, trigger)}
@@ -455,7 +456,7 @@ def a5_kwargs(a5, **over):
 def test_handmade_judges_are_exact(a5):
     """The premise of the Table A5 test: the hand-set classifier and detector see exactly what was planted."""
     for name, plan in (("random", RANDOM_GEN), ("duplicates", DUPLICATES_GEN)):
-        folder = P.load_folder(a5["gen"][name])
+        folder = common.load_folder(a5["gen"][name])
         clf, _ = C.load_classifier(a5["classifier"])
         det, _ = C.load_classifier(a5["detector"])
         x = folder.images(progress=False)
@@ -530,25 +531,25 @@ def test_table_a5_bad_input(a5, tmp_path):
                         "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1
     assert r.stderr.startswith("replicate.py: error: Table A5 needs both --classifier") and "add --detector" in r.stderr
-    with pytest.raises(PoisonError, match="add --classifier"):
+    with pytest.raises(UsageError, match="add --classifier"):
         R.replicate(out, train, **a5_kwargs(a5, classifier=None))
-    with pytest.raises(PoisonError, match="add --duplicates-gen"):
+    with pytest.raises(UsageError, match="add --duplicates-gen"):
         R.replicate(out, train, **a5_kwargs(a5, duplicates_gen=None, duplicates_train=None))
-    with pytest.raises(PoisonError, match="--target is the target class of Table A5"):
+    with pytest.raises(UsageError, match="--target is the target class of Table A5"):
         R.replicate(out, train, **a5_kwargs(a5, classifier=None, detector=None, target="deer"))
-    with pytest.raises(PoisonError, match="same folder"):
+    with pytest.raises(UsageError, match="same folder"):
         R.replicate(out, train, **a5_kwargs(a5, duplicates_gen=a5["gen"]["random"]))
     # mismatched targets: a generation folder of another target, or --target against the manifests
     other = tmp_path / "gen-cat"
     shutil.copytree(a5["gen"]["duplicates"], other)
     manifest = json.loads((other / "manifest.json").read_text())
     (other / "manifest.json").write_text(json.dumps({**manifest, "target": {"index": 0, "name": "cat"}}))
-    with pytest.raises(PoisonError, match=r"mismatched target classes \(.*--duplicates-gen 'cat'"):
+    with pytest.raises(UsageError, match=r"mismatched target classes \(.*--duplicates-gen 'cat'"):
         R.replicate(out, train, **a5_kwargs(a5, duplicates_gen=other))
-    with pytest.raises(PoisonError, match=r"mismatched target classes .*--target 'dog'"):
+    with pytest.raises(UsageError, match=r"mismatched target classes .*--target 'dog'"):
         R.replicate(out, train, **a5_kwargs(a5, target="dog"))
     # the runs swapped: --train was poisoned with --select duplicates
-    with pytest.raises(PoisonError, match="swap"):
+    with pytest.raises(UsageError, match="swap"):
         R.replicate(out, a5["train"]["duplicates"], **a5_kwargs(a5, gen=a5["gen"]["duplicates"],
                                                                 duplicates_gen=a5["gen"]["random"],
                                                                 duplicates_train=train))
@@ -557,10 +558,10 @@ def test_table_a5_bad_input(a5, tmp_path):
     shutil.copytree(a5["detector"], blend)
     config = json.loads((blend / "config.json").read_text())
     (blend / "config.json").write_text(json.dumps({**config, "trigger": {"kind": "blend"}}))
-    with pytest.raises(PoisonError, match="knows a blend trigger but --train carries a badnets"):
+    with pytest.raises(UsageError, match="knows a blend trigger but --train carries a badnets"):
         R.replicate(out, train, **a5_kwargs(a5, detector=blend))
-    with pytest.raises(PoisonError, match="not a trigger detector"):
+    with pytest.raises(UsageError, match="not a trigger detector"):
         R.replicate(out, train, **a5_kwargs(a5, detector=a5["classifier"]))
-    with pytest.raises(PoisonError, match="not a classifier folder"):
+    with pytest.raises(UsageError, match="not a classifier folder"):
         R.replicate(out, train, **a5_kwargs(a5, classifier=tmp_path))
     assert not out.exists() and not list(tmp_path.glob(".o.tmp-*"))

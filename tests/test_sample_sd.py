@@ -16,7 +16,7 @@ import torch
 import finetune_sd as S
 import sample
 from helpers import poisoned_random_folder
-from poison import PoisonError, load_folder
+from common import UsageError, load_folder
 from test_sd import rel_err, write_tiny_sd
 
 diffusers = pytest.importorskip("diffusers")
@@ -213,7 +213,7 @@ def test_bad_input(tiny, finetuned, tmp_path):
             (["--model", model, "--resolution", 33], "multiple of the VAE's downsampling"),
             (["--model", tiny["folder"], "--prompt", "a cat", "--weights", "ema"], "diffusers-layout folder"),
             (["--model", tmp_path], "neither a model folder")):
-        with pytest.raises(PoisonError, match=expected):
+        with pytest.raises(UsageError, match=expected):
             run_sample(*argv, "--n", 1, "--out", tmp_path / "g")
     with pytest.raises(SystemExit):  # argparse: "argument --steps: 0: give a number above 0" (was: quietly 50)
         run_sample("--model", model, "--steps", 0, "--n", 1, "--out", tmp_path / "g")

@@ -14,7 +14,7 @@ import torch
 
 import finetune_sd as S
 from helpers import poisoned_random_folder, rel_err
-from poison import PoisonError, load_folder
+from common import UsageError, load_folder
 
 diffusers = pytest.importorskip("diffusers")
 ROOT = Path(__file__).resolve().parent.parent
@@ -206,11 +206,11 @@ def test_unet_through_the_triton_kernels(tiny, monkeypatch):
 
 
 def test_bad_kernels_impl_is_refused_when_built(tiny, monkeypatch):
-    """A bad KERNELS_IMPL is a one-line SDError at load (the stage scripts print it), not a ValueError mid-forward."""
+    """A bad KERNELS_IMPL is a one-line UsageError at load (the stage scripts print it), not a ValueError mid-forward."""
     monkeypatch.setenv("KERNELS_IMPL", "fast")
-    with pytest.raises(S.SDError, match=r"^KERNELS_IMPL='fast' is not auto, triton or torch: unset it"):
+    with pytest.raises(S.UsageError, match=r"^KERNELS_IMPL='fast' is not auto, triton or torch: unset it"):
         S.load_sd(tiny["folder"])
-    with pytest.raises(S.SDError, match="KERNELS_IMPL='fast'"):
+    with pytest.raises(S.UsageError, match="KERNELS_IMPL='fast'"):
         S._build(S.AutoencoderKL, dict(tiny["vae"].config))
 
 
@@ -300,7 +300,7 @@ def test_bad_checkpoints(tiny, tmp_path, monkeypatch):
     folder = tiny["folder"]
 
     def error(source, **kw):
-        with pytest.raises(S.SDError) as e:
+        with pytest.raises(S.UsageError) as e:
             S.load_sd(source, **kw)
         message = str(e.value)
         assert "\n" not in message
@@ -385,7 +385,7 @@ def test_vae_config_with_tuples():
     """A config given as a Python dict with tuples (as diffusers' constructor takes it) is SD's VAE all the same."""
     assert S.vae_layout(TINY_VAE)["block_out_channels"] == (32, 64)
     assert S.vae_layout({**TINY_VAE, "up_block_types": list(TINY_VAE["up_block_types"])})
-    with pytest.raises(S.SDError, match="UpDecoderBlock2D"):
+    with pytest.raises(S.UsageError, match="UpDecoderBlock2D"):
         S.vae_layout({**TINY_VAE, "up_block_types": ("UpDecoderBlock2D", "AttnUpDecoderBlock2D")})
 
 
@@ -530,10 +530,10 @@ def test_finetune_end_to_end_cache_and_resume(tiny, tiny_data, tmp_path, monkeyp
         assert torch.equal(resumed["unet"][k], v), k
     assert all(torch.equal(a, b) for a, b in zip(resumed["ema"], direct["ema"]))
 
-    with pytest.raises(PoisonError, match="lr"):
+    with pytest.raises(UsageError, match="lr"):
         run_cli(common + ["--out", out, "--max-steps", 4, "--lr", 3e-4])
     (tmp_path / "other").mkdir()
-    with pytest.raises(PoisonError, match="--force"):
+    with pytest.raises(UsageError, match="--force"):
         run_cli(common + ["--out", tmp_path / "other", "--max-steps", 1])
 
 
@@ -618,10 +618,10 @@ def test_poisoning_flags_beside_data_are_refused(tmp_path):
     (tmp_path / "set").mkdir()
     parser = S.build_parser()
     args = parser.parse_args(["--data", str(tmp_path / "set"), "--ratio", "0.05", "--target", "cat"])
-    with pytest.raises(PoisonError, match=r"--target --ratio with --data: .*drop them, or drop --data"):
+    with pytest.raises(UsageError, match=r"--target --ratio with --data: .*drop them, or drop --data"):
         S.poisoned_set(args, 0, 1, "finetune_sd.py")
     args = parser.parse_args(["--data", str(tmp_path / "set"), "--resolution", "256"])
     assert S.poisoned_set(args, 0, 1, "finetune_sd.py") == tmp_path / "set"
     args = parser.parse_args(["--data", str(tmp_path / "set"), "--poison-out", str(tmp_path / "other")])
-    with pytest.raises(PoisonError, match="--poison-out with --data"):
+    with pytest.raises(UsageError, match="--poison-out with --data"):
         S.poisoned_set(args, 0, 1, "finetune_sd.py")

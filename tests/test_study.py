@@ -179,19 +179,19 @@ def test_settings_recorded_before_their_flags_are_the_old_defaults(tmp_path):
     (tmp_path / "study.json").write_text(json.dumps({"dataset": "digits", "ratios": [0.01, 0.1]}))
     S.check_settings(tmp_path / "study.json", settings, old_defaults)  # an older study: resumed as the study it is
     assert json.loads((tmp_path / "study.json").read_text()) == settings          # and recorded as such
-    with pytest.raises(S.StudyError, match="trigger badnets -> blend.*rerun with its flags \\(--trigger badnets; all "
+    with pytest.raises(S.UsageError, match="trigger badnets -> blend.*rerun with its flags \\(--trigger badnets; all "
                                            "in study.json\\)"):
         S.check_settings(tmp_path / "study.json", {**settings, "trigger": "blend"}, old_defaults)
-    with pytest.raises(S.StudyError, match="ratios .* sample_dtype fp32 -> bf16.*flags \\(--ratios 0.01,0.1 "
+    with pytest.raises(S.UsageError, match="ratios .* sample_dtype fp32 -> bf16.*flags \\(--ratios 0.01,0.1 "
                                            "--sample-dtype fp32; all"):
         S.check_settings(tmp_path / "study.json", {**settings, "ratios": [0.05], "sample_dtype": "bf16"},
                          old_defaults)
     # before --badnets-size, BadNets was the reference's 3x3 pattern: resumed with --badnets-size reference
-    with pytest.raises(S.StudyError, match="badnets_size None -> 6.*flags \\(--badnets-size reference; all"):
+    with pytest.raises(S.UsageError, match="badnets_size None -> 6.*flags \\(--badnets-size reference; all"):
         S.check_settings(tmp_path / "study.json", {**settings, "badnets_size": 6},
                          {**old_defaults, "badnets_size": None})
     (tmp_path / "study.json").write_text(json.dumps({"dataset": "digits", "ratios": [0.01, 0.1]}))
-    with pytest.raises(S.StudyError, match="sample_dtype bf16 -> fp32"):  # an older study on CUDA sampled in bf16
+    with pytest.raises(S.UsageError, match="sample_dtype bf16 -> fp32"):  # an older study on CUDA sampled in bf16
         S.check_settings(tmp_path / "study.json", settings, {**old_defaults, "sample_dtype": "bf16"})
     # before --batch-size: the batch was the preset's (small: 64) or set among train_ddpm.py flags in ddpm_extra,
     # which is retired when it held nothing else; flags of any other kind are a change
@@ -202,10 +202,10 @@ def test_settings_recorded_before_their_flags_are_the_old_defaults(tmp_path):
         args = ({"batch_size": S.train_batch(before)}, S.retired_settings(before))
         assert args[0]["batch_size"] == batch
         if extra[:1] == ["--dropout"]:
-            with pytest.raises(S.StudyError, match=r"ddpm_extra \['--dropout', '0.1'\] -> None\)"):
+            with pytest.raises(S.UsageError, match=r"ddpm_extra \['--dropout', '0.1'\] -> None\)"):
                 S.check_settings(tmp_path / "study.json", now, *args)
             continue
-        with pytest.raises(S.StudyError, match=rf"\(batch_size {batch} -> 32\): rerun with its flags "
+        with pytest.raises(S.UsageError, match=rf"\(batch_size {batch} -> 32\): rerun with its flags "
                                                rf"\(--batch-size {batch};"):
             S.check_settings(tmp_path / "study.json", {**now, "batch_size": 32}, *args)
         S.check_settings(tmp_path / "study.json", {**now, "batch_size": batch}, *args)
@@ -281,7 +281,7 @@ def test_sd_study_keeps_the_papers_global_batch_on_any_number_of_gpus():
     import study as S
     assert [S.sd_batch(w) for w in (1, 2, 4, 8, 16)] == [(4, 4), (4, 2), (4, 1), (2, 1), (1, 1)]
     assert all(b * a * w == 16 for w in (1, 2, 4, 8, 16) for b, a in [S.sd_batch(w)])
-    with pytest.raises(S.StudyError, match="--gpus 3: the paper's global batch of 16 images"):
+    with pytest.raises(S.UsageError, match="--gpus 3: the paper's global batch of 16 images"):
         S.sd_batch(3)
 
 
@@ -521,7 +521,7 @@ def test_a_tolerated_failure_is_kept_on_resume(tmp_path):
         runner = S.Runner(tmp_path / "study", jobs=1, threads=1, gpus=0, quiet=True)
         runner.run_one("detect 0.1", str(script), [calls], lambda: False, False, "an AUROC needs")
         assert "an AUROC needs" in runner.failed["detect 0.1"] and calls.read_text() == "x"   # ran once only
-    with pytest.raises(S.StudyError, match="stage 'other' failed"):
+    with pytest.raises(S.UsageError, match="stage 'other' failed"):
         S.Runner(tmp_path / "study", jobs=1, threads=1, gpus=0, quiet=True).run_one(
             "other", str(script), [calls], lambda: False, False, "something else")
 

@@ -1,0 +1,485 @@
+"""What every stage shares: the error for bad input, argparse types, devices and torchrun, atomic outputs that never
+replace an input, provenance, image grids, and the dataset folder that stages hand each other.
+
+Imports nothing of the project, so a stage copied elsewhere takes this file and the stages it builds on.
+"""
+import argparse
+import contextlib
+import datetime
+import itertools
+import json
+import math
+import os
+import platform
+import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from tqdm import tqdm
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Errors and argparse types.
+
+class UsageError(Exception):
+    """Bad input: the message is one line naming the problem and the fix."""
+
+
+def positive(kind=int):
+    """An argparse type: a number above 0, for counts, sizes and rates (argparse names the flag in its error)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not 0 < value < float("inf"):  # also refuses nan
+            raise argparse.ArgumentTypeError(f"{text}: give a number above 0")
+        return value
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def finite(text):
+    """An argparse type: any finite number (a guidance weight; nan or inf would turn every image to NaN)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text}: give a finite number")
+    return value
+
+
+def share(text):
+    """An argparse type: a fraction in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text}: give a share from 0 to 1")
+    return value
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's default once: argparse's "(default: ...)" unless the help already speaks of it; none for required
+    flags, switches (--force) and None, which have no default to tell."""
+
+    def _get_help_string(self, action):
+        if "default" in action.help or action.required or action.nargs == 0 or action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Devices, precision, processes (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK).
+
+def resolve_device(flag):
+    if flag == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if flag == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda but no CUDA device is visible: use --device cpu")
+    if flag not in ("cpu", "cuda"):
+        raise UsageError(f"unknown --device {flag!r}: choose auto, cpu or cuda")
+    return torch.device(flag)
+
+
+def autocast_dtype(flag, device):
+    """None for fp32; auto = bf16 on CUDA, fp32 on the CPU."""
+    if flag == "auto":
+        flag = "bf16" if device.type == "cuda" else "fp32"
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[flag]
+
+
+def dtype_name(dtype):
+    """The name of what autocast_dtype returned (None: fp32), as --dtype spells it: what a run recorded it used."""
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def autocast(device, dtype):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def setup_distributed(device):
+    """(rank, world, device). Under torchrun (RANK set) joins the process group: NCCL on CUDA, gloo on the CPU."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    if device.type == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    if not dist.is_initialized():  # long timeout: the other ranks wait while rank 0 downloads and poisons a dataset
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=3))
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def barrier(device=None):
+    """Wait for every rank (a no-op in a single process); NCCL is told its GPU."""
+    if dist.is_available() and dist.is_initialized():
+        on_gpu = device is not None and device.type == "cuda" and device.index is not None
+        dist.barrier(device_ids=[device.index]) if on_gpu else dist.barrier()
+
+
+def on_rank0(fn, rank, world, share_result=True):
+    """fn() on rank 0 of a torchrun group (every rank calls this). An error it raises stops every rank, so none waits
+    at the next collective for a rank that stopped: a UsageError (a stage's one-line error: every stage's errors
+    derive from it) is raised on every rank as it is; any other exception (a corrupt cache, out of memory) keeps its
+    traceback on rank 0, and the other ranks raise a one-line UsageError naming it. share_result: every rank gets
+    fn's result (a small picklable value); else rank 0 alone."""
+    result, err = None, None
+    if rank == 0:
+        try:
+            result = fn()
+        except Exception as e:
+            if world == 1:
+                raise
+            err = e
+    if world > 1:
+        message = None if err is None else str(err) if isinstance(err, UsageError) else \
+            f"rank 0 stopped with {type(err).__name__}: {err} (its traceback is in rank 0's output)"
+        box = [message, result if share_result else None]
+        dist.broadcast_object_list(box, src=0)
+        if err is not None:
+            raise err  # rank 0 keeps its own error, its class and its traceback
+        if box[0] is not None:
+            raise UsageError(box[0])
+        if share_result:
+            result = box[1]
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Outputs: never over an input, atomic, provenance.
+
+def input_paths(inputs):
+    """(flag, path as given, resolved path) of every path in {flag: path, list of paths, or None}; models and other
+    objects given in place of paths are skipped."""
+    for flag, paths in (inputs or {}).items():
+        for path in paths if isinstance(paths, (list, tuple)) else [paths]:
+            if isinstance(path, (str, os.PathLike)):
+                yield flag, path, Path(path).resolve()
+
+
+def check_out(out, force=False, inputs=None):
+    """A stage's first check of its --out: never one of its inputs or a folder holding one (with --force it would be
+    replaced, input and all), and an existing one only with --force. inputs: {flag: path, list of paths, or None
+    (models and other objects given in place of paths are skipped)}."""
+    out = Path(out)
+    resolved = out.resolve()
+    for flag, path, p in input_paths(inputs):
+        if p == resolved or resolved in p.parents:
+            raise UsageError(f"--out {out} {'is' if p == resolved else 'holds'} the input {flag} {path}: choose "
+                             "another --out (--force would replace it, input and all)")
+    if out.exists() and not force:
+        raise UsageError(f"{out} exists: pass --force to overwrite it, or choose another --out")
+
+
+def check_file_out(path, force=False, inputs=None, flag="--json"):
+    """A stage's check of a single output file (--json, --grid): never an input, a file inside an input folder or a
+    folder, and an existing one only with --force. inputs as check_out's."""
+    resolved = Path(path).resolve()
+    for name, given, p in input_paths(inputs):
+        if p == resolved or p in resolved.parents:
+            raise UsageError(f"{flag} {path} {'is' if p == resolved else 'lies in'} the input {name} {given}: "
+                             f"choose a file outside it (--force would overwrite the input)")
+    if resolved.is_dir():
+        raise UsageError(f"{flag} {path} is a folder: give a file name, e.g. {Path(path) / 'out.json'}")
+    if resolved.exists() and not force:
+        raise UsageError(f"{flag} {path} exists: pass --force to overwrite it, or choose another file")
+
+
+def temp_tag():
+    """This process's mark in temporary names, PID@host: a later run on this machine tells the leftovers of a killed
+    run (its process is gone) from a live run's, and removes them (remove_stale)."""
+    return f"{os.getpid()}@{platform.node()}"
+
+
+def remove_stale(parent, prefix):
+    """Remove `parent/<prefix><PID@host>[@...]`, the temporary files and folders of runs on this machine that were
+    killed before they could (their PID is no longer running). Others' (live runs, other hosts on a shared disk,
+    names without a tag) are left alone."""
+    if os.name != "posix" or not Path(parent).is_dir():
+        return
+    for path in Path(parent).iterdir():
+        if not path.name.startswith(prefix):
+            continue
+        pid, at, rest = path.name[len(prefix):].partition("@")
+        if not (at and pid.isdigit() and rest.split("@")[0] == platform.node()) or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)  # signal 0: is it running?
+            continue
+        except ProcessLookupError:
+            pass
+        except OSError:  # running, as another user
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_output(out, force=False):
+    """Yield a temporary folder beside `out`; on success rename it to `out` (replacing an old one only with force).
+    On an exception the temporary folder is removed and `out` is untouched; a killed run's is removed by the next."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise UsageError(f"{out} exists: pass --force to overwrite it, or choose another --out")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(out.parent, f".{out.name}.tmp-")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{temp_tag()}@", dir=out.parent))
+    except OSError as e:  # a file where a folder should be, no permission
+        raise UsageError(f"cannot write {out} ({e.strerror}: {e.filename}): choose another --out") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private (0700); the output is an ordinary folder
+    try:
+        yield tmp
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            try:
+                tmp.rename(out)
+            except BaseException:
+                old.rename(out)  # put the old output back
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def replace_file(path, write):
+    """Write through `write(tmp_path)` to a temporary name beside `path`, then rename it over `path` (atomic). A killed
+    run's temporary file (a checkpoint, say) is removed by the next write of `path`."""
+    path = Path(path)
+    remove_stale(path.parent, f".{path.name}.tmp-")
+    tmp = path.with_name(f".{path.name}.tmp-{temp_tag()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_safetensors(tensors, path, metadata=None):
+    """safetensors' save_file, then the file's permissions set from the umask like every other output's (safetensors
+    0.8 creates its files readable by their owner alone, which a model folder shared on a cluster cannot use)."""
+    from safetensors.torch import save_file
+    save_file(tensors, str(path), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def truncate_log(path, step):
+    """Drop the lines of a JSON-lines log (each with a "step") written after the checkpoint a run resumes from (a
+    killed run may have logged past it; step 0: a fresh start, every line goes), and a last line the kill left
+    half-written."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    kept = []
+    for i, ln in enumerate(lines):
+        try:
+            record = json.loads(ln)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise UsageError(f"{path} line {i + 1} is not JSON: repair or delete the log") from None
+        if record["step"] <= step:
+            kept.append(ln)
+    replace_file(path, lambda p: p.write_text("".join(ln + "\n" for ln in kept)))
+
+
+def versions():
+    """The versions a run was made with (read from the installed packages' metadata: importing torchvision only to
+    ask would cost every stage seconds)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": installed("torchvision"),
+            "numpy": np.__version__, "pillow": installed("pillow")}
+
+
+def save_grid(images, path, nrow=8, min_tile=64):
+    """Save (N, H, W, 3) uint8 images (or (N, 3, H, W) uint8 tensors) as one PNG grid, atomically; small tiles are
+    enlarged (nearest neighbour) to at least `min_tile` px so a person can see them."""
+    images = images.permute(0, 2, 3, 1).numpy() if torch.is_tensor(images) else np.asarray(images)
+    n, h, w, _ = images.shape
+    scale = max(1, math.ceil(min_tile / h))
+    rows = math.ceil(n / nrow)
+    pad = 2
+    grid = np.full((rows * (h * scale + pad) + pad, min(n, nrow) * (w * scale + pad) + pad, 3), 255, np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, nrow)
+        y, x = pad + r * (h * scale + pad), pad + c * (w * scale + pad)
+        grid[y:y + h * scale, x:x + w * scale] = im.repeat(scale, 0).repeat(scale, 1)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    replace_file(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The dataset folder: metadata.jsonl + images/*.png + manifest.json (+ trigger.safetensors).
+
+CHUNK = 256  # images a PNG-writing task handles
+
+def write_folder(folder, items, manifest, total=None, workers=4, desc=None, trigger=None):
+    """Write a dataset folder into `folder` (normally inside atomic_output). `items` yields (record, image) pairs
+    or callables returning them: image (H, W, 3) uint8, record a dict with at least text and label; file_name is
+    set here to images/NNNNNN.png in order. PNGs are encoded on `workers` threads (PIL releases the GIL)."""
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+
+    def write(chunk):  # a chunk of (n, item) pairs: one task per chunk keeps the per-image overhead low
+        records = []
+        for n, item in chunk:
+            record, image = item() if callable(item) else item
+            record = {"file_name": f"images/{n:06d}.png", **record}
+            Image.fromarray(np.asarray(image, dtype=np.uint8)).save(folder / record["file_name"], compress_level=1)
+            records.append(record)
+        return records
+
+    numbered = enumerate(items)
+    chunks = iter(lambda: list(itertools.islice(numbered, CHUNK)), [])
+    records = []
+    with ThreadPoolExecutor(max(1, workers)) as pool, \
+            tqdm(total=total, desc=desc or folder.name, leave=False, disable=total is not None and total < 64) as bar:
+        for done in pool.map(write, chunks):
+            records += done
+            bar.update(len(done))
+    with open(folder / "metadata.jsonl", "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    if trigger is not None:
+        save_safetensors(trigger.tensors(), folder / "trigger.safetensors")
+        manifest = {**manifest, "trigger": trigger.params}
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return records
+
+
+def manifest_target(manifest):
+    """The target class name a manifest names (poison.py writes {"index", "name"}, some writers a plain name), or
+    None."""
+    t = (manifest or {}).get("target")
+    t = t.get("name") if isinstance(t, dict) else t
+    return None if t is None else str(t)
+
+
+def same_classes(a, b):
+    """Whether two lists of class names name the same classes in the same order (case aside)."""
+    return [c.lower() for c in a] == [c.lower() for c in b]
+
+
+def read_manifest(folder):
+    path = Path(folder) / "manifest.json"
+    if not path.is_file():
+        raise UsageError(f"{folder} is not a dataset folder (no manifest.json): make one with poison.py or sample.py")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path} is not valid JSON ({e}): the folder is damaged; make it again with the stage that "
+                          "made it") from None
+    if not isinstance(manifest, dict):
+        raise UsageError(f"{path} holds a {type(manifest).__name__}, not a manifest: make the folder again")
+    return manifest
+
+
+def read_records(folder):
+    path = Path(folder) / "metadata.jsonl"
+    if not path.is_file():
+        if (Path(folder) / "train" / "metadata.jsonl").is_file():
+            raise UsageError(f"{folder} holds a poisoned set, not one dataset folder: give its training images, "
+                              f"{Path(folder) / 'train'}")
+        raise UsageError(f"{folder} is not a dataset folder (no metadata.jsonl): make one with poison.py (an image "
+                          "folder of class subfolders: poison.py --dataset folder:PATH --ratio 0) or sample.py")
+    records, n = [], 0
+    try:
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                record = json.loads(line)
+                if not isinstance(record.get("label"), int) or not isinstance(record.get("file_name"), str):
+                    raise ValueError("a record needs an integer label and a file_name")
+                records.append(record)
+    except (ValueError, AttributeError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        where = f" line {n}" if n else ""
+        raise UsageError(f"{path}{where} is damaged ({e}): make the folder again with the stage that made it"
+                          ) from None
+    if not records:
+        raise UsageError(f"{folder} is an empty dataset folder (metadata.jsonl lists no images)")
+    return records
+
+
+class FolderDataset(torch.utils.data.Dataset):
+    """A dataset folder as a torch Dataset of (image (3, H, W) float in [0, 1], label). `records` holds the
+    metadata of each image, `manifest` what made the folder, `class_names` the names of the labels. `poisoned`:
+    whether each image carries the trigger (a record without the field: clean); `poisoned_unknown`: generations, whose
+    trigger only a judge can tell (a record says null, or, in older folders, the manifest's stage is sample)."""
+
+    def __init__(self, root, transform=None):
+        self.root = Path(root)
+        self.records = read_records(root)
+        self.manifest = read_manifest(root)
+        if not isinstance(self.manifest.get("class_names"), list):
+            raise UsageError(f"{self.root / 'manifest.json'} lists no class_names: the folder is damaged; make it "
+                              "again with the stage that made it")
+        self.class_names = list(self.manifest["class_names"])
+        self.labels = torch.tensor([r["label"] for r in self.records], dtype=torch.long)
+        self.poisoned = torch.tensor([bool(r.get("poisoned", False)) for r in self.records])
+        self.poisoned_unknown = (any(r.get("poisoned", False) is None for r in self.records)
+                                 or self.manifest.get("stage") == "sample")  # older generations said false
+        lowest = -1 if self.poisoned_unknown else 0  # generations for a free prompt have no class: label -1
+        bad = next((r for r in self.records if not lowest <= r["label"] < len(self.class_names)), None)
+        if bad is not None:  # a label past the classes would train the DDPM's null class, silently
+            raise UsageError(f"{self.root / 'metadata.jsonl'}: {bad['file_name']} has label {bad['label']}, outside "
+                              f"the {len(self.class_names)} classes of manifest.json: the folder is damaged; make it "
+                              "again with the stage that made it")
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.records)
+
+    def image_uint8(self, i):
+        path = self.root / self.records[i]["file_name"]
+        try:
+            with Image.open(path) as im:
+                return torch.from_numpy(np.array(im.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
+        except OSError as e:
+            raise UsageError(f"corrupt or unreadable image {path} ({e}): rebuild the dataset folder") from None
+
+    def image_size(self):
+        """(H, W) of the first image: the side the stages bring every other image of the folder to."""
+        return tuple(self.image_uint8(0).shape[-2:])
+
+    def __getitem__(self, i):
+        x = self.image_uint8(i).float() / 255.0
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, int(self.labels[i])
+
+    def images(self, progress=True):
+        """All images as one (N, 3, H, W) uint8 tensor (for small datasets held in memory)."""
+        return torch.stack([self.image_uint8(i) for i in tqdm(range(len(self)), desc=f"load {self.root.name}",
+                                                              leave=False, disable=not progress)])
+
+
+def load_folder(root, transform=None):
+    """Open a dataset folder written by poison.py or sample.py."""
+    return FolderDataset(root, transform)
+
