@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 OUT    ?= study
 LATEST ?= .venv-latest
 
-.PHONY: study test venv lock test-latest latest-venv clean
+.PHONY: study test stats venv lock test-latest latest-venv clean
 # The venv holds exactly the versions of requirements.lock, the ones the tests last passed with.
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt requirements.lock
@@ -24,6 +24,10 @@ study: venv
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q tests
+
+# The readability budgets (issue 29): lines, prose, line width, imports.
+stats:
+	$(PYTHON) benchmarks/stats.py
 
 # A new venv from the ranges of requirements*.txt alone: the newest versions they allow.
 latest-venv:
