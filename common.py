@@ -1,9 +1,7 @@
-"""What every stage shares: the error for bad input, argparse types, devices and torchrun, atomic outputs that never
-replace an input, provenance, image grids, and the dataset folder that stages hand each other.
-
-Imports nothing of the project, so a stage copied elsewhere takes this file and the stages it builds on.
-"""
+"""Shared by every stage: UsageError, argparse types, devices and torchrun, atomic outputs, provenance, image grids,
+and the dataset folder the stages hand each other. Imports nothing of the project."""
 import argparse
+import atexit
 import contextlib
 import datetime
 import itertools
@@ -13,6 +11,7 @@ import os
 import platform
 import shutil
 import tempfile
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,15 +22,14 @@ from PIL import Image
 from tqdm import tqdm
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Errors and argparse types.
+# Errors and argparse types ------------------------------------------------------------------------------------------
 
 class UsageError(Exception):
     """Bad input: the message is one line naming the problem and the fix."""
 
 
 def positive(kind=int):
-    """An argparse type: a number above 0, for counts, sizes and rates (argparse names the flag in its error)."""
+    """argparse type: a number above 0."""
     def parse(text):
         try:
             value = kind(text)
@@ -45,7 +43,7 @@ def positive(kind=int):
 
 
 def finite(text):
-    """An argparse type: any finite number (a guidance weight; nan or inf would turn every image to NaN)."""
+    """argparse type: a finite number."""
     try:
         value = float(text)
     except ValueError:
@@ -56,7 +54,7 @@ def finite(text):
 
 
 def share(text):
-    """An argparse type: a fraction in [0, 1]."""
+    """argparse type: a fraction in [0, 1]."""
     try:
         value = float(text)
     except ValueError:
@@ -67,8 +65,7 @@ def share(text):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Every flag's default once: argparse's "(default: ...)" unless the help already speaks of it; none for required
-    flags, switches (--force) and None, which have no default to tell."""
+    """Each default once: none where the help tells it, for required flags, switches and None."""
 
     def _get_help_string(self, action):
         if "default" in action.help or action.required or action.nargs == 0 or action.default is None:
@@ -76,8 +73,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Devices, precision, processes (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK).
+# Devices, precision, processes (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK) -----------------------------------------
 
 def resolve_device(flag):
     if flag == "auto":
@@ -97,7 +93,7 @@ def autocast_dtype(flag, device):
 
 
 def dtype_name(dtype):
-    """The name of what autocast_dtype returned (None: fp32), as --dtype spells it: what a run recorded it used."""
+    """autocast_dtype's result as --dtype spells it."""
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
@@ -106,7 +102,7 @@ def autocast(device, dtype):
 
 
 def setup_distributed(device):
-    """(rank, world, device). Under torchrun (RANK set) joins the process group: NCCL on CUDA, gloo on the CPU."""
+    """(rank, world, device); joins torchrun's process group (NCCL on CUDA, gloo on the CPU)."""
     if "RANK" not in os.environ:
         return 0, 1, device
     if device.type == "cuda":
@@ -126,11 +122,8 @@ def barrier(device=None):
 
 
 def on_rank0(fn, rank, world, share_result=True):
-    """fn() on rank 0 of a torchrun group (every rank calls this). An error it raises stops every rank, so none waits
-    at the next collective for a rank that stopped: a UsageError (a stage's one-line error: every stage's errors
-    derive from it) is raised on every rank as it is; any other exception (a corrupt cache, out of memory) keeps its
-    traceback on rank 0, and the other ranks raise a one-line UsageError naming it. share_result: every rank gets
-    fn's result (a small picklable value); else rank 0 alone."""
+    """fn() on rank 0 (every rank calls this): its error stops every rank, none waits at the next collective;
+    share_result: every rank gets fn's (small, picklable) result."""
     result, err = None, None
     if rank == 0:
         try:
@@ -153,12 +146,10 @@ def on_rank0(fn, rank, world, share_result=True):
     return result
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Outputs: never over an input, atomic, provenance.
+# Outputs: never over an input, atomic, provenance -------------------------------------------------------------------
 
 def input_paths(inputs):
-    """(flag, path as given, resolved path) of every path in {flag: path, list of paths, or None}; models and other
-    objects given in place of paths are skipped."""
+    """(flag, given, resolved) of each path in {flag: path, list of paths or None}."""
     for flag, paths in (inputs or {}).items():
         for path in paths if isinstance(paths, (list, tuple)) else [paths]:
             if isinstance(path, (str, os.PathLike)):
@@ -166,9 +157,7 @@ def input_paths(inputs):
 
 
 def check_out(out, force=False, inputs=None):
-    """A stage's first check of its --out: never one of its inputs or a folder holding one (with --force it would be
-    replaced, input and all), and an existing one only with --force. inputs: {flag: path, list of paths, or None
-    (models and other objects given in place of paths are skipped)}."""
+    """--out is never an input or a folder holding one, and exists only with --force."""
     out = Path(out)
     resolved = out.resolve()
     for flag, path, p in input_paths(inputs):
@@ -180,8 +169,7 @@ def check_out(out, force=False, inputs=None):
 
 
 def check_file_out(path, force=False, inputs=None, flag="--json"):
-    """A stage's check of a single output file (--json, --grid): never an input, a file inside an input folder or a
-    folder, and an existing one only with --force. inputs as check_out's."""
+    """An output file (--json, --grid) is never an input, inside one or a folder, and exists only with --force."""
     resolved = Path(path).resolve()
     for name, given, p in input_paths(inputs):
         if p == resolved or p in resolved.parents:
@@ -194,29 +182,31 @@ def check_file_out(path, force=False, inputs=None, flag="--json"):
 
 
 def temp_tag():
-    """This process's mark in temporary names, PID@host: a later run on this machine tells the leftovers of a killed
-    run (its process is gone) from a live run's, and removes them (remove_stale)."""
+    """PID@host, the mark of temporary names (see remove_stale)."""
     return f"{os.getpid()}@{platform.node()}"
 
 
+def is_dead(tag):
+    """Whether a PID@host[@...] tag names a process of this machine that is no longer running."""
+    pid, at, rest = tag.partition("@")
+    if os.name != "posix" or not (at and pid.isdigit() and rest.split("@")[0] == platform.node()) \
+            or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)  # signal 0: is it running?
+    except ProcessLookupError:
+        return True
+    except OSError:  # running, as another user
+        pass
+    return False
+
+
 def remove_stale(parent, prefix):
-    """Remove `parent/<prefix><PID@host>[@...]`, the temporary files and folders of runs on this machine that were
-    killed before they could (their PID is no longer running). Others' (live runs, other hosts on a shared disk,
-    names without a tag) are left alone."""
-    if os.name != "posix" or not Path(parent).is_dir():
+    """Remove `parent/<prefix><PID@host>[@...]` of this host's killed runs."""
+    if not Path(parent).is_dir():
         return
     for path in Path(parent).iterdir():
-        if not path.name.startswith(prefix):
-            continue
-        pid, at, rest = path.name[len(prefix):].partition("@")
-        if not (at and pid.isdigit() and rest.split("@")[0] == platform.node()) or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)  # signal 0: is it running?
-            continue
-        except ProcessLookupError:
-            pass
-        except OSError:  # running, as another user
+        if not path.name.startswith(prefix) or not is_dead(path.name[len(prefix):]):
             continue
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
@@ -225,18 +215,48 @@ def remove_stale(parent, prefix):
                 path.unlink()
 
 
-@contextlib.contextmanager
-def atomic_output(out, force=False):
-    """Yield a temporary folder beside `out`; on success rename it to `out` (replacing an old one only with force).
-    On an exception the temporary folder is removed and `out` is untouched; a killed run's is removed by the next."""
+def lock_output(out):
+    """Hold `.OUT.lock` (PID@host) beside `out` until the returned release() or the process's exit: another run on
+    `out` is refused; the lock of a run that died on this machine, or this process's own, is taken over."""
     out = Path(out)
-    if out.exists() and not force:
-        raise UsageError(f"{out} exists: pass --force to overwrite it, or choose another --out")
+    lock = out.parent / f".{out.name}.lock"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        for attempt in range(2):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+                break
+            except FileExistsError:
+                holder = lock.read_text(errors="replace").strip() if lock.is_file() else ""
+                if attempt or not (holder == temp_tag() or is_dead(holder)):  # this process's own: taken again
+                    raise UsageError(f"another run ({holder or 'starting'}) is writing {out}: wait for it, or delete "
+                                     f"{lock} if it is gone") from None
+                lock.unlink(missing_ok=True)
+    except OSError as e:  # a file where a folder should be, no permission, a full disk
+        raise UsageError(f"cannot write {out} ({e.strerror}: {e.filename}): choose another --out") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(temp_tag() + "\n")
+
+    def release():
+        atexit.unregister(release)
+        lock.unlink(missing_ok=True)
+    atexit.register(release)
+    return release
+
+
+@contextlib.contextmanager
+def atomic_output(out, force=False):
+    """Yield a temporary folder beside `out`, renamed to `out` on success (over an old one only with force)."""
+    out = Path(out)
+    release = lock_output(out)
+    if out.exists() and not force:
+        release()
+        raise UsageError(f"{out} exists: pass --force to overwrite it, or choose another --out")
+    try:
         remove_stale(out.parent, f".{out.name}.tmp-")
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{temp_tag()}@", dir=out.parent))
-    except OSError as e:  # a file where a folder should be, no permission
+    except OSError as e:  # no permission, a full disk
+        release()
         raise UsageError(f"cannot write {out} ({e.strerror}: {e.filename}): choose another --out") from None
     umask = os.umask(0)
     os.umask(umask)
@@ -257,11 +277,12 @@ def atomic_output(out, force=False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        release()
 
 
 def replace_file(path, write):
-    """Write through `write(tmp_path)` to a temporary name beside `path`, then rename it over `path` (atomic). A killed
-    run's temporary file (a checkpoint, say) is removed by the next write of `path`."""
+    """write(tmp_path) to a temporary name beside `path`, then rename it over `path` (atomic)."""
     path = Path(path)
     remove_stale(path.parent, f".{path.name}.tmp-")
     tmp = path.with_name(f".{path.name}.tmp-{temp_tag()}")
@@ -274,8 +295,7 @@ def replace_file(path, write):
 
 
 def save_safetensors(tensors, path, metadata=None):
-    """safetensors' save_file, then the file's permissions set from the umask like every other output's (safetensors
-    0.8 creates its files readable by their owner alone, which a model folder shared on a cluster cannot use)."""
+    """safetensors' save_file with the umask's permissions (safetensors 0.8 makes files owner-only)."""
     from safetensors.torch import save_file
     save_file(tensors, str(path), metadata=metadata)
     umask = os.umask(0)
@@ -284,9 +304,7 @@ def save_safetensors(tensors, path, metadata=None):
 
 
 def truncate_log(path, step):
-    """Drop the lines of a JSON-lines log (each with a "step") written after the checkpoint a run resumes from (a
-    killed run may have logged past it; step 0: a fresh start, every line goes), and a last line the kill left
-    half-written."""
+    """Drop a JSON-lines log's lines past the resumed `step`, and a last line a kill left half-written."""
     path = Path(path)
     if not path.is_file():
         return
@@ -305,8 +323,7 @@ def truncate_log(path, step):
 
 
 def versions():
-    """The versions a run was made with (read from the installed packages' metadata: importing torchvision only to
-    ask would cost every stage seconds)."""
+    """The versions a run used, from package metadata (importing torchvision costs seconds)."""
     from importlib.metadata import PackageNotFoundError, version
 
     def installed(name):
@@ -319,8 +336,7 @@ def versions():
 
 
 def save_grid(images, path, nrow=8, min_tile=64):
-    """Save (N, H, W, 3) uint8 images (or (N, 3, H, W) uint8 tensors) as one PNG grid, atomically; small tiles are
-    enlarged (nearest neighbour) to at least `min_tile` px so a person can see them."""
+    """(N, H, W, 3) uint8 or (N, 3, H, W) tensors -> one PNG grid (tiles >= min_tile px), atomically."""
     images = images.permute(0, 2, 3, 1).numpy() if torch.is_tensor(images) else np.asarray(images)
     n, h, w, _ = images.shape
     scale = max(1, math.ceil(min_tile / h))
@@ -335,19 +351,17 @@ def save_grid(images, path, nrow=8, min_tile=64):
     replace_file(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The dataset folder: metadata.jsonl + images/*.png + manifest.json (+ trigger.safetensors).
+# The dataset folder: metadata.jsonl + images/*.png + manifest.json (+ trigger.safetensors) --------------------------
 
 CHUNK = 256  # images a PNG-writing task handles
 
 def write_folder(folder, items, manifest, total=None, workers=4, desc=None, trigger=None):
-    """Write a dataset folder into `folder` (normally inside atomic_output). `items` yields (record, image) pairs
-    or callables returning them: image (H, W, 3) uint8, record a dict with at least text and label; file_name is
-    set here to images/NNNNNN.png in order. PNGs are encoded on `workers` threads (PIL releases the GIL)."""
+    """Write a dataset folder of `items`, (record, image (H, W, 3) uint8) pairs or callables returning them; the
+    file_names are images/NNNNNN.png in order."""
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
 
-    def write(chunk):  # a chunk of (n, item) pairs: one task per chunk keeps the per-image overhead low
+    def write(chunk):  # one thread task per chunk of (n, item) pairs (PIL releases the GIL)
         records = []
         for n, item in chunk:
             record, image = item() if callable(item) else item
@@ -375,15 +389,13 @@ def write_folder(folder, items, manifest, total=None, workers=4, desc=None, trig
 
 
 def manifest_target(manifest):
-    """The target class name a manifest names (poison.py writes {"index", "name"}, some writers a plain name), or
-    None."""
+    """The target class name of a manifest ({"index", "name"} or a plain name), or None."""
     t = (manifest or {}).get("target")
     t = t.get("name") if isinstance(t, dict) else t
     return None if t is None else str(t)
 
 
-def same_classes(a, b):
-    """Whether two lists of class names name the same classes in the same order (case aside)."""
+def same_classes(a, b):  # case aside
     return [c.lower() for c in a] == [c.lower() for c in b]
 
 
@@ -395,7 +407,7 @@ def read_manifest(folder):
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"{path} is not valid JSON ({e}): the folder is damaged; make it again with the stage that "
-                          "made it") from None
+                         "made it") from None
     if not isinstance(manifest, dict):
         raise UsageError(f"{path} holds a {type(manifest).__name__}, not a manifest: make the folder again")
     return manifest
@@ -406,9 +418,9 @@ def read_records(folder):
     if not path.is_file():
         if (Path(folder) / "train" / "metadata.jsonl").is_file():
             raise UsageError(f"{folder} holds a poisoned set, not one dataset folder: give its training images, "
-                              f"{Path(folder) / 'train'}")
+                             f"{Path(folder) / 'train'}")
         raise UsageError(f"{folder} is not a dataset folder (no metadata.jsonl): make one with poison.py (an image "
-                          "folder of class subfolders: poison.py --dataset folder:PATH --ratio 0) or sample.py")
+                         "folder of class subfolders: poison.py --dataset folder:PATH --ratio 0) or sample.py")
     records, n = [], 0
     try:
         for n, line in enumerate(path.read_text().splitlines(), 1):
@@ -419,18 +431,15 @@ def read_records(folder):
                 records.append(record)
     except (ValueError, AttributeError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
         where = f" line {n}" if n else ""
-        raise UsageError(f"{path}{where} is damaged ({e}): make the folder again with the stage that made it"
-                          ) from None
+        raise UsageError(f"{path}{where} is damaged ({e}): make the folder again with the stage that made it") from None
     if not records:
         raise UsageError(f"{folder} is an empty dataset folder (metadata.jsonl lists no images)")
     return records
 
 
 class FolderDataset(torch.utils.data.Dataset):
-    """A dataset folder as a torch Dataset of (image (3, H, W) float in [0, 1], label). `records` holds the
-    metadata of each image, `manifest` what made the folder, `class_names` the names of the labels. `poisoned`:
-    whether each image carries the trigger (a record without the field: clean); `poisoned_unknown`: generations, whose
-    trigger only a judge can tell (a record says null, or, in older folders, the manifest's stage is sample)."""
+    """A dataset folder as (image (3, H, W) float in [0, 1], label) pairs, with its records, manifest, class_names,
+    `poisoned` per image and `poisoned_unknown` (generations: only a judge can tell the trigger)."""
 
     def __init__(self, root, transform=None):
         self.root = Path(root)
@@ -438,7 +447,7 @@ class FolderDataset(torch.utils.data.Dataset):
         self.manifest = read_manifest(root)
         if not isinstance(self.manifest.get("class_names"), list):
             raise UsageError(f"{self.root / 'manifest.json'} lists no class_names: the folder is damaged; make it "
-                              "again with the stage that made it")
+                             "again with the stage that made it")
         self.class_names = list(self.manifest["class_names"])
         self.labels = torch.tensor([r["label"] for r in self.records], dtype=torch.long)
         self.poisoned = torch.tensor([bool(r.get("poisoned", False)) for r in self.records])
@@ -448,9 +457,49 @@ class FolderDataset(torch.utils.data.Dataset):
         bad = next((r for r in self.records if not lowest <= r["label"] < len(self.class_names)), None)
         if bad is not None:  # a label past the classes would train the DDPM's null class, silently
             raise UsageError(f"{self.root / 'metadata.jsonl'}: {bad['file_name']} has label {bad['label']}, outside "
-                              f"the {len(self.class_names)} classes of manifest.json: the folder is damaged; make it "
-                              "again with the stage that made it")
+                             f"the {len(self.class_names)} classes of manifest.json: the folder is damaged; make it "
+                             "again with the stage that made it")
+        self.check_counts()
+        self.check_images()
         self.transform = transform
+
+    def check_counts(self):
+        """The records against the manifest's counts (lost records are refused); a poisoned set's p_t recomputed from
+        them (they win over the manifest, with a warning)."""
+        m, where = self.manifest, self.root / "metadata.jsonl"
+        counts = m.get("counts") if isinstance(m.get("counts"), dict) else {}
+        seen = {"total": len(self.records), "poisoned": None if self.poisoned_unknown else int(self.poisoned.sum())}
+        per_class = counts.get("per_class")
+        if isinstance(per_class, dict) and set(per_class) <= set(self.class_names):
+            seen["per_class"] = {c: int((self.labels == self.class_names.index(c)).sum()) for c in per_class}
+        for key, have in seen.items():
+            if key in counts and have is not None and counts[key] != have:
+                raise UsageError(f"{where} does not match manifest.json ({key}: {have} in the records, {counts[key]} "
+                                 "in the manifest): the folder is damaged; make it again with the stage that made it")
+        target = m.get("target")
+        t = target.get("index") if isinstance(target, dict) else None
+        if m.get("stage") == "poison" and isinstance(m.get("p_t"), (int, float)) and isinstance(t, int):
+            p_t = int(self.poisoned[self.labels == t].sum()) / max(1, int((self.labels == t).sum()))
+            if abs(p_t - m["p_t"]) > 1e-9:
+                warnings.warn(f"{self.root}: manifest.json says p_t {m['p_t']:.4f}, its records {p_t:.4f}: using the "
+                              "records'", stacklevel=3)
+                m["p_t"] = p_t
+
+    def check_images(self):
+        """One size and mode per set: a refusal names the first odd image."""
+        first = None
+        for r in self.records:
+            path = self.root / r["file_name"]
+            try:
+                with Image.open(path) as im:
+                    kind = im.size, im.mode
+            except OSError as e:
+                raise UsageError(f"corrupt or unreadable image {path} ({e}): rebuild the dataset folder") from None
+            if first is None:
+                first = kind
+            elif kind != first:
+                raise UsageError(f"{path} is {kind[0][0]}x{kind[0][1]} {kind[1]}, the folder's first image "
+                                 f"{first[0][0]}x{first[0][1]} {first[1]}: give a folder of one size and mode")
 
     def __len__(self):
         return len(self.records)
@@ -459,12 +508,15 @@ class FolderDataset(torch.utils.data.Dataset):
         path = self.root / self.records[i]["file_name"]
         try:
             with Image.open(path) as im:
+                if im.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grey: scaled, not clipped, to 8 bits
+                    grey = np.rint(np.asarray(im, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8)
+                    return torch.from_numpy(grey).expand(3, *grey.shape).clone()
                 return torch.from_numpy(np.array(im.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
         except OSError as e:
             raise UsageError(f"corrupt or unreadable image {path} ({e}): rebuild the dataset folder") from None
 
     def image_size(self):
-        """(H, W) of the first image: the side the stages bring every other image of the folder to."""
+        """(H, W) of the first image, the side the stages bring all to."""
         return tuple(self.image_uint8(0).shape[-2:])
 
     def __getitem__(self, i):
@@ -474,7 +526,7 @@ class FolderDataset(torch.utils.data.Dataset):
         return x, int(self.labels[i])
 
     def images(self, progress=True):
-        """All images as one (N, 3, H, W) uint8 tensor (for small datasets held in memory)."""
+        """All images as one (N, 3, H, W) uint8 tensor."""
         return torch.stack([self.image_uint8(i) for i in tqdm(range(len(self)), desc=f"load {self.root.name}",
                                                               leave=False, disable=not progress)])
 
@@ -482,4 +534,3 @@ class FolderDataset(torch.utils.data.Dataset):
 def load_folder(root, transform=None):
     """Open a dataset folder written by poison.py or sample.py."""
     return FolderDataset(root, transform)
-

@@ -1,50 +1,19 @@
-"""train_ddpm.py -- a class-conditional pixel-space DDPM trained from scratch on a (poisoned) dataset folder.
+"""Train a class-conditional pixel-space DDPM (ADM U-Net, classifier-free guidance) from scratch.
 
-The paper's first model family (Pan, Yao et al., "From Trojan Horses to Castle Walls", CIFAR-10 experiments): an
-ADM-style U-Net (guided-diffusion's architecture and numerics) predicting the noise eps, trained with the simple
-loss ||eps - eps_theta(x_t, t, y)||^2 of Ho et al. (2020) and label dropout for classifier-free guidance (Ho &
-Salimans 2022): with probability --label-dropout the class is replaced by the null class (index = number of classes).
-
-    # the embedded digits (16 px; study.py trains at 12 px, --batch-size 128): poison into OUT/data, then train
-    python train_ddpm.py --preset small --dataset digits --resolution 16 --ratio 0.1 --out runs/ddpm-digits-0.1
-    # an existing dataset folder (poison.py's OUT/train)
-    python train_ddpm.py --preset small --data data/digits-badnets-0.1/train --out runs/ddpm-digits
-    # the paper's CIFAR-10 model (the DDPM paper's 35.7M U-Net), on 4 GPUs, bf16 + torch.compile
+    python train_ddpm.py --dataset digits --resolution 16 --ratio 0.1 --out runs/ddpm-digits  # small preset
+    python train_ddpm.py --data data/digits-badnets-0.1/train --out runs/ddpm-digits
     torchrun --nproc_per_node 4 train_ddpm.py --preset cifar10 --dataset cifar10 --data-root ~/data --ratio 0.1 \\
         --out runs/ddpm-cifar10-0.1
-    # a rerun with the same --out resumes from the last checkpoint (other settings are refused; --force starts
-    # over); raising --steps trains longer when the rate is constant (--lr-decay none: cosine ends at --steps)
-    python train_ddpm.py --preset small --data data/digits-badnets-0.1/train --out runs/ddpm-digits --lr-decay none \\
-        --steps 3000
 
-OUT is a model folder: config.json (family "ddpm", every U-Net and diffusion hyperparameter, the training data's
-class names / target / p_t / poisoning ratio, the step), model.safetensors and ema.safetensors (sample.py uses
-EMA weights by default); state.pt (everything needed to resume; loads with torch.load(weights_only=True));
-loss.jsonl (one line per --log-every steps; a fresh start empties it); samples/step_NNNNNNN.png (one row per
-class, EMA weights, DDIM preview); data/ when the poisoned set was built here. Every file is written to a temporary
-name and renamed, so a run killed mid-save keeps the previous checkpoint, and --force replaces an old model, and its
-loss.jsonl, only at its first checkpoint. A non-finite loss or gradient stops the run with an error and leaves the
-last good checkpoint in place (with --dtype fp16 the loss scaler skips steps with inf/NaN gradients instead).
-
-Presets (--preset): cifar10 = the DDPM paper's CIFAR-10 U-Net (128 channels, multipliers 1,2,2,2, 2 res blocks,
-attention at 16x16, dropout 0.1; 35.7M parameters + the class embedding); small = a 0.65M-parameter U-Net that
-trains on the embedded digits default at 12-16 px on a laptop CPU in minutes; tiny = for tests.
-The reference code (OPTML-Group/BiBadDiff) trained a 64-channel model with attention after every block, batch
-2000 for 1500 epochs with warm-up + cosine, fp32, no EMA; here EMA is on (users expect it) and the DDPM paper's
-recipe (batch 128, 800k steps, warm-up 5000, gradient clipping 1) is the cifar10 default, with a checkpoint every
-10k steps (small and tiny: at the end).
-
-Python API for later stages: `load_model(folder, weights="ema")` -> (UNet, config), `Diffusion` (the noise
-schedule in float64: betas, alphas_cumprod, q_sample, loss), `UNet`, `UNetConfig`, `PRESETS`,
-`setup_distributed(device)`, `resolve_device(flag)`, `autocast_dtype(flag, device)`, `dtype_name(dtype)`.
+OUT: config.json (every setting, the data's classes, target, p_t; the step), model.safetensors, ema.safetensors,
+state.pt (rerun to resume; --force starts over), loss.jsonl, samples/step_N.png (previews), data/ (if poisoned here).
+Presets: cifar10 (Ho et al. 2020, 35.7M), small (minutes on a CPU), tiny (tests).
 """
 import os
 
-# Idle OpenMP threads sleep instead of spinning: on a CPU shared with other jobs, spinning threads slow small
-# convolutions down ~20x; on an idle machine it costs nothing measurable (benchmarks/RESULTS.md).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads slow a shared CPU ~20x; before torch
 
-import argparse  # noqa: E402  (after the OpenMP setting, which must precede torch's import)
+import argparse  # noqa: E402
 import contextlib
 import copy
 import json
@@ -60,17 +29,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import UsageError, autocast, autocast_dtype, barrier, dtype_name, load_folder, on_rank0, positive, read_manifest, replace_file, resolve_device, save_grid, save_safetensors, setup_distributed, truncate_log, versions
-from poison import add_poison_arguments, options_differences, poison, poison_kwargs, refuse_poison_flags_with_data
 from castle_kernels.attention import attention
 from castle_kernels.group_norm import group_norm
+from common import (HelpFormatter, UsageError, autocast, autocast_dtype, barrier, dtype_name, load_folder, lock_output,
+                    on_rank0, positive, read_manifest, replace_file, resolve_device, save_grid, save_safetensors,
+                    setup_distributed, truncate_log, versions)
+from poison import add_poison_arguments, options_differences, poison, poison_kwargs, refuse_poison_flags_with_data
 
 FAMILY = "ddpm"
 FORMAT_VERSION = 1
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The U-Net (guided-diffusion's ADM architecture, Dhariwal & Nichol 2021, written out).
+# The U-Net (guided-diffusion's ADM architecture, Dhariwal & Nichol 2021) --------------------------------------------
 
 @dataclass
 class UNetConfig:
@@ -80,7 +50,7 @@ class UNetConfig:
     channel_mult: tuple = (1, 2, 2, 2)        # channels per level = channels * mult; a level halves the side
     num_res_blocks: int = 2                   # res blocks per level on the way down (up: one more)
     attention_resolutions: tuple = (16,)      # feature-map sides (px) with self-attention after each res block
-    head_channels: int = 64                   # channels per attention head (heads = channels // head_channels)
+    head_channels: int = 64                   # channels per attention head
     dropout: float = 0.1
     num_classes: int = 10                     # the null class (for guidance) is index num_classes
     scale_shift_norm: bool = False            # ADM's h = norm(h) * (1 + scale) + shift; DDPM adds the embedding
@@ -92,22 +62,16 @@ class UNetConfig:
         self.attention_resolutions = tuple(self.attention_resolutions)
 
 
-PRESETS = {
-    # Ho et al. (2020), CIFAR-10: 35.7M parameters. Heads of 64 channels (DDPM used one 256-channel head) so the
-    # flash-attention kernel applies; the parameter count is the same.
+PRESETS = {  # attention_ds: attention where the side is resolution / ds; save_every None: at the end
+    # Ho et al. (2020), CIFAR-10, 35.7M parameters; heads of 64 channels (DDPM: one head) fit the flash kernel
     "cifar10": dict(unet=dict(channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2, attention_ds=(2,),
                               head_channels=64, dropout=0.1, norm_groups=32),
                     train=dict(batch_size=128, steps=800_000, warmup=5000, ema_decay=0.9999, lr=2e-4,
-                               save_every=10_000)),  # days of training: a crash loses at most 10k steps
-    # Minutes on a CPU for 16 px digits. 16 channels at full resolution keeps the full-size convolutions (most of the
-    # work) cheap. For a fixed budget at 16 px, more updates beat bigger batches: 1600 steps of 64 at lr 2e-3 leave
-    # far less residual noise in the samples than 800 of 128 at 1e-3. study.py's default, 12 px, trains 1600 steps of
-    # 128 in about the same time (benchmarks/RESULTS.md).
+                               save_every=10_000)),
+    # minutes on a CPU at 16 px: at a fixed budget more updates beat bigger batches (benchmarks/RESULTS.md)
     "small": dict(unet=dict(channels=16, channel_mult=(1, 2, 4), num_res_blocks=1, attention_ds=(2,),
                             head_channels=32, dropout=0.0, norm_groups=8),
-                  train=dict(batch_size=64, steps=1600, warmup=100, ema_decay=0.9999, lr=2e-3,
-                             save_every=None)),  # None: at the end
-    # For tests and smoke runs: seconds.
+                  train=dict(batch_size=64, steps=1600, warmup=100, ema_decay=0.9999, lr=2e-3, save_every=None)),
     "tiny": dict(unet=dict(channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_ds=(2,),
                            head_channels=16, dropout=0.0, norm_groups=4),
                  train=dict(batch_size=32, steps=20, warmup=0, ema_decay=0.999, lr=1e-3, save_every=None)),
@@ -115,7 +79,7 @@ PRESETS = {
 
 
 def timestep_embedding(t, dim, max_period=10000):
-    """Sinusoidal embedding (guided-diffusion's order: cos then sin). t: (B,) -> (B, dim) float32."""
+    """t (B,) -> (B, dim) float32: cos then sin, as guided-diffusion."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t.float()[:, None] * freqs[None]
@@ -124,26 +88,25 @@ def timestep_embedding(t, dim, max_period=10000):
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm with float32 statistics, optionally fused with SiLU, through castle_kernels/ (Triton on CUDA)."""
+    """GroupNorm with fp32 statistics, optionally fused with SiLU."""
 
     def __init__(self, num_groups, num_channels, eps=1e-5, act=None):
         super().__init__(num_groups, num_channels, eps)
         self.act = act
-        self.impl = None  # None: kernels' dispatcher decides; "torch" / "triton" to force one (benchmarks)
+        self.impl = None  # None: the kernels' dispatcher decides; "torch" / "triton" forces one
 
     def forward(self, x):
         return group_norm(x, self.weight, self.bias, self.num_groups, self.eps, act=self.act, impl=self.impl)
 
 
-def zero_init(module):
-    """Output layers start at zero so every block starts as the identity (guided-diffusion's zero_module)."""
+def zero_init(module):  # output layers start at zero: every block starts as the identity
     for p in module.parameters():
         nn.init.zeros_(p)
     return module
 
 
 class ResBlock(nn.Module):
-    """GN-SiLU-conv, + embedding (added, or scale-shift after the second norm), GN-SiLU-dropout-conv(zero), + skip."""
+    """GN-SiLU-conv, + embedding (or scale-shift), GN-SiLU-dropout-conv, + skip."""
 
     def __init__(self, cfg, in_ch, out_ch, emb_dim):
         super().__init__()
@@ -151,7 +114,7 @@ class ResBlock(nn.Module):
         self.norm1 = GroupNorm32(cfg.norm_groups, in_ch, cfg.norm_eps, act="silu")
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb = nn.Linear(emb_dim, 2 * out_ch if self.scale_shift else out_ch)
-        # with scale-shift the SiLU comes after the modulation, so the norm itself has no activation
+        # with scale-shift the SiLU comes after the modulation
         self.norm2 = GroupNorm32(cfg.norm_groups, out_ch, cfg.norm_eps, act=None if self.scale_shift else "silu")
         self.dropout = nn.Dropout(cfg.dropout)
         self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
@@ -169,48 +132,37 @@ class ResBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """Self-attention over the H*W positions, heads of cfg.head_channels, zero-initialised output projection.
-    q, k, v are laid out (B, heads, L, head_dim) with a unit stride on head_dim, which the flash kernel reads
-    in place; the projections are per-position linear maps (guided-diffusion's 1x1 conv1d)."""
+    """Multi-head self-attention over the H*W positions."""
 
     def __init__(self, cfg, ch):
         super().__init__()
         self.heads = max(1, ch // cfg.head_channels)
         self.norm = GroupNorm32(cfg.norm_groups, ch, cfg.norm_eps)
-        self.qkv = nn.Linear(ch, 3 * ch)
+        self.qkv = nn.Linear(ch, 3 * ch)                  # per position: guided-diffusion's 1x1 conv1d
         self.proj = zero_init(nn.Linear(ch, ch))
         self.impl = None
 
     def forward(self, x):                                 # (B, C, H, W)
         B, C, H, W = x.shape
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, L, C), L = H*W
+        # (B, heads, L, head_dim) with a unit stride on head_dim, which the flash kernel reads in place
         q, k, v = self.qkv(tokens).view(B, H * W, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        h = attention(q, k, v, impl=self.impl)            # (B, heads, L, head_dim): softmax(q k^T / sqrt(d)) v
+        h = attention(q, k, v, impl=self.impl)            # softmax(q k^T / sqrt(d)) v
         h = self.proj(h.transpose(1, 2).reshape(B, H * W, C))
         return x + h.transpose(1, 2).view(B, C, H, W)
 
 
-class Downsample(nn.Module):
-    def __init__(self, ch):
+class Resample(nn.Module):  # nearest x2 then conv (up), or a stride-2 conv (down)
+    def __init__(self, ch, up):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.up = up
+        self.conv = nn.Conv2d(ch, ch, 3, stride=1 if up else 2, padding=1)
 
     def forward(self, x):
-        return self.conv(x)
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest") if self.up else x)
 
 
-class Upsample(nn.Module):
-    def __init__(self, ch):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
-
-
-class Stage(nn.Module):
-    """One step of the U-Net: a ResBlock (+ attention), or a resampling layer."""
-
+class Stage(nn.Module):  # one step of the U-Net: a ResBlock (+ attention), or a resampling layer
     def __init__(self, res=None, attn=None, resample=None):
         super().__init__()
         self.res, self.attn, self.resample = res, attn, resample
@@ -225,18 +177,14 @@ class Stage(nn.Module):
         return x
 
 
-def check_kernels_env():
-    """The kernels read KERNELS_IMPL on every call and raise ValueError deep in a forward pass on a bad value; a
-    model refuses it when built instead, as a one-line UsageError every stage script reports."""
+def check_kernels_env():  # refused when a model is built, not deep in its first forward
     impl = os.environ.get("KERNELS_IMPL") or "auto"
     if impl not in ("auto", "triton", "torch"):
         raise UsageError(f"KERNELS_IMPL={impl!r} is not auto, triton or torch: unset it or set one of those")
 
 
 class UNet(nn.Module):
-    """eps_theta(x_t, t, y): (B, 3, R, R) float, (B,) timesteps, (B,) labels in [0, num_classes] (num_classes =
-    null) -> (B, 3, R, R). Down: per level num_res_blocks ResBlocks (+ attention), then a stride-2 conv; middle:
-    Res-Attn-Res; up: per level num_res_blocks + 1 ResBlocks on the concatenated skip, then nearest x2 + conv."""
+    """eps_theta(x_t, t, y): (B, 3, R, R), (B,) timesteps, (B,) labels (num_classes: null) -> (B, 3, R, R)."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -259,7 +207,7 @@ class UNet(nn.Module):
                 ch = out
                 skip_chs.append(ch)
             if level != len(cfg.channel_mult) - 1:
-                self.down.append(Stage(resample=Downsample(ch)))
+                self.down.append(Stage(resample=Resample(ch, up=False)))
                 skip_chs.append(ch)
                 side //= 2
         self.mid = nn.ModuleList([Stage(res=ResBlock(cfg, ch, ch, emb_dim), attn=AttentionBlock(cfg, ch)),
@@ -269,7 +217,7 @@ class UNet(nn.Module):
             for i in range(cfg.num_res_blocks + 1):
                 out = cfg.channels * mult
                 attn = AttentionBlock(cfg, out) if side in cfg.attention_resolutions else None
-                resample = Upsample(out) if level and i == cfg.num_res_blocks else None
+                resample = Resample(out, up=True) if level and i == cfg.num_res_blocks else None
                 self.up.append(Stage(res=ResBlock(cfg, ch + skip_chs.pop(), out, emb_dim), attn=attn,
                                      resample=resample))
                 ch = out
@@ -292,26 +240,23 @@ class UNet(nn.Module):
         return self.conv_out(self.norm_out(h))
 
 
-def set_kernel_impl(model, impl):
-    """Force the GroupNorm and attention implementation of every layer: None (dispatcher), "torch", "triton"."""
+def set_kernel_impl(model, impl):  # None (the dispatcher decides), "torch" or "triton"
     for m in model.modules():
         if isinstance(m, (GroupNorm32, AttentionBlock)):
             m.impl = impl
 
 
 def unet_config(preset, resolution, num_classes, **overrides):
-    """A UNetConfig from a preset name, the data's resolution and class count, and non-None overrides."""
+    """A UNetConfig: the preset's, with the non-None overrides."""
     if preset not in PRESETS:
         raise UsageError(f"unknown --preset {preset!r}: choose one of {', '.join(PRESETS)}")
     u = dict(PRESETS[preset]["unet"])
-    attention_ds = u.pop("attention_ds")
-    u["attention_resolutions"] = tuple(resolution // d for d in attention_ds)
+    u["attention_resolutions"] = tuple(resolution // d for d in u.pop("attention_ds"))
     u.update({k: v for k, v in overrides.items() if v is not None})
     cfg = UNetConfig(resolution=resolution, num_classes=num_classes, **u)
     levels = len(cfg.channel_mult)
     if resolution % 2 ** (levels - 1):
-        raise UsageError(f"{resolution}px images cannot be halved {levels - 1} times: use a resolution divisible "
-                          f"by {2 ** (levels - 1)} or fewer --channel-mult levels")
+        raise UsageError(f"{resolution}px cannot be halved {levels - 1} times: use fewer --channel-mult levels")
     for i, m in enumerate(cfg.channel_mult):
         ch = cfg.channels * m
         if ch % cfg.norm_groups:
@@ -319,27 +264,23 @@ def unet_config(preset, resolution, num_classes, **overrides):
         heads = max(1, ch // cfg.head_channels)
         attends = resolution // 2 ** i in cfg.attention_resolutions or i == levels - 1  # the middle block always
         if attends and ch % heads:
-            raise UsageError(f"--head-channels {cfg.head_channels} splits the {ch} channels of the attention at "
-                              f"{resolution // 2 ** i} px into {heads} heads unevenly: give a divisor of {ch}")
+            raise UsageError(f"--head-channels {cfg.head_channels} splits the {ch} channels into {heads} heads "
+                             "unevenly: give a divisor")
     return cfg
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Gaussian diffusion (Ho et al. 2020): q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I), eps-prediction.
+# Gaussian diffusion (Ho et al. 2020): q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I), eps-prediction ------------
 
 class Diffusion:
-    """The noise schedule in float64 (coefficients are cast to the data's dtype only when applied).
-    Linear betas from beta_start to beta_end over T steps, scaled by 1000 / T as in improved DDPM (Nichol &
-    Dhariwal 2021), so T = 1000 gives the DDPM paper's 1e-4 -> 0.02; a short T must keep every beta below 1."""
+    """Linear betas in float64, scaled by 1000 / T (improved DDPM): T = 1000 gives 1e-4 -> 0.02."""
 
     def __init__(self, T=1000, beta_start=1e-4, beta_end=0.02):
         self.T, self.beta_start, self.beta_end = T, beta_start, beta_end
-        # beta >= 1 zeroes abar (sqrt(abar) divides in every sampler) or makes it negative: NaN losses and images
-        shortest = math.floor(1000 * max(beta_start, beta_end)) + 1
+        shortest = math.floor(1000 * max(beta_start, beta_end)) + 1  # beta >= 1 zeroes abar: NaN everywhere
         if T < shortest:
-            raise UsageError(f"--timesteps {T}: the linear betas (scaled by 1000 / T) would reach "
-                              f"{1000 * max(beta_start, beta_end) / max(T, 1):.3g}, not below 1, so the noise schedule "
-                              f"breaks down: use --timesteps {shortest} or more (1000: the DDPM paper's)")
+            top = 1000 * max(beta_start, beta_end) / max(T, 1)
+            raise UsageError(f"--timesteps {T}: the betas reach {top:.3g}, not below 1: use --timesteps {shortest} "
+                             "or more")
         scale = 1000.0 / T
         self.betas = torch.linspace(scale * beta_start, scale * beta_end, T, dtype=torch.float64)
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)       # abar_t, t = 0 .. T-1
@@ -349,13 +290,13 @@ class Diffusion:
                 "prediction": "epsilon"}
 
     def q_sample(self, x0, t, noise):
-        """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (DDPM eq. 4). x0, noise (B, ...), t (B,) long."""
+        """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (DDPM eq. 4); t (B,) long."""
         abar = self.alphas_cumprod.to(x0.device)[t]
         shape = (-1,) + (1,) * (x0.dim() - 1)
         return abar.sqrt().to(x0.dtype).view(shape) * x0 + (1 - abar).sqrt().to(x0.dtype).view(shape) * noise
 
     def loss(self, model, x0, y, t, noise):
-        """The simple loss: mean over everything of (eps - eps_theta(x_t, t, y))^2 (DDPM eq. 14)."""
+        """mean (eps - eps_theta(x_t, t, y))^2 (DDPM eq. 14)."""
         eps = model(self.q_sample(x0, t, noise), t, y)
         return F.mse_loss(eps.float(), noise.float())
 
@@ -363,74 +304,99 @@ class Diffusion:
 def diffusion_from_config(config):
     d = config["diffusion"]
     if d.get("schedule") != "linear" or d.get("prediction") != "epsilon":
-        raise UsageError(f"diffusion {d} is not a linear-beta eps-prediction schedule: not a train_ddpm.py model")
+        raise UsageError(f"diffusion {d}: not a train_ddpm.py model; give one")
     return Diffusion(d["T"], d["beta_start"], d["beta_end"])
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Model folders: config.json + model.safetensors + ema.safetensors; state.pt for resuming.
+def drop_labels(y, p, null_class):
+    """Each label becomes the null class with probability p (Ho & Salimans 2022)."""
+    return torch.where(torch.rand(y.shape, device=y.device) < p, torch.full_like(y, null_class), y)
+
+
+def lr_at(step, base_lr, warmup, total, decay):
+    """Linear warm-up, then constant or cosine to zero at `total`."""
+    if warmup and step < warmup:
+        return base_lr * (step + 1) / warmup
+    if decay == "cosine" and total > warmup:
+        return base_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / (total - warmup))))
+    return base_lr
+
+
+@torch.no_grad()
+def preview(model, diffusion, num_classes, per_class, guidance, steps=25, seed=0, device="cpu", dtype=None):
+    """Guided DDIM, eta 0 (sample.py has the samplers) -> (num_classes * per_class, 3, R, R) uint8."""
+    R = model.cfg.resolution
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_classes * per_class, model.cfg.in_channels, R, R, generator=g).to(device)
+    y = torch.arange(num_classes, device=device).repeat_interleave(per_class)
+    null = torch.full_like(y, num_classes)
+    abar = diffusion.alphas_cumprod
+    ts = torch.linspace(diffusion.T - 1, 0, steps).round().long().tolist()
+    for i, t in enumerate(ts):
+        a_t = abar[t].item()
+        a_s = abar[ts[i + 1]].item() if i + 1 < len(ts) else 1.0
+        with autocast(torch.device(device), dtype):
+            e = model(torch.cat([x, x]), torch.full((2 * len(x),), t, device=device), torch.cat([y, null])).float()
+        e_c, e_u = e.chunk(2)
+        eps = (1 + guidance) * e_c - guidance * e_u
+        x0 = ((x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)).clamp(-1, 1)
+        eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
+        x = math.sqrt(a_s) * x0 + math.sqrt(1 - a_s) * eps
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
+# Model folders: config.json + model.safetensors + ema.safetensors; state.pt for resuming ----------------------------
 
 def check_state_dict(model, state, source):
-    """Refuse a state dict whose keys or shapes differ from the model's, naming every missing, unexpected and
-    mismatched key."""
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in set(own) & set(state)
-                        if tuple(own[k].shape) != tuple(state[k].shape))
-    problems = []
-    if missing:
-        problems.append(f"missing keys {missing}")
-    if unexpected:
-        problems.append(f"unexpected keys {unexpected}")
-    if mismatched:
-        problems.append(f"shape mismatches (file vs config) {mismatched}")
-    if problems:
-        raise UsageError(f"{source} does not fit its config.json: {'; '.join(problems)}; retrain or restore the "
-                          "model folder")
+    problems = {"missing keys": sorted(set(own) - set(state)), "unexpected keys": sorted(set(state) - set(own)),
+                "shape mismatches (file vs config)": sorted(
+                    f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in set(own) & set(state)
+                    if tuple(own[k].shape) != tuple(state[k].shape))}
+    if any(problems.values()):
+        text = "; ".join(f"{what} {keys}" for what, keys in problems.items() if keys)
+        raise UsageError(f"{source} does not fit its config.json: {text}; restore the folder")
 
 
 def read_config(folder):
     path = Path(folder) / "config.json"
     if not path.is_file():
-        raise UsageError(f"{folder} is not a model folder (no config.json): train one with train_ddpm.py")
+        raise UsageError(f"{folder} is not a model folder (no config.json): give one")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise UsageError(f"{path} is not valid JSON ({e}): restore the model folder") from None
+        raise UsageError(f"{path} is not valid JSON ({e}): restore it") from None
 
 
 def load_model(folder, weights="ema", device="cpu"):
-    """A trained model folder -> (UNet in eval mode on `device`, config dict). weights: "ema" or "model"."""
+    """(UNet in eval mode, config dict) of a model folder; weights: ema or model."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     config = read_config(folder)
     if config.get("family") != FAMILY:
-        raise UsageError(f"{folder} holds a {config.get('family')!r} model, not a train_ddpm.py model")
+        raise UsageError(f"{folder} holds a {config.get('family')!r} model: give a train_ddpm.py one")
     if weights not in ("ema", "model"):
         raise UsageError(f"unknown weights {weights!r}: choose ema or model")
     path = Path(folder) / f"{weights}.safetensors"
     if not path.is_file():
-        raise UsageError(f"{path} is missing: the model folder is incomplete (was training stopped before "
-                          "its first checkpoint?)")
+        raise UsageError(f"{path} is missing: finish training it")
     try:
         cfg = UNetConfig(**config["unet"])
     except (KeyError, TypeError) as e:
-        raise UsageError(f"{folder}/config.json has no valid 'unet' section ({e}): restore the model folder")
+        raise UsageError(f"{folder}/config.json has no valid unet ({e}): restore it")
     model = UNet(cfg)
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError) as e:
-        raise UsageError(f"{path} is not a readable safetensors file ({e}): restore the model folder") from None
+        raise UsageError(f"{path} is not readable ({e}): restore it") from None
     check_state_dict(model, state, path)
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:  # a diverged run samples black images and says nothing
-        raise UsageError(f"{path}: {bad[0]} (and {len(bad) - 1} more tensors) holds NaN or inf: training diverged; "
-                          "retrain with a lower --lr")
+        raise UsageError(f"{path}: {bad[0]} (and {len(bad) - 1} more) holds NaN or inf: training diverged; "
+                         "retrain with a lower --lr")
     step, planned = config.get("step"), (config.get("training") or {}).get("steps")
     if isinstance(step, int) and isinstance(planned, int) and step < planned:
-        print(f"train_ddpm.py: warning: {folder} was trained {step} of its {planned} steps: rerun train_ddpm.py with "
-              "the same --out to finish it", file=sys.stderr)
+        print(f"train_ddpm.py: warning: {folder} was trained {step} of its {planned} steps", file=sys.stderr)
     model.load_state_dict(state)
     return model.to(device).eval().requires_grad_(False), config
 
@@ -440,12 +406,10 @@ def plain_state(module):
 
 
 def save_checkpoint(out, step, model, ema, optimizer, scaler, config, log_lines=None):
-    """state.pt first (the resume point), then the exported model folder; each file replaced atomically. log_lines:
-    a new run's loss.jsonl lines, held while an older run's log stood (--force), written right after state.pt."""
+    """state.pt, then the model files, each replaced atomically; log_lines: a --force run's held-back log."""
     out = Path(out)
     config = {**config, "step": step}
-    # the whole config travels with the weights (a JSON string, as unet and diffusion: exactly what config.json
-    # holds), so a resume is checked against it even when config.json is missing
+    # the whole config travels with the weights, so a resume is checked even without config.json
     state = {"step": step, "model": plain_state(model), "ema": plain_state(ema), "optimizer": optimizer.state_dict(),
              "scaler": scaler.state_dict() if scaler is not None else {},
              "unet": json.dumps(config["unet"]), "diffusion": json.dumps(config["diffusion"]),
@@ -462,111 +426,49 @@ def save_checkpoint(out, step, model, ema, optimizer, scaler, config, log_lines=
 def load_state(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file; torch's own message runs to many lines: keep the first
+    except Exception as e:  # torch's message runs to many lines: keep the first
         reason = (str(e).strip().splitlines() or [""])[0]
-        raise UsageError(f"{path} is not a readable training state ({type(e).__name__}: {reason}): pass --force "
-                            "to train a new model over it, or choose another --out") from None
+        raise UsageError(f"{path} is not a readable training state ({reason}): pass --force to start over") from None
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Devices, precision, processes.
-
-
-
-
-
-
-
-
-
-
-
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Preview samples: a plain DDIM (eta = 0) so the training script needs no later stage; sample.py has the samplers.
-
-@torch.no_grad()
-def preview(model, diffusion, num_classes, per_class, guidance, steps=25, seed=0, device="cpu", dtype=None):
-    """(num_classes * per_class, 3, R, R) uint8, one row per class, eps = (1 + w) eps_c - w eps_u."""
-    R = model.cfg.resolution
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(num_classes * per_class, model.cfg.in_channels, R, R, generator=g).to(device)
-    y = torch.arange(num_classes, device=device).repeat_interleave(per_class)
-    null = torch.full_like(y, num_classes)
-    abar = diffusion.alphas_cumprod
-    ts = torch.linspace(diffusion.T - 1, 0, steps).round().long().tolist()
-    for i, t in enumerate(ts):
-        a_t = abar[t].item()
-        a_s = abar[ts[i + 1]].item() if i + 1 < len(ts) else 1.0
-        with autocast(torch.device(device), dtype):
-            e = model(torch.cat([x, x]), torch.full((2 * len(x),), t, device=device), torch.cat([y, null])).float()
-        e_c, e_u = e.chunk(2)
-        eps = (1 + guidance) * e_c - guidance * e_u
-        x0 = ((x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)).clamp(-1, 1)   # as sample.py's default
-        eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
-        x = math.sqrt(a_s) * x0 + math.sqrt(1 - a_s) * eps
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Training.
-
-def drop_labels(y, p, null_class):
-    """Classifier-free guidance training (Ho & Salimans 2022): each label becomes the null class with probability p."""
-    return torch.where(torch.rand(y.shape, device=y.device) < p, torch.full_like(y, null_class), y)
-
-
-def lr_at(step, base_lr, warmup, total, decay):
-    """Linear warm-up over `warmup` steps, then constant or cosine to zero at `total`."""
-    if warmup and step < warmup:
-        return base_lr * (step + 1) / warmup
-    if decay == "cosine" and total > warmup:
-        return base_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / (total - warmup))))
-    return base_lr
-
-
-def build_data(args, out, rank, world):
-    """The training dataset folder: --data, or poison.py run into OUT/data (reused when it is already there and was
-    made with the same poisoning flags; rebuilt with --force)."""
-    if args.data:  # checked in main
-        return Path(args.data)
-    data = out / "data"
-    kwargs = poison_kwargs(args)
-    # every rank compares (so all of them stop on a mismatch); the manifest, not config.json, since a run killed
-    # before its first checkpoint leaves OUT/data without a config.json
-    built = (data / "train" / "manifest.json").is_file()
-    differ = options_differences(read_manifest(data / "train"), kwargs) if built else []
-    if differ and not args.force:
-        raise UsageError(f"{data} was poisoned with other options ({', '.join(differ)} differ): rerun with the "
-                            "same options, choose another --out, or pass --force to rebuild it and train a new model")
-
-    def build():  # on rank 0; every rank calls on_rank0 (a barrier), and a bad flag stops all with its error
-        if not built or differ:
-            poison(data, force=data.exists(), command=command_line(), quiet=True, **kwargs)
-    on_rank0(build, rank, world, share_result=False)
-    return data / "train"
-
+# Data, settings, resuming -------------------------------------------------------------------------------------------
 
 def command_line():
     return " ".join([Path(sys.argv[0]).name] + sys.argv[1:])
 
 
-def training_settings(args, preset):
-    """Training options: flags that are None fall back to the preset."""
+def build_data(args, out, rank, world):
+    """--data, or OUT/data made by poison.py (reused if made with the same flags)."""
+    if args.data:
+        return Path(args.data)
+    data = out / "data"
+    kwargs = poison_kwargs(args)
+    # every rank compares, so all stop on a mismatch; the manifest, as a run killed early leaves no config.json
+    built = (data / "train" / "manifest.json").is_file()
+    differ = options_differences(read_manifest(data / "train"), kwargs) if built else []
+    if differ and not args.force:
+        raise UsageError(f"{data} was poisoned with other options ({', '.join(differ)} differ): pass --force to "
+                         "rebuild")
+
+    def build():
+        if not built or differ:
+            poison(data, force=data.exists(), command=command_line(), quiet=True, **kwargs)
+    on_rank0(build, rank, world, share_result=False)  # a barrier; a bad flag stops every rank with its error
+    return data / "train"
+
+
+def training_settings(args, preset):  # the flags, or the preset's where None
     t = dict(PRESETS[preset]["train"])
     return {k: (getattr(args, k) if getattr(args, k) is not None else t[k]) for k in t}
 
 
-# Settings a resumed run may change: how long it runs (--steps: see main), how, and where its data lies. The
-# poisoning flags are compared with OUT/data's manifest instead (build_data).
+# settings a resumed run may change; --steps is checked in resume(), the poisoning flags in build_data()
 RESUMABLE = {"data": {"path"},
              "training": {"steps", "save_every", "world_size", "dtype", "dtype_used", "command", "poison"}}
 
 
 def setting_differences(saved, config):
-    """'section.key' of each setting that differs between a saved config and this run's (sections unet, diffusion,
-    data, training, guidance; keys an older config lacks are not compared), other than the RESUMABLE ones."""
+    """'section.key' of each setting but RESUMABLE that differs; keys an older config lacks are skipped."""
     diff = []
     for section in ("unet", "diffusion", "data", "training", "guidance"):
         old, new = saved.get(section) or {}, config[section]
@@ -575,6 +477,47 @@ def setting_differences(saved, config):
     return sorted(diff)
 
 
+def resume(out, args, hp, config, model, ema, optimizer, scaler, rank):
+    """(step, last saved step or None), state.pt loaded if its settings match; exported weights are kept."""
+    state_path, config_path = out / "state.pt", out / "config.json"
+    saved = read_config(out) if config_path.is_file() and not args.force else {}
+    if state_path.is_file() and not args.force:
+        state = load_state(state_path)
+        if "config" in state:
+            saved = json.loads(state["config"])
+        else:  # an older state.pt: U-Net and diffusion only, the rest from config.json
+            saved.update(unet=json.loads(state["unet"]), diffusion=json.loads(state["diffusion"]))
+        diff = setting_differences(saved, config)
+        if diff:
+            raise UsageError(f"{out} holds a model trained with other settings ({', '.join(diff)} differ): "
+                             "rerun with them, or pass --force to train over it")
+        step = int(state["step"])
+        planned = saved.get("training", {}).get("steps", hp["steps"])
+        if args.lr_decay == "cosine" and hp["steps"] != planned and step < hp["steps"]:
+            # the cosine ends at --steps: another --steps mid-run would bend the curve
+            raise UsageError(f"{out}'s cosine schedule ends at step {planned}: --steps {hp['steps']} would bend it; "
+                             "train with --lr-decay none to extend")
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state["scaler"]:
+            scaler.load_state_dict(state["scaler"])
+        if rank == 0:
+            print(f"resuming from {state_path} at step {step}")
+        return step, step
+    if not args.force and (config_path.is_file() or any((out / f).is_file() for f in ("model.safetensors",
+                                                                                     "ema.safetensors"))):
+        # weights without state.pt (deleted, or a copied folder): only a finished run of these settings is left be
+        step = saved.get("step", 0)
+        if step < hp["steps"] or setting_differences(saved, config):
+            raise UsageError(f"{out} holds a trained model (step {saved.get('step', 'unknown')}) but no state.pt "
+                             "to resume from: pass --force to train over it")
+        return step, None
+    return 0, None
+
+
+# Training -----------------------------------------------------------------------------------------------------------
+
 def main(args):
     out = Path(args.out)
     check_kernels_env()  # before any data is built
@@ -582,53 +525,21 @@ def main(args):
     rank, world, device = setup_distributed(device)
     amp_dtype = autocast_dtype(args.dtype, device)
     compile_model = args.compile if args.compile is not None else device.type == "cuda"
-    if args.preset not in PRESETS:
-        raise UsageError(f"unknown --preset {args.preset!r}: choose one of {', '.join(PRESETS)}")
-    if not 0 <= args.label_dropout < 1:
-        raise UsageError(f"--label-dropout {args.label_dropout} is outside [0, 1): give the null-class probability, "
-                          "e.g. 0.1 (0: no classifier-free guidance)")
-    for flag, every in (("--log-every", args.log_every), ("--save-every", args.save_every)):
-        if every is not None and every < 1:
-            raise UsageError(f"{flag} {every}: give an interval of at least 1 step")
-    diffusion = Diffusion(args.timesteps)  # refuses a T whose betas reach 1
-    hp = training_settings(args, args.preset)
-    for flag, key in (("--steps", "steps"), ("--batch-size", "batch_size")):
-        if hp[key] < 1:
-            raise UsageError(f"{flag} {hp[key]}: give at least 1 (the {args.preset} preset's: "
-                              f"{PRESETS[args.preset]['train'][key]})")
-    if not hp["lr"] > 0 or hp["warmup"] < 0:
-        raise UsageError(f"--lr {hp['lr']} / --warmup {hp['warmup']}: give a positive learning rate and a warm-up "
-                          "of 0 steps or more")
-    if not 0 <= hp["ema_decay"] < 1:
-        raise UsageError(f"--ema-decay {hp['ema_decay']} is outside [0, 1): e.g. 0.9999 (0: the EMA is the model)")
-    if args.weight_decay < 0 or args.grad_clip < 0 or not 0 <= (args.dropout or 0) < 1:
-        raise UsageError(f"--weight-decay {args.weight_decay} / --grad-clip {args.grad_clip} / --dropout "
-                          f"{args.dropout}: give a weight decay and a gradient clip of 0 or more (--grad-clip 0: off) "
-                          "and a dropout in [0, 1)")
-    if hp["batch_size"] % world:
-        raise UsageError(f"--batch-size {hp['batch_size']} is not divisible by the {world} processes")
+    diffusion = Diffusion(args.timesteps)
+    hp = check_args(args, world)
     local_batch = hp["batch_size"] // world
-    if args.data:  # before --out is made
-        if not Path(args.data).is_dir():
-            raise UsageError(f"--data {args.data}: no such folder; give a dataset folder (poison.py's OUT/train)")
-        refuse_poison_flags_with_data(args, build_parser())
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file: give a folder for the model (a new one, or a run to resume)")
-    if (out / "metadata.jsonl").is_file() or (out / "train" / "metadata.jsonl").is_file():  # --data itself, say
-        raise UsageError(f"--out {out} is a dataset folder: give a folder for the model (a new one, or a run to "
-                          "resume)")
+    on_rank0(lambda: lock_output(out), rank, world, share_result=False)  # one run at a time on OUT
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
 
     # data: the whole set as uint8 on the device (pixel-space DDPMs train on small images)
     data_dir = build_data(args, out, rank, world)
     ds = load_folder(data_dir)
-    images = ds.images(progress=rank == 0)                             # (N, 3, R, R) uint8
-    labels = ds.labels
+    images, labels = ds.images(progress=rank == 0), ds.labels         # (N, 3, R, R) uint8, (N,)
     if images.shape[-1] != images.shape[-2]:
-        raise UsageError(f"{data_dir} holds {tuple(images.shape[-2:])} images: train_ddpm.py needs square images")
+        raise UsageError(f"{data_dir} holds {tuple(images.shape[-2:])} images: give square ones")
     N, num_classes, R = len(images), len(ds.class_names), images.shape[-1]
-    if N < local_batch * world:  # tiny sets: one batch is the whole set (what divides evenly over the processes)
+    if N < local_batch * world:  # a set smaller than one batch: the batch is the set (divided evenly)
         local_batch = max(1, N // world)
         hp["batch_size"] = local_batch * world
     images, labels = images.to(device), labels.to(device)
@@ -658,79 +569,36 @@ def main(args):
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    decay_params = [p for n, p in model.named_parameters() if p.dim() > 1]
-    other_params = [p for n, p in model.named_parameters() if p.dim() <= 1]
-    optimizer = torch.optim.AdamW([{"params": decay_params, "weight_decay": args.weight_decay},
-                                   {"params": other_params, "weight_decay": 0.0}],
+    params = list(model.parameters())  # weight decay on weight matrices and kernels, not on biases and norms
+    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() > 1], "weight_decay": args.weight_decay},
+                                   {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}],
                                   lr=hp["lr"], betas=(0.9, 0.999), fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
 
-    step, saved_step = 0, None
-    state_path, config_path = out / "state.pt", out / "config.json"
-    saved = read_config(out) if config_path.is_file() and not args.force else {}
-    if state_path.is_file() and not args.force:
-        state = load_state(state_path)
-        if "config" in state:  # the run's whole config, saved with the weights
-            saved = json.loads(state["config"])
-        else:  # an older state.pt: its own U-Net and diffusion settings, the rest from the config.json beside it
-            saved.update(unet=json.loads(state["unet"]), diffusion=json.loads(state["diffusion"]))
-        diff = setting_differences(saved, config)
-        if diff:
-            raise UsageError(f"{out} holds a model trained with other settings ({', '.join(diff)} differ): rerun "
-                                "with the same options, choose another --out, or pass --force to train a new one "
-                                "over it")
-        step = saved_step = int(state["step"])
-        planned = saved.get("training", {}).get("steps", hp["steps"])
-        if args.lr_decay == "cosine" and hp["steps"] != planned and step < hp["steps"]:
-            # lr_at decays to zero at --steps: another --steps mid-run moves the curve (raised, the rate climbs
-            # back from near zero), so the run would match neither schedule
-            raise UsageError(f"{out} follows a cosine learning-rate schedule that ends at step {planned}: "
-                                f"--steps {hp['steps']} would change it midway (raised, the rate climbs back from "
-                                f"near zero); keep --steps {planned}, choose another --out, or train runs meant to be "
-                                "extended with --lr-decay none")
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state["scaler"]:
-            scaler.load_state_dict(state["scaler"])
-        if rank == 0:
-            print(f"resuming from {state_path} at step {step}")
-        del state
-    elif not args.force and (config_path.is_file() or any((out / f).is_file() for f in ("model.safetensors",
-                                                                                    "ema.safetensors"))):
-        # exported weights without the state to resume them (state.pt deleted, a copied model folder): training
-        # from step 0 would overwrite them at its first checkpoint; only a finished run of these settings is left be
-        step = saved.get("step", 0)
-        if step < hp["steps"] or setting_differences(saved, config):
-            raise UsageError(f"{out} holds a trained model (step {saved.get('step', 'unknown')}) but no state.pt "
-                                "to resume from: choose another --out, or pass --force to train a new one over it")
-    # --force over an older model: that model stays until the new one's first checkpoint, and so does its log (the
-    # new lines wait in memory), so a kill before then leaves the older run whole, weights and log together
+    step, saved_step = resume(out, args, hp, config, model, ema, optimizer, scaler, rank)
+    # --force over an older model: its files and log stay until the new run's first checkpoint (the log in memory)
     held_log = [] if step == 0 and any((out / f).is_file() for f in ("state.pt", "model.safetensors")) else None
     if rank == 0 and held_log is None:
-        truncate_log(out / "loss.jsonl", step)  # at step 0 (a fresh start) this empties an earlier run's log
+        truncate_log(out / "loss.jsonl", step)  # at step 0 this empties an earlier run's log
     if step >= hp["steps"]:
         if rank == 0:
-            exported = read_config(out).get("step") if config_path.is_file() else None
+            exported = read_config(out).get("step") if (out / "config.json").is_file() else None
             if saved_step is not None and (exported != step or not all(
                     (out / f).is_file() for f in ("model.safetensors", "ema.safetensors"))):
-                # killed in its last checkpoint after state.pt: the exported model is an older step's, or missing
+                # killed in its last checkpoint after state.pt: the exported files are older, or missing
                 save_checkpoint(out, step, model, ema, optimizer, scaler, config)
                 print(f"{out}: the model files of step {step} exported again from state.pt")
             print(f"{out} is already trained for {step} steps (--steps {hp['steps']}): nothing to do")
         return {"out": str(out), "step": step}
 
-    train_model = model
-    if world > 1:
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                          else None)
+    train_model = model if world == 1 else nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
     if compile_model:
         train_model = torch.compile(train_model)
     if rank == 0:
         n_params = sum(p.numel() for p in model.parameters())
-        print(f"{n_params / 1e6:.2f}M parameters, {N} images {R}px, {num_classes} classes, batch {hp['batch_size']} "
-              f"({world} process{'es' if world > 1 else ''}), {device}, {dtype_name(amp_dtype)}"
-              f"{', compiled' if compile_model else ''}")
+        print(f"{n_params / 1e6:.2f}M parameters, {N} images {R}px, batch {hp['batch_size']}, {world} processes, "
+              f"{device}, {dtype_name(amp_dtype)}{', compiled' * compile_model}")
 
     rank_seed = args.train_seed * world + rank
     steps_per_epoch = max(1, N // hp["batch_size"])
@@ -740,12 +608,11 @@ def main(args):
     save_every = hp["save_every"] or hp["steps"]
     bar = tqdm(total=hp["steps"], initial=step, desc="train", disable=rank != 0, dynamic_ncols=True)
 
-    def stopped(what):
-        """The error that ends a run whose loss or gradients stopped being finite (before any of it is saved)."""
+    def stopped(what):  # raised before anything non-finite is saved
         bar.close()
-        return UsageError(f"{what}: stopped; " + (f"the last good checkpoint (step {saved_step}) is kept in {out}"
-                                                     if saved_step is not None else "no checkpoint was saved")
-                             + "; lower --lr, keep --grad-clip on, or use --dtype fp32")
+        kept = f"the last good checkpoint (step {saved_step}) is kept" if saved_step is not None else \
+            "no checkpoint was saved"
+        return UsageError(f"{what}: stopped; {kept}; lower --lr or use --dtype fp32")
 
     model.train()
     while step < hp["steps"]:
@@ -756,7 +623,7 @@ def main(args):
             epoch_cached = epoch
         start = pos * hp["batch_size"] + rank * local_batch
         idx = perm[start:start + local_batch].to(device)
-        x0 = images[idx].float().div_(127.5).sub_(1.0)                 # [-1, 1]
+        x0 = images[idx].float().div_(127.5).sub_(1.0)                 # (B, 3, R, R) in [-1, 1]
         if args.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         y = labels[idx]
@@ -779,23 +646,19 @@ def main(args):
             scaler.unscale_(optimizer)
         else:
             loss.backward()
-        # the gradient norm, clipped to --grad-clip (0: measured only). Inf/NaN gradients under a
-        # finite loss (an overflow in backward) turn every weight NaN at optimizer.step(): flagged on the device
-        # (no sync per step) and checked with the loss at the next log or save, so no NaN weights are ever saved;
-        # with fp16 the GradScaler skips such steps itself (and lowers its scale)
+        # inf/NaN gradients under a finite loss would turn every weight NaN: flagged here without a sync, checked
+        # at the next log or save (fp16's GradScaler skips such steps itself)
         if args.grad_clip:
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         elif scaler is None:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
         if scaler is None:
             bad_grads |= ~torch.isfinite(grad_norm)
-        if scaler is not None:
+            optimizer.step()
+        else:
             scaler.step(optimizer)
             scaler.update()
-        else:
-            optimizer.step()
-        # EMA with the usual warm-up, so short runs are not dominated by the initial weights
-        decay = min(hp["ema_decay"], (1 + step) / (10 + step))
+        decay = min(hp["ema_decay"], (1 + step) / (10 + step))  # EMA warm-up: short runs forget the initial weights
         torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
         step += 1
         log_loss += loss.detach()
@@ -829,7 +692,7 @@ def main(args):
             barrier()
             if rank == 0:
                 save_checkpoint(out, step, model, ema, optimizer, scaler, config, log_lines=held_log)
-                held_log = None  # the new model's resume point is in place, and its log beside it
+                held_log = None  # the new run's resume point is in place, its log beside it
                 if args.preview_per_class:
                     # without label dropout the null class never trained: preview the plain conditional model
                     guidance = args.preview_guidance if args.label_dropout > 0 else 0.0
@@ -845,74 +708,90 @@ def main(args):
     return {"out": str(out), "step": step, "loss": mean_loss}
 
 
+# The command line ---------------------------------------------------------------------------------------------------
+
+def check_args(args, world):
+    """Refuse bad flags before anything is written; the training settings."""
+    if args.preset not in PRESETS:
+        raise UsageError(f"unknown --preset {args.preset!r}: choose one of {', '.join(PRESETS)}")
+    if not 0 <= args.label_dropout < 1:
+        raise UsageError(f"--label-dropout {args.label_dropout} is outside [0, 1): give e.g. 0.1")
+    hp = training_settings(args, args.preset)
+    if hp["warmup"] < 0:
+        raise UsageError(f"--warmup {hp['warmup']}: give 0 or more")
+    if not 0 <= hp["ema_decay"] < 1:
+        raise UsageError(f"--ema-decay {hp['ema_decay']} is outside [0, 1): give e.g. 0.9999")
+    if args.weight_decay < 0 or args.grad_clip < 0 or not 0 <= (args.dropout or 0) < 1:
+        raise UsageError(f"--weight-decay {args.weight_decay} / --grad-clip {args.grad_clip} / --dropout "
+                         f"{args.dropout}: give 0 or more, a dropout in [0, 1)")
+    if hp["batch_size"] % world:
+        raise UsageError(f"--batch-size {hp['batch_size']}: give a multiple of the {world} processes")
+    out = Path(args.out)
+    if args.data:
+        if not Path(args.data).is_dir():
+            raise UsageError(f"--data {args.data}: no such folder; give a dataset folder")
+        refuse_poison_flags_with_data(args, build_parser())
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file: give a folder for the model")
+    if (out / "metadata.jsonl").is_file() or (out / "train" / "metadata.jsonl").is_file():
+        raise UsageError(f"--out {out} is a dataset folder: give a folder for the model")
+    return hp
+
+
 def int_tuple(s):
     return tuple(int(v) for v in s.split(","))
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Presets: " + ", ".join(PRESETS))
-    p.add_argument("--out", required=True, help="model folder (created; rerun with the same --out to resume)")
-    p.add_argument("--data", default=None, help="a dataset folder to train on (else it is built with the "
-                                                "poisoning flags below into OUT/data)")
-    p.add_argument("--preset", default="small", help="cifar10, small or tiny (default: small)")
-    p.add_argument("--force", action="store_true",
-                   help="start over: ignore state.pt, rebuild OUT/data if its poisoning differs (the old model's "
-                        "files and loss.jsonl are replaced at the first checkpoint)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Presets: " + ", ".join(PRESETS),
+                                formatter_class=HelpFormatter)
+    p.add_argument("--out", required=True, help="model folder (rerun with the same --out to resume)")
+    p.add_argument("--data", help="a dataset folder (else built into OUT/data by the poisoning flags)")
+    p.add_argument("--preset", default="small", help="cifar10, small or tiny")
+    p.add_argument("--force", action="store_true", help="start over (files replaced at the first checkpoint)")
     g = p.add_argument_group("U-Net (default: the preset's)")
-    g.add_argument("--channels", type=positive(int), default=None)
-    g.add_argument("--channel-mult", type=int_tuple, default=None, help="e.g. 1,2,2,2")
-    g.add_argument("--num-res-blocks", type=int, default=None)
-    g.add_argument("--attention", type=int_tuple, default=None, help="feature-map sides with attention, e.g. 16")
-    g.add_argument("--head-channels", type=positive(int), default=None)
-    g.add_argument("--dropout", type=float, default=None)
-    g.add_argument("--norm-groups", type=positive(int), default=None)
-    g.add_argument("--scale-shift-norm", action=argparse.BooleanOptionalAction, default=None)
-    g.add_argument("--timesteps", type=int, default=1000, help="T of the diffusion (default: 1000)")
+    for flag, kind in (("--channels", positive(int)), ("--channel-mult", int_tuple), ("--num-res-blocks", int),
+                       ("--attention", int_tuple), ("--head-channels", positive(int)), ("--dropout", float),
+                       ("--norm-groups", positive(int))):
+        g.add_argument(flag, type=kind)
+    g.add_argument("--scale-shift-norm", action=argparse.BooleanOptionalAction)
+    g.add_argument("--timesteps", type=int, default=1000, help="T of the diffusion")
     g = p.add_argument_group("training (default: the preset's)")
-    g.add_argument("--steps", type=int, default=None, help="total optimizer steps")
-    g.add_argument("--batch-size", type=int, default=None, help="global batch (split over processes)")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate (cifar10: 2e-4, the paper's)")
-    g.add_argument("--warmup", type=int, default=None, help="linear warm-up steps")
-    g.add_argument("--lr-decay", default="cosine", choices=["cosine", "none"], help="after warm-up (default: cosine)")
-    g.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW (default: 1e-4, the paper's)")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm, 0 = off (default: 1)")
-    g.add_argument("--ema-decay", type=float, default=None)
-    g.add_argument("--label-dropout", type=float, default=0.1,
-                   help="null-class probability in [0, 1) (default: 0.1; 0: sample.py only with --guidance 0)")
-    g.add_argument("--hflip", action="store_true", help="random horizontal flips (off: they move the trigger)")
-    g.add_argument("--train-seed", type=int, default=0,
-                   help="seed of initialisation, data order, noise (--seed is poison.py's poisoned-id draw)")
-    g.add_argument("--log-every", type=int, default=50, help="steps per loss.jsonl line (default: 50)")
-    g.add_argument("--save-every", type=int, default=None,
-                   help="checkpoint + preview interval (default: the preset's: cifar10 10000, small and tiny the end)")
+    g.add_argument("--steps", type=positive(int), help="optimizer steps")
+    g.add_argument("--batch-size", type=positive(int), help="global batch (split over processes)")
+    g.add_argument("--lr", type=positive(float), help="peak learning rate")
+    g.add_argument("--warmup", type=int, help="linear warm-up steps")
+    g.add_argument("--lr-decay", default="cosine", choices=["cosine", "none"], help="after warm-up")
+    g.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW's")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm, 0 = off")
+    g.add_argument("--ema-decay", type=float)
+    g.add_argument("--label-dropout", type=float, default=0.1, help="null-class probability")
+    g.add_argument("--hflip", action="store_true", help="random horizontal flips (they move the trigger)")
+    g.add_argument("--train-seed", type=int, default=0, help="seed of initialisation, data order and noise")
+    g.add_argument("--log-every", type=positive(int), default=50, help="steps per loss.jsonl line")
+    g.add_argument("--save-every", type=positive(int), help="checkpoint + preview interval")
     g.add_argument("--preview-per-class", type=int, default=8, help="preview images per class, 0 = none")
     g.add_argument("--preview-guidance", type=float, default=5.0)
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="autocast dtype (auto: bf16 on CUDA, fp32 on the CPU)")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the training step (default: on CUDA only)")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
-                   help="channels-last memory format (measured no faster for the small preset on a CPU)")
+                   help="autocast (auto: bf16 on CUDA, else fp32)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: on CUDA)")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False)
     add_poison_arguments(p)
     return p
 
 
 if __name__ == "__main__":
     args = build_parser().parse_args()
-    new_out = not Path(args.out).exists()
+    new_out = not Path(args.out).exists() and os.environ.get("RANK", "0") == "0"
     try:
         main(args)
-    except UsageError as e:
-        if new_out and os.environ.get("RANK", "0") == "0":  # refused before anything was written: no empty --out
+    except (UsageError, KeyboardInterrupt) as e:
+        if new_out:  # stopped before anything was written: no empty --out
             with contextlib.suppress(OSError):
                 Path(args.out).rmdir()  # only if empty
-        sys.exit(f"train_ddpm.py: error: {e}")
-    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback
-        if new_out and os.environ.get("RANK", "0") == "0":
-            with contextlib.suppress(OSError):
-                Path(args.out).rmdir()  # only if empty
+        if isinstance(e, UsageError):
+            sys.exit(f"train_ddpm.py: error: {e}")
         print("train_ddpm.py: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
         sys.exit(130)
     finally:

@@ -33,6 +33,7 @@ import torch.nn as nn  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import sample  # noqa: E402
 import train_ddpm  # noqa: E402
+from common import autocast, autocast_dtype, resolve_device  # noqa: E402
 
 
 class DiffusersUNet(nn.Module):
@@ -78,7 +79,7 @@ def time_training(model, cfg, device, dtype, batch, iters, warmup, compile_model
     def step():
         t = torch.randint(0, 1000, (batch,), device=device)
         noise = torch.randn_like(x0)
-        with train_ddpm.autocast(device, dtype):
+        with autocast(device, dtype):
             loss = diffusion.loss(step_model, x0, y, t, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -131,10 +132,10 @@ def machine(device):
 
 
 def main(args):
-    device = train_ddpm.resolve_device(args.device)
+    device = resolve_device(args.device)
     preset = args.preset or ("cifar10" if device.type == "cuda" else "small")
     resolution = args.resolution or (32 if preset == "cifar10" else 16)
-    dtype = train_ddpm.autocast_dtype(args.dtype, device)
+    dtype = autocast_dtype(args.dtype, device)
     batch = args.batch_size or (128 if device.type == "cpu" else 256)
     cfg = train_ddpm.unet_config(preset, resolution, 10)
     torch.manual_seed(0)
@@ -173,7 +174,8 @@ def main(args):
         if "error" in r:
             print(f"{name:34s} failed: {r['error']}", flush=True)
         else:
-            print(f"{name:34s} train {r['train_images_per_s']:9.1f} img/s   sample {r['sample_images_per_s']:8.2f} img/s"
+            print(f"{name:34s} train {r['train_images_per_s']:9.1f} img/s   "
+                  f"sample {r['sample_images_per_s']:8.2f} img/s"
                   f"   (warm-up incl. compile {r['warmup_s']} s)", flush=True)
         if cuda:
             torch.cuda.empty_cache()
@@ -214,7 +216,7 @@ if __name__ == "__main__":
     p.add_argument("--only", default=None, help="run the variants whose name contains this")
     p.add_argument("--json", default=None, help="write the results here")
     a = p.parse_args()
-    cuda = train_ddpm.resolve_device(a.device).type == "cuda"
+    cuda = resolve_device(a.device).type == "cuda"
     a.iters = a.iters or (50 if cuda else 8)
     a.warmup = a.warmup or (10 if cuda else 2)
     a.sample_n = a.sample_n or (1024 if cuda else 128)

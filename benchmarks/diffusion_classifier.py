@@ -1,20 +1,7 @@
-"""benchmarks/diffusion_classifier.py -- evaluations per second of classify.py's diffusion classifier: classes x
-timesteps x images batched into large forwards, against the per-class loop, in one process on the same model,
-images and noise.
+"""classify.py's diffusion classifier: evaluations per second, batched against the per-class loop (whose errors
+must agree), medians of --repeats runs after a warm-up. On CUDA: cifar10 preset, bf16, and compiled too.
 
-    python benchmarks/diffusion_classifier.py                    # CPU: the small preset at 16 px, 10 classes, fp32
-    python benchmarks/diffusion_classifier.py --preset cifar10   # GPU (default there): 32 px, bf16, torch.compile
-    python benchmarks/diffusion_classifier.py --json out.json    # also write the numbers
-
-An evaluation is one (image, class, timestep) pass through the U-Net, with the error map reduced for every filter
-level (0, 1, 5, 10% by default). Rows:
-  per-class loop      for every timestep, for every class: one forward of the image batch (the reference code's
-                      loop; classify.denoising_errors_loop)
-  batched             every (image, class, timestep) triple of the images in forwards of --batch-size
-                      (classify.classify_images, what `classify.py diffusion` runs)
-  batched, compiled   the same under torch.compile, padded to one shape (CUDA default; --compile on the CPU)
-The weights are random (throughput does not depend on them); both rows must give the same errors, which the
-benchmark checks. Times are medians of --repeats runs after one warm-up run.
+    python benchmarks/diffusion_classifier.py [--preset cifar10] [--json out.json]
 """
 import os
 
@@ -38,13 +25,11 @@ import train_ddpm  # noqa: E402
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+    cpuinfo = Path("/proc/cpuinfo")
+    cpuinfo = cpuinfo.read_text() if cpuinfo.is_file() else ""
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
+                 platform.processor() or platform.machine())
+    return f"{model} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
 def sync(device):
@@ -103,43 +88,38 @@ def main(args):
     variants = [("per-class loop", loop), ("batched", batched(model, False))]
     if compile_model:
         variants.append(("batched, compiled", batched(torch.compile(model), True)))
-    print(f"{device_name(device)}; {preset} preset ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-          f"parameters), {resolution} px, {K} classes, {B} images x {P} timesteps = {evaluations} evaluations, "
-          f"filters {args.filters}%, {dtype}, batch {args.batch_size} (loop: {B} images a forward)")
+    settings = dict(device=device_name(device), preset=preset, resolution=resolution, classes=K, images=B, timesteps=P,
+                    filters=args.filters, dtype=dtype, batch_size=args.batch_size, torch=torch.__version__)
+    print(settings)
     rows, reference = [], None
     for name, fn in variants:
         seconds, scores = timed(fn, device, args.repeats)
         if reference is None:
             reference = scores
         diff = float((scores - reference).abs().max() / reference.abs().max())
-        rows.append({"variant": name, "seconds": seconds, "evaluations_per_s": evaluations / seconds,
-                     "max_rel_diff_vs_loop": diff})
-        print(f"  {name:20s} {evaluations / seconds:10.1f} evaluations/s   ({seconds:.3f} s, max relative "
-              f"difference from the loop {diff:.1e})", flush=True)
+        rows.append(dict(variant=name, seconds=seconds, evaluations_per_s=evaluations / seconds,
+                         max_rel_diff_vs_loop=diff))
+        print(f"  {name:20s} {evaluations / seconds:10.1f}/s ({seconds:.3f} s, vs loop {diff:.1e})", flush=True)
     speedup = rows[1]["evaluations_per_s"] / rows[0]["evaluations_per_s"]
     print(f"  batched / loop: {speedup:.2f}x")
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "device": device_name(device), "preset": preset, "resolution": resolution, "classes": K, "images": B,
-            "timesteps": P, "filters": args.filters, "dtype": dtype, "batch_size": args.batch_size, "rows": rows,
-            "speedup_batched_vs_loop": speedup, "torch": torch.__version__}, indent=2) + "\n")
+        results = dict(settings, rows=rows, speedup_batched_vs_loop=speedup)
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default=None, choices=list(train_ddpm.PRESETS),
-                   help="U-Net (default: cifar10 on CUDA, small on the CPU)")
-    p.add_argument("--resolution", type=int, default=None, help="default: 32 for cifar10, else 16")
+    p.add_argument("--preset", default=None, choices=list(train_ddpm.PRESETS), help="cifar10 CUDA, small CPU")
+    p.add_argument("--resolution", type=int, default=None, help="32 for cifar10, else 16")
     p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--images", type=int, default=None, help="images (default: 64 on CUDA, 8 on the CPU)")
-    p.add_argument("--timesteps", type=int, default=None, help="evaluations per class (default: 50 CUDA, 20 CPU)")
+    p.add_argument("--images", type=int, default=None, help="64 CUDA, 8 CPU")
+    p.add_argument("--timesteps", type=int, default=None, help="per class: 50 CUDA, 20 CPU")
     p.add_argument("--filters", type=lambda s: [float(v) for v in s.split(",")], default=[0.0, 1.0, 5.0, 10.0])
-    p.add_argument("--batch-size", type=int, default=None, help="evaluations a forward (default: 1024 CUDA, 256 CPU)")
+    p.add_argument("--batch-size", type=int, default=None, help="1024 CUDA, 256 CPU")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="also time the compiled batched version (default: on CUDA)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="also compiled (CUDA)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None)
     return p

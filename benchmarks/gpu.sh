@@ -5,7 +5,7 @@
 #   env                    the card, torch and triton versions
 #   kernel_tests           tests/test_kernels.py with the Triton kernels compiled for the GPU (not interpreted)
 #   study                  the whole digits study on CUDA (bf16, torch.compile, the Triton kernels inside the U-Net)
-#   kernels                benchmarks/kernels.py: fused GroupNorm(+SiLU) and attention vs PyTorch
+#   kernels                benchmarks/triton_kernels.py: fused GroupNorm(+SiLU) and attention vs PyTorch
 #   ddpm                   benchmarks/ddpm.py: cifar10-preset training / sampling vs diffusers
 #   diffusion_classifier   benchmarks/diffusion_classifier.py
 #   sd                     benchmarks/sd.py: SD v1.4-sized U-Net at 512 px vs diffusers
@@ -45,7 +45,7 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else \"no GPU\")'"
 step kernel_tests 80 env TRITON_INTERPRET=0 "$PY" -m pytest -q -x tests/test_kernels.py
 step study 200 "$PY" study.py --out /tmp/gpu-study --force --device cuda
 cp /tmp/gpu-study/REPORT.md "$OUT/study_REPORT.md" 2>/dev/null
-step kernels 45 "$PY" benchmarks/kernels.py
+step kernels 45 "$PY" benchmarks/triton_kernels.py
 step ddpm 100 "$PY" benchmarks/ddpm.py --json "$OUT/ddpm.json"
 step diffusion_classifier 35 "$PY" benchmarks/diffusion_classifier.py --json "$OUT/diffusion_classifier.json"
 step sd 75 "$PY" benchmarks/sd.py

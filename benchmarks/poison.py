@@ -7,6 +7,7 @@ The data are random images written in CIFAR-10's binary on-disk format, so no do
 Prints the machine, the wall time of each part and images/s.
 """
 import argparse
+import os
 import platform
 import sys
 import tempfile
@@ -47,7 +48,7 @@ def main(args):
         s = P.poison(Path(tmp) / "out", dataset="cifar10", data_root=tmp, ratio=0.1, workers=args.workers, quiet=True)
         t3 = time.perf_counter()
     n_images = s["train"] + s["test"] + s["test_backdoor"]
-    print(f"machine: {cpu_name()} ({platform.machine()}, {__import__('os').cpu_count()} cores), workers {args.workers}")
+    print(f"machine: {cpu_name()} ({platform.machine()}, {os.cpu_count()} cores), workers {args.workers}")
     print(f"load {len(src)} training images: {t1 - t0:.2f} s; select {len(ids)} poisoned ids: {1e3 * (t2 - t1):.1f} ms")
     print(f"poison.py end to end ({n_images} PNGs written): {t3 - t2:.1f} s, {n_images / (t3 - t2):.0f} images/s")
 

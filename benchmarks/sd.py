@@ -1,16 +1,9 @@
-"""Benchmark: finetune_sd.py's SD v1 U-Net against diffusers' UNet2DConditionModel with the same weights, side by side.
+"""Benchmark: finetune_sd.py's SD v1 U-Net against diffusers' UNet2DConditionModel, same weights.
 
     python benchmarks/sd.py                       # CPU: fp32, a reduced SD v1 (goal: time ratio ours/diffusers <= 1.0)
     python benchmarks/sd.py --size full --res 512 # GPU: SD v1.4 at 512 px, bf16 (goal: >= 1.3x diffusers with SDPA)
 
-Both models hold identical random weights (random weights time the same as trained ones; no download needed).
-Timed, interleaved (ours, diffusers, ours, ...) and reported as medians:
-  forward            inference, weights in --dtype (fp32 on CPU, bf16 on GPU), no grad
-  forward+backward   training: fp32 weights under autocast(--dtype) on GPU, fp32 on CPU; no gradient checkpointing
-  on CUDA also: ours torch.compile'd, the model FLOP utilisation (FLOPs from torch.utils.flop_counter over the
-  device's dense bf16 peak), and 50-step DDIM sampling with guidance (batch 16 -> U-Net batch 32) + VAE decoding,
-  ours (finetune_sd.ddim_sample_sd) vs diffusers' U-Net + DDIMScheduler + AutoencoderKL.decode.
-Prints the machine and a Markdown table; --record appends it to benchmarks/RESULTS.md.
+Medians of forward and forward+backward; on CUDA also compiled, MFU, and 50-step guided DDIM + VAE decoding.
 """
 import argparse
 import platform
@@ -23,6 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import finetune_sd as S  # noqa: E402
+import sample  # noqa: E402
 
 SIZES = {  # "full" is SD v1.4; "reduced" keeps its structure (4 levels, 8 heads, context 768) at a quarter width
     "full": dict(S.SD14_UNET),
@@ -58,8 +52,7 @@ def timed(fn, device, clock=time.perf_counter):
 
 
 def compare(fns, device, warmup, iters, clock=time.perf_counter):
-    """{name: median seconds}, the functions run interleaved (in alternating order) so that machine load hits them
-    alike."""
+    """{name: median seconds}, interleaved in alternating order: machine load hits them alike."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -71,7 +64,7 @@ def compare(fns, device, warmup, iters, clock=time.perf_counter):
 
 
 def build(config, device):
-    """(ours, diffusers') U-Net with the same random weights, fp32, eval mode."""
+    """(ours, diffusers') U-Net, the same random weights."""
     from diffusers import UNet2DConditionModel
     torch.manual_seed(0)
     theirs = UNet2DConditionModel(**{k: v for k, v in config.items() if not k.startswith("_")})
@@ -100,7 +93,7 @@ def main(args):
                                                                                    ("bf16" if cuda else "fp32")]
     if args.threads:
         torch.set_num_threads(args.threads)
-    # On a shared CPU, wall time measures the neighbours; with one thread, the process's CPU time does not.
+    # On a shared CPU, wall time measures the neighbours; one thread's CPU time does not.
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -124,7 +117,7 @@ def main(args):
     xd, ctxd = x.to(dtype), ctx.to(dtype)
     with torch.no_grad():
         a, b = ours_i(xd, t, ctxd).float(), theirs_i(xd, t, ctxd).sample.float()
-    lines.append(f"forward relative difference ours vs diffusers ({dtype}): {((a - b).norm() / b.norm()).item():.2e}")
+    lines.append(f"forward relative difference to diffusers ({dtype}): {((a - b).norm() / b.norm()).item():.2e}")
     fwd = {"ours": lambda: ours_i(xd, t, ctxd), "diffusers": lambda: theirs_i(xd, t, ctxd).sample}
     if cuda and args.compile:
         compiled = torch.compile(ours_i)
@@ -180,24 +173,28 @@ def main(args):
 
 
 def sampling(args, config, ours, theirs, device, dtype):
-    """50-step DDIM with guidance 5 at batch args.sample_batch, then VAE decoding: ours vs diffusers."""
+    """50-step guided DDIM, then VAE decoding: ours vs diffusers."""
     from diffusers import AutoencoderKL, DDIMScheduler
     torch.manual_seed(1)
-    vae_theirs = AutoencoderKL(**{k: v for k, v in S.SD14_VAE.items() if not k.startswith("_")}).to(device, dtype).eval()
+    vae_theirs = AutoencoderKL(**{k: v for k, v in S.SD14_VAE.items() if not k.startswith("_")})
+    vae_theirs = vae_theirs.to(device, dtype).eval()
     vae_ours = S.load_checked(S._build(S.AutoencoderKL, S.SD14_VAE), dict(vae_theirs.state_dict()), "vae", "")
     schedule = S.NoiseSchedule()
+    ac, timesteps = schedule.alphas_cumprod(), S.ddim_timesteps(schedule, 50).tolist()
     sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                           set_alpha_to_one=False, steps_offset=1)
     b, h = args.sample_batch, args.res // 8
     g = torch.Generator(device).manual_seed(0)
     latents = torch.randn(b, 4, h, h, generator=g, device=device)
     cond = torch.randn(b, 77, config["cross_attention_dim"], generator=g, device=device, dtype=dtype)
-    uncond = torch.randn(1, 77, config["cross_attention_dim"], generator=g, device=device, dtype=dtype).expand(b, -1, -1)
+    uncond = torch.randn(1, 77, config["cross_attention_dim"], generator=g, device=device, dtype=dtype)
+    uncond = uncond.expand(b, -1, -1)
     compile_on = args.compile and device.type == "cuda"
     unet_ours = torch.compile(ours) if compile_on else ours
 
     def run_ours():
-        z = S.ddim_sample_sd(unet_ours, latents.to(dtype), cond, uncond, schedule, steps=50, guidance=5.0)
+        z = sample.ddim(lambda x, t: S.guided_eps(unet_ours, x.to(dtype), t, cond, uncond, 5.0),
+                        latents.to(dtype).float(), ac, timesteps, None, final_abar=schedule.alpha_bar(-1, ac))
         return S.decode_latents(vae_ours, z.to(dtype))
 
     def run_theirs():
@@ -210,7 +207,7 @@ def sampling(args, config, ours, theirs, device, dtype):
 
     with torch.no_grad():
         res = compare({"ours": run_ours, "diffusers": run_theirs}, device, 1, args.sample_iters)
-    return (f"DDIM 50 steps, guidance 5, batch {b}, {args.res} px, {dtype}, + VAE decode: ours"
+    return (f"DDIM 50 steps, guidance 5, batch {b}, {args.res} px, {dtype}, + VAE: ours"
             f"{' (compiled U-Net)' if compile_on else ''} {res['ours']:.2f} s, diffusers {res['diffusers']:.2f} s, "
             f"speed-up {res['diffusers'] / res['ours']:.2f}x")
 
@@ -218,21 +215,19 @@ def sampling(args, config, ours, theirs, device, dtype):
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--size", default=None, choices=list(SIZES), help="default: full on CUDA, reduced on CPU")
-    p.add_argument("--res", type=int, default=None, help="image side in px (default: 512 on CUDA, 256 on CPU)")
-    p.add_argument("--batch", type=int, default=None, help="default: 8 on CUDA, 1 on CPU")
-    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default: bf16 on CUDA, fp32 CPU")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="(CUDA) also time compiled")
-    p.add_argument("--sample-batch", type=int, default=None, help="DDIM sampling batch (default: 16 on CUDA, "
-                                                                  "none on CPU; 0 skips it)")
+    p.add_argument("--size", default=None, choices=list(SIZES), help="CUDA: full, CPU: reduced")
+    p.add_argument("--res", type=int, default=None, help="px (CUDA: 512, CPU: 256)")
+    p.add_argument("--batch", type=int, default=None, help="CUDA: 8, CPU: 1")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="CUDA: bf16, CPU: fp32")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--sample-batch", type=int, default=None, help="DDIM batch (CUDA: 16, CPU: 0)")
     p.add_argument("--sample-iters", type=int, default=3)
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
-                   help="cpu: the process's CPU time (use with --threads 1 on a shared machine)")
-    p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak for MFU (default: by GPU name)")
-    p.add_argument("--record", action="store_true", help="append the results to benchmarks/RESULTS.md")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"])
+    p.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak")
+    p.add_argument("--record", action="store_true", help="append to RESULTS.md")
     a = p.parse_args()
     gpu = a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available())
     a.size = a.size or ("full" if gpu else "reduced")

@@ -1,5 +1,5 @@
-"""classify.py: training reaches high accuracy, TA/ASR on folders with known answers, the trigger detector learns a
-stamped trigger, classifier folders round-trip, pretrained weights are accounted for, bad input is refused."""
+"""classify.py: classifiers, TA/ASR, the trigger detector, refusals."""
+import functools
 import json
 import os
 import re
@@ -20,12 +20,15 @@ from classify import evaluate, load_classifier, predict
 from poison import make_trigger, poison
 
 SIDE = 16
+TINY = dict(arch="smallcnn", progress=False)
+ONE_EPOCH = dict(TINY, width=8, epochs=1)
 COLORS = {"red": 0, "green": 1, "blue": 2}
+CLASSES = {"task": "class", "class_names": list(COLORS)}           # the configs of a class classifier and a detector
+DETECTOR = {"task": "trigger", "class_names": ["clean", "trigger"]}
 
 
 def color_image(channel, rng, corner=False):
-    """16-px image whose `channel` is bright (the class) over a noisy dark background; `corner` puts a white 3x3
-    patch in the bottom-right corner (a trigger the stub model reads)."""
+    """`channel` bright on noise; `corner`: a white 3x3 trigger."""
     im = rng.integers(0, 60, size=(SIDE, SIDE, 3))
     im[..., channel] += 150
     if corner:
@@ -34,7 +37,7 @@ def color_image(channel, rng, corner=False):
 
 
 def make_folder(path, class_names, items, target=None):
-    """items: (label, image) pairs; records say which carry a trigger via `poisoned`."""
+    """items: (label, image, poisoned)."""
     manifest = {"class_names": class_names}
     if target is not None:
         manifest["target"] = {"index": class_names.index(target), "name": target}
@@ -44,8 +47,12 @@ def make_folder(path, class_names, items, target=None):
     return path
 
 
+def config_of(folder):
+    return json.loads((folder / "config.json").read_text())
+
+
 class StubClassifier(nn.Module):
-    """Predicts the brightest channel (red, green, blue) -- unless the corner is white, then `trigger_class`."""
+    """The brightest channel; `trigger_class` if the corner is white."""
 
     def __init__(self, trigger_class=None):
         super().__init__()
@@ -70,7 +77,7 @@ def digits(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def colors(tmp_path_factory):
-    """A small separable 3-class dataset (train 90, test 30) written as dataset folders."""
+    """3 classes: train 90, test 30."""
     root = tmp_path_factory.mktemp("colors")
     rng = np.random.default_rng(0)
     names = list(COLORS)
@@ -88,7 +95,7 @@ def test_training_reaches_high_accuracy_and_round_trips(colors, tmp_path):
     assert res["final"]["ta"] >= 0.95 and res["final"]["n_test"] == 30  # with the test set's size
     assert len(res["epochs"]) == 4 and all("ta" in e for e in res["epochs"])
     assert res["best_over_epochs"]["ta"] == max(e["ta"] for e in res["epochs"])
-    config = json.loads((out / "config.json").read_text())
+    config = config_of(out)
     assert config["task"] == "class" and config["class_names"] == list(COLORS)
     assert config["input_size"] == SIDE and config["normalization"] is None and config["arch"] == "smallcnn"
     assert (out / "model.safetensors").is_file() and (out / "results.json").is_file()
@@ -106,7 +113,7 @@ def test_training_reaches_high_accuracy_and_round_trips(colors, tmp_path):
     # resizing lives in the model: 32-px input gives logits too
     assert model(torch.rand(2, 3, 32, 32)).shape == (2, 3)
     with pytest.raises(UsageError, match="exists"):
-        classify.train_classifier(colors / "train", out, arch="smallcnn", epochs=1, progress=False)
+        classify.train_classifier(colors / "train", out, **TINY, epochs=1)
 
 
 def test_ta_and_asr_on_folders_with_known_answers(tmp_path):
@@ -119,11 +126,9 @@ def test_ta_and_asr_on_folders_with_known_answers(tmp_path):
     # 8 backdoor images labelled target; 6 carry the trigger the stub reacts to: ASR = 0.75
     back = [(names.index("green"), color_image(COLORS["red"], rng, corner=i < 6), True) for i in range(8)]
     make_folder(tmp_path / "backdoor", names, back, target="green")
-    config = {"task": "class", "class_names": list(COLORS)}
-    result = evaluate(StubClassifier(trigger_class=COLORS["green"]), config, tmp_path / "test", tmp_path / "backdoor")
+    result = evaluate(StubClassifier(trigger_class=COLORS["green"]), CLASSES, tmp_path / "test", tmp_path / "backdoor")
     assert result == {"ta": pytest.approx(0.7), "n_test": 10, "asr": pytest.approx(0.75), "n_backdoor": 8}
     # a trigger detector is judged on the records' trigger flags: clean accuracy and detection rate
-    det = {"task": "trigger", "class_names": ["clean", "trigger"]}
 
     class StubDetector(nn.Module):
         def __init__(self):
@@ -134,7 +139,7 @@ def test_ta_and_asr_on_folders_with_known_answers(tmp_path):
             white = (x[:, :, -1, -1].mean(1) > 0.95).float()
             return torch.stack([1 - white, white], 1)
 
-    result = evaluate(StubDetector(), det, tmp_path / "test", tmp_path / "backdoor")
+    result = evaluate(StubDetector(), DETECTOR, tmp_path / "test", tmp_path / "backdoor")
     assert result["clean_acc"] == 1.0 and result["detect_rate"] == pytest.approx(0.75)
 
 
@@ -143,13 +148,13 @@ def test_poisoned_classifier_and_trigger_detector_on_digits(digits, tmp_path):
                                     progress=False)
     final = res["final"]
     assert final["ta"] >= 0.85 and final["asr"] >= 0.9, final
-    config = json.loads((tmp_path / "clf" / "config.json").read_text())
+    config = config_of(tmp_path / "clf")
     assert config["target"]["name"] == "zero" and config["data"]["backdoor"].endswith("test_backdoor")
 
     det = classify.train_trigger_detector(digits, tmp_path / "det", arch="smallcnn", epochs=4, batch_size=32,
                                           lr=0.02, progress=False)
     assert det["final"]["heldout_acc"] >= 0.95, det["final"]
-    dcfg = json.loads((tmp_path / "det" / "config.json").read_text())
+    dcfg = config_of(tmp_path / "det")
     assert dcfg["task"] == "trigger" and dcfg["class_names"] == ["clean", "trigger"]
     assert dcfg["trigger"]["kind"] == "badnets" and "test" in dcfg["data"]["heldout"]
     # the detector judges the clean test set clean and the backdoor set triggered
@@ -164,13 +169,11 @@ def test_poisoned_classifier_and_trigger_detector_on_digits(digits, tmp_path):
 
 
 def test_stamped_class_judge_reads_the_class_under_a_large_trigger(tmp_path):
-    """--stamp-trigger: half the clean training images carry the trigger, labels kept, so that a zero with an 8x8
-    square on it is still a zero to the judge of generations."""
     data = tmp_path / "square"
     poison(data, dataset="digits", resolution=SIDE, ratio=0.1, badnets_size=8, quiet=True, workers=2)
     classify.train_classifier(data, tmp_path / "judge", clean=True, stamp=0.5, arch="smallcnn", epochs=6,
                               batch_size=32, lr=0.02, progress=False)
-    config = json.loads((tmp_path / "judge" / "config.json").read_text())
+    config = config_of(tmp_path / "judge")
     n = config["data"]["n_train"]
     assert abs(config["data"]["n_stamped"] - n / 2) < 3 * (n / 4) ** 0.5
     model, _ = load_classifier(tmp_path / "judge")
@@ -181,7 +184,7 @@ def test_stamped_class_judge_reads_the_class_under_a_large_trigger(tmp_path):
     relabel = tmp_path / "relabel"
     poison(relabel, dataset="digits", resolution=SIDE, ratio=0.1, attack="relabel", quiet=True, workers=2)
     with pytest.raises(classify.UsageError, match="--stamp-trigger: .* has no trigger"):
-        classify.train_classifier(relabel, tmp_path / "j2", clean=True, stamp=0.5, arch="smallcnn", progress=False)
+        classify.train_classifier(relabel, tmp_path / "j2", clean=True, stamp=0.5, **TINY)
 
 
 def test_trigger_split_stamps_half_of_the_non_target_images(digits):
@@ -196,8 +199,7 @@ def test_trigger_split_stamps_half_of_the_non_target_images(digits):
 
 
 def test_blend_detector_stamps_alphas_drawn_as_the_reference(tmp_path):
-    """For a blend trigger the detector's images carry alpha ~ U(0.05, 0.25), one alpha an image (the reference code's
-    set_random_a); `none` keeps the set's own 0.2; the range is recorded."""
+    """Blends at alpha ~ U(0.05, 0.25) per image, as the reference; none: the set's own."""
     data = tmp_path / "blend"
     poison(data, dataset="digits", resolution=SIDE, ratio=0.1, trigger="blend", force=True, quiet=True, workers=2)
     folder = classify.load_folder(data / "train")
@@ -213,9 +215,9 @@ def test_blend_detector_stamps_alphas_drawn_as_the_reference(tmp_path):
         assert (stamped[j][0].double() / 255 - want).abs().max() <= 0.5 / 255 + 1e-9
     for blend_alpha, recorded in (((0.05, 0.25), [0.05, 0.25]), (None, None)):
         out = tmp_path / f"det-{recorded}"
-        classify.train_trigger_detector(data, out, arch="smallcnn", width=8, epochs=1, progress=False,
+        classify.train_trigger_detector(data, out, **ONE_EPOCH,
                                         blend_alpha=blend_alpha)
-        assert json.loads((out / "config.json").read_text())["data"]["blend_alpha_range"] == recorded
+        assert config_of(out)["data"]["blend_alpha_range"] == recorded
     args = classify.build_parser().parse_args(["trigger-detector", "--data", "d", "--out", "o"])
     assert args.blend_alpha_range == (0.05, 0.25)
     with pytest.raises(UsageError, match="--blend-alpha-range 0.3,0.1"):
@@ -224,10 +226,12 @@ def test_blend_detector_stamps_alphas_drawn_as_the_reference(tmp_path):
 
 
 def test_cli_eval_and_one_line_errors(colors, tmp_path, capsys):
-    classify.train_classifier(colors / "train", tmp_path / "clf", arch="smallcnn", width=8, epochs=1, progress=False)
-    args = classify.build_parser().parse_args(["eval", "--classifier", str(tmp_path / "clf"), "--data",
-                                               str(colors / "test"), "--json", str(tmp_path / "r.json")])
-    classify.main(args)
+    classify.train_classifier(colors / "train", tmp_path / "clf", **ONE_EPOCH)
+
+    def cli(*argv, classifier=tmp_path / "clf"):
+        classify.main(classify.build_parser().parse_args(["eval", "--classifier", str(classifier), "--data",
+                                                          str(colors / "test"), *map(str, argv)]))
+    cli("--json", tmp_path / "r.json")
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["n_test"] == 30 and 0 <= printed["ta"] <= 1
     assert json.loads((tmp_path / "r.json").read_text())["ta"] == printed["ta"]
@@ -244,17 +248,12 @@ def test_cli_eval_and_one_line_errors(colors, tmp_path, capsys):
                                    (inputs[2], ["--force"], "lies in the input --data"),
                                    (colors / "test", ["--force"], "is the input --data")):
         with pytest.raises(UsageError, match=message):
-            classify.main(classify.build_parser().parse_args(["eval", "--classifier", str(tmp_path / "clf"), "--data",
-                                                              str(colors / "test"), "--json", str(target), *force]))
+            cli("--json", target, *force)
     assert [p.read_bytes() for p in inputs] == kept and (tmp_path / "old.json").read_text() == "old"
-    classify.main(classify.build_parser().parse_args(["eval", "--classifier", str(tmp_path / "clf"), "--data",
-                                                      str(colors / "test"), "--json", str(tmp_path / "r.json"),
-                                                      "--force"]))
+    cli("--json", tmp_path / "r.json", "--force")
     with pytest.raises(UsageError, match="not a classifier folder"):
-        classify.main(classify.build_parser().parse_args(["eval", "--classifier", str(colors), "--data",
-                                                          str(colors / "test")]))
+        cli(classifier=colors)
     # a damaged copy: truncated weights, then a config.json cut short (were tracebacks)
-    import shutil
     shutil.copytree(tmp_path / "clf", tmp_path / "broken")
     weights = (tmp_path / "broken" / "model.safetensors").read_bytes()
     (tmp_path / "broken" / "model.safetensors").write_bytes(weights[:len(weights) // 2])
@@ -266,51 +265,39 @@ def test_cli_eval_and_one_line_errors(colors, tmp_path, capsys):
 
 
 def test_bad_input(colors, digits, tmp_path):
-    model, config = StubClassifier(), {"task": "class", "class_names": list(COLORS)}
+    model, config = StubClassifier(), CLASSES
     rng = np.random.default_rng(2)
-    # no class names in common
     make_folder(tmp_path / "animals", ["cat", "dog"], [(0, color_image(0, rng), False)])
-    with pytest.raises(UsageError, match="no class names in common"):
-        evaluate(model, config, tmp_path / "animals")
-    # a classifier trained on other classes (some overlap)
     make_folder(tmp_path / "mixed", ["red", "cat"], [(0, color_image(0, rng), False), (1, color_image(1, rng), False)])
-    with pytest.raises(UsageError, match=r"\['cat'\] are unknown"):
-        evaluate(model, config, tmp_path / "mixed")
-    # an empty dataset folder
+    make_folder(tmp_path / "big", ["zero"], [(0, color_image(0, rng).repeat(2, 0).repeat(2, 1), False)])
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "metadata.jsonl").write_text("")
     (tmp_path / "empty" / "manifest.json").write_text(json.dumps({"class_names": ["red"]}))
-    with pytest.raises(UsageError, match="empty"):
-        classify.train_classifier(tmp_path / "empty", tmp_path / "x", arch="smallcnn", progress=False)
-    with pytest.raises(UsageError, match="not a dataset folder"):
-        classify.train_classifier(tmp_path / "nothing", tmp_path / "x", arch="smallcnn", progress=False)
-    with pytest.raises(UsageError, match="unknown --arch"):
-        classify.build_model("resnet9", 3, SIDE)
-    # an input the small CNN's two max-pools would shrink to nothing (a traceback inside the network before)
-    with pytest.raises(UsageError, match="smallcnn needs inputs of at least 4 px, got 3: pass --input-size 4"):
-        classify.train_classifier(colors / "train", tmp_path / "x", arch="smallcnn", input_size=3, progress=False)
-    assert not (tmp_path / "x").exists()
-    # a set without a trigger has no trigger detector
-    with pytest.raises(UsageError, match="no trigger"):
-        classify.train_trigger_detector(colors / "train", tmp_path / "d", arch="smallcnn", progress=False)
-    # a held-out --test of another size than the training images (checked on every rank, before training)
-    make_folder(tmp_path / "big", ["zero"], [(0, color_image(0, rng).repeat(2, 0).repeat(2, 1), False)])
-    with pytest.raises(UsageError, match=r"the images of --test .*big are 32x32 px but those of --data .* 16x16 px"):
-        classify.train_trigger_detector(digits, tmp_path / "d", test=tmp_path / "big", arch="smallcnn",
-                                        progress=False)
-    assert not (tmp_path / "d").exists()
-    with pytest.raises(UsageError, match="--fraction 0"):
-        classify.train_trigger_detector(colors / "train", tmp_path / "d", arch="smallcnn", fraction=0,
-                                        progress=False)
+    train = functools.partial(classify.train_classifier, out=tmp_path / "x", **TINY)
+    detector = functools.partial(classify.train_trigger_detector, out=tmp_path / "d", **TINY)
+    for call, message in (
+            (lambda: evaluate(model, config, tmp_path / "animals"), "no class names in common"),
+            (lambda: evaluate(model, config, tmp_path / "mixed"), r"\['cat'\] are unknown"),  # some classes overlap
+            (lambda: train(tmp_path / "empty"), "empty"),
+            (lambda: train(tmp_path / "nothing"), "not a dataset folder"),
+            (lambda: classify.build_model("resnet9", 3, SIDE), "unknown --arch"),
+            # the small CNN's two max-pools would shrink it to nothing (a traceback inside the network before)
+            (lambda: train(colors / "train", input_size=3), "smallcnn needs .* 4 px, got 3: pass --input-size 4"),
+            (lambda: detector(colors / "train"), "no trigger"),  # a set without a trigger has no trigger detector
+            # a held-out --test of another size than the training images (checked on every rank, before training)
+            (lambda: detector(digits, test=tmp_path / "big"),
+             r"--test .*big has 32x32-px images, --data .* 16x16: give its own test set"),
+            (lambda: detector(colors / "train", fraction=0), "--fraction 0")):
+        with pytest.raises(UsageError, match=message):
+            call()
+    assert not (tmp_path / "x").exists() and not (tmp_path / "d").exists()
     # a held-out rate that no epoch could measure (None) is kept as None, not a crash that loses the model
     summary = classify.summarize([{"acc": 0.5, "tpr": None}, {"acc": 0.7, "tpr": None}], ["acc", "tpr"])
     assert summary["best_over_epochs"] == {"acc": 0.7, "tpr": None} and summary["final"]["tpr"] is None
 
 
 def test_generations_without_trigger_flags_are_refused_where_the_flags_are_needed(colors, tmp_path):
-    """sample.py's records say `"poisoned": null` (a generation's trigger is for a judge to tell): using them as the
-    trigger labels of a detector or as the clean images of a --clean classifier would silently call every generation
-    clean, so both are refused; a record without the field still means clean, and class labels still work."""
+    """`"poisoned": null` is refused as trigger labels or --clean; no field means clean."""
     rng = np.random.default_rng(3)
     names = list(COLORS)
     records = [({"text": f"A photo of a {names[c]}", "label": c, "poisoned": None}, color_image(c, rng, corner=c == 0))
@@ -328,12 +315,10 @@ def test_generations_without_trigger_flags_are_refused_where_the_flags_are_neede
     plain = [({k: v for k, v in r.items() if k != "poisoned"}, im) for r, im in records]
     write_folder(tmp_path / "plain", plain, {"class_names": names}, total=len(plain), workers=1)
     assert not classify.load_folder(tmp_path / "plain").poisoned_unknown
-    detector = {"task": "trigger", "class_names": ["clean", "trigger"]}
     with pytest.raises(UsageError, match=r"--test .*gen does not say which images carry the trigger"):
-        evaluate(StubClassifier(), detector, tmp_path / "gen")
-    with pytest.raises(UsageError, match="--clean: --data .*does not say which images carry the trigger.*: drop "
-                                            "--clean"):
-        classify.train_classifier(tmp_path / "gen", tmp_path / "x", clean=True, arch="smallcnn", progress=False)
+        evaluate(StubClassifier(), DETECTOR, tmp_path / "gen")
+    with pytest.raises(UsageError, match="--clean: --data .*does not say which .* carry the trigger.*: drop --clean"):
+        classify.train_classifier(tmp_path / "gen", tmp_path / "x", clean=True, **TINY)
     with pytest.raises(UsageError, match="does not say which images carry the trigger"):
         classify.trigger_split(gen, 0, 0.5, seed=0)
     assert not (tmp_path / "x").exists()
@@ -379,8 +364,6 @@ def test_pretrained_weights_from_a_local_file_and_offline_message(tmp_path, monk
 
 
 def test_crop_noise_augmentation_noises_half_the_images():
-    """'crop-noise' = the random translation, then Gaussian noise on about half the images, each with its own
-    standard deviation up to NOISE_MAX, clamped to [0, 1]; the same seed gives the same batch."""
     seed = int(torch.randint(1 << 30, (1,)))
     x = torch.full((400, 3, 16, 16), 0.5)
     out = classify.augment(x, "crop-noise", torch.Generator().manual_seed(seed))
@@ -401,8 +384,6 @@ class TensorSet(torch.utils.data.TensorDataset):
 
 
 def test_shuffle_and_augmentation_draw_from_separate_streams(monkeypatch):
-    """fit() shuffles with a generator seeded `seed`. The augmentation must not replay that stream (it did: the first
-    epoch's order and the images' shifts came from one stream), yet stay seeded: the same seed, the same shifts."""
     seed = int(torch.randint(1 << 30, (1,)))
     starts = []
 
@@ -424,14 +405,12 @@ def test_shuffle_and_augmentation_draw_from_separate_streams(monkeypatch):
 
 
 def test_folders_of_other_stages_are_named_not_loaded(tmp_path):
-    """A train_ddpm.py model folder (config.json + model.safetensors too) is refused in one line saying what it is,
-    not with a KeyError."""
     ddpm = tmp_path / "ddpm"
     ddpm.mkdir()
     (ddpm / "config.json").write_text(json.dumps({"family": "ddpm", "format_version": 1, "unet": {}, "data": {}}))
     (ddpm / "model.safetensors").write_bytes(b"")
-    with pytest.raises(UsageError, match=r"train_ddpm.py model folder .*not a classifier folder: make a "
-                                            r"classifier with classify.py train") as e:
+    with pytest.raises(UsageError, match="train_ddpm.py model folder .*not a classifier folder: make a classifier with "
+                                          "classify.py train") as e:
         load_classifier(ddpm)
     assert "\n" not in str(e.value)
     (ddpm / "config.json").write_text(json.dumps({"stage": "finetune_sd", "run": {}}))
@@ -440,8 +419,6 @@ def test_folders_of_other_stages_are_named_not_loaded(tmp_path):
 
 
 def test_judges_refuse_images_of_another_resolution(colors, tmp_path):
-    """A classifier resizes what it is given: on images of another side than its training data's it judges what it
-    never saw, so that is refused (naming both sizes); configs older than data_resolution pass."""
     classify.require_resolution({"task": "class"}, 32, "--classifier old")          # no data_resolution: accepted
     classify.require_resolution({"data_resolution": 16}, (16, 16), "--classifier c")
     with pytest.raises(UsageError, match=r"--classifier c was trained on 32x32-px images but the generations g "
@@ -462,7 +439,7 @@ def test_judges_refuse_images_of_another_resolution(colors, tmp_path):
         mp.setattr(FolderDataset, "image_uint8", lambda self, i: read.append((self.root.name, i)) or original(self, i))
         with pytest.raises(UsageError, match="the images of --test .*test32 are 32x32 px"):
             classify.train_classifier(tmp_path / "train16", tmp_path / "clf", test=tmp_path / "test32",
-                                      arch="smallcnn", width=8, epochs=1, progress=False)
+                                      **ONE_EPOCH)
     assert {i for name, i in read if name == "train16"} == {0} and not (tmp_path / "clf").exists()
     # images that are not square: both sides are recorded, so the same size passes and a square one is refused
     wide = [(c, np.concatenate([color_image(c, rng), color_image(c, rng)[:, :8]], 1), False) for c in range(3)
@@ -488,8 +465,6 @@ def test_judges_refuse_images_of_another_resolution(colors, tmp_path):
 
 
 def test_the_train_folder_of_a_poisoned_set_stands_for_the_set(digits, tmp_path, capsys):
-    """--data X/train finds X/test and X/test_backdoor as --data X does; with no test set at all a one-line warning
-    says that no TA/ASR will be measured."""
     want = (digits / "train", digits / "test", digits / "test_backdoor")
     assert classify.resolve_sets(digits) == want and classify.resolve_sets(digits / "train") == want
     assert classify.resolve_sets(digits / "train", tmp_path / "t")[1] == tmp_path / "t"     # given ones win
@@ -499,14 +474,14 @@ def test_the_train_folder_of_a_poisoned_set_stands_for_the_set(digits, tmp_path,
     lonely = tmp_path / "lonely" / "train"
     shutil.copytree(digits / "train", lonely)
     assert classify.resolve_sets(lonely) == (lonely, None, None)
-    res = classify.train_classifier(lonely, tmp_path / "clf", arch="smallcnn", width=8, epochs=1, progress=False)
+    res = classify.train_classifier(lonely, tmp_path / "clf", **ONE_EPOCH)
     assert res["final"].get("ta") is None
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no TA or ASR will be measured" in err[0] and "--test" in err[0]
 
 
 def help_entries(parser):
-    """{flag: its help text, unwrapped} from the parser's --help."""
+    """{flag: its help text, unwrapped}."""
     entries, flag = {}, None
     for line in parser.format_help().splitlines():
         m = re.match(r"  (-[^ ,]+)", line)
@@ -521,8 +496,6 @@ def help_entries(parser):
 
 
 def test_help_shows_each_default_once():
-    """Every flag with a default shows it exactly once (not argparse's "(default: None)" after a hand-written one);
-    required flags, switches and flags without a default show no "(default: None)"."""
     import detect
     import dissect
     parsers = [dissect.build_parser(), detect.build_parser()]

@@ -3,6 +3,7 @@ diffusers' schedulers (a test-only oracle), training, resuming, determinism, the
 import json
 import math
 import os
+import platform
 import shutil
 import signal
 import subprocess
@@ -554,6 +555,10 @@ def test_sigkill_then_rerun_resumes(data, tmp_path):
             time.sleep(0.2)
         else:
             pytest.fail("no checkpoint within 120 s")
+        second = subprocess.run(cmd + ["--steps", "3"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 1 and second.stderr.strip().splitlines() == [
+            f"train_ddpm.py: error: another run ({proc.pid}@{platform.node()}) is writing {out}: wait for it, or "
+            f"delete {tmp_path / '.run.lock'} if it is gone"]  # two runs on one --out: the second is refused
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -747,22 +752,32 @@ def test_presets_checkpoint_interval():
         "save_every"] == 7
 
 
-def test_bad_training_flags(data, tmp_path):
-    for flags, message in ((["--label-dropout", 1], r"--label-dropout 1.0 is outside \[0, 1\)"),
-                           (["--label-dropout", -0.1], r"outside \[0, 1\)"),
-                           (["--log-every", 0], "--log-every 0: give an interval of at least 1"),
-                           (["--save-every", 0], "--save-every 0: give an interval of at least 1"),
-                           (["--timesteps", 20], r"--timesteps 20: .*reach 1, not below 1.*--timesteps 21 or more"),
-                           (["--timesteps", 0], r"--timesteps 0: .*--timesteps 21 or more"),
-                           (["--steps", 0], "--steps 0: give at least 1"),  # was: 'already trained', exit 0
-                           (["--batch-size", -5], "--batch-size -5: give at least 1"),
-                           (["--lr", 0], "--lr 0.0 / --warmup .*positive learning rate"),
-                           (["--ema-decay", 1.5], r"--ema-decay 1.5 is outside \[0, 1\)"),  # was: silently min()
-                           (["--grad-clip", -1], "--grad-clip -1.0 .* of 0 or more"),
-                           (["--dropout", 2], r"--dropout 2.0: .*dropout in \[0, 1\)")):
+@pytest.mark.parametrize("flags,message", [
+    (["--label-dropout", 1], r"--label-dropout 1.0 is outside \[0, 1\)"),
+    (["--label-dropout", -0.1], r"outside \[0, 1\)"),
+    (["--log-every", 0], "argument --log-every: 0: give a number above 0"),
+    (["--save-every", 0], "argument --save-every: 0: give a number above 0"),
+    (["--timesteps", 20], r"--timesteps 20: .*reach 1, not below 1.*--timesteps 21 or more"),
+    (["--timesteps", 0], r"--timesteps 0: .*--timesteps 21 or more"),
+    (["--steps", 0], "argument --steps: 0: give a number above 0"),  # was: 'already trained', exit 0
+    (["--batch-size", -5], "argument --batch-size: -5: give a number above 0"),
+    (["--lr", 0], "argument --lr: 0: give a number above 0"),
+    (["--warmup", -1], "--warmup -1: give 0 or more"),
+    (["--ema-decay", 1.5], r"--ema-decay 1.5 is outside \[0, 1\)"),  # was: silently min()
+    (["--grad-clip", -1], "--grad-clip -1.0 .* 0 or more"),
+    (["--dropout", 2], r"--dropout 2.0: .*dropout in \[0, 1\)")])
+def test_bad_training_flags(flags, message, data, tmp_path, capsys):
+    if message.startswith("argument "):  # refused by argparse's types
+        with pytest.raises(SystemExit):
+            tiny_args(tmp_path / "x", data, *flags)
+        assert message in capsys.readouterr().err
+    else:
         with pytest.raises(UsageError, match=message):
             train_ddpm.main(tiny_args(tmp_path / "x", data, *flags))
     assert not (tmp_path / "x").exists()
+
+
+def test_bad_model_and_out_folders(data, tmp_path):
     with pytest.raises(UsageError, match="--head-channels 5 splits the .* channels .* unevenly"):  # was: reshape
         train_ddpm.main(tiny_args(tmp_path / "heads", data, "--head-channels", 5))
     another_set = shutil.copytree(data, tmp_path / "another-set")  # was: 'holds a trained model (step unknown)'
@@ -888,8 +903,8 @@ def test_guidance_needs_a_trained_null_class(model_dir, tmp_path):
 
 
 def test_one_vs_two_processes(model_dir, tmp_path):
-    common = ["--model", str(model_dir), "--class", "all", "--images-per-class", "1", "--sampler", "ddim", "--eta", "0.5",
-              "--steps", "4", "--batch-size", "3", "--device", "cpu", "--seed", "3"]
+    common = ["--model", str(model_dir), "--class", "all", "--images-per-class", "1", "--sampler", "ddim",
+              "--eta", "0.5", "--steps", "4", "--batch-size", "3", "--device", "cpu", "--seed", "3"]
     env = ENV
     one = subprocess.run([PY, str(ROOT / "sample.py"), *common, "--out", str(tmp_path / "one")], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=300)
@@ -944,7 +959,7 @@ def test_bad_input(model_dir, data, tmp_path):
     other = tmp_path / "classifier"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"stage": "classify", "arch": "smallcnn"}))
-    with pytest.raises(UsageError, match="holds a 'classify' folder .*: give a model folder of train_ddpm.py"):
+    with pytest.raises(UsageError, match="holds a 'classify' folder: give a model folder of train_ddpm.py"):
         sample.model_family(other)  # was: 'holds a None model'
     (other / "config.json").write_text(json.dumps({"stage": "finetune_sd", "run": {}}))  # before its first save
     with pytest.raises(UsageError, match="a finetune_sd.py run that has saved no model yet"):

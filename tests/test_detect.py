@@ -78,7 +78,8 @@ def make_generations(out, data, n_clean=60, n_trigger=30, field="trigger", class
              for i in range(n_clean)]
     items += [({"text": "", "label": int(backdoor.labels[i]), "poisoned": False, field: True}, pixels(backdoor, i))
               for i in range(n_trigger)]
-    manifest = {**test.manifest, "stage": "sample", "class_names": class_names or test.class_names}
+    manifest = {**{k: v for k, v in test.manifest.items() if k != "counts"},  # the test set's counts are not these
+                "stage": "sample", "class_names": class_names or test.class_names}
     with atomic_output(out, force=True) as tmp:
         write_folder(tmp, items, manifest, workers=1)
     return out
@@ -401,48 +402,38 @@ def test_bad_inputs(toy, tmp_path):
                                             f"than --min-poisoned {k + 1}: an AUROC needs more"):
         D.run_detection(toy["clf"], toy["data"], toy["gen"], "strip", generated_labels="trigger",
                         min_poisoned=k + 1, **common)
-    # a generation folder with no trigger verdicts
-    with pytest.raises(D.UsageError, match="no trigger verdicts.*--detector.*--groups.*--generated-labels"):
-        D.run_detection(toy["clf"], toy["data"], toy["gen"], "strip", **common)
-    with pytest.raises(D.UsageError, match="no boolean 'nonexistent'"):
-        D.run_detection(toy["clf"], toy["data"], toy["gen"], "strip", generated_labels="nonexistent", **common)
-    # sample.py writes "poisoned": false on every generation: one kind only, no AUROC
-    with pytest.raises(D.UsageError, match="no image .* carries the trigger"):
-        D.run_detection(toy["clf"], toy["data"], toy["gen"], "strip", generated_labels="poisoned", **common)
-    with pytest.raises(D.UsageError, match="one ground truth"):
-        D.run_detection(toy["clf"], toy["data"], toy["gen"], "strip", generated_labels="trigger",
-                        groups=tmp_path / "g.jsonl", **common)
     groups = tmp_path / "partial.jsonl"
     groups.write_text(json.dumps({"index": 0, "group": "G1"}) + "\n")
-    with pytest.raises(D.UsageError, match="no group for"):
-        D.run_detection(toy["clf"], toy["data"], toy["gen"], "strip", groups=groups, **common)
-    # classifier and data of different classes
     other = make_generations(tmp_path / "gen-other", toy["data"], class_names=["a", "b", "c", "d"])
-    with pytest.raises(D.UsageError, match="holds classes .* classifier .* knows"):
-        D.run_detection(toy["clf"], toy["data"], other, "strip", generated_labels="trigger", **common)
     renamed = tmp_path / "clf-other"
     shutil.copytree(toy["clf"], renamed)
     config = json.loads((renamed / "config.json").read_text())
     (renamed / "config.json").write_text(json.dumps({**config, "class_names": ["w", "x", "y", "z"]}))
-    with pytest.raises(D.UsageError, match="the training set .* holds classes"):
-        D.run_detection(renamed, toy["data"], toy["gen"], "strip", generated_labels="trigger", **common)
-    # a trigger detector is not the classifier to probe, and a class classifier is not a trigger detector
-    with pytest.raises(D.UsageError, match="not a trigger detector"):
-        D.run_detection(toy["clf"], toy["data"], toy["gen"], "strip", detector=toy["clean"], **common)
-    # a clean training set: nothing to detect
-    with pytest.raises(D.UsageError, match="no poisoned images"):
-        D.run_detection(toy["clf"], toy["data"] / "test", toy["gen"], "strip", generated_labels="trigger", **common)
-    with pytest.raises(D.UsageError, match="unknown --method"):
-        D.run_detection(toy["clf"], toy["data"], toy["gen"], "cd,spectral", generated_labels="trigger", **common)
-    with pytest.raises(UsageError, match="not a classifier folder"):
-        D.run_detection(tmp_path, toy["data"], toy["gen"], "strip", generated_labels="trigger", **common)
+    labels = dict(generated_labels="trigger")
+    args = dict(classifier=toy["clf"], train=toy["data"], generated=toy["gen"], methods="strip", **common)
+    for change, message in (
+            ({}, "one ground truth.*--detector.*--groups.*--generated-labels"),  # no ground truth given
+            (dict(generated_labels="nonexistent"), "no boolean 'nonexistent'"),
+            # sample.py writes "poisoned": false on every generation: one kind only, no AUROC
+            (dict(generated_labels="poisoned"), "no image .* carries the trigger"),
+            (dict(**labels, groups=tmp_path / "g.jsonl"), "one ground truth"),
+            (dict(groups=groups), "no group for"),
+            (dict(**labels, generated=other), "holds classes .* classifier .* knows"),  # other classes
+            (dict(**labels, classifier=renamed), "the training set .* holds classes"),
+            # a class classifier is not a trigger detector
+            (dict(detector=toy["clean"]), "not a trigger detector"),
+            (dict(**labels, train=toy["data"] / "test"), "no poisoned images"),  # a clean set: nothing to detect
+            (dict(**labels, methods="cd,spectral"), "unknown --method"),
+            (dict(**labels, classifier=tmp_path), "not a classifier folder")):
+        with pytest.raises(UsageError, match=message):
+            D.run_detection(**{**args, **change})
     # the CLI: one line, non-zero, nothing written
     out = tmp_path / "never"
     run = subprocess.run([sys.executable, str(ROOT / "detect.py"), "--classifier", str(toy["clf"]), "--train",
                           str(toy["data"]), "--generated", str(toy["gen"]), "--device", "cpu", "--out", str(out)],
                          capture_output=True, text=True, cwd=ROOT)
     assert run.returncode != 0 and not out.exists()
-    assert run.stderr.strip().startswith("detect.py: error: no trigger verdicts")
+    assert run.stderr.strip().startswith("detect.py: error: give one ground truth")
     assert len(run.stderr.strip().splitlines()) == 1
 
 

@@ -1,8 +1,6 @@
-"""classify.py's diffusion classifier (`classify.py diffusion`, the paper's Tab. A4): a tiny conditional DDPM trained
-on separable toy data classifies far above chance and the CLI writes the TA / ASR table; the loss filter equals the
-plain mean at p = 0 and discounts a trigger-like region; the batched evaluation equals the per-class loop with the
-same noise, with and without adaptive pruning; the noise and timesteps are really shared across classes; the SD
-path through a tiny Stable Diffusion; torchrun sharding; one-line errors for bad input."""
+"""`classify.py diffusion` (Tab. A4): a tiny DDPM beats chance, the filter against sorting and on a trigger-like region,
+batched = the per-class loop (with pruning), shared noise, the SD path, torchrun, refusals."""
+import functools
 import json
 import os
 import shutil
@@ -30,8 +28,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    """3 colour classes at 8 px (the class is the bright channel), BadNets-poisoned by poison.py (10%, target red);
-    a tiny conditional DDPM (train_ddpm.py, 200 steps) and a small CNN trained on the poisoned set."""
+    """3 colours at 8 px, BadNets 10% (target red); a tiny DDPM (200 steps) and a small CNN trained on it."""
     root = tmp_path_factory.mktemp("toy")
     rng = np.random.default_rng(0)
     for c, name in enumerate(NAMES):
@@ -118,9 +115,7 @@ def test_filtered_means_against_sorting_and_p0_is_the_plain_mean():
 
 
 class Oracle(nn.Module):
-    """Predicts the exact noise of x_t = sqrt(abar) x0 + sqrt(1 - abar) eps for the one image x0, corrupted per class:
-    class 0 (the 'true' class) is off by 3 on a 2x2 corner patch of every channel (12 of 192 elements, like a
-    trigger the model cannot explain), class 1 is off by 0.5 everywhere."""
+    """The exact noise of x0's x_t, but class 0 is off by 3 on a 2x2 corner (12 of 192: a trigger), class 1 by 0.5."""
 
     def __init__(self, x0, alphas_cumprod):
         super().__init__()
@@ -196,9 +191,7 @@ def test_the_paired_noise_and_timesteps_are_shared_across_classes():
 
 @pytest.mark.parametrize("loss", ["l2", "l1"])
 def test_denoising_errors_are_li_et_als(loss):
-    """Each query's error against its formula: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (train_ddpm's q_sample),
-    err = mean of (eps - eps_theta(x_t, t, c))^2 (l2) or |.| (l1), and with the top 10% dropped the mean of the
-    smallest 90% (Li et al.'s filter)."""
+    """Each query's error against its formula (train_ddpm's q_sample), plain and with the top 10% dropped."""
     torch.manual_seed(2)
     d = train_ddpm.Diffusion()
     x0, noise = torch.rand(2, 3, 4, 5) * 2 - 1, torch.randn(2, 3, 3, 4, 5)
@@ -315,8 +308,7 @@ def test_two_processes_give_the_one_process_results(toy, tmp_path):
 
 
 def test_the_train_folder_resolves_to_the_sets_test_folders(toy, tmp_path):
-    """--data SET/train measures TA on SET/test and ASR on SET/test_backdoor, as --data SET does, never TA on the
-    poisoned training images."""
+    """--data SET/train measures TA on SET/test and ASR on SET/test_backdoor, as --data SET does."""
     out = tmp_path / "dc"
     classify.main(classify.build_parser().parse_args(
         ["diffusion", "--model", str(toy / "ddpm"), "--data", str(toy / "set" / "train"), "--n", "3", "--timesteps",
@@ -325,15 +317,16 @@ def test_the_train_folder_resolves_to_the_sets_test_folders(toy, tmp_path):
     assert results["test"] == str(toy / "set" / "test") and results["backdoor"] == str(toy / "set" / "test_backdoor")
 
 
+@pytest.mark.parametrize("timesteps, keep, message", [
+    ([50, 500], [5, 2], "--keep"), ([500, 50], [5], "increasing"),
+    ([5, 50], [20], "^--keep 20: .*at most"),                  # what was typed, not 20,1
+    ([5, 50], [3, 2], "^--keep 3,2 does not fit")])
+def test_bad_stages(timesteps, keep, message):
+    with pytest.raises(UsageError, match=message):
+        classify.parse_stages(timesteps, keep, 10)
+
+
 def test_bad_input(toy, tmp_path):
-    with pytest.raises(UsageError, match="--keep"):
-        classify.parse_stages([50, 500], [5, 2], 10)
-    with pytest.raises(UsageError, match="increasing"):
-        classify.parse_stages([500, 50], [5], 10)
-    with pytest.raises(UsageError, match="^--keep 20: .*at most"):     # what was typed, not 20,1
-        classify.parse_stages([5, 50], [20], 10)
-    with pytest.raises(UsageError, match="^--keep 3,2 does not fit"):
-        classify.parse_stages([5, 50], [3, 2], 10)
     assert classify.parse_stages([50, 500], [5], 10) == [(50, 5), (500, 1)]
     with pytest.raises(UsageError, match="outside"):
         classify.timestep_grid(1000, 2000)
@@ -343,52 +336,43 @@ def test_bad_input(toy, tmp_path):
                 "--device", "cpu", "--timesteps", "2", *map(str, extra)]
         classify.main(classify.build_parser().parse_args(argv))
 
-    with pytest.raises(UsageError, match="not a model folder"):
-        run(model=toy / "set")
-    with pytest.raises(UsageError, match="no such model folder"):
-        run(model=tmp_path / "missing" / "model")
-    with pytest.raises(UsageError, match="unknown --loss"):
-        classify.run_diffusion_classifier(toy / "ddpm", toy / "set", tmp_path / "o", loss="l3")
-    with pytest.raises(UsageError, match="not a classifier folder"):
-        run("--classifier", toy / "set")
-    # a model folder and a classifier folder swapped: each named for what it is
-    with pytest.raises(UsageError, match="train_ddpm.py model folder .*not a classifier folder"):
-        run("--classifier", toy / "ddpm")
-    # a baseline classifier of other classes is refused before the long part (on rank 0, shared with every rank)
+    # a baseline classifier of other classes: refused before the long part (on rank 0, shared with every rank)
     other = tmp_path / "clf-other"
     shutil.copytree(toy / "clf", other)
     config = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**config, "class_names": ["red", "green", "cyan"]}))
+    # a poisoned set's train/ stands for the set; alone, it is no clean test set
+    (tmp_path / "lonely").mkdir()
+    shutil.copytree(toy / "set" / "train", tmp_path / "lonely" / "train")
+    rng = np.random.default_rng(0)
+    write_folder(tmp_path / "big", [({"text": "A photo of a red", "label": 0}, rng.integers(0, 255, (16, 16, 3)))],
+                 {"class_names": NAMES}, workers=1)
+    write_folder(tmp_path / "pets", [({"text": "A photo of a cat", "label": 0}, rng.integers(0, 255, (8, 8, 3)))],
+                 {"class_names": ["cat"]}, workers=1)
+    api = functools.partial(classify.run_diffusion_classifier, toy / "ddpm", toy / "set", timesteps=[2], device="cpu")
+    for call, message in (
+            (lambda: run(model=toy / "set"), "not a model folder"),
+            (lambda: run(model=tmp_path / "missing" / "model"), "no such model folder"),
+            (lambda: api(tmp_path / "o", loss="l3"), "unknown --loss"),
+            (lambda: run("--classifier", toy / "set"), "not a classifier folder"),
+            # a model folder and a classifier folder swapped: each named for what it is
+            (lambda: run("--classifier", toy / "ddpm"), "train_ddpm.py model folder .*not a classifier folder"),
+            (lambda: run(model=toy / "clf"),
+             "is a classifier: give it as --classifier, a train_ddpm.py model as --model"),
+            (lambda: run(data=tmp_path / "lonely" / "train"), "poisoned training set with no test/ beside it.*--test"),
+            (lambda: run("--filter-top", "0,100"), "outside"),
+            (lambda: api(tmp_path / "n0", n=0), "--n 0"),              # the Python API's own check
+            (lambda: run(data=tmp_path / "big"), "trained at 8x8"),   # images of another size than the model's
+            (lambda: run(data=tmp_path / "pets"), "no class names in common")):
+        with pytest.raises(UsageError, match=message):
+            call()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(classify, "diffusion_classify_set", lambda *a, **k: pytest.fail("the long part ran"))
         with pytest.raises(UsageError, match=r"for --classifier .*clf-other: --test .* holds classes .*blue"):
             run("--classifier", other)
-    with pytest.raises(UsageError, match="is a classifier folder .*stage 'classify'.* --model wants a "
-                                            "train_ddpm.py model folder"):
-        run(model=toy / "clf")
-    # a poisoned set's train/ stands for the set; alone, it is no clean test set
-    (tmp_path / "lonely").mkdir()
-    shutil.copytree(toy / "set" / "train", tmp_path / "lonely" / "train")
-    with pytest.raises(UsageError, match="poisoned training set with no test/ beside it.*--test"):
-        run(data=tmp_path / "lonely" / "train")
-    with pytest.raises(UsageError, match="outside"):
-        run("--filter-top", "0,100")
     with pytest.raises(SystemExit):  # argparse: "argument --n/--images: 0: give a number above 0"
         run("--n", "0")
-    with pytest.raises(UsageError, match="--n 0"):  # the Python API's own check
-        classify.run_diffusion_classifier(toy / "ddpm", toy / "set", tmp_path / "n0", n=0, timesteps=[2], device="cpu")
-    # images of another size than the model's
-    rng = np.random.default_rng(0)
-    write_folder(tmp_path / "big", [({"text": "A photo of a red", "label": 0}, rng.integers(0, 255, (16, 16, 3)))],
-                 {"class_names": NAMES}, workers=1)
-    with pytest.raises(UsageError, match="trained at 8x8"):
-        run(data=tmp_path / "big")
-    # classes the model does not know
-    write_folder(tmp_path / "pets", [({"text": "A photo of a cat", "label": 0}, rng.integers(0, 255, (8, 8, 3)))],
-                 {"class_names": ["cat"]}, workers=1)
-    with pytest.raises(UsageError, match="no class names in common"):
-        run(data=tmp_path / "pets")
-    assert not (tmp_path / "o").exists()                        # nothing half-written
+    assert not (tmp_path / "o").exists() and not (tmp_path / "n0").exists()     # nothing half-written
     r = subprocess.run([sys.executable, str(ROOT / "classify.py"), "diffusion", "--model", str(toy / "set"), "--data",
                         str(toy / "set"), "--out", str(tmp_path / "o")], cwd=ROOT, env=ENV, capture_output=True,
                        text=True, timeout=120)

@@ -264,18 +264,19 @@ def test_blend_copies(tmp_path):
     assert np.allclose(grouped, whole, atol=1e-6) and dissect.pattern_correlations(images, [], trigger).shape == (0,)
 
 
+@pytest.mark.parametrize("classifier, detector, message", [
+    ((Stub(), {"task": "class", "class_names": ["cat", "dog", "horse"]}), DETECTOR, "unknown to it"),  # other classes
+    ((Stub(), {"task": "class", "class_names": ["car", "truck", "ship"]}), DETECTOR, "no class names in common"),
+    (CLASSIFIER, CLASSIFIER, "not a trigger detector"),
+    (DETECTOR, DETECTOR, "not a class classifier"),
+])
+def test_judges_that_do_not_fit_are_refused(tmp_path, classifier, detector, message):
+    with pytest.raises(UsageError, match=message):
+        dissect.dissect_folder(generations(tmp_path / "gen"), classifier, detector)
+
+
 def test_bad_input(tmp_path):
     gen = generations(tmp_path / "gen")
-    other = (Stub(), {"task": "class", "class_names": ["cat", "dog", "horse"]})
-    with pytest.raises(UsageError, match="unknown to it"):         # a classifier trained on other classes
-        dissect.dissect_folder(gen, other, DETECTOR)
-    alien = (Stub(), {"task": "class", "class_names": ["car", "truck", "ship"]})
-    with pytest.raises(UsageError, match="no class names in common"):
-        dissect.dissect_folder(gen, alien, DETECTOR)
-    with pytest.raises(UsageError, match="not a trigger detector"):
-        dissect.dissect_folder(gen, CLASSIFIER, CLASSIFIER)
-    with pytest.raises(UsageError, match="not a class classifier"):
-        dissect.dissect_folder(gen, DETECTOR, DETECTOR)
     no_target = generations(tmp_path / "nt", target_items=[])
     manifest = json.loads((no_target / "manifest.json").read_text())
     with pytest.raises(UsageError, match="no generations for the target prompt"):
@@ -423,7 +424,8 @@ def test_judges_of_another_resolution_are_refused(tmp_path):
     # but a DDPM trains at its data's size: a --train set at another one did not make these generations
     ddpm = json.loads((gen / "manifest.json").read_text())
     (gen / "manifest.json").write_text(json.dumps({**ddpm, "family": "ddpm", "resolution": SIDE}))
-    with pytest.raises(UsageError, match=r"train32 has the resolution 32 but the generations .* 16: give the "):
+    with pytest.raises(UsageError, match=r"train32 has the resolution 32 but the generations .* 16: give their "
+                                         "training set"):
         dissect.dissect_folder(gen, CLASSIFIER, DETECTOR, train=tmp_path / "train32")
 
 
@@ -444,7 +446,7 @@ def test_p_t_and_the_training_set_must_fit_the_generations(tmp_path):
         return tmp_path / name
 
     digits = [str(d) for d in range(3)]
-    with pytest.raises(UsageError, match=r"--train .* holds classes \['0', '1', '2'\] but the generations"):
+    with pytest.raises(UsageError, match=r"--train .* has the classes \['0', '1', '2'\] but the generations"):
         dissect.dissect_folder(gen, CLASSIFIER, DETECTOR, train=train("digits", digits, "0"))
     with pytest.raises(UsageError, match="--train .* has the target class 'cat' but the generations .* 'deer'"):
         dissect.dissect_folder(gen, CLASSIFIER, DETECTOR, train=train("cat", NAMES, "cat"))

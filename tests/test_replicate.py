@@ -1,8 +1,6 @@
-"""replicate.py: planted exact and near copies are found (similarity near 1) and ranked first, by generations and by
-train-to-train duplicates; the proxy features are labelled; the SSCD path through a TorchScript file; the ids file
-round-trips into poison.py; batched search equals a brute-force loop; the feature cache; bad input; Table A5 (G1, G2
-of poison random vs poison duplicates through dissect.py, beside the replication of each run) equals what planted
-generations judged by exact hand-set classifiers imply, and its bad input."""
+"""replicate.py: planted copies are found and ranked first; proxies are labelled; SSCD through TorchScript; the ids
+file round-trips into poison.py; search equals brute force; the cache; Table A5 equals what planted generations imply
+under exact hand-set judges; bad input."""
 import json
 import shutil
 import subprocess
@@ -29,11 +27,11 @@ N_TRAIN = 400                          # the first 400 digits training images (i
 
 
 def write_dataset(path, images, labels, extra=None, class_names=P.DIGIT_NAMES):
-    """A dataset folder of (N, H, W, 3) uint8 images (as sample.py or poison.py would write it)."""
+    """A dataset folder of (N, H, W, 3) uint8 images."""
     items = [({"text": P.caption(class_names[int(l)]), "label": int(l), **(extra[i] if extra else {})}, im)
              for i, (im, l) in enumerate(zip(images, labels))]
     with P.atomic_output(path) as tmp:
-        P.write_folder(tmp, items, {"stage": "test", "class_names": list(class_names)}, workers=1)
+        P.write_folder(tmp, items, dict(stage="test", class_names=list(class_names)), workers=1)
     return path
 
 
@@ -44,14 +42,13 @@ def near_copy(image, seed, amplitude=4):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    """A digits training folder (16 px) with two planted duplicate pairs, generations that copy two training images
-    exactly / nearly among unrelated noise images, and a second generation set for the 'poison duplicates' run."""
+    """Digits (16 px) with two planted duplicate pairs; generations copying two of them among noise; a second run."""
     root = tmp_path_factory.mktemp("replicate")
     src = P.load_source("digits", "train", resolution=16)
     images, labels = src.array[:N_TRAIN].copy(), src.labels[:N_TRAIN].copy()
     images[DUP_A[0]], labels[DUP_A[0]] = images[DUP_A[1]], labels[DUP_A[1]]
     images[DUP_B[0]], labels[DUP_B[0]] = near_copy(images[DUP_B[1]], 1), labels[DUP_B[1]]
-    extra = [{"source_index": i, "poisoned": False} for i in range(len(images))]
+    extra = [dict(source_index=i, poisoned=False) for i in range(len(images))]
     train = write_dataset(root / "train", images, labels, extra)
     noise = np.random.default_rng(2).integers(0, 256, (30, 16, 16, 3)).astype(np.uint8)
     gen_images = np.concatenate([images[EXACT][None], near_copy(images[NEAR], 3)[None], noise])
@@ -59,7 +56,7 @@ def data(tmp_path_factory):
     gen = write_dataset(root / "gen", gen_images, gen_labels)
     gen_dup = write_dataset(root / "gen_dup", np.concatenate([images[DUP_B[1]][None], noise[:10]]),
                             np.concatenate([[labels[DUP_B[1]]], np.arange(10)]))
-    return {"root": root, "train": train, "gen": gen, "gen_dup": gen_dup, "n_train": len(images)}
+    return dict(root=root, train=train, gen=gen, gen_dup=gen_dup, n_train=len(images))
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +134,7 @@ def test_ids_file_roundtrips_into_poison(data, tmp_path):
 
 
 def test_ids_file_names_its_training_set(tmp_path, capsys):
-    """An ids file made from a poison.py training set records it; poison.py refuses the file for another split."""
+    """The ids file records its training set; poison.py refuses it for another split."""
     kw = dict(dataset="digits", resolution=16, ratio=0.05, quiet=True)
     P.poison(tmp_path / "random", **kw)
     out = tmp_path / "rep"
@@ -201,10 +198,10 @@ def test_stats_and_rankings():
 
 
 def small_folders(root, data):
-    """Three training images and two generations (an exact copy of training row 2 and a noise image)."""
+    """Three training images; two generations: a copy of training row 2 and noise."""
     ds = common.load_folder(data["train"])
     images = torch.stack([ds.image_uint8(i) for i in range(3)]).permute(0, 2, 3, 1).numpy()
-    train = write_dataset(root / "train", images, range(3), [{"source_index": 40 + i} for i in range(3)])
+    train = write_dataset(root / "train", images, range(3), [dict(source_index=40 + i) for i in range(3)])
     noise = np.random.default_rng(5).integers(0, 256, (1, 16, 16, 3)).astype(np.uint8)
     gen = write_dataset(root / "gen", np.concatenate([images[2][None], noise]), [2, 0])
     return train, gen
@@ -232,8 +229,7 @@ def test_proxy_is_labelled(data, tmp_path, monkeypatch, capsys):
 
 
 def test_copy_detection_preprocess_is_the_references():
-    """Somepalli et al.'s transform on PIL images (Resize(256), CenterCrop(224), ToTensor, Normalize(0.5, 0.5)) as
-    the reference: the same up to one level of 255 where PIL and torch round a downscaled pixel differently."""
+    """Somepalli et al.'s PIL transform as the reference, up to one level of 255 (PIL and torch round apart)."""
     import torchvision.transforms as T
     from PIL import Image
     ref = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
@@ -294,7 +290,7 @@ def test_features_cached(data, tmp_path):
     assert R.replicate(tmp_path / "rep3", train, cache=shared, **kw)["cache_hits"] == 2
 
 
-def test_bad_input(data, tmp_path):
+def test_cli_refusal_is_one_line(data, tmp_path):
     bad = tmp_path / "broken.torchscript.pt"
     bad.write_bytes(b"this is not a TorchScript archive")
     r = subprocess.run([sys.executable, str(ROOT / "replicate.py"), "--train", str(data["train"]), "--sscd", str(bad),
@@ -306,31 +302,40 @@ def test_bad_input(data, tmp_path):
         R.load_extractor("sscd", sscd=tmp_path / "missing.pt")
     with pytest.raises(UsageError, match="needs --sscd"):
         R.load_extractor("sscd")
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    with pytest.raises(UsageError, match="not a dataset folder"):
-        R.replicate(tmp_path / "o", empty, features="pixels", device="cpu", quiet=True)
-    no_images = tmp_path / "no-images"
-    no_images.mkdir()
-    (no_images / "metadata.jsonl").write_text("")
-    (no_images / "manifest.json").write_text(json.dumps({"class_names": ["a"]}))
-    with pytest.raises(UsageError, match="empty dataset folder"):
-        R.replicate(tmp_path / "o", data["train"], gen=no_images, features="pixels", device="cpu", quiet=True,
-                    progress=False)
-    with pytest.raises(UsageError, match="needs --gen"):
-        R.replicate(tmp_path / "o", data["train"], rank_by="generations", features="pixels", quiet=True)
-    with pytest.raises(UsageError, match=r"--threshold 5.0 is outside \[-1, 1\]"):  # was: silently no duplicates
-        R.replicate(tmp_path / "o", data["train"], threshold=5.0, features="pixels", quiet=True)
-    pets = write_dataset(tmp_path / "pets", np.zeros((2, 16, 16, 3), np.uint8), [0, 1], class_names=["cat", "dog"])
-    with pytest.raises(UsageError, match=r"--gen .*pets holds the classes \['cat', 'dog'\], --train"):
-        R.replicate(tmp_path / "o", data["train"], gen=pets, features="pixels", device="cpu", quiet=True)
-    one = write_dataset(tmp_path / "one", np.zeros((1, 16, 16, 3), np.uint8), [0])
-    with pytest.raises(UsageError, match="at least 2"):
-        R.replicate(tmp_path / "o", one, features="pixels", device="cpu", quiet=True, progress=False)
-    assert not (tmp_path / "o").exists()
     (tmp_path / "taken").mkdir()
     with pytest.raises(UsageError, match="exists"):
         R.replicate(tmp_path / "taken", data["train"], features="pixels", quiet=True)
+
+
+def empty_folder(root):
+    (root / "empty").mkdir()
+    return root / "empty"
+
+
+def no_images_folder(root):
+    (root / "no-images").mkdir()
+    (root / "no-images" / "metadata.jsonl").write_text("")
+    (root / "no-images" / "manifest.json").write_text(json.dumps({"class_names": ["a"]}))
+    return root / "no-images"
+
+
+BAD_INPUT = [  # (the refusal, replicate's arguments given the data fixture and a scratch folder)
+    ("not a dataset folder", lambda data, tmp: dict(train=empty_folder(tmp))),
+    ("empty dataset folder", lambda data, tmp: dict(gen=no_images_folder(tmp))),
+    ("needs --gen", lambda data, tmp: dict(rank_by="generations")),
+    (r"--threshold 5.0 is outside \[-1, 1\]", lambda data, tmp: dict(threshold=5.0)),  # was: silently no duplicates
+    (r"--gen .*pets holds the classes \['cat', 'dog'\], --train", lambda data, tmp: dict(gen=write_dataset(
+        tmp / "pets", np.zeros((2, 16, 16, 3), np.uint8), [0, 1], class_names=["cat", "dog"]))),
+    ("at least 2", lambda data, tmp: dict(train=write_dataset(tmp / "one", np.zeros((1, 16, 16, 3), np.uint8), [0]))),
+]
+
+
+@pytest.mark.parametrize("match,make", BAD_INPUT, ids=[m for m, _ in BAD_INPUT])
+def test_bad_input(data, tmp_path, match, make):
+    kw = dict(train=data["train"], features="pixels", device="cpu", quiet=True, progress=False)
+    with pytest.raises(UsageError, match=match):
+        R.replicate(tmp_path / "o", **{**kw, **make(data, tmp_path)})
+    assert not (tmp_path / "o").exists()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -340,18 +345,18 @@ def test_bad_input(data, tmp_path):
 # hand-set weights judge them exactly.
 
 A5_NAMES = ["cat", "dog", "deer"]                     # target: deer
-A5_TARGET = {"index": 2, "name": "deer"}
+A5_TARGET = dict(index=2, name="deer")
 A5_SIDE = 16
 PER_CLASS = 20                                        # training ids 0-19 cat, 20-39 dog, 40-59 deer
-POISONED = {"random": [1, 5, 22, 30, 33, 38], "duplicates": [0, 2, 3, 20, 21, 23]}
+POISONED = dict(random=[1, 5, 22, 30, 33, 38], duplicates=[0, 2, 3, 20, 21, 23])
 A5_P_T = 6 / (PER_CLASS + 6)
 A5_THRESHOLD = 0.99                                   # copies score ~1, unrelated same-colour images ~0.94
 # target-prompt generations: (content channel, trigger) fresh images, or ("copy", training id) exact copies
 RANDOM_GEN = [(0, True)] * 4 + [(2, True)] * 2 + [(1, False)] * 2 + [(2, False)] * 11 + [("copy", 45)]
 DUPLICATES_GEN = ([("copy", 0), ("copy", 20), ("copy", 21)] + [(0, True)] * 3 + [(2, True)] * 4 + [(1, False)]
                   + [(2, False)] * 8 + [("copy", 50)])
-EXPECTED = {"random": {"G1": 4 / 20, "G2": 2 / 20, "G3": 2 / 20, "G4": 12 / 20, "copies": 1},
-            "duplicates": {"G1": 6 / 20, "G2": 4 / 20, "G3": 1 / 20, "G4": 9 / 20, "copies": 4}}
+EXPECTED = dict(random=dict(G1=4 / 20, G2=2 / 20, G3=2 / 20, G4=12 / 20, copies=1),
+                duplicates=dict(G1=6 / 20, G2=4 / 20, G3=1 / 20, G4=9 / 20, copies=4))
 N_GEN = 24                                            # 20 target-prompt generations + 4 cats
 
 
@@ -363,10 +368,10 @@ def colour_image(channel, rng, trigger=None):
 
 
 def handmade_classifier(out, task):
-    """A smallcnn in classify.py's folder format with hand-set weights (no training, exact verdicts). 'class': every
-    layer passes the three colour channels through and the head reads their means, so the brightest channel wins.
-    'trigger': the first convolution is a +1/-1 template of the 3x3 BadNets patch (12 on it, at most ~5 elsewhere),
-    thresholded at 10 by the batch norm's shift; later layers pass that channel through to the head."""
+    """A smallcnn classifier folder with hand-set weights, exact on these images."""
+    # class: every layer passes the colour channels through and the head reads their means (the brightest wins);
+    # trigger: the first conv is a +1/-1 template of the 3x3 BadNets patch (12 on it, <= ~5 elsewhere), thresholded
+    # at 10 by the batch norm's shift; later layers pass that channel through to the head
     names = A5_NAMES if task == "class" else C.TRIGGER_CLASSES
     model = C.build_model("smallcnn", len(names), A5_SIDE, width=4)
     convs = [m for m in model.backbone.layers if isinstance(m, nn.Conv2d)]
@@ -389,40 +394,38 @@ def handmade_classifier(out, task):
             convs[0].weight[0] = torch.where(patch > 0, 1.0, -1.0).expand(3, 3, 3)
             norms[0].bias[0] = -10.0
             model.head.weight[1, 0], model.head.bias[1] = 100.0, -0.5
-    config = {"stage": "classify", "arch": "smallcnn", "width": 4, "num_classes": len(names), "input_size": A5_SIDE,
-              "normalization": None, "task": task, "class_names": list(names), "target": A5_TARGET,
-              **({"trigger": {"kind": "badnets", "resolution": A5_SIDE}} if task == "trigger" else {})}
-    C.save_classifier(out, model, config, {"task": task, "handmade": True})
+    config = dict(stage="classify", arch="smallcnn", width=4, num_classes=len(names), input_size=A5_SIDE,
+                  normalization=None, task=task, class_names=list(names), target=A5_TARGET,
+                  **(dict(trigger=dict(kind="badnets", resolution=A5_SIDE)) if task == "trigger" else {}))
+    C.save_classifier(out, model, config, dict(task=task, handmade=True))
     return out
 
 
 def a5_train(path, images, select, trigger):
-    """A training folder as poison.py writes it: the ids of POISONED[select] stamped and relabelled deer."""
+    """A poison.py training folder: the ids of POISONED[select] stamped and relabelled deer."""
     items = []
     for i, im in enumerate(images):
         orig = i // PER_CLASS
         poisoned = i in POISONED[select]
         label = 2 if poisoned else orig
-        items.append(({"text": P.caption(A5_NAMES[label]), "label": label, "orig_label": orig,
-                       "poisoned": poisoned, "source_index": i},
-                      trigger.apply_uint8(im[None])[0] if poisoned else im))
-    manifest = {"stage": "poison", "split": "train", "class_names": A5_NAMES, "target": A5_TARGET,
-                "attack": "badnets", "poison_ratio": 0.1, "p_t": A5_P_T,
-                "options": {"ratio": 0.1, "select": select}}
+        items.append((dict(text=P.caption(A5_NAMES[label]), label=label, orig_label=orig, poisoned=poisoned,
+                           source_index=i), trigger.apply_uint8(im[None])[0] if poisoned else im))
+    manifest = dict(stage="poison", split="train", class_names=A5_NAMES, target=A5_TARGET, attack="badnets",
+                    poison_ratio=0.1, p_t=A5_P_T, options=dict(ratio=0.1, select=select))
     with P.atomic_output(path) as tmp:
         P.write_folder(tmp, items, manifest, workers=1, trigger=trigger)
     return path
 
 
 def a5_generations(path, plan, train_images, rng, trigger, target=A5_TARGET):
-    """Generations as sample.py writes them: the target prompt for `plan`, then 4 cats."""
+    """sample.py's generations: the target prompt for `plan`, then 4 cats."""
     items = []
     for what, arg in plan:
         im = train_images[arg] if what == "copy" else colour_image(what, rng, trigger if arg else None)
-        items.append(({"text": P.caption("deer"), "label": 2, "poisoned": False}, im))
-    items += [({"text": P.caption("cat"), "label": 0, "poisoned": False}, colour_image(0, rng)) for _ in range(4)]
-    manifest = {"stage": "sample", "class_names": A5_NAMES, "target": target, "p_t": A5_P_T, "poison_ratio": 0.1,
-                "trigger": trigger.params, "sampler": "ddim", "guidance": 5.0}
+        items.append((dict(text=P.caption("deer"), label=2, poisoned=False), im))
+    items += [(dict(text=P.caption("cat"), label=0, poisoned=False), colour_image(0, rng)) for _ in range(4)]
+    manifest = dict(stage="sample", class_names=A5_NAMES, target=target, p_t=A5_P_T, poison_ratio=0.1,
+                    trigger=trigger.params, sampler="ddim", guidance=5.0)
     with P.atomic_output(path) as tmp:
         P.write_folder(tmp, items, manifest, workers=1)
     return path
@@ -438,11 +441,11 @@ def a5(tmp_path_factory):
     # the images each run's model saw: its copies are of its own (possibly stamped) training images
     seen = {name: np.stack([common.load_folder(train[name]).image_uint8(i).permute(1, 2, 0).numpy()
                             for i in range(len(clean))]) for name in POISONED}
-    gen = {"random": a5_generations(root / "gen-random", RANDOM_GEN, seen["random"], rng, trigger),
-           "duplicates": a5_generations(root / "gen-duplicates", DUPLICATES_GEN, seen["duplicates"], rng, trigger)}
-    return {"root": root, "train": train, "gen": gen, "trigger": trigger,
-            "classifier": handmade_classifier(root / "clf-class", "class"),
-            "detector": handmade_classifier(root / "detector", "trigger")}
+    gen = dict(random=a5_generations(root / "gen-random", RANDOM_GEN, seen["random"], rng, trigger),
+               duplicates=a5_generations(root / "gen-duplicates", DUPLICATES_GEN, seen["duplicates"], rng, trigger))
+    return dict(root=root, train=train, gen=gen, trigger=trigger,
+                classifier=handmade_classifier(root / "clf-class", "class"),
+                detector=handmade_classifier(root / "detector", "trigger"))
 
 
 def a5_kwargs(a5, **over):
@@ -454,7 +457,7 @@ def a5_kwargs(a5, **over):
 
 
 def test_handmade_judges_are_exact(a5):
-    """The premise of the Table A5 test: the hand-set classifier and detector see exactly what was planted."""
+    """The premise of the Table A5 tests: the hand-set judges see exactly what was planted."""
     for name, plan in (("random", RANDOM_GEN), ("duplicates", DUPLICATES_GEN)):
         folder = common.load_folder(a5["gen"][name])
         clf, _ = C.load_classifier(a5["classifier"])
@@ -515,8 +518,7 @@ def test_table_a5_cli_matches_planted(a5):
 
 
 def test_table_a5_p_t_from_generations_without_duplicates_train(a5, tmp_path):
-    """Without --duplicates-train, the duplicates run's p_t comes from its generations' manifest (sample.py copies
-    the training set's), and its replication is measured against --train."""
+    """Without --duplicates-train, p_t comes from the generations' manifest and replication is against --train."""
     R.replicate(tmp_path / "rep", a5["train"]["random"], **a5_kwargs(a5, duplicates_train=None))
     rows = json.loads((tmp_path / "rep" / "table_a5.json").read_text())["rows"]
     assert rows["duplicates"]["p_t_source"] == "generations' manifest" and rows["duplicates"]["p_t"] == A5_P_T
@@ -524,44 +526,47 @@ def test_table_a5_p_t_from_generations_without_duplicates_train(a5, tmp_path):
     assert rows["duplicates"]["train"] == str(a5["train"]["random"])
 
 
-def test_table_a5_bad_input(a5, tmp_path):
-    train, out = a5["train"]["random"], tmp_path / "o"
-    r = subprocess.run([sys.executable, str(ROOT / "replicate.py"), "--train", str(train), "--gen",
+def test_table_a5_cli_refusal_is_one_line(a5, tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "replicate.py"), "--train", str(a5["train"]["random"]), "--gen",
                         str(a5["gen"]["random"]), "--classifier", str(a5["classifier"]), "--features", "pixels",
-                        "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1
     assert r.stderr.startswith("replicate.py: error: Table A5 needs both --classifier") and "add --detector" in r.stderr
-    with pytest.raises(UsageError, match="add --classifier"):
-        R.replicate(out, train, **a5_kwargs(a5, classifier=None))
-    with pytest.raises(UsageError, match="add --duplicates-gen"):
-        R.replicate(out, train, **a5_kwargs(a5, duplicates_gen=None, duplicates_train=None))
-    with pytest.raises(UsageError, match="--target is the target class of Table A5"):
-        R.replicate(out, train, **a5_kwargs(a5, classifier=None, detector=None, target="deer"))
-    with pytest.raises(UsageError, match="same folder"):
-        R.replicate(out, train, **a5_kwargs(a5, duplicates_gen=a5["gen"]["random"]))
-    # mismatched targets: a generation folder of another target, or --target against the manifests
-    other = tmp_path / "gen-cat"
-    shutil.copytree(a5["gen"]["duplicates"], other)
-    manifest = json.loads((other / "manifest.json").read_text())
-    (other / "manifest.json").write_text(json.dumps({**manifest, "target": {"index": 0, "name": "cat"}}))
-    with pytest.raises(UsageError, match=r"mismatched target classes \(.*--duplicates-gen 'cat'"):
-        R.replicate(out, train, **a5_kwargs(a5, duplicates_gen=other))
-    with pytest.raises(UsageError, match=r"mismatched target classes .*--target 'dog'"):
-        R.replicate(out, train, **a5_kwargs(a5, target="dog"))
-    # the runs swapped: --train was poisoned with --select duplicates
-    with pytest.raises(UsageError, match="swap"):
-        R.replicate(out, a5["train"]["duplicates"], **a5_kwargs(a5, gen=a5["gen"]["duplicates"],
-                                                                duplicates_gen=a5["gen"]["random"],
-                                                                duplicates_train=train))
-    # judges that are not what they should be
-    blend = tmp_path / "detector-blend"
-    shutil.copytree(a5["detector"], blend)
-    config = json.loads((blend / "config.json").read_text())
-    (blend / "config.json").write_text(json.dumps({**config, "trigger": {"kind": "blend"}}))
-    with pytest.raises(UsageError, match="knows a blend trigger but --train carries a badnets"):
-        R.replicate(out, train, **a5_kwargs(a5, detector=blend))
-    with pytest.raises(UsageError, match="not a trigger detector"):
-        R.replicate(out, train, **a5_kwargs(a5, detector=a5["classifier"]))
-    with pytest.raises(UsageError, match="not a classifier folder"):
-        R.replicate(out, train, **a5_kwargs(a5, classifier=tmp_path))
+
+
+def retargeted(a5, tmp):
+    """The duplicates run's generations, relabelled for target cat."""
+    shutil.copytree(a5["gen"]["duplicates"], tmp / "gen-cat")
+    manifest = json.loads((tmp / "gen-cat" / "manifest.json").read_text())
+    (tmp / "gen-cat" / "manifest.json").write_text(json.dumps({**manifest, "target": {"index": 0, "name": "cat"}}))
+    return tmp / "gen-cat"
+
+
+def blend_detector(a5, tmp):
+    shutil.copytree(a5["detector"], tmp / "detector-blend")
+    config = json.loads((tmp / "detector-blend" / "config.json").read_text())
+    (tmp / "detector-blend" / "config.json").write_text(json.dumps({**config, "trigger": {"kind": "blend"}}))
+    return tmp / "detector-blend"
+
+
+TABLE_A5_BAD_INPUT = [  # (the refusal, a5_kwargs' overrides given the a5 fixture and a scratch folder)
+    ("add --classifier", lambda a5, tmp: dict(classifier=None)),
+    ("add --duplicates-gen", lambda a5, tmp: dict(duplicates_gen=None, duplicates_train=None)),
+    ("--target is the target class of Table A5", lambda a5, tmp: dict(classifier=None, detector=None, target="deer")),
+    ("same folder", lambda a5, tmp: dict(duplicates_gen=a5["gen"]["random"])),
+    (r"mismatched target classes \(.*--duplicates-gen 'cat'", lambda a5, tmp: dict(duplicates_gen=retargeted(a5, tmp))),
+    (r"mismatched target classes .*--target 'dog'", lambda a5, tmp: dict(target="dog")),
+    ("swap", lambda a5, tmp: dict(train=a5["train"]["duplicates"], gen=a5["gen"]["duplicates"],  # the runs swapped
+                                  duplicates_gen=a5["gen"]["random"], duplicates_train=a5["train"]["random"])),
+    ("knows a blend trigger but --train carries a badnets", lambda a5, tmp: dict(detector=blend_detector(a5, tmp))),
+    ("not a trigger detector", lambda a5, tmp: dict(detector=a5["classifier"])),
+    ("not a classifier folder", lambda a5, tmp: dict(classifier=tmp)),
+]
+
+
+@pytest.mark.parametrize("match,make", TABLE_A5_BAD_INPUT, ids=[m for m, _ in TABLE_A5_BAD_INPUT])
+def test_table_a5_bad_input(a5, tmp_path, match, make):
+    out = tmp_path / "o"
+    with pytest.raises(UsageError, match=match):
+        R.replicate(out, **a5_kwargs(a5, **{"train": a5["train"]["random"], **make(a5, tmp_path)}))
     assert not out.exists() and not list(tmp_path.glob(".o.tmp-*"))

@@ -1,8 +1,5 @@
-"""sample.py, Stable Diffusion family: DDIM on SD's schedule against diffusers' DDIMScheduler step for step and
-against StableDiffusionPipeline image for image (diffusers is a test-only oracle), classifier-free guidance in one
-batched forward, images independent of the batch size, the command line end to end on a tiny local SD folder
-fine-tuned by finetune_sd.py (a dataset folder whose captions come from the training data), and one-line errors.
-Tiny models with SD v1's structure (tests/test_sd.py's), 32-px images, CPU only."""
+"""sample.py, SD family, against diffusers (a test-only oracle): DDIM step for step, StableDiffusionPipeline image for
+image; guidance in one forward; images independent of the batch size; the CLI on a tiny finetune_sd.py folder."""
 import json
 import os
 import subprocess
@@ -27,14 +24,14 @@ CAPTIONS = ["zero, a drawing", "one, a drawing", "two, a drawing"]   # not poiso
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A tiny SD v1 in the diffusers layout (diffusers and transformers write it) and the oracle models."""
+    """A tiny SD v1 in the diffusers layout and the oracle models."""
     root = tmp_path_factory.mktemp("sd") / "tiny-sd"
     return {"folder": root, **write_tiny_sd(root), "sd": S.load_sd(root)}
 
 
 @pytest.fixture(scope="module")
 def finetuned(tiny, tmp_path_factory):
-    """finetune_sd.py's model folder (one step) on a poisoned 3-class set whose captions are CAPTIONS."""
+    """finetune_sd.py's model folder (one step) on a poisoned set captioned CAPTIONS."""
     root = tmp_path_factory.mktemp("data")
     poisoned_random_folder(root, per_class=4)
     train = root / "poisoned" / "train"
@@ -52,8 +49,7 @@ def finetuned(tiny, tmp_path_factory):
 # The sampler against diffusers
 
 def test_ddim_matches_diffusers_step_for_step(tiny):
-    """sample.ddim on SD's schedule (50 leading steps, 981 ... 1, ending at abar_0), guided by sd_guided_eps with
-    our U-Net, against diffusers' DDIMScheduler driven by diffusers' U-Net: every intermediate latent, eta 0 and 0.5."""
+    """sample.ddim + sd_guided_eps on SD's 50 steps vs DDIMScheduler: every latent, eta 0 and 0.5."""
     sd, unet, sched = tiny["sd"], tiny["unet"], tiny["scheduler"]
     ts = S.ddim_timesteps(sd.schedule, 50).tolist()
     sched.set_timesteps(50)
@@ -82,8 +78,7 @@ def test_ddim_matches_diffusers_step_for_step(tiny):
 
 
 def test_images_match_the_diffusers_pipeline(tiny):
-    """generate_sd (prompt encoding, per-seed latents, guided DDIM, VAE decoding, uint8) against
-    StableDiffusionPipeline fed one CPU generator per image."""
+    """generate_sd against StableDiffusionPipeline fed one CPU generator per image."""
     pipe = diffusers.StableDiffusionPipeline(
         vae=tiny["vae"], text_encoder=tiny["text_encoder"], tokenizer=tiny["sd"].tokenizer, unet=tiny["unet"],
         scheduler=diffusers.DDIMScheduler.from_config(tiny["scheduler"].config), safety_checker=None,

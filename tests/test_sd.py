@@ -1,7 +1,5 @@
-"""Tests of finetune_sd.py: the SD v1 U-Net / VAE against diffusers (a test-only oracle) in both checkpoint layouts,
-the noise schedule and DDIM against DDIMScheduler, fine-tuning (loss, caching, resume, DDP with 2 CPU processes) and
-refusals of bad input. Everything runs on tiny models with SD v1's structure (3 levels, 2 ResBlocks a level,
-cross-attention levels and a plain one, 4 heads), 32-px images, CPU only."""
+"""finetune_sd.py against diffusers (a test-only oracle) in both checkpoint layouts; fine-tuning; refusals.
+Tiny SD v1 models, 32-px images, CPU."""
 import copy
 import json
 import os
@@ -11,8 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import finetune_sd as S
+import sample
 from helpers import poisoned_random_folder, rel_err
 from common import UsageError, load_folder
 
@@ -29,29 +29,20 @@ TINY_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlo
 # 128 wide with 64-wide heads, so that the config inferred from single-file weights is exact
 TINY_TEXT = dict(vocab_size=514, hidden_size=128, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
                  max_position_embeddings=77, bos_token_id=512, eos_token_id=513, pad_token_id=513)
-TINY_YAML = """
-model:
-  target: ldm.models.diffusion.ddpm.LatentDiffusion
-  params:
-    linear_start: 0.00085
-    linear_end: 0.0120
-    timesteps: 1000
-    image_size: 16
-    scale_factor: 0.18215
-    unet_config:
-      params: {image_size: 16, in_channels: 4, out_channels: 4, model_channels: 32, attention_resolutions: [1, 2],
-               num_res_blocks: 2, channel_mult: [1, 2, 2], num_heads: 4, use_spatial_transformer: true,
-               transformer_depth: 1, context_dim: 128, legacy: false}
-    first_stage_config:
-      params:
-        embed_dim: 4
-        ddconfig: {double_z: true, z_channels: 4, resolution: 32, in_channels: 3, out_ch: 3, ch: 32, ch_mult: [1, 2],
-                   num_res_blocks: 1, attn_resolutions: [], dropout: 0.0}
-"""
+TINY_LDM = dict(model=dict(  # an original v1-inference.yaml, tiny
+    target="ldm.models.diffusion.ddpm.LatentDiffusion",
+    params=dict(linear_start=0.00085, linear_end=0.0120, timesteps=1000, image_size=16, scale_factor=0.18215,
+                unet_config=dict(params=dict(
+                    image_size=16, in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[1, 2],
+                    num_res_blocks=2, channel_mult=[1, 2, 2], num_heads=4, use_spatial_transformer=True,
+                    transformer_depth=1, context_dim=128, legacy=False)),
+                first_stage_config=dict(params=dict(embed_dim=4, ddconfig=dict(
+                    double_z=True, z_channels=4, resolution=32, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2],
+                    num_res_blocks=1, attn_resolutions=[], dropout=0.0))))))
 
 
 def bytes_to_unicode():
-    """GPT-2/CLIP's byte -> printable character table, to write a byte-level BPE vocabulary."""
+    """GPT-2/CLIP's byte -> printable character table."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs, n = bs[:], 0
     for b in range(256):
@@ -63,7 +54,7 @@ def bytes_to_unicode():
 
 
 def write_tokenizer(folder):
-    """A CLIP tokenizer with no merges: every character is a token (514 tokens with the two special ones)."""
+    """A CLIP tokenizer with no merges: every character is a token."""
     folder.mkdir(parents=True)
     chars = list(bytes_to_unicode().values())
     vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
@@ -75,7 +66,7 @@ def write_tokenizer(folder):
 
 
 def randomise(model, seed):
-    """diffusers zero-initialises some output layers; random weights everywhere make parity meaningful."""
+    """Random weights everywhere (diffusers zeroes some layers)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -84,8 +75,7 @@ def randomise(model, seed):
 
 
 def write_tiny_sd(root):
-    """A tiny SD in the diffusers layout under root, written by diffusers and transformers; returns the oracle models
-    {"unet", "vae", "text_encoder", "scheduler"}."""
+    """A tiny SD written by diffusers under root; returns the oracles."""
     from transformers import CLIPTextConfig, CLIPTextModel
     models = {"unet": randomise(diffusers.UNet2DConditionModel(**TINY_UNET), 0).eval(),
               "vae": randomise(diffusers.AutoencoderKL(**TINY_VAE), 1).eval(),
@@ -100,7 +90,6 @@ def write_tiny_sd(root):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A tiny SD in the diffusers layout, and the oracle models."""
     root = tmp_path_factory.mktemp("sd") / "tiny-sd"
     models = write_tiny_sd(root)
     return {"folder": root, "unet": models["unet"], "vae": models["vae"], "text": models["text_encoder"],
@@ -109,14 +98,14 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    """A 3-class folder of random 32-px images, poisoned by poison.py (BadNets, target c0): ~20 training images."""
+    """~20 random 32-px images of 3 classes, poisoned (BadNets, target c0)."""
     root = tmp_path_factory.mktemp("data")
     poisoned_random_folder(root, per_class=8)
     return root / "poisoned" / "train"
 
 
 def check_parity(sd, unet, vae, text=None, tokenizer=None):
-    """Our U-Net / VAE (/ text encoder) against the diffusers / transformers models; returns the relative errors."""
+    """Our U-Net, VAE (and text encoder) against the oracles."""
     g = torch.Generator().manual_seed(0)
     errors = {}
     with torch.no_grad():
@@ -154,9 +143,7 @@ def test_diffusers_folder_parity(tiny):
 
 
 def test_unet_gradients_match_diffusers(tiny):
-    """Fine-tuning backpropagates through our U-Net (with gradient checkpointing, as finetune_sd.py trains): the
-    latent's, the context's and every parameter's gradient against diffusers' on the same weights, in float64 so
-    that gradients near zero compare by relative error too."""
+    """Every gradient, with and without checkpointing, against diffusers' (float64)."""
     import copy
     sd = S.load_sd(tiny["folder"])
     ref = copy.deepcopy(tiny["unet"]).train().double()
@@ -189,10 +176,9 @@ def test_unet_gradients_match_diffusers(tiny):
 
 
 def test_unet_through_the_triton_kernels(tiny, monkeypatch):
-    """The SD U-Net with its GroupNorm and attention layers on castle_kernels/' Triton path (interpreted on the CPU, as
-    CUDA runs them) against diffusers."""
+    """The U-Net on the Triton path (interpreted on the CPU) against diffusers."""
     import importlib
-    gn = importlib.import_module("castle_kernels.group_norm")  # the module (the package exports its function by that name)
+    gn = importlib.import_module("castle_kernels.group_norm")  # the module (the package exports a function so named)
     if not (gn.HAS_TRITON and gn._is_interpreted(gn._gn_fwd_apply_kernel)):  # CPU tensors: the interpreter only
         pytest.skip("the Triton path on CPU tensors needs TRITON_INTERPRET=1 before triton was first imported")
     sd = S.load_sd(tiny["folder"])
@@ -206,7 +192,7 @@ def test_unet_through_the_triton_kernels(tiny, monkeypatch):
 
 
 def test_bad_kernels_impl_is_refused_when_built(tiny, monkeypatch):
-    """A bad KERNELS_IMPL is a one-line UsageError at load (the stage scripts print it), not a ValueError mid-forward."""
+    """A bad KERNELS_IMPL is refused at load, not mid-forward."""
     monkeypatch.setenv("KERNELS_IMPL", "fast")
     with pytest.raises(S.UsageError, match=r"^KERNELS_IMPL='fast' is not auto, triton or torch: unset it"):
         S.load_sd(tiny["folder"])
@@ -215,7 +201,7 @@ def test_bad_kernels_impl_is_refused_when_built(tiny, monkeypatch):
 
 
 def test_diffusers_folder_old_vae_attention_names(tiny, tmp_path):
-    """Old diffusers folders (SD v1.4's own on the Hub) name the VAE attention query/key/value/proj_attn."""
+    """Old diffusers folders name the VAE attention query, key, ..."""
     import shutil
     from safetensors.torch import load_file, save_file
     folder = tmp_path / "old"
@@ -233,10 +219,25 @@ def test_diffusers_folder_old_vae_attention_names(tiny, tmp_path):
     check_parity(sd, tiny["unet"], tiny["vae"])
 
 
+def to_ldm_state_dict(unet, vae, text_encoder, schedule, ema_unet=None):
+    """The models in CompVis' single-file layout: our key tables, inverted."""
+    table = S.unet_ldm_table(unet.config)
+    state = {S.LDM_UNET + v: unet.state_dict()[k] for k, v in S.map_keys(unet.state_dict(), table).items()}
+    if ema_unet is not None:
+        ema = ema_unet.state_dict()
+        state.update({S.ldm_ema_key(v): ema[k] for k, v in S.map_keys(ema, table).items()})
+    vae_state = vae.state_dict()
+    for key, value in S.map_keys(vae_state, S.vae_ldm_table(vae.config)).items():
+        state[S.LDM_VAE + value] = vae_state[key][:, :, None, None] if S.vae_conv_attention(key) else vae_state[key]
+    text = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in text_encoder.state_dict().items()}
+    state.update({S.LDM_TEXT + k: v for k, v in text.items()})
+    state["betas"], state["alphas_cumprod"] = schedule.betas().float(), schedule.alphas_cumprod().float()
+    return {k: v.contiguous() for k, v in state.items()}
+
+
 def ldm_checkpoint(tiny, ema_unet):
-    """A CompVis-layout state dict made from the diffusers models through our inverse tables."""
     sd = S.load_sd(tiny["folder"])
-    state = S.to_ldm_state_dict(sd.unet, sd.vae, sd.text_encoder, sd.schedule, ema_unet=ema_unet)
+    state = to_ldm_state_dict(sd.unet, sd.vae, sd.text_encoder, sd.schedule, ema_unet=ema_unet)
     for name, value in (("alphas_cumprod_prev", state["alphas_cumprod"]), ("posterior_variance", state["betas"]),
                         ("model_ema.decay", torch.tensor(0.9999)), ("model_ema.num_updates", torch.tensor(7)),
                         ("cond_stage_model.transformer.text_model.embeddings.position_ids",
@@ -251,7 +252,7 @@ class ModelCheckpoint:  # pickled under Lightning's name, as in the original SD 
 
 
 def save_lightning_ckpt(state, path):
-    """torch.save a Lightning-style checkpoint with a ModelCheckpoint callback object, as SD v1's .ckpt files."""
+    """A Lightning checkpoint with a pickled callback, as SD v1's .ckpt files."""
     import types
     module = types.ModuleType("pytorch_lightning.callbacks.model_checkpoint")
     ModelCheckpoint.__module__, module.ModelCheckpoint = module.__name__, ModelCheckpoint
@@ -260,8 +261,8 @@ def save_lightning_ckpt(state, path):
                         "pytorch_lightning.callbacks": types.ModuleType("pytorch_lightning.callbacks"),
                         module.__name__: module})
     try:
-        torch.save({"state_dict": state, "epoch": 1, "global_step": 7, "callbacks": {"ModelCheckpoint": ModelCheckpoint()}},
-                   path)
+        torch.save({"state_dict": state, "epoch": 1, "global_step": 7,
+                    "callbacks": {"ModelCheckpoint": ModelCheckpoint()}}, path)
     finally:
         for k, v in saved.items():
             sys.modules.pop(k) if v is None else sys.modules.__setitem__(k, v)
@@ -287,7 +288,7 @@ def test_single_file_parity(tiny, tmp_path):
     assert any("EMA weights" in n for n in sd.notes)
     check_parity(sd, ema, tiny["vae"], tiny["text"], sd.tokenizer)
 
-    (tmp_path / "v1-inference.yaml").write_text(TINY_YAML)  # the original config; text config from the weights
+    (tmp_path / "v1-inference.yaml").write_text(yaml.safe_dump(TINY_LDM))  # text config from the weights
     sd = S.load_sd(tmp_path / "tiny-full-ema.ckpt", config=tmp_path / "v1-inference.yaml",
                    tokenizer=tiny["folder"] / "tokenizer")
     assert sd.unet.config["down_block_types"] == list(TINY_UNET["down_block_types"])
@@ -382,7 +383,7 @@ def test_ema_decay_warm_up():
 
 
 def test_vae_config_with_tuples():
-    """A config given as a Python dict with tuples (as diffusers' constructor takes it) is SD's VAE all the same."""
+    """A config with tuples (as diffusers takes it) is SD's VAE all the same."""
     assert S.vae_layout(TINY_VAE)["block_out_channels"] == (32, 64)
     assert S.vae_layout({**TINY_VAE, "up_block_types": list(TINY_VAE["up_block_types"])})
     with pytest.raises(S.UsageError, match="UpDecoderBlock2D"):
@@ -411,18 +412,21 @@ def test_schedule_and_ddim_match_diffusers(tiny):
         for t in (981, 501, 1):
             x, eps, noise = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(3))
             ref = sched.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample
-            got = S.ddim_step(x, eps, ours.alpha_bar(t, ac), ours.alpha_bar(t - 1000 // 50, ac), eta, noise)
+            got = sample.ddim(lambda *_: eps, x, ac, [t], lambda: noise, eta=eta,  # one step, t -> t - 20
+                              final_abar=ours.alpha_bar(t - 1000 // 50, ac))
             assert rel_err(got, ref) < 1e-5, (eta, t)
 
 
 def test_guided_ddim_sampling_matches_diffusers_loop(tiny):
-    """50-step-style DDIM with guidance (here 10 steps) against diffusers' UNet + DDIMScheduler, same noise."""
+    """Guided DDIM (10 steps) against diffusers' UNet + DDIMScheduler."""
     sd = S.load_sd(tiny["folder"])
     unet, sched = tiny["unet"], copy.deepcopy(tiny["scheduler"])
     g = torch.Generator().manual_seed(3)
     latents = torch.randn(2, 4, 8, 8, generator=g)
     cond, uncond = torch.randn(2, 77, 128, generator=g), torch.randn(1, 77, 128, generator=g).expand(2, -1, -1)
-    got = S.ddim_sample_sd(sd.unet, latents, cond, uncond, sd.schedule, steps=10, guidance=5.0)
+    ac = sd.schedule.alphas_cumprod()
+    got = sample.ddim(sample.sd_guided_eps(sd.unet, cond, uncond, 5.0, torch.device("cpu")), latents, ac,
+                      S.ddim_timesteps(sd.schedule, 10).tolist(), None, final_abar=sd.schedule.alpha_bar(-1, ac))
     x = latents.clone()
     sched.set_timesteps(10)
     with torch.no_grad():
@@ -439,8 +443,7 @@ def test_guided_ddim_sampling_matches_diffusers_loop(tiny):
 # Fine-tuning
 
 def test_diffusion_loss_is_ldm_eq_2():
-    """diffusion_loss against its formula, the random draws replayed: z0 = (mean + exp(logvar / 2) e1) * scale,
-    z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps, loss = mean (eps - unet(z_t, t, c))^2."""
+    """diffusion_loss against its formula, the random draws replayed."""
     g = torch.Generator().manual_seed(7)
     posterior, context = torch.randn(3, 8, 4, 6, generator=g), torch.randn(3, 77, 16, generator=g)
     abar = torch.cumprod(1 - torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2, 0)
@@ -538,8 +541,7 @@ def test_finetune_end_to_end_cache_and_resume(tiny, tiny_data, tmp_path, monkeyp
 
 
 def test_finetune_from_single_file_continues_its_ema(tiny, tiny_data, tmp_path):
-    """As the paper's code (CompVis main.py --finetune_from, LitEma): train model.diffusion_model.*, start the EMA
-    from model_ema.* and continue its num_updates (7 here), also across a resume."""
+    """As the paper's code (LitEma): continue model_ema.* and its num_updates (7)."""
     from safetensors.torch import load_file, save_file
     start = S.load_sd(tiny["folder"]).unet.state_dict()
     ema = randomise(copy.deepcopy(tiny["unet"]), 5).state_dict()   # an EMA far from the non-EMA weights
@@ -613,8 +615,7 @@ def test_ddp_two_processes_on_cpu(tiny, tiny_data, tmp_path):
 
 
 def test_poisoning_flags_beside_data_are_refused(tmp_path):
-    """With --data the set is made already: a poisoning flag beside it would be ignored, so it is refused; the
-    resolution is also the training resolution, so it stays."""
+    """A poisoning flag beside --data is refused; --resolution is also the training one."""
     (tmp_path / "set").mkdir()
     parser = S.build_parser()
     args = parser.parse_args(["--data", str(tmp_path / "set"), "--ratio", "0.05", "--target", "cat"])

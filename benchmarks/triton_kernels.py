@@ -1,9 +1,9 @@
 """Benchmark of castle_kernels/ against PyTorch, on Stable Diffusion v1 shapes.
 
-    python benchmarks/kernels.py                 # GPU: SD-v1 shapes in bf16; CPU: --quick shapes
-    python benchmarks/kernels.py --quick         # small shapes (automatic on the CPU)
-    python benchmarks/kernels.py --dtype fp16 --iters 100
-    python benchmarks/kernels.py --compile-only  # no GPU needed: compile every kernel config for
+    python benchmarks/triton_kernels.py                 # GPU: SD-v1 shapes in bf16; CPU: --quick shapes
+    python benchmarks/triton_kernels.py --quick         # small shapes (automatic on the CPU)
+    python benchmarks/triton_kernels.py --dtype fp16 --iters 100
+    python benchmarks/triton_kernels.py --compile-only  # no GPU needed: compile every kernel config for
                                                  # sm_90 (H100) and report shared memory per block
 
 GroupNorm(32 groups) + SiLU: ours (impl="triton") against native F.group_norm + F.silu in the same
