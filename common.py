@@ -28,13 +28,18 @@ class UsageError(Exception):
     """Bad input: the message is one line naming the problem and the fix."""
 
 
+def number(text, kind=float):
+    """`kind(text)`, or argparse's one-line error."""
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+
+
 def positive(kind=int):
     """argparse type: a number above 0."""
     def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        value = number(text, kind)
         if not 0 < value < float("inf"):  # also refuses nan
             raise argparse.ArgumentTypeError(f"{text}: give a number above 0")
         return value
@@ -44,10 +49,7 @@ def positive(kind=int):
 
 def finite(text):
     """argparse type: a finite number."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = number(text)
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"{text}: give a finite number")
     return value
@@ -55,10 +57,7 @@ def finite(text):
 
 def share(text):
     """argparse type: a fraction in [0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = number(text)
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"{text}: give a share from 0 to 1")
     return value
