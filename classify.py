@@ -1,13 +1,13 @@
 """Classifiers that judge datasets and generations (TA, ASR), the trigger detector, the diffusion classifier (Tab. A4).
 
-    python classify.py train --data data/digits-badnets-0.1 --arch smallcnn --out runs/clf [--clean]
-    python classify.py trigger-detector --data data/digits-badnets-0.1 --arch smallcnn --out runs/detector
-    python classify.py eval --classifier runs/clf --data data/digits-badnets-0.1 [--json r.json]
-    python classify.py diffusion --model runs/ddpm --data data/digits-badnets-0.1 --classifier runs/clf --out runs/dc
-    torchrun --nproc_per_node 4 classify.py train --data data/inette-badnets-0.1 --arch resnet50 --pretrained ...
+    python classify.py train --data SET --arch smallcnn --out runs/clf [--clean]
+    python classify.py trigger-detector --data SET --arch smallcnn --out runs/detector
+    python classify.py eval --classifier runs/clf --data SET [--json r.json]
+    python classify.py diffusion --model runs/ddpm --data SET --classifier runs/clf --out runs/dc
+    torchrun --nproc_per_node 4 classify.py train --data SET --arch resnet50 --pretrained ...
 
---data: poison.py's OUT or any dataset folder. train and trigger-detector write a classifier folder
-(config.json, model.safetensors, results.json); diffusion writes results.json, results.md, scores.safetensors.
+SET: poison.py's OUT or any dataset folder. train and trigger-detector write a classifier folder (config.json,
+model.safetensors, results.json); diffusion writes results.json, results.md, scores.safetensors.
 """
 import argparse
 import json
@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from common import (HelpFormatter, UsageError, atomic_output, autocast, autocast_dtype, barrier, check_file_out,
-                    check_out, dtype_name, load_folder, manifest_target, on_rank0, positive, read_manifest,
+                    check_out, cli, dtype_name, load_folder, manifest_target, on_rank0, positive, read_manifest,
                     replace_file, resolve_device, save_safetensors, setup_distributed, share, versions)
 from poison import caption, load_trigger
 
@@ -39,39 +39,33 @@ SMALL_INPUT = 64           # at or below this side: the CIFAR-style stem (3x3 co
 VGG_MIN_INPUT = 32         # VGG's five 2x2 max-pools need at least 32 px
 IN_MEMORY_BYTES = 2 ** 30  # datasets up to this size (uint8) are held in memory
 NOISE_MAX = 0.5            # 'crop-noise': the largest standard deviation of the added noise (images in [0, 1])
+NOISE_BYTES = 2 ** 28      # the diffusion classifier's noise held at once (images are grouped under it)
+DEFAULT_OPTS = dict(epochs=10, batch_size=50, lr=0.01, momentum=0.9, weight_decay=5e-4, augment="crop",
+                    dtype="auto", seed=0, workers=0, compile=False)
 TRIGGER_CLASSES = ["clean", "trigger"]
-BLEND_ALPHA_RANGE = (0.05, 0.25)  # the reference code stamps blends for its trigger detector with alpha ~ U(lo, hi)
+BLEND_ALPHA_RANGE = (0.05, 0.25)  # the reference stamps blends for its trigger detector with alpha ~ U(lo, hi)
+DEFAULT_FILTERS = (0.0, 1.0, 5.0, 10.0)   # percent of the per-element errors dropped: the paper's sweep (Tab. A4)
+DEFAULT_TIMESTEPS = (50,)                 # evaluations per class; Li et al.'s CIFAR setting is 50,500 keeping 5,1
+LOSSES = ("l2", "l1")
 TORCHVISION_WEIGHTS = {"resnet18": "ResNet18_Weights.IMAGENET1K_V1", "resnet50": "ResNet50_Weights.IMAGENET1K_V1",
                        "vgg16": "VGG16_Weights.IMAGENET1K_V1", "densenet121": "DenseNet121_Weights.IMAGENET1K_V1"}
 # torchvision keys the backbone does not hold, (ImageNet stem, small stem): the head, the 7x7 stem, VGG's fc layers
 DROPPED_KEYS = {"resnet18": (("fc.",), ("fc.", "conv1.")), "resnet50": (("fc.",), ("fc.", "conv1.")),
                 "densenet121": (("classifier.",), ("classifier.", "features.conv0.")),
                 "vgg16": (("classifier.6.",), ("classifier.",))}
-OTHER_MAKERS = (("family", "ddpm", "a train_ddpm.py model folder (family ddpm)"),  # config key, value, what
-                ("family", "sd", "a finetune_sd.py model folder (family sd)"),
-                ("stage", "finetune_sd", "a finetune_sd.py model folder (stage finetune_sd)"))
 # Old DenseNet checkpoints name layers 'norm.1' where the module is now 'norm1' (torchvision renames them the same way).
 DENSENET_OLD_KEY = re.compile(
     r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
-DEFAULT_FILTERS = (0.0, 1.0, 5.0, 10.0)   # percent of the per-element errors dropped: the paper's sweep (Tab. A4)
-DEFAULT_TIMESTEPS = (50,)                 # evaluations per class; Li et al.'s CIFAR setting is 50,500 keeping 5,1
-LOSSES = ("l2", "l1")
-DEFAULT_OPTS = dict(epochs=10, batch_size=50, lr=0.01, momentum=0.9, weight_decay=5e-4, augment="crop",
-                    dtype="auto", seed=0, workers=0, compile=False)
-NOISE_BYTES = 2 ** 28                     # budget of the per-image noise held at once (images are grouped under it)
+OTHER_MAKERS = dict(ddpm="train_ddpm.py model", sd="finetune_sd.py model", finetune_sd="finetune_sd.py model")
 
 
 # Models: images in [0, 1] -> resize to input_size -> normalise -> backbone (N, D) -> head (logits) ----------------
-
-class SmallCNN(nn.Module):
-    """Not from the paper: five conv layers, (N, 3, H, W) -> (N, 4w)."""
-
+class SmallCNN(nn.Module):  # not from the paper: five conv layers, (N, 3, H, W) -> (N, 4w)
     def __init__(self, width=16):
         super().__init__()
 
         def block(c_in, c_out):
             return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
-
         w = width
         self.layers = nn.Sequential(*block(3, w), *block(w, w), nn.MaxPool2d(2),
                                     *block(w, 2 * w), *block(2 * w, 2 * w), nn.MaxPool2d(2),
@@ -82,27 +76,20 @@ class SmallCNN(nn.Module):
         return self.layers(x)
 
 
-class Classifier(nn.Module):
-    """(N, 3, H, W) in [0, 1] -> logits; resizes, normalises."""
-
+class Classifier(nn.Module):  # (N, 3, H, W) in [0, 1] -> logits; resizes, normalises
     def __init__(self, backbone, num_features, num_classes, input_size, mean=None, std=None):
         super().__init__()
-        self.backbone = backbone
-        self.head = nn.Linear(num_features, num_classes)
-        self.input_size = input_size
+        self.backbone, self.head, self.input_size = backbone, nn.Linear(num_features, num_classes), input_size
         self.register_buffer("mean", None if mean is None else torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", None if std is None else torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
-    def prepare(self, x):
+    def features(self, x):
         s = self.input_size
         if tuple(x.shape[-2:]) != (s, s):
             x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=max(x.shape[-2:]) > s)
         if self.mean is not None:
             x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
-        return x
-
-    def features(self, x):
-        return self.backbone(self.prepare(x))
+        return self.backbone(x)
 
     def forward(self, x):
         return self.head(self.features(x))
@@ -141,90 +128,8 @@ def model_input_size(arch, resolution, pretrained, input_size=None):
     return max(size, VGG_MIN_INPUT) if arch == "vgg16" else size
 
 
-# Data: uint8 images, the labels to learn (class indices or trigger flags), the trigger stamped on some ----------
-
-class ImageSet(torch.utils.data.Dataset):
-    """(uint8 (3, H, W), label), the trigger stamped where `stamp`."""
-
-    def __init__(self, folder, indices=None, labels=None, stamp=None, trigger=None, in_memory=None, progress=False,
-                 alphas=None):
-        self.folder, self.trigger, self.alphas = folder, trigger, alphas
-        self.indices = torch.arange(len(folder)) if indices is None else torch.as_tensor(indices, dtype=torch.long)
-        self.labels = folder.labels[self.indices] if labels is None else torch.as_tensor(labels, dtype=torch.long)
-        self.stamp = torch.zeros(len(self.indices), dtype=torch.bool) if stamp is None else torch.as_tensor(stamp)
-        self.size = tuple(folder.image_uint8(int(self.indices[0])).shape[-2:]) if len(self.indices) else None
-        if in_memory is None:
-            in_memory = len(self.indices) * 3 * math.prod(self.size or (0, 0)) <= IN_MEMORY_BYTES
-        self.cache = torch.stack([self.load(j) for j in tqdm(range(len(self)), desc=f"load {folder.root.name}",
-                                                             leave=False, disable=not progress)]) \
-            if in_memory and len(self.indices) else None
-
-    def __len__(self):
-        return len(self.indices)
-
-    def load(self, j):
-        x = self.folder.image_uint8(int(self.indices[j]))
-        if tuple(x.shape[-2:]) != self.size:  # a folder of mixed sizes: bring all to the first one's
-            x = F.interpolate(x[None].float(), size=self.size, mode="bilinear", antialias=True,
-                              align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)
-        if self.stamp[j]:
-            trigger = self.trigger
-            if self.alphas is not None:  # the blend's mask is alpha everywhere: scale it to this image's alpha
-                alpha = float(self.alphas[int(self.indices[j])])
-                trigger = replace(trigger, mask=trigger.mask * (alpha / trigger.mask.max()))
-            x = trigger.apply(x[None].double() / 255.0).mul(255.0).round().clamp(0, 255).to(torch.uint8)[0]
-        return x
-
-    def __getitem__(self, j):
-        return (self.cache[j] if self.cache is not None else self.load(j)), int(self.labels[j])
-
-
-def batches(data, batch_size=256, workers=0):
-    """Float batches in [0, 1]."""
-    if isinstance(data, (str, Path)):
-        data = load_folder(data)
-    if torch.is_tensor(data):
-        chunks = (data[i:i + batch_size] for i in range(0, len(data), batch_size))
-    else:
-        chunks = (x for x, _ in torch.utils.data.DataLoader(data, batch_size, shuffle=False, num_workers=workers))
-    for x in chunks:
-        yield x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-
-
-@torch.no_grad()
-def predict(model, data, batch_size=256, device=None, progress=False, workers=0):
-    """(labels (N,), probabilities (N, classes)) on the CPU."""
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    probs = []
-    sized = hasattr(data, "__len__") and not isinstance(data, (str, Path))
-    for x in tqdm(batches(data, batch_size, workers), desc="predict", leave=False, disable=not progress,
-                  total=math.ceil(len(data) / batch_size) if sized else None):
-        probs.append(model(x.to(device)).float().softmax(-1).cpu())
-    model.train(was_training)
-    if not probs:
-        raise UsageError("nothing to predict: the data holds no images")
-    probs = torch.cat(probs)
-    return probs.argmax(-1), probs
-
-
-def evaluate(model, config, test=None, backdoor=None, batch_size=256, device=None):
-    """TA and ASR (detectors: clean_acc, detect_rate)."""
-    out, keys = {}, ("ta", "asr") if config["task"] == "class" else ("clean_acc", "detect_rate")
-    for what, data, key in (("test", test, keys[0]), ("backdoor", backdoor, keys[1])):
-        if data is not None:
-            data = evaluation_set(config, data, f"--{what}") if isinstance(data, (str, Path)) else data
-            pred, _ = predict(model, data, batch_size, device)
-            want = 1 if key == "detect_rate" else data.labels  # ASR: every backdoor label is the target's
-            out[key], out[f"n_{what}"] = float((pred == want).float().mean()), len(data)
-    return out
-
-
 # Training: SGD + momentum, cosine schedule per step, random shifts (+ flip or noise); DDP, autocast on CUDA -----
-
-def augment(x, mode, generator):
-    """x (N, 3, H, W): shifts by up to side/8 px (+ flips or noise on half)."""
+def augment(x, mode, generator):  # x (N, 3, H, W): shifts by up to side/8 px (+ flips or noise on half)
     if mode == "none":
         return x
     n, _, h, w = x.shape
@@ -237,17 +142,10 @@ def augment(x, mode, generator):
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     if mode == "crop-noise":
         sigma = torch.rand(n, generator=generator) * NOISE_MAX * (torch.rand(n, generator=generator) < 0.5)
-        device_generator = torch.Generator(x.device).manual_seed(
-            int(torch.randint(2 ** 62, (1,), generator=generator)))  # the noise is drawn where the images are
-        noise = torch.randn(x.shape, generator=device_generator, device=x.device)
+        g = torch.Generator(x.device).manual_seed(int(torch.randint(2 ** 62, (1,), generator=generator)))
+        noise = torch.randn(x.shape, generator=g, device=x.device)  # drawn where the images are
         x = (x + sigma.to(x.device)[:, None, None, None] * noise).clamp(0, 1)
     return x
-
-
-def augment_generator(seed, rank=0):
-    """Apart from the shuffle's stream: one would tie an image's place to its shift."""
-    state = np.random.SeedSequence([seed % 2 ** 64, rank, 0xA06]).generate_state(2, np.uint32)  # seeds < 0 too
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
 def cosine_lr(step, total, base):
@@ -256,11 +154,12 @@ def cosine_lr(step, total, base):
 
 def fit(model, train_set, evaluate_epoch, epochs=10, batch_size=128, lr=0.01, momentum=0.9, weight_decay=5e-4,
         augment_mode="crop", device=torch.device("cpu"), dtype="auto", seed=0, rank=0, world=1, workers=0,
-        compile_model=False, progress=True):
-    """Train in place; rank 0 logs evaluate_epoch(model) every epoch."""
+        compile_model=False, progress=True):  # train in place; rank 0 logs evaluate_epoch(model) every epoch
     model.to(device).train()
     torch.manual_seed(seed * world + rank)
-    generator = augment_generator(seed, rank)
+    # the shifts draw apart from the shuffle (one stream would tie an image's place to its shift); seeds < 0 too
+    state = np.random.SeedSequence([seed % 2 ** 64, rank, 0xA06]).generate_state(2, np.uint32)
+    generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
     sampler = torch.utils.data.distributed.DistributedSampler(train_set, world, rank, shuffle=True, seed=seed) \
         if world > 1 else torch.utils.data.RandomSampler(train_set, generator=torch.Generator().manual_seed(seed))
     loader = torch.utils.data.DataLoader(train_set, batch_size, sampler=sampler, pin_memory=device.type == "cuda",
@@ -294,8 +193,8 @@ def fit(model, train_set, evaluate_epoch, epochs=10, batch_size=128, lr=0.01, mo
             loss_sum += float(loss.detach()) * len(y)
             correct += int((logits.argmax(-1) == y).sum())
             seen += len(y)
-        record = {"epoch": epoch, "loss": loss_sum / max(1, seen), "train_acc": correct / max(1, seen),
-                  "lr_end": cosine_lr(step, total, lr), "time_s": round(time.time() - t0, 2)}
+        record = dict(epoch=epoch, loss=loss_sum / max(1, seen), train_acc=correct / max(1, seen),
+                      lr_end=cosine_lr(step, total, lr), time_s=round(time.time() - t0, 2))
         if rank == 0:
             record.update(evaluate_epoch(model))  # predict() switches to eval mode and back
             if progress:
@@ -307,17 +206,8 @@ def fit(model, train_set, evaluate_epoch, epochs=10, batch_size=128, lr=0.01, mo
     return history
 
 
-def summarize(history, keys):
-    final = {k: history[-1][k] for k in keys if k in history[-1]}
-    final.update({k: v for k, v in history[-1].items() if k.startswith("n_")})  # the test sets' sizes
-    best = {k: max((h[k] for h in history if h.get(k) is not None), default=None) for k in keys if k in history[-1]}
-    return {"final": final, "best_over_epochs": best,
-            "note": "final = after the last epoch (what we report); best_over_epochs = the maximum over epochs of "
-                    "each value separately, as the paper's reference code reported"}
-
-
 def trigger_split(folder, target, fraction, seed, what="--data"):
-    """(labels, stamp): `fraction` of the non-target images carry the trigger."""
+    """The detector's (labels, stamp): `fraction` of the non-target images carry the trigger, the poisoned first."""
     require_poison_flags(folder, f"trigger-detector {what}")
     nontarget = torch.tensor([int(r.get("orig_label", r["label"])) for r in folder.records]) != target
     has = folder.poisoned.clone()
@@ -333,53 +223,32 @@ def trigger_split(folder, target, fraction, seed, what="--data"):
 # The diffusion classifier (Li et al. 2023; Tab. A4) --------------------------------------------------------------
 # argmin_c E_{t,eps} err(eps, eps_theta(x_t, t, c)), the same (t, eps) for every class. Filtering drops the largest p%
 # of each error map before averaging: a poisoned model conditioned on the true class errs most on the trigger.
-
-@dataclass
-class Denoiser:
-    """module(x_t, t, condition(y)) -> eps; encode(images) -> x_0."""
-    module: nn.Module
-    condition: object
-    encode: object
-    alphas_cumprod: torch.Tensor
-    class_names: list
-    shape: tuple
-    info: dict
-
-    def eps(self, x, t, y):
-        return self.module(x, t, self.condition(y))
-
-
-def timestep_grid(T, n):
-    """Li et al.'s midpoints of n equal bins of [0, T)."""
+def timestep_grid(T, n):  # Li et al.'s midpoints of n equal bins of [0, T)
     if not 1 <= n <= T:
         raise UsageError(f"--timesteps {n} is outside [1, {T}]: give fewer")
     return list(range(T // n // 2, T, T // n))[:n]
 
 
-def stage_points(n_max, n):
-    """Every (n_max // n)-th point, centred (reused by denser stages)."""
+def stage_points(n_max, n):  # every (n_max // n)-th point, centred (reused by denser stages)
     stride = n_max // n
     return list(range(n_max)[stride // 2::stride][:n])
 
 
-def drop_counts(filters, numel):
-    """The reference keeps the int((1 - p) * numel) smallest errors."""
+def drop_counts(filters, numel):  # the reference keeps the int((1 - p) * numel) smallest errors
     bad = [p for p in filters if not 0 <= p < 100]
     if bad:
         raise UsageError(f"--filter-top {bad[0]} is outside [0, 100): give percents")
     return [numel - int(math.floor((100 - p) / 100 * numel + 1e-9)) for p in filters]
 
 
-def filtered_means(err, drops):
-    """err (M, D) -> (M, L): row means without the drops[l] largest."""
+def filtered_means(err, drops):  # err (M, D) -> (M, L): row means without the drops[l] largest
     D = err.shape[1]
     total = err.sum(1, dtype=torch.float64)
     dropped = F.pad(err.topk(max(drops), dim=1).values.double().cumsum(1), (1, 0))  # (M, max + 1): d largest summed
     return torch.stack([(total - dropped[:, d]) / (D - d) for d in drops], 1)
 
 
-def q_sample(alphas_cumprod, x0, t, noise):
-    """DDPM eq. 4, coefficients from the float64 schedule."""
+def q_sample(alphas_cumprod, x0, t, noise):  # DDPM eq. 4, coefficients from the float64 schedule
     abar = alphas_cumprod.to(x0.device)[t]
     shape = (-1,) + (1,) * (x0.dim() - 1)
     return abar.sqrt().to(x0.dtype).view(shape) * x0 + (1 - abar).sqrt().to(x0.dtype).view(shape) * noise
@@ -389,43 +258,25 @@ def error_map(eps, noise, loss):
     return (eps.float() - noise.float()).square() if loss == "l2" else (eps.float() - noise.float()).abs()
 
 
-def draw_noise(seeds, n_points, shape):
-    """(B, n_points, *shape), image b's from seeds[b]."""
+def draw_noise(seeds, n_points, shape):  # (B, n_points, *shape), image b's from seeds[b]
     return torch.stack([torch.randn((n_points,) + tuple(shape), generator=torch.Generator().manual_seed(int(s)))
                         for s in seeds])
 
 
 @torch.no_grad()
 def denoising_errors(eps_fn, x0, noise, alphas_cumprod, timesteps, queries, drops, loss="l2", batch_size=512,
-                     amp_dtype=None, pad=False):
-    """(Q, L) errors of queries (image, class, point); pad: one shape for compile."""
+                     amp_dtype=None, pad=False):  # (Q, L) errors of queries (image, class, point); pad: for compile
     out = torch.empty(len(queries), len(drops), dtype=torch.float64)
     for start in range(0, len(queries), batch_size):
         q = queries[start:start + batch_size].to(x0.device)
         m = len(q)
-        if pad and m < batch_size:
+        if pad and m < batch_size:  # one shape for every forward
             q = torch.cat([q, q[-1:].expand(batch_size - m, -1)])
         b, c, k = q.unbind(1)
         t, eps = timesteps[k], noise[b, k]
         with autocast(x0.device, amp_dtype):
             pred = eps_fn(q_sample(alphas_cumprod, x0[b], t, eps), t, c)
         out[start:start + m] = filtered_means(error_map(pred[:m], eps[:m], loss).flatten(1), drops).cpu()
-    return out
-
-
-@torch.no_grad()
-def denoising_errors_loop(eps_fn, x0, noise, alphas_cumprod, timesteps, num_classes, drops, loss="l2",
-                          amp_dtype=None):
-    """The same errors, (B, K, P, L), by the reference's loop."""
-    B, P = noise.shape[:2]
-    out = torch.empty(B, num_classes, P, len(drops), dtype=torch.float64)
-    for k in range(P):
-        t = timesteps[k].expand(B)
-        x_t = q_sample(alphas_cumprod, x0, t, noise[:, k])
-        for c in range(num_classes):
-            with autocast(x0.device, amp_dtype):
-                pred = eps_fn(x_t, t, torch.full((B,), c, dtype=torch.long, device=x0.device))
-            out[:, c, k] = filtered_means(error_map(pred, noise[:, k], loss).flatten(1), drops).cpu()
     return out
 
 
@@ -454,132 +305,93 @@ def classify_images(eps_fn, x0, noise, alphas_cumprod, timesteps, stages, num_cl
     return scores.masked_fill(~alive, float("inf")).argmin(2), scores, evaluations
 
 
-# Classifier folders: pretrained weights, save and load, label and resolution checks -----------------------------
+# Data: uint8 images, the labels to learn (class indices or trigger flags), the trigger stamped on some ----------
+class ImageSet(torch.utils.data.Dataset):  # (uint8 (3, H, W), label) of a folder, the trigger stamped where stamp
+    def __init__(self, folder, indices=None, labels=None, stamp=None, trigger=None, in_memory=None, progress=False,
+                 alphas=None):
+        self.folder, self.trigger, self.alphas = folder, trigger, alphas
+        self.indices = torch.arange(len(folder)) if indices is None else torch.as_tensor(indices, dtype=torch.long)
+        self.labels = folder.labels[self.indices] if labels is None else torch.as_tensor(labels, dtype=torch.long)
+        self.stamp = torch.zeros(len(self.indices), dtype=torch.bool) if stamp is None else torch.as_tensor(stamp)
+        self.size = folder.image_size()  # load_folder refuses a folder of mixed sizes
+        if in_memory is None:
+            in_memory = len(self.indices) * 3 * math.prod(self.size) <= IN_MEMORY_BYTES
+        self.cache = None
+        if in_memory and len(self.indices):
+            loading = tqdm(range(len(self)), desc=f"load {folder.root.name}", leave=False, disable=not progress)
+            self.cache = torch.stack([self.load(j) for j in loading])
 
-def read_state_dict(path):
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"--weights {path}: no such file; give a state dict")
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
-    except Exception as e:
-        raise UsageError(f"--weights {path}: no state dict ({type(e).__name__}); save model.state_dict()") from None
-    sd = sd["state_dict"] if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict) else sd
-    if not isinstance(sd, dict):
-        raise UsageError(f"--weights {path} holds a {type(sd).__name__}: give a state dict")
-    return sd
+    def __len__(self):
+        return len(self.indices)
 
+    def load(self, j):
+        x = self.folder.image_uint8(int(self.indices[j]))
+        if not self.stamp[j]:
+            return x
+        trigger = self.trigger
+        if self.alphas is not None:  # the blend's mask is alpha everywhere: scale it to this image's alpha
+            alpha = float(self.alphas[int(self.indices[j])])
+            trigger = replace(trigger, mask=trigger.mask * (alpha / trigger.mask.max()))
+        return trigger.apply(x[None].double() / 255.0).mul(255.0).round().clamp(0, 255).to(torch.uint8)[0]
 
-def imagenet_state_dict(arch, weights_file=None, progress=True):
-    if arch not in TORCHVISION_WEIGHTS:
-        raise UsageError(f"no ImageNet weights for {arch}: drop --pretrained")
-    if weights_file:
-        sd, source = read_state_dict(weights_file), f"file:{weights_file}"
-    else:
-        import torchvision
-        url = torchvision.models.get_weight(TORCHVISION_WEIGHTS[arch]).url
-        try:
-            sd = torch.hub.load_state_dict_from_url(url, progress=progress, check_hash=True, weights_only=True)
-        except Exception as e:
-            raise UsageError(f"cannot download {url} ({type(e).__name__}): pass --weights FILE") from None
-        source = f"torchvision:{TORCHVISION_WEIGHTS[arch]}"
-    if all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
-    if arch == "densenet121":
-        sd = {(DENSENET_OLD_KEY.sub(r"\1\2", k)): v for k, v in sd.items()}
-    return sd, source
+    def __getitem__(self, j):
+        return (self.cache[j] if self.cache is not None else self.load(j)), int(self.labels[j])
 
 
-def load_pretrained_backbone(model, arch, sd):
-    dropped = DROPPED_KEYS[arch][model.input_size <= SMALL_INPUT]
-    kept = {k: v for k, v in sd.items() if not k.startswith(dropped)}
-    own = model.backbone.state_dict()
-    missing = sorted(set(own) - set(kept) - {k for k in own if k.startswith(dropped)})
-    unexpected = sorted(set(kept) - set(own))
-    bad = [k for k in kept if k in own and kept[k].shape != own[k].shape]
-    if missing or unexpected or bad:
-        raise UsageError(f"the weights do not fit {arch}: missing {missing[:5]}, unexpected {unexpected[:5]}, "
-                         f"reshaped {bad[:5]}; give its ImageNet weights")
-    model.backbone.load_state_dict(kept, strict=False)
-    return sorted(k for k in sd if k.startswith(dropped))
+def batches(data, batch_size=256, workers=0):  # float batches in [0, 1] of images (a tensor) or a dataset
+    chunks = data.split(batch_size) if torch.is_tensor(data) else \
+        (x for x, _ in torch.utils.data.DataLoader(data, batch_size, shuffle=False, num_workers=workers))
+    for x in chunks:
+        yield x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
 
 
-def make_model(arch, num_classes, resolution, pretrained=False, weights=None, input_size=None, width=16,
-               normalize="auto", progress=True, seed=0):
-    pretrained = pretrained or weights is not None
-    size = model_input_size(arch, side_pair(resolution)[0], pretrained, input_size)
-    use_imagenet_norm = normalize == "imagenet" or (normalize == "auto" and pretrained)
-    norm = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)} if use_imagenet_norm else None
-    torch.manual_seed(seed)  # the initial weights depend on the seed only, not on what ran before
-    model = build_model(arch, num_classes, size, width, norm)
-    source, dropped = None, []
-    if pretrained:
-        sd, source = imagenet_state_dict(arch, weights, progress)
-        dropped = load_pretrained_backbone(model, arch, sd)
-    stem = None if arch == "smallcnn" else ("cifar" if size <= SMALL_INPUT else "imagenet")
-    return model, dict(arch=arch, width=width if arch == "smallcnn" else None, num_classes=num_classes,
-                       input_size=size, data_resolution=resolution_field(resolution), stem=stem, normalization=norm,
-                       pretrained=source, pretrained_keys_not_loaded=dropped)
+@torch.no_grad()
+def predict(model, data, batch_size=256, device=None, progress=False, workers=0):
+    """(labels (N,), probabilities (N, classes)) on the CPU."""
+    device, was_training = device or next(model.parameters()).device, model.training
+    model.eval()
+    probs = torch.cat([model(x.to(device)).float().softmax(-1).cpu() for x in tqdm(
+        batches(data, batch_size, workers), desc="predict", leave=False, disable=not progress,
+        total=math.ceil(len(data) / batch_size))])
+    model.train(was_training)
+    return probs.argmax(-1), probs
 
 
-def save_classifier(out, model, config, results, force=False):
-    with atomic_output(out, force) as tmp:
-        save_safetensors({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                         tmp / "model.safetensors")
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+def evaluate(model, config, test=None, backdoor=None, batch_size=256, device=None):
+    """TA and ASR (detectors: clean_acc, detect_rate)."""
+    out, keys = {}, ("ta", "asr") if config["task"] == "class" else ("clean_acc", "detect_rate")
+    for what, data, key in (("test", test, keys[0]), ("backdoor", backdoor, keys[1])):
+        if data is not None:
+            data = evaluation_set(config, data, f"--{what}") if isinstance(data, (str, Path)) else data
+            pred, _ = predict(model, data, batch_size, device)
+            want = 1 if key == "detect_rate" else data.labels  # ASR: every backdoor label is the target's
+            out[key], out[f"n_{what}"] = float((pred == want).float().mean()), len(data)
+    return out
 
 
-def load_classifier(folder, device="cpu"):
-    """(model in eval mode, config) of a classifier folder."""
-    folder, damaged = Path(folder), "the folder is damaged, train it again"
-    try:
-        config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{folder}/config.json is not valid JSON ({e}): {damaged}") from None
-    maker = next((what for key, value, what in OTHER_MAKERS if config.get(key) == value), None)
-    if config.get("stage") not in (None, "classify") and maker is None:
-        maker = f"a {config['stage']} folder (config.json stage {config['stage']!r})"
-    if not (folder / "model.safetensors").is_file() or "arch" not in config or maker:
-        raise UsageError(f"{folder} is {maker + ', ' if maker else ''}not a classifier folder: make a classifier with "
-                         "classify.py train or trigger-detector")
-    model = build_model(config["arch"], config["num_classes"], config["input_size"], config.get("width") or 16,
-                        config.get("normalization"))
-    try:
-        sd = load_file(str(folder / "model.safetensors"))
-    except Exception as e:  # a truncated or foreign file: safetensors' SafetensorError, OSError
-        raise UsageError(f"{folder}/model.safetensors is not readable ({type(e).__name__}): {damaged}") from None
-    missing, unexpected = sorted(set(model.state_dict()) - set(sd)), sorted(set(sd) - set(model.state_dict()))
-    if missing or unexpected:
-        raise UsageError(f"{folder}/model.safetensors lacks {missing[:5]}, adds {unexpected[:5]}: {damaged}")
-    model.load_state_dict(sd)
-    return model.to(device).eval(), config
+def evaluation_set(config, folder_path, what):
+    folder = load_folder(folder_path)
+    require_resolution(config, folder.image_size(), "the classifier", f"the images of {what} {folder_path}")
+    if config["task"] == "trigger":
+        require_poison_flags(folder, what)
+        return ImageSet(folder, labels=folder.poisoned.long())
+    return ImageSet(folder, labels=map_labels(folder.labels, folder.class_names, config["class_names"],
+                                              f"{what} {folder_path}"))
 
 
-def require_resolution(config, size, what, images="the images"):
-    trained = config.get("data_resolution")
-    if trained is None or size is None:
-        return
-    (th, tw), (h, w) = side_pair(trained), side_pair(size)
-    same_shape = isinstance(trained, (int, np.integer)) or h * tw == w * th  # an int: as configs before [H, W]
-    downsized = config.get("input_size") and config["input_size"] <= min(th, tw, h, w) and same_shape
-    if (h, w) != (th, tw) and not downsized:
-        raise UsageError(f"{what} was trained on {th}x{tw}-px images but {images} are {h}x{w} px: train it on "
-                         "data of the same resolution")
+def resolve_sets(data, test=None, backdoor=None, train_folder=True):  # a poisoned set's root (or train/) -> its sets
+    given = data = Path(data)
+    if (data / "train" / "metadata.jsonl").is_file():
+        data = data / "train"
+    root = data.parent
+    if (train_folder or data != given) and data.name == "train" and (root / "test" / "metadata.jsonl").is_file():
+        test = test or root / "test"
+        backdoor = backdoor or ((root / "test_backdoor") if (root / "test_backdoor" / "metadata.jsonl").is_file()
+                                else None)
+    return data, test, backdoor
 
 
-def side_pair(size):
-    return (int(size), int(size)) if isinstance(size, (int, np.integer)) else tuple(int(v) for v in size)
-
-
-def resolution_field(size):
-    h, w = side_pair(size)
-    return h if h == w else [h, w]
-
-
-def map_labels(labels, from_names, to_names, what):
+def map_labels(labels, from_names, to_names, what):  # labels as indices into to_names (by name, case aside)
     lowered = [n.lower() for n in to_names]
     present = sorted(set(int(v) for v in torch.as_tensor(labels).tolist()))
     unknown = [from_names[c] for c in present if from_names[c].lower() not in lowered]
@@ -604,50 +416,106 @@ def require_poison_flags(folder, what, fix="give a poisoned set's folder"):
         raise UsageError(f"{what} {folder.root} does not say which images carry the trigger: {fix}")
 
 
-def evaluation_set(config, folder_path, what):
-    folder = load_folder(folder_path)
-    require_resolution(config, folder.image_size(), "the classifier", f"the images of {what} {folder_path}")
-    if config["task"] == "trigger":
-        require_poison_flags(folder, what)
-        return ImageSet(folder, labels=folder.poisoned.long())
-    return ImageSet(folder, labels=map_labels(folder.labels, folder.class_names, config["class_names"],
-                                              f"{what} {folder_path}"))
+def require_resolution(config, size, what, images="the images"):
+    trained = config.get("data_resolution")
+    if trained is None or size is None:
+        return
+    (th, tw), (h, w) = side_pair(trained), side_pair(size)
+    same_shape = isinstance(trained, (int, np.integer)) or h * tw == w * th  # an int: as configs before [H, W]
+    downsized = config.get("input_size") and config["input_size"] <= min(th, tw, h, w) and same_shape
+    if (h, w) != (th, tw) and not downsized:
+        raise UsageError(f"{what} was trained on {th}x{tw}-px images but {images} are {h}x{w} px: train it on "
+                         "data of the same resolution")
 
 
-def resolve_sets(data, test=None, backdoor=None, train_folder=True):
-    """A poisoned set's root (or train/) stands for train/, test/, test_backdoor/."""
-    given = data = Path(data)
-    if (data / "train" / "metadata.jsonl").is_file():
-        data = data / "train"
-    root = data.parent
-    if (train_folder or data != given) and data.name == "train" and (root / "test" / "metadata.jsonl").is_file():
-        test = test or root / "test"
-        backdoor = backdoor or ((root / "test_backdoor") if (root / "test_backdoor" / "metadata.jsonl").is_file()
-                                else None)
-    return data, test, backdoor
+def side_pair(size):  # an int side or (H, W) -> (H, W)
+    return (int(size), int(size)) if isinstance(size, (int, np.integer)) else tuple(int(v) for v in size)
+
+
+# Classifier folders: ImageNet weights, save and load ------------------------------------------------------------
+def make_model(arch, num_classes, resolution, pretrained=False, weights=None, input_size=None, width=16,
+               normalize="auto", progress=True, seed=0):  # (model, its config fields); weights: ImageNet's, a file
+    pretrained, (h, w) = pretrained or weights is not None, side_pair(resolution)
+    size = model_input_size(arch, h, pretrained, input_size)
+    use_imagenet_norm = normalize == "imagenet" or (normalize == "auto" and pretrained)
+    norm = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)} if use_imagenet_norm else None
+    torch.manual_seed(seed)  # the initial weights depend on the seed only, not on what ran before
+    model = build_model(arch, num_classes, size, width, norm)
+    source, dropped = load_imagenet(model, arch, weights, progress) if pretrained else (None, [])
+    stem = None if arch == "smallcnn" else ("cifar" if size <= SMALL_INPUT else "imagenet")
+    return model, dict(arch=arch, width=width if arch == "smallcnn" else None, num_classes=num_classes,
+                       input_size=size, data_resolution=h if h == w else [h, w], stem=stem, normalization=norm,
+                       pretrained=source, pretrained_keys_not_loaded=dropped)
+
+
+def load_imagenet(model, arch, weights_file=None, progress=True):  # -> (source, keys not loaded)
+    if arch not in TORCHVISION_WEIGHTS:
+        raise UsageError(f"no ImageNet weights for {arch}: drop --pretrained")
+    if weights_file:
+        path, source = Path(weights_file), f"file:{weights_file}"
+        if not path.is_file():
+            raise UsageError(f"--weights {path}: no such file; give a state dict")
+        try:  # a weights-only torch file never unpickles code
+            sd = load_file(str(path)) if path.suffix == ".safetensors" else \
+                torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UsageError(f"--weights {path}: no state dict ({type(e).__name__}); save model.state_dict()") from None
+        sd = sd["state_dict"] if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict) else sd
+        if not isinstance(sd, dict):
+            raise UsageError(f"--weights {path} holds a {type(sd).__name__}: give a state dict")
+    else:
+        import torchvision
+        url = torchvision.models.get_weight(TORCHVISION_WEIGHTS[arch]).url
+        try:
+            sd = torch.hub.load_state_dict_from_url(url, progress=progress, check_hash=True, weights_only=True)
+        except Exception as e:
+            raise UsageError(f"cannot download {url} ({type(e).__name__}): pass --weights FILE") from None
+        source = f"torchvision:{TORCHVISION_WEIGHTS[arch]}"
+    if all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    if arch == "densenet121":
+        sd = {DENSENET_OLD_KEY.sub(r"\1\2", k): v for k, v in sd.items()}
+    dropped = DROPPED_KEYS[arch][model.input_size <= SMALL_INPUT]
+    kept, own = {k: v for k, v in sd.items() if not k.startswith(dropped)}, model.backbone.state_dict()
+    missing = sorted(set(own) - set(kept) - {k for k in own if k.startswith(dropped)})
+    unexpected = sorted(set(kept) - set(own))
+    bad = [k for k in kept if k in own and kept[k].shape != own[k].shape]
+    if missing or unexpected or bad:
+        raise UsageError(f"the weights do not fit {arch}: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+                         f"reshaped {bad[:5]}; give its ImageNet weights")
+    model.backbone.load_state_dict(kept, strict=False)
+    return source, sorted(k for k in sd if k.startswith(dropped))
+
+
+def save_classifier(out, model, config, results, force=False):
+    with atomic_output(out, force) as tmp:
+        save_safetensors({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                         tmp / "model.safetensors")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+def load_classifier(folder, device="cpu"):  # (model in eval mode, config) of a classifier folder
+    folder, damaged = Path(folder), "the folder is damaged, train it again"
+    try:
+        config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{folder}/config.json is not valid JSON ({e}): {damaged}") from None
+    maker = config.get("family") or config.get("stage") or "classify"
+    if maker != "classify" or "arch" not in config or not (folder / "model.safetensors").is_file():
+        other = f"a {OTHER_MAKERS.get(maker, maker)} folder ({maker}), " if maker != "classify" else ""
+        raise UsageError(f"{folder} is {other}not a classifier folder: make a classifier with classify.py train or "
+                         "trigger-detector")
+    model = build_model(config["arch"], config["num_classes"], config["input_size"], config.get("width") or 16,
+                        config.get("normalization"))
+    try:
+        model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    except Exception as e:  # truncated or foreign (SafetensorError, OSError), other keys or shapes (RuntimeError)
+        raise UsageError(f"{folder}/model.safetensors is not readable ({type(e).__name__}): {damaged}") from None
+    return model.to(device).eval(), config
 
 
 # Training stages: a class classifier and the trigger detector, each written as a classifier folder --------------
-
-def train_common(model, fields, train_set, evaluate_epoch, summary_keys, out, config_extra, opts, device, rank,
-                 world, force, progress):
-    t0 = time.time()
-    history = fit(model, train_set, evaluate_epoch, opts["epochs"], opts["batch_size"], opts["lr"], opts["momentum"],
-                  opts["weight_decay"], opts["augment"], device, opts["dtype"], opts["seed"], rank, world,
-                  opts["workers"], opts["compile"], progress)
-    results = dict(task=config_extra["task"], epochs=history, **summarize(history, summary_keys),
-                   train_time_s=round(time.time() - t0, 2))
-    training = dict(opts, schedule="cosine (per step)", optimizer="SGD", world_size=world)
-    config = dict(stage="classify", **fields, **config_extra, training=training, versions=versions())
-    if rank == 0:
-        save_classifier(out, model.cpu(), config, results, force)
-        if progress:
-            best = {"best_over_epochs": results["best_over_epochs"]} if config_extra["task"] == "class" else {}
-            print(json.dumps({"out": str(out), **results["final"], **best, "train_time_s": results["train_time_s"]}))
-    barrier(device)
-    return results
-
-
 def train_classifier(data, out, test=None, backdoor=None, arch="resnet18", clean=False, pretrained=False,
                      weights=None, input_size=None, width=16, normalize="auto", device="auto", force=False,
                      progress=True, command=None, stamp=0.0, **opts):
@@ -664,9 +532,8 @@ def train_classifier(data, out, test=None, backdoor=None, arch="resnet18", clean
     keep = torch.nonzero(~folder.poisoned).flatten() if clean else torch.arange(len(folder))
     if len(keep) == 0:
         raise UsageError(f"{data} has no clean images: drop --clean")
+    config = dict(task="class", class_names=folder.class_names, data_resolution=folder.image_size())
     # the test sets first: one of another size or other classes is refused before the training images are read
-    size = folder.image_uint8(int(keep[0])).shape[-2:]  # ImageSet brings the kept images to the first one's size
-    config = {"task": "class", "class_names": folder.class_names, "data_resolution": resolution_field(size)}
     test_set, backdoor_set = on_rank0(  # rank 0 evaluates; a wrong set stops every rank
         lambda: (evaluation_set(config, test, "--test") if test else None,
                  evaluation_set(config, backdoor, "--backdoor") if backdoor else None),
@@ -685,31 +552,28 @@ def train_classifier(data, out, test=None, backdoor=None, arch="resnet18", clean
     config_extra = dict(task="class", class_names=folder.class_names, target=manifest.get("target"), data=data_info,
                         command=command or "train_classifier()")
     bs = max(256, opts["batch_size"])
-    return train_common(model, fields, train_set, lambda m: evaluate(m, config, test_set, backdoor_set, bs),
+    return fit_and_save(model, fields, train_set, lambda m: evaluate(m, config, test_set, backdoor_set, bs),
                         ["ta", "asr"], out, config_extra, opts, dev, rank, world, force, progress)
 
 
 def train_trigger_detector(data, out, test=None, arch="resnet50", fraction=0.5, holdout=0.1, pretrained=False,
                            weights=None, input_size=None, width=16, normalize="auto", device="auto", force=False,
                            progress=True, command=None, blend_alpha=BLEND_ALPHA_RANGE, **opts):
-    """`fraction` of the non-target images carry the trigger, blends at alpha ~ U(blend_alpha)."""
+    """Clean or triggered: `fraction` of the non-target images carry the trigger, blends at alpha ~ U(blend_alpha)."""
     opts = {**DEFAULT_OPTS, **opts}
     seed = opts["seed"]
     check_out(out, force, {"--data": data, "--test": test, "--weights": weights})
     if not 0 < fraction <= 1:
         raise UsageError(f"--fraction {fraction}: give a share in (0, 1]")
-    data, test, _ = resolve_sets(data, test)
-    rank, world, dev = setup_distributed(resolve_device(device))
-    folder = load_folder(data)
-    trigger = load_trigger(data)
-    if trigger is None:
-        raise UsageError(f"{data} has no trigger: give a poisoned set with one")
-    target = (folder.manifest.get("target") or {}).get("index")
-    if target is None:
-        raise UsageError(f"{data} names no target class: give a poisoned set")
-    labels, stamp = trigger_split(folder, target, fraction, seed)
     if blend_alpha is not None and not 0 < blend_alpha[0] <= blend_alpha[1] <= 1:
         raise UsageError(f"--blend-alpha-range {blend_alpha[0]:g},{blend_alpha[1]:g}: give 0 < LO <= HI <= 1")
+    data, test, _ = resolve_sets(data, test)
+    rank, world, dev = setup_distributed(resolve_device(device))
+    folder, trigger = load_folder(data), load_trigger(data)
+    target = (folder.manifest.get("target") or {}).get("index")
+    if trigger is None or target is None:
+        raise UsageError(f"{data} has no trigger or no target class: give a poisoned set")
+    labels, stamp = trigger_split(folder, target, fraction, seed)
     blend_alpha = blend_alpha if trigger.kind == "blend" else None
 
     def alphas(n, seed):  # one alpha an image (used where it is stamped)
@@ -741,36 +605,74 @@ def train_trigger_detector(data, out, test=None, arch="resnet50", fraction=0.5, 
         y = heldout.labels
         hit = predict(m, heldout, max(256, opts["batch_size"]))[0] == y
         acc, tpr, tnr = (float(hit[mask].float().mean()) if mask.any() else None for mask in (y >= 0, y == 1, y == 0))
-        return {"heldout_acc": acc, "heldout_tpr": tpr, "heldout_tnr": tnr, "n_heldout": len(y)}
-
+        return dict(heldout_acc=acc, heldout_tpr=tpr, heldout_tnr=tnr, n_heldout=len(y))
     data_info = dict(train=str(data), n_train=len(train_set), n_with_trigger=int(labels[train_idx].sum()),
                      fraction_of_nontarget_with_trigger=fraction, heldout=heldout_desc,
                      blend_alpha_range=list(blend_alpha) if blend_alpha is not None else None)
     config_extra = dict(task="trigger", class_names=list(TRIGGER_CLASSES), target=folder.manifest.get("target"),
                         trigger=trigger.params, data=data_info, command=command or "train_trigger_detector()")
-    return train_common(model, fields, train_set, evaluate_epoch, ["heldout_acc", "heldout_tpr", "heldout_tnr"],
+    return fit_and_save(model, fields, train_set, evaluate_epoch, ["heldout_acc", "heldout_tpr", "heldout_tnr"],
                         out, config_extra, opts, dev, rank, world, force, progress)
 
 
+def fit_and_save(model, fields, train_set, evaluate_epoch, summary_keys, out, config_extra, opts, device, rank,
+                 world, force, progress):
+    t0 = time.time()
+    history = fit(model, train_set, evaluate_epoch, opts["epochs"], opts["batch_size"], opts["lr"], opts["momentum"],
+                  opts["weight_decay"], opts["augment"], device, opts["dtype"], opts["seed"], rank, world,
+                  opts["workers"], opts["compile"], progress)
+    results = dict(task=config_extra["task"], epochs=history, **summarize(history, summary_keys),
+                   train_time_s=round(time.time() - t0, 2))
+    training = dict(opts, schedule="cosine (per step)", optimizer="SGD", world_size=world)
+    config = dict(stage="classify", **fields, **config_extra, training=training, versions=versions())
+    if rank == 0:
+        save_classifier(out, model.cpu(), config, results, force)
+        if progress:
+            best = {"best_over_epochs": results["best_over_epochs"]} if config_extra["task"] == "class" else {}
+            print(json.dumps({"out": str(out), **results["final"], **best, "train_time_s": results["train_time_s"]}))
+    barrier(device)
+    return results
+
+
+def summarize(history, keys):
+    final = {k: history[-1][k] for k in keys if k in history[-1]}
+    final.update({k: v for k, v in history[-1].items() if k.startswith("n_")})  # the test sets' sizes
+    best = {k: max((h[k] for h in history if h.get(k) is not None), default=None) for k in keys if k in history[-1]}
+    return dict(final=final, best_over_epochs=best,
+                note="final = after the last epoch (what we report); best_over_epochs = the maximum over epochs of "
+                     "each value separately, as the paper's reference code reported")
+
+
 # The diffusion classifier's plumbing: denoisers of both families, stages, sharding, the Tab. A4 outputs ---------
+@dataclass
+class Denoiser:  # module(x_t, t, condition(y)) -> eps; encode(images) -> x_0
+    module: nn.Module
+    condition: object
+    encode: object
+    alphas_cumprod: torch.Tensor
+    class_names: list
+    shape: tuple
+    info: dict
+
+    def eps(self, x, t, y):
+        return self.module(x, t, self.condition(y))
+
 
 def ddpm_denoiser(model, config):
     from train_ddpm import diffusion_from_config
     R = model.cfg.resolution
 
-    def encode(images):
-        bad = [tuple(im.shape[-2:]) for im in images if tuple(im.shape[-2:]) != (R, R)]
-        if bad:
-            raise UsageError(f"the images are {bad[0][0]}x{bad[0][1]} px, the model was trained at {R}x{R}: give such")
-        return torch.stack(list(images)) * 2 - 1                      # [-1, 1], as train_ddpm.py trains
-
+    def encode(images):  # to [-1, 1], as train_ddpm.py trains
+        x = torch.stack(list(images))
+        if tuple(x.shape[-2:]) != (R, R):
+            raise UsageError(f"the images are {x.shape[-2]}x{x.shape[-1]} px, the model was trained at {R}x{R}")
+        return x * 2 - 1
     return Denoiser(model, lambda y: y, encode, diffusion_from_config(config).alphas_cumprod,
                     list(config["data"]["class_names"]), (model.cfg.in_channels, R, R),
                     {"family": "ddpm", "resolution": R, "step": config.get("step")})
 
 
-def sd_denoiser(sd, class_names, resolution):
-    """Prompted "A photo of a {class}"; latents: VAE means (Li et al.)."""
+def sd_denoiser(sd, class_names, resolution):  # prompted "A photo of a {class}"; latents: VAE means (Li et al.)
     from finetune_sd import encode_prompts, resize_square, vae_layout
     vae = vae_layout(sd.vae.config)
     scale = 2 ** (len(vae["block_out_channels"]) - 1)  # SD v1: 8
@@ -783,7 +685,6 @@ def sd_denoiser(sd, class_names, resolution):
         images = torch.stack([resize_square(im.float(), resolution) for im in images])
         mean, _ = sd.vae.encode(images.to(context.device) * 2 - 1)
         return mean.float() * sd.vae.scaling_factor
-
     return Denoiser(sd.unet, lambda y: context[y], encode, sd.schedule.alphas_cumprod(), list(class_names),
                     (vae["latent_channels"], resolution // scale, resolution // scale),
                     {"family": "sd", "resolution": resolution, "prompts": prompts, "base": sd.base})
@@ -798,23 +699,18 @@ def load_denoiser(source, weights="ema", device="cpu", class_names=None, resolut
         return ddpm_denoiser(*load_model(path, weights=weights, device=device))
     wanted = "give a train_ddpm.py or finetune_sd.py folder or an SD"
     if not path.exists() and (path.is_absolute() or str(source).startswith(".") or str(source).count("/") != 1):
-        raise UsageError(f"--model {source}: no such model folder; {wanted}")
+        raise UsageError(f"--model {source}: no such model folder; {wanted}")  # not a Hub id either
     if path.is_dir() and not config and not (path / "model_index.json").is_file() and not (path / "unet").is_dir():
         raise UsageError(f"--model {source} is not a model folder (no config.json): {wanted}")
     if config.get("stage") == "classify":
         raise UsageError(f"--model {source} is a classifier: give it as --classifier, a train_ddpm.py model as --model")
-    if family not in (None, "sd"):
-        raise UsageError(f"--model {source} is a {family!r} model: give a ddpm or sd one")
     from finetune_sd import load_sd
     sd = load_sd(source, device=device, use_ema=family == "sd" and weights == "ema")
-    names = config.get("class_names") or class_names
-    if not names:
-        raise UsageError(f"--model {source} names no classes: give the data's")
-    return sd_denoiser(sd, names, resolution or config.get("resolution") or data_resolution or 512)
+    return sd_denoiser(sd, config.get("class_names") or class_names,
+                       resolution or config.get("resolution") or data_resolution or 512)
 
 
-def parse_stages(timesteps, keep, num_classes):
-    """[(evaluations, classes kept after)]; the last keeps 1."""
+def parse_stages(timesteps, keep, num_classes):  # [(evaluations, classes kept after)]; the last keeps 1
     timesteps, keep = [int(v) for v in timesteps], [int(v) for v in keep or []]
     given, steps = ",".join(map(str, keep)) or "(none)", ",".join(map(str, timesteps))  # errors quote what was typed
     if not timesteps or timesteps[0] < 1 or any(a >= b for a, b in zip(timesteps, timesteps[1:])):
@@ -828,8 +724,10 @@ def parse_stages(timesteps, keep, num_classes):
 
 
 def diffusion_classify_set(denoiser, folder, indices, model_labels, stages, drops, loss="l2", seed=0,
-                           batch_size=512, device="cpu", amp_dtype=None, pad=False, progress=False, desc="classify"):
-    """Image i's noise seeded seed + i."""
+                           batch_size=512, device="cpu", amp_dtype=None, pad=False, progress=False, desc="classify",
+                           rank=0, world=1):  # each rank every world-th image; rank 0 gathers them all, in order
+    mine = np.arange(rank, len(indices), world)
+    indices = indices[mine]
     device, K, L = torch.device(device), len(denoiser.class_names), len(drops)
     timesteps = torch.tensor(timestep_grid(len(denoiser.alphas_cumprod), stages[-1][0]), device=device)
     # images per group: a few first-stage forwards' worth, their noise under NOISE_BYTES
@@ -838,28 +736,25 @@ def diffusion_classify_set(denoiser, folder, indices, model_labels, stages, drop
     parts = [(torch.zeros(L, 0, dtype=torch.long), torch.zeros(L, 0, K, dtype=torch.float64), 0)]  # (preds, scores, n)
     for g in tqdm(range(0, len(indices), group), desc=desc, leave=False, disable=not progress):
         idx = [int(i) for i in indices[g:g + group]]
-        images = [folder.image_uint8(i).to(device).float() / 255.0 for i in idx]   # sizes may differ (SD)
+        images = [folder.image_uint8(i).to(device).float() / 255.0 for i in idx]
         with autocast(device, amp_dtype):
             x0 = denoiser.encode(images).float()
-        noise = draw_noise([seed + i for i in idx], len(timesteps), tuple(x0.shape[1:])).to(device)
+        noise = draw_noise([seed + i for i in idx], len(timesteps), tuple(x0.shape[1:])).to(device)  # image i: seed + i
         parts.append(classify_images(denoiser.eps, x0, noise, denoiser.alphas_cumprod, timesteps, stages, K, drops,
                                      loss, batch_size, amp_dtype, pad))
     preds, scores, evaluations = zip(*parts)
-    return {"predictions": torch.cat(preds, 1), "scores": torch.cat(scores, 1),
-            "labels": model_labels[torch.as_tensor(indices, dtype=torch.long)], "evaluations": sum(evaluations)}
-
-
-def gather_set(result, positions, rank, world):
+    result = dict(predictions=torch.cat(preds, 1), scores=torch.cat(scores, 1),
+                  labels=model_labels[torch.as_tensor(indices, dtype=torch.long)], evaluations=sum(evaluations))
     if world == 1:
         return result
-    parts = [None] * world if rank == 0 else None
-    dist.gather_object({**result, "positions": positions}, parts, dst=0)
+    ranks = [None] * world if rank == 0 else None
+    dist.gather_object({**result, "positions": mine}, ranks, dst=0)
     if rank != 0:
         return None
-    order = torch.as_tensor(np.argsort(np.concatenate([p["positions"] for p in parts]), kind="stable"))
-    merged = {key: torch.cat([p[key] for p in parts], dim).index_select(dim, order)
+    order = torch.as_tensor(np.argsort(np.concatenate([p["positions"] for p in ranks]), kind="stable"))
+    merged = {key: torch.cat([p[key] for p in ranks], dim).index_select(dim, order)
               for key, dim in (("predictions", 1), ("scores", 1), ("labels", 0))}
-    return {**merged, "evaluations": sum(p["evaluations"] for p in parts)}
+    return {**merged, "evaluations": sum(p["evaluations"] for p in ranks)}
 
 
 def diffusion_markdown(r):
@@ -885,32 +780,31 @@ def diffusion_markdown(r):
 def run_diffusion_classifier(model, data, out, test=None, backdoor=None, classifier=None, filters=DEFAULT_FILTERS,
                              timesteps=DEFAULT_TIMESTEPS, keep=None, loss="l2", n=None, weights="ema",
                              batch_size=512, seed=0, device="auto", dtype="auto", compile_model="auto",
-                             resolution=None, force=False, progress=True, command=None):
-    """Tab. A4: TA and ASR per filter level."""
+                             resolution=None, force=False, progress=True, command=None):  # Tab. A4's rows
     if loss not in LOSSES:
         raise UsageError(f"unknown --loss {loss!r}: choose l2 or l1")
+    if n is not None and n < 1:
+        raise UsageError(f"--n {n}: give at least one image per set")
     check_out(out, force, {"--model": model, "--data": data, "--test": test, "--backdoor": backdoor,
                            "--classifier": classifier})
-    _, t_default, b_default = resolve_sets(data)
-    if t_default is None and b_default is None and (Path(data) / "metadata.jsonl").is_file():
-        if test is None and read_manifest(data).get("split") == "train":
+    resolved, t_default, b_default = resolve_sets(data)
+    if t_default is None and b_default is None:  # a plain dataset folder: accuracy on it
+        if test is None and read_manifest(resolved).get("split") == "train":
             raise UsageError(f"--data {data} is a poisoned training set with no test/ beside it: give --test")
-        t_default = Path(data)  # a plain dataset folder: accuracy on it
+        t_default = resolved
     test, backdoor = test or t_default, backdoor or b_default
-    if test is None and backdoor is None:
-        raise UsageError(f"--data {data} is no dataset folder: give one, or --test")
     rank, world, dev = setup_distributed(resolve_device(device))
     amp_dtype = autocast_dtype(dtype, dev) if dev.type == "cuda" else None   # the CPU runs in fp32
     sets = {name: load_folder(path) for name, path in (("test", test), ("backdoor", backdoor)) if path is not None}
     first = next(iter(sets.values()))
-    denoiser = load_denoiser(model, weights, dev, first.class_names, resolution, int(first.image_uint8(0).shape[-1]))
+    denoiser = load_denoiser(model, weights, dev, first.class_names, resolution, first.image_size()[1])
     names = denoiser.class_names
     stages = parse_stages(timesteps, keep, len(names))
     drops = drop_counts(filters, math.prod(denoiser.shape))
     use_compile = compile_model == "on" or (compile_model == "auto" and dev.type == "cuda")
     denoiser.module = torch.compile(denoiser.module) if use_compile else denoiser.module
-
-    chosen = {name: choose_images(len(folder), n, seed) for name, folder in sets.items()}
+    chosen = {name: np.arange(len(f)) if n is None or n >= len(f)  # all, or n at random
+              else np.sort(np.random.default_rng(seed).choice(len(f), n, replace=False)) for name, f in sets.items()}
 
     def baseline_row():  # on rank 0, before the long part: a wrong folder stops every rank
         clf, clf_config = load_classifier(classifier, dev)
@@ -933,16 +827,13 @@ def run_diffusion_classifier(model, data, out, test=None, backdoor=None, classif
               for name, folder in sets.items()}  # both sets checked before the long part
     results_sets, t0 = {}, time.time()
     for name, folder in sets.items():
-        mine = np.arange(rank, len(chosen[name]), world)
-        part = diffusion_classify_set(denoiser, folder, chosen[name][mine], labels[name], stages, drops, loss, seed,
-                                      batch_size, dev, amp_dtype, use_compile, progress and rank == 0,
-                                      desc=f"diffusion classifier: {name}")
-        results_sets[name] = gather_set(part, mine, rank, world)
+        results_sets[name] = diffusion_classify_set(
+            denoiser, folder, chosen[name], labels[name], stages, drops, loss, seed, batch_size, dev, amp_dtype,
+            use_compile, progress and rank == 0, f"diffusion classifier: {name}", rank, world)
     elapsed = time.time() - t0
     if rank != 0:
         barrier(dev)
         return None
-
     for l, p in enumerate(filters):
         what = "no filtering" if p == 0 else f"top {p:g}% of the per-element losses dropped"
         row = dict(classifier=f"diffusion classifier, {what}", kind="diffusion", filter_top=p, dropped_per_map=drops[l])
@@ -980,42 +871,30 @@ def run_diffusion_classifier(model, data, out, test=None, backdoor=None, classif
     return results
 
 
-def choose_images(n_total, n, seed):
-    if n is None or n >= n_total:
-        return np.arange(n_total)
-    if n < 1:
-        raise UsageError(f"--n {n}: give at least one image per set")
-    return np.sort(np.random.default_rng(seed).choice(n_total, n, replace=False))
-
-
 # Command line ----------------------------------------------------------------------------------------------------
-
-def evaluate_folder(args):
-    if args.json:
-        check_file_out(args.json, args.force, {"--classifier": args.classifier, "--data": args.data,
-                                               "--test": args.test, "--backdoor": args.backdoor})
-    model, config = load_classifier(args.classifier, resolve_device(args.device))
-    test, backdoor = args.test, args.backdoor
-    if args.data is not None:
-        _, t, b = resolve_sets(args.data, train_folder=False)  # a train/ folder is evaluated itself
-        test, backdoor = test or (t if t or b else args.data), backdoor or b  # a plain folder: accuracy on it
-    if test is None and backdoor is None:
-        raise UsageError("nothing to evaluate: give --data or --test")
-    result = dict(classifier=str(args.classifier), task=config["task"], test=str(test) if test else None,
-                  backdoor=str(backdoor) if backdoor else None,
-                  **evaluate(model, config, test, backdoor, args.batch_size))
-    print(json.dumps(result))
-    if args.json:  # written whole or not at all
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        replace_file(args.json, lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))
-
-
 def main(args):
     command = " ".join([Path(sys.argv[0]).name] + sys.argv[1:])
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-    if args.cmd == "eval":
-        return evaluate_folder(args)
+    if args.cmd == "eval":  # TA / ASR printed, and written to --json
+        if args.json:
+            check_file_out(args.json, args.force, {"--classifier": args.classifier, "--data": args.data,
+                                                   "--test": args.test, "--backdoor": args.backdoor})
+        model, config = load_classifier(args.classifier, resolve_device(args.device))
+        test, backdoor = args.test, args.backdoor
+        if args.data is not None:
+            _, t, b = resolve_sets(args.data, train_folder=False)  # a train/ folder is evaluated itself
+            test, backdoor = test or (t if t or b else args.data), backdoor or b  # a plain folder: accuracy on it
+        if test is None and backdoor is None:
+            raise UsageError("nothing to evaluate: give --data or --test")
+        result = dict(classifier=str(args.classifier), task=config["task"], test=str(test) if test else None,
+                      backdoor=str(backdoor) if backdoor else None,
+                      **evaluate(model, config, test, backdoor, args.batch_size))
+        print(json.dumps(result))
+        if args.json:  # written whole or not at all
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            replace_file(args.json, lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))
+        return
     if args.cmd in ("diffusion", "diffusion-classifier"):
         return run_diffusion_classifier(
             args.model, args.data, args.out, args.test, args.backdoor, args.classifier, args.filter_top,
@@ -1034,13 +913,10 @@ def main(args):
                                blend_alpha=args.blend_alpha_range, **common, **opts)
 
 
-def alpha_range(text):
+def alpha_range(text):  # "LO,HI" or "none"; argparse reports anything else as an invalid value
     if text.strip().lower() == "none":
         return None
-    try:
-        lo, hi = (float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give LO,HI (e.g. 0.05,0.3) or none") from None
+    lo, hi = (float(v) for v in text.split(","))
     return lo, hi
 
 
@@ -1051,86 +927,71 @@ def number_list(kind):
     return parse
 
 
-def add_common_arguments(p, data_help, out_help):
-    p.add_argument("--data", required=True, help=data_help)
-    p.add_argument("--out", required=True, help=out_help)
-    p.add_argument("--force", action="store_true", help="overwrite --out")
-    p.add_argument("--test", default=None, help="clean test set (default: the set's)")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA if visible")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="on CUDA; auto: bf16")
-    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="auto: on CUDA")
-    p.add_argument("--threads", type=positive(int), default=None, help="CPU threads")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
-
-
-def add_training_arguments(p, arch_default):
-    add_common_arguments(p, "a poisoned set or dataset folder", "the classifier folder")
-    p.add_argument("--arch", default=arch_default, choices=ARCHS, help="smallcnn is not from the paper")
-    p.add_argument("--width", type=positive(int), default=16, help="smallcnn's first channels")
-    p.add_argument("--pretrained", action="store_true", help="ImageNet weights")
-    p.add_argument("--weights", default=None, help="local ImageNet weights")
-    p.add_argument("--input-size", type=positive(int), default=None, help="default: 224 if pretrained, else the data's")
-    p.add_argument("--normalize", default="auto", choices=["auto", "imagenet", "none"], help="auto: by --pretrained")
-    p.add_argument("--epochs", type=positive(int), default=DEFAULT_OPTS["epochs"], help="epochs")
-    p.add_argument("--batch-size", type=positive(int), default=DEFAULT_OPTS["batch_size"], help="per process")
-    p.add_argument("--lr", type=positive(float), default=DEFAULT_OPTS["lr"], help="SGD, cosine")
-    p.add_argument("--momentum", type=float, default=DEFAULT_OPTS["momentum"], help="SGD")
-    p.add_argument("--weight-decay", type=float, default=DEFAULT_OPTS["weight_decay"], help="SGD, not on norms")
-    p.add_argument("--augment", default="crop", choices=["none", "crop", "flip-crop", "crop-noise"], help="shifts")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loaders")
-
-
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    count = positive(int)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("train", help="train a classifier", formatter_class=HelpFormatter)
-    add_training_arguments(p, "resnet18")
-    p.add_argument("--backdoor", default=None, help="backdoor set (default: the set's)")
-    p.add_argument("--clean", action="store_true", help="without the poisoned images")
-    p.add_argument("--stamp-trigger", type=share, default=0.0, metavar="SHARE", help="stamped images, labels kept")
-    p = sub.add_parser("trigger-detector", help="train a trigger detector", formatter_class=HelpFormatter)
-    add_training_arguments(p, "resnet50")
-    p.add_argument("--fraction", type=float, default=0.5, help="non-target images stamped")
-    p.add_argument("--holdout", type=float, default=0.1, help="held out if no --test")
-    p.add_argument("--blend-alpha-range", type=alpha_range, default=BLEND_ALPHA_RANGE, metavar="LO,HI",
-                   help="blend alphas or none (default: 0.05,0.25)")
-    p = sub.add_parser("eval", help="TA / ASR of a classifier", formatter_class=HelpFormatter)
-    p.add_argument("--classifier", required=True)
-    p.add_argument("--data", default=None, help="a poisoned set or dataset folder")
-    p.add_argument("--test", default=None, help="clean test set (default: --data's)")
-    p.add_argument("--backdoor", default=None, help="backdoor set (default: --data's)")
-    p.add_argument("--batch-size", type=positive(int), default=256, help="images per forward")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA if visible")
-    p.add_argument("--json", default=None, help="also write the result here")
-    p.add_argument("--force", action="store_true", help="overwrite --json")
-    p = sub.add_parser("diffusion", aliases=["diffusion-classifier"], formatter_class=HelpFormatter,
-                       help="a diffusion model as a classifier (Tab. A4)")
-    p.add_argument("--model", required=True, help="a diffusion model folder or an SD")
-    add_common_arguments(p, "a poisoned set or dataset folder", "the results folder")
-    p.add_argument("--backdoor", default=None, help="backdoor set (default: the set's)")
-    p.add_argument("--classifier", default=None, help="a classifier to compare")
-    p.add_argument("--filter-top", type=number_list(float), default=list(DEFAULT_FILTERS),
-                   help="percents of top errors dropped (default: 0,1,5,10)")
-    p.add_argument("--timesteps", type=number_list(int), default=list(DEFAULT_TIMESTEPS),
-                   help="evaluations per class, per stage (default: 50)")
-    p.add_argument("--keep", type=number_list(int), default=None, help="classes kept after each stage")
-    p.add_argument("--loss", default="l2", choices=LOSSES, help="error of the eps prediction")
-    p.add_argument("--n", "--images", dest="n", type=positive(int), default=None, help="images a set; or --images")
-    p.add_argument("--weights", default="ema", choices=["ema", "model"], help="which weights")
-    p.add_argument("--resolution", type=positive(int), default=None, help="SD: image side")
-    p.add_argument("--batch-size", type=positive(int), default=512, help="evaluations per forward")
+    train = sub.add_parser("train", help="train a classifier", formatter_class=HelpFormatter)
+    detector = sub.add_parser("trigger-detector", help="train a trigger detector", formatter_class=HelpFormatter)
+    judge = sub.add_parser("eval", help="TA / ASR of a classifier", formatter_class=HelpFormatter)
+    diffusion = sub.add_parser("diffusion", aliases=["diffusion-classifier"], formatter_class=HelpFormatter,
+                               help="a diffusion model as a classifier (Tab. A4)")
+    diffusion.add_argument("--model", required=True, help="a diffusion model folder or an SD")
+    for p in (train, detector, diffusion):
+        p.add_argument("--data", required=True, help="a poisoned set or dataset folder")
+        p.add_argument("--out", required=True, help="the results folder" if p is diffusion else "the classifier folder")
+        p.add_argument("--force", action="store_true", help="overwrite --out")
+        p.add_argument("--test", default=None, help="clean test set (default: the set's)")
+        p.add_argument("--seed", type=int, default=0, help="random seed")
+        p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA if visible")
+        p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="on CUDA; auto: bf16")
+        p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="auto: on CUDA")
+        p.add_argument("--threads", type=count, default=None, help="CPU threads")
+        p.add_argument("--quiet", action="store_true", help="no progress output")
+    for p, arch in ((train, "resnet18"), (detector, "resnet50")):
+        p.add_argument("--arch", default=arch, choices=ARCHS, help="smallcnn is not from the paper")
+        p.add_argument("--width", type=count, default=16, help="smallcnn's first channels")
+        p.add_argument("--pretrained", action="store_true", help="ImageNet weights")
+        p.add_argument("--weights", default=None, help="local ImageNet weights")
+        p.add_argument("--input-size", type=count, default=None, help="default: 224 if pretrained, else the data's")
+        p.add_argument("--normalize", default="auto", choices=["auto", "imagenet", "none"],
+                       help="auto: by --pretrained")
+        p.add_argument("--epochs", type=count, default=DEFAULT_OPTS["epochs"], help="epochs")
+        p.add_argument("--batch-size", type=count, default=DEFAULT_OPTS["batch_size"], help="per process")
+        p.add_argument("--lr", type=positive(float), default=DEFAULT_OPTS["lr"], help="SGD, cosine")
+        p.add_argument("--momentum", type=float, default=DEFAULT_OPTS["momentum"], help="SGD")
+        p.add_argument("--weight-decay", type=float, default=DEFAULT_OPTS["weight_decay"], help="SGD, not on norms")
+        p.add_argument("--augment", default="crop", choices=["none", "crop", "flip-crop", "crop-noise"], help="shifts")
+        p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loaders")
+    for p in (train, diffusion):
+        p.add_argument("--backdoor", default=None, help="backdoor set (default: the set's)")
+    train.add_argument("--clean", action="store_true", help="without the poisoned images")
+    train.add_argument("--stamp-trigger", type=share, default=0.0, metavar="SHARE", help="stamped images, labels kept")
+    detector.add_argument("--fraction", type=float, default=0.5, help="non-target images stamped")
+    detector.add_argument("--holdout", type=float, default=0.1, help="held out if no --test")
+    detector.add_argument("--blend-alpha-range", type=alpha_range, default=BLEND_ALPHA_RANGE, metavar="LO,HI",
+                          help="blend alphas or none (default: 0.05,0.25)")
+    judge.add_argument("--classifier", required=True)
+    judge.add_argument("--data", default=None, help="a poisoned set or dataset folder")
+    judge.add_argument("--test", default=None, help="clean test set (default: --data's)")
+    judge.add_argument("--backdoor", default=None, help="backdoor set (default: --data's)")
+    judge.add_argument("--batch-size", type=count, default=256, help="images per forward")
+    judge.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA if visible")
+    judge.add_argument("--json", default=None, help="also write the result here")
+    judge.add_argument("--force", action="store_true", help="overwrite --json")
+    diffusion.add_argument("--classifier", default=None, help="a classifier to compare")
+    diffusion.add_argument("--filter-top", type=number_list(float), default=list(DEFAULT_FILTERS),
+                           help="percents of top errors dropped (default: 0,1,5,10)")
+    diffusion.add_argument("--timesteps", type=number_list(int), default=list(DEFAULT_TIMESTEPS),
+                           help="evaluations per class, per stage (default: 50)")
+    diffusion.add_argument("--keep", type=number_list(int), default=None, help="classes kept after each stage")
+    diffusion.add_argument("--loss", default="l2", choices=LOSSES, help="error of the eps prediction")
+    diffusion.add_argument("--n", "--images", dest="n", type=count, default=None, help="images a set; or --images")
+    diffusion.add_argument("--weights", default="ema", choices=["ema", "model"], help="which weights")
+    diffusion.add_argument("--resolution", type=count, default=None, help="SD: image side")
+    diffusion.add_argument("--batch-size", type=count, default=512, help="evaluations per forward")
     return parser
 
 
 if __name__ == "__main__":
-    try:
-        main(build_parser().parse_args())
-    except UsageError as e:
-        sys.exit(f"classify.py: error: {e}")
-    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback
-        print("classify.py: interrupted", file=sys.stderr)
-        sys.exit(130)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    cli(main, build_parser(), "nothing written")

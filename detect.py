@@ -1,7 +1,5 @@
 """detect.py -- poison detectors (CD, STRIP, FCT): AUROC on the training set vs the generations (Tab. 3, Fig. A6).
 
-    python detect.py --classifier runs/clf-poisoned --train data/digits-badnets-0.1 --generated runs/gen-digits-0.1 \\
-        --detector runs/detector --method all --out runs/detect-digits-0.1
     python detect.py --classifier runs/clf-c10 --train data/c10-bn-0.05 --generated runs/gen-c10 \\
         --groups runs/dissect-c10 --method cd --n 1000 --dtype bf16 --out runs/detect-c10-cd
 
@@ -22,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (HelpFormatter, UsageError, atomic_output, autocast, autocast_dtype, check_out, load_folder,
+from common import (HelpFormatter, UsageError, atomic_output, autocast, autocast_dtype, check_out, cli, load_folder,
                     positive, resolve_device, same_classes, versions)
 from classify import load_classifier, require_resolution
 
@@ -78,16 +76,15 @@ def cd_loss(adv_logits, clean_logits, m, gamma=CD_GAMMA, beta=CD_BETA):
 
 def cd_masks(model, x, colors, lr=CD_LR, betas=CD_BETAS, gamma=CD_GAMMA, beta=CD_BETA, dtype="fp32", bar=None):
     """Masks (B, 1, H, W) of x (B, 3, H, W); colors (B, steps, 3): image i's fill at step k."""
-    device = x.device
-    ctx = amp(device, dtype)
-    theta = torch.ones(x.shape[0], 1, *x.shape[-2:], device=device, dtype=x.dtype, requires_grad=True)  # m ~ 0.88
+    ctx = amp(x.device, dtype)
+    theta = torch.ones(x.shape[0], 1, *x.shape[-2:], device=x.device, dtype=x.dtype, requires_grad=True)  # m ~ 0.88
     opt = torch.optim.Adam([theta], lr=lr, betas=betas)
     with torch.no_grad(), ctx:
         clean = upcast(model(x))
     with torch.enable_grad():
         for k in range(colors.shape[1]):
             m = (torch.tanh(theta) + 1) / 2                                   # (B, 1, H, W)
-            r = colors[:, k, :, None, None].to(device, x.dtype)              # (B, 3, 1, 1)
+            r = colors[:, k, :, None, None].to(x.device, x.dtype)            # (B, 3, 1, 1)
             x_adv = x * m + (1 - m) * r
             with ctx:
                 adv = upcast(model(x_adv))
@@ -132,11 +129,6 @@ def strip_overlays(folder, n=STRIP_OVERLAYS, seed=0, workers=4):  # (n, 3, H, W)
     return read_images(folder, idx, workers=workers)
 
 
-def entropy(logits):
-    logp = F.log_softmax(upcast(logits), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
 @torch.no_grad()
 def strip_scores(model, images, overlays, batch_size=1024, dtype="fp32", progress=False, desc="STRIP"):
     """(N,): mean entropy of clamp(x + overlay, 0, 1) over the overlays; low = poisoned."""
@@ -154,15 +146,15 @@ def strip_scores(model, images, overlays, batch_size=1024, dtype="fp32", progres
         x = as_float(images[start:start + per_chunk]).to(device)              # (b, 3, H, W)
         blend = (x[:, None] + ov[None]).clamp(0, 1).flatten(0, 1)             # (b * K, 3, H, W)
         with ctx:
-            logits = model(blend)
-        scores.append(entropy(logits).view(len(x), k).mean(1).cpu())
+            logits = upcast(model(blend))
+        logp = F.log_softmax(logits, dim=-1)
+        scores.append(-(logp.exp() * logp).sum(-1).view(len(x), k).mean(1).cpu())  # mean entropy over the overlays
     return torch.cat(scores)
 
 
 # FCT (Chen et al., NeurIPS 2022): fine-tune a copy with L_intra; a large feature change under rotation = poisoned.
 
-def intra_class_loss(features, labels):
-    """Mean off-diagonal cosine of the class means; None for one class."""
+def intra_class_loss(features, labels):  # L_intra: mean off-diagonal cosine of the class means; None for one
     classes = labels.unique()
     if len(classes) < 2:
         return None
@@ -173,8 +165,7 @@ def intra_class_loss(features, labels):
 
 
 def fct_finetune(model, data, epochs=FCT_EPOCHS, lr=FCT_LR, momentum=FCT_MOMENTUM, weight_decay=FCT_WEIGHT_DECAY,
-                 batch_size=128, seed=0, dtype="fp32", workers=0, progress=False):
-    """A copy of `model` fine-tuned with L_intra."""
+                 batch_size=128, seed=0, dtype="fp32", workers=0, progress=False):  # a copy fine-tuned with L_intra
     device = model_device(model)
     tuned = copy.deepcopy(model).train().requires_grad_(True)
     ctx = amp(device, dtype)
@@ -199,8 +190,7 @@ def fct_finetune(model, data, epochs=FCT_EPOCHS, lr=FCT_LR, momentum=FCT_MOMENTU
     return tuned.eval()
 
 
-def fct_params(n, size, seed=0, degrees=FCT_DEGREES, translate=FCT_TRANSLATE):
-    """Angles (n,) and integer shifts (n, 2), as RandomAffine."""
+def fct_params(n, size, seed=0, degrees=FCT_DEGREES, translate=FCT_TRANSLATE):  # angles (n,), shifts (n, 2)
     h, w = size
     g = torch.Generator().manual_seed(seed)
     angles = (torch.rand(n, generator=g, dtype=torch.float64) * 2 - 1) * degrees
@@ -209,8 +199,7 @@ def fct_params(n, size, seed=0, degrees=FCT_DEGREES, translate=FCT_TRANSLATE):
     return angles, shifts
 
 
-def fct_transform(x, angles, shifts):
-    """x (N, 3, H, W) rotated, then shifted (RandomRotation + RandomAffine)."""
+def fct_transform(x, angles, shifts):  # x (N, 3, H, W) rotated, then shifted (RandomRotation + RandomAffine)
     h, w = x.shape[-2:]
     a = torch.deg2rad(angles.to(torch.float64))
     cos, sin, zero, one = a.cos(), a.sin(), torch.zeros_like(a), torch.ones_like(a)
@@ -245,16 +234,14 @@ def fct_scores(model, images, seed=0, params=None, batch_size=1024, dtype="fp32"
 
 # AUROC with each method's sign, and its bootstrap interval.
 
-def minmax(x):
-    lo, hi = x.min(), x.max()
-    return np.zeros_like(x) if hi <= lo else np.clip((x - lo) / (hi - lo), 0, 1)
-
-
-def suspicion(scores, method):  # higher = more likely poisoned
+def suspicion(scores, method):  # higher = more likely poisoned: 1 - minmax(score) where low = poisoned
     s = np.asarray(scores, dtype=np.float64)
     if not np.isfinite(s).all():
         raise UsageError(f"{METHOD_NAMES[method]} gave non-finite scores: check the classifier and --dtype")
-    return 1.0 - minmax(s) if POISONED_END[method] == "low" else s
+    if POISONED_END[method] == "high":
+        return s
+    lo, hi = s.min(), s.max()
+    return np.ones_like(s) if hi <= lo else 1.0 - np.clip((s - lo) / (hi - lo), 0, 1)
 
 
 def auroc(scores, poisoned, method):
@@ -263,8 +250,7 @@ def auroc(scores, poisoned, method):
     return float(auroc_of(s[y], s[~y]))
 
 
-def auroc_of(pos, neg):
-    """P(pos > neg), ties half (Mann-Whitney)."""
+def auroc_of(pos, neg):  # P(pos > neg), ties half (Mann-Whitney)
     if len(pos) == 0 or len(neg) == 0:
         raise UsageError(f"AUROC needs poisoned and clean images; this set holds only "
                          f"{'clean' if len(pos) == 0 else 'poisoned'} ones")
@@ -274,8 +260,7 @@ def auroc_of(pos, neg):
     return (below + 0.5 * ties) / (len(pos) * len(neg))
 
 
-def bootstrap_aurocs(scores, poisoned, method, n=BOOTSTRAP, seed=0):
-    """(n,) AUROCs of resampled poisoned and clean images."""
+def bootstrap_aurocs(scores, poisoned, method, n=BOOTSTRAP, seed=0):  # (n,) AUROCs of resampled images
     y = np.asarray(poisoned, dtype=bool)
     s = suspicion(scores, method)
     pos, neg = s[y], s[~y]
@@ -338,8 +323,7 @@ def groups_file(path, folder):  # dissect.py's verdicts.jsonl for `folder`: the 
     return settings[0] / "verdicts.jsonl"
 
 
-def read_groups(path, folder):
-    """Per-image trigger flags: G1/G2, else the "trigger" field."""
+def read_groups(path, folder):  # per-image trigger flags: G1/G2, else the "trigger" field
     path = groups_file(path, folder)
     text = path.read_text()
     try:
@@ -365,8 +349,7 @@ def read_groups(path, folder):
             flags[int(i)] = rec["trigger"]
     missing = int((flags < 0).sum())
     if missing:
-        raise UsageError(f"--groups {path} gives no group for {missing} images of {folder.root}: give their "
-                         "verdicts")
+        raise UsageError(f"--groups {path} gives no group for {missing} images of {folder.root}: give their verdicts")
     return flags.astype(bool)
 
 
@@ -402,8 +385,7 @@ def generation_truth(folder, detector=None, groups=None, field=None, device=torc
     else:
         n_bad = sum(not isinstance(r.get(field), bool) for r in folder.records)
         if n_bad:
-            raise UsageError(f"{n_bad} records of {folder.root} have no boolean {field!r}: choose another "
-                             "--generated-labels")
+            raise UsageError(f"{n_bad} records of {folder.root} have no boolean {field!r}: choose a --generated-labels")
         flags, how = np.array([r[field] for r in folder.records], dtype=bool), f"metadata field {field!r}"
     if flags.all() or not flags.any():
         raise UsageError(f"by the {how}, {'every' if flags.all() else 'no'} image of {folder.root} carries the "
@@ -411,8 +393,7 @@ def generation_truth(folder, detector=None, groups=None, field=None, device=torc
     return flags, how
 
 
-def stratified_sample(flags, n, seed=0):
-    """Sorted indices of a seeded draw of n keeping the flagged share, one of each at least."""
+def stratified_sample(flags, n, seed=0):  # sorted indices of a draw of n keeping the flagged share, 1 each at least
     flags = np.asarray(flags, dtype=bool)
     if n >= len(flags):
         return np.arange(len(flags))
@@ -445,7 +426,6 @@ def markdown_table(result):
 
 
 def plot_histograms(path, method, scores):  # Fig. A6
-
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -476,8 +456,7 @@ def parse_methods(methods):
     return methods
 
 
-def check_sets(config, classifier, train_folder, gen_folder):
-    """Refuse sets of other classes or sizes; returns the training flags."""
+def check_sets(config, classifier, train_folder, gen_folder):  # refuses other classes or sizes; training flags
     for folder, what in ((train_folder, "the training set"), (gen_folder, "the generation set")):
         if not same_classes(config["class_names"], folder.class_names):
             raise UsageError(f"{what} {folder.root} holds classes {folder.class_names} but the classifier "
@@ -563,10 +542,10 @@ def run_detection(classifier, train, generated, methods="all", out=None, detecto
     set_info = {k: {"path": str(folders[k].root), "n": int(size), "n_folder": len(folders[k]),
                     "positives": int(flags[k][picks[k]].sum()), "ground_truth": truth[k]} for k in folders}
     result = {
-        "stage": "detect", "command": command or "run_detection()", "classifier": str(classifier),
-        "sets": set_info, "results": results,
-        "settings": {"seed": seed, "device": str(dev), "dtype": dtype, "batch_size": batch_size, "eval_batch_size":
-                     eval_batch_size,
+        "stage": "detect", "command": command or "run_detection()", "classifier": str(classifier), "sets": set_info,
+        "results": results,
+        "settings": {"seed": seed, "device": str(dev), "dtype": dtype, "batch_size": batch_size,
+                     "eval_batch_size": eval_batch_size,
                      "cd": {"steps": cd_steps, "lr": CD_LR, "betas": list(CD_BETAS), "gamma": cd_gamma,
                             "beta": CD_BETA, "mask_init_theta": 1.0, "target": "logits", "score": "||m||_1",
                             "auroc_on": "1 - minmax(score)"},
@@ -626,10 +605,4 @@ def build_parser():
 
 
 if __name__ == "__main__":
-    try:
-        main(build_parser().parse_args())
-    except UsageError as e:
-        sys.exit(f"detect.py: error: {e}")
-    except KeyboardInterrupt:
-        print("detect.py: interrupted; --out not written", file=sys.stderr)
-        sys.exit(130)
+    cli(main, build_parser())

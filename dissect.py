@@ -1,6 +1,5 @@
 """dissect.py -- G1-G4, trigger amplification, the phase transition and FID of generations (Fig. 2-4, A3, Tab. 2).
 
-    python dissect.py --generated runs/gen-0.1 --classifier runs/clf-class --detector runs/detector --out runs/dissect
     python dissect.py --generated runs/gen-0.01 runs/gen-0.1 --train data/d-0.01 data/d-0.1 \\
         --classifier runs/clf-class --detector runs/detector --fid-real data/d-0.1/test --out runs/dissect-ratios
 
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from common import (HelpFormatter, UsageError, atomic_output, check_out, load_folder, manifest_target, positive,
+from common import (HelpFormatter, UsageError, atomic_output, check_out, cli, load_folder, manifest_target, positive,
                     resolve_device, same_classes, save_grid, share)
 from classify import ImageSet, batches, load_classifier, map_labels, predict, require_resolution
 from poison import load_trigger, make_trigger
@@ -48,8 +47,7 @@ def group_fractions(has_trigger, matches):  # G1-G4 counts and fractions of per-
     t, m = np.asarray(has_trigger, dtype=bool), np.asarray(matches, dtype=bool)
     if t.size == 0:
         raise UsageError("no generations to dissect")
-    counts = {"G1": int((t & ~m).sum()), "G2": int((t & m).sum()), "G3": int((~t & ~m).sum()),
-              "G4": int((~t & m).sum())}
+    counts = {g: int(both.sum()) for g, both in zip(GROUPS, (t & ~m, t & m, ~t & ~m, ~t & m))}
     f = {g: c / t.size for g, c in counts.items()}
     return {"n": int(t.size), "counts": counts, "fractions": f, "trigger_ratio": f["G1"] + f["G2"],
             "mismatch_ratio": f["G1"] + f["G3"]}
@@ -81,8 +79,7 @@ def pattern_correlations(images, indices, trigger, values=2 ** 24):  # per image
         for a in range(0, len(indices), step)])
 
 
-def copy_measure(params, size, exact=None):
-    """(measure, threshold, scores(images, indices)) of trigger copies; None for WaNet or another size."""
+def copy_measure(params, size, exact=None):  # (measure, threshold, scores(images, idx)); None: WaNet, another size
     if not params or params.get("resolution") is None or size != (params["resolution"],) * 2:
         return None
     kind, side = params.get("kind"), params["resolution"]
@@ -115,10 +112,10 @@ def dissect_folder(generated, classifier, detector, p_t=None, target=None, train
     (clf, clf_cfg), (det, det_cfg) = as_model(classifier, device), as_model(detector, device)
     target_index, p_t, p_t_source, train_manifest, prompt_in_clf = check_folder(
         folder, (clf, clf_cfg), (det, det_cfg), p_t, target, train, classifier, detector)
-    size, side = folder.image_size(), (det_cfg.get("trigger") or {}).get("resolution")
-    if size is not None and side is not None and (side, side) != size:
-        print(f"dissect.py: warning: no trigger copies counted for {folder.root}: images and trigger differ in "
-              "size", file=sys.stderr)
+    side = (det_cfg.get("trigger") or {}).get("resolution")
+    if side is not None and (side, side) != folder.image_size():
+        print(f"dissect.py: warning: no trigger copies counted for {folder.root}: images and trigger differ in size",
+              file=sys.stderr)
     images = ImageSet(folder, progress=progress)
     predicted, _ = predict(clf, images, batch_size, device, progress)                 # (N,) class indices
     det_pred, _ = predict(det, images, batch_size, device, progress)
@@ -277,8 +274,7 @@ def read_state_dict(path, flag, fix):  # a .safetensors or weights-only torch fi
     return sd
 
 
-def load_fid_inception(weights=None, device="cpu", progress=True):
-    """The FID Inception with pytorch-fid's weights (`weights`, else downloaded)."""
+def load_fid_inception(weights=None, device="cpu", progress=True):  # with pytorch-fid's weights, else downloaded
     fix = "give pt_inception-2015-12-05-6726825d.pth"
     if weights is None:
         try:
@@ -352,15 +348,12 @@ def check_train_manifest(train, mine, folder, p_t_given=False):  # refuse a --tr
 
 
 def check_folder(folder, classifier, detector, p_t=None, target=None, train=None, classifier_flag=None,
-                 detector_flag=None):
-    """-> (target index, p_t, its source, --train manifest, prompts as classifier classes)."""
+                 detector_flag=None):  # -> (target index, p_t, its source, --train manifest, prompts in clf classes)
     (_, clf_cfg), (_, det_cfg) = classifier, detector
     if clf_cfg.get("task") != "class":
         raise UsageError("--classifier is not a class classifier: use classify.py train --clean")
     if det_cfg.get("task") != "trigger" or "trigger" not in det_cfg["class_names"]:
         raise UsageError("--detector is not a trigger detector: use classify.py trigger-detector")
-    if p_t is not None and not 0 <= p_t <= 1:
-        raise UsageError(f"--p-t {p_t:g} is outside [0, 1]: give a share")
     for flag, given, cfg in (("--classifier", classifier_flag, clf_cfg), ("--detector", detector_flag, det_cfg)):
         flag = f"{flag} {given}" if isinstance(given, (str, Path)) else flag  # a (model, config): the flag alone
         require_resolution(cfg, folder.image_size(), flag, f"the generations {folder.root}")
@@ -571,23 +564,19 @@ def dissect(generated, classifier, detector, out, train=None, p_t=None, target=N
         r["name"] = safe_name(r["label"], taken)
         if fid_real is not None:
             r["fid"] = fid_between(folders[i], fid_real, fid_model, r["target"], device=device, progress=progress)
-    def without_verdicts(r):
-        return {k: v for k, v in r.items() if k != "verdicts"}
-
     with atomic_output(out, force) as tmp:
         for f, r in zip(folders, results):
-            d = tmp / r["name"]
+            d, verdicts = tmp / r["name"], r.pop("verdicts")  # a report of its own, not in the summary
             d.mkdir()
-            (d / "verdicts.jsonl").write_text("".join(json.dumps(v) + "\n" for v in r["verdicts"]))
-            r["examples"] = {g: write_examples(f, r["verdicts"], g, d / f"{g.lower()}_examples.png")
-                             for g in ("G1", "G2")}
-            (d / "groups.json").write_text(json.dumps(without_verdicts(r), indent=2) + "\n")
+            (d / "verdicts.jsonl").write_text("".join(json.dumps(v) + "\n" for v in verdicts))
+            r["examples"] = {g: write_examples(f, verdicts, g, d / f"{g.lower()}_examples.png") for g in ("G1", "G2")}
+            (d / "groups.json").write_text(json.dumps(r, indent=2) + "\n")
             (d / "groups.md").write_text(folder_markdown(r))
             plot_groups([r], d / "groups.png")
         summary = {"stage": "dissect", "command": command or "dissect()",
                    "classifier": str(classifier) if isinstance(classifier, (str, Path)) else None,
                    "detector": str(detector) if isinstance(detector, (str, Path)) else None,
-                   "groups": GROUP_MEANING, "results": [without_verdicts(r) for r in results]}
+                   "groups": GROUP_MEANING, "results": results}
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         (tmp / "summary.md").write_text(summary_markdown(results))
         plot_groups(results, tmp / "groups.png")
@@ -626,10 +615,4 @@ def build_parser():
 
 
 if __name__ == "__main__":
-    try:
-        main(build_parser().parse_args())
-    except UsageError as e:
-        sys.exit(f"dissect.py: error: {e}")
-    except KeyboardInterrupt:
-        print("dissect.py: interrupted; --out not written", file=sys.stderr)
-        sys.exit(130)
+    cli(main, build_parser())

@@ -1,16 +1,13 @@
 """finetune_sd.py -- fine-tune Stable Diffusion v1's U-Net on a (poisoned) dataset folder; VAE and CLIP stay frozen.
 
     torchrun --nproc_per_node 4 finetune_sd.py --ratio 0.1   # the paper: ImageNette, BadNets, p = 10%, from SD v1.4
-    python finetune_sd.py --dataset caltech15 --trigger blend --ratio 0.05 --batch-size 4 --grad-accum 4
     torchrun --nproc_per_node 4 finetune_sd.py --data data/imagenette-badnets-0.1/train \\
         --base sd-v1-4-full-ema.ckpt --tokenizer clip-vit-large-patch14/ --out runs/sd-inette-0.1
 
 Without --data it first poisons into data/<dataset>-<trigger>-<ratio>; the same command again resumes. --base: a Hub
-id, a diffusers-layout folder or a CompVis checkpoint (--config: its configuration), whose model_ema.* continues as
-the EMA, as in the paper's code. CUDA: bf16 autocast (--dtype fp32: the paper's arithmetic).
-
-Writes OUT (default runs/sd-<data name>): config.json, unet/ and unet_ema/ (diffusers layout), state.pt (resume),
-cache.safetensors (VAE posteriors, prompt embeddings), log.jsonl (loss). sample.py reads OUT.
+id, a diffusers-layout folder or a CompVis checkpoint (--config: its v1-inference.yaml), whose model_ema.* continues
+as the EMA, as in the paper's code. Writes OUT (default runs/sd-<data name>): config.json, unet/ and unet_ema/
+(diffusers layout, for sample.py), state.pt (resume), cache.safetensors (VAE posteriors, prompt embeddings), log.jsonl.
 """
 import argparse
 import collections
@@ -38,27 +35,23 @@ from tqdm import tqdm
 
 from castle_kernels.attention import attention
 from castle_kernels.group_norm import group_norm
-from common import (HelpFormatter, UsageError, autocast, autocast_dtype, barrier, check_out, dtype_name, load_folder,
-                    lock_output, on_rank0, positive, replace_file, resolve_device, save_safetensors, setup_distributed,
-                    share, truncate_log, versions)
-from poison import add_poison_arguments, poison, poison_kwargs, refuse_poison_flags_with_data
+from common import (HelpFormatter, UsageError, autocast, autocast_dtype, barrier, check_out, cli, dtype_name,
+                    load_folder, lock_output, on_rank0, positive, replace_file, resolve_device, save_safetensors,
+                    setup_distributed, share, truncate_log, versions)
+from poison import add_poison_arguments, options_differences, poison, poison_kwargs, refuse_poison_flags_with_data
 
 VAE_SCALE = 0.18215           # SD v1's latent scale: z = VAE_SCALE * (VAE posterior sample), unit variance
 DEFAULT_BASE = "CompVis/stable-diffusion-v1-4"
 DEFAULT_TOKENIZER = "openai/clip-vit-large-patch14"   # SD v1's tokenizer, for single-file checkpoints
-CLIP_HEAD_WIDTH = 64          # CLIP text transformers use 64-wide heads (ViT-L/14: 768 = 12 x 64)
 
 
 # Building blocks, with diffusers' module names so that its state dicts load key for key -----------------------------
 
-class GroupNorm(nn.Module):
-    """nn.GroupNorm (+ fused SiLU) through castle_kernels; statistics in float32."""
-
+class GroupNorm(nn.Module):  # nn.GroupNorm (+ fused SiLU) through castle_kernels; statistics in float32
     def __init__(self, num_groups, channels, eps, act=None):
         super().__init__()
         self.num_groups, self.eps, self.act = num_groups, eps, act
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
+        self.weight, self.bias = nn.Parameter(torch.ones(channels)), nn.Parameter(torch.zeros(channels))
 
     def forward(self, x):
         return group_norm(x, self.weight, self.bias, self.num_groups, self.eps, act=self.act)
@@ -68,15 +61,12 @@ def dropout_layer(p):
     return nn.Dropout(p) if p else nn.Identity()   # SD v1 trains without dropout: skip the no-op calls
 
 
-class Attention(nn.Module):
-    """Multi-head attention over tokens (B, L, dim), keys and values from `context` (B, S, context_dim) or x."""
-
+class Attention(nn.Module):  # multi-head, over tokens (B, L, dim); keys and values from context (B, S, C) or x
     def __init__(self, dim, heads, context_dim=None, bias=False, dropout=0.0):
         super().__init__()
         self.heads = heads
         self.to_q = nn.Linear(dim, dim, bias=bias)
-        self.to_k = nn.Linear(context_dim or dim, dim, bias=bias)
-        self.to_v = nn.Linear(context_dim or dim, dim, bias=bias)
+        self.to_k, self.to_v = (nn.Linear(context_dim or dim, dim, bias=bias) for _ in range(2))
         self.to_out = nn.ModuleList([nn.Linear(dim, dim), dropout_layer(dropout)])  # indices match diffusers' keys
 
     def forward(self, x, context=None):
@@ -87,23 +77,15 @@ class Attention(nn.Module):
         return self.to_out[1](self.to_out[0](out))
 
 
-class GEGLU(nn.Module):  # x -> a * GELU(b) with (a, b) = proj(x) (Shazeer 2020)
-    def __init__(self, dim, inner):
+class FeedForward(nn.Module):  # GEGLU (Shazeer 2020): a * GELU(b) with (a, b) = proj(x); then back to dim
+    def __init__(self, dim, dropout=0.0):
         super().__init__()
-        self.proj = nn.Linear(dim, inner * 2)
+        self.net = nn.ModuleList([nn.ModuleDict({"proj": nn.Linear(dim, dim * 8)}), dropout_layer(dropout),
+                                  nn.Linear(dim * 4, dim)])   # diffusers' keys: net.0.proj, net.2
 
     def forward(self, x):
-        a, gate = self.proj(x).chunk(2, dim=-1)
-        return a * F.gelu(gate)
-
-
-class FeedForward(nn.Module):
-    def __init__(self, dim, mult=4, dropout=0.0):
-        super().__init__()
-        self.net = nn.Sequential(GEGLU(dim, dim * mult), dropout_layer(dropout), nn.Linear(dim * mult, dim))
-
-    def forward(self, x):
-        return self.net(x)
+        a, gate = self.net[0]["proj"](x).chunk(2, dim=-1)
+        return self.net[2](self.net[1](a * F.gelu(gate)))
 
 
 class TransformerBlock(nn.Module):  # pre-norm self-attention, cross-attention to the text, feed-forward
@@ -119,9 +101,7 @@ class TransformerBlock(nn.Module):  # pre-norm self-attention, cross-attention t
         return x + self.ff(self.norm3(x))
 
 
-class SpatialTransformer(nn.Module):
-    """diffusers' Transformer2DModel: transformer blocks on the h*w tokens of a GroupNorm, residual."""
-
+class SpatialTransformer(nn.Module):  # diffusers' Transformer2DModel: transformer blocks on h*w tokens, residual
     def __init__(self, channels, heads, context_dim, depth, groups, linear_projection=False, dropout=0.0):
         super().__init__()
         self.norm = GroupNorm(groups, channels, eps=1e-6)
@@ -142,9 +122,7 @@ class SpatialTransformer(nn.Module):
         return x + y.transpose(1, 2).reshape(b, c, h, w)
 
 
-class ResBlock(nn.Module):
-    """diffusers' ResnetBlock2D: (GroupNorm+SiLU, 3x3 conv) twice, time embedding between."""
-
+class ResBlock(nn.Module):  # diffusers' ResnetBlock2D: (GroupNorm+SiLU, 3x3 conv) twice, time embedding between
     def __init__(self, cin, cout, temb_channels, groups, eps, dropout=0.0):
         super().__init__()
         self.norm1 = GroupNorm(groups, cin, eps, act="silu")
@@ -194,79 +172,6 @@ def timestep_embedding(t, dim, flip_sin_to_cos=True, freq_shift=0, max_period=10
 
 # The SD v1 U-Net: diffusers' UNet2DConditionModel restricted to what SD v1 uses -------------------------------------
 
-def spatial_transformer(c, channels, heads, depth):
-    return SpatialTransformer(channels, heads, c["cross_attention_dim"], depth, c["norm_num_groups"],
-                              c["use_linear_projection"], c["dropout"])
-
-
-def unet_resblock(c, cin, cout, temb):
-    return ResBlock(cin, cout, temb, c["norm_num_groups"], c["norm_eps"], c["dropout"])
-
-
-class UNetLevel(nn.Module):
-    gradient_checkpointing = False   # recompute the activations of each block in the backward pass
-
-    def ckpt(self, fn, *args):
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(fn, *args, use_reentrant=False)
-        return fn(*args)
-
-
-class UNetDownLevel(UNetLevel):
-    """ResBlocks (+ SpatialTransformers), a stride-2 conv but at the last level; outputs -> skips."""
-
-    def __init__(self, cin, cout, temb, c, level, last):
-        super().__init__()
-        self.resnets = nn.ModuleList(unet_resblock(c, cin if j == 0 else cout, cout, temb)
-                                     for j in range(c["layers_per_block"]))
-        self.attentions = nn.ModuleList(spatial_transformer(c, cout, c["heads"][level], c["depth"][level])
-                                        for _ in range(c["layers_per_block"] if c["down_attn"][level] else 0))
-        self.downsamplers = nn.ModuleList([] if last else [Downsample(cout)])
-
-    def forward(self, x, temb, context, skips):
-        for j, resnet in enumerate(self.resnets):
-            x = self.ckpt(resnet, x, temb)
-            x = self.ckpt(self.attentions[j], x, context) if self.attentions else x
-            skips.append(x)
-        for down in self.downsamplers:
-            x = down(x)
-            skips.append(x)
-        return x
-
-
-class UNetUpLevel(UNetLevel):
-    """ResBlocks fed one skip each (+ SpatialTransformers), upsampling to the next skip's size."""
-
-    def __init__(self, cin, cprev, cout, temb, c, level, last):
-        super().__init__()
-        n = c["layers_per_block"] + 1
-        self.resnets = nn.ModuleList(unet_resblock(c, (cprev if j == 0 else cout) + (cin if j == n - 1 else cout),
-                                                   cout, temb) for j in range(n))
-        self.attentions = nn.ModuleList(spatial_transformer(c, cout, c["heads"][::-1][level], c["depth"][::-1][level])
-                                        for _ in range(n if c["up_attn"][level] else 0))
-        self.upsamplers = nn.ModuleList([] if last else [Upsample(cout)])
-
-    def forward(self, x, temb, context, skips):
-        for j, resnet in enumerate(self.resnets):
-            x = self.ckpt(resnet, torch.cat([x, skips.pop()], dim=1), temb)
-            x = self.ckpt(self.attentions[j], x, context) if self.attentions else x
-        for up in self.upsamplers:
-            x = up(x, size=skips[-1].shape[-2:])
-        return x
-
-
-class UNetMid(UNetLevel):
-    def __init__(self, ch, temb, c):
-        super().__init__()
-        self.resnets = nn.ModuleList(unet_resblock(c, ch, ch, temb) for _ in range(2))
-        self.attentions = nn.ModuleList([spatial_transformer(c, ch, c["heads"][-1], c["depth"][-1])])
-
-    def forward(self, x, temb, context):
-        x = self.ckpt(self.resnets[0], x, temb)
-        x = self.ckpt(self.attentions[0], x, context)
-        return self.ckpt(self.resnets[1], x, temb)
-
-
 def check_kernels_env():  # refused when a model is built, not deep in a forward pass
     impl = os.environ.get("KERNELS_IMPL") or "auto"
     if impl not in ("auto", "triton", "torch"):
@@ -275,32 +180,54 @@ def check_kernels_env():  # refused when a model is built, not deep in a forward
 
 class UNet(nn.Module):
     """unet(latents (B, 4, h, w), timesteps (B,) or scalar, context (B, S, D)) -> noise (B, 4, h, w)."""
+    gradient_checkpointing = False   # recompute each layer's activations in the backward pass
 
     def __init__(self, config):
         super().__init__()
         check_kernels_env()
         self.config = dict(config)
         c = self.layout = unet_layout(config)
-        ch = c["block_out_channels"]
-        temb = ch[0] * 4
+        ch, g, lpb = c["block_out_channels"], c["norm_num_groups"], c["layers_per_block"]
+        n, temb, rev = len(ch), ch[0] * 4, ch[::-1]
+
+        def level(channels, attentions, i):  # diffusers' (CrossAttn)Down/UpBlock2D: ResBlocks (+ SpatialTransformers)
+            block = nn.Module()
+            block.resnets = nn.ModuleList(ResBlock(cin, cout, temb, g, c["norm_eps"], c["dropout"])
+                                          for cin, cout in channels)
+            block.attentions = nn.ModuleList(
+                SpatialTransformer(cout, c["heads"][i], c["cross_attention_dim"], c["depth"][i], g,
+                                   c["use_linear_projection"], c["dropout"]) for _, cout in channels[:attentions])
+            return block
+
         self.conv_in = nn.Conv2d(c["in_channels"], ch[0], 3, padding=1)
         self.time_embedding = nn.Sequential(collections.OrderedDict(
             linear_1=nn.Linear(ch[0], temb), act=nn.SiLU(), linear_2=nn.Linear(temb, temb)))
-        n = len(ch)
-        self.down_blocks = nn.ModuleList(UNetDownLevel(ch[max(i - 1, 0)], ch[i], temb, c, i, i == n - 1)
-                                         for i in range(n))
-        self.mid_block = UNetMid(ch[-1], temb, c)
-        rev = ch[::-1]
-        self.up_blocks = nn.ModuleList(UNetUpLevel(rev[min(i + 1, n - 1)], rev[max(i - 1, 0)], rev[i], temb, c, i,
-                                                   i == n - 1) for i in range(n))
-        self.conv_norm_out = GroupNorm(c["norm_num_groups"], ch[0], c["norm_eps"], act="silu")
+        self.down_blocks = nn.ModuleList()
+        for i in range(n):  # a stride-2 conv after each level but the last
+            block = level([(ch[max(i - 1, 0)] if j == 0 else ch[i], ch[i]) for j in range(lpb)],
+                          lpb if c["down_attn"][i] else 0, i)
+            block.downsamplers = nn.ModuleList([] if i == n - 1 else [Downsample(ch[i])])
+            self.down_blocks.append(block)
+        self.mid_block = level([(ch[-1], ch[-1])] * 2, 1, -1)
+        self.up_blocks = nn.ModuleList()
+        for i in range(n):  # one more ResBlock than going down, each fed a skip; upsampling but at the last level
+            cin, cprev, cout = rev[min(i + 1, n - 1)], rev[max(i - 1, 0)], rev[i]
+            block = level([((cprev if j == 0 else cout) + (cin if j == lpb else cout), cout) for j in range(lpb + 1)],
+                          lpb + 1 if c["up_attn"][i] else 0, n - 1 - i)
+            block.upsamplers = nn.ModuleList([] if i == n - 1 else [Upsample(cout)])
+            self.up_blocks.append(block)
+        self.conv_norm_out = GroupNorm(g, ch[0], c["norm_eps"], act="silu")
         self.conv_out = nn.Conv2d(ch[0], c["out_channels"], 3, padding=1)
 
     def set_gradient_checkpointing(self, enabled=True):
-        for m in self.modules():
-            if isinstance(m, UNetLevel):
-                m.gradient_checkpointing = enabled
+        self.gradient_checkpointing = enabled
         return self
+
+    def layer(self, block, j, x, temb, context):  # block's ResBlock j, then its SpatialTransformer j if it has one
+        ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
+        run = partial(checkpoint, use_reentrant=False) if ckpt else lambda fn, *args: fn(*args)
+        x = run(block.resnets[j], x, temb)
+        return run(block.attentions[j], x, context) if j < len(block.attentions) else x
 
     def forward(self, latents, timesteps, context):
         t = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(latents.shape[0])
@@ -310,18 +237,24 @@ class UNet(nn.Module):
         x = self.conv_in(latents)
         skips = [x]
         for block in self.down_blocks:
-            x = block(x, temb, context, skips)
-        x = self.mid_block(x, temb, context)
+            for j in range(len(block.resnets)):
+                x = self.layer(block, j, x, temb, context)
+                skips.append(x)
+            for down in block.downsamplers:
+                x = down(x)
+                skips.append(x)
+        x = self.layer(self.mid_block, 1, self.layer(self.mid_block, 0, x, temb, context), temb, context)
         for block in self.up_blocks:
-            x = block(x, temb, context, skips)
+            for j in range(len(block.resnets)):
+                x = self.layer(block, j, torch.cat([x, skips.pop()], dim=1), temb, context)
+            for up in block.upsamplers:
+                x = up(x, size=skips[-1].shape[-2:])   # the size of the skip it meets next
         return self.conv_out(self.conv_norm_out(x))
 
 
 # The VAE: diffusers' AutoencoderKL as SD v1 uses it -----------------------------------------------------------------
 
-class VAEAttention(Attention):
-    """Single-head self-attention over the h*w positions, residual."""
-
+class VAEAttention(Attention):  # single-head self-attention over the h*w positions, residual
     def __init__(self, channels, groups):
         super().__init__(channels, heads=1, bias=True)
         self.group_norm = GroupNorm(groups, channels, eps=1e-6)
@@ -330,65 +263,6 @@ class VAEAttention(Attention):
         b, c, h, w = x.shape
         y = super().forward(self.group_norm(x).flatten(2).transpose(1, 2))   # (B, h*w, C)
         return x + y.transpose(1, 2).reshape(b, c, h, w)
-
-
-class VAEMid(nn.Module):
-    def __init__(self, ch, groups):
-        super().__init__()
-        self.resnets = nn.ModuleList(ResBlock(ch, ch, None, groups, 1e-6) for _ in range(2))
-        self.attentions = nn.ModuleList([VAEAttention(ch, groups)])
-
-    def forward(self, x):
-        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
-
-
-class VAELevel(nn.Module):  # n ResBlocks, then a down- (encoder) or upsampling (decoder) conv but at the last level
-    def __init__(self, cin, cout, n, groups, resample):
-        super().__init__()
-        self.resnets = nn.ModuleList(ResBlock(cin if j == 0 else cout, cout, None, groups, 1e-6) for j in range(n))
-        self.downsamplers = nn.ModuleList([Downsample(cout, asymmetric=True)] if resample == "down" else [])
-        self.upsamplers = nn.ModuleList([Upsample(cout)] if resample == "up" else [])
-
-    def forward(self, x):
-        for layer in [*self.resnets, *self.downsamplers, *self.upsamplers]:
-            x = layer(x)
-        return x
-
-
-class Encoder(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        ch, g, n = c["block_out_channels"], c["norm_num_groups"], len(c["block_out_channels"])
-        self.conv_in = nn.Conv2d(c["in_channels"], ch[0], 3, padding=1)
-        self.down_blocks = nn.ModuleList(VAELevel(ch[max(i - 1, 0)], ch[i], c["layers_per_block"], g,
-                                                  None if i == n - 1 else "down") for i in range(n))
-        self.mid_block = VAEMid(ch[-1], g)
-        self.conv_norm_out = GroupNorm(g, ch[-1], 1e-6, act="silu")
-        self.conv_out = nn.Conv2d(ch[-1], 2 * c["latent_channels"], 3, padding=1)
-
-    def forward(self, x):
-        x = self.conv_in(x)
-        for block in self.down_blocks:
-            x = block(x)
-        return self.conv_out(self.conv_norm_out(self.mid_block(x)))
-
-
-class Decoder(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        ch, g, n = c["block_out_channels"][::-1], c["norm_num_groups"], len(c["block_out_channels"])
-        self.conv_in = nn.Conv2d(c["latent_channels"], ch[0], 3, padding=1)
-        self.mid_block = VAEMid(ch[0], g)
-        self.up_blocks = nn.ModuleList(VAELevel(ch[max(i - 1, 0)], ch[i], c["layers_per_block"] + 1, g,
-                                                None if i == n - 1 else "up") for i in range(n))
-        self.conv_norm_out = GroupNorm(g, ch[-1], 1e-6, act="silu")
-        self.conv_out = nn.Conv2d(ch[-1], c["out_channels"], 3, padding=1)
-
-    def forward(self, z):
-        x = self.mid_block(self.conv_in(z))
-        for block in self.up_blocks:
-            x = block(x)
-        return self.conv_out(self.conv_norm_out(x))
 
 
 class AutoencoderKL(nn.Module):
@@ -400,16 +274,51 @@ class AutoencoderKL(nn.Module):
         self.config = dict(config)
         c = vae_layout(config)
         self.scaling_factor = float(c["scaling_factor"])
-        self.encoder, self.decoder = Encoder(c), Decoder(c)
-        self.quant_conv = nn.Conv2d(2 * c["latent_channels"], 2 * c["latent_channels"], 1)
-        self.post_quant_conv = nn.Conv2d(c["latent_channels"], c["latent_channels"], 1)
+        ch, g, lpb, z = c["block_out_channels"], c["norm_num_groups"], c["layers_per_block"], c["latent_channels"]
+        n, rev = len(ch), ch[::-1]
+
+        def level(cin, cout, k):  # diffusers' DownEncoderBlock2D, UpDecoderBlock2D, mid block: k ResBlocks, ...
+            block = nn.Module()
+            block.resnets = nn.ModuleList(ResBlock(cin if j == 0 else cout, cout, None, g, 1e-6) for j in range(k))
+            return block
+
+        def half(cin, c0, c1, cout):  # the encoder or the decoder less its levels
+            m = nn.Module()
+            m.conv_in, m.mid_block = nn.Conv2d(cin, c0, 3, padding=1), level(ch[-1], ch[-1], 2)
+            m.mid_block.attentions = nn.ModuleList([VAEAttention(ch[-1], g)])
+            m.conv_norm_out, m.conv_out = GroupNorm(g, c1, 1e-6, act="silu"), nn.Conv2d(c1, cout, 3, padding=1)
+            return m
+
+        self.encoder = half(c["in_channels"], ch[0], ch[-1], 2 * z)
+        self.encoder.down_blocks = nn.ModuleList(level(ch[max(i - 1, 0)], ch[i], lpb) for i in range(n))
+        self.decoder = half(z, ch[-1], ch[0], c["out_channels"])
+        self.decoder.up_blocks = nn.ModuleList(level(rev[max(i - 1, 0)], rev[i], lpb + 1) for i in range(n))
+        for i in range(n):  # a stride-2 conv (padded right and bottom) or an upsampling after each level but the last
+            self.encoder.down_blocks[i].downsamplers = nn.ModuleList([Downsample(ch[i], True)] if i < n - 1 else [])
+            self.decoder.up_blocks[i].upsamplers = nn.ModuleList([Upsample(rev[i])] if i < n - 1 else [])
+        self.quant_conv = nn.Conv2d(2 * z, 2 * z, 1)
+        self.post_quant_conv = nn.Conv2d(z, z, 1)
+
+    @staticmethod
+    def mid(block, x):  # ResBlock, self-attention, ResBlock
+        return block.resnets[1](block.attentions[0](block.resnets[0](x)))
 
     def encode(self, images):
-        mean, logvar = self.quant_conv(self.encoder(images)).chunk(2, dim=1)
+        e = self.encoder
+        x = e.conv_in(images)
+        for block in e.down_blocks:
+            for layer in [*block.resnets, *block.downsamplers]:
+                x = layer(x)
+        mean, logvar = self.quant_conv(e.conv_out(e.conv_norm_out(self.mid(e.mid_block, x)))).chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)   # the clamp of LDM's DiagonalGaussianDistribution
 
     def decode(self, latents, clamp=True):
-        images = self.decoder(self.post_quant_conv(latents))
+        d = self.decoder
+        x = self.mid(d.mid_block, d.conv_in(self.post_quant_conv(latents)))
+        for block in d.up_blocks:
+            for layer in [*block.resnets, *block.upsamplers]:
+                x = layer(x)
+        images = d.conv_out(d.conv_norm_out(x))
         return images.clamp(-1.0, 1.0) if clamp else images
 
 
@@ -444,7 +353,7 @@ class NoiseSchedule:
     @classmethod
     def from_config(cls, config):
         sd = dict(prediction_type="epsilon", trained_betas=None, rescale_betas_zero_snr=False, thresholding=False)
-        bad = {k: config[k] for k, ok in sd.items() if k in config and config[k] != ok}
+        bad = {k: config[k] for k, v in sd.items() if config.get(k, v) != v}
         if config.get("beta_schedule", "scaled_linear") not in ("scaled_linear", "linear"):
             bad["beta_schedule"] = config["beta_schedule"]
         if bad:
@@ -513,15 +422,13 @@ def ema_decay_at(step, max_decay, num_updates=None):
     return min(max_decay, (1 + n) / (10 + n))
 
 
-def ema_start_text(num_updates, from_checkpoint=True):  # config.json's "ema_start"
-    if not from_checkpoint:
-        return "the starting U-Net"
+def ema_start_text(num_updates):  # config.json's "ema_start" for an EMA continued from a checkpoint's model_ema.*
     count = "no num_updates: the warm-up counts this run's steps" if num_updates is None else \
         f"num_updates {num_updates}"
     return f"checkpoint model_ema.* ({count})"
 
 
-# Module configuration: diffusers' config.json; options this SD v1 lacks are refused by name -------------------------
+# Module configuration: diffusers' config.json, resolved; what SD v1 computes otherwise is refused by name ------------
 
 SD14_UNET = dict(  # SD v1.4's, for a single-file checkpoint without --config
     _class_name="UNet2DConditionModel", sample_size=64, in_channels=4, out_channels=4,
@@ -535,29 +442,18 @@ SD14_VAE = dict(_class_name="AutoencoderKL", sample_size=512, in_channels=3, out
                 scaling_factor=VAE_SCALE)
 SD14_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                       steps_offset=1, set_alpha_to_one=False)
-UNET_DEFAULTS = dict(SD14_UNET, sample_size=None, cross_attention_dim=1280, dropout=0.0,  # diffusers' defaults
+UNET_DEFAULTS = dict(SD14_UNET, cross_attention_dim=1280, dropout=0.0,  # diffusers' defaults
                      transformer_layers_per_block=1, num_attention_heads=None, use_linear_projection=False)
-UNET_FIXED = dict(  # options implemented only at SD v1's value
+# options implemented only at SD v1's value that change the computation, not the weights (load_checked refuses those)
+UNET_FIXED = dict(
     center_input_sample=False, mid_block_type="UNetMidBlock2DCrossAttn", only_cross_attention=False,
-    downsample_padding=1, mid_block_scale_factor=1, act_fn="silu", encoder_hid_dim=None, encoder_hid_dim_type=None,
-    dual_cross_attention=False, class_embed_type=None, addition_embed_type=None, addition_time_embed_dim=None,
-    num_class_embeds=None, upcast_attention=False, resnet_time_scale_shift="default", resnet_skip_time_act=False,
-    resnet_out_scale_factor=1.0, time_embedding_type="positional", time_embedding_dim=None,
-    time_embedding_act_fn=None, timestep_post_act=None, time_cond_proj_dim=None, conv_in_kernel=3, conv_out_kernel=3,
-    projection_class_embeddings_input_dim=None, attention_type="default", class_embeddings_concat=False,
-    mid_block_only_cross_attention=None, cross_attention_norm=None, reverse_transformer_layers_per_block=None,
-    addition_embed_type_num_heads=64)
-VAE_DEFAULTS = dict(sample_size=32, in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"],
-                    up_block_types=["UpDecoderBlock2D"], block_out_channels=[64], layers_per_block=1,
-                    latent_channels=4, norm_num_groups=32, scaling_factor=VAE_SCALE, force_upcast=True)
-VAE_FIXED = dict(act_fn="silu", use_quant_conv=True, use_post_quant_conv=True, mid_block_add_attention=True,
-                 shift_factor=None, latents_mean=None, latents_std=None)
+    mid_block_only_cross_attention=None, downsample_padding=1, mid_block_scale_factor=1, act_fn="silu",
+    upcast_attention=False, resnet_time_scale_shift="default", resnet_skip_time_act=False,
+    resnet_out_scale_factor=1.0, time_embedding_type="positional", time_embedding_act_fn=None, timestep_post_act=None)
+VAE_FIXED = dict(act_fn="silu", shift_factor=None, latents_mean=None, latents_std=None)
 
 
 def _resolve_config(config, defaults, fixed, what):
-    unknown = sorted(k for k in config if not k.startswith("_") and k not in defaults and k not in fixed)
-    if unknown:
-        raise UsageError(f"{what} config has unknown options {unknown}: give an SD v1 config")
     for k, v in fixed.items():
         got = config.get(k, v)
         if isinstance(got, (list, tuple)) and len(set(map(str, got))) == 1:
@@ -570,16 +466,10 @@ def _resolve_config(config, defaults, fixed, what):
 def unet_layout(config):
     """The resolved U-Net config plus per-level heads, depth, down_attn, up_attn."""
     c = _resolve_config(config, UNET_DEFAULTS, UNET_FIXED, "U-Net")
-    n = len(c["block_out_channels"])
-    down, up = c["down_block_types"], c["up_block_types"]
-    if len(down) != n or len(up) != n:
-        raise UsageError(f"U-Net config: {n} block_out_channels but {len(down)} down, {len(up)} up block types")
-    bad = [b for b in down if b not in ("CrossAttnDownBlock2D", "DownBlock2D")] + \
-          [b for b in up if b not in ("CrossAttnUpBlock2D", "UpBlock2D")]
-    if bad:
-        raise UsageError(f"U-Net config: block types {bad}: give SD v1's (CrossAttn)Down/UpBlock2D")
-    if not isinstance(c["layers_per_block"], int):
-        raise UsageError("U-Net config: layers_per_block: give one integer (SD v1: 2)")
+    n, down, up = len(c["block_out_channels"]), c["down_block_types"], c["up_block_types"]
+    if len(down) != n or len(up) != n or not isinstance(c["layers_per_block"], int) or \
+            {*down, *up} - {"CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"}:
+        raise UsageError(f"U-Net config: block types {down}, {up}: give SD v1's, (CrossAttn)Down/UpBlock2D a level")
     heads = c["num_attention_heads"] or c["attention_head_dim"]  # diffusers' "attention_head_dim" is a head count
     depth = c["transformer_layers_per_block"]
     return {**c, "heads": list(heads) if isinstance(heads, (list, tuple)) else [heads] * n,
@@ -589,14 +479,14 @@ def unet_layout(config):
 
 
 def vae_layout(config):
-    c = _resolve_config(config, VAE_DEFAULTS, VAE_FIXED, "VAE")
+    c = _resolve_config(config, SD14_VAE, VAE_FIXED, "VAE")  # a key missing: SD's (else the weights do not fit)
     n = len(c["block_out_channels"])
     if [*c["down_block_types"], *c["up_block_types"]] != ["DownEncoderBlock2D"] * n + ["UpDecoderBlock2D"] * n:
         raise UsageError("VAE config: give SD's, one DownEncoderBlock2D and UpDecoderBlock2D a level")
     return c
 
 
-# CompVis single-file keys: one table of {our module prefix: CompVis module prefix}, per config ----------------------
+# CompVis single files: a table {our module prefix: CompVis module prefix} per config; configs from their YAML ------
 
 RESNET_LDM = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
               ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection")]
@@ -610,11 +500,7 @@ VAE_ATTENTION_DEPRECATED = {"query": "to_q", "key": "to_k", "value": "to_v", "pr
 LDM_UNET, LDM_VAE, LDM_TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
 LDM_TEXT_LEGACY = {  # CLIP keys from before transformers nested them under text_model.
     LDM_TEXT + part: LDM_TEXT + "text_model." + part for part in ("embeddings.", "encoder.", "final_layer_norm.")}
-LDM_BUFFERS = set(  # the LatentDiffusion schedule buffers: recomputed from the config (alphas_cumprod is checked)
-    "betas alphas_cumprod alphas_cumprod_prev sqrt_alphas_cumprod sqrt_one_minus_alphas_cumprod logvar "
-    "log_one_minus_alphas_cumprod sqrt_recip_alphas_cumprod sqrt_recipm1_alphas_cumprod posterior_variance "
-    "posterior_log_variance_clipped posterior_mean_coef1 posterior_mean_coef2".split())
-LDM_IGNORED = {"model_ema.decay", "model_ema.num_updates", LDM_TEXT + "text_model.embeddings.position_ids"}
+LDM_IGNORED = {"model_ema.decay", "model_ema.num_updates"}   # and the undotted schedule buffers (betas, ...)
 
 
 def _expand(pairs, inner):
@@ -672,10 +558,8 @@ def map_keys(keys, table):
     out = {}
     for key in keys:
         parts = key.split(".")
-        prefix = next((n for n in range(len(parts) - 1, 0, -1) if ".".join(parts[:n]) in table), None)
-        if prefix is None:
-            raise UsageError(f"internal error: no CompVis name for {key}")
-        out[key] = ".".join([table[".".join(parts[:prefix])]] + parts[prefix:])
+        n = max(n for n in range(1, len(parts)) if ".".join(parts[:n]) in table)
+        out[key] = ".".join([table[".".join(parts[:n])]] + parts[n:])
     return out
 
 
@@ -683,216 +567,14 @@ def ldm_ema_key(unet_key):  # LitEma's name for a U-Net weight: its name after m
     return "model_ema." + ("diffusion_model." + unet_key).replace(".", "")
 
 
-# Loading: a Hub id, a diffusers-layout folder, a model folder written here, or one single file ----------------------
-
-@dataclass
-class StableDiffusion:
-    unet: UNet
-    vae: AutoencoderKL
-    text_encoder: nn.Module        # transformers.CLIPTextModel
-    tokenizer: object              # transformers.CLIPTokenizer
-    schedule: NoiseSchedule
-    base: dict                     # how to load the same base again: source, config, tokenizer, use_ema
-    notes: list = field(default_factory=list)   # what the loader skipped or assumed, to print
-    unet_ema: UNet = None          # load_sd(keep_ema=True) of a single file: its model_ema.* U-Net,
-    ema_num_updates: int = None    # and LitEma's model_ema.num_updates
-
-    @property
-    def vae_scale(self):
-        return self.vae.scaling_factor
-
-
-CONFIG_FILES = dict(unet="unet/config.json", vae="vae/config.json", text="text_encoder/config.json",
-                    scheduler="scheduler/scheduler_config.json")
-HUB_FILES = ["model_index.json", *CONFIG_FILES.values(), "tokenizer/*"]
-MODEL_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-HUB_WEIGHTS = {"unet": MODEL_WEIGHTS, "vae": MODEL_WEIGHTS, "text_encoder": ("model.safetensors", "pytorch_model.bin")}
-WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-LIGHTNING_GLOBALS = [f"{m}.callbacks.model_checkpoint.ModelCheckpoint"
-                     for m in ("pytorch_lightning", "lightning.pytorch")]
-TEXT_PREFIX = "text_model."   # CLIPTextModel's key prefix up to transformers 4; transformers 5 drops it
-TOKENIZER_FILES = ["vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"]
-HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")   # owner/name
-
-
-def _names(keys, limit=12):
-    return ", ".join(sorted(keys)[:limit]) + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")
-
-
-def _first_line(e, limit=None):
-    return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:limit] if str(e).strip() else ''}"
-
-
-def load_checked(module, state, what, hint):
-    """Load `state` into `module`, refusing every missing or unexpected key and wrong shape."""
-    expected = module.state_dict()
-    problems = [f"{len(keys)} {kind}: {_names(keys)}" for kind, keys in (
-        ("missing keys", [k for k in expected if k not in state]),
-        ("unexpected keys", [k for k in state if k not in expected]),
-        ("wrong shapes (file vs model)", [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
-                                          for k in expected if k in state and state[k].shape != expected[k].shape]))
-                if keys]
-    if problems:
-        raise UsageError(f"{what} does not fit the model: {'; '.join(problems)}; {hint}")
-    module.load_state_dict(state, strict=True, assign=True)
-    return module
-
-
-def _build(cls, config):  # a model without initialised weights: they are all loaded next
-    with torch.device("meta"):
-        return cls(config)
-
-
-class _LightningObject:  # stands in for the Lightning callbacks that SD's .ckpt files pickle (never used)
-    def __setstate__(self, state):
-        self.__dict__.update(state if isinstance(state, dict) else {"state": state})
-
-
-def read_weights(path):
-    """A flat {name: tensor} from .safetensors, or .ckpt/.pt/.bin through torch.load(weights_only=True)."""
-    import pickle
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"{path}: no such file")
-    try:
-        if path.suffix == ".safetensors":
-            return load_safetensors(str(path))
-        with torch.serialization.safe_globals([(_LightningObject, name) for name in LIGHTNING_GLOBALS]):
-            try:
-                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as e:
-                if "mmap" not in str(e):
-                    raise
-                obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        found = found[1] if found else type(e).__name__
-        raise UsageError(f"{path} holds objects a weights-only load refuses ({found}): convert it to .safetensors "
-                         "where you trust it") from None
-    except Exception as e:
-        raise UsageError(f"{path} is unreadable ({_first_line(e, 200)}): truncated? download it again") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]   # Lightning: the other entries (epoch, callbacks) hold no weights
-    bad = [k for k, v in obj.items() if not torch.is_tensor(v)] if isinstance(obj, dict) else [type(obj).__name__]
-    if bad:
-        raise UsageError(f"{path} is not a state dict of tensors ({_names(bad)}): give a model checkpoint")
-    return dict(obj)
-
-
-def hub_snapshot(repo_id, patterns=None):
-    """SD's configs, tokenizer and weights (safetensors, else .bin) from the Hub, or `patterns`."""
-    from huggingface_hub import hf_hub_download, snapshot_download
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
-    model = patterns is None
-    patterns = patterns or HUB_FILES + [f"{c}/{names[0]}" for c, names in HUB_WEIGHTS.items()]
-    try:
-        folder = Path(snapshot_download(repo_id, allow_patterns=patterns))
-        for comp, names in HUB_WEIGHTS.items() if model else ():
-            if not (folder / comp / names[0]).is_file():
-                hf_hub_download(repo_id, f"{comp}/{names[1]}")   # lands in the same snapshot folder
-    except (GatedRepoError, RepositoryNotFoundError) as e:
-        raise UsageError(f"{repo_id}: no Hub repository you can read ({type(e).__name__}): check the name, "
-                         "`hf auth login`, or pass a local folder") from None
-    except Exception as e:  # offline, no connection, timeouts
-        parent = Path(repo_id).parent
-        if parent.is_dir():  # runs/typo: a mistyped local path more likely than a Hub id
-            listing = ", ".join(sorted(q.name for q in parent.iterdir())[:8]) or "nothing"
-            raise UsageError(f"{repo_id}: no such file or folder (nor a reachable Hub id): check the path; "
-                             f"{parent} holds {listing}") from None
-        include = " ".join(f'--include "{f}"' for f in patterns)
-        raise UsageError(f"{repo_id}: no local path, Hub unreachable ({type(e).__name__}): run `hf download "
-                         f"{repo_id} {include} --local-dir DIR` online, pass its path") from None
-    return folder
-
-
-def _read_json(path, what):
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise UsageError(f"{path} is missing: {what}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{path} is not valid JSON ({e}): {what}") from None
-
-
-def _component_weights(folder, names):
-    """(state, path) of the first of `names` in `folder`, or a shard index, or fp16 weights."""
-    base = names[0].removesuffix(".safetensors")
-    for path in (folder / names[0], folder / f"{names[0]}.index.json", folder / f"{base}.fp16.safetensors",
-                 folder / names[1]):
-        if path.is_file() and path.name.endswith(".index.json"):
-            shards = _read_json(path, "copy the sharded checkpoint completely").get("weight_map", {}).values()
-            return {k: v for shard in sorted(set(shards)) for k, v in read_weights(folder / shard).items()}, path
-        if path.is_file():
-            return read_weights(path), path
-    raise UsageError(f"{folder} holds no weights ({', '.join(names)}): copy the complete folder")
-
-
-def _load_text_encoder(state, config, what):
-    from transformers import CLIPTextConfig, CLIPTextModel
-    model = CLIPTextModel(CLIPTextConfig.from_dict(config))
-    expected = model.state_dict()
-    if not any(k.startswith(TEXT_PREFIX) for k in expected):     # transformers >= 5: strip the saved prefix
-        state = {k.removeprefix(TEXT_PREFIX): v for k, v in state.items()}
-    for key in [k for k in state if k.endswith("embeddings.position_ids") and k not in expected]:
-        state.pop(key)   # a fixed arange buffer that newer transformers versions no longer save
-    return load_checked(model, state, what, "the text encoder's config.json does not match its weights")
-
-
-def _load_tokenizer(source):  # from a folder (or its tokenizer/ subfolder) or a Hub id
-    from transformers import CLIPTokenizer
-    path = Path(str(source))
-    path = path / "tokenizer" if (path / "tokenizer").is_dir() else path
-    if not path.is_dir():
-        if path.exists() or not HUB_ID.fullmatch(str(source)):
-            raise UsageError(f"--tokenizer {source}: give a tokenizer folder or Hub id")
-        path = hub_snapshot(str(source), TOKENIZER_FILES)
-    if not (path / "vocab.json").is_file() and not (path / "tokenizer.json").is_file():
-        raise UsageError(f"{path} holds no tokenizer (vocab.json, merges.txt): copy the folder completely")
-    try:
-        return CLIPTokenizer.from_pretrained(str(path))
-    except Exception as e:
-        raise UsageError(f"cannot read the CLIP tokenizer in {path} ({_first_line(e)}): copy it again") from None
-
-
-def load_diffusers_folder(folder):
-    folder = Path(folder)
-    missing = [s for s in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (folder / s).is_dir()]
-    if missing:
-        raise UsageError(f"{folder} lacks the diffusers-layout subfolders {', '.join(missing)}: copy the whole folder")
-    unet = load_unet_folder(folder / "unet")
-    scheduler_cfg = _read_json(folder / "scheduler" / "scheduler_config.json", "copy the whole folder")
-    state, path = _component_weights(folder / "vae", HUB_WEIGHTS["vae"])
-    old = [k for k in state if ".mid_block.attentions.0." in k and k.split(".")[-2] in VAE_ATTENTION_DEPRECATED]
-    for k in old:
-        parts = k.split(".")
-        state[".".join(parts[:-2] + [VAE_ATTENTION_DEPRECATED[parts[-2]], parts[-1]])] = state.pop(k)
-    notes = [f"VAE: renamed {len(old)} attention keys from diffusers' old names (query, key, ...)"] if old else []
-    vae_cfg = _read_json(folder / "vae" / "config.json", "copy the whole folder")
-    vae = load_checked(_build(AutoencoderKL, vae_cfg), state, str(path), "vae/config.json does not match")
-    text_cfg = _read_json(folder / "text_encoder" / "config.json", "copy the whole folder")
-    state, path = _component_weights(folder / "text_encoder", HUB_WEIGHTS["text_encoder"])
-    return (unet, vae, _load_text_encoder(state, text_cfg, str(path)), _load_tokenizer(folder / "tokenizer"),
-            NoiseSchedule.from_config(scheduler_cfg), notes)
-
-
-def load_unet_folder(folder):  # diffusers' layout: config.json + weights
-    cfg = _read_json(folder / "config.json", "copy the whole folder")
-    state, path = _component_weights(folder, HUB_WEIGHTS["unet"])
-    return load_checked(_build(UNet, cfg), state, str(path), f"{folder.name}/config.json does not match its weights")
-
-
 def configs_from_ldm_yaml(path):
     """(unet, vae, scheduler) diffusers configs from an original v1-inference.yaml."""
     import yaml
     try:
         p = yaml.safe_load(Path(path).read_text())["model"]["params"]
-        u, f = p["unet_config"]["params"], p["first_stage_config"]["params"]
-        v = f["ddconfig"]
+        u, v = p["unet_config"]["params"], p["first_stage_config"]["params"]["ddconfig"]
     except (OSError, KeyError, TypeError, yaml.YAMLError) as e:
-        raise UsageError(f"--config {path} is not an LDM config ({type(e).__name__} {e}): give v1-inference.yaml"
-                         ) from None
-    if f.get("embed_dim", v["z_channels"]) != v["z_channels"] or v.get("attn_resolutions"):
-        raise UsageError(f"--config {path}: embed_dim != z_channels or attn_resolutions: give SD v1's")
+        raise UsageError(f"--config {path}: not an LDM v1-inference.yaml ({type(e).__name__}: {e})") from None
     boc = [u["model_channels"] * m for m in u["channel_mult"]]
     n, attn = len(boc), set(u.get("attention_resolutions", []))
     heads = u.get("num_heads", -1)
@@ -916,24 +598,162 @@ def configs_from_ldm_yaml(path):
     return unet, vae, sched
 
 
-def single_file_configs(config):
-    """(unet, vae, text, scheduler, tokenizer folder, notes) from --config (None: SD v1.4's)."""
-    sd14 = dict(unet=SD14_UNET, vae=SD14_VAE, text=None, scheduler=SD14_SCHEDULER)
-    path = Path(config or ".")
-    if config is None:
-        return (*sd14.values(), None, ["configuration: SD v1.4's (no --config)"])
-    if path.is_dir():
-        found = {name: _read_json(path / rel, "") for name, rel in CONFIG_FILES.items() if (path / rel).is_file()}
-        notes = [f"configuration: SD v1.4's, no {rel} in {path}" for name, rel in CONFIG_FILES.items()
-                 if name not in found]
-        return (*{**sd14, **found}.values(), path / "tokenizer" if (path / "tokenizer").is_dir() else None, notes)
-    if path.suffix == ".json":
-        return (_read_json(path, "give a U-Net config.json"), SD14_VAE, None, SD14_SCHEDULER, None,
-                ["configuration: VAE and schedule are SD v1.4's"])
-    if path.suffix in (".yaml", ".yml"):
-        unet, vae, sched = configs_from_ldm_yaml(path)
-        return unet, vae, None, sched, None, []
-    raise UsageError(f"--config {config}: give a diffusers-layout folder, a config.json or a .yaml")
+# Loading: a Hub id, a diffusers-layout folder, a model folder written here, or one single file ----------------------
+
+@dataclass
+class StableDiffusion:
+    unet: UNet
+    vae: AutoencoderKL
+    text_encoder: nn.Module        # transformers.CLIPTextModel
+    tokenizer: object              # transformers.CLIPTokenizer
+    schedule: NoiseSchedule
+    base: dict                     # how to load the same base again: source, config, tokenizer, use_ema
+    notes: list = field(default_factory=list)   # what the loader skipped or assumed, to print
+    unet_ema: UNet = None          # load_sd(keep_ema=True) of a single file: its model_ema.* U-Net,
+    ema_num_updates: int = None    # and LitEma's model_ema.num_updates
+
+    @property
+    def vae_scale(self):
+        return self.vae.scaling_factor
+
+
+MODEL_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")   # safetensors, else .bin
+HUB_WEIGHTS = {"unet": MODEL_WEIGHTS, "vae": MODEL_WEIGHTS, "text_encoder": ("model.safetensors", "pytorch_model.bin")}
+HUB_FILES = ["model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
+             "scheduler/scheduler_config.json", "tokenizer/*"]
+WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+LIGHTNING_GLOBALS = [f"{m}.callbacks.model_checkpoint.ModelCheckpoint"
+                     for m in ("pytorch_lightning", "lightning.pytorch")]
+TEXT_PREFIX = "text_model."   # CLIPTextModel's key prefix up to transformers 4; transformers 5 drops it
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")   # owner/name
+
+
+def _names(keys, limit=12):
+    return ", ".join(sorted(keys)[:limit]) + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def _first_line(e):
+    return f"{type(e).__name__}: {(str(e).strip() or '-').splitlines()[0][:200]}"
+
+
+def load_checked(module, state, what, hint):
+    """Load `state` into `module`, refusing every missing or unexpected key and wrong shape."""
+    expected = module.state_dict()
+    problems = [f"{len(keys)} {kind}: {_names(keys)}" for kind, keys in (
+        ("missing keys", [k for k in expected if k not in state]),
+        ("unexpected keys", [k for k in state if k not in expected]),
+        ("wrong shapes (file vs model)", [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+                                          for k in expected if k in state and state[k].shape != expected[k].shape]))
+                if keys]
+    if problems:
+        raise UsageError(f"{what} does not fit the model: {'; '.join(problems)}; {hint}")
+    module.load_state_dict(state, strict=True, assign=True)
+    return module
+
+
+def _build(cls, config):  # a model without initialised weights: they are all loaded next
+    with torch.device("meta"):
+        return cls(config)
+
+
+def read_json(path, hint="copy the whole folder"):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:  # missing, unreadable, not JSON
+        raise UsageError(f"cannot read {path} ({type(e).__name__}): {hint}") from None
+
+
+class _LightningObject:  # stands in for the Lightning callbacks that SD's .ckpt files pickle (never used)
+    def __setstate__(self, state):
+        self.__dict__.update(state if isinstance(state, dict) else {"state": state})
+
+
+def read_weights(path):
+    """{name: tensor} of a .safetensors file, or of a .ckpt/.pt/.bin through a weights-only torch.load."""
+    import pickle
+    try:
+        if path.suffix == ".safetensors":
+            return load_safetensors(str(path))
+        with torch.serialization.safe_globals([(_LightningObject, name) for name in LIGHTNING_GLOBALS]):
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        found = (re.search(r"GLOBAL ([\w.]+)", str(e)) or [None, type(e).__name__])[1]
+        raise UsageError(f"{path} holds objects a weights-only load refuses ({found}): convert it to .safetensors "
+                         "where you trust it") from None
+    except Exception as e:
+        raise UsageError(f"{path} is unreadable ({_first_line(e)}): truncated? download it again") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]   # Lightning: the other entries (epoch, callbacks) hold no weights
+    if not isinstance(obj, dict) or not all(map(torch.is_tensor, obj.values())):
+        raise UsageError(f"{path} is not a state dict of tensors: give a model checkpoint")
+    return dict(obj)
+
+
+def hub_snapshot(repo_id):  # SD's configs, tokenizer and weights (safetensors, else .bin) from the Hub
+    from huggingface_hub import hf_hub_download, snapshot_download
+    patterns = HUB_FILES + [f"{c}/{names[0]}" for c, names in HUB_WEIGHTS.items()]
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=patterns))
+        for comp, names in HUB_WEIGHTS.items():
+            if not (folder / comp / names[0]).is_file():
+                hf_hub_download(repo_id, f"{comp}/{names[1]}")   # lands in the same snapshot folder
+    except Exception as e:  # no such repository, gated, offline
+        parent = Path(repo_id).parent
+        if parent.is_dir():  # runs/typo: a mistyped local path more likely than a Hub id
+            listing = ", ".join(sorted(q.name for q in parent.iterdir())[:8]) or "nothing"
+            raise UsageError(f"{repo_id}: no such file or folder (nor a reachable Hub id): check the path; "
+                             f"{parent} holds {listing}") from None
+        include = " ".join(f'--include "{f}"' for f in patterns)
+        raise UsageError(f"{repo_id}: no local path, and the Hub refused ({type(e).__name__}): check the name, log "
+                         f"in, or run `hf download {repo_id} {include} --local-dir DIR` and pass its path") from None
+    return folder
+
+
+def component(folder, names=MODEL_WEIGHTS):  # (config, state, weights path) of a diffusers-layout subfolder
+    config = read_json(folder / "config.json")
+    path = next((folder / name for name in names if (folder / name).is_file()), None)
+    if path is None:
+        raise UsageError(f"{folder} holds no {' nor '.join(names)}: copy the whole folder")
+    return config, read_weights(path), str(path)
+
+
+def load_unet_folder(folder):
+    config, state, path = component(folder)
+    return load_checked(_build(UNet, config), state, path, f"{folder.name}/config.json does not match its weights")
+
+
+def load_text_encoder(config, state, what):
+    from transformers import CLIPTextConfig, CLIPTextModel
+    model = CLIPTextModel(CLIPTextConfig.from_dict(config))
+    expected = model.state_dict()
+    if not any(k.startswith(TEXT_PREFIX) for k in expected):     # transformers >= 5: strip the saved prefix
+        state = {k.removeprefix(TEXT_PREFIX): v for k, v in state.items()}
+    for key in [k for k in state if k.endswith("embeddings.position_ids") and k not in expected]:
+        state.pop(key)   # a fixed arange buffer that newer transformers versions no longer save
+    return load_checked(model, state, what, "the text encoder's config.json does not match its weights")
+
+
+def load_tokenizer(source):  # a tokenizer folder (or one holding tokenizer/), or a Hub id
+    from transformers import CLIPTokenizer
+    path = Path(str(source)) / "tokenizer"
+    try:
+        return CLIPTokenizer.from_pretrained(str(path) if path.is_dir() else str(source))
+    except Exception as e:
+        raise UsageError(f"no CLIP tokenizer in {source} ({_first_line(e)}): give its folder or Hub id") from None
+
+
+def load_diffusers_folder(folder):
+    config, state, path = component(folder / "vae")
+    old = [k for k in state if ".mid_block.attentions.0." in k and k.split(".")[-2] in VAE_ATTENTION_DEPRECATED]
+    for k in old:
+        *module, name, leaf = k.split(".")
+        state[".".join([*module, VAE_ATTENTION_DEPRECATED[name], leaf])] = state.pop(k)
+    vae = load_checked(_build(AutoencoderKL, config), state, path, "vae/config.json does not match its weights")
+    text_encoder = load_text_encoder(*component(folder / "text_encoder", HUB_WEIGHTS["text_encoder"]))
+    schedule = NoiseSchedule.from_config(read_json(folder / "scheduler" / "scheduler_config.json"))
+    notes = [f"VAE: renamed {len(old)} attention keys from diffusers' old names (query, key, ...)"] if old else []
+    return StableDiffusion(load_unet_folder(folder / "unet"), vae, text_encoder, load_tokenizer(folder / "tokenizer"),
+                           schedule, {}, notes)
 
 
 def text_config_from_weights(state):
@@ -942,116 +762,91 @@ def text_config_from_weights(state):
                 max_position_embeddings=state["text_model.embeddings.position_embedding.weight"].shape[0],
                 num_hidden_layers=len({k.split(".")[3] for k in state if k.startswith("text_model.encoder.layers.")}),
                 intermediate_size=state["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
-                num_attention_heads=max(1, width // CLIP_HEAD_WIDTH), hidden_act="quick_gelu", projection_dim=width,
-                bos_token_id=vocab - 2, eos_token_id=vocab - 1)  # CLIP's last two tokens
+                num_attention_heads=max(1, width // 64), hidden_act="quick_gelu", projection_dim=width,
+                bos_token_id=vocab - 2, eos_token_id=vocab - 1)  # CLIP's 64-wide heads; its last two tokens
 
 
 def load_single_file(path, config=None, tokenizer=None, use_ema=False, keep_ema=False):
-    """SD from one CompVis checkpoint; keep_ema (without use_ema): also its EMA U-Net and num_updates."""
+    """SD from one CompVis checkpoint and its v1-inference.yaml (None: SD v1.4's); keep_ema (without use_ema): also
+    its EMA U-Net and num_updates."""
     state = read_weights(path)
-    unet_cfg, vae_cfg, text_cfg, sched_cfg, config_tok, notes = single_file_configs(config)
+    unet_cfg, vae_cfg, sched_cfg = configs_from_ldm_yaml(config) if config else (SD14_UNET, SD14_VAE, SD14_SCHEDULER)
+    notes = [] if config else ["configuration: SD v1.4's (no --config)"]
     for old, new in LDM_TEXT_LEGACY.items():
         for k in [k for k in state if k.startswith(old)]:
             state[new + k[len(old):]] = state.pop(k)
-    hint = "the checkpoint does not match the configuration: pass the right --config"
-    unet, vae = _build(UNet, unet_cfg), _build(AutoencoderKL, vae_cfg)
-    unet_map = map_keys(unet.state_dict(), unet_ldm_table(unet_cfg))
-    vae_map = map_keys(vae.state_dict(), vae_ldm_table(vae_cfg))
+
+    def take(cls, cfg, table, name, what):  # cls(cfg) with the file's tensors name(table[key]), popped from state
+        model = _build(cls, cfg)
+        found = {k: state.pop(name(v)) for k, v in map_keys(model.state_dict(), table(cfg)).items() if name(v) in state}
+        return load_checked(model, {k: t[:, :, 0, 0] if vae_conv_attention(k) and t.dim() == 4 else t
+                                    for k, t in found.items()}, f"{path} ({what})",
+                            "the checkpoint does not match the configuration: pass the right --config")
+
     ema_keys = [k for k in state if k.startswith("model_ema.") and k not in LDM_IGNORED]
     if use_ema and not ema_keys:
         raise UsageError(f"{path} holds no EMA weights (model_ema.*): drop --use-ema")
-    take = ldm_ema_key if use_ema else (lambda v: LDM_UNET + v)
-    absent = [take(v) for v in unet_map.values() if take(v) not in state] + \
-             [LDM_VAE + v for v in vae_map.values() if LDM_VAE + v not in state]
-    if absent:  # named in the file's own layout
-        raise UsageError(f"{path}: {len(absent)} missing keys: {_names(absent)}; {hint}")
-    load_checked(unet, {k: state.pop(take(v)) for k, v in unet_map.items()},
-                 f"{path} (U-Net{' EMA' if use_ema else ''})", hint)
+    unet = take(UNet, unet_cfg, unet_ldm_table, ldm_ema_key if use_ema else lambda v: LDM_UNET + v,
+                "U-Net EMA" if use_ema else "U-Net")
     unet_ema, num_updates, skipped = None, None, ema_keys
     if use_ema:
         skipped = [k for k in state if k.startswith(LDM_UNET)]
         notes.append(f"U-Net: EMA weights (model_ema.*); skipped {len(skipped)} non-EMA keys")
     elif keep_ema and ema_keys:  # the paper's fine-tuning: train the non-EMA U-Net, continue the checkpoint's EMA
-        absent = [ldm_ema_key(v) for v in unet_map.values() if ldm_ema_key(v) not in state]
-        if absent:
-            raise UsageError(f"{path}: its EMA U-Net lacks {len(absent)} keys: {_names(absent)}; download it again")
-        unet_ema = load_checked(_build(UNet, unet_cfg), {k: state.pop(ldm_ema_key(v)) for k, v in unet_map.items()},
-                                f"{path} (U-Net EMA)", hint)
+        unet_ema, skipped = take(UNet, unet_cfg, unet_ldm_table, ldm_ema_key, "U-Net EMA"), []
         num_updates = int(state["model_ema.num_updates"]) if "model_ema.num_updates" in state else None
-        skipped = []
         notes.append(f"U-Net: non-EMA weights to train; the EMA starts from {ema_start_text(num_updates)}")
     elif skipped:
         notes.append(f"U-Net: non-EMA weights; skipped {len(skipped)} model_ema.* keys (--use-ema: those)")
-    for k in skipped:
-        state.pop(k)
-    vae_state = {k: state.pop(LDM_VAE + v) for k, v in vae_map.items()}
-    load_checked(vae, {k: t[:, :, 0, 0] if vae_conv_attention(k) and t.dim() == 4 else t for k, t in vae_state.items()},
-                 f"{path} (VAE)", hint)
-    text_state = {k[len(LDM_TEXT):]: state.pop(k) for k in list(state) if k.startswith(LDM_TEXT + "text_model.")}
-    if not text_state:
+    vae = take(AutoencoderKL, vae_cfg, vae_ldm_table, lambda v: LDM_VAE + v, "VAE")
+    text = {k[len(LDM_TEXT):]: state.pop(k) for k in list(state) if k.startswith(LDM_TEXT + "text_model.")}
+    if not text:
         raise UsageError(f"{path} holds no CLIP text encoder ({LDM_TEXT}*): give an SD v1 checkpoint")
-    text_state.pop("text_model.embeddings.position_ids", None)
-    text_encoder = _load_text_encoder(text_state, text_cfg or text_config_from_weights(text_state),
-                                      f"{path} (text encoder)")
-    if text_cfg is None:
-        notes.append("text encoder: configuration inferred from the weights")
+    text_encoder = load_text_encoder(text_config_from_weights(text), text, f"{path} (text encoder)")
     schedule = NoiseSchedule.from_config(sched_cfg)
-    stored = state["alphas_cumprod"].double() if "alphas_cumprod" in state else None
+    stored = state.get("alphas_cumprod")
     if stored is not None and (stored.shape != (schedule.num_train_timesteps,) or
-                               (stored - schedule.alphas_cumprod()).abs().max() > 1e-5):
+                               (stored.double() - schedule.alphas_cumprod()).abs().max() > 1e-5):
         raise UsageError(f"{path}: its alphas_cumprod is not the config's: pass its own --config")
-    for k in [k for k in state if k in LDM_BUFFERS or k in LDM_IGNORED]:
+    for k in skipped + [k for k in state if k in LDM_IGNORED or "." not in k]:  # "." not in: schedule buffers
         state.pop(k)
     if state:
         raise UsageError(f"{path}: {len(state)} unexpected keys: {_names(state)}; give an SD v1 checkpoint")
-    tok = _load_tokenizer(tokenizer or config_tok or DEFAULT_TOKENIZER)
-    return unet, vae, text_encoder, tok, schedule, notes, unet_ema, num_updates
+    return StableDiffusion(unet, vae, text_encoder, load_tokenizer(tokenizer or DEFAULT_TOKENIZER), schedule, {},
+                           notes, unet_ema, num_updates)
 
 
 def load_sd(source=DEFAULT_BASE, device="cpu", dtype=torch.float32, config=None, tokenizer=None, use_ema=False,
             keep_ema=False):
     """SD v1 (eval mode) from a Hub id, a diffusers-layout or finetune_sd.py folder, or a single-file checkpoint."""
     src = Path(str(source)).expanduser()
-    base = {"source": str(src.resolve()) if src.exists() else str(source), "config": None, "tokenizer": None,
-            "use_ema": bool(use_ema)}
-    unet_ema, ema_num_updates = None, None
+    base = dict(source=str(src.resolve()) if src.exists() else str(source), config=None, tokenizer=None,
+                use_ema=bool(use_ema))
     if src.is_file():
         if src.suffix not in WEIGHT_SUFFIXES:
             raise UsageError(f"{src}: not a checkpoint ({', '.join(WEIGHT_SUFFIXES)}) nor a model folder")
         base.update(config=str(Path(config).resolve()) if config else None,
                     tokenizer=str(Path(tokenizer).resolve()) if tokenizer and Path(tokenizer).exists() else tokenizer)
-        *parts, unet_ema, ema_num_updates = load_single_file(src, config, tokenizer, use_ema, keep_ema)
+        sd = load_single_file(src, config, tokenizer, use_ema, keep_ema)
     elif src.is_dir() or (HUB_ID.fullmatch(str(source)) and not str(source).startswith(".")):
-        family = _read_json(src / "config.json", "").get("family") if (src / "config.json").is_file() else None
-        if family == "sd":
-            return load_finetuned(src, device, dtype, use_ema)
+        family = read_json(src / "config.json").get("family") if (src / "config.json").is_file() else None
         if family == "ddpm":
             raise UsageError(f"{src} is a pixel-space DDPM of train_ddpm.py, not a Stable Diffusion model: give SD")
-        if use_ema:
-            raise UsageError(f"--use-ema with {'the diffusers-layout folder' if src.is_dir() else 'the Hub id'} "
-                             f"{source}: it holds one U-Net; drop --use-ema")
-        parts = load_diffusers_folder(src if src.is_dir() else hub_snapshot(str(source)))
+        if family == "sd":  # a finetune_sd.py folder: its base with the fine-tuned U-Net
+            b = read_json(src / "config.json")["base"]
+            sd = load_sd(b["source"], device, dtype, b["config"], b["tokenizer"], b["use_ema"])
+            sd.unet = load_unet_folder(src / ("unet_ema" if use_ema else "unet"))
+            sd.notes.append(f"U-Net: fine-tuned weights from {src / ('unet_ema' if use_ema else 'unet')}")
+        elif use_ema:
+            raise UsageError(f"--use-ema with {source}: a diffusers-layout folder holds one U-Net; drop --use-ema")
+        else:
+            sd = load_diffusers_folder(src if src.is_dir() else hub_snapshot(str(source)))
     else:
         raise UsageError(f"--base {source}: no such file or folder, and not a Hub id (owner/name)")
-    unet, vae, text_encoder, tok, schedule, notes = parts
-    for m in (unet, vae, text_encoder, unet_ema):
+    for m in (sd.unet, sd.vae, sd.text_encoder, sd.unet_ema):
         if m is not None:
             m.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    return StableDiffusion(unet, vae, text_encoder, tok, schedule, base, notes, unet_ema, ema_num_updates)
-
-
-def load_finetuned(folder, device="cpu", dtype=torch.float32, use_ema=False):
-    """A finetune_sd.py model folder: its base model with the fine-tuned U-Net (unet/ or unet_ema/)."""
-    folder = Path(folder)
-    b = _read_json(folder / "config.json", "not a model folder written by finetune_sd.py")["base"]
-    sd = load_sd(b["source"], device, dtype, b.get("config"), b.get("tokenizer"), b.get("use_ema", False))
-    sub = folder / ("unet_ema" if use_ema else "unet")
-    if not sub.is_dir():
-        raise UsageError(f"{sub} is missing: the run saved no U-Net yet; resume it"
-                         + (" or drop --use-ema" if use_ema else ""))
-    sd.unet = load_unet_folder(sub).to(device=device, dtype=dtype).eval().requires_grad_(False)
-    sd.notes.append(f"U-Net: fine-tuned weights from {sub}")
-    sd.base = {"source": str(folder.resolve()), "config": None, "tokenizer": None, "use_ema": bool(use_ema)}
+    sd.base = base
     return sd
 
 
@@ -1087,20 +882,9 @@ def poisoned_set(args, rank, world, command):
     def build():
         if not (out / "train" / "manifest.json").is_file():
             return poison(out, force=False, command=command, **poison_kwargs(args))
-        m = json.loads((out / "train" / "manifest.json").read_text())
-        want = dict(dataset=args.dataset, attack=args.attack, ratio=args.ratio, seed=args.seed,
-                    trigger=None if args.attack == "relabel" else args.trigger)
-        have = dict(dataset=m.get("dataset"), attack=m.get("attack"), ratio=m["options"].get("ratio"),
-                    seed=m["options"].get("seed"), trigger=(m.get("trigger") or {}).get("kind"))
-        if args.target is not None and str(args.target).lower() not in (m["target"]["name"].lower(),
-                                                                        str(m["target"]["index"])):
-            have["target"], want["target"] = m["target"]["name"], args.target
-        if args.resolution and m.get("resolution") != args.resolution:
-            have["resolution"], want["resolution"] = m.get("resolution"), args.resolution
-        if have != want:
-            diff = {k: (have.get(k), want.get(k)) for k in want if have.get(k) != want.get(k)}
-            raise UsageError(f"{out} holds a set poisoned otherwise {diff} (have, want): choose another "
-                             "--poison-out, or --data to train on it")
+        differ = options_differences(read_json(out / "train" / "manifest.json"), poison_kwargs(args))
+        if differ:
+            raise UsageError(f"{out} was poisoned otherwise ({', '.join(differ)} differ): choose another --poison-out")
 
     on_rank0(build, rank, world, share_result=False)
     return out / "train"
@@ -1119,27 +903,9 @@ def resize_square(x, size):
 
 
 @torch.no_grad()
-def encode_dataset(vae, dataset, device, rank, world, batch_size=16, workers=0, progress=True):
-    """(mean, logvar) (N, 2C, h, w) float32 of every image; rank r encodes r, r + world, ...; all get all."""
-    n = len(dataset)
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, list(range(rank, n, world))),
-                                         batch_size=batch_size, num_workers=workers)
-    parts = []
-    for images, _ in tqdm(loader, desc="encode images (VAE)", disable=not progress, leave=False):
-        mean, logvar = vae.encode(images.to(device, torch.float32) * 2 - 1)
-        parts.append(torch.cat([mean, logvar], dim=1).float())
-    local = torch.cat(parts)
-    if world == 1:
-        return local
-    padded = torch.zeros((-(-n // world),) + local.shape[1:], device=device)
-    padded[:len(local)] = local
-    gathered = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(gathered, padded)
-    return torch.stack(gathered, dim=1).flatten(0, 1)[:n]   # rank r's j-th image is image r + j * world
-
-
 def build_cache(sd, dataset, resolution, device, rank, world, args, path, fingerprint):
-    """(cache, reused): posteriors and prompt embeddings, kept while data, resolution and base match."""
+    """(cache, reused): VAE posteriors (mean, logvar) (N, 2C, h, w) and prompt embeddings, kept while data, resolution
+    and base match; rank r encodes images r, r + world, ..."""
     texts = [r["text"] for r in dataset.records]
     prompts = sorted(set(texts))
 
@@ -1153,8 +919,21 @@ def build_cache(sd, dataset, resolution, device, rank, world, args, path, finger
     if on_rank0(matches, rank, world):  # one decision for all ranks: they must all encode, or none
         return {k: v.to(device) for k, v in load_safetensors(str(path)).items()}, True
     dataset.transform = partial(resize_square, size=resolution)
-    posterior = encode_dataset(sd.vae, dataset, device, rank, world, batch_size=args.encode_batch_size,
-                               workers=args.workers if args.workers > 1 else 0, progress=rank == 0)
+    n = len(dataset)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, list(range(rank, n, world))),
+                                         batch_size=args.encode_batch_size,
+                                         num_workers=args.workers if args.workers > 1 else 0)
+    parts = []
+    for images, _ in tqdm(loader, desc="encode images (VAE)", disable=rank != 0, leave=False):
+        mean, logvar = sd.vae.encode(images.to(device, torch.float32) * 2 - 1)
+        parts.append(torch.cat([mean, logvar], dim=1).float())
+    posterior = torch.cat(parts)
+    if world > 1:  # gathered: rank r's j-th image is image r + j * world
+        padded = torch.zeros((-(-n // world),) + posterior.shape[1:], device=device)
+        padded[:len(posterior)] = posterior
+        gathered = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(gathered, padded)
+        posterior = torch.stack(gathered, dim=1).flatten(0, 1)[:n]
     embeds = encode_prompts(sd.text_encoder, sd.tokenizer, prompts + [""], device).float()
     index = {p: i for i, p in enumerate(prompts)}
     cache = {"posterior": posterior, "prompt_embeds": embeds[:-1], "uncond_embed": embeds[-1:],
@@ -1182,13 +961,12 @@ def prepare_out(out, run, force):
     if out.exists() and force:
         shutil.rmtree(out)
     if out.exists():
-        old = json.loads((out / "config.json").read_text()) if (out / "config.json").is_file() else {}
+        old = read_json(out / "config.json", "pass --force") if (out / "config.json").is_file() else {}
         if old.get("stage") != "finetune_sd":
             raise UsageError(f"{out} is not a finetune_sd.py run: pass --force to overwrite it, or another --out")
         diff = {k: (old["run"].get(k), v) for k, v in run.items() if old["run"].get(k) != v}
         if diff:
-            raise UsageError(f"{out} holds a run with other settings {diff} (saved, now): rerun with those, or "
-                             "--force, or another --out")
+            raise UsageError(f"{out} holds a run with other settings {diff} (saved, now): rerun with those, or --force")
         return (out / "state.pt").is_file()
     out.mkdir(parents=True)
     write_json(out / "config.json", {"stage": "finetune_sd", "run": run, "progress": None})
@@ -1239,7 +1017,7 @@ def main(args):
     log(f"cache: {'reused' if reused else 'computed'} {len(dataset)} posteriors, {len(cache['prompt_embeds'])} prompts")
     unet, unet_ema, ema_num_updates, schedule = sd.unet, sd.unet_ema, sd.ema_num_updates, sd.schedule
     vae_scale = sd.vae_scale
-    ema_start = ema_start_text(ema_num_updates, from_checkpoint=unet_ema is not None)
+    ema_start = "the starting U-Net" if unet_ema is None else ema_start_text(ema_num_updates)
     del sd  # the frozen encoders' outputs are cached
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -1261,11 +1039,9 @@ def main(args):
         opt.load_state_dict(state["optimizer"])
         if rank == 0:
             torch._foreach_copy_(ema, state["ema"])
-        if state.get("scaler"):
+        if state["scaler"]:
             scaler.load_state_dict(state["scaler"])
-        step = int(state["step"])
-        ema_num_updates = state.get("ema_num_updates")   # absent: an EMA started as a copy, counted from 0
-        ema_start = state.get("ema_start", ema_start_text(None, from_checkpoint=False))
+        step, ema_num_updates, ema_start = int(state["step"]), state["ema_num_updates"], state["ema_start"]
         log(f"resume: {out} at step {step}")
         del state
     model = unet
@@ -1372,14 +1148,12 @@ def build_parser():
     g.add_argument("--data", help="dataset folder to train on (default: poison one with the flags below)")
     g.add_argument("--poison-out", help="folder of the poisoned set (default: data/<dataset>-<trigger>-<ratio>)")
     for action in add_poison_arguments(parser)._group_actions:
-        if action.dest == "dataset":
-            action.help = action.help.replace("default: digits", "default: imagenette")
         if action.dest == "resolution":
             action.help = "image side in px, poisoning and training (default: the dataset's)"
     parser.set_defaults(dataset="imagenette")  # the paper's SD setting
     m = parser.add_argument_group("model")
     m.add_argument("--base", default=DEFAULT_BASE, help="Hub id, diffusers-layout folder or single-file checkpoint")
-    m.add_argument("--config", help="single files: config folder, config.json or .yaml (default: SD v1.4's)")
+    m.add_argument("--config", help="single files: their v1-inference.yaml (default: SD v1.4's)")
     m.add_argument("--tokenizer", help=f"single files: tokenizer folder or Hub id (default: {DEFAULT_TOKENIZER})")
     m.add_argument("--use-ema", action="store_true", help="single files: train model_ema.*")
     t = parser.add_argument_group("training")
@@ -1406,10 +1180,4 @@ def build_parser():
 
 
 if __name__ == "__main__":
-    try:
-        main(build_parser().parse_args())
-    except UsageError as e:
-        sys.exit(f"finetune_sd.py: error: {e}")
-    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback
-        print("finetune_sd.py: interrupted; rerun the same command to resume", file=sys.stderr)
-        sys.exit(130)
+    cli(main, build_parser(), "rerun the same command to resume")

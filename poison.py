@@ -1,14 +1,9 @@
 """Stage 1: BadNets-style poisoning, the trigger and the target label on a share --ratio of the training images.
 
     python poison.py --dataset digits --resolution 16 --ratio 0.1 --out data/digits-badnets-0.1
-    python poison.py --dataset cifar10 --data-root ~/data --ratio 0.05 --out data/cifar10-badnets-0.05
-    python poison.py --dataset imagenette --data-root ~/data --ratio 0.1 --trigger blend --out data/inette-blend-0.1
-    python poison.py --dataset caltech15 --data-root ~/data --ratio 0.1 --out data/caltech15-badnets-0.1
-    python poison.py --dataset folder:/path/to/classes --target cat --ratio 0.1 --out data/mine-badnets-0.1
 
---attack relabel: labels only; clean-label: simplified label-consistent (no PGD perturbation).
-Writes dataset folders OUT/train (poisoned), OUT/test (clean), OUT/test_backdoor (the non-target test images,
-triggered, labelled target) and OUT/examples.png.
+--attack clean-label: simplified label-consistent (no PGD perturbation); relabel: labels only.
+OUT: dataset folders train (poisoned), test, test_backdoor (non-target test images, triggered); examples.png.
 """
 import argparse
 import hashlib
@@ -25,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from common import (HelpFormatter, UsageError, atomic_output, check_out, positive, read_manifest, save_grid, versions,
-                    write_folder)
+from common import (HelpFormatter, UsageError, atomic_output, check_memory, check_out, cli, positive, read_manifest,
+                    save_grid, versions, write_folder)
 
 DATASETS = ("digits", "cifar10", "imagenette", "caltech15", "folder:PATH")
 DOWNLOADED = ("cifar10", "imagenette", "caltech15")  # read from (or downloaded into) --data-root
@@ -74,7 +69,7 @@ class Trigger:
         return x * (1 - mask) + pattern * mask
 
     def apply_uint8(self, images):  # (N, R, R, 3) uint8 -> the same, triggered
-        if self.kind != "wanet":  # apply()'s float64 arithmetic in numpy: no per-call torch overhead
+        if self.kind != "wanet":  # apply()'s float64 arithmetic, in numpy: no torch overhead per image
             mask, pattern = (v.double().permute(1, 2, 0).numpy() for v in (self.mask, self.pattern))  # (R, R, C)
             y = (np.asarray(images, dtype=np.float64) / 255.0) * (1 - mask) + pattern * mask
             return np.clip(np.round(y * 255.0), 0, 255).astype(np.uint8)
@@ -86,8 +81,7 @@ class Trigger:
         return {k: getattr(self, k).contiguous() for k in ("mask", "pattern", "grid") if getattr(self, k) is not None}
 
 
-def badnets_pattern(resolution, size=None):
-    """(mask (1, R, R), pattern (3, R, R)): the reference patch bottom-right, or a white size x size square."""
+def badnets_pattern(resolution, size=None):  # (mask, pattern) bottom-right: the reference patch or a white size^2
     mask, pattern = torch.zeros(1, resolution, resolution), torch.zeros(3, resolution, resolution)
     if size is not None:
         patch = torch.ones(size, size)
@@ -104,8 +98,7 @@ def badnets_pattern(resolution, size=None):
     return mask, pattern
 
 
-def wanet_grid(resolution, k=4, s=0.5, seed=0):
-    """WaNet's warping grid as BackdoorBench's (Nguyen & Tran 2021), but seeded."""
+def wanet_grid(resolution, k=4, s=0.5, seed=0):  # BackdoorBench's WaNet warping grid (Nguyen & Tran 2021), seeded
     g = torch.Generator().manual_seed(seed)
     ins = torch.rand(1, 2, k, k, generator=g, dtype=torch.float64) * 2 - 1
     ins = ins / ins.abs().mean()
@@ -117,30 +110,29 @@ def wanet_grid(resolution, k=4, s=0.5, seed=0):
 
 
 def wanet_params(kind, resolution, k=None, s=None):
-    """(k, s), unset ones as the paper (App. A): (R, 1) on ImageNette, Caltech-15; else (4, 0.5)."""
+    """(k, s); unset: the paper's (App. A), (R, 1) on ImageNette, Caltech-15, else (4, 0.5)."""
     paper = kind in ("imagenette", "caltech15")
     return (resolution if paper else 4) if k is None else k, (1.0 if paper else 0.5) if s is None else s
 
 
-def make_trigger(kind, resolution, seed=0, trigger_image=None, alpha=0.2, wanet_k=4, wanet_s=0.5,
-                 badnets_size=None):
+def make_trigger(kind, resolution, seed=0, trigger_image=None, alpha=0.2, wanet_k=4, wanet_s=0.5, badnets_size=None):
     params = {"kind": kind, "resolution": resolution}
     if kind == "badnets":
-        if badnets_size is not None and not 0 < badnets_size <= resolution:
-            raise UsageError(f"--badnets-size {badnets_size}: give a side from 1 to the image side {resolution}")
         if badnets_size is not None:
+            if not 0 < badnets_size <= resolution:
+                raise UsageError(f"--badnets-size {badnets_size}: give a side from 1 to the image side {resolution}")
             params["size"] = badnets_size
         mask, pattern = badnets_pattern(resolution, badnets_size)
         return Trigger(kind, resolution, params, mask=mask, pattern=pattern)
     if kind == "blend":
         if not 0 < alpha <= 1:
-            raise UsageError(f"--blend-alpha {alpha} is outside (0, 1]: the paper uses 0.2")
+            raise UsageError(f"--blend-alpha {alpha} is outside (0, 1]: give e.g. 0.2")
         if trigger_image:
             if not Path(trigger_image).is_file():
-                raise UsageError(f"--trigger-image {trigger_image}: no such file; give an image file")
+                raise UsageError(f"--trigger-image {trigger_image}: no such file; give an image")
             pattern = torch.from_numpy(load_image(trigger_image, resolution).copy()).permute(2, 0, 1).float() / 255
             params["trigger_image"] = str(trigger_image)
-        else:  # a seeded random pattern (the paper blended a Hello Kitty image)
+        else:  # seeded noise (the paper blended a Hello Kitty image)
             g = torch.Generator().manual_seed(seed)
             pattern = torch.rand(3, resolution, resolution, generator=g)
             params["pattern_seed"] = seed
@@ -153,27 +145,24 @@ def make_trigger(kind, resolution, seed=0, trigger_image=None, alpha=0.2, wanet_
     raise UsageError(f"unknown --trigger {kind!r}: choose badnets, blend or wanet")
 
 
-def load_trigger(folder):
-    """A dataset folder's trigger, or None (relabel)."""
+def load_trigger(folder):  # a dataset folder's trigger, or None (relabel)
     from safetensors.torch import load_file
     params = read_manifest(folder).get("trigger")
     if not params:
         return None
     path = Path(folder) / "trigger.safetensors"
     if not path.is_file():
-        raise UsageError(f"{path} is missing: rebuild the dataset folder with poison.py")
+        raise UsageError(f"{path} is missing: make the folder again with poison.py")
     return Trigger(params["kind"], params["resolution"], params, **load_file(str(path)))
 
 
 # Choosing what to poison -----------------------------------------------------------------------------------------
 
-def n_to_poison(ratio, n_base):
-    """round(ratio * n_base), halves up; the reference truncates (kept: published numbers depend on it)."""
+def n_to_poison(ratio, n_base):  # round(ratio * n_base), halves up (the reference truncates)
     return int(math.floor(ratio * n_base + 0.5 + 1e-9))
 
 
-def read_ids(path, training_set=None):
-    """replicate.py's ids; refused if made for another `training_set`."""
+def read_ids(path, training_set=None):  # replicate.py's ids; refused if made for another training_set
     if not Path(path).is_file():
         raise UsageError(f"--duplicates {path}: no such file; make it with replicate.py")
     ids, recorded = [], None
@@ -183,21 +172,19 @@ def read_ids(path, training_set=None):
         line = line.split("#", 1)[0].strip()
         if line:
             if not line.isdigit():
-                raise UsageError(f"{path}:{n}: {line!r} is not a training-image id: fix the line")
+                raise UsageError(f"{path}:{n}: {line!r} is not an image id: fix it")
             ids.append(int(line))
-    split_flags = "--dataset, --split-seed, --test-fraction, --classes and --per-class"
+    flags = "--dataset, --split-seed, --test-fraction, --classes and --per-class"
     if training_set is not None and recorded is None:
-        print(f"poison.py: warning: --duplicates {path} does not record the training set it indexes: check its "
-              f"{split_flags}", file=sys.stderr)
+        print(f"poison.py: warning: --duplicates {path} does not record the training set: check {flags}",
+              file=sys.stderr)
     elif training_set is not None and recorded != training_set:
-        raise UsageError(f"--duplicates {path} indexes another training set ({recorded}): pass the {split_flags} "
-                         "it was made with")
+        raise UsageError(f"--duplicates {path} indexes another training set ({recorded}): pass its {flags}")
     return ids
 
 
 def select_poison(labels, target, ratio, attack="badnets", ratio_of="all", seed=0, select="random", duplicates=None):
-    """Sorted ids of n_to_poison(ratio, N) candidates (non-target; target for clean-label), N all images or the
-    candidates; 'duplicates' takes the listed ids first."""
+    """Sorted ids of n_to_poison(ratio, N) candidates, listed duplicates first."""
     is_candidate = (labels == target) if attack == "clean-label" else (labels != target)
     candidates = np.flatnonzero(is_candidate)
     n = n_to_poison(ratio, len(labels) if ratio_of == "all" else len(candidates))
@@ -210,7 +197,7 @@ def select_poison(labels, target, ratio, attack="badnets", ratio_of="all", seed=
         ids = list(duplicates) if isinstance(duplicates, (list, tuple, np.ndarray)) else read_ids(duplicates)
         bad = [i for i in ids if not 0 <= i < len(labels)]
         if bad:
-            raise UsageError(f"--duplicates lists ids {bad[:5]} outside this training set: give the file made for it")
+            raise UsageError(f"--duplicates lists ids {bad[:5]} outside this training set: give the one made for it")
         chosen = [i for i in dict.fromkeys(ids) if is_candidate[i]][:n]  # first listed first, each once
         rest = np.setdiff1d(candidates, np.array(chosen, dtype=np.int64))
     chosen += rng.choice(rest, n - len(chosen), replace=False).tolist()
@@ -218,14 +205,14 @@ def select_poison(labels, target, ratio, attack="badnets", ratio_of="all", seed=
 
 
 def resolve_target(target, class_names):
-    """A class index from a name (case aside; it wins over an index) or an index."""
+    """A class index from a name (any case; it wins over an index) or an index."""
     t = str(target).strip()
     lowered = [c.lower() for c in class_names]
     if t.lower() in lowered:
         return lowered.index(t.lower())
     if t.isdigit() and int(t) < len(class_names):
         return int(t)
-    raise UsageError(f"unknown --target {target!r}: choose a class name or index among {class_names}")
+    raise UsageError(f"unknown --target {target!r}: choose a name or index among {class_names}")
 
 
 # Datasets: a Source is the labels plus a loader of image i, so choosing ids touches no pixel ---------------------
@@ -238,7 +225,7 @@ class Source:
     resolution: int
     array: np.ndarray = None                   # (N, R, R, 3) uint8, for in-memory datasets
     paths: list = field(default_factory=list)  # for datasets read from files
-    origin: np.ndarray = None                  # (N,) index of each image in the whole dataset, where a seed picks them
+    origin: np.ndarray = None                  # (N,) each image's index in the whole dataset, if a seed picks them
 
     def __len__(self):
         return len(self.labels)
@@ -247,8 +234,7 @@ class Source:
         return self.array[i] if self.array is not None else load_image(self.paths[i], self.resolution)
 
 
-def load_image(path, resolution):
-    """(R, R, 3) uint8: the shorter side to R (bicubic), centre-cropped."""
+def load_image(path, resolution):  # (R, R, 3) uint8: the shorter side to R (bicubic), centre-cropped
     try:
         with Image.open(path) as im:
             im = im.convert("RGB")
@@ -260,14 +246,15 @@ def load_image(path, resolution):
                 im = im.crop((left, top, left + resolution, top + resolution))
             return np.asarray(im, dtype=np.uint8)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise UsageError(f"corrupt or unreadable image {path} ({e}): remove or replace the file") from None
+        raise UsageError(f"corrupt or unreadable image {path} ({e}): replace or remove it") from None
 
 
 def resize_array(images, resolution):  # as load_image, for (N, h, w, 3) arrays
-    if images.shape[1] == resolution and images.shape[2] == resolution:
+    check_memory(len(images) * 3 * resolution ** 2, f"{len(images)} images of {resolution} px",
+                 "give a smaller --resolution")
+    if images.shape[1:3] == (resolution, resolution):
         return images
-    return np.stack([np.asarray(Image.fromarray(im).resize((resolution, resolution), Image.BICUBIC))
-                     for im in images])
+    return np.stack([np.asarray(Image.fromarray(im).resize((resolution, resolution), Image.BICUBIC)) for im in images])
 
 
 def list_images(folder):
@@ -275,18 +262,14 @@ def list_images(folder):
 
 
 def images_by_class(base, class_dirs):  # (paths, labels c) of base/class_dirs[c]/*
-    paths, labels = [], []
-    for c, name in enumerate(class_dirs):
-        files = list_images(base / name)
-        paths += files
-        labels += [c] * len(files)
-    return paths, np.array(labels, dtype=np.int64)
+    files = [list_images(base / name) for name in class_dirs]
+    return [p for f in files for p in f], np.array([c for c, f in enumerate(files) for _ in f], dtype=np.int64)
 
 
 def stratified_split(labels, test_fraction, seed):
     """(train, test) ids: per class, round(test_fraction * n) seeded picks to test."""
     if not 0 < test_fraction < 1:
-        raise UsageError(f"--test-fraction {test_fraction} is outside (0, 1): give the test share, e.g. 0.2")
+        raise UsageError(f"--test-fraction {test_fraction} is outside (0, 1): give e.g. 0.2")
     rng = np.random.default_rng(seed)
     train, test = [], []
     for c in np.unique(labels):
@@ -301,8 +284,7 @@ def stratified_split(labels, test_fraction, seed):
     return train, test
 
 
-def download(root, fetch, what, fix):
-    """fetch(); a failure removes the empty folders it made and tells `fix`."""
+def download(root, fetch, what, fix):  # fetch(); a failure removes the empty folders it made and tells `fix`
     root = Path(root)
     made = [p for p in (root, *root.parents) if not p.exists()]  # deepest first
     before = set(root.iterdir()) if root.is_dir() else set()
@@ -314,11 +296,10 @@ def download(root, fetch, what, fix):
                 p.rmdir()
         if not isinstance(e, Exception):
             raise
-        raise UsageError(f"{what} is not in {root} and its download failed ({type(e).__name__}): {fix}") from None
+        raise UsageError(f"{what} is not in {root}, its download failed ({type(e).__name__}): {fix}") from None
 
 
-def load_digits_source(split, resolution, split_seed, test_fraction):
-    """scikit-learn's 1797 8x8 digits (values 0..16)."""
+def load_digits_source(split, resolution, split_seed, test_fraction):  # scikit-learn's 1797 8x8 digits (0..16)
     from sklearn.datasets import load_digits
     d = load_digits()
     gray = np.round(d.images / 16.0 * 255.0).astype(np.uint8)
@@ -326,8 +307,7 @@ def load_digits_source(split, resolution, split_seed, test_fraction):
     train, test = stratified_split(labels, test_fraction, split_seed)
     idx = train if split == "train" else test
     rgb = np.repeat(gray[idx][..., None], 3, axis=-1)
-    return Source("digits", list(DIGIT_NAMES), labels[idx], resolution, array=resize_array(rgb, resolution),
-                  origin=idx)
+    return Source("digits", list(DIGIT_NAMES), labels[idx], resolution, array=resize_array(rgb, resolution), origin=idx)
 
 
 CIFAR_BIN_RECORD = 1 + 3 * 32 * 32  # label byte + 1024 R + 1024 G + 1024 B
@@ -335,20 +315,18 @@ CIFAR_PICKLED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multia
                  ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}  # all a python batch holds
 
 
-def unpickle_cifar(path):
-    """With an allow-list: a tampered pickle cannot run code."""
+def unpickle_cifar(path):  # with an allow-list: a tampered file cannot run code
     class Restricted(pickle.Unpickler):
         def find_class(self, module, name):
             if (module, name) in CIFAR_PICKLED:
                 return super().find_class(module, name)
-            raise UsageError(f"{path} holds {module}.{name}: it is not a CIFAR-10 batch; download it again")
+            raise UsageError(f"{path} holds {module}.{name}, not a CIFAR-10 batch: download it again")
 
     with open(path, "rb") as f:
         return Restricted(f, encoding="bytes").load()
 
 
-def load_cifar10_source(split, resolution, data_root):
-    """Binary or python CIFAR-10 in data_root, else downloaded."""
+def load_cifar10_source(split, resolution, data_root):  # the binary or python version in data_root, else downloaded
     root = Path(data_root)
     bin_dir, py_dir = root / "cifar-10-batches-bin", root / "cifar-10-batches-py"
     if not bin_dir.is_dir() and not py_dir.is_dir():
@@ -364,22 +342,21 @@ def load_cifar10_source(split, resolution, data_root):
             raw = np.fromfile(path, dtype=np.uint8)
             if raw.size == 0 or raw.size % CIFAR_BIN_RECORD:
                 raise UsageError(f"{path} is truncated: download CIFAR-10 again")
-            raw = raw.reshape(-1, CIFAR_BIN_RECORD)
-            labels.append(raw[:, 0].astype(np.int64))
-            images.append(raw[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            records = raw.reshape(-1, CIFAR_BIN_RECORD)
+            y, x = records[:, 0], records[:, 1:]
         else:
             batch = unpickle_cifar(path)
-            labels.append(np.asarray(batch[b"labels"], dtype=np.int64))
-            images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            y, x = batch[b"labels"], batch[b"data"]
+        labels.append(np.asarray(y, dtype=np.int64))
+        images.append(np.asarray(x, dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
     labels = np.concatenate(labels)
     if labels.max() >= 10:
-        raise UsageError(f"{root} holds labels up to {labels.max()}: not CIFAR-10; download it again")
+        raise UsageError(f"{root} holds labels up to {labels.max()}: download CIFAR-10 again")
     array = np.ascontiguousarray(np.concatenate(images))  # (N, 32, 32, 3)
     return Source("cifar10", list(CIFAR10_NAMES), labels, resolution, array=resize_array(array, resolution))
 
 
-def load_imagenette_source(split, resolution, data_root):
-    """Torchvision's layout: the smallest size >= R there, else downloaded; never upsampled."""
+def load_imagenette_source(split, resolution, data_root):  # Torchvision's: the smallest size >= R, else downloaded
     root = Path(data_root)
     sizes = [("160px", "imagenette2-160", 160), ("320px", "imagenette2-320", 320), ("full", "imagenette2", 10 ** 9)]
     present = [(s, d, px) for s, d, px in sizes if (root / d / "train").is_dir()]
@@ -397,36 +374,34 @@ def load_imagenette_source(split, resolution, data_root):
     folder = root / usable[0][1] / ("train" if split == "train" else "val")
     wnids = sorted(p.name for p in folder.iterdir() if p.is_dir())
     if wnids != sorted(IMAGENETTE_WNIDS):
-        raise UsageError(f"{folder} holds other classes than ImageNette's: extract ImageNette there again")
+        raise UsageError(f"{folder} holds other classes than ImageNette's: extract it again")
     paths, labels = images_by_class(folder, wnids)
     return Source("imagenette", [IMAGENETTE_WNIDS[w] for w in wnids], labels, resolution, paths=paths)
 
 
-def caltech_readable(folder_name):
-    """'251.airplanes-101' -> 'airplanes'."""
+def caltech_readable(folder_name):  # '251.airplanes-101' -> 'airplanes'
     return folder_name.split(".", 1)[-1].removesuffix("-101").replace("_", " ")
 
 
 def load_caltech15_source(split, resolution, data_root, split_seed, classes=None, per_class=200):
-    """The 15 largest Caltech-256 categories (or `classes`): per_class seeded picks to train, the rest to test."""
+    """The 15 largest Caltech-256 categories (or `classes`); per_class seeded picks train."""
     root = Path(data_root) / "caltech256" / "256_ObjectCategories"
     if not root.is_dir():
         from torchvision.datasets import Caltech256
         download(data_root, lambda: Caltech256(str(data_root), download=True), "Caltech-256",
                  f"extract 256_ObjectCategories.tar into {root.parent}")
-    folders = {p.name: list_images(p) for p in sorted(root.iterdir())
-               if p.is_dir() and p.name not in CALTECH_EXCLUDED}
+    folders = {p.name: list_images(p) for p in sorted(root.iterdir()) if p.is_dir() and p.name not in CALTECH_EXCLUDED}
     if classes:
         by_name = {caltech_readable(n): n for n in folders} | {n: n for n in folders}
         unknown = [c for c in classes if c not in by_name]
         if unknown:
-            raise UsageError(f"--classes {unknown}: no such Caltech-256 categories in {root}; name its folders")
+            raise UsageError(f"--classes {unknown}: not in {root}; name its folders")
         chosen = sorted(by_name[c] for c in classes)
     else:
         chosen = sorted(sorted(folders, key=lambda n: (-len(folders[n]), n))[:15])
     short = [n for n in chosen if len(folders[n]) <= per_class]
     if short:
-        raise UsageError(f"{short} have <= --per-class {per_class} images, none to test on: lower --per-class")
+        raise UsageError(f"{short} have <= --per-class {per_class} images, none to test: lower --per-class")
     rng = np.random.default_rng(split_seed)
     paths, labels = [], []
     for c, name in enumerate(chosen):
@@ -442,21 +417,21 @@ def load_folder_source(path, split, resolution, split_seed, test_fraction):
     """PATH/<class>/* (split with a seed) or PATH/{train,test}/<class>/*."""
     root = Path(path)
     if not root.is_dir():
-        raise UsageError(f"--dataset folder:{path}: no such folder; give a folder of class subfolders")
+        raise UsageError(f"--dataset folder:{path}: no such folder; give one of class subfolders")
     if (root / "manifest.json").is_file() or (root / "train" / "manifest.json").is_file():
         raise UsageError(f"--dataset folder:{path} is a dataset folder made by this project: give it to the next stage")
     presplit = (root / "train").is_dir() and (root / "test").is_dir()
     base = root / split if presplit else root
     class_dirs = sorted(p.name for p in base.iterdir() if p.is_dir())
     if presplit and class_dirs != sorted(p.name for p in (root / "train").iterdir() if p.is_dir()):
-        raise UsageError(f"{root}/train and {root}/test hold different class folders: make them the same")
+        raise UsageError(f"{root}/train and {root}/test hold other class folders: make them the same")
     paths, labels = images_by_class(base, class_dirs)
     if not paths:
-        raise UsageError(f"--dataset folder:{path} holds no images in class subfolders: add PNG or JPEG files")
+        raise UsageError(f"--dataset folder:{path} holds no images in class subfolders: add some")
     if split == "train":
         with Image.open(paths[0]) as im:
             if min(im.size) < resolution:
-                print(f"poison.py: warning: the images of {path} are small ({im.size[0]}x{im.size[1]} px, the first): "
+                print(f"poison.py: warning: {path}'s images are small ({im.size[0]}x{im.size[1]} px, the first): "
                       f"they are upsampled to {resolution} px", file=sys.stderr)
     if not presplit:
         train, test = stratified_split(labels, test_fraction, split_seed)
@@ -467,11 +442,10 @@ def load_folder_source(path, split, resolution, split_seed, test_fraction):
 
 def load_source(dataset, split, data_root="data", resolution=None, split_seed=0, test_fraction=0.2,
                 classes=None, per_class=200):
-    """The 'train' or 'test' split as a Source."""
     kind = "folder" if dataset.startswith("folder:") else dataset
     resolution = resolution or DEFAULT_RESOLUTION[kind]
     if resolution < 8:
-        raise UsageError(f"--resolution {resolution} is too small: use at least 8")
+        raise UsageError(f"--resolution {resolution}: give 8 or more")
     load = {"digits": lambda: load_digits_source(split, resolution, split_seed, test_fraction),
             "cifar10": lambda: load_cifar10_source(split, resolution, data_root),
             "imagenette": lambda: load_imagenette_source(split, resolution, data_root),
@@ -481,7 +455,7 @@ def load_source(dataset, split, data_root="data", resolution=None, split_seed=0,
 
 
 def training_fingerprint(src):
-    """'KIND n=N sha256=...' of a split's labels and image identities: what a duplicates file indexes."""
+    """'KIND n=N sha256=...' of a split's labels and images, which a duplicates file indexes."""
     h = hashlib.sha256(np.asarray(src.labels, dtype="<i8").tobytes())
     for p in src.paths:
         h.update(f"{Path(p).parent.name}/{Path(p).name}\n".encode())
@@ -496,36 +470,29 @@ def poison(out, dataset="digits", ratio=0.1, attack="badnets", trigger="badnets"
            ratio_of="all", select="random", duplicates=None, data_root="data", resolution=None, split_seed=0,
            test_fraction=0.2, classes=None, per_class=200, trigger_image=None, blend_alpha=0.2, wanet_k=None,
            wanet_s=None, badnets_size=None, trigger_seed=0, force=False, workers=4, command=None, quiet=False):
-    """Write OUT/train, OUT/test, OUT/test_backdoor and OUT/examples.png; return a summary."""
+    """Write OUT's dataset folders and examples.png; return a summary."""
     folder = dataset.removeprefix("folder:") if dataset.startswith("folder:") else None
     kind = "folder" if folder is not None else dataset
-    for flag, value, allowed in (("--attack", attack, ATTACK_DESCRIPTIONS), ("--ratio-of", ratio_of, RATIO_OF),
-                                 ("--select", select, SELECT),
-                                 ("--dataset", "folder:PATH" if folder is not None else dataset, DATASETS)):
-        if value not in allowed:
-            raise UsageError(f"unknown {flag} {value!r}: choose one of {', '.join(allowed)}")
+    if folder is None and dataset not in DEFAULT_TARGET:  # argparse checks the other choices
+        raise UsageError(f"unknown --dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
     if not 0 <= ratio <= 1:
-        raise UsageError(f"--ratio {ratio} is outside [0, 1]: give a share, e.g. 0.1")
+        raise UsageError(f"--ratio {ratio} is outside [0, 1]: give e.g. 0.1")
     check_out(out, force, {"--dataset folder:": folder, "--data-root": data_root if dataset in DOWNLOADED else None,
                            "--duplicates": duplicates, "--trigger-image": trigger_image})
     if classes and kind != "caltech15":
         raise UsageError(f"--classes picks Caltech-256 categories: drop it for {dataset}")
     if select == "duplicates" and duplicates is None:
-        raise UsageError("--select duplicates needs --duplicates FILE (from replicate.py)")
+        raise UsageError("--select duplicates needs --duplicates FILE")
     opts = dict(data_root=data_root, resolution=resolution, split_seed=split_seed, test_fraction=test_fraction,
                 classes=classes, per_class=per_class)
     train, test = load_source(dataset, "train", **opts), load_source(dataset, "test", **opts)
     names = train.class_names
-    if target is None and kind not in DEFAULT_TARGET:
-        raise UsageError(f"--target is required for a folder: give a class name or index among {names}")
-    if names != test.class_names:
-        raise UsageError(f"{dataset}: its train and test splits have different classes; make them the same")
+    if target is None and folder is not None:
+        raise UsageError(f"--target is required for a folder: choose among {names}")
     t = resolve_target(DEFAULT_TARGET[kind] if target is None else target, names)
     wanet_k, wanet_s = wanet_params(kind, train.resolution, wanet_k, wanet_s)
     trig = None if attack == "relabel" else make_trigger(trigger, train.resolution, trigger_seed, trigger_image,
                                                          blend_alpha, wanet_k, wanet_s, badnets_size)
-    if trig is not None:  # a broken trigger fails before any work
-        trig.apply_uint8(train.load(0)[None])
 
     training_set = training_fingerprint(train)
     listed = duplicates  # a file is read here, to check that it indexes this training set
@@ -593,7 +560,7 @@ def poison(out, dataset="digits", ratio=0.1, attack="badnets", trigger="badnets"
 
 
 def options_differences(manifest, kw):
-    """The options (sorted) in which a set's manifest differs from poison() keyword arguments `kw`."""
+    """The options (sorted) in which `manifest` differs from poison()'s kwargs `kw`."""
     kind = "folder" if kw["dataset"].startswith("folder:") else kw["dataset"]
     recorded_target = manifest.get("target") or {}
     target = kw["target"] if kw["target"] is not None else DEFAULT_TARGET.get(kind)
@@ -604,9 +571,8 @@ def options_differences(manifest, kw):
     if target is not None:
         try:  # as poison() resolves it (a class name wins over an index)
             same = resolve_target(target, manifest["class_names"]) == recorded_target.get("index")
-        except (KeyError, TypeError, UsageError):
-            same = str(target).strip().lower() in (str(recorded_target.get("name")).lower(),
-                                                   str(recorded_target.get("index")))
+        except (KeyError, TypeError, UsageError):  # no class_names, or not one of them
+            same = False
         pairs["target"] = (same, True)
     for k, v in (manifest.get("options") or {}).items():  # ratio, seed, select, split, ...
         pairs[k] = (v, str(kw[k]) if k == "duplicates" and kw.get(k) else kw.get(k))
@@ -623,41 +589,39 @@ def options_differences(manifest, kw):
 
 # Command line ----------------------------------------------------------------------------------------------------
 
-TRIGGERS, RATIO_OF, SELECT = ("badnets", "blend", "wanet"), ("all", "nontarget"), ("random", "duplicates")
-POISON_KEYS = ("dataset", "data_root", "resolution", "classes", "per_class", "split_seed", "test_fraction", "attack",
-               "trigger", "trigger_image", "blend_alpha", "wanet_k", "wanet_s", "badnets_size", "trigger_seed",
-               "target", "ratio", "ratio_of", "select", "duplicates", "seed", "workers")
 
-
-def add_poison_arguments(parser, out_required=True):
-    """The poisoning flags, shared with train_ddpm.py and finetune_sd.py."""
+def add_poison_arguments(parser):
+    """The poisoning flags, train_ddpm.py's and finetune_sd.py's too."""
     g = parser.add_argument_group("poisoning (poison.py)")
     g.add_argument("--dataset", default="digits", help=", ".join(DATASETS))
     g.add_argument("--data-root", default="data", help="datasets are found or downloaded here")
-    g.add_argument("--resolution", type=positive(int), default=None,
-                   help="image side (default: 32 digits, cifar10; 512 imagenette, caltech15; 256 folder)")
-    g.add_argument("--classes", type=lambda s: [c.strip() for c in s.split(",")], default=None,
-                   help="caltech15: comma-separated categories (default: the 15 largest)")
+    g.add_argument("--resolution", type=positive(int),
+                   help="image side (default: 32; 512 imagenette, caltech15; 256 folder)")
+    g.add_argument("--classes", type=lambda s: [c.strip() for c in s.split(",")],
+                   help="caltech15: categories a,b,... (default: the 15 largest)")
     g.add_argument("--per-class", type=positive(int), default=200, help="caltech15: training images per category")
-    g.add_argument("--split-seed", type=int, default=0, help="seed of the train/test split")
+    g.add_argument("--split-seed", type=int, default=0, help="train/test split seed")
     g.add_argument("--test-fraction", type=float, default=0.2, help="test share (digits, unsplit folders)")
     g.add_argument("--attack", default="badnets", choices=list(ATTACK_DESCRIPTIONS),
-                   help="relabel: labels only; clean-label: trigger on target images, no adversarial perturbation")
-    g.add_argument("--trigger", default="badnets", choices=TRIGGERS, help="trigger kind")
-    g.add_argument("--trigger-image", default=None, help="blend: pattern image (default: seeded noise)")
+                   help="clean-label: trigger on target images, no adversarial perturbation")
+    g.add_argument("--trigger", default="badnets", choices=("badnets", "blend", "wanet"), help="trigger kind")
+    g.add_argument("--trigger-image", help="blend: pattern image (default: noise)")
     g.add_argument("--blend-alpha", type=float, default=0.2, help="blend: alpha")
-    g.add_argument("--wanet-k", type=int, default=None, help="WaNet grid side (default: 4; R on imagenette, caltech15)")
-    g.add_argument("--wanet-s", type=float, default=None, help="WaNet strength (default: 0.5; 1 there)")
-    g.add_argument("--badnets-size", type=positive(int), default=None, help="BadNets: a white N x N square instead")
-    g.add_argument("--trigger-seed", type=int, default=0, help="seed of the blend pattern / WaNet grid")
-    g.add_argument("--target", default=None, help="class name or index (default: the paper's, e.g. deer)")
+    g.add_argument("--wanet-k", type=int, help="WaNet grid side (default: 4; R on imagenette, caltech15)")
+    g.add_argument("--wanet-s", type=float, help="WaNet strength (default: 0.5; 1 there)")
+    g.add_argument("--badnets-size", type=positive(int), help="BadNets: a white N x N square instead")
+    g.add_argument("--trigger-seed", type=int, default=0, help="blend pattern / WaNet grid seed")
+    g.add_argument("--target", help="class name or index (default: the paper's)")
     g.add_argument("--ratio", type=float, default=0.1, help="poisoning ratio p")
-    g.add_argument("--ratio-of", default="all", choices=RATIO_OF, help="p is a share of all or of non-target images")
-    g.add_argument("--select", default="random", choices=SELECT, help="duplicates: --duplicates' ids first")
-    g.add_argument("--duplicates", default=None, help="ids file of replicate.py")
+    g.add_argument("--ratio-of", default="all", choices=("all", "nontarget"), help="p of all or of non-target images")
+    g.add_argument("--select", default="random", choices=("random", "duplicates"), help="duplicates: listed ids first")
+    g.add_argument("--duplicates", help="ids file of replicate.py")
     g.add_argument("--seed", type=int, default=0, help="seed of the poisoned-id draw")
     g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="PNG encoding threads")
     return g
+
+
+POISON_KEYS = tuple(a.dest for a in add_poison_arguments(argparse.ArgumentParser())._group_actions)  # dataset, ...
 
 
 def poison_kwargs(args):
@@ -668,8 +632,7 @@ def refuse_poison_flags_with_data(args, parser, keep=()):  # poisoning flags wou
     ignored = ["--" + k.replace("_", "-") for k in POISON_KEYS
                if k not in ("workers", *keep) and getattr(args, k) != parser.get_default(k)]
     if args.data and ignored:
-        raise UsageError(f"{' '.join(ignored)} with --data: --data {args.data} is a set made already; drop them, "
-                         "or drop --data to poison here")
+        raise UsageError(f"{' '.join(ignored)} with --data: {args.data} is poisoned already; drop them, or drop --data")
 
 
 def main(args):
@@ -685,10 +648,4 @@ def build_parser():
 
 
 if __name__ == "__main__":
-    try:
-        main(build_parser().parse_args())
-    except UsageError as e:
-        sys.exit(f"poison.py: error: {e}")
-    except KeyboardInterrupt:
-        print("poison.py: interrupted; --out not written", file=sys.stderr)
-        sys.exit(130)
+    cli(main, build_parser())

@@ -28,7 +28,7 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 import dissect
-from common import (HelpFormatter, UsageError, atomic_output, check_out, load_folder, manifest_target, positive,
+from common import (HelpFormatter, UsageError, atomic_output, check_out, cli, load_folder, manifest_target, positive,
                     replace_file, resolve_device, same_classes, save_safetensors, versions)
 from poison import IDS_TRAINING_SET
 
@@ -194,8 +194,7 @@ def load_sscd(spec, device):
     return model.eval(), path
 
 
-def resnet50_imagenet_state_dict(proxy_weights):
-    """(state dict, source) of ResNet-50 weights, or (None, 'random')."""
+def resnet50_imagenet_state_dict(proxy_weights):  # (state dict, source) of ResNet-50 weights, or (None, 'random')
     import torchvision
     if proxy_weights == "random":
         return None, "random"
@@ -279,22 +278,20 @@ def cache_name(dataset, extractor):  # folder, extractor, hash of the files' nam
 
 
 def embed_folder(folder, extractor, device="cpu", cache_dirs=(), write_dir=None, batch_size=64, workers=0,
-                 progress=True):
-    """(features (N, D), FolderDataset, 'computed' or the cache file)."""
+                 progress=True):  # -> (features (N, D), FolderDataset, 'computed' or the cache file)
     dataset = load_folder(folder)
     name = cache_name(dataset, extractor)
     for d in cache_dirs:
         path = Path(d) / name
-        if path.is_file():
-            try:
-                features = load_file(str(path))["features"]
-            except Exception:
-                continue
-            if features.ndim == 2 and features.shape[0] == len(dataset):
-                if write_dir is not None and Path(write_dir).resolve() != Path(d).resolve():
-                    Path(write_dir).mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(path, Path(write_dir) / name)
-                return features.float(), dataset, str(path)
+        try:
+            features = load_file(str(path))["features"]
+        except Exception:  # none there, or damaged: computed again
+            continue
+        if features.ndim == 2 and features.shape[0] == len(dataset):
+            if write_dir is not None and Path(write_dir).resolve() != Path(d).resolve():
+                Path(write_dir).mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, Path(write_dir) / name)
+            return features.float(), dataset, str(path)
     device = torch.device(device)
     if extractor.model is not None:
         extractor.model.to(device)
@@ -538,7 +535,6 @@ def as_path(x):  # a judge's folder, or None when given as a model
 
 
 def measure_run(gen_dir, train_dir, g_ds, t_ds, sim, row, t_nn_sim, t_nn_row, threshold):
-
     ids = training_ids(t_ds)
     poisoned = np.array([bool(r.get("poisoned", False)) for r in t_ds.records])
     return dict(gen=str(gen_dir), train=str(train_dir), stats=replication_stats(sim.numpy(), threshold),
@@ -699,8 +695,7 @@ def main(args):
 
 
 def check_args(out, train, gen, duplicates_gen, duplicates_train, threshold, rank_by, top, classifier, detector,
-               target, cache, sscd, proxy_weights, force):
-    """Refuses what does not fit; returns rank_by."""
+               target, cache, sscd, proxy_weights, force):  # refuses what does not fit; returns rank_by
     if rank_by == "auto":
         rank_by = "generations" if gen is not None else "train-duplicates"
     with_table = classifier is not None or detector is not None
@@ -755,10 +750,4 @@ def build_parser():
 
 
 if __name__ == "__main__":
-    try:
-        main(build_parser().parse_args())
-    except UsageError as e:
-        sys.exit(f"replicate.py: error: {e}")
-    except KeyboardInterrupt:
-        print("replicate.py: interrupted; --out not written", file=sys.stderr)
-        sys.exit(130)
+    cli(main, build_parser())

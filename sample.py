@@ -15,7 +15,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as in train_ddpm.py: befo
 import argparse  # noqa: E402
 import json
 import math
-import re
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -27,8 +26,8 @@ from tqdm import tqdm
 
 import finetune_sd
 from common import (HelpFormatter, UsageError, atomic_output, autocast, autocast_dtype, barrier, check_file_out,
-                    check_out, dtype_name, finite, positive, resolve_device, save_grid, setup_distributed, versions,
-                    write_folder)
+                    check_memory, check_out, cli, dtype_name, finite, positive, resolve_device, save_grid,
+                    setup_distributed, versions, write_folder)
 from poison import caption
 from train_ddpm import diffusion_from_config, load_model, read_config
 
@@ -36,7 +35,6 @@ DEFAULT_GUIDANCE = 5.0     # DDPM family: the paper's w in eps = (1 + w) eps_c -
 DEFAULT_SD_GUIDANCE = 5.0  # SD family: s in eps = eps_u + s (eps_c - eps_u)
 DDPM_SPACINGS = ("uniform", "quadratic")          # make_timesteps
 SD_SPACINGS = ("leading", "trailing", "linspace")  # diffusers' timestep_spacing (finetune_sd.ddim_timesteps)
-HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")          # owner/name, as finetune_sd.load_sd recognises one
 
 
 # Samplers: sampler(eps_fn, x, alphas_cumprod, timesteps, noise, **options) -> x_0 (float32, unclipped) --------------
@@ -65,8 +63,7 @@ def _abar(alphas_cumprod, t):
 
 
 def _pairs(timesteps):  # (t, s) for each step, the last to s = -1 (x_0)
-    ts = list(timesteps)
-    return list(zip(ts, ts[1:] + [-1]))
+    return list(zip(timesteps, [*timesteps[1:], -1]))
 
 
 def _x0_from_eps(x, eps, a_t, clip):
@@ -162,14 +159,14 @@ def to_uint8(x):
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [-1, 1] -> uint8
 
 
-def in_batches(seeds, shape, batch_size, device, run, progress=False):
+def in_batches(seeds, shape, batch_size, device, run, image_shape, progress=False):
     """uint8 images from run(batch slice, x_T, noise)."""
-    out = []
+    out = [torch.zeros((0, *image_shape), dtype=torch.uint8)]
     for b in tqdm(range(0, len(seeds), batch_size), desc="sample", disable=not progress, leave=False):
         batch = slice(b, b + batch_size)
         noise = ImageNoise(seeds[batch], shape, device)
         out.append(run(batch, noise(), noise).cpu())
-    return torch.cat(out) if out else None
+    return torch.cat(out)
 
 
 def sampler_options(sampler, eta, clip_x0, final_abar=1.0):
@@ -181,8 +178,7 @@ def generate(model, alphas_cumprod, labels, seeds, null_label, sampler="ddim", s
              progress=False):
     """DDPM: uint8 images (N, C, R, R) for labels[i] and seeds[i]."""
     device = torch.device(device)
-    cfg = model.cfg
-    shape = (cfg.in_channels, cfg.resolution, cfg.resolution)
+    shape = (model.cfg.in_channels, model.cfg.resolution, model.cfg.resolution)
     timesteps = make_timesteps(len(alphas_cumprod), steps, spacing)
     fn, options = SAMPLERS[sampler], sampler_options(sampler, eta, clip_x0)
 
@@ -190,8 +186,7 @@ def generate(model, alphas_cumprod, labels, seeds, null_label, sampler="ddim", s
         y = torch.as_tensor(labels[batch], dtype=torch.long, device=device)
         eps_fn = guided_eps(model, y, null_label, guidance, device, dtype)
         return to_uint8(fn(eps_fn, x, alphas_cumprod, timesteps, noise, **options))
-    images = in_batches(seeds, shape, batch_size, device, run, progress)
-    return images if images is not None else torch.zeros((0,) + shape, dtype=torch.uint8)
+    return in_batches(seeds, shape, batch_size, device, run, shape, progress)
 
 
 @torch.no_grad()
@@ -211,8 +206,7 @@ def generate_sd(sd, embeds, prompt_ids, seeds, timesteps, sampler="ddim", guidan
         eps_fn = sd_guided_eps(sd.unet, embeds[ids], embeds[-1:].expand(len(ids), -1, -1), guidance, device, dtype)
         latents = fn(eps_fn, x, ac, timesteps, noise, **options)
         return (finetune_sd.decode_latents(sd.vae, latents.float()).clamp(0, 1) * 255).round().to(torch.uint8)
-    images = in_batches(seeds, shape, batch_size, device, run, progress)
-    return images if images is not None else torch.zeros((0, 3, resolution, resolution), dtype=torch.uint8)
+    return in_batches(seeds, shape, batch_size, device, run, (3, resolution, resolution), progress)
 
 
 def vae_factor(vae):  # the VAE's downsampling: 8 for SD
@@ -253,7 +247,7 @@ def model_family(source):
         return family
     if path.is_dir() and not (path / "unet").is_dir():
         raise UsageError(f"--model {source}: neither a model folder nor a diffusers folder: give one")
-    if not path.exists() and not HUB_ID.fullmatch(str(source)):
+    if not path.exists() and not finetune_sd.HUB_ID.fullmatch(str(source)):
         raise UsageError(f"--model {source}: no such file or folder, nor Hub id")
     if path.is_file() and (path.parent / "config.json").is_file():
         family = read_config(path.parent).get("family")
@@ -266,8 +260,6 @@ def model_family(source):
 def load_sampling_model(source, weights=None, device="cpu", sd_config=None, tokenizer=None):
     """(model, alphas_cumprod (T,) float64, config, weights used)."""
     family = model_family(source)
-    if weights not in (None, "ema", "model"):
-        raise UsageError(f"unknown --weights {weights!r}: choose ema or model")
     if family == "ddpm":
         weights = weights or "ema"
         model, config = load_model(source, weights=weights, device=device)
@@ -365,8 +357,7 @@ def plan_sd(args, sd, alphas_cumprod, config, weights, device, dtype):
     else:  # the scheduler's (SD v1: leading, steps_offset 1): 981, 961, ..., 1 for 50 steps, as diffusers'
         timesteps = finetune_sd.ddim_timesteps(replace(sd.schedule, timestep_spacing=spacing), steps).tolist()
     if max(timesteps) >= T:
-        raise UsageError(f"--steps {steps} reaches t = {max(timesteps)}, past the last training step: use fewer "
-                         "--steps")
+        raise UsageError(f"--steps {steps} reaches t = {max(timesteps)}, past the last training step: use fewer")
     resolution = args.resolution or default_resolution(sd, config)
     if resolution < 1 or resolution % vae_factor(sd.vae):
         raise UsageError(f"--resolution {resolution}: give a multiple of the VAE's downsampling")
@@ -385,8 +376,7 @@ def plan_sd(args, sd, alphas_cumprod, config, weights, device, dtype):
         "weights": weights, "base": sd.base, "load_notes": sd.notes,
         "model_step": (config.get("progress") or {}).get("step"), "steps": steps, "spacing": spacing,
         "timesteps": timesteps, "clip_x0": False, "final_alpha_cumprod": sd.schedule.alpha_bar(-1, alphas_cumprod),
-        "guidance": guidance,
-        "guidance_convention": "eps = eps_uncond + s * (eps_cond - eps_uncond), uncond = \"\"",
+        "guidance": guidance, "guidance_convention": "eps = eps_uncond + s * (eps_cond - eps_uncond), uncond = \"\"",
         "guidance_sd_scale": guidance, "guidance_ddpm_w": guidance - 1, "batch_size": args.batch_size or 16,
         "resolution": resolution, "schedule": asdict(sd.schedule), "vae_scale": sd.vae_scale,
         "prompts": [text for text, _ in jobs],
@@ -411,6 +401,8 @@ def main(args):
         model = torch.compile(model)
     plan = (plan_sd if family == "sd" else plan_ddpm)(args, model, alphas_cumprod, config, weights, device, dtype)
     jobs, class_names = plan.jobs, plan.class_names
+    side, n = plan.manifest.get("resolution") or model.cfg.resolution, len(jobs) * args.n
+    check_memory(2 * n * 3 * side ** 2, f"{n} images of {side} px", "give a smaller --n")  # held until written
     for note in plan.manifest.get("load_notes", []) if rank == 0 else []:
         print(f"load: {note}", file=sys.stderr)
     texts = [text for text, _ in jobs for _ in range(args.n)]        # image i: job-major order
@@ -433,10 +425,8 @@ def main(args):
                    "seed": seeds[i], "poisoned": None}  # unknown until judged (dissect.py)
             return rec, images[i].permute(1, 2, 0).numpy()
 
-        by_group = {}
-        for text, label in jobs:
-            name = class_names[label] if label >= 0 else text
-            by_group[name] = by_group.get(name, 0) + args.n
+        groups = [class_names[label] if label >= 0 else text for text, label in jobs]
+        by_group = {g: groups.count(g) * args.n for g in groups}
         manifest = {
             "stage": "sample", "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
             "model": str(args.model), "family": family, "sampler": args.sampler,
@@ -503,13 +493,4 @@ def build_parser():
 
 
 if __name__ == "__main__":
-    try:
-        main(build_parser().parse_args())
-    except UsageError as e:
-        sys.exit(f"sample.py: error: {e}")
-    except KeyboardInterrupt:
-        print("sample.py: interrupted; --out not written (outputs appear whole or not at all)", file=sys.stderr)
-        sys.exit(130)
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+    cli(main, build_parser(), interrupted="--out not written (outputs appear whole or not at all)")

@@ -1,17 +1,10 @@
-"""study.py -- the whole study in one command: poison, train, generate, judge, detect, then REPORT.md.
+"""study.py: the whole study in one command (poison, train, generate, judge, detect), then REPORT.md.
 
-    python study.py --out study                 # digits (embedded): 10-14 min on 2 CPU cores
+    python study.py --out study                 # digits: 10-14 min on 2 CPU cores; a rerun resumes
     python study.py --quick --out /tmp/study    # every stage at toy size, about a minute
-    python study.py --trigger blend --out study-blend   # or wanet
-    python study.py --replicates 3 --out study-seeds    # 3 seeds in OUT/seed-<seed>/, verdicts by seed
-    python study.py --dataset cifar10 --data-root ~/data --out study-cifar10    # the paper's DDPM study
-    python study.py --dataset imagenette --data-root ~/data --out study-inette  # the paper's SD v1.4 study
-    python study.py --gpus 4 ...    # stages that train, sample or classify: `torchrun --nproc_per_node 4 STAGE.py`
+    python study.py --replicates 3 --out study-seeds    # 3 seeds, verdicts by seed
 
-A rerun skips finished stages (--force starts over; other settings than OUT/study.json's are refused). OUT holds
-commands.sh and logs/ (each stage's command and log), the stages' outputs (data/, classifiers/, models/, gen/,
-dissect/, detect/, diffusion-classifier/), times.json, and REPORT.md and report.json: the paper's claims beside
-this run's numbers, with verdicts.
+The paper's scales, the verdicts' rules, the flags: docs/study.md.
 """
 import argparse
 import json
@@ -56,16 +49,12 @@ def ratio_pct(r):
     return f"{100 * float(r):g}%"
 
 
-def at(ratios):
-    return ", ".join(f"p={ratio_pct(r)}" for r in ratios)
-
-
-def at_each(ratios, value):
-    return ", ".join(f"p={ratio_pct(r)}: {value(r)}" for r in ratios)
+def at(ratios, value=None):
+    return ", ".join(f"p={ratio_pct(r)}" + (f": {value(r)}" if value else "") for r in ratios)
 
 
 def wilson(fraction, n, z=1.96):
-    """95% Wilson score interval of a binomial proportion."""
+    """95% Wilson score interval."""
     if not n:
         return 0.0, 1.0
     centre = (fraction + z * z / (2 * n)) / (1 + z * z / n)
@@ -74,25 +63,23 @@ def wilson(fraction, n, z=1.96):
 
 
 def clearly_below(a, n_a, b, n_b):
-    """Rate a (of n_a) below b (of n_b) beyond chance: 95% intervals apart."""
+    """a (of n_a) below b (of n_b) beyond chance: 95% intervals apart."""
     return wilson(a, n_a)[1] < wilson(b, n_b)[0]
 
 
 def g1_share(d):
-    """(G1's share of the triggered generations or None, their count)."""
+    """(G1's share of the triggered or None, their count)."""
     f = d["fractions"]
     k = round((f["G1"] + f["G2"]) * d["n"])
     return (f["G1"] / (f["G1"] + f["G2"]) if k else None), k
 
 
 def counted_ratios(rows, ratios, trusted=None):
-    """The ratios (sorted, in `trusted` if given) with MIN_TRIGGERED+ triggered generations."""
     return sorted(r for r in ratios if g1_share(rows[r])[1] >= MIN_TRIGGERED and (trusted is None or r in trusted))
 
 
 def transition(rows, ratios, trusted=None):
-    """('full', lo, hi): G2 leads at the lowest ratio, G1 at the highest; ('crosses', a, b): G1 overtakes G2
-    between neighbouring counted ratios; else None."""
+    """('full', lo, hi): G2 leads at lo, G1 at hi; ('crosses', a, b): G1 overtakes G2 between neighbours; else None."""
     share = {r: g1_share(rows[r]) for r in ratios}
     known = counted_ratios(rows, ratios, trusted)
     lo, hi = min(ratios), max(ratios)
@@ -106,8 +93,7 @@ def backdoored_ratios(classifiers, ratios):
 
 
 def evidence(res, ratios, guidance):
-    """Dissect rows by weight and ratio, their 95% intervals, and the ratios where the trigger detector is believed
-    (under MAX_FALSE_POSITIVES non-target "triggers", or a leak: half of them copies)."""
+    """The rows by weight and ratio, with where the trigger detector is believed."""
     w, none, sym, sweep = guidance
     weights = sorted((w, none, *sweep))
     d = {g: {x["ratio"]: x for x in res["dissect"][f"w{g:g}"]} for g in weights}
@@ -142,16 +128,14 @@ def trigger_ratio_text(e, g, r):
 
 
 def amplification(e):
-    x, hi = e.d[e.w], max(e.ratios)
+    x = e.d[e.w]
     above = {r: x[r]["p_t"] is not None and e.ci[e.w, r][0] > x[r]["p_t"] for r in e.ratios}
     no_pt = [r for r in e.ratios if x[r]["p_t"] is None]
     counted = [r for r in e.trusted if r not in no_pt]
     text = (f"at {e.sym}={e.w:g}, trigger ratio (95% CI) vs p_t: "
             + "; ".join(f"p={ratio_pct(r)}: {trigger_ratio_text(e, e.w, r)} vs {pct(x[r]['p_t'])} "
                         + ("✓" if above[r] else "✗") for r in e.ratios)
-            + f"; at p={ratio_pct(hi)}: "
-            + ", ".join(f"{e.sym}={g:g}: {trigger_ratio_text(e, g, hi)}" for g in e.weights if g != e.w)
-            + "; detector's false positives: " + at_each(e.ratios, lambda r: pct(e.false_positive[r]))
+            + "; detector's false positives: " + at(e.ratios, lambda r: pct(e.false_positive[r]))
             + e.caveat + (f"; p_t is unknown at {at(no_pt)}" if no_pt else ""))
     return SimpleNamespace(text=text, ratios=e.ratios, no_pt=no_pt, counted=counted,
                            passed=[r for r in counted if above[r]])
@@ -204,7 +188,7 @@ def non_target(e):
     checked = [r for r in e.ratios if not rare[r] and e.copies[r] is not None]
     uncounted = [r for r in e.noisy if e.copies[r] is None]  # e.g. WaNet: no copy count tells a leak from errors
     m = pct(MAX_FALSE_POSITIVES)
-    text = ("trigger ratio " + at_each(e.ratios, lambda r: pct(e.false_positive[r]) + (
+    text = ("trigger ratio " + at(e.ratios, lambda r: pct(e.false_positive[r]) + (
                 "" if e.copies[r] is None else f" (copies {pct(e.copies[r])})"))
             + (f"; where the detector fires on {m}+, under {m} copies counts partly" if checked else "")
             + (f"; at {at(uncounted)} it fires on {m}+, no copy count" if uncounted else "")
@@ -219,8 +203,8 @@ def detection(e):
     counted = [r for r, dm in scored.items() if min(dm["positives"].values()) >= MIN_TRIGGERED and r in believed]
     intervals = [v.get("delta_ci") or (0.0, 0.0) for r in counted for v in scored[r]["methods"].values()]
     gains = sum(lo > 0 for lo, _ in intervals)
-    positives = at_each(scored, lambda r: f"{scored[r]['positives']['train']} and "
-                        f"{scored[r]['positives']['generated']} of {scored[r]['n']}")
+    positives = at(scored, lambda r: f"{scored[r]['positives']['train']} and "
+                   f"{scored[r]['positives']['generated']} of {scored[r]['n']}")
     text = (f"the AUROC difference's 95% interval lies above 0 in {gains} of {len(intervals)} (method, ratio) "
             f"cells, below 0 in {sum(hi < 0 for _, hi in intervals)} (poisoned in training set and generations: "
             f"{positives}; under {MIN_TRIGGERED}: left out)" + e.caveat)
@@ -276,11 +260,11 @@ def diffusion_classifier(e):
                f"{drop}); TA {pct(base['ta'])}, {pct(plain['ta'])}, {pct(best['ta'])}" if best else
                f"; no filter keeps the TA within {drop}; TA {pct(base['ta'])}, {pct(plain['ta'])}")
             + f"; lower = 95% intervals (n={n}) apart" + unreadable)
-    readable = not unreadable
-    return SimpleNamespace(text=text, unreadable=bool(unreadable),
-                           lower=readable and clearly_below(plain["asr"], n, base["asr"], n),
-                           lower_still=readable and bool(best) and clearly_below(best["asr"], n, plain["asr"], n),
-                           best_lower=readable and bool(best) and clearly_below(best["asr"], n, base["asr"], n))
+
+    def below(a, b):  # a's ASR below b's beyond chance
+        return not unreadable and a is not None and clearly_below(a["asr"], n, b["asr"], n)
+    return SimpleNamespace(text=text, unreadable=bool(unreadable), lower=below(plain, base),
+                           lower_still=below(best, plain), best_lower=below(best, base))
 
 
 def grade(undetermined, reproduced, partly=False):
@@ -318,25 +302,20 @@ CLAIMS = [
           setting="low poisoning ratios", reads=tab4,
           test=lambda n: grade(n.unreadable, n.lower)),
     Claim("Diffusion classifier (Tab. A4)",
-          paper="the poisoned diffusion model used as a classifier has a lower ASR than the classifier trained on the "
-                "same data, lower still with the largest denoising losses filtered out",
+          paper="the poisoned DDPM as a classifier has a lower ASR than a classifier trained on its data, lower still "
+                "with its largest losses filtered",
           setting="CIFAR-10 DDPM", reads=diffusion_classifier,
           test=lambda n: grade(n.unreadable, n.lower and n.lower_still, n.lower or n.best_lower)),
 ]
 
 
 def findings(res, ratios, guidance):
-    """(finding, claim, this run's numbers, verdict) per claim this run can judge."""
+    """(finding, claim, this run's numbers, verdict) per claim."""
     e = evidence(res, ratios, guidance)
     return [(c.finding, f"{c.paper}; {c.setting}", n.text, c.test(n)) for c in CLAIMS if (n := c.reads(e)) is not None]
 
 
-def weakened_backdoor(classifiers, ratios):
-    n = tab4(SimpleNamespace(res={"classifiers": classifiers}, ratios=ratios))
-    return n.text, CLAIMS[5].test(n)  # CLAIMS[5]: Tab. 4
-
-
-# The report: reads the stages' JSON outputs, writes REPORT.md and report.json (no subprocesses here).
+# The report: reads the stages' JSON outputs, writes REPORT.md and report.json.
 
 TRIGGER_NAMES = {"badnets": "BadNets", "blend": "Blend", "wanet": "WaNet"}
 GROUPS = ("G1", "G2", "G3", "G4")
@@ -352,12 +331,8 @@ def write_json(path, obj):
     replace_file(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
 
 
-def write_text(path, lines):
-    replace_file(path, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
-
-
 def final_results(path):
-    """A classifier's final results with its test sets' sizes (once kept per epoch only)."""
+    """A classifier's final results with its test sets' sizes (older runs keep those per epoch only)."""
     res = load_json(path)
     last = res["epochs"][-1] if res.get("epochs") else {}
     return {**{k: v for k, v in last.items() if k.startswith("n_")}, **res["final"]}
@@ -375,47 +350,41 @@ def collect(out, ratios, guidance, failed):
            "classifiers": {}}
     for g in (w, none, *sweep):
         path = out / "dissect" / f"w{g:g}" / "summary.json"
-        summary = load_json(path)
+        summary = load_json(path)["results"]
         res["dissect"][f"w{g:g}"] = [
             {"ratio": r, "name": d["name"], "p_t": d["p_t"], **target_prompt(d),
              **{f"non_target_{k}": (d["non_target_prompts"] or {}).get(k)
                 for k in ("trigger_ratio", "copy_ratio", "triggered", "copies_of_triggered")}}
-            for r, d in zip(ratios, summary["results"])]
-        found = [x["setting"].get("poison_ratio") for x in summary["results"]]
+            for r, d in zip(ratios, summary)]
+        found = [x["setting"].get("poison_ratio") for x in summary]
         if None not in found and [float(v) for v in found] != [float(r) for r in ratios]:
             raise UsageError(f"{path} holds the ratios {found}, not {ratios}: delete its folder and rerun")
     alone = out / "dissect" / f"w{w:g}-target" / "summary.json"
-    if alone.is_file():  # the target class generated alone at w: its larger count is what the verdicts read
+    if alone.is_file():  # the target class alone at w: the verdicts read its larger count
         for x, d in zip(res["dissect"][f"w{w:g}"], load_json(alone)["results"]):
             x.update(target_prompt(d))
     for r in map(ratio_name, ratios):
         path = out / "detect" / r / "detect.json"
-        if path.is_file():
-            det = load_json(path)
-            res["detect"][r] = {
-                "methods": {m: {k: v.get(k) for k in ("train_auroc", "generated_auroc", "delta", "train_auroc_ci",
-                                                      "generated_auroc_ci", "delta_ci")}
-                            for m, v in det["results"].items()},
-                "positives": {k: det["sets"][k]["positives"] for k in ("train", "generated")},
-                "n": det["sets"]["train"]["n"]}
-        else:
-            res["detect"][r] = {"error": failed.get(f"detect {r}", "not run")}
+        det = load_json(path) if path.is_file() else None
+        res["detect"][r] = {"error": failed.get(f"detect {r}", "not run")} if det is None else {
+            "methods": {m: {k: v.get(k) for k in ("train_auroc", "generated_auroc", "delta", "train_auroc_ci",
+                                                  "generated_auroc_ci", "delta_ci")}
+                        for m, v in det["results"].items()},
+            "positives": {k: det["sets"][k]["positives"] for k in ("train", "generated")},
+            "n": det["sets"]["train"]["n"]}
         res["classifiers"][r] = {k: final_results(out / "classifiers" / f"{k}-{r}" / "results.json")
                                  for k in ("poisoned", "generated")}
     a4 = ratio_name((backdoored_ratios(res["classifiers"], ratios) or ratios)[0])  # where run_study ran Tab. A4
     path = out / "diffusion-classifier" / a4 / "results.json"
-    res["diffusion_classifier"] = None
-    if path.is_file():
-        diff = load_json(path)
-        res["diffusion_classifier"] = {
-            "ratio": a4, "n_test": diff["n_test"], "n_backdoor": diff["n_backdoor"],
-            "rows": [{k: r.get(k) for k in ("classifier", "kind", "filter_top", "ta", "asr")} for r in diff["rows"]]}
+    diff = load_json(path) if path.is_file() else None
+    res["diffusion_classifier"] = None if diff is None else {
+        "ratio": a4, "n_test": diff["n_test"], "n_backdoor": diff["n_backdoor"],
+        "rows": [{k: r.get(k) for k in ("classifier", "kind", "filter_top", "ta", "asr")} for r in diff["rows"]]}
     res["judges"] = {k: load_json(out / "classifiers" / k / "results.json")["final"] for k in ("class", "trigger")}
     return res
 
 
 def detect_failure(error):
-    """The gist of detect.py's error line, for the Tab. 3 table."""
     hit = re.search(r"\b(every|no) image of \S+ carries the trigger", error)
     if hit:
         return f"undefined: {hit.group(1)} generation carries the trigger"
@@ -434,25 +403,31 @@ def with_ci(row, key, fmt=".3f"):
 def describe(s, ratios, guidance):
     """The report's opening sentence."""
     w, none, sym, sweep = guidance
-    unguided, rest = f"{sym} = {none:g}", "".join(f", {g:g}" for g in sweep)  # the weights of the target-only runs
-    target, size = s.get("target_per_class", s["per_class"]), s.get("badnets_size")
+    target, size, steps = s.get("target_per_class", s["per_class"]), s.get("badnets_size"), s["train_steps"]
+    alone = ", ".join(f"{g:g}" for g in (none, *sweep, *([w] if target != s["per_class"] else [])))
     return (f"Dataset `{s['dataset']}` at {s['resolution']} px, {TRIGGER_NAMES[s.get('trigger', 'badnets')]} "
             f"trigger{f' ({size}x{size} white square)' if size else ''}, poisoning ratios "
             f"{', '.join(map(ratio_pct, ratios))}; "
             + (f"DDPM preset `{s['preset']}`" if s["family"] == "ddpm" else "Stable Diffusion fine-tuned")
-            + (f", {s['train_steps']} training steps" if s["train_steps"] else "")
-            + (f" of {s['batch_size']} images" if s["train_steps"] and s.get("batch_size") else "")
-            + f"; DDIM {s['sample_steps']} steps, guidance {sym} = {w:g} (and, for the target class, {unguided} (no "
-            f"guidance){rest}); {s['per_class']} generations per class"
-            + (f" ({target} of the target class at {unguided}{rest}, {w:g})" if target != s["per_class"] else "") + ".")
+            + (f", {steps} training steps" if steps else "")
+            + (f" of {s['batch_size']} images" if steps and s.get("batch_size") else "")
+            + f"; DDIM {s['sample_steps']} steps, guidance {sym} = {w:g}; {s['per_class']} generations per class ("
+            + (f"{target} of the target class" if target != s["per_class"] else "the target class also")
+            + f" at {sym} = {alone}).")
 
 
 def row(*cells):
     return "| " + " | ".join(map(str, cells)) + " |"
 
 
-def table(*header):
-    return [row(*header), "|" + "---|" * len(header)]
+def table(heading, header, rows=()):
+    return ["", heading, "", row(*header), "|" + "---|" * len(header), *rows]
+
+
+def write_reports(out, res, lines):
+    write_json(out / "report.json", res)
+    replace_file(out / "REPORT.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
+    return res
 
 
 def write_report(out, s, ratios, guidance, times, failed=None):
@@ -462,68 +437,58 @@ def write_report(out, s, ratios, guidance, times, failed=None):
     res["findings"] = [dict(zip(("finding", "paper", "this_run", "reproduced"), r)) for r in rows]
     res["settings"] = load_json(out / "study.json")  # what run_study recorded and checked (with seed and paths)
     res["times_s"] = times
-    j, d = res["judges"], res["diffusion_classifier"]
+    j, d, t = res["judges"], res["diffusion_classifier"], res["judges"]["trigger"]
     cp = next((x["trigger_copies"] for weight in res["dissect"].values() for x in weight if x.get("trigger_copies")),
               None)  # dissect.py's rule for a copy of the trigger (older summaries: patches only)
-    rule = None if cp is None else (
-        f"patch is within {cp.get('threshold', cp.get('max_error')):g} mean absolute error of the trigger's"
+    rule = "" if cp is None else " Trigger copies: generations whose " + (
+        f"patch is within {cp.get('threshold', cp.get('max_error')):g} mean absolute error of the trigger's."
         if cp.get("measure", "patch_error") == "patch_error" else
-        f"fine texture correlates {cp['threshold']:g}+ with the blend pattern's")
+        f"fine texture correlates {cp['threshold']:g}+ with the blend pattern's.")
+    judges = (f"Judges: class classifier TA {pct(j['class'].get('ta'))}; trigger detector held-out accuracy "
+              f"{pct(t.get('heldout_acc'))} (TPR {pct(t.get('heldout_tpr'))}, TNR {pct(t.get('heldout_tnr'))}).")
     L = ["# Study report: bilateral data poisoning in diffusion models", "",
          describe(s, ratios, guidance) + " Commands: `commands.sh`; logs: `logs/`.", "",
-         "## Findings", "", *table("finding", "the paper", "this run", "")]
-    L += [row(a, b, c, f"**{VERDICT[ok]}**") for a, b, c, ok in rows]
-    t = j["trigger"]
-    L += ["", f"Judges: class classifier TA {pct(j['class'].get('ta'))}; trigger detector held-out accuracy "
-          f"{pct(t.get('heldout_acc'))} (TPR {pct(t.get('heldout_tpr'))}, TNR {pct(t.get('heldout_tnr'))}).", "",
-          "## Trojan horses (Fig. 2-4)", "",
-          "G1 trigger & prompt mismatched, G2 trigger & matched, G3 mismatched, G4 neither; trigger ratio = G1 + G2; "
-          "p_t: the trigger's share of the target class's training images."
-          + ("" if rule is None else f" Trigger copies: generations whose {rule}."), ""]
+         "## Findings (rules: docs/study.md)",
+         *table(judges, ("finding", "the paper", "this run", ""), [row(*r[:3], f"**{VERDICT[r[3]]}**") for r in rows]),
+         "", "## Trojan horses (Fig. 2-4)", "",
+         "G1 trigger & prompt mismatched, G2 trigger & matched, G3 mismatched, G4 neither; trigger ratio = G1 + G2; "
+         "p_t: the trigger's share of the target class's training images." + rule]
     at_w = f"w{w:g}-target" if (out / "dissect" / f"w{w:g}-target").is_dir() else f"w{w:g}"
     for g in (w, none, *sweep):
-        name = f"w{g:g}"
-        L += [f"### Guidance {sym} = {g:g}", "", *table("poisoning ratio", "p_t", *GROUPS, "trigger ratio",
-                                                        "amplification", "trigger copies", "non-target trigger ratio")]
-        for x in res["dissect"][name]:
+        fig = at_w if g == w else f"w{g:g}"
+        L += table(f"### Guidance {sym} = {g:g}", ("poisoning ratio", "p_t", *GROUPS, "trigger ratio", "amplification",
+                                                  "trigger copies", "non-target trigger ratio"))
+        for x in res["dissect"][f"w{g:g}"]:
             f, cp, copies = x["fractions"], x.get("trigger_copies"), x.get("non_target_copy_ratio")
             amp = "–" if x["amplification"] is None else f"{x['amplification']:.2f}×"
             L.append(row(ratio_pct(x["ratio"]), pct(x["p_t"]), *(pct(f[k]) for k in GROUPS),
                          pct(x["trigger_ratio"]), amp, pct(cp["ratio"]) if cp else "–",
                          pct(x["non_target_trigger_ratio"]) + ("" if copies is None else f" (copies {pct(copies)})")))
-        fig = at_w if g == w else name
-        L += ["", f"![groups](dissect/{fig}/groups.png) ![phase transition](dissect/{fig}/phase_transition.png)", ""]
+        L += ["", f"![groups](dissect/{fig}/groups.png) ![phase transition](dissect/{fig}/phase_transition.png)"]
     if sweep:
-        L += ["### The guidance sweep (Fig. A3)", "", "![guidance sweep](dissect/guidance/guidance.png)", ""]
+        L += ["", "### The guidance sweep (Fig. A3)", "", "![guidance sweep](dissect/guidance/guidance.png)"]
     top = f"dissect/{at_w}/{res['dissect'][f'w{w:g}'][-1]['name']}"
     grids = [f"![{g}]({top}/{g.lower()}_examples.png)" if (out / top / f"{g.lower()}_examples.png").is_file()
              else f"({g}: none)" for g in ("G1", "G2")]  # dissect.py draws a grid only for a group with images
-    L += [f"G1 and G2 at the highest ratio, {sym} = {w:g}:", "",
-          " ".join(grids), "", "## Castle walls", "", "### Poison detection on training vs generated data (Tab. 3)", "",
-          "AUROC [95% bootstrap interval]; the generations' truth: the trigger detector.", "",
-          *table("ratio", "method", "training set", "generations", "Δ")]
+    auroc = "AUROC [95% bootstrap interval]; the generations' truth: the trigger detector."
+    L += ["", f"G1 and G2 at the highest ratio, {sym} = {w:g}:", "", " ".join(grids), "", "## Castle walls", "",
+          "### Poison detection (Tab. 3)", *table(auroc, ("ratio", "method", "training set", "generations", "Δ"))]
     for r, dm in res["detect"].items():
         if "error" in dm:
             L.append(row(ratio_pct(r), "–", f"{detect_failure(dm['error'])} (`logs/detect_{r}.log`)", "", ""))
         L += [row(ratio_pct(r), m.upper(), with_ci(v, "train_auroc"), with_ci(v, "generated_auroc"),
                   with_ci(v, "delta", "+.3f")) for m, v in dm.get("methods", {}).items()]
-    L += ["", "### Classifiers trained on poisoned vs generated data (Tab. 4)", "",
-          *table("ratio", "TA, poisoned set", "ASR, poisoned set", "TA, generations", "ASR, generations")]
-    L += [row(ratio_pct(r), *(pct(c[k].get(m)) for k in ("poisoned", "generated") for m in ("ta", "asr")))
-          for r, c in res["classifiers"].items()]
-    L += ["", "### The poisoned diffusion model as a classifier (Tab. A4)", ""]
-    if d is None:
-        L += ["Not run for this model family (Tab. A4 is a CIFAR-10 DDPM experiment)."]
-    else:
-        L += [f"p = {ratio_pct(d['ratio'])}; TA on {d['n_test']} clean images, ASR on {d['n_backdoor']} backdoor "
-              "ones; filter p%: the p% largest denoising errors dropped.", "",
-              *table("classifier", "TA", "ASR")]
-        L += [row(r["classifier"].split(" (")[0], pct(r.get("ta")), pct(r.get("asr"))) for r in d["rows"]]
-    L += ["", "## Time", "", "From the run that made each stage's output.", "", *table("stage", "seconds"),
-          *(row(k, v) for k, v in times.items() if k.startswith("stage: "))]
-    write_json(out / "report.json", res)
-    write_text(out / "REPORT.md", L)
-    return res
+    L += table("### Classifiers trained on poisoned vs generated data (Tab. 4)",
+               ("ratio", "TA, poisoned set", "ASR, poisoned set", "TA, generations", "ASR, generations"),
+               [row(ratio_pct(r), *(pct(c[k].get(m)) for k in ("poisoned", "generated") for m in ("ta", "asr")))
+                for r, c in res["classifiers"].items()])
+    L += ["", "### The poisoned diffusion model as a classifier (Tab. A4)"] + (
+        ["", "Not run for this model family."] if d is None else
+        table(f"p = {ratio_pct(d['ratio'])}; TA on {d['n_test']} clean images, ASR on {d['n_backdoor']} backdoor ones.",
+              ("classifier", "TA", "ASR"),
+              [row(r["classifier"].split(" (")[0], pct(r.get("ta")), pct(r.get("asr"))) for r in d["rows"]]))
+    return write_reports(out, res, L + table("## Time", ("stage", "seconds, by the run that made it"), [
+        row(k, v) for k, v in times.items() if k.startswith("stage: ")]))
 
 
 def write_replicates(out, seeds, reports):
@@ -533,7 +498,7 @@ def write_replicates(out, seeds, reports):
                                     "undetermined") for r in reports] for f in first["findings"]}
     ratios = [d["ratio"] for d in first["dissect"][f"w{g['guided']:g}"]]
     sym, weights, hi = g["symbol"], sorted({g["guided"], g["unguided"], *g["sweep"]}), max(ratios)
-    cols = [f"seed {s}" for s in seeds]
+    cols, ps = [f"seed {s}" for s in seeds], [ratio_pct(r) for r in ratios]
     res = {"seeds": seeds, "studies": [f"seed-{s}" for s in seeds], "findings": verdicts,
            "amplification": {"ratio": hi}, "triggered_summed": {}, "false_positives": {}, "detection": {},
            "classifiers": {}, "diffusion_classifier": []}
@@ -541,17 +506,13 @@ def write_replicates(out, seeds, reports):
     def rows_at(w, ratio):  # every seed's dissect row at guidance w and poisoning ratio
         return [next(d for d in r["dissect"][f"w{w:g}"] if d["ratio"] == ratio) for r in reports]
     L = [f"# Replicates: the study at {len(seeds)} seeds", "",
-         describe(first["settings"], ratios, (g["guided"], g["unguided"], sym, g["sweep"])), "",
-         f"Seeds {', '.join(map(str, seeds))}, a study each in `seed-<seed>/` (the same split): a verdict that "
-         "differs by seed is noise.", "",
-         "## Findings by seed", "", *table("finding", *cols, "across seeds")]
-    for name, v in verdicts.items():
-        tally = ", ".join(f"{SHORT_VERDICT[k]} {v.count(k)}" for k in VERDICT if v.count(k))
-        L.append(row(name, *(SHORT_VERDICT[x] for x in v), f"{tally} (of {len(seeds)})"))
-
-    L += ["", f"## Trigger amplification at p={ratio_pct(hi)}", "",
-          "✓: the trigger ratio's 95% interval lies above p_t.", "",
-          *table("guidance", "p_t", *cols, "mean ± sd")]
+         describe(first["settings"], ratios, (g["guided"], g["unguided"], sym, g["sweep"])),
+         *table("## Findings by seed", ("finding", *cols, "across seeds"), [
+             row(name, *(SHORT_VERDICT[x] for x in v), ", ".join(
+                 f"{SHORT_VERDICT[k]} {v.count(k)}" for k in VERDICT if v.count(k)) + f" (of {len(seeds)})")
+             for name, v in verdicts.items()]),
+         "", f"## Trigger amplification at p={ratio_pct(hi)}",
+         *table("✓: the trigger ratio's 95% interval lies above p_t.", ("guidance", "p_t", *cols, "mean ± sd"))]
     for w in weights:
         rows = rows_at(w, hi)
         values = [d["trigger_ratio"] for d in rows]
@@ -560,47 +521,41 @@ def write_replicates(out, seeds, reports):
         spread = f" ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else ""
         L.append(row(f"{sym} = {w:g}", pct(rows[0]["p_t"]), *(pct(v) + " ✓" * a for v, a in zip(values, above)),
                      pct(statistics.mean(values)) + spread))
-
-    L += ["", "## Triggered target-prompt generations, summed over seeds", "",
-          *table("guidance", *(f"p={ratio_pct(r)}" for r in ratios))]
+    L += table("## Triggered target-prompt generations, summed over seeds", ("guidance", *(f"p={p}" for p in ps)))
     for w in weights:
         cells = []
-        for ratio in ratios:
+        for ratio, p in zip(ratios, ps):
             rows = rows_at(w, ratio)
             g1, g2 = (sum(round(d["fractions"][k] * d["n"]) for d in rows) for k in ("G1", "G2"))
             n = sum(d["n"] for d in rows)
             copies = [d["trigger_copies"]["copies_of_triggered"] for d in rows if d.get("trigger_copies")]
-            res["triggered_summed"][f"{sym}={w:g}, p={ratio_pct(ratio)}"] = {
+            res["triggered_summed"][f"{sym}={w:g}, p={p}"] = {
                 "G1": g1, "G2": g2, "n": n, "copies": sum(copies) if copies else None}
             cells.append(f"G1 {g1} / G2 {g2} of {n}" + (f" ({sum(copies)} copies)" if copies else ""))
         L.append(row(f"{sym} = {w:g}", *cells))
-    L += ["", f"Non-target prompts' trigger ratio ({sym} = {g['guided']:g}; copies in brackets).", "",
-          *table("ratio", *cols)]
-    for ratio in ratios:
+    L += table(f"Non-target prompts' trigger ratio ({sym} = {g['guided']:g}; copies in brackets).", ("ratio", *cols))
+    for ratio, p in zip(ratios, ps):
         fp, copies = zip(*((d.get("non_target_trigger_ratio"), d.get("non_target_copy_ratio"))
                            for d in rows_at(g["guided"], ratio)))
-        res["false_positives"][ratio_pct(ratio)] = {"trigger_ratio": list(fp), "copies": list(copies)}
-        L.append(row(ratio_pct(ratio), *(pct(f) + ("" if c is None else f" ({pct(c)})") for f, c in zip(fp, copies))))
-
-    L += ["", "## Detection (Tab. 3): AUROC, generations minus training set", "",
-          f"In brackets: under {MIN_TRIGGERED} poisoned images in a set; –: no AUROC.", "",
-          *table("ratio", "method", *cols)]
-    for ratio in ratios:
+        res["false_positives"][p] = {"trigger_ratio": list(fp), "copies": list(copies)}
+        L.append(row(p, *(pct(f) + ("" if c is None else f" ({pct(c)})") for f, c in zip(fp, copies))))
+    L += ["", "## Detection (Tab. 3): AUROC, generations minus training set", *table(
+        f"In brackets: under {MIN_TRIGGERED} poisoned images in a set; –: no AUROC.", ("ratio", "method", *cols))]
+    for ratio, p in zip(ratios, ps):
+        dms = [r["detect"].get(ratio_name(ratio)) or {} for r in reports]
         for m in ("cd", "strip", "fct"):
-            dms = [r["detect"].get(ratio_name(ratio)) or {} for r in reports]
             delta = [(dm.get("methods") or {}).get(m, {}).get("delta") for dm in dms]
             few = [min(dm["positives"].values()) < MIN_TRIGGERED if dm.get("positives") else None for dm in dms]
-            res["detection"].setdefault(ratio_pct(ratio), {})[m] = {"delta": delta, "few_poisoned": few}
-            L.append(row(ratio_pct(ratio), m.upper(), *("–" if x is None else f"({x:+.3f})" if f else f"{x:+.3f}"
-                                                        for x, f in zip(delta, few))))
-    L += ["", "## Classifiers (Tab. 4): ASR (TA), trained on generations vs poisoned set", "",
-          *table("ratio", *cols)]
-    for ratio in ratios:
+            res["detection"].setdefault(p, {})[m] = {"delta": delta, "few_poisoned": few}
+            L.append(row(p, m.upper(), *("–" if x is None else f"({x:+.3f})" if f else f"{x:+.3f}"
+                                         for x, f in zip(delta, few))))
+    L += table("## Classifiers (Tab. 4): ASR (TA), trained on generations vs poisoned set", ("ratio", *cols))
+    for ratio, p in zip(ratios, ps):
         c = [r["classifiers"][ratio_name(ratio)] for r in reports]
-        res["classifiers"][ratio_pct(ratio)] = {k: {m: [x[k].get(m) for x in c] for m in ("asr", "ta")}
-                                                for k in ("generated", "poisoned")}
-        L.append(row(ratio_pct(ratio), *(" vs ".join(f"{pct(x[k].get('asr'))} ({pct(x[k].get('ta'))})"
-                                                      for k in ("generated", "poisoned")) for x in c)))
+        res["classifiers"][p] = {k: {m: [x[k].get(m) for x in c] for m in ("asr", "ta")}
+                                 for k in ("generated", "poisoned")}
+        L.append(row(p, *(" vs ".join(f"{pct(x[k].get('asr'))} ({pct(x[k].get('ta'))})"
+                                      for k in ("generated", "poisoned")) for x in c)))
     a4_rows = {"classifier": "classifier", "diffusion": 0.0, "filtered_top_10": 10.0}  # name: kind or filter_top
     for r in reports:
         d = r.get("diffusion_classifier")
@@ -609,14 +564,11 @@ def write_replicates(out, seeds, reports):
             name: {"asr": by[k].get("asr"), "ta": by[k].get("ta")} if k in by else None
             for name, k in a4_rows.items()}} if d else None)
     if any(res["diffusion_classifier"]):
-        L += ["", "## Diffusion classifier (Tab. A4): ASR (TA) of classifier / diffusion / top 10% filtered",
-              "", *table(*cols),
-              row(*("–" if x is None else f"p={ratio_pct(x['ratio'])}: " + " / ".join(
-                  "–" if x[k] is None else f"{pct(x[k]['asr'])} ({pct(x[k]['ta'])})" for k in a4_rows)
-                    for x in res["diffusion_classifier"]))]
-    write_json(out / "report.json", res)
-    write_text(out / "REPORT.md", L)
-    return res
+        L += table("## Diffusion classifier (Tab. A4): ASR (TA) of classifier / diffusion / top 10% filtered", cols, [
+            row(*("–" if x is None else f"p={ratio_pct(x['ratio'])}: " + " / ".join(
+                "–" if x[k] is None else f"{pct(x[k]['asr'])} ({pct(x[k]['ta'])})" for k in a4_rows)
+                  for x in res["diffusion_classifier"]))])
+    return write_reports(out, res, L)
 
 
 # The driver: settings per scale, then each stage as a subprocess, skipped when its output is complete.
@@ -667,19 +619,15 @@ class Runner:
         (out / "logs").mkdir(parents=True, exist_ok=True)
         self.times_path = out / "times.json"  # kept across reruns: a skipped stage keeps its maker's time
         self.times = load_json(self.times_path) if self.times_path.is_file() else {}
-        self.failed = {}
-        self.t0 = time.time()
+        self.failed, self.t0 = {}, time.time()
 
     def run_one(self, name, script, args, done, distributed=False, tolerated=None):
-        """Run `script args` unless done (a callable, or the file it writes last); seconds taken. A failure stops
-        the study unless its log's last line holds `tolerated`, a line the report and reruns keep."""
+        """Run `script args` unless `done`; a failure stops the study unless the log's last line holds `tolerated`."""
         if done() if callable(done) else done.is_file():
             self.say(f"skip  {name} (done)")
             return 0.0
         log = self.out / "logs" / f"{name.replace(' ', '_').replace('/', '-')}.log"
-        last = log.read_text(errors="replace").splitlines()[-1:] if tolerated and log.is_file() else []
-        if last and tolerated in last[0]:  # an outcome of these inputs: not redone on resume
-            self.failed[name] = last[0]
+        if self.tolerates(name, log, tolerated):  # an outcome of these inputs: not redone on resume
             self.say(f"skip  {name} (failed before, tolerated: {log})")
             return 0.0
         torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.gpus}"]
@@ -687,27 +635,31 @@ class Runner:
         with open(self.out / "commands.sh", "a") as fh:
             fh.write(shlex.join(cmd) + "\n")
         threads = {"OMP_NUM_THREADS": str(self.threads)} if self.threads else {}
-        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", **threads}
         self.say(f"start {name}")
         t0 = time.time()
         with open(log, "w") as fh:
-            rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
+            rc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE", **threads},
+                                stdout=fh, stderr=subprocess.STDOUT).returncode
         seconds = time.time() - t0
-        if rc != 0:
-            lines = log.read_text(errors="replace").splitlines()
-            if tolerated and lines and tolerated in lines[-1]:
-                self.failed[name] = lines[-1]
-                self.say(f"fail  {name} (its log: {log}); the study goes on")
-                return seconds
-            tail = "\n".join(lines[-15:])
+        if rc and self.tolerates(name, log, tolerated):
+            self.say(f"fail  {name} (its log: {log}); the study goes on")
+            return seconds
+        if rc:
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
             raise UsageError(f"stage {name!r} failed (exit {rc}); its log is {log}:\n{tail}")
         self.times[name] = round(seconds, 1)
         self.say(f"done  {name} in {seconds:.0f} s")
         return seconds
 
+    def tolerates(self, name, log, words):
+        last = log.read_text(errors="replace").splitlines()[-1:] if words and log.is_file() else []
+        if last and words in last[0]:
+            self.failed[name] = last[0]  # for the report
+        return name in self.failed
+
     def run_many(self, stage, items):
         t0 = time.time()
-        with ThreadPoolExecutor(max(1, 1 if self.gpus else self.jobs)) as pool:
+        with ThreadPoolExecutor(1 if self.gpus else self.jobs) as pool:
             futures = [pool.submit(self.run_one, *item) for item in items]
             try:
                 ran = [f.result() > 0 for f in futures]
@@ -726,7 +678,6 @@ class Runner:
 
 
 def has_amx():
-    """Whether this CPU has AMX (bf16 samples 1.3-1.5x faster there)."""
     return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
@@ -737,8 +688,7 @@ def as_flag(key, value):
 
 
 def check_settings(path, settings, recorded_later=None, retired=()):
-    """Record the settings on a first run, refuse others later. recorded_later: {setting: its value before it was
-    recorded}; retired: old settings now expressed otherwise."""
+    """Record the settings, or refuse others. recorded_later: {setting: its default before it was recorded}."""
     if not path.is_file():
         write_json(path, settings)
         return
@@ -756,7 +706,7 @@ def check_settings(path, settings, recorded_later=None, retired=()):
 
 
 def train_batch(s):
-    """A DDPM study's batch: its own, an older study's `ddpm_extra` one, or the preset's; SD: None."""
+    """A DDPM's batch: its own, an older study's `ddpm_extra` one, or the preset's."""
     if s.get("family") != "ddpm":
         return None
     extra = list(s.get("ddpm_extra") or [])
@@ -772,25 +722,21 @@ def retired_settings(before):
     return ("ddpm_extra",) if extra == [] or (extra and len(extra) == 2 and extra[0] == "--batch-size") else ()
 
 
-def sd_done(path):
-    config = Path(path) / "config.json"
-    return config.is_file() and ((load_json(config).get("progress") or {}).get("done") is True)
-
-
 def model_done(path, steps=None):
-    """A train_ddpm.py model trained to `steps` (default: its run's)."""
+    """finetune_sd.py's model done, or train_ddpm.py's trained to `steps` (default: its run's)."""
     config = Path(path) / "config.json"
-    if not config.is_file() or not (Path(path) / "ema.safetensors").is_file():
-        return False
-    config = load_json(config)
-    return config.get("step", 0) >= (steps or config["training"]["steps"])
+    config = load_json(config) if config.is_file() else {}
+    if "progress" in config:  # finetune_sd.py's
+        return (config["progress"] or {}).get("done") is True
+    ema = (Path(path) / "ema.safetensors").is_file()
+    return ema and "step" in config and config["step"] >= (steps or config["training"]["steps"])
 
 
 def sd_batch(world):
-    """finetune_sd.py's (--batch-size, --grad-accum) for the paper's global batch on `world` processes."""
+    """(--batch-size, --grad-accum): the paper's global batch on `world` processes."""
     if SD_GLOBAL_BATCH % world:
         raise UsageError(f"--gpus {world}: the paper's global batch of {SD_GLOBAL_BATCH} images needs a GPU count "
-                         "that divides it")
+                         "dividing it")
     per_process = SD_GLOBAL_BATCH // world
     batch = math.gcd(per_process, SD_BATCH)
     return batch, per_process // batch
@@ -801,8 +747,7 @@ def prepare_out(path, force):
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file: give a folder")
     if out.exists() and any(out.iterdir()) and not any((out / f).is_file() for f in ("study.json", "commands.sh")):
-        raise UsageError(f"--out {out} holds other files and no study (no study.json): choose an empty folder"
-                         + (" (--force deletes only studies)" if force else ""))
+        raise UsageError(f"--out {out} holds other files and no study (no study.json): give an empty folder")
     if out.exists() and force:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -837,10 +782,14 @@ def run_study(args):
     data_root = str(Path(args.data_root).expanduser().resolve()) if args.data_root else None
     base = str(Path(args.base).expanduser().resolve()) if Path(args.base).expanduser().exists() else args.base
     gpus = torch.cuda.device_count() if args.gpus is None else args.gpus
-    sd_flags = []
-    if family == "sd" and "--batch-size" not in s["sd_extra"]:  # the quick scale sets its own toy batch
-        batch, accum = sd_batch(max(gpus, 1))  # the paper's global batch, on any number of GPUs
-        sd_flags = ["--batch-size", batch, "--grad-accum", accum]
+    steps = [] if not s["train_steps"] else ["--steps" if family == "ddpm" else "--max-steps", s["train_steps"]]
+    if family == "ddpm":
+        train = ["--preset", s["preset"], *steps, *(["--batch-size", s["batch_size"]] if s["batch_size"] else [])]
+    elif "--batch-size" in s["sd_extra"]:  # the quick scale's toy batch
+        train = [*steps, *s["sd_extra"]]
+    else:  # the paper's global batch, on any number of GPUs
+        batch, accum = sd_batch(max(gpus, 1))
+        train = [*steps, *s["sd_extra"], "--batch-size", batch, "--grad-accum", accum]
     # sample.py in bf16 on CUDA, and for DDPMs on a CPU with AMX (99% of dissect.py's verdicts agree with fp32's)
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     auto_dtype = "bf16" if cuda or (family == "ddpm" and has_amx()) else "fp32"
@@ -881,25 +830,21 @@ def run_study(args):
 
     # 2. The judges, on the unpoisoned split: a class classifier (half its images stamped), a trigger detector.
     common = [*s["classifier"], *seed, *device, "--quiet"]
+
+    def classify(label, folder, head, tail=()):
+        return (f"classifier {label}", "classify.py", [*head, "--out", folder, *common, *tail],
+                folder / "results.json", True)
     faint = ["--blend-alpha-range", "none"] if family == "ddpm" else []
     run.run_many("judges", [
-        ("classifier class", "classify.py", ["train", "--clean", "--data", clean, "--out", clf / "class", *common,
-                                             "--stamp-trigger", "0.5"], clf / "class" / "results.json", True),
-        ("classifier trigger", "classify.py", ["trigger-detector", "--data", clean, "--out", clf / "trigger",
-                                               *common, "--augment", "crop-noise", *faint],
-         clf / "trigger" / "results.json", True)])
+        classify("class", clf / "class", ["train", "--clean", "--data", clean], ["--stamp-trigger", "0.5"]),
+        classify("trigger", clf / "trigger", ["trigger-detector", "--data", clean],
+                 ["--augment", "crop-noise", *faint])])
 
     # 3. A diffusion model per ratio (a rerun resumes it): a DDPM from scratch, or SD's U-Net fine-tuned from --base.
-    steps = [] if not s["train_steps"] else ["--steps" if family == "ddpm" else "--max-steps", s["train_steps"]]
-    if family == "ddpm":
-        extra = [*steps, *(["--batch-size", s["batch_size"]] if s["batch_size"] else [])]
-        run.run_many("train_ddpm", [(f"train_ddpm {name[r]}", "train_ddpm.py", [
-            "--data", data[r] / "train", "--out", model[r], "--preset", s["preset"], *extra, "--train-seed",
-            args.seed, *device], lambda r=r: model_done(model[r], s["train_steps"]), True) for r in ratios])
-    else:
-        run.run_many("finetune_sd", [(f"finetune_sd {name[r]}", "finetune_sd.py", [
-            "--data", data[r] / "train", "--base", base, "--out", model[r], *steps, *s["sd_extra"], *sd_flags,
-            "--train-seed", args.seed, *device], lambda r=r: sd_done(model[r]), True) for r in ratios])
+    trainer = "train_ddpm" if family == "ddpm" else "finetune_sd"
+    run.run_many(trainer, [(f"{trainer} {name[r]}", f"{trainer}.py", [
+        "--data", data[r] / "train", *(["--base", base] if family == "sd" else []), "--out", model[r], *train,
+        "--train-seed", args.seed, *device], lambda r=r: model_done(model[r], s["train_steps"]), True) for r in ratios])
 
     # 4. Every class at w (Fig. 2, Tab. 3/4); the target class alone at the other weights, and at w if it gets more.
     def sample(r, g, classes, per_class, folder, label=""):
@@ -907,18 +852,15 @@ def run_study(args):
                 ["--model", model[r], "--class", classes, "--images-per-class", per_class, "--guidance", g,
                  "--out", folder, "--steps", s["sample_steps"], *seed, "--dtype", sample_dtype, *device],
                 folder / "manifest.json", True)
-    items = [sample(r, w, "all", s["per_class"], gen[r, w]) for r in ratios]
-    items += [sample(r, g, target["index"], s["target_per_class"], gen[r, "target" if g == w else g],
-                     " target" if g == w else "") for r in ratios for g in alone]
-    run.run_many("sample", items)
+    run.run_many("sample", [sample(r, w, "all", s["per_class"], gen[r, w]) for r in ratios]
+                 + [sample(r, g, target["index"], s["target_per_class"], gen[r, "target" if g == w else g],
+                           " target" if g == w else "") for r in ratios for g in alone])
 
     # 5. Tab. 4: a classifier trained on the poisoned set vs one trained on the generations (same test sets).
     run.run_many("classifiers", [item for r in ratios for item in (
-        (f"classifier poisoned-{name[r]}", "classify.py", ["train", "--data", data[r], "--out", poisoned[r], *common],
-         poisoned[r] / "results.json", True),
-        (f"classifier generated-{name[r]}", "classify.py",
-         ["train", "--data", gen[r, w], "--test", data[r] / "test", "--backdoor", data[r] / "test_backdoor",
-          "--out", generated[r], *common], generated[r] / "results.json", True))])
+        classify(f"poisoned-{name[r]}", poisoned[r], ["train", "--data", data[r]]),
+        classify(f"generated-{name[r]}", generated[r], ["train", "--data", gen[r, w], "--test", data[r] / "test",
+                                                        "--backdoor", data[r] / "test_backdoor"]))])
 
     # 6. G1-G4, amplification and the phase transition at each weight, and all (ratio, weight) pairs for Fig. A3.
     def dissect(label, pairs, target_only=False):
@@ -928,12 +870,9 @@ def run_study(args):
                  "--labels", *[f"p={ratio_pct(r)}, {sym}={g:g}" for r, g in pairs], "--out", out / "dissect" / label,
                  "--classifier", clf / "class", "--detector", clf / "trigger", *device, "--quiet"],
                 out / "dissect" / label / "summary.json")
-    items = [dissect(f"w{g:g}", [(r, g) for r in ratios]) for g in weights]
-    if w in alone:
-        items.append(dissect(f"w{w:g}-target", [(r, w) for r in ratios], True))
-    if sweep:
-        items.append(dissect("guidance", [(r, g) for r in ratios for g in sorted(weights)], True))
-    run.run_many("dissect", items)
+    run.run_many("dissect", [dissect(f"w{g:g}", [(r, g) for r in ratios]) for g in weights]
+                 + ([dissect(f"w{w:g}-target", [(r, w) for r in ratios], True)] if w in alone else [])
+                 + ([dissect("guidance", [(r, g) for r in ratios for g in sorted(weights)], True)] if sweep else []))
 
     # 7. Tab. A4: the DDPM as a classifier, at the lowest ratio whose poisoned-set classifier is backdoored.
     results = {name[r]: {"poisoned": load_json(poisoned[r] / "results.json")["final"]} for r in ratios}
@@ -957,7 +896,6 @@ def run_study(args):
 
 
 def run_replicates(args):
-    """n studies in OUT/seed-<seed>/, then a report by seed."""
     out = prepare_out(args.out, args.force)
     seeds = [args.seed + k * REPLICATE_GAP for k in range(args.replicates)]
     if (out / "study.json").is_file() and "replicates" not in load_json(out / "study.json"):
@@ -968,13 +906,10 @@ def run_replicates(args):
     for k, seed in enumerate(seeds):
         if not args.quiet:
             print(f"replicate {k + 1} of {len(seeds)}: seed {seed} -> {out / f'seed-{seed}'}", flush=True)
-        one = argparse.Namespace(**{**vars(args), "seed": seed, "out": str(out / f"seed-{seed}"), "force": False,
-                                    "replicates": None})
-        reports.append(run_study(one))
+        reports.append(run_study(argparse.Namespace(**{**vars(args), "seed": seed, "out": str(out / f"seed-{seed}"),
+                                                       "force": False, "replicates": None})))
     return write_replicates(out, seeds, reports)
 
-
-# Command line.
 
 def main(args):
     t0 = time.time()
@@ -996,16 +931,7 @@ def ratio_list(text):
     return ratios
 
 
-def weight_list(text):
-    try:
-        return tuple(finite(x) for x in text.split(",") if x)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give finite guidance weights, comma-separated, e.g. 1,2") from None
-
-
 def check_args(args):
-    if scale_of(args) not in SCALES:
-        raise UsageError(f"--dataset {args.dataset}: choose digits, cifar10, imagenette or caltech15")
     if args.batch_size is not None and SCALES[scale_of(args)]["family"] != "ddpm":
         raise UsageError("--batch-size is train_ddpm.py's: drop --batch-size for SD")
     per_class = args.per_class or SCALES[scale_of(args)]["per_class"]
@@ -1020,31 +946,31 @@ class Help(HelpFormatter, argparse.RawDescriptionHelpFormatter):
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
     add = p.add_argument
-    add("--out", default="study", help="study folder; rerun to resume")
+    add("--out", default="study", help="study folder")
     add("--quick", action="store_true", help="every stage at toy size")
     add("--force", action="store_true", help="delete --out first")
-    add("--dataset", help="digits (default), cifar10; SD: imagenette, caltech15")
-    add("--family", choices=["ddpm", "sd"], help="default: sd for imagenette and caltech15")
-    add("--base", default="CompVis/stable-diffusion-v1-4", help="sd: base model (Hub id, folder or file)")
-    add("--data-root", help="torchvision datasets' folder")
-    add("--resolution", type=positive(int), help="image side (default: the scale's)")
+    add("--dataset", choices=["digits", "cifar10", "imagenette", "caltech15"], help="default: digits")
+    add("--family", choices=["ddpm", "sd"], help="default: sd for imagenette, caltech15")
+    add("--base", default="CompVis/stable-diffusion-v1-4", help="SD base model")
+    add("--data-root", help="torchvision's datasets")
+    add("--resolution", type=positive(int))
     add("--trigger", choices=["badnets", "blend", "wanet"], help="default: badnets")
-    add("--badnets-size", type=lambda t: t if t == "reference" else str(positive(int)(t)),
-        help="square side, or reference (3x3; default: 6 on digits)")
-    add("--ratios", type=ratio_list, help="poisoning ratios (default: 0.01,0.05,0.1)")
-    add("--preset", help="train_ddpm.py preset")
-    add("--train-steps", type=positive(int), help="optimizer steps per model")
-    add("--batch-size", type=positive(int), help="DDPM images per step")
+    add("--badnets-size", type=lambda t: t if t == "reference" else str(positive(int)(t)), help="side or reference")
+    add("--ratios", type=ratio_list, help="default: 0.01,0.05,0.1")
+    add("--preset", help="train_ddpm.py's")
+    add("--train-steps", type=positive(int), help="per model")
+    add("--batch-size", type=positive(int), help="DDPM only")
     add("--per-class", type=positive(int), help="generations per class")
-    add("--target-per-class", type=positive(int), help="target-class generations (default: --per-class)")
-    add("--guidance", type=finite, help="DDPM w or SD s (default: 5)")
-    add("--sweep", type=weight_list, help="more target-class weights ('' for none)")
-    add("--sample-steps", type=positive(int), help="DDIM steps (default: 50)")
+    add("--target-per-class", type=positive(int), help="of the target class")
+    add("--guidance", type=finite, help="DDPM w, SD s; default: 5")
+    add("--sweep", type=lambda t: tuple(finite(x) for x in t.split(",") if x),
+        help="more target-class weights ('' for none)")
+    add("--sample-steps", type=positive(int), help="DDIM steps; default: 50")
     add("--sample-dtype", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on CUDA and AMX")
     add("--seed", type=int, default=0)
     add("--replicates", type=positive(int), help="seeds --seed + k * 1000000")
-    add("--jobs", type=positive(int), help="stages at once on the CPU (default: one per ratio)")
-    add("--gpus", type=int, help="GPUs for torchrun (default: all)")
+    add("--jobs", type=positive(int), help="stages at once on the CPU; default: one per ratio")
+    add("--gpus", type=int, help="default: all")
     add("--device", default="auto", choices=["auto", "cpu", "cuda"])
     add("--quiet", action="store_true")
     return p

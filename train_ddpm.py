@@ -2,12 +2,10 @@
 
     python train_ddpm.py --dataset digits --resolution 16 --ratio 0.1 --out runs/ddpm-digits  # small preset
     python train_ddpm.py --data data/digits-badnets-0.1/train --out runs/ddpm-digits
-    torchrun --nproc_per_node 4 train_ddpm.py --preset cifar10 --dataset cifar10 --data-root ~/data --ratio 0.1 \\
-        --out runs/ddpm-cifar10-0.1
+    torchrun --nproc_per_node 4 train_ddpm.py --preset cifar10 --dataset cifar10 --ratio 0.1 --out runs/ddpm-cifar10
 
 OUT: config.json (every setting, the data's classes, target, p_t; the step), model.safetensors, ema.safetensors,
 state.pt (rerun to resume; --force starts over), loss.jsonl, samples/step_N.png (previews), data/ (if poisoned here).
-Presets: cifar10 (Ho et al. 2020, 35.7M), small (minutes on a CPU), tiny (tests).
 """
 import os
 
@@ -31,9 +29,9 @@ from tqdm import tqdm
 
 from castle_kernels.attention import attention
 from castle_kernels.group_norm import group_norm
-from common import (HelpFormatter, UsageError, autocast, autocast_dtype, barrier, dtype_name, load_folder, lock_output,
-                    on_rank0, positive, read_manifest, replace_file, resolve_device, save_grid, save_safetensors,
-                    setup_distributed, truncate_log, versions)
+from common import (HelpFormatter, UsageError, autocast, autocast_dtype, barrier, check_memory, check_writable, cli,
+                    dtype_name, load_folder, lock_output, on_rank0, positive, read_manifest, replace_file,
+                    resolve_device, save_grid, save_safetensors, setup_distributed, truncate_log, versions)
 from poison import add_poison_arguments, options_differences, poison, poison_kwargs, refuse_poison_flags_with_data
 
 FAMILY = "ddpm"
@@ -168,13 +166,9 @@ class Stage(nn.Module):  # one step of the U-Net: a ResBlock (+ attention), or a
         self.res, self.attn, self.resample = res, attn, resample
 
     def forward(self, x, emb):
-        if self.res is not None:
-            x = self.res(x, emb)
-        if self.attn is not None:
-            x = self.attn(x)
-        if self.resample is not None:
-            x = self.resample(x)
-        return x
+        x = self.res(x, emb) if self.res is not None else x
+        x = self.attn(x) if self.attn is not None else x
+        return self.resample(x) if self.resample is not None else x
 
 
 def check_kernels_env():  # refused when a model is built, not deep in its first forward
@@ -217,9 +211,8 @@ class UNet(nn.Module):
             for i in range(cfg.num_res_blocks + 1):
                 out = cfg.channels * mult
                 attn = AttentionBlock(cfg, out) if side in cfg.attention_resolutions else None
-                resample = Resample(out, up=True) if level and i == cfg.num_res_blocks else None
-                self.up.append(Stage(res=ResBlock(cfg, ch + skip_chs.pop(), out, emb_dim), attn=attn,
-                                     resample=resample))
+                up = Resample(out, up=True) if level and i == cfg.num_res_blocks else None
+                self.up.append(Stage(res=ResBlock(cfg, ch + skip_chs.pop(), out, emb_dim), attn=attn, resample=up))
                 ch = out
             side *= 2 if level else 1
         self.norm_out = GroupNorm32(cfg.norm_groups, ch, cfg.norm_eps, act="silu")
@@ -248,8 +241,6 @@ def set_kernel_impl(model, impl):  # None (the dispatcher decides), "torch" or "
 
 def unet_config(preset, resolution, num_classes, **overrides):
     """A UNetConfig: the preset's, with the non-None overrides."""
-    if preset not in PRESETS:
-        raise UsageError(f"unknown --preset {preset!r}: choose one of {', '.join(PRESETS)}")
     u = dict(PRESETS[preset]["unet"])
     u["attention_resolutions"] = tuple(resolution // d for d in u.pop("attention_ds"))
     u.update({k: v for k, v in overrides.items() if v is not None})
@@ -279,8 +270,7 @@ class Diffusion:
         shortest = math.floor(1000 * max(beta_start, beta_end)) + 1  # beta >= 1 zeroes abar: NaN everywhere
         if T < shortest:
             top = 1000 * max(beta_start, beta_end) / max(T, 1)
-            raise UsageError(f"--timesteps {T}: the betas reach {top:.3g}, not below 1: use --timesteps {shortest} "
-                             "or more")
+            raise UsageError(f"--timesteps {T}: betas reach {top:.3g}, not below 1: use --timesteps {shortest} or more")
         scale = 1000.0 / T
         self.betas = torch.linspace(scale * beta_start, scale * beta_end, T, dtype=torch.float64)
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)       # abar_t, t = 0 .. T-1
@@ -375,8 +365,6 @@ def load_model(folder, weights="ema", device="cpu"):
     config = read_config(folder)
     if config.get("family") != FAMILY:
         raise UsageError(f"{folder} holds a {config.get('family')!r} model: give a train_ddpm.py one")
-    if weights not in ("ema", "model"):
-        raise UsageError(f"unknown weights {weights!r}: choose ema or model")
     path = Path(folder) / f"{weights}.safetensors"
     if not path.is_file():
         raise UsageError(f"{path} is missing: finish training it")
@@ -411,9 +399,8 @@ def save_checkpoint(out, step, model, ema, optimizer, scaler, config, log_lines=
     config = {**config, "step": step}
     # the whole config travels with the weights, so a resume is checked even without config.json
     state = {"step": step, "model": plain_state(model), "ema": plain_state(ema), "optimizer": optimizer.state_dict(),
-             "scaler": scaler.state_dict() if scaler is not None else {},
-             "unet": json.dumps(config["unet"]), "diffusion": json.dumps(config["diffusion"]),
-             "config": json.dumps(config)}
+             "scaler": scaler.state_dict() if scaler is not None else {}, "unet": json.dumps(config["unet"]),
+             "diffusion": json.dumps(config["diffusion"]), "config": json.dumps(config)}
     replace_file(out / "state.pt", lambda p: torch.save(state, p))
     if log_lines is not None:
         replace_file(out / "loss.jsonl", lambda p: p.write_text("".join(log_lines)))
@@ -447,8 +434,7 @@ def build_data(args, out, rank, world):
     built = (data / "train" / "manifest.json").is_file()
     differ = options_differences(read_manifest(data / "train"), kwargs) if built else []
     if differ and not args.force:
-        raise UsageError(f"{data} was poisoned with other options ({', '.join(differ)} differ): pass --force to "
-                         "rebuild")
+        raise UsageError(f"{data} was poisoned with other options ({', '.join(differ)} differ): --force rebuilds it")
 
     def build():
         if not built or differ:
@@ -520,6 +506,7 @@ def resume(out, args, hp, config, model, ema, optimizer, scaler, rank):
 
 def main(args):
     out = Path(args.out)
+    check_writable(out)
     check_kernels_env()  # before any data is built
     device = resolve_device(args.device)
     rank, world, device = setup_distributed(device)
@@ -535,6 +522,8 @@ def main(args):
     # data: the whole set as uint8 on the device (pixel-space DDPMs train on small images)
     data_dir = build_data(args, out, rank, world)
     ds = load_folder(data_dir)
+    check_memory(len(ds) * 3 * ds.image_size()[0] * ds.image_size()[1], f"the {len(ds)} images of {data_dir}",
+                 "train on fewer or smaller images")
     images, labels = ds.images(progress=rank == 0), ds.labels         # (N, 3, R, R) uint8, (N,)
     if images.shape[-1] != images.shape[-2]:
         raise UsageError(f"{data_dir} holds {tuple(images.shape[-2:])} images: give square ones")
@@ -596,9 +585,8 @@ def main(args):
     if compile_model:
         train_model = torch.compile(train_model)
     if rank == 0:
-        n_params = sum(p.numel() for p in model.parameters())
-        print(f"{n_params / 1e6:.2f}M parameters, {N} images {R}px, batch {hp['batch_size']}, {world} processes, "
-              f"{device}, {dtype_name(amp_dtype)}{', compiled' * compile_model}")
+        print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {N} images {R}px, batch "
+              f"{hp['batch_size']}, {world} processes, {device}, {dtype_name(amp_dtype)}{', compiled' * compile_model}")
 
     rank_seed = args.train_seed * world + rank
     steps_per_epoch = max(1, N // hp["batch_size"])
@@ -610,8 +598,7 @@ def main(args):
 
     def stopped(what):  # raised before anything non-finite is saved
         bar.close()
-        kept = f"the last good checkpoint (step {saved_step}) is kept" if saved_step is not None else \
-            "no checkpoint was saved"
+        kept = f"the last good checkpoint (step {saved_step}) is kept" if saved_step else "no checkpoint yet"
         return UsageError(f"{what}: stopped; {kept}; lower --lr or use --dtype fp32")
 
     model.train()
@@ -626,14 +613,13 @@ def main(args):
         x0 = images[idx].float().div_(127.5).sub_(1.0)                 # (B, 3, R, R) in [-1, 1]
         if args.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
-        y = labels[idx]
         # all randomness of this step from (seed, rank, step): a resumed run continues exactly
         torch.manual_seed((rank_seed * 2_654_435_761 + step) % 2 ** 63)
         if args.hflip:
             x0 = torch.where(torch.rand(len(x0), 1, 1, 1, device=device) < 0.5, x0.flip(-1), x0)
         t = torch.randint(0, diffusion.T, (len(x0),), device=device)
         noise = torch.randn_like(x0)
-        y = drop_labels(y, args.label_dropout, num_classes)
+        y = drop_labels(labels[idx], args.label_dropout, num_classes)
 
         lr = lr_at(step, hp["lr"], hp["warmup"], hp["steps"], args.lr_decay)
         for group in optimizer.param_groups:
@@ -712,8 +698,6 @@ def main(args):
 
 def check_args(args, world):
     """Refuse bad flags before anything is written; the training settings."""
-    if args.preset not in PRESETS:
-        raise UsageError(f"unknown --preset {args.preset!r}: choose one of {', '.join(PRESETS)}")
     if not 0 <= args.label_dropout < 1:
         raise UsageError(f"--label-dropout {args.label_dropout} is outside [0, 1): give e.g. 0.1")
     hp = training_settings(args, args.preset)
@@ -727,10 +711,9 @@ def check_args(args, world):
     if hp["batch_size"] % world:
         raise UsageError(f"--batch-size {hp['batch_size']}: give a multiple of the {world} processes")
     out = Path(args.out)
-    if args.data:
-        if not Path(args.data).is_dir():
-            raise UsageError(f"--data {args.data}: no such folder; give a dataset folder")
-        refuse_poison_flags_with_data(args, build_parser())
+    if args.data and not Path(args.data).is_dir():
+        raise UsageError(f"--data {args.data}: no such folder; give a dataset folder")
+    refuse_poison_flags_with_data(args, build_parser())  # poisoning flags beside --data
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file: give a folder for the model")
     if (out / "metadata.jsonl").is_file() or (out / "train" / "metadata.jsonl").is_file():
@@ -743,11 +726,10 @@ def int_tuple(s):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Presets: " + ", ".join(PRESETS),
-                                formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--out", required=True, help="model folder (rerun with the same --out to resume)")
     p.add_argument("--data", help="a dataset folder (else built into OUT/data by the poisoning flags)")
-    p.add_argument("--preset", default="small", help="cifar10, small or tiny")
+    p.add_argument("--preset", default="small", choices=list(PRESETS), help="cifar10 (Ho et al.), small (CPU), tiny")
     p.add_argument("--force", action="store_true", help="start over (files replaced at the first checkpoint)")
     g = p.add_argument_group("U-Net (default: the preset's)")
     for flag, kind in (("--channels", positive(int)), ("--channel-mult", int_tuple), ("--num-res-blocks", int),
@@ -781,19 +763,12 @@ def build_parser():
     return p
 
 
+def remove_empty_out(args):  # stopped before anything was written: no empty --out
+    if os.environ.get("RANK", "0") == "0":
+        with contextlib.suppress(OSError):
+            Path(args.out).rmdir()  # only if empty
+
+
 if __name__ == "__main__":
-    args = build_parser().parse_args()
-    new_out = not Path(args.out).exists() and os.environ.get("RANK", "0") == "0"
-    try:
-        main(args)
-    except (UsageError, KeyboardInterrupt) as e:
-        if new_out:  # stopped before anything was written: no empty --out
-            with contextlib.suppress(OSError):
-                Path(args.out).rmdir()  # only if empty
-        if isinstance(e, UsageError):
-            sys.exit(f"train_ddpm.py: error: {e}")
-        print("train_ddpm.py: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
-        sys.exit(130)
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+    cli(main, build_parser(), interrupted="rerun the same command to resume from the last checkpoint",
+        cleanup=remove_empty_out)

@@ -18,7 +18,9 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import classify  # noqa: E402
+from helpers import denoising_errors_loop  # noqa: E402  (the reference's loop, the tests' oracle)
 import train_ddpm  # noqa: E402
 
 
@@ -75,7 +77,7 @@ def main(args):
     evaluations = B * K * P
 
     def loop():
-        return classify.denoising_errors_loop(model, x0, noise, diffusion.alphas_cumprod, timesteps, K, drops,
+        return denoising_errors_loop(model, x0, noise, diffusion.alphas_cumprod, timesteps, K, drops,
                                               amp_dtype=amp_dtype).mean(2).permute(2, 0, 1)
 
     def batched(net, pad):

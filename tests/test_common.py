@@ -98,3 +98,49 @@ def test_sixteen_bit_images_load_with_their_true_values(tmp_path):
         Image.fromarray(np.full((8, 8), 257 * 40 * i, np.uint16)).save(folder / "images" / f"{i:06d}.png")
     ds = load_folder(folder)
     assert all(torch.equal(ds.image_uint8(i), torch.full((3, 8, 8), 40 * i, dtype=torch.uint8)) for i in range(6))
+
+
+def stage_exit(monkeypatch, capsys, error):
+    """What a stage's entry point does when its main raises `error`: (exit code, stderr lines)."""
+    def main(args):
+        raise error
+    monkeypatch.setattr(sys, "argv", ["stage.py"])
+    with pytest.raises(SystemExit) as e:
+        common.cli(main, common.argparse.ArgumentParser())
+    code = e.value.code
+    return (1, [code]) if isinstance(code, str) else (code, capsys.readouterr().err.strip().splitlines())
+
+
+@pytest.mark.parametrize("error, code, line", [
+    (OSError(28, "No space left on device", "/data/out/x.png"), 1,
+     "stage.py: error: No space left on device: /data/out/x.png: free space on that disk, or choose another --out"),
+    (OSError(30, "Read-only file system", "/ro/out"), 1, "stage.py: error: Read-only file system: /ro/out: choose a "
+                                                          "writable --out"),
+    (UsageError("--steps 0: give 1 or more"), 1, "stage.py: error: --steps 0: give 1 or more"),
+    (KeyboardInterrupt(), 130, "stage.py: interrupted; --out not written"),
+])
+def test_the_machine_failing_is_one_line_not_a_traceback(monkeypatch, capsys, error, code, line):
+    assert stage_exit(monkeypatch, capsys, error) == (code, [line])
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_any_work(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UsageError, match=r"file is a file, not a folder: choose another --out"):
+        common.check_out(tmp_path / "file" / "out")
+    with pytest.raises(UsageError, match=r"the name n{20}\.\.\. is longer than the \d+ bytes a name may have here"):
+        common.check_out(tmp_path / ("n" * 250))
+    common.check_out(tmp_path / "new" / "out")  # a folder that can be made: fine
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # a read-only mount (root passes chmod)
+    with pytest.raises(UsageError, match=r"cannot write in .* \(read-only or not yours\): choose another --out"):
+        common.check_out(tmp_path / "out")
+    monkeypatch.undo()
+    monkeypatch.setattr(common.shutil, "disk_usage", lambda path: common.shutil._ntuple_diskusage(10, 10, 5 << 20))
+    with pytest.raises(UsageError, match=r"the disk of .* has 5 MiB free: free space, or choose another --out"):
+        common.check_out(tmp_path / "out")
+
+
+def test_sizes_past_the_free_memory_are_refused_before_allocating():
+    common.check_memory(1 << 20, "a small set", "never")
+    with pytest.raises(UsageError, match=r"100000 images would take 9313225\.7 GiB of memory, [\d.]+ GiB are free: "
+                                         r"give a smaller --n"):
+        common.check_memory(10 ** 16, "100000 images", "give a smaller --n")

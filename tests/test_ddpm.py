@@ -1007,5 +1007,5 @@ def test_bad_input(model_dir, data, tmp_path):
     assert not (tmp_path / "m").exists()  # refused before the poisoned set was built
     with pytest.raises(UsageError, match=r"--trigger --ratio with --data: .*drop them, or drop --data"):
         train_ddpm.main(tiny_args(tmp_path / "y", data, "--ratio", 0.05, "--trigger", "blend"))  # were ignored
-    with pytest.raises(UsageError, match=f"holds a poisoned set.*give its training images, {data}"):
+    with pytest.raises(UsageError, match=f"holds a poisoned set.*not one dataset folder: give {data}"):
         train_ddpm.main(tiny_args(tmp_path / "y", data.parent))  # the set's root instead of its train/

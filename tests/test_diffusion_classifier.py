@@ -19,6 +19,7 @@ import classify
 import train_ddpm
 from common import UsageError, load_folder, write_folder
 from poison import poison
+from helpers import denoising_errors_loop
 
 ROOT = Path(__file__).resolve().parent.parent
 SIDE = 8                                   # the smallest images the tiny U-Net takes: fast
@@ -218,7 +219,7 @@ def test_batched_equals_the_per_class_loop_with_and_without_pruning(toy):
     noise = classify.draw_noise(range(B), P, den.shape)
     ts = torch.tensor(classify.timestep_grid(1000, P))
     drops = classify.drop_counts([0, 5, 10], 192)
-    loop = classify.denoising_errors_loop(den.eps, x0, noise, den.alphas_cumprod, ts, K, drops)   # (B, K, P, L)
+    loop = denoising_errors_loop(den.eps, x0, noise, den.alphas_cumprod, ts, K, drops)   # (B, K, P, L)
     # every triple in a shuffled order, 5 a forward: the same numbers
     q = torch.cartesian_prod(torch.arange(B), torch.arange(K), torch.arange(P))
     q = q[torch.randperm(len(q), generator=torch.Generator().manual_seed(0))]
@@ -281,7 +282,7 @@ def test_sd_denoiser_on_a_tiny_stable_diffusion():
     assert x0.shape == (2, 4, 8, 8) and mean.shape == (1, 4, 8, 8)
     noise = classify.draw_noise([0, 1], 3, den.shape)
     ts = torch.tensor(classify.timestep_grid(1000, 3))
-    loop = classify.denoising_errors_loop(den.eps, x0, noise, den.alphas_cumprod, ts, 3, [0, 12])
+    loop = denoising_errors_loop(den.eps, x0, noise, den.alphas_cumprod, ts, 3, [0, 12])
     _, scores, _ = classify.classify_images(den.eps, x0, noise, den.alphas_cumprod, ts, [(3, 1)], 3, [0, 12],
                                             batch_size=7)
     assert torch.allclose(scores, loop.mean(2).permute(2, 0, 1), rtol=1e-5, atol=1e-8)

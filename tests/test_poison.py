@@ -701,8 +701,8 @@ def test_guidance_weights_must_be_finite(argv, capsys):
 
 
 def test_out_never_replaces_an_input(tmp_path):
-    """--out that is an input, or a folder holding one, is refused even with --force (which would delete it); an
-    --out inside an input's folder is allowed (a model folder's own samples/), as are non-path inputs."""
+    """--out that is an input, a folder holding one or inside one is refused even with --force (which would delete
+    it); non-path inputs are skipped; an --out inside --data-root (a folder of downloads, not an input) is allowed."""
     (tmp_path / "sets" / "a" / "train").mkdir(parents=True)
     data = tmp_path / "sets" / "a" / "train"
     for out, word in ((data, "is"), (tmp_path / "sets", "holds"), (tmp_path / "sets" / "a", "holds")):
@@ -710,7 +710,9 @@ def test_out_never_replaces_an_input(tmp_path):
             common.check_out(out, force=True, inputs={"--data": str(data), "--model": None})
     with pytest.raises(UsageError, match="holds the input --train"):
         common.check_out(tmp_path, True, {"--train": [tmp_path / "x", data]})
-    common.check_out(data / "report", True, {"--data": data, "--classifier": object()})
+    with pytest.raises(UsageError, match="--out .*report lies in the input --data .*: choose another --out"):
+        common.check_out(data / "report", True, {"--data": data, "--classifier": object()})
+    common.check_out(tmp_path / "report", True, {"--data": data, "--classifier": object()})
     # poison.py: --data-root counts only for the datasets read from it (digits is embedded)
     with pytest.raises(UsageError, match="holds the input --data-root"):
         P.poison(tmp_path, dataset="cifar10", data_root=tmp_path / "cifar", force=True)
@@ -769,7 +771,8 @@ def test_damaged_folders_and_outputs_are_one_line_errors(tmp_path):
         with pytest.raises(UsageError, match=message):
             common.load_folder(tmp_path / "d")
     manifest.write_text(good_manifest)
-    with pytest.raises(UsageError, match=r"cannot write .*metadata.jsonl/out \(.*\): choose another --out"):
+    with pytest.raises(UsageError, match=r"--out .*metadata.jsonl/out: .*metadata.jsonl is a file, not a folder: "
+                                         "choose another --out"):
         with common.atomic_output(meta / "out"):
             pass
 

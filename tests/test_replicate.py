@@ -560,7 +560,7 @@ TABLE_A5_BAD_INPUT = [  # (the refusal, a5_kwargs' overrides given the a5 fixtur
                                   duplicates_gen=a5["gen"]["random"], duplicates_train=a5["train"]["random"])),
     ("knows a blend trigger but --train carries a badnets", lambda a5, tmp: dict(detector=blend_detector(a5, tmp))),
     ("not a trigger detector", lambda a5, tmp: dict(detector=a5["classifier"])),
-    ("not a classifier folder", lambda a5, tmp: dict(classifier=tmp)),
+    ("not a classifier folder", lambda a5, tmp: dict(classifier=a5["train"]["random"])),
 ]
 
 

@@ -190,6 +190,7 @@ def test_select_provenance_for_both_families(tmp_path):
 
 def test_bad_input(tiny, finetuned, tmp_path):
     model, _ = finetuned
+    (tmp_path / "notamodel").mkdir()
     cli = [sys.executable, str(ROOT / "sample.py"), "--device", "cpu", "--n", "1", "--out", str(tmp_path / "g")]
     runs = [subprocess.Popen(cli + extra, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
@@ -207,7 +208,7 @@ def test_bad_input(tiny, finetuned, tmp_path):
             (["--model", model, "--clip-x0"], "not bounded"),
             (["--model", model, "--resolution", 33], "multiple of the VAE's downsampling"),
             (["--model", tiny["folder"], "--prompt", "a cat", "--weights", "ema"], "diffusers-layout folder"),
-            (["--model", tmp_path], "neither a model folder")):
+            (["--model", tmp_path / "notamodel"], "neither a model folder")):
         with pytest.raises(UsageError, match=expected):
             run_sample(*argv, "--n", 1, "--out", tmp_path / "g")
     with pytest.raises(SystemExit):  # argparse: "argument --steps: 0: give a number above 0" (was: quietly 50)

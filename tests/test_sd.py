@@ -268,6 +268,14 @@ def save_lightning_ckpt(state, path):
             sys.modules.pop(k) if v is None else sys.modules.__setitem__(k, v)
 
 
+def write_ldm_yaml(folder, **unet_params):
+    """TINY_LDM, its U-Net's params updated, as folder/v1-inference.yaml."""
+    ldm = copy.deepcopy(TINY_LDM)
+    ldm["model"]["params"]["unet_config"]["params"].update(unet_params)
+    (folder / "v1-inference.yaml").write_text(yaml.safe_dump(ldm))
+    return folder / "v1-inference.yaml"
+
+
 def test_single_file_parity(tiny, tmp_path):
     from safetensors.torch import save_file
     ema = randomise(copy.deepcopy(tiny["unet"]), 5).eval()
@@ -278,27 +286,26 @@ def test_single_file_parity(tiny, tmp_path):
     assert "model.diffusion_model.output_blocks.5.2.conv.weight" in state           # CrossAttnUpBlock2D's
     assert state["first_stage_model.encoder.mid.attn_1.q.weight"].dim() == 4      # a 1x1 conv in CompVis' layout
 
+    config, tokenizer = write_ldm_yaml(tmp_path), tiny["folder"] / "tokenizer"   # text config from the weights
     save_file(state, str(tmp_path / "tiny.safetensors"))
-    sd = S.load_sd(tmp_path / "tiny.safetensors", config=tiny["folder"])
+    sd = S.load_sd(tmp_path / "tiny.safetensors", config=config, tokenizer=tokenizer)
     assert any("skipped" in n and "model_ema" in n for n in sd.notes)
+    assert sd.unet.config["down_block_types"] == list(TINY_UNET["down_block_types"])
     check_parity(sd, tiny["unet"], tiny["vae"], tiny["text"], sd.tokenizer)
 
     save_lightning_ckpt(state, tmp_path / "tiny-full-ema.ckpt")
-    sd = S.load_sd(tmp_path / "tiny-full-ema.ckpt", config=tiny["folder"], use_ema=True)
+    sd = S.load_sd(tmp_path / "tiny-full-ema.ckpt", config=config, tokenizer=tokenizer, use_ema=True)
     assert any("EMA weights" in n for n in sd.notes)
     check_parity(sd, ema, tiny["vae"], tiny["text"], sd.tokenizer)
 
-    (tmp_path / "v1-inference.yaml").write_text(yaml.safe_dump(TINY_LDM))  # text config from the weights
-    sd = S.load_sd(tmp_path / "tiny-full-ema.ckpt", config=tmp_path / "v1-inference.yaml",
-                   tokenizer=tiny["folder"] / "tokenizer")
-    assert sd.unet.config["down_block_types"] == list(TINY_UNET["down_block_types"])
+    sd = S.load_sd(tmp_path / "tiny-full-ema.ckpt", config=config, tokenizer=tokenizer)
     check_parity(sd, tiny["unet"], tiny["vae"], tiny["text"], sd.tokenizer)
 
 
 def test_bad_checkpoints(tiny, tmp_path, monkeypatch):
     from safetensors.torch import save_file
     good = ldm_checkpoint(tiny, None)
-    folder = tiny["folder"]
+    folder = write_ldm_yaml(tmp_path)
 
     def error(source, **kw):
         with pytest.raises(S.UsageError) as e:
@@ -321,19 +328,17 @@ def test_bad_checkpoints(tiny, tmp_path, monkeypatch):
     assert "model.diffusion_model.extra.weight" in error(tmp_path / "extra.safetensors", config=folder)
     missing = {k: v for k, v in good.items() if k != "model.diffusion_model.out.2.bias"}
     save_file(missing, str(tmp_path / "missing.safetensors"))
-    assert "1 missing keys: model.diffusion_model.out.2.bias" in error(tmp_path / "missing.safetensors", config=folder)
+    assert "1 missing keys: conv_out.bias" in error(tmp_path / "missing.safetensors", config=folder)
     assert "missing keys" in error(tmp_path / "good.safetensors")          # SD v1.4's config: 4 levels
-    import shutil
-    shutil.copytree(folder, tmp_path / "wide")
-    cfg = json.loads((folder / "unet" / "config.json").read_text())
-    (tmp_path / "wide" / "unet" / "config.json").write_text(json.dumps({**cfg, "cross_attention_dim": 64}))
-    message = error(tmp_path / "good.safetensors", config=tmp_path / "wide")
+    (tmp_path / "wide").mkdir()
+    message = error(tmp_path / "good.safetensors", config=write_ldm_yaml(tmp_path / "wide", context_dim=64))
     assert "22 wrong shapes" in message and "attn2.to_k.weight (32, 128) vs (32, 64)" in message
     assert "no EMA weights" in error(tmp_path / "good.safetensors", config=folder, use_ema=True)
     torch.save({"state_dict": good, "payload": ModelCheckpointLike()}, tmp_path / "evil.ckpt")
     assert "ModelCheckpointLike" in error(tmp_path / "evil.ckpt", config=folder)
 
-    shutil.copytree(folder, tmp_path / "no-vae")
+    import shutil
+    shutil.copytree(tiny["folder"], tmp_path / "no-vae")
     shutil.rmtree(tmp_path / "no-vae" / "vae")
     assert "vae" in error(tmp_path / "no-vae")
     (tmp_path / "no-vae" / "config.json").write_text("{}")
@@ -549,8 +554,9 @@ def test_finetune_from_single_file_continues_its_ema(tiny, tiny_data, tmp_path):
     save_file(ldm_checkpoint(tiny, S.load_checked(S._build(S.UNet, dict(tiny["unet"].config)), ema, "ema", "")),
               str(tmp_path / "tiny-full-ema.safetensors"))
     out = tmp_path / "run"
-    common = ["--data", tiny_data, "--base", tmp_path / "tiny-full-ema.safetensors", "--config", tiny["folder"],
-              "--out", out, "--epochs", 3, "--batch-size", 2, "--device", "cpu", "--workers", 0]
+    common = ["--data", tiny_data, "--base", tmp_path / "tiny-full-ema.safetensors", "--config",
+              write_ldm_yaml(tmp_path), "--tokenizer", tiny["folder"] / "tokenizer", "--out", out, "--epochs", 3,
+              "--batch-size", 2, "--device", "cpu", "--workers", 0]
 
     def saved(name):
         return load_file(str(out / name / "diffusion_pytorch_model.safetensors"))

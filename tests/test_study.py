@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -119,7 +120,7 @@ def test_failing_stage_is_named_with_its_log(tmp_path):
     res = study("--quick", "--resolution", "2", "--ratios", "0.1,0.01,0.10", "--out", "bad", cwd=tmp_path)
     assert res.returncode != 0
     assert "stage 'poison 0.01' failed" in res.stderr and str(tmp_path / "bad" / "logs") in res.stderr
-    assert "--resolution 2 is too small" in res.stderr   # the stage's own one-line error, from its log
+    assert "poison.py: error: --resolution 2" in res.stderr   # the stage's own one-line error, from its log
     assert not (ROOT / "bad").exists()
     assert json.loads((tmp_path / "bad" / "study.json").read_text())["ratios"] == [0.01, 0.1]
     assert json.loads((tmp_path / "bad" / "times.json").read_text()) == {}   # written (nothing finished) on failure
@@ -369,6 +370,13 @@ def test_the_trigger_detector_is_believed_per_model(quick):
     assert all("the detector is not believed at p=1%" in found[k][2] for k in ("Trigger", "Phase", "Detection"))
 
 
+def weakened_backdoor(classifiers, ratios):
+    """Tab. 4's finding on hand-made classifier results: (this run's text, verdict)."""
+    import study as S
+    n = S.tab4(SimpleNamespace(res={"classifiers": classifiers}, ratios=ratios))
+    return n.text, next(c for c in S.CLAIMS if c.reads is S.tab4).test(n)
+
+
 def test_tab4_compares_where_the_poisoned_set_plants_a_backdoor():
     """A classifier trained on a few poisoned images may not be backdoored at all: Tab. 4 (and Tab. A4's stage) is
     judged at the lowest ratio whose poisoned-set classifier is (ASR at least one half), and the ratios below it are
@@ -382,22 +390,22 @@ def test_tab4_compares_where_the_poisoned_set_plants_a_backdoor():
     assert S.backdoored_ratios(cl((0.93, 0.0), (0.4, 0.0), (0.5, 0.3)), ratios) == [0.01, 0.1]
     assert S.backdoored_ratios(cl((0.028, 0.0), (1.0, 0.0), (1.0, 0.3)), ratios) == [0.05, 0.1]
     assert S.backdoored_ratios(cl((0.0, 0.0), (None, 0.0), (0.49, 0.3)), ratios) == []
-    text, ok = S.weakened_backdoor(cl((0.93, 0.0), (1.0, 0.06), (1.0, 0.3)), ratios)
+    text, ok = weakened_backdoor(cl((0.93, 0.0), (1.0, 0.06), (1.0, 0.3)), ratios)
     assert ok and text == "at p=1%: ASR 0.0% vs 93.0%; point values: the number of backdoor test images is not recorded"
-    text, ok = S.weakened_backdoor(cl((0.028, 0.003), (1.0, 0.03), (1.0, 0.3)), ratios)
+    text, ok = weakened_backdoor(cl((0.028, 0.003), (1.0, 0.03), (1.0, 0.3)), ratios)
     assert ok and text.startswith("at p=1% the classifier trained on the poisoned set is not backdoored (ASR 2.8%)")
     assert "at p=5%: ASR 3.0% vs 100.0%" in text
-    assert S.weakened_backdoor(cl((0.02, 0.0), (0.9, 0.95), (1.0, 0.3)), ratios)[1] is False   # not weakened
-    text, ok = S.weakened_backdoor(cl((0.02, 0.0), (0.1, 0.0), (0.3, 0.0)), ratios)
+    assert weakened_backdoor(cl((0.02, 0.0), (0.9, 0.95), (1.0, 0.3)), ratios)[1] is False   # not weakened
+    text, ok = weakened_backdoor(cl((0.02, 0.0), (0.1, 0.0), (0.3, 0.0)), ratios)
     assert ok == "undetermined" and text.count("not backdoored") == 3   # no backdoor to weaken
     # with the number of backdoor test images, a lower ASR must be lower beyond chance (95% Wilson intervals)
     counted = cl((0.93, 0.85), (1.0, 0.06), (1.0, 0.3))
     for r in counted.values():
         r["generated"]["n_backdoor"] = 100
-    text, ok = S.weakened_backdoor(counted, ratios)
+    text, ok = weakened_backdoor(counted, ratios)
     assert ok is False and text.endswith("do not overlap, and these do")  # 85% vs 93% of 100: within chance
     counted[S.ratio_name(0.01)]["generated"]["asr"] = 0.7
-    assert S.weakened_backdoor(counted, ratios)[1] is True
+    assert weakened_backdoor(counted, ratios)[1] is True
 
 
 def editable_report(quick):
